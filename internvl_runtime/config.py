@@ -1,0 +1,274 @@
+"""Typed views of an InternVL2 checkpoint's ``config.json`` (``model_type: internvl_chat``).
+
+Only the fields the runtime uses are parsed; each is checked where it is read, and a missing or
+malformed field raises :class:`ConfigError` naming it and the file. The LLM class is looked up by the
+exact ``llm_config.architectures[0]`` string (see ``models/registry.py``); nothing is guessed from
+folder names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_MISSING = object()
+
+
+class _Reader:
+    """Reads typed fields out of one JSON object, naming the field and file on error."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        if key not in self.data or self.data[key] is None:
+            if default is _MISSING:
+                raise ConfigError(f"{self.where}: required field '{key}' is missing")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.where}: field '{key}' must be {names}, got {value!r}")
+        return value
+
+    def positive_int(self, key: str, default: Any = _MISSING) -> int:
+        value = self.get(key, int, default)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{self.where}: field '{key}' must be > 0, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """InternViT (300M: LayerNorm + qkv bias; 6B: RMSNorm + q/k norm, no qkv bias)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    norm_type: str = "rms_norm"
+    layer_norm_eps: float = 1e-6
+    qk_normalization: bool = False
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> VisionConfig:
+        r = _Reader(data, where)
+        cfg = cls(
+            hidden_size=r.positive_int("hidden_size"),
+            intermediate_size=r.positive_int("intermediate_size"),
+            num_attention_heads=r.positive_int("num_attention_heads"),
+            num_hidden_layers=r.positive_int("num_hidden_layers"),
+            image_size=r.positive_int("image_size"),
+            patch_size=r.positive_int("patch_size"),
+            num_channels=r.positive_int("num_channels", 3),
+            norm_type=r.get("norm_type", str, "rms_norm"),
+            layer_norm_eps=r.get("layer_norm_eps", float, 1e-6),
+            qk_normalization=r.get("qk_normalization", bool, False),
+            qkv_bias=r.get("qkv_bias", bool, True),
+            hidden_act=r.get("hidden_act", str, "gelu"),
+        )
+        if cfg.norm_type not in ("rms_norm", "layer_norm"):
+            raise ConfigError(f"{where}: norm_type must be 'rms_norm' or 'layer_norm', got {cfg.norm_type!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ConfigError(f"{where}: hidden_size {cfg.hidden_size} is not divisible by "
+                              f"num_attention_heads {cfg.num_attention_heads}")
+        if cfg.hidden_act != "gelu":
+            raise ConfigError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported (only 'gelu')")
+        return cfg
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """``rope_scaling`` of the LLM: None, dynamic NTK (InternLM2), linear, or Phi-3's "su"/"longrope"."""
+
+    type: str
+    factor: float = 1.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str) -> RopeScaling | None:
+        if data is None:
+            return None
+        r = _Reader(data, where + ".rope_scaling")
+        kind = data.get("type", data.get("rope_type"))
+        if kind in ("dynamic", "linear"):
+            return cls(type=kind, factor=r.get("factor", float))
+        if kind in ("su", "longrope"):
+            return cls(type="su", short_factor=tuple(float(x) for x in r.get("short_factor", list)),
+                       long_factor=tuple(float(x) for x in r.get("long_factor", list)))
+        raise ConfigError(f"{where}.rope_scaling: unknown type {kind!r} (known: dynamic, linear, su)")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The language model half (``llm_config``); fields common to the four decoder families."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    rope_scaling: RopeScaling | None = None
+    original_max_position_embeddings: int | None = None
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> LLMConfig:
+        r = _Reader(data, where)
+        archs = r.get("architectures", list)
+        if not archs or not isinstance(archs[0], str):
+            raise ConfigError(f"{where}: 'architectures' must be a non-empty list of strings")
+        heads = r.positive_int("num_attention_heads")
+        cfg = cls(
+            architecture=archs[0],
+            hidden_size=r.positive_int("hidden_size"),
+            intermediate_size=r.positive_int("intermediate_size"),
+            num_attention_heads=heads,
+            num_key_value_heads=r.positive_int("num_key_value_heads", heads),
+            num_hidden_layers=r.positive_int("num_hidden_layers"),
+            vocab_size=r.positive_int("vocab_size"),
+            rms_norm_eps=r.get("rms_norm_eps", float, 1e-6),
+            rope_theta=r.get("rope_theta", float, 10000.0),
+            max_position_embeddings=r.positive_int("max_position_embeddings", 2048),
+            tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
+            hidden_act=r.get("hidden_act", str, "silu"),
+            rope_scaling=RopeScaling.from_dict(data.get("rope_scaling"), where),
+            original_max_position_embeddings=r.get("original_max_position_embeddings", int, None),
+            # Qwen2 always has q/k/v biases; InternLM2 calls the flag 'bias'; Llama 'attention_bias'.
+            attention_bias=bool(r.get("attention_bias", bool, False) or r.get("bias", bool, False)),
+            bos_token_id=r.get("bos_token_id", int, None),
+            eos_token_id=r.get("eos_token_id", (int, list), None),
+            pad_token_id=r.get("pad_token_id", int, None),
+        )
+        if cfg.hidden_size % heads:
+            raise ConfigError(f"{where}: hidden_size {cfg.hidden_size} not divisible by num_attention_heads {heads}")
+        if heads % cfg.num_key_value_heads:
+            raise ConfigError(f"{where}: num_attention_heads {heads} not divisible by "
+                              f"num_key_value_heads {cfg.num_key_value_heads}")
+        if cfg.hidden_act != "silu":
+            raise ConfigError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type == "su":
+            if cfg.original_max_position_embeddings is None:
+                raise ConfigError(f"{where}: rope_scaling type 'su' needs original_max_position_embeddings")
+            half = cfg.head_dim // 2
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(cfg.rope_scaling, name)) != half:
+                    raise ConfigError(f"{where}.rope_scaling.{name} must have head_dim/2 = {half} values")
+        return cfg
+
+
+@dataclass(frozen=True)
+class InternVLConfig:
+    """The whole checkpoint: vision encoder, projector settings, LLM, template and tiling defaults."""
+
+    vision: VisionConfig
+    llm: LLMConfig
+    template: str
+    downsample_ratio: float = 0.5
+    ps_version: str = "v1"
+    select_layer: int = -1
+    force_image_size: int | None = None
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    torch_dtype: str | None = None
+    system_message: str | None = None
+    source: str = "<dict>"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def image_size(self) -> int:
+        """Tile side in pixels (``force_image_size`` or the ViT's ``image_size``)."""
+        return self.force_image_size or self.vision.image_size
+
+    @property
+    def num_image_token(self) -> int:
+        """Tokens per tile after pixel shuffle: (448 / 14)^2 * 0.5^2 = 256."""
+        return int((self.image_size // self.vision.patch_size) ** 2 * (self.downsample_ratio ** 2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> InternVLConfig:
+        r = _Reader(data, source)
+        model_type = r.get("model_type", str, "internvl_chat")
+        if model_type != "internvl_chat":
+            raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'internvl_chat'")
+        vision = VisionConfig.from_dict(r.get("vision_config", dict), f"{source}: vision_config")
+        llm = LLMConfig.from_dict(r.get("llm_config", dict), f"{source}: llm_config")
+        cfg = cls(
+            vision=vision,
+            llm=llm,
+            template=r.get("template", str),
+            downsample_ratio=r.get("downsample_ratio", float, 0.5),
+            ps_version=r.get("ps_version", str, "v1"),
+            select_layer=r.get("select_layer", int, -1),
+            force_image_size=r.get("force_image_size", int, None),
+            dynamic_image_size=r.get("dynamic_image_size", bool, True),
+            use_thumbnail=r.get("use_thumbnail", bool, True),
+            min_dynamic_patch=r.positive_int("min_dynamic_patch", 1),
+            max_dynamic_patch=r.positive_int("max_dynamic_patch", 6),
+            torch_dtype=r.get("torch_dtype", str, None),
+            system_message=r.get("system_message", str, None),
+            source=source,
+            raw=data,
+        )
+        if cfg.ps_version not in ("v1", "v2"):
+            raise ConfigError(f"{source}: ps_version must be 'v1' or 'v2', got {cfg.ps_version!r}")
+        inverse = 1 / cfg.downsample_ratio
+        if not math.isclose(inverse, round(inverse)):
+            raise ConfigError(f"{source}: downsample_ratio {cfg.downsample_ratio} must be 1/k for an integer k")
+        if not -vision.num_hidden_layers - 1 <= cfg.select_layer <= vision.num_hidden_layers:
+            raise ConfigError(f"{source}: select_layer {cfg.select_layer} is outside the "
+                              f"{vision.num_hidden_layers}-layer vision encoder")
+        if cfg.min_dynamic_patch > cfg.max_dynamic_patch:
+            raise ConfigError(f"{source}: min_dynamic_patch > max_dynamic_patch")
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> InternVLConfig:
+        folder = Path(path)
+        file = folder / "config.json"
+        if not folder.is_dir():
+            raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"{str(folder)!r} has no config.json: not a Hugging Face checkpoint folder")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot be parsed as JSON ({exc})") from exc
+        return cls.from_dict(data, str(file))

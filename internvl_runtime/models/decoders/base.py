@@ -1,0 +1,143 @@
+"""The decoder skeleton shared by the four InternVL2 LLM families.
+
+Attention -> MLP -> DecoderLayer -> Model -> ForCausalLM, nano-vllm style: tokens of all sequences
+in a step are flattened to (T, hidden); ``forward(embeds, positions, meta, kv_cache)`` returns hidden
+states and ``compute_logits`` runs the LM head only on the rows asked for.
+
+Module names follow the Llama/Qwen2 checkpoints (``model.layers.N.self_attn...``). Each family file
+declares, as data, how its checkpoint names differ:
+- ``stacked_params``: checkpoint projections packed into one of our fused parameters
+  (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``), with the shard each one fills;
+- ``renames``: (checkpoint substring, our substring) pairs applied to every name first;
+- ``tensor_transforms``: a function applied to one of our parameter names' tensors before copying
+  (InternLM2's grouped ``wqkv`` rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import LLMConfig
+from ..layers.attention import AttentionMetadata, KVCache, paged_attention
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def set_shards(module: nn.Linear, shards: dict[object, int]) -> None:
+    """Record the output-row ranges of a fused projection (its weight and bias alike):
+    shard id -> (offset, size) along dim 0. The loader reads ``module.shard_offsets``."""
+    offsets, start = {}, 0
+    for shard_id, size in shards.items():
+        offsets[shard_id] = (start, size)
+        start += size
+    assert start == module.out_features, (start, module.out_features)
+    module.shard_offsets = offsets  # type: ignore[assignment]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        set_shards(self.qkv_proj, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)   # (T, H, D)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, KV, D)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, key_cache=key_cache, value_cache=value_cache, meta=meta)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        set_shards(self.gate_up_proj, {0: config.intermediate_size, 1: config.intermediate_size})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, key_cache, value_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every family. Subclasses set the class attributes below and nothing else, unless the
+    family departs from the Llama computation (say so in a comment there)."""
+
+    qkv_bias: ClassVar[bool] = False
+    stacked_params: ClassVar[list[tuple[str, str, object]]] = [
+        # (our name piece, checkpoint name piece, shard id)
+        ("self_attn.qkv_proj", "self_attn.q_proj", "q"),
+        ("self_attn.qkv_proj", "self_attn.k_proj", "k"),
+        ("self_attn.qkv_proj", "self_attn.v_proj", "v"),
+        ("mlp.gate_up_proj", "mlp.gate_proj", 0),
+        ("mlp.gate_up_proj", "mlp.up_proj", 1),
+    ]
+    renames: ClassVar[list[tuple[str, str]]] = []
+    tensor_transforms: ClassVar[dict[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = {}
+
+    def __init__(self, config: LLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.qkv_bias or config.attention_bias)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> torch.Tensor:
+        """embeds: (T, hidden), positions: (T,) -> final hidden states (T, hidden), normed."""
+        cos, sin = self.rotary.cos_sin(positions, meta.query_lens, meta.seq_lens, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, meta, kv_cache.keys[i], kv_cache.values[i])
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32, as the reference upcasts its logits."""
+        return self.lm_head(hidden).float()

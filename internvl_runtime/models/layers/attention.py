@@ -1,0 +1,133 @@
+"""Causal self-attention over a paged KV cache, through ``scaled_dot_product_attention``.
+
+A step's tokens from B sequences are flattened to T rows (no padding). Each layer owns one KV pool of
+shape (num_slots, num_kv_heads, head_dim) for keys and one for values, where num_slots = num_blocks *
+block_size; a token's slot is block_table[pos // block_size] * block_size + pos % block_size.
+The engine's block manager decides the slots; the model only reads and writes them.
+
+Two shapes of step:
+- decode (every sequence adds one token): keys/values of all B sequences are gathered from the pool
+  into a (B, kv_heads, S_max, D) view with a padding mask, and one SDPA call serves the whole batch.
+- prefill / mixed: per sequence, over its new tokens; when nothing is cached yet the fresh k/v are
+  used directly with ``is_causal`` (the fast kernel), else the cached prefix is gathered and a causal
+  mask with the prefix offset is applied.
+GQA is handled by SDPA's ``enable_gqa`` (no repeated copies of k/v).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """One (keys, values) pool per decoder layer. Shapes: (num_slots, num_kv_heads, head_dim)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        return cls(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   block_size=block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys[0].shape[0] // self.block_size if self.keys else 0
+
+    def bytes_per_block(self) -> int:
+        k = self.keys[0]
+        return 2 * len(self.keys) * self.block_size * k.shape[1] * k.shape[2] * k.element_size()
+
+
+@dataclass
+class AttentionMetadata:
+    """What one forward step needs to know about its sequences (built once per step, shared by layers).
+
+    query_lens[i] new tokens of sequence i are rows query_starts[i]:query_starts[i]+query_lens[i] of the
+    flattened batch; seq_lens[i] is its total length once they are added. slot_mapping (T,) holds the
+    pool slot of every new token; context_slots[i] (seq_lens[i],) the slots of all its tokens in order.
+    """
+
+    query_lens: list[int]
+    seq_lens: list[int]
+    slot_mapping: torch.Tensor
+    context_slots: list[torch.Tensor]
+    query_starts: list[int] = field(init=False)
+    is_decode: bool = field(init=False)
+    _decode_gather: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _decode_mask: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        starts, total = [], 0
+        for n in self.query_lens:
+            starts.append(total)
+            total += n
+        self.query_starts = starts
+        self.is_decode = all(n == 1 for n in self.query_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, S_max) slot indices (padded with slot 0) and a (B, 1, 1, S_max) bool mask (None if B == 1)."""
+        if self._decode_gather is None:
+            if self.num_seqs == 1:
+                self._decode_gather = self.context_slots[0].unsqueeze(0)
+            else:
+                s_max = max(self.seq_lens)
+                device = self.slot_mapping.device
+                gather = torch.zeros((self.num_seqs, s_max), dtype=torch.long, device=device)
+                for i, slots in enumerate(self.context_slots):
+                    gather[i, : slots.shape[0]] = slots
+                lens = torch.tensor(self.seq_lens, device=device)
+                self._decode_mask = (torch.arange(s_max, device=device)[None, :] < lens[:, None])[:, None, None, :]
+                self._decode_gather = gather
+        return self._decode_gather, self._decode_mask
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_cache: torch.Tensor,
+                    value_cache: torch.Tensor, meta: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+    """q: (T, H, D), k/v: (T, KV, D) for this step's tokens -> (T, H, D).
+
+    Writes k/v into the pools at meta.slot_mapping, then attends causally over each sequence's context.
+    """
+    key_cache.index_copy_(0, meta.slot_mapping, k)
+    value_cache.index_copy_(0, meta.slot_mapping, v)
+    gqa = q.shape[1] != k.shape[1]
+
+    if meta.is_decode:
+        gather, mask = meta.decode_gather()
+        keys = key_cache[gather].transpose(1, 2)        # (B, KV, S, D)
+        values = value_cache[gather].transpose(1, 2)
+        query = q.unsqueeze(2)                          # (B, H, 1, D)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return out.squeeze(2)
+
+    outputs = []
+    for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
+        query = q[start:start + qlen].transpose(0, 1).unsqueeze(0)          # (1, H, L, D)
+        if qlen == slen:                                                    # nothing cached before
+            keys = k[start:start + qlen].transpose(0, 1).unsqueeze(0)       # (1, KV, L, D)
+            values = v[start:start + qlen].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                                 enable_gqa=gqa)
+        else:
+            slots = meta.context_slots[i]
+            keys = key_cache[slots].transpose(0, 1).unsqueeze(0)            # (1, KV, S, D)
+            values = value_cache[slots].transpose(0, 1).unsqueeze(0)
+            offset = slen - qlen
+            rows = torch.arange(qlen, device=q.device)[:, None] + offset
+            mask = torch.arange(slen, device=q.device)[None, :] <= rows     # (L, S)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
+                                                 enable_gqa=gqa)
+        outputs.append(out.squeeze(0).transpose(0, 1))                      # (L, H, D)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

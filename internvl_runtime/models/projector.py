@@ -1,0 +1,30 @@
+"""Pixel shuffle and the ``mlp1`` projector: ViT tokens -> LLM embeddings (256 per 448 tile)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
+    """(N, W, H, C) -> (N, H*s, W*s, C/s^2) for s = scale (0.5): folds 2x2 neighbours into channels.
+
+    Reproduces the reference reshape order; ``ps_version == 'v1'`` skips the final swap back of the
+    two spatial axes (the transposed layout the v1 checkpoints were trained with).
+    """
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale))                  # (N, W, H*s, C/s)
+    x = x.permute(0, 2, 1, 3)                                            # (N, H*s, W, C/s)
+    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    if ps_version != "v1":
+        x = x.permute(0, 2, 1, 3)
+    return x
+
+
+class Projector(nn.Sequential):
+    """``mlp1``: LayerNorm -> Linear -> GELU -> Linear; indices 0, 1, 3 match the checkpoint names."""
+
+    def __init__(self, vit_hidden: int, llm_hidden: int, downsample_ratio: float) -> None:
+        width = vit_hidden * int(round(1 / downsample_ratio)) ** 2
+        super().__init__(nn.LayerNorm(width), nn.Linear(width, llm_hidden), nn.GELU(),
+                         nn.Linear(llm_hidden, llm_hidden))

@@ -1,0 +1,26 @@
+"""Exact ``llm_config.architectures[0]`` string -> decoder class. No fuzzy matching."""
+
+from __future__ import annotations
+
+from ..errors import UnknownArchitectureError
+from .decoders.base import DecoderForCausalLM
+from .decoders.internlm2 import InternLM2ForCausalLM
+from .decoders.llama import LlamaForCausalLM
+from .decoders.phi3 import Phi3ForCausalLM
+from .decoders.qwen2 import Qwen2ForCausalLM
+
+DECODERS: dict[str, type[DecoderForCausalLM]] = {
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+
+
+def decoder_class(architecture: str) -> type[DecoderForCausalLM]:
+    try:
+        return DECODERS[architecture]
+    except KeyError:
+        raise UnknownArchitectureError(
+            f"llm_config.architectures[0] = {architecture!r} is not supported; "
+            f"known: {', '.join(sorted(DECODERS))}") from None

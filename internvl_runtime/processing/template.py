@@ -1,0 +1,112 @@
+"""Conversation templates of the InternVL2 era, and ``<image>`` placeholder expansion.
+
+Reproduces the reference ``conversation.py`` templates used by the seven InternVL2 checkpoints
+(looked up by the exact ``template`` string of config.json): Hermes-2 and internlm2-chat (ChatML,
+"MPT" separator style), phi3-chat, and internvl_zh. Generation stops at the template's separator token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, PlaceholderMismatch
+
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = "<image>"
+
+# The InternVL 2.0 system message (the reference keeps it for every template to preserve benchmarks).
+INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                            "是一个有用无害的人工智能助手。")
+
+
+@dataclass
+class Template:
+    """A conversation template. ``style`` is 'mpt' (system + sep, then role + message + sep per turn,
+    a bare role to prompt the answer) or 'internvl_zh'."""
+
+    name: str
+    system_template: str
+    system_message: str
+    roles: tuple[str, str]
+    sep: str
+    style: str = "mpt"
+    sep2: str = ""
+    messages: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def copy(self) -> Template:
+        return Template(self.name, self.system_template, self.system_message, self.roles, self.sep,
+                        self.style, self.sep2, list(self.messages))
+
+    def append_message(self, role: str, message: str | None) -> None:
+        self.messages.append((role, message))
+
+    def get_prompt(self) -> str:
+        if self.style == "mpt":
+            out = self.system_template.format(system_message=self.system_message) + self.sep
+            for role, message in self.messages:
+                out += role + message + self.sep if message else role
+            return out
+        # internvl_zh: system, then "role: message" separated by sep2 (after user) / sep (after bot)
+        seps = (self.sep2, self.sep)
+        out = self.system_message + seps[0]
+        for i, (role, message) in enumerate(self.messages):
+            out += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+        return out
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t for t in (
+        Template("Hermes-2", "<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM_MESSAGE,
+                 ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
+        Template("internlm2-chat", "<|im_start|>system\n{system_message}", INTERNVL2_SYSTEM_MESSAGE,
+                 ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
+        Template("phi3-chat", "<|system|>\n{system_message}", INTERNVL2_SYSTEM_MESSAGE,
+                 ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
+        Template("internvl_zh", "", "", ("<human>", "<bot>"), "</s>", style="internvl_zh", sep2=" "),
+    )
+}
+
+
+def get_template(name: str) -> Template:
+    """A fresh copy of the named template; the name comes from config.json's ``template``."""
+    try:
+        return TEMPLATES[name].copy()
+    except KeyError:
+        raise ConfigError(f"conversation template {name!r} is unknown; known: {', '.join(TEMPLATES)}") from None
+
+
+def build_prompt(template_name: str, question: str, history: Sequence[tuple[str, str]] = (),
+                 system_message: str | None = None) -> str:
+    """The prompt string for ``question`` after ``history`` (list of (question, answer))."""
+    template = get_template(template_name)
+    if system_message is not None:
+        template.system_message = system_message
+    for old_question, old_answer in history:
+        template.append_message(template.roles[0], old_question)
+        template.append_message(template.roles[1], old_answer)
+    template.append_message(template.roles[0], question)
+    template.append_message(template.roles[1], None)
+    return template.get_prompt()
+
+
+def image_tokens(num_tiles: int, num_image_token: int) -> str:
+    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_tiles) + IMG_END_TOKEN
+
+
+def expand_image_placeholders(prompt: str, num_patches_list: Sequence[int], num_image_token: int) -> str:
+    """Replace every ``<image>`` in order (history included), one ``<img>...</img>`` block per entry.
+
+    The reference replaces placeholders one by one and silently leaves surplus ones as literal text
+    (or drops surplus images' features); both would be a silent wrong answer, so counts must agree.
+    """
+    available = prompt.count(IMAGE_PLACEHOLDER)
+    if available != len(num_patches_list):
+        raise PlaceholderMismatch(
+            f"the prompt has {available} <image> placeholder(s) but {len(num_patches_list)} image(s) "
+            f"were given (num_patches_list={list(num_patches_list)})")
+    for num_tiles in num_patches_list:
+        prompt = prompt.replace(IMAGE_PLACEHOLDER, image_tokens(num_tiles, num_image_token), 1)
+    return prompt
