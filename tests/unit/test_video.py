@@ -1,0 +1,336 @@
+"""Video preprocessing: the official frame choice, decoding with PyAV, rotation, and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+av = pytest.importorskip("av")
+
+from internvl_runtime.errors import InvalidRequest, VideoDecodeError  # noqa: E402
+from internvl_runtime.processing import video as video_module  # noqa: E402
+from internvl_runtime.processing.image import load_image  # noqa: E402
+from internvl_runtime.processing.video import get_index, load_video, sample_frames, video_prompt  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: clips whose frames say which they are
+# --------------------------------------------------------------------------------------------------
+
+
+def _grey(index: int) -> int:
+    return 10 + 6 * index
+
+
+def _identify(image: Image.Image) -> int:
+    """The index a _make_clip frame encodes (its grey level)."""
+    return round((float(np.asarray(image, dtype=np.float64).mean()) - 10) / 6)
+
+
+def _make_clip(
+    path: Path,
+    n_frames: int,
+    *,
+    fps: int = 10,
+    codec: str = "libx264",
+    size: tuple[int, int] = (64, 48),
+    pts_ms: Sequence[int] | None = None,
+    rotation: int | None = None,
+    halves: bool = False,
+) -> Path:
+    """A clip of ``n_frames`` grey frames (level 10 + 6 * index), or red|blue halves with ``halves``."""
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if pts_ms is not None:  # variable frame rate: explicit millisecond timestamps
+            stream.codec_context.time_base = Fraction(1, 1000)
+            stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(n_frames):
+            pixels = np.full((height, width, 3), _grey(i), dtype=np.uint8)
+            if halves:
+                pixels[:, : width // 2] = (255, 0, 0)
+                pixels[:, width // 2 :] = (0, 0, 255)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = int(pts_ms[i]), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _make_audio(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip20(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_clip(tmp_path_factory.mktemp("clips") / "clip20.mp4", 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# get_index
+# --------------------------------------------------------------------------------------------------
+
+
+def test_get_index_matches_official_goldens(shared_dir: Path) -> None:
+    goldens = json.loads((shared_dir / "fixtures" / "data" / "video_goldens.json").read_text())
+    max_frame, fps = goldens["n_frames"] - 1, goldens["fps"]
+    for n in (8, 16, 32):
+        assert get_index(None, fps, max_frame, 0, n).tolist() == goldens[f"num_segments={n}"]
+    assert get_index((1.0, 3.0), fps, max_frame, 0, 8).tolist() == goldens["num_segments=8,bound=(1.0,3.0)"]
+
+
+def test_get_index_rules() -> None:
+    # Segment centres with half-to-even rounding, repeats when the clip is shorter than num_segments.
+    assert get_index(None, 10, 4, num_segments=8).tolist() == [0, 0, 1, 2, 2, 2, 3, 4]
+    assert get_index(None, 10, 0, num_segments=3).tolist() == [0, 0, 0]
+    assert get_index(None, 10, 99, num_segments=1).tolist() == [49]
+    # A bound reaching past either end is clamped to the clip.
+    assert get_index((-5.0, 100.0), 10, 39, num_segments=8).tolist() == get_index(None, 10, 39, num_segments=8).tolist()
+    assert get_index((0.0, 0.0), 10, 39, num_segments=4).tolist() == [0, 0, 0, 0]
+    assert get_index((3.9, 10.0), 10, 39, num_segments=2).tolist() == [39, 39]
+    assert get_index((), 10, 9, num_segments=2).tolist() == [2, 6]  # empty bound = whole clip, as `if bound:`
+    # first_idx moves the start.
+    assert get_index(None, 10, 39, first_idx=20, num_segments=4).tolist() == [22, 27, 32, 36]
+    assert get_index(None, 10, 39).dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_segments": 0}, "num_segments"),
+        ({"num_segments": -3}, "num_segments"),
+        ({"num_segments": 2.5}, "num_segments"),
+        ({"bound": (5.0, 6.0)}, "selects no frame"),
+        ({"bound": (3.0, 1.0)}, "starts after it ends"),
+        ({"bound": (1.0,)}, "bound must be"),
+        ({"bound": (0.0, float("nan"))}, "finite"),
+        ({"bound": (0.0, 1.0), "fps": 0.0}, "frame rate is unknown"),
+        ({"max_frame": -1}, "no frame to sample"),
+    ],
+)
+def test_get_index_rejects(kwargs: dict, message: str) -> None:
+    args = {"bound": None, "fps": 10.0, "max_frame": 39, "first_idx": 0, "num_segments": 8} | kwargs
+    with pytest.raises(VideoDecodeError, match=message) as info:
+        get_index(**args)
+    assert isinstance(info.value, InvalidRequest)
+
+
+def test_video_prompt() -> None:
+    assert video_prompt(3) == "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\n"
+    assert video_prompt(0) == ""
+    assert video_prompt(8) == "".join(f"Frame{i + 1}: <image>\n" for i in range(8))
+    with pytest.raises(InvalidRequest):
+        video_prompt(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fixture_video_frames(shared_dir: Path) -> None:
+    data = shared_dir / "fixtures" / "data"
+    goldens = json.loads((data / "video_goldens.json").read_text())
+    backgrounds = []
+    for k in range(goldens["n_frames"]):
+        with Image.open(data / f"frame_{k:03d}.png") as im:
+            backgrounds.append(np.asarray(im.convert("RGB"), dtype=np.int32)[0, 0])
+    backgrounds_arr = np.stack(backgrounds)
+
+    def identify(image: Image.Image) -> int:
+        corner = np.asarray(image, dtype=np.int32)[0, 0]
+        return int(np.abs(backgrounds_arr - corner).sum(axis=1).argmin())
+
+    for key, bound, n in [
+        ("num_segments=8", None, 8),
+        ("num_segments=16", None, 16),
+        ("num_segments=32", None, 32),
+        ("num_segments=8,bound=(1.0,3.0)", (1.0, 3.0), 8),
+    ]:
+        sampled = sample_frames(data / goldens["file"], bound=bound, num_segments=n)
+        assert sampled.fps == goldens["fps"]
+        assert sampled.indices == goldens[key], key
+        assert [identify(f) for f in sampled.frames] == goldens[key], key
+
+
+def test_fixture_video_load_video_close_to_png_frames(shared_dir: Path) -> None:
+    data = shared_dir / "fixtures" / "data"
+    pixel_values, num_patches = load_video(data / "video.mp4", num_segments=8, max_num=1, input_size=448)
+    assert num_patches == [1] * 8
+    assert pixel_values.shape == (8, 3, 448, 448) and pixel_values.dtype == torch.float32
+    # The goldens' video case uses the source PNGs of the same frames; the decoded (lossy) frames are close.
+    expected = torch.cat([load_image(data / f"frame_{k:03d}.png", max_num=1) for k in (2, 7, 12, 17, 22, 26, 31, 36)])
+    assert (pixel_values - expected).abs().mean().item() < 0.1
+
+
+@pytest.mark.parametrize("num_segments", [1, 4, 8, 32])
+def test_generated_clip_frames(clip20: Path, num_segments: int) -> None:
+    sampled = sample_frames(clip20, num_segments=num_segments)
+    expected = get_index(None, 10, 19, num_segments=num_segments).tolist()
+    assert sampled.indices == expected
+    assert [_identify(f) for f in sampled.frames] == expected
+    assert all(f.mode == "RGB" and f.size == (64, 48) for f in sampled.frames)
+
+
+@pytest.mark.parametrize("bound", [(0.5, 1.2), (0.0, 0.3), (1.5, 99.0), (-1.0, 0.9), (1.9, 1.9)])
+def test_generated_clip_bounds(clip20: Path, bound: tuple[float, float]) -> None:
+    sampled = sample_frames(clip20, bound=bound, num_segments=6)
+    expected = get_index(bound, 10, 19, num_segments=6).tolist()
+    assert sampled.indices == expected
+    assert [_identify(f) for f in sampled.frames] == expected
+
+
+def test_short_clip_repeats_frames(tmp_path: Path) -> None:
+    clip = _make_clip(tmp_path / "short.mp4", 5)
+    sampled = sample_frames(clip, num_segments=8)
+    assert sampled.indices == [0, 0, 1, 2, 2, 2, 3, 4]
+    assert [_identify(f) for f in sampled.frames] == [0, 0, 1, 2, 2, 2, 3, 4]
+    pixel_values, num_patches = load_video(clip, num_segments=8, input_size=16)
+    assert num_patches == [1] * 8 and pixel_values.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(pixel_values[0], pixel_values[1], rtol=0, atol=0)
+
+
+def test_load_video_tiles_each_frame(clip20: Path) -> None:
+    # 64x48 frames: grid (1,1) for max_num=1; (4,3) + thumbnail for max_num=12 at tile size 16.
+    pixel_values, num_patches = load_video(clip20, num_segments=3, input_size=16, max_num=12)
+    assert num_patches == [13, 13, 13]
+    assert pixel_values.shape == (39, 3, 16, 16)
+    expected = [load_image(f, input_size=16, max_num=12) for f in sample_frames(clip20, num_segments=3).frames]
+    torch.testing.assert_close(pixel_values, torch.cat(expected), rtol=0, atol=0)
+    assert video_prompt(len(num_patches)) == "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\n"
+
+
+def test_bytes_input_equals_path(clip20: Path) -> None:
+    from_path = load_video(clip20, num_segments=4, input_size=16)
+    from_bytes = load_video(clip20.read_bytes(), num_segments=4, input_size=16)
+    torch.testing.assert_close(from_path[0], from_bytes[0], rtol=0, atol=0)
+    assert from_path[1] == from_bytes[1]
+
+
+@pytest.mark.parametrize(
+    ("rotation", "size", "top", "bottom", "left", "right"),
+    [
+        (None, (64, 32), None, None, "red", "blue"),
+        (90, (32, 64), "blue", "red", None, None),  # counter-clockwise: the right side goes up
+        (-90, (32, 64), "red", "blue", None, None),
+        (180, (64, 32), None, None, "blue", "red"),
+    ],
+)
+def test_rotation_metadata_is_applied(
+    tmp_path: Path,
+    rotation: int | None,
+    size: tuple[int, int],
+    top: str | None,
+    bottom: str | None,
+    left: str | None,
+    right: str | None,
+) -> None:
+    clip = _make_clip(tmp_path / "rot.mp4", 3, size=(64, 32), rotation=rotation, halves=True)
+    frame = sample_frames(clip, num_segments=1).frames[0]
+    assert frame.size == size
+    pixels = np.asarray(frame, dtype=np.int32)
+    h, w = pixels.shape[:2]
+
+    def colour(region: np.ndarray) -> str:
+        r, _, b = region.reshape(-1, 3).mean(axis=0)
+        return "red" if r > b else "blue"
+
+    if top is not None:
+        assert colour(pixels[: h // 4]) == top and colour(pixels[-h // 4 :]) == bottom
+    else:
+        assert colour(pixels[:, : w // 4]) == left and colour(pixels[:, -w // 4 :]) == right
+
+
+def test_variable_frame_rate(tmp_path: Path) -> None:
+    gaps = [50, 150, 100, 50, 250, 50, 100, 100, 300, 50] * 2
+    pts = np.cumsum([0, *gaps[:-1]]).tolist()
+    clip = _make_clip(tmp_path / "vfr.mp4", 20, pts_ms=pts)
+    with av.open(str(clip)) as container:
+        average = float(container.streams.video[0].average_rate)
+    for bound, n in [(None, 7), (None, 32), ((0.5, 1.5), 5)]:
+        sampled = sample_frames(clip, bound=bound, num_segments=n)
+        assert sampled.fps == average  # frame numbers come from the average rate, as decord's get_avg_fps
+        expected = get_index(bound, average, 19, num_segments=n).tolist()
+        assert sampled.indices == expected
+        assert [_identify(f) for f in sampled.frames] == expected
+
+
+def test_container_without_frame_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = _make_clip(tmp_path / "lossless.mkv", 12, codec="ffv1")
+    expected = get_index(None, 10, 11, num_segments=5).tolist()
+    sampled = sample_frames(clip, num_segments=5)
+    assert sampled.indices == expected and [_identify(f) for f in sampled.frames] == expected
+    # A wrong first guess of the length (too short, too long, none) still gives the decoded count's choice.
+    for wrong in (3, 40, 0):
+        monkeypatch.setattr(video_module, "_count_packets", lambda *args, n=wrong: n)
+        sampled = sample_frames(clip, num_segments=5)
+        assert sampled.indices == expected and [_identify(f) for f in sampled.frames] == expected
+        bounded = sample_frames(clip, bound=(0.2, 0.9), num_segments=3)
+        assert bounded.indices == get_index((0.2, 0.9), 10, 11, num_segments=3).tolist()
+
+
+def test_audio_only_file(tmp_path: Path) -> None:
+    audio = _make_audio(tmp_path / "sound.wav")
+    with pytest.raises(VideoDecodeError, match="no video stream") as info:
+        load_video(audio)
+    assert str(audio) in str(info.value)
+
+
+def test_corrupt_and_missing_files(tmp_path: Path, clip20: Path) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(clip20.read_bytes()[: clip20.stat().st_size // 2])
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.mp4"
+    for path, message in [
+        (garbage, "cannot open video"),
+        (truncated, "cannot open video|no decodable"),
+        (empty, "empty"),
+        (missing, "no such file"),
+        (tmp_path, "directory"),
+    ]:
+        with pytest.raises(VideoDecodeError, match=message) as info:
+            load_video(path, num_segments=2, input_size=16)
+        assert str(path) in str(info.value)
+    with pytest.raises(VideoDecodeError, match="cannot open video"):
+        load_video(b"not a video at all", num_segments=2)
+
+
+def test_bad_arguments(clip20: Path) -> None:
+    with pytest.raises(VideoDecodeError, match="num_segments"):
+        load_video(clip20, num_segments=0)
+    with pytest.raises(VideoDecodeError, match="selects no frame") as info:
+        load_video(clip20, bound=(10.0, 20.0), num_segments=4)
+    assert "0..19" in str(info.value) and str(clip20) in str(info.value)
+    with pytest.raises(VideoDecodeError, match="ends before"):
+        load_video(clip20, bound=(-3.0, -1.0))
+    with pytest.raises(VideoDecodeError, match="starts after it ends"):
+        load_video(clip20, bound=(1.0, 0.5))
+    with pytest.raises(InvalidRequest, match="max_num"):
+        load_video(clip20, max_num=0)
+    with pytest.raises(InvalidRequest, match="input_size"):
+        load_video(clip20, input_size=0)
+    with pytest.raises(InvalidRequest, match="unsupported video input"):
+        load_video(42)  # type: ignore[arg-type]
