@@ -1,1 +1,27 @@
-"""internvl-runtime: a native PyTorch runtime for the InternVL2 series (no remote code)."""
+"""internvl-runtime: a fast, native PyTorch runtime for the InternVL2 series, without remote code.
+
+The official quick start works with only its import line changed::
+
+    from internvl_runtime import AutoModel, AutoTokenizer, load_image
+"""
+
+from .api.auto import AutoModel, InternVLChatModel
+from .api.streamer import TextIteratorStreamer, TextStreamer
+from .config import InternVLConfig
+from .errors import (CheckpointError, ConfigError, ContextLengthExceeded, EngineOverloaded, ImageDecodeError,
+                     InternVLError, InvalidGenerationConfig, InvalidRequest, ModelNotFound, PlaceholderMismatch,
+                     UnknownArchitectureError, UnsupportedFeature, VideoDecodeError, WeightMismatchError)
+from .processing.image import build_transform, dynamic_preprocess, load_image
+from .processing.tokenizer import AutoTokenizer, Tokenizer
+from .processing.video import load_video
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoModel", "AutoTokenizer", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer", "TextStreamer",
+    "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
+    "CheckpointError", "ConfigError", "ContextLengthExceeded", "EngineOverloaded", "ImageDecodeError",
+    "InternVLError", "InvalidGenerationConfig", "InvalidRequest", "ModelNotFound", "PlaceholderMismatch",
+    "UnknownArchitectureError", "UnsupportedFeature", "VideoDecodeError", "WeightMismatchError",
+    "__version__",
+]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..engine.model_runner import ModelRunner, SequenceStep
-from ..engine.sampler import Sampler
+from ..engine.sampler import Sampler, SamplingRow, make_generator
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest, PlaceholderMismatch
 from ..processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt,
@@ -65,6 +65,7 @@ class OfficialChatMixin:
             raise InvalidRequest("generate() needs input_ids")
         if self.img_context_token_id is None:
             raise InvalidRequest("img_context_token_id is not set: call chat()/batch_chat() or set it")
+        generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         params, streamer = SamplingParams.from_generation_config(generation_config)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -110,8 +111,7 @@ class OfficialChatMixin:
         if pad is None:  # transformers falls back to the (first) eos id
             pad = params.stop_token_ids[0] if params.stop_token_ids else bos
         sampler = Sampler()
-        generators = [None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
-                      for i in range(len(rows))]
+        generators = [make_generator(params) for _ in rows]
         # The reference penalises repetition over generate()'s input_ids: bos + generated tokens.
         histories: list[list[int]] = [[bos] for _ in rows]
         outputs: list[list[int]] = [[] for _ in rows]
@@ -124,8 +124,8 @@ class OfficialChatMixin:
         active = list(range(len(rows)))
         for step_index in range(max_new):
             logits = runner.execute([steps[i] for i in active])
-            tokens = sampler.sample_simple(logits, [params] * len(active), [histories[i] for i in active],
-                                           [len(outputs[i]) for i in active], [generators[i] for i in active])
+            tokens = sampler(logits, [SamplingRow(params, histories[i], len(outputs[i]), generators[i])
+                                      for i in active]).token_ids
             emitted = []
             for i, token in zip(active, tokens):
                 outputs[i].append(token)

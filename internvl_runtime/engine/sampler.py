@@ -1,0 +1,201 @@
+"""Logits -> next token ids, one row per sequence (torch).
+
+See :class:`Sampler` for the order of operations. The only host-device synchronisation is the final
+``.tolist()`` that hands the token ids (and logprobs) back to Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from internvl_runtime.engine.sampling_params import SamplingParams
+
+
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one row of the logits.
+
+    Attributes:
+        params: the request's sampling options.
+        token_ids: the history the repetition penalty looks at. transformers penalises its
+            ``input_ids``; note that the reference InternVL ``generate`` passes only ``inputs_embeds``,
+            so there the history is the generated tokens alone.
+        num_output_tokens: tokens generated before this one (for ``min_new_tokens``).
+        generator: the request's own generator (see :func:`make_generator`); None uses torch's global RNG.
+        eos_token_ids: end tokens masked with ``stop_token_ids`` while ``min_new_tokens`` is not reached
+            (unless ``params.ignore_eos``).
+    """
+
+    params: SamplingParams
+    token_ids: SequenceABC[int]
+    num_output_tokens: int
+    generator: torch.Generator | None = None
+    eos_token_ids: SequenceABC[int] = ()
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of one step of one row: the chosen token's and the ``top`` most likely."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+
+
+@dataclass
+class SamplerOutput:
+    """The sampled token of every row, and the logprobs of the rows that asked for them (else None)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded with ``params.seed`` on ``device``, or None when the request has no seed.
+
+    Create it once per request and pass it on every step: a request's samples then depend only on its
+    seed and its logits, not on the other rows of the batch.
+    """
+    if params.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    p = row.params
+    return (
+        p.repetition_penalty != 1.0
+        or row.num_output_tokens < p.min_new_tokens
+        or p.logprobs is not None
+        or not p.is_greedy
+    )
+
+
+class Sampler:
+    """Turns logits (B, V) into one token id per row.
+
+    Order of operations (as transformers' logits processors, then warpers):
+
+    1. Repetition penalty over the row's ``token_ids`` (transformers' ``RepetitionPenaltyLogitsProcessor``):
+       a logit of a token seen before is divided by the penalty if positive, multiplied if negative.
+    2. ``min_new_tokens``: while fewer tokens have been generated, the stop ids (``stop_token_ids``,
+       and ``eos_token_ids`` unless ``ignore_eos``) get -inf.
+    3. Greedy rows (``params.is_greedy``) take the argmax of these logits; steps 4-7 do not apply.
+    4. Temperature: divide by ``temperature``.
+    5. Top-k: keep logits >= the k-th largest (ties kept, as ``TopKLogitsWarper``); 0 or -1 = off.
+    6. Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always
+       keeping the most likely one (``TopPLogitsWarper``); the kept set is the smallest whose
+       probability sums to at least ``top_p``.
+    7. Sample from the softmax as ``argmax(probs / q)`` with ``q ~ Exp(1)`` (equivalent to a
+       multinomial draw, with no sync), the noise drawn from the row's own generator when it has one,
+       so a seeded request is reproducible whatever else is in the batch.
+
+    Logprobs (rows with ``params.logprobs`` set) are the log-softmax of the logits after steps 1-2 and
+    before 4-6: the model's penalised distribution, not the temperature-warped one, so a greedy choice is
+    always the top entry. ``top`` lists the ``params.logprobs`` most likely tokens.
+
+    A batch whose rows are all greedy without penalty, min_new_tokens or logprobs takes a fast path: one
+    argmax over the batch, no per-row Python work.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row of ``logits`` (B, V)."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        if not any(_needs_processing(row) for row in rows):
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+
+        processed = self.penalize(logits, rows)  # (B, V) float32, steps 1-2
+        tokens = processed.argmax(dim=-1)  # (B,) step 3
+        sample_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if sample_rows:
+            index = torch.tensor(sample_rows, device=logits.device)
+            warped = self.warp(processed[index], [rows[i] for i in sample_rows])  # (S, V) steps 4-6
+            probs = torch.softmax(warped, dim=-1)
+            noise = self._exponential([rows[i] for i in sample_rows], probs.shape[-1], probs.device)
+            tokens = tokens.index_copy(0, index, probs.div_(noise).argmax(dim=-1))  # step 7
+
+        logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        records: list[TokenLogprobs | None] = [None] * len(rows)
+        token_list: list[int] = tokens.tolist()
+        if logprob_rows:
+            index = torch.tensor(logprob_rows, device=logits.device)
+            logprobs = torch.log_softmax(processed[index], dim=-1)  # (L, V)
+            chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+            max_top = max(rows[i].params.logprobs or 0 for i in logprob_rows)
+            top_values, top_ids = logprobs.topk(max_top, dim=-1)  # (L, max_top), most likely first
+            top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+            for j, i in enumerate(logprob_rows):
+                n_top = rows[i].params.logprobs or 0
+                top = list(zip(top_ids_list[j][:n_top], top_values_list[j][:n_top]))
+                records[i] = TokenLogprobs(token_list[i], chosen[j], top)
+        return SamplerOutput(token_list, records)
+
+    @staticmethod
+    def penalize(logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> torch.Tensor:
+        """Steps 1-2 on a float32 copy of ``logits`` (B, V)."""
+        out = logits.to(torch.float32, copy=True)
+        penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and len(row.token_ids)]
+        if penalized:
+            width = max(len(rows[i].token_ids) for i in penalized)
+            # Pad each history with its own first id: a repeated id gathers and scatters the same value.
+            ids = [list(rows[i].token_ids) + [rows[i].token_ids[0]] * (width - len(rows[i].token_ids)) for i in penalized]
+            history = torch.tensor(ids, device=out.device)  # (P, width)
+            index = torch.tensor(penalized, device=out.device)
+            penalty = torch.tensor(
+                [rows[i].params.repetition_penalty for i in penalized], device=out.device
+            ).unsqueeze(1)  # (P, 1)
+            sub = out[index]
+            seen = sub.gather(1, history)
+            seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+            out[index] = sub.scatter_(1, history, seen)
+        for i, row in enumerate(rows):
+            p = row.params
+            if row.num_output_tokens < p.min_new_tokens:
+                stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
+                if stop_ids:
+                    out[i, sorted(stop_ids)] = float("-inf")
+        return out
+
+    @staticmethod
+    def warp(logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> torch.Tensor:
+        """Steps 4-6 (temperature, top-k, top-p) on penalised logits (S, V) of sampling rows, in place."""
+        device = logits.device
+        vocab = logits.shape[-1]
+        temperature = torch.tensor([row.params.temperature for row in rows], device=device).unsqueeze(1)
+        logits.div_(temperature)
+
+        top_k = [min(row.params.top_k, vocab) if row.params.top_k > 0 else 0 for row in rows]
+        if any(0 < k < vocab for k in top_k):
+            k = torch.tensor(top_k, device=device)
+            values = logits.topk(max(top_k), dim=-1).values  # (S, max_k), descending
+            kth = values.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))  # (S, 1)
+            kth = torch.where(k.unsqueeze(1) > 0, kth, torch.full_like(kth, float("-inf")))
+            logits.masked_fill_(logits < kth, float("-inf"))
+
+        if any(row.params.top_p < 1.0 for row in rows):
+            top_p = torch.tensor([row.params.top_p for row in rows], device=device).unsqueeze(1)
+            sorted_logits, sorted_index = logits.sort(dim=-1)  # ascending
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = (cumulative <= 1 - top_p) & (top_p < 1.0)
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            drop = drop_sorted.scatter(1, sorted_index, drop_sorted)
+            logits.masked_fill_(drop, float("-inf"))
+        return logits
+
+    @staticmethod
+    def _exponential(rows: SequenceABC[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise (S, V): each seeded row from its own generator, the others from the global RNG."""
+        noise = torch.empty(len(rows), vocab, device=device)
+        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                noise[i].exponential_(generator=row.generator)
+        # exponential_ can return exactly 0 on some devices; avoid dividing by it.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

@@ -1,0 +1,215 @@
+"""Per-request generation options, validated when they are built.
+
+``SamplingParams`` is the one typed object the engine reads; the OpenAI routes and the
+``chat(generation_config=...)`` path both end here. Every value is checked in ``__post_init__`` and a bad
+one raises :class:`~internvl_runtime.errors.InvalidGenerationConfig` naming the field and its allowed
+range, so nothing downstream has to re-check.
+
+Example::
+
+    >>> params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    >>> params.is_greedy
+    False
+    >>> params, streamer = SamplingParams.from_generation_config({"max_new_tokens": 64, "do_sample": False})
+    >>> params.is_greedy, streamer
+    (True, None)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+
+MAX_LOGPROBS = 20
+"""The largest number of top logprobs a request may ask for."""
+
+_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64 - 1]
+
+# transformers' GenerationConfig defaults, used only by ``from_generation_config`` so that a dict the
+# reference ``chat()`` would accept behaves the same here: sampling is off unless asked for, and
+# sampling keeps the 50 most likely tokens unless ``top_k`` says otherwise.
+_HF_DEFAULT_DO_SAMPLE = False
+_HF_DEFAULT_TOP_K = 50
+
+# Keys of a checkpoint's generation_config.json that carry no generation option (file metadata and
+# token ids the engine takes from the tokenizer); accepted and ignored by name, never silently by pattern.
+_GENERATION_CONFIG_METADATA = frozenset({"_from_model_config", "transformers_version", "bos_token_id"})
+
+_GENERATION_CONFIG_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "num_beams",
+        "eos_token_id",
+        "pad_token_id",
+        "streamer",
+    }
+)
+
+
+def _fail(name: str, allowed: str, value: object) -> InvalidGenerationConfig:
+    return InvalidGenerationConfig(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, allowed, value)
+    if value < lo or (hi is not None and value > hi):
+        raise _fail(name, allowed, value)
+    return value
+
+
+def _check_float(name: str, value: object, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, allowed, value)
+    return float(value)
+
+
+@dataclass
+class SamplingParams:
+    """How to generate the tokens of one request.
+
+    Attributes:
+        max_new_tokens: generate at most this many tokens (>= 1).
+        min_new_tokens: stop tokens (EOS and ``stop_token_ids``) are masked until this many tokens
+            exist (0 <= min_new_tokens <= max_new_tokens).
+        temperature: softmax temperature (>= 0). 0 means greedy unless ``do_sample`` is True.
+        top_p: nucleus sampling; keep the smallest set of tokens whose probability sums to at least
+            ``top_p`` (0 < top_p <= 1; 1 = off).
+        top_k: keep the ``top_k`` most likely tokens (0 or -1 = off).
+        repetition_penalty: transformers' CTRL-style penalty (> 0; 1 = off).
+        do_sample: None derives it from ``temperature > 0``; False is greedy whatever the temperature
+            (as in transformers); True samples and then needs ``temperature > 0``.
+        ignore_eos: keep generating after the model's EOS token (``stop_token_ids`` still stop).
+        stop: strings that end the output; the detokenizer finds them (a single string is accepted).
+        stop_token_ids: token ids that end the output (the token is not part of the text).
+        seed: seeds this request's own random generator, so its samples do not depend on the batch.
+        logprobs: return the log-probability of each chosen token and of the ``logprobs`` most likely
+            tokens (0 = the chosen token's only; at most 20).
+
+    Example::
+
+        SamplingParams(max_new_tokens=128, temperature=0)           # greedy
+        SamplingParams(temperature=0.8, top_p=0.95, stop=["\\n\\n"], seed=1)
+    """
+
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool | None = None
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1)
+        self.min_new_tokens = _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
+        self.temperature = _check_float("temperature", self.temperature, "a finite number >= 0")
+        if self.temperature < 0:
+            raise _fail("temperature", "a finite number >= 0", self.temperature)
+        self.top_p = _check_float("top_p", self.top_p, "a number in (0, 1]")
+        if not 0 < self.top_p <= 1:
+            raise _fail("top_p", "a number in (0, 1]", self.top_p)
+        self.top_k = _check_int("top_k", self.top_k, -1)
+        self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        if self.repetition_penalty <= 0:
+            raise _fail("repetition_penalty", "a finite number > 0", self.repetition_penalty)
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise _fail("do_sample", "true, false or null", self.do_sample)
+        if self.do_sample is True and self.temperature == 0:
+            raise _fail("temperature", "> 0 when do_sample is true", self.temperature)
+        if not isinstance(self.ignore_eos, bool):
+            raise _fail("ignore_eos", "true or false", self.ignore_eos)
+        self.stop = self._check_stop(self.stop)
+        self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
+        if self.seed is not None:
+            self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
+        if self.logprobs is not None:
+            self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+
+    @staticmethod
+    def _check_stop(stop: object) -> list[str]:
+        allowed = "a string or a list of non-empty strings"
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise _fail("stop", allowed, stop)
+        return list(stop)
+
+    @staticmethod
+    def _check_stop_token_ids(ids: object) -> list[int]:
+        if ids is None:
+            return []
+        if not isinstance(ids, (list, tuple)):
+            raise _fail("stop_token_ids", "a list of integers >= 0", ids)
+        return [_check_int("stop_token_ids", i, 0) for i in ids]
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the next token is the argmax: ``do_sample=False``, or ``temperature == 0`` by default."""
+        if self.do_sample is None:
+            return self.temperature == 0
+        return not self.do_sample
+
+    @classmethod
+    def from_generation_config(cls, config: Mapping[str, Any]) -> tuple[SamplingParams, Any]:
+        """Build params from the reference ``chat(generation_config=...)`` dict (transformers keys).
+
+        Accepted keys: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
+        repetition_penalty, num_beams (only 1), eos_token_id (int or list -> ``stop_token_ids``),
+        pad_token_id (accepted, unused) and streamer (returned, not interpreted), plus the metadata keys
+        of a generation_config.json file (``_from_model_config``, ``transformers_version``,
+        ``bos_token_id``), which are ignored. A value of None means "not given".
+
+        transformers' defaults apply to keys not given, so the same dict means the same thing here
+        and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50.
+
+        Returns:
+            ``(params, streamer)``; ``streamer`` is None when the dict has none.
+
+        Raises:
+            InvalidGenerationConfig: an unknown key, or a value out of range.
+            UnsupportedFeature: ``num_beams`` other than 1 (beam search).
+        """
+        if not isinstance(config, Mapping):
+            raise _fail("generation_config", "a dict", config)
+        unknown = sorted(str(k) for k in config if k not in _GENERATION_CONFIG_KEYS | _GENERATION_CONFIG_METADATA)
+        if unknown:
+            raise InvalidGenerationConfig(
+                f"unknown generation_config key(s) {unknown}; accepted: {sorted(_GENERATION_CONFIG_KEYS)}"
+            )
+        given = {k: v for k, v in config.items() if v is not None and k in _GENERATION_CONFIG_KEYS}
+
+        num_beams = given.pop("num_beams", 1)
+        if _check_int("num_beams", num_beams, 1) != 1:
+            raise UnsupportedFeature(f"num_beams={num_beams}: beam search is not supported, only num_beams=1")
+        streamer = given.pop("streamer", None)
+        pad = given.pop("pad_token_id", None)
+        if pad is not None:
+            _check_int("pad_token_id", pad, 0)
+        eos = given.pop("eos_token_id", [])
+        eos_list = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+        if not isinstance(eos_list, (list, tuple)):
+            raise _fail("eos_token_id", "an integer or a list of integers >= 0", eos)
+        stop_token_ids = [_check_int("eos_token_id", i, 0) for i in eos_list]
+
+        given.setdefault("do_sample", _HF_DEFAULT_DO_SAMPLE)
+        given.setdefault("top_k", _HF_DEFAULT_TOP_K)
+        return cls(stop_token_ids=stop_token_ids, **given), streamer
