@@ -73,6 +73,11 @@ class OfficialChatMixin:
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu())]
 
         features = None
+        size = self.config.image_size
+        if pixel_values is not None and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise InvalidRequest(
+                f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} but this checkpoint expects {size}x{size} "
+                f"tiles (force_image_size); use load_image(..., input_size={size})")
         if pixel_values is not None or visual_features is not None:
             features = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             features = features.reshape(-1, features.shape[-1])
