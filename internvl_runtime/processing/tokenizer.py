@@ -214,7 +214,10 @@ class TokenizerConfig:
             raise CheckpointError(
                 f"no tokenizer in {path}: tokenizer_config.json is missing (files present: {present or 'none'})"
             )
-        init_kwargs: dict[str, Any] = dict(_read_json(path, "tokenizer_config.json"))
+        raw = _read_json(path, "tokenizer_config.json")
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path / 'tokenizer_config.json'} must hold a JSON object")
+        init_kwargs: dict[str, Any] = dict(raw)
         init_kwargs.update({k: v for k, v in (overrides or {}).items() if k not in _LOADER_ONLY_KWARGS})
         tokenizer_class = init_kwargs.pop("tokenizer_class", None)
         if not tokenizer_class:
@@ -226,11 +229,18 @@ class TokenizerConfig:
         # special_tokens_map.json only counts when the config has no added_tokens_decoder (4.37 logic).
         added: dict[int, AddedToken] = {}
         if "added_tokens_decoder" in init_kwargs:
-            for index, value in init_kwargs.pop("added_tokens_decoder").items():
-                added[int(index)] = AddedToken.from_json(value)
+            try:
+                for index, value in init_kwargs.pop("added_tokens_decoder").items():
+                    added[int(index)] = AddedToken.from_json(value)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{path / 'tokenizer_config.json'}: malformed added_tokens_decoder ({exc!r})"
+                ) from exc
         else:
             if (path / "special_tokens_map.json").is_file():
                 for key, value in _read_json(path, "special_tokens_map.json").items():
+                    if overrides and overrides.get(key):
+                        continue  # the caller's keyword arguments win
                     if key == "additional_special_tokens" and isinstance(value, list):
                         merged = list(init_kwargs.get("additional_special_tokens") or [])
                         for token in value:
@@ -295,6 +305,9 @@ class Tokenizer:
 
     padding_side: str
     model_max_length: int | None
+    #: Set by :meth:`_refresh_tables` once the vocabulary is known.
+    all_special_tokens: list[str]
+    all_special_ids: list[int]
 
     def __init__(self, config: TokenizerConfig) -> None:
         self.config = config
@@ -358,8 +371,11 @@ class Tokenizer:
         self._refresh_tables()
 
     def _refresh_tables(self) -> None:
-        self.all_special_tokens: list[str] = self._all_special_tokens_uncached()
-        self.all_special_ids: list[int] = [self._token_to_id_or_none(t) for t in self.all_special_tokens]  # type: ignore[misc]
+        """Cache what derives from the (now fixed) vocabulary and added tokens."""
+        self._len = len(set(self._base_vocab()) | set(self._added_encoder))
+        self.all_special_tokens = self._all_special_tokens_uncached()
+        # A special token unknown to a vocabulary without unk would give None here, as in transformers.
+        self.all_special_ids = [self._token_to_id_or_none(t) for t in self.all_special_tokens]  # type: ignore[misc]
         self._all_special_token_set = frozenset(self.all_special_tokens)
         self._all_special_id_set = frozenset(i for i in self.all_special_ids if i is not None)
         # _decode: added tokens that are not special tokens, and additional special tokens outside the base
@@ -472,7 +488,7 @@ class Tokenizer:
 
     def __len__(self) -> int:
         """Size of the vocabulary with the added tokens (distinct token strings, as transformers counts)."""
-        return len(set(self._base_vocab()) | set(self._added_encoder))
+        return self._len
 
     def __repr__(self) -> str:
         return (
@@ -542,7 +558,9 @@ class Tokenizer:
         text = self.prepare_for_tokenization(text)
         pieces = self._split_on_added_tokens(text)
         encoder = {} if self.split_special_tokens else self._added_encoder
-        # The added tokens' flags eat whitespace around them (in this order, mutating the neighbours).
+        # PreTrainedTokenizer.tokenize: an added token with rstrip (lstrip) eats all the whitespace of the piece
+        # on its right (left); single_word glues it to a neighbour that is not separated by a space. The pieces
+        # are mutated in place while walking them, as there (a later piece is seen already stripped).
         for i, piece in enumerate(pieces):
             if piece not in encoder:
                 continue
@@ -561,7 +579,7 @@ class Tokenizer:
                 pieces[i] = ""
         tokens: list[str] = []
         for piece in pieces:
-            if not piece:
+            if not piece:  # fully stripped pieces vanish
                 continue
             if piece in encoder:
                 tokens.append(piece)
@@ -645,9 +663,15 @@ class Tokenizer:
         clean_up_tokenization_spaces: bool | None = None,
         spaces_between_special_tokens: bool | None = None,
     ) -> str:
-        """Text of token ids (a list, a 1-D tensor or one id), as the official slow ``decode``."""
+        """Text of token ids (a list, a 1-D tensor or one id), as the official slow ``decode``.
+
+        ``PreTrainedTokenizer._decode``: ``all_special_ids`` are dropped when ``skip_special_tokens``; a legacy
+        added token stands alone between runs of ordinary tokens, each run turned into text by the model
+        (empty runs before a legacy token are dropped); the parts are joined with a space when
+        ``spaces_between_special_tokens`` (class default), then cleaned up when ``clean_up_tokenization_spaces``
+        (class default or the config's flag).
+        """
         tokens = self.convert_ids_to_tokens(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
-        assert isinstance(tokens, list)
         sub_texts: list[str] = []
         current: list[str] = []
         for token in tokens:
@@ -674,7 +698,9 @@ class Tokenizer:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
-    def batch_decode(self, sequences: Iterable[Ids] | torch.Tensor, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+    def batch_decode(
+        self, sequences: Iterable[Ids] | torch.Tensor, skip_special_tokens: bool = False, **kwargs: Any
+    ) -> list[str]:
         """:meth:`decode` of every row of a 2-D tensor or a list of id lists."""
         if isinstance(sequences, torch.Tensor):
             if sequences.dim() != 2:
@@ -730,11 +756,16 @@ class BPETokenizer(Tokenizer):
     pre-tokenisation regex, GPT-2 byte-to-unicode mapping and BPE merges by rank (run by the ``tokenizers``
     library, which merges exactly like the slow ``bpe``); decoding maps the characters back to bytes and
     decodes UTF-8 with ``errors`` (``replace``: U+FFFD for incomplete sequences).
+
+    The regex runs in the ``tokenizers`` library (Oniguruma) where the slow class uses the ``regex`` module;
+    the two agree on every code point assigned in Unicode 14 (Python 3.11's ``unicodedata``), and differ
+    only on characters assigned later, whose classes depend on the ``regex`` version anyway.
     """
 
     #: Qwen2Tokenizer's PRETOKENIZE_REGEX (single digits; Llama-3's tokenizer.json groups 1-3 digits).
     PRETOKENIZE_REGEX = (
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+        r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
     )
     class_defaults: ClassVar[dict[str, Any]] = {
         "unk_token": "<|endoftext|>",
@@ -803,7 +834,10 @@ class BPETokenizer(Tokenizer):
         return index
 
     def _convert_id_to_token(self, index: int) -> str:
-        return self._decoder[index]
+        token = self._decoder.get(index)
+        if token is None:  # a hole in vocab.json's ids
+            raise InvalidRequest(f"token id {index} is not in the vocabulary of {self.name_or_path}")
+        return token
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         data = bytearray()
@@ -945,12 +979,10 @@ class SentencePieceTokenizer(Tokenizer):
                 prev_is_special = False
         out += self.sp_model.decode(current)
         if self.decode_style == "internlm2":
-            # InternLM2Tokenizer.convert_tokens_to_string always cleans up, then adds a space that it removes
-            # again (its prefix-space test compares tokens with ids, so it always adds one): the net effect
-            # is dropping the first character.
+            # InternLM2Tokenizer.convert_tokens_to_string always cleans up, whatever the config says. (It then
+            # prepends a space and slices it off: its prefix-space test compares tokens with ids, so the space
+            # is always added and removed, a no-op.)
             out = clean_up_tokenization(out)
-            out = (" " + out) if tokens else out
-            out = out[1:]
         return out
 
 
@@ -1011,6 +1043,14 @@ class FastJsonTokenizer(Tokenizer):
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the library raises plain Exceptions on bad files
             raise CheckpointError(f"cannot load {path}: {exc}") from exc
+        # PreTrainedTokenizerFast takes padding defaults from the file; truncation and padding themselves are
+        # switched off for every call without max_length (we never truncate, and pad in Python).
+        file_padding = self._tok.padding
+        if file_padding is not None:
+            if "padding_side" not in config.init_kwargs:
+                self.padding_side = str(file_padding.get("direction", self.padding_side))
+            if "pad_token" not in config.special_tokens and file_padding.get("pad_token"):
+                self._special["pad_token"] = str(file_padding["pad_token"])
         self._tok.no_truncation()
         self._tok.no_padding()
         # PreTrainedTokenizerFast.__init__ re-adds the config's added tokens (in id order) and any special
@@ -1028,7 +1068,7 @@ class FastJsonTokenizer(Tokenizer):
                 single_word=token.single_word,
                 lstrip=token.lstrip,
                 rstrip=token.rstrip,
-                normalized=token.normalized and not is_special,
+                normalized=token.normalized,
                 special=is_special,
             )
             if is_special:
@@ -1065,7 +1105,8 @@ class FastJsonTokenizer(Tokenizer):
     def _check_id(self, index: int) -> int:
         if index < 0 or self._tok.id_to_token(index) is None:
             raise InvalidRequest(
-                f"token id {index} is outside the vocabulary of the tokenizer in {self.name_or_path} ({len(self)} tokens)"
+                f"token id {index} is outside the vocabulary of the tokenizer in {self.name_or_path} "
+                f"({len(self)} tokens)"
             )
         return index
 
