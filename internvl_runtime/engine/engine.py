@@ -1,0 +1,302 @@
+"""LLMEngine: requests in, tokens out, with continuous batching over a paged KV cache.
+
+``step()`` is the whole loop, nano-vllm style: schedule -> encode the images the step needs (batched
+across requests, through the feature cache) -> run the model -> sample -> update -> detokenize -> emit.
+The scheduler and block manager are plain Python; the runner is the only place that touches tensors.
+
+Example::
+
+    engine = LLMEngine.from_pretrained("pretrained/InternVL2-1B", dtype=torch.bfloat16)
+    engine.add_request("r1", engine.processor.prepare([Message("user", "Describe it.", ["cat.jpg"])]),
+                       SamplingParams(max_new_tokens=64, temperature=0))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.delta, end="")
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidRequest
+from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, SequenceStep
+from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .vision_cache import VisionFeatureCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine knobs. ``num_blocks=None`` sizes the KV cache from ``kv_cache_bytes`` (default: a quarter
+    of the memory available at start-up, at most enough for max_num_seqs full contexts)."""
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    image_cache_bytes: int = 512 * 2**20
+    max_images_per_request: int = 16
+    max_model_len: int | None = None
+    vision_batch_tiles: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_images_per_request",
+                     "vision_batch_tiles"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidRequest(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (``delta`` and ``new_token_ids`` are this step's)."""
+
+    request_id: str
+    delta: str
+    text: str
+    new_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+    arrival_time: float = 0.0
+
+
+@dataclass
+class _RequestState:
+    seq: Sequence
+    images: list[ImageInput]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # held until the prompt is computed
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class LLMEngine:
+    def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
+                 processor: InputProcessor | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        cfg = self.config
+        self.processor = processor or InputProcessor.for_model(model, tokenizer,
+                                                               max_images=cfg.max_images_per_request)
+        model.img_context_token_id = self.processor.img_context_id
+        llm = model.config.llm
+        self.max_model_len = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
+        embed = model.language_model.get_input_embeddings().weight
+        per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype)
+        num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
+            max_model_len=self.max_model_len))
+        self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
+        self.sampler = Sampler()
+        self._states: dict[str, _RequestState] = {}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0,
+                      "vision_tiles_encoded": 0, "requests_finished": 0}
+
+    def _auto_num_blocks(self, per_block: int, device: torch.device) -> int:
+        cfg = self.config
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.8)
+        else:
+            budget = _available_memory() // 4
+        wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
+        return max(16, min(budget // per_block, wanted))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+                        config: EngineConfig | None = None, **config_kwargs: Any) -> LLMEngine:
+        from ..api.auto import AutoModel
+        from ..processing.tokenizer import AutoTokenizer
+
+        model = AutoModel.from_pretrained(path, torch_dtype=dtype, device_map=device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, config or EngineConfig(**config_kwargs))
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, request: PreparedRequest, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a prepared request. Raises before any work if it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self._states:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
+                       eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
+        self.scheduler.add(seq)   # raises ContextLengthExceeded
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, skip_special_tokens=True,
+                                       stop=params.stop)
+        self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params))
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks are freed at once. False if it is not live."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.block_manager.num_free_blocks
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        steps = []
+        needs_features = [(seq, n) for seq, n in batch.scheduled if seq.mm_spans_in(seq.num_computed_tokens,
+                                                                                    seq.num_computed_tokens + n)]
+        self._encode_images([seq for seq, _ in needs_features])
+        for (seq, n), samples in zip(batch.scheduled, batch.samples):
+            start = seq.num_computed_tokens
+            steps.append(SequenceStep(token_ids=seq.token_ids[start:start + n], num_computed=start,
+                                      block_table=seq.block_table, image_features=self._features_for(seq, start, n),
+                                      want_logits=samples))
+        logits = self.runner.execute(steps)
+        sampled: dict[str, int] = {}
+        sampling_seqs = [seq for (seq, _), samples in zip(batch.scheduled, batch.samples) if samples]
+        if sampling_seqs:
+            rows = [SamplingRow(seq.sampling_params, seq.token_ids, seq.num_output_tokens,
+                                self._states[seq.request_id].generator, seq.eos_token_ids) for seq in sampling_seqs]
+            result = self.sampler(logits, rows)
+            for seq, token, record in zip(sampling_seqs, result.token_ids, result.logprobs):
+                sampled[seq.request_id] = token
+                if record is not None:
+                    self._states[seq.request_id].logprobs.append(record)
+        prompt_done = {seq.request_id for seq, n in batch.scheduled
+                       if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n}
+        for seq, _ in batch.scheduled:
+            if seq.request_id in prompt_done:
+                self.stats["prompt_tokens"] += seq.num_prompt_tokens
+                self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
+                self._states[seq.request_id].features.clear()  # the cache keeps them, bounded
+        finished = {s.request_id for s in self.scheduler.update(batch, sampled)}
+        now = time.monotonic()
+        outputs = []
+        for seq in sampling_seqs:
+            state = self._states.get(seq.request_id)
+            if state is None:
+                continue
+            token = sampled[seq.request_id]
+            self.stats["generated_tokens"] += 1
+            if state.first_token_time is None:
+                state.first_token_time = now
+            delta = state.detokenizer.add([token])
+            if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
+                self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
+                finished.add(seq.request_id)
+            is_done = seq.request_id in finished
+            if is_done:
+                delta += state.detokenizer.flush()
+                del self._states[seq.request_id]
+                self.stats["requests_finished"] += 1
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, delta=delta, text=state.detokenizer.text, new_token_ids=[token],
+                token_ids=list(seq.output_token_ids), finished=is_done, finish_reason=seq.finish_reason,
+                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                logprobs=list(state.logprobs), first_token_time=state.first_token_time,
+                arrival_time=seq.arrival_time))
+        return outputs
+
+    def _encode_images(self, seqs: list[Sequence]) -> None:
+        """Give each sequence's state the features of its images: from the cache, or encoded here in
+        batches of up to ``vision_batch_tiles`` tiles across all requests of the step."""
+        todo: dict[str, ImageInput] = {}
+        for seq in seqs:
+            state = self._states[seq.request_id]
+            for image in state.images:
+                if image.content_hash in state.features:
+                    continue
+                cached = self.vision_cache.get(image.content_hash)
+                if cached is not None:
+                    state.features[image.content_hash] = cached
+                else:
+                    todo.setdefault(image.content_hash, image)
+        if not todo:
+            return
+        encoded: dict[str, torch.Tensor] = {}
+        group: list[ImageInput] = []
+        for image in [*todo.values(), None]:
+            if group and (image is None or sum(im.num_tiles for im in group) + image.num_tiles
+                          > self.config.vision_batch_tiles):
+                pixels = torch.cat([im.pixel_values for im in group])
+                with torch.inference_mode():
+                    features = self.model.extract_feature(pixels)          # (tiles, 256, hidden)
+                self.stats["vision_tiles_encoded"] += pixels.shape[0]
+                start = 0
+                for im in group:
+                    encoded[im.content_hash] = features[start:start + im.num_tiles].reshape(-1, features.shape[-1])
+                    self.vision_cache.put(im.content_hash, encoded[im.content_hash])
+                    start += im.num_tiles
+                group = []
+            if image is not None:
+                group.append(image)
+        for seq in seqs:
+            state = self._states[seq.request_id]
+            for image in state.images:
+                if image.content_hash in encoded:
+                    state.features[image.content_hash] = encoded[image.content_hash]
+
+    def _features_for(self, seq: Sequence, start: int, n: int) -> torch.Tensor | None:
+        """Feature rows for the image tokens among positions [start, start + n) of the sequence."""
+        features = self._states[seq.request_id].features
+        parts = [features[span.content_hash][lo:hi] for span, lo, hi in seq.mm_spans_in(start, start + n)]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # -- offline convenience ---------------------------------------------------------------------
+    def generate(self, requests: list[PreparedRequest], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run requests to completion; returns their final outputs in order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(requests))]
+        for rid, req, p in zip(ids, requests, params_list):
+            self.add_request(rid, req, p)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
