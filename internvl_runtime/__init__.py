@@ -6,8 +6,12 @@ The official quick start works with only its import line changed::
 """
 
 from .api.auto import AutoModel, InternVLChatModel
+from .api.pipeline import GenerationConfig, Pipeline, Response, Session, Video, pipeline
 from .api.streamer import TextIteratorStreamer, TextStreamer
 from .config import InternVLConfig
+from .engine.async_engine import AsyncEngine
+from .engine.engine import EngineConfig, LLMEngine, RequestOutput
+from .engine.sampling_params import SamplingParams
 from .errors import (CheckpointError, ConfigError, ContextLengthExceeded, EngineOverloaded, ImageDecodeError,
                      InternVLError, InvalidGenerationConfig, InvalidRequest, ModelNotFound, PlaceholderMismatch,
                      UnknownArchitectureError, UnsupportedFeature, VideoDecodeError, WeightMismatchError)
@@ -18,6 +22,8 @@ from .processing.video import load_video
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncEngine", "EngineConfig", "GenerationConfig", "LLMEngine", "Pipeline", "RequestOutput", "Response",
+    "SamplingParams", "Session", "Video", "pipeline",
     "AutoModel", "AutoTokenizer", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer", "TextStreamer",
     "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
     "CheckpointError", "ConfigError", "ContextLengthExceeded", "EngineOverloaded", "ImageDecodeError",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import InternVLConfig
+from ..hardware import auto_dtype
 from ..errors import ConfigError, InvalidRequest, UnsupportedFeature
 from ..models.internvl import InternVLModel, build_model
 from .chat import OfficialChatMixin
@@ -38,14 +39,17 @@ class InternVLChatModel(OfficialChatMixin, InternVLModel):
     """
 
 
-def resolve_dtype(torch_dtype: Any, config: InternVLConfig) -> torch.dtype:
-    """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's)."""
+def resolve_dtype(torch_dtype: Any, config: InternVLConfig, device: torch.device | None = None) -> torch.dtype:
+    """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's, or float32
+    on a CPU without fast bf16 instructions; see ``hardware.auto_dtype``)."""
     if torch_dtype is None:
         return torch.float32  # transformers' default when no dtype is given
+    if torch_dtype == "auto":
+        return auto_dtype(config.torch_dtype, device or torch.device("cpu"))
     if isinstance(torch_dtype, torch.dtype):
         dtype = torch_dtype
     elif isinstance(torch_dtype, str):
-        name = config.torch_dtype or "float32" if torch_dtype == "auto" else torch_dtype
+        name = torch_dtype
         if name.removeprefix("torch.") not in _DTYPES:
             raise InvalidRequest(f"torch_dtype {torch_dtype!r} is not one of {', '.join(_DTYPES)} or 'auto'")
         dtype = _DTYPES[name.removeprefix("torch.")]
@@ -94,8 +98,8 @@ class AutoModel:
             raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist (download it first, e.g. "
                               f"`internvl download OpenGVLab/InternVL2-1B --local-dir {folder}`)")
         config = InternVLConfig.from_pretrained(folder)
-        dtype = resolve_dtype(torch_dtype, config)
         device = resolve_device(device_map)
+        dtype = resolve_dtype(torch_dtype, config, device)
         model = build_model(folder, dtype=dtype, device=device, config=config, allow_pickle=allow_pickle,
                             model_class=InternVLChatModel)
         logger.info("loaded %s (%s) in %s on %s", folder, config.llm.architecture, dtype, device)

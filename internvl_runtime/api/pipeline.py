@@ -1,0 +1,243 @@
+"""An LMDeploy-style offline pipeline on the engine.
+
+Example::
+
+    from internvl_runtime import pipeline, GenerationConfig, load_image
+    pipe = pipeline("pretrained/InternVL2-1B")
+    print(pipe(("describe this image", "cat.jpg")).text)
+    print([r.text for r in pipe([("what is it?", "a.png"), "hello"])])
+    sess = pipe.chat(("describe this image", "cat.jpg"))
+    sess = pipe.chat("what colour is it?", session=sess)
+    for piece in pipe.stream_infer(("describe this image", "cat.jpg")):
+        print(piece.text, end="")
+
+A prompt is a string, a ``(text, image)`` or ``(text, [images])`` tuple (images: paths, URLs, bytes,
+PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
+from ..engine.sampling_params import SamplingParams
+from ..errors import InvalidRequest
+from ..processing.inputs import Message
+
+
+@dataclass
+class GenerationConfig:
+    """LMDeploy's generation options (``do_sample=False`` means greedy, whatever the temperature)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    min_new_tokens: int | None = None
+    logprobs: int | None = None
+    max_dynamic_patch: int | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
+                              do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                              ignore_eos=self.ignore_eos, seed=self.random_seed, stop=list(self.stop_words or []),
+                              logprobs=self.logprobs)
+
+
+@dataclass
+class Video:
+    """A video for a prompt: a path (frames sampled as the official ``load_video``) or a list of frames."""
+
+    source: Any
+    num_segments: int = 8
+    bound: tuple[float, float] | None = None
+
+    def frames(self) -> list[Any]:
+        if isinstance(self.source, (list, tuple)):
+            return list(self.source)
+        from ..processing.video import sample_frames
+
+        return list(sample_frames(self.source, bound=self.bound, num_segments=self.num_segments).frames)
+
+
+@dataclass
+class Response:
+    """One answer (or, from ``stream_infer``, one piece of it: ``text`` is then the new text)."""
+
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] | None = None
+    index: int = 0
+
+
+@dataclass
+class Session:
+    """A multi-turn conversation for ``Pipeline.chat``."""
+
+    messages: list[Message] = field(default_factory=list)
+    response: Response | None = None
+
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        turns = [m for m in self.messages if m.role in ("user", "assistant")]
+        return [(u.text, a.text) for u, a in zip(turns[::2], turns[1::2])]
+
+
+def _part_image(part: dict) -> Any:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise InvalidRequest("an image_url part needs image_url.url")
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError) as exc:
+            raise InvalidRequest(f"image_url data URL is not valid base64 ({exc})") from exc
+    return url
+
+
+def to_messages(prompt: Any) -> list[Message]:
+    """Normalise any accepted prompt form into messages."""
+    if isinstance(prompt, str):
+        return [Message("user", prompt)]
+    if isinstance(prompt, tuple):
+        if len(prompt) != 2 or not isinstance(prompt[0], str):
+            raise InvalidRequest("a tuple prompt must be (text, image) or (text, [images])")
+        text, images = prompt
+        if isinstance(images, Video):
+            return [Message("user", text, images.frames(), is_video=True)]
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return [Message("user", text, list(images))]
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        messages = []
+        for m in prompt:
+            content, images, texts = m.get("content"), [], []
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                for part in content:
+                    kind = part.get("type")
+                    if kind == "text":
+                        texts.append(part.get("text", ""))
+                    elif kind == "image_url":
+                        images.append(_part_image(part))
+                    elif kind == "image":
+                        images.append(part.get("image"))
+                    else:
+                        raise InvalidRequest(f"unknown content part type {kind!r}")
+            else:
+                raise InvalidRequest("message content must be a string or a list of parts")
+            messages.append(Message(str(m.get("role")), "\n".join(texts), images))
+        return messages
+    raise InvalidRequest(f"unsupported prompt type {type(prompt).__name__}: use a string, (text, image) or messages")
+
+
+class Pipeline:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._ids = itertools.count()
+
+    def _prepare(self, messages: list[Message], config: GenerationConfig):
+        return self.engine.processor.prepare(messages, max_num=config.max_dynamic_patch)
+
+    def _submit(self, prompts: Sequence[Any], gen_config: GenerationConfig | Sequence[GenerationConfig] | None
+                ) -> list[str]:
+        configs = list(gen_config) if isinstance(gen_config, (list, tuple)) else [gen_config or GenerationConfig()] * len(prompts)
+        if len(configs) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} prompts but {len(configs)} generation configs")
+        prepared = [(self._prepare(p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p), c), c)
+                    for p, c in zip(prompts, configs)]
+        ids = []
+        for request, config in prepared:
+            rid = f"pipe-{next(self._ids)}"
+            self.engine.add_request(rid, request, config.to_sampling_params())
+            ids.append(rid)
+        return ids
+
+    @staticmethod
+    def _response(out: RequestOutput, index: int, text: str | None = None) -> Response:
+        return Response(text=out.text if text is None else text, generate_token_len=len(out.token_ids),
+                        input_token_len=out.num_prompt_tokens, finish_reason=out.finish_reason,
+                        token_ids=list(out.token_ids), logprobs=out.logprobs or None, index=index)
+
+    def _is_batch(self, prompts: Any) -> bool:
+        return isinstance(prompts, list) and not (prompts and isinstance(prompts[0], dict))
+
+    def __call__(self, prompts: Any, gen_config: GenerationConfig | Sequence[GenerationConfig] | None = None
+                 ) -> Response | list[Response]:
+        batch = self._is_batch(prompts)
+        items = prompts if batch else [prompts]
+        ids = self._submit(items, gen_config)
+        index = {rid: i for i, rid in enumerate(ids)}
+        final: dict[str, Response] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in index:
+                        final[out.request_id] = self._response(out, index[out.request_id])
+        finally:
+            for rid in ids:
+                if rid not in final:
+                    self.engine.abort_request(rid)
+        responses = [final[rid] for rid in ids]
+        return responses if batch else responses[0]
+
+    def stream_infer(self, prompts: Any, gen_config: GenerationConfig | Sequence[GenerationConfig] | None = None
+                     ) -> Iterator[Response]:
+        """Yield pieces as they are generated; ``piece.index`` says which prompt, ``piece.text`` the new text."""
+        items = prompts if self._is_batch(prompts) else [prompts]
+        ids = self._submit(items, gen_config)
+        index = {rid: i for i, rid in enumerate(ids)}
+        done: set[str] = set()
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.request_id not in index:
+                        continue
+                    if out.finished:
+                        done.add(out.request_id)
+                    yield self._response(out, index[out.request_id], text=out.delta)
+        finally:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+
+    def chat(self, prompt: Any, session: Session | None = None, gen_config: GenerationConfig | None = None,
+             stream_response: bool = False) -> Session:
+        """One turn of a multi-turn conversation; earlier turns' KV blocks are reused (prefix cache)."""
+        session = session or Session()
+        new = to_messages(prompt)
+        messages = session.messages + new
+        response = self([messages], gen_config)[0]  # type: ignore[list-item]
+        session.messages = messages + [Message("assistant", response.text)]
+        session.response = response
+        return session
+
+    def close(self) -> None:
+        for rid in list(getattr(self.engine, "_states", {})):
+            self.engine.abort_request(rid)
+
+
+def pipeline(model_path: str | Path, *, dtype: torch.dtype | str | None = "auto", device: str = "cpu",
+             backend_config: EngineConfig | None = None, **engine_kwargs: Any) -> Pipeline:
+    """Load a checkpoint folder and return a :class:`Pipeline` (``dtype='auto'`` uses the checkpoint's,
+    except on a CPU without native bf16, where float32 is chosen)."""
+    engine = LLMEngine.from_pretrained(model_path, dtype=dtype, device=device, config=backend_config, **engine_kwargs)
+    return Pipeline(engine)
