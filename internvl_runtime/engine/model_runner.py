@@ -59,22 +59,34 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * llm.num_hidden_layers * block_size * llm.num_key_value_heads * llm.head_dim * elem
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+    def _layout(self, step: SequenceStep) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+        """(slots of the new tokens, slots of the whole context or None, contiguous run or None)."""
         bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+        blocks = step.block_table[: -(-step.seq_len // bs)]
+        assert len(blocks) * bs >= step.seq_len, "block table too short for the step"
+        if all(b == blocks[0] + i for i, b in enumerate(blocks)):
+            first = blocks[0] * bs
+            new = torch.arange(first + step.num_computed, first + step.seq_len, dtype=torch.long)
+            return new, None, (first, step.seq_len)
+        table = torch.tensor(blocks, dtype=torch.long)
+        context = (table[:, None] * bs + torch.arange(bs)).flatten()[: step.seq_len]
+        return context[step.num_computed:], context.to(self.device), None
 
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
         """Run the step; returns logits (num sequences wanting logits, vocab) float32."""
         device = self.device
-        ids, positions, slots, embeds = [], [], [], []
+        ids, positions, new_slots, context_slots, context_ranges, embeds = [], [], [], [], [], []
         for step in steps:
             ids.extend(step.token_ids)
             if step.positions is not None:
                 positions.extend(step.positions)
             else:
                 positions.extend(range(step.num_computed, step.seq_len))
-            slots.extend(self._slots(step.block_table, step.num_computed, step.seq_len))
+            new, context, run = self._layout(step)
+            new_slots.append(new)
+            context_slots.append(context)
+            context_ranges.append(run)
         input_ids = torch.tensor(ids, dtype=torch.long, device=device)
         start = 0
         for step in steps:
@@ -82,12 +94,11 @@ class ModelRunner:
             embeds.append(self.model.embed(input_ids[start:start + n], step.image_features))
             start += n
         x = embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
-        context_slots = [torch.tensor(self._slots(s.block_table, 0, s.seq_len), dtype=torch.long, device=device)
-                         for s in steps]
+        slot_mapping = new_slots[0] if len(new_slots) == 1 else torch.cat(new_slots)
         meta = AttentionMetadata(query_lens=[len(s.token_ids) for s in steps],
                                  seq_lens=[s.seq_len for s in steps],
-                                 slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                                 context_slots=context_slots)
+                                 slot_mapping=slot_mapping.to(device), context_slots=context_slots,
+                                 context_ranges=context_ranges)
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         hidden = self.model.language_model(x, pos, meta, self.kv_cache)
         last_rows = []

@@ -53,13 +53,16 @@ class AttentionMetadata:
 
     query_lens[i] new tokens of sequence i are rows query_starts[i]:query_starts[i]+query_lens[i] of the
     flattened batch; seq_lens[i] is its total length once they are added. slot_mapping (T,) holds the
-    pool slot of every new token; context_slots[i] (seq_lens[i],) the slots of all its tokens in order.
+    pool slot of every new token; context_slots[i] (seq_lens[i],) the slots of all its tokens in order,
+    or None where ``context_ranges[i]`` gives them as one contiguous (start, length) run of the pool (the
+    common case: then attention reads a view, no gather).
     """
 
     query_lens: list[int]
     seq_lens: list[int]
     slot_mapping: torch.Tensor
-    context_slots: list[torch.Tensor]
+    context_slots: list[torch.Tensor | None]
+    context_ranges: list[tuple[int, int] | None] = field(default_factory=list)
     query_starts: list[int] = field(init=False)
     is_decode: bool = field(init=False)
     _decode_gather: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -72,26 +75,61 @@ class AttentionMetadata:
             total += n
         self.query_starts = starts
         self.is_decode = all(n == 1 for n in self.query_lens)
+        if not self.context_ranges:
+            self.context_ranges = [None] * len(self.query_lens)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S_max) slot indices (padded with slot 0) and a (B, 1, 1, S_max) bool mask (None if B == 1)."""
+    def context(self, cache: torch.Tensor, i: int) -> torch.Tensor:
+        """Sequence i's keys or values from a pool: (seq_len, KV, D), a view when contiguous."""
+        run = self.context_ranges[i]
+        if run is not None:
+            return cache.narrow(0, run[0], run[1])
+        slots = self.context_slots[i]
+        assert slots is not None
+        return cache.index_select(0, slots)
+
+    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S_max) slot indices (padded with slot 0) and a (B, 1, 1, S_max) additive float mask."""
         if self._decode_gather is None:
-            if self.num_seqs == 1:
-                self._decode_gather = self.context_slots[0].unsqueeze(0)
-            else:
-                s_max = max(self.seq_lens)
-                device = self.slot_mapping.device
-                gather = torch.zeros((self.num_seqs, s_max), dtype=torch.long, device=device)
-                for i, slots in enumerate(self.context_slots):
+            s_max = max(self.seq_lens)
+            device = self.slot_mapping.device
+            gather = torch.zeros((self.num_seqs, s_max), dtype=torch.long, device=device)
+            for i in range(self.num_seqs):
+                run = self.context_ranges[i]
+                if run is not None:
+                    gather[i, : run[1]] = torch.arange(run[0], run[0] + run[1], device=device)
+                else:
+                    slots = self.context_slots[i]
                     gather[i, : slots.shape[0]] = slots
-                lens = torch.tensor(self.seq_lens, device=device)
-                self._decode_mask = (torch.arange(s_max, device=device)[None, :] < lens[:, None])[:, None, None, :]
-                self._decode_gather = gather
+            lens = torch.tensor(self.seq_lens, device=device)
+            valid = torch.arange(s_max, device=device)[None, :] < lens[:, None]
+            mask = torch.zeros((self.num_seqs, s_max), dtype=torch.float32, device=device)
+            self._decode_mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+            self._decode_gather = gather
         return self._decode_gather, self._decode_mask
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence, grouped-query attention as two small matmuls.
+
+    q: (B, H, D); keys/values: (B, S, KV, D) (views allowed) -> (B, H, D). Scores are computed in the
+    activation dtype and soft-maxed in float32, as the reference eager attention does. Cheaper than
+    SDPA's kernel for a single query, and no repeated copies of the KV heads.
+    """
+    b, h, d = q.shape
+    kv = keys.shape[2]
+    q = q.view(b, kv, h // kv, d)                                   # (B, KV, G, D)
+    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale      # (B, KV, G, S)
+    scores = scores.float()
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3))           # (B, KV, G, D)
+    return out.reshape(b, h, d)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_cache: torch.Tensor,
@@ -103,14 +141,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
     key_cache.index_copy_(0, meta.slot_mapping, k)
     value_cache.index_copy_(0, meta.slot_mapping, v)
     gqa = q.shape[1] != k.shape[1]
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
 
     if meta.is_decode:
+        if meta.num_seqs == 1:
+            keys = meta.context(key_cache, 0).unsqueeze(0)          # (1, S, KV, D)
+            values = meta.context(value_cache, 0).unsqueeze(0)
+            return decode_attention(q, keys, values, scale)
         gather, mask = meta.decode_gather()
-        keys = key_cache[gather].transpose(1, 2)        # (B, KV, S, D)
-        values = value_cache[gather].transpose(1, 2)
-        query = q.unsqueeze(2)                          # (B, H, 1, D)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        return out.squeeze(2)
+        return decode_attention(q, key_cache[gather], value_cache[gather], scale, mask)
 
     outputs = []
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
@@ -120,10 +160,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
             values = v[start:start + qlen].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                                  enable_gqa=gqa)
+        elif qlen == 1:
+            out = decode_attention(q[start:start + 1], meta.context(key_cache, i).unsqueeze(0),
+                                   meta.context(value_cache, i).unsqueeze(0), scale)
+            outputs.append(out)
+            continue
         else:
-            slots = meta.context_slots[i]
-            keys = key_cache[slots].transpose(0, 1).unsqueeze(0)            # (1, KV, S, D)
-            values = value_cache[slots].transpose(0, 1).unsqueeze(0)
+            keys = meta.context(key_cache, i).transpose(0, 1).unsqueeze(0)   # (1, KV, S, D)
+            values = meta.context(value_cache, i).transpose(0, 1).unsqueeze(0)
             offset = slen - qlen
             rows = torch.arange(qlen, device=q.device)[:, None] + offset
             mask = torch.arange(slen, device=q.device)[None, :] <= rows     # (L, S)
