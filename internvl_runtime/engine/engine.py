@@ -124,6 +124,8 @@ class LLMEngine:
             max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = Sampler()
+        # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).
+        self._decodable = len(tokenizer) if len(tokenizer) < llm.vocab_size else None
         self._states: dict[str, _RequestState] = {}
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0,
                       "vision_tiles_encoded": 0, "requests_finished": 0}
@@ -180,6 +182,7 @@ class LLMEngine:
         return self.scheduler.block_manager.num_free_blocks
 
     # -- the loop --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
@@ -194,6 +197,8 @@ class LLMEngine:
                                       block_table=seq.block_table, image_features=self._features_for(seq, start, n),
                                       want_logits=samples))
         logits = self.runner.execute(steps)
+        if self._decodable is not None:
+            logits[:, self._decodable:] = float("-inf")
         sampled: dict[str, int] = {}
         sampling_seqs = [seq for (seq, _), samples in zip(batch.scheduled, batch.samples) if samples]
         if sampling_seqs:

@@ -131,7 +131,7 @@ class Sampler:
             top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
             for j, i in enumerate(logprob_rows):
                 n_top = rows[i].params.logprobs or 0
-                top = list(zip(top_ids_list[j][:n_top], top_values_list[j][:n_top]))
+                top = list(zip(top_ids_list[j][:n_top], top_values_list[j][:n_top], strict=True))
                 records[i] = TokenLogprobs(token_list[i], chosen[j], top)
         return SamplerOutput(token_list, records)
 
@@ -143,12 +143,13 @@ class Sampler:
         if penalized:
             width = max(len(rows[i].token_ids) for i in penalized)
             # Pad each history with its own first id: a repeated id gathers and scatters the same value.
-            ids = [list(rows[i].token_ids) + [rows[i].token_ids[0]] * (width - len(rows[i].token_ids)) for i in penalized]
+            ids = [
+                list(rows[i].token_ids) + [rows[i].token_ids[0]] * (width - len(rows[i].token_ids)) for i in penalized
+            ]
             history = torch.tensor(ids, device=out.device)  # (P, width)
             index = torch.tensor(penalized, device=out.device)
-            penalty = torch.tensor(
-                [rows[i].params.repetition_penalty for i in penalized], device=out.device
-            ).unsqueeze(1)  # (P, 1)
+            penalty = torch.tensor([rows[i].params.repetition_penalty for i in penalized], device=out.device)
+            penalty = penalty.unsqueeze(1)  # (P, 1)
             sub = out[index]
             seen = sub.gather(1, history)
             seen = torch.where(seen < 0, seen * penalty, seen / penalty)
@@ -157,8 +158,9 @@ class Sampler:
             p = row.params
             if row.num_output_tokens < p.min_new_tokens:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(row.eos_token_ids))
-                if stop_ids:
-                    out[i, sorted(stop_ids)] = float("-inf")
+                in_vocab = sorted(t for t in stop_ids if t < out.shape[-1])  # a stop id past the vocab never comes
+                if in_vocab:
+                    out[i, in_vocab] = float("-inf")
         return out
 
     @staticmethod

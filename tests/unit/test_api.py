@@ -1,0 +1,326 @@
+"""The official user-facing API on the tiny-1B fixture: ``AutoModel.from_pretrained`` keywords,
+``chat`` / ``batch_chat`` / ``generate`` behaviour and errors, streaming, and the package's public names."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import internvl_runtime
+from internvl_runtime import (AutoModel, AutoTokenizer, ConfigError, InvalidGenerationConfig, InvalidRequest,
+                              PlaceholderMismatch, TextIteratorStreamer, UnsupportedFeature)
+from internvl_runtime.testing.checkpoints import write_checkpoint
+
+CKPT = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt" / "tiny-1B"
+SIZE = 448  # tiny-1B tiles (force_image_size)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModel.from_pretrained(CKPT, torch_dtype=torch.float32, low_cpu_mem_usage=True,
+                                     use_flash_attn=True, trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(CKPT, trust_remote_code=True, use_fast=False)
+
+
+def tiles(n: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_ids(model, tokenizer, question: str = "Hello, who are you?") -> dict:
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    _, query = model.build_chat_query(None, question)
+    return tokenizer(query, return_tensors="pt")
+
+
+def stop_id(model, tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(model.conv_template.sep)
+
+
+# --------------------------------------------------------------------------------------------------
+# from_pretrained keywords
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("torch_dtype", "expected"), [
+    (None, torch.float32), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16), ("float32", torch.float32), ("bfloat16", torch.bfloat16),
+    ("torch.bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32),
+])
+def test_torch_dtype(torch_dtype, expected: torch.dtype) -> None:
+    model = AutoModel.from_pretrained(CKPT, torch_dtype=torch_dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_torch_dtype_auto_follows_config(tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path / "bf16", "1B", dtype=torch.bfloat16)
+    model = AutoModel.from_pretrained(folder, torch_dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("torch_dtype", ["int8", "float64", torch.float64, 3])
+def test_torch_dtype_invalid(torch_dtype) -> None:
+    with pytest.raises(InvalidRequest):
+        AutoModel.from_pretrained(CKPT, torch_dtype=torch_dtype)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(low_cpu_mem_usage=True), dict(low_cpu_mem_usage=False), dict(use_flash_attn=True),
+    dict(use_flash_attn=False), dict(trust_remote_code=True), dict(trust_remote_code=False),
+    dict(device_map=None), dict(device_map="cpu"), dict(device_map={"": "cpu"}),
+    dict(torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, use_flash_attn=True, trust_remote_code=True,
+         device_map="cpu"),
+])
+def test_official_keywords_accepted(kwargs: dict) -> None:
+    model = AutoModel.from_pretrained(CKPT, **kwargs).eval()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert isinstance(model, internvl_runtime.InternVLChatModel)
+
+
+def test_from_pretrained_accepts_str_path() -> None:
+    assert AutoModel.from_pretrained(str(CKPT)).config.template == "Hermes-2"
+
+
+@pytest.mark.parametrize("name", ["foo_bar", "revision", "attn_implementation"])
+def test_unknown_keyword(name: str) -> None:
+    with pytest.raises(TypeError, match=name):
+        AutoModel.from_pretrained(CKPT, **{name: 1})
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_quantized_loading_unsupported(flag: str) -> None:
+    with pytest.raises(UnsupportedFeature, match=flag):
+        AutoModel.from_pretrained(CKPT, **{flag: True})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0", 0, {"": "cuda"}])
+def test_cuda_device_map_without_cuda(device_map) -> None:
+    with pytest.raises(InvalidRequest, match="CUDA"):
+        AutoModel.from_pretrained(CKPT, device_map=device_map)
+
+
+def test_multi_device_map_unsupported() -> None:
+    with pytest.raises(UnsupportedFeature):
+        AutoModel.from_pretrained(CKPT, device_map={"vision_model": "cpu", "language_model": "meta"})
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        AutoModel.from_pretrained(tmp_path / "InternVL2-1B")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model object
+# --------------------------------------------------------------------------------------------------
+
+def test_eval_and_conv_template(model) -> None:
+    assert model.eval() is model and not model.training
+    assert model.conv_template.sep == "<|im_end|>"
+    assert model.num_image_token == 256
+
+
+def test_to_bfloat16_then_chat(tokenizer) -> None:
+    model = AutoModel.from_pretrained(CKPT, torch_dtype=torch.float32).eval()
+    assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)), str)
+    assert model._chat_runner.dtype == torch.float32
+    assert model.to(torch.bfloat16) is model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    response = model.chat(tokenizer, tiles(1).to(torch.bfloat16), "Describe", dict(max_new_tokens=4))
+    assert isinstance(response, str)
+    assert model._chat_runner.dtype == torch.bfloat16  # the KV cache followed the new dtype
+    assert model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)) is not None
+    # and back (values were rounded to bfloat16, so only the dtype is checked)
+    model.to(torch.float32)
+    assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)), str)
+    assert model._chat_runner.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# chat errors
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("question", "num_tiles"), [("<image> and <image>: compare", 1),
+                                                      ("<image>\nWhat is it?", 0),
+                                                      ("Image-1: <image>\nImage-2: <image>\nImage-3: <image>", 2)])
+def test_more_placeholders_than_images(model, tokenizer, question: str, num_tiles: int) -> None:
+    pixel_values = tiles(num_tiles) if num_tiles else None
+    num_patches_list = [1] * num_tiles if num_tiles > 1 else None
+    with pytest.raises(PlaceholderMismatch, match="<image>"):
+        model.chat(tokenizer, pixel_values, question, dict(max_new_tokens=2), num_patches_list=num_patches_list)
+
+
+@pytest.mark.parametrize("num_patches_list", [[1, 1], [4], [1, 1, 2], []])
+def test_num_patches_list_not_summing(model, tokenizer, num_patches_list: list[int]) -> None:
+    with pytest.raises(PlaceholderMismatch, match="num_patches_list"):
+        model.chat(tokenizer, tiles(3), "Describe", dict(max_new_tokens=2), num_patches_list=num_patches_list)
+
+
+def test_tiles_of_wrong_size(model, tokenizer) -> None:
+    with pytest.raises(InvalidRequest, match="448"):
+        model.chat(tokenizer, tiles(1, size=224), "Describe", dict(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("key", ["max_length", "num_return_sequences", "typo_top_p"])
+def test_unknown_generation_key(model, tokenizer, key: str) -> None:
+    with pytest.raises(InvalidGenerationConfig, match=key):
+        model.chat(tokenizer, None, "Hello", {"max_new_tokens": 2, key: 1})
+
+
+def test_beam_search_unsupported(model, tokenizer) -> None:
+    with pytest.raises(UnsupportedFeature, match="num_beams"):
+        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2))
+    assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=1)), str)
+
+
+@pytest.mark.parametrize("config", [dict(max_new_tokens=0), dict(temperature=-1.0, do_sample=True),
+                                    dict(top_p=0.0, do_sample=True), dict(max_new_tokens=2, min_new_tokens=5)])
+def test_out_of_range_generation_values(model, tokenizer, config: dict) -> None:
+    with pytest.raises(InvalidGenerationConfig):
+        model.chat(tokenizer, None, "Hello", config)
+
+
+@pytest.mark.parametrize("question", [None, 123, ["Hello"], b"Hello"])
+def test_question_not_a_string(model, tokenizer, question) -> None:
+    with pytest.raises(InvalidRequest, match="question"):
+        model.chat(tokenizer, None, question, dict(max_new_tokens=2))
+
+
+def test_batch_chat_mismatched_lengths(model, tokenizer) -> None:
+    with pytest.raises(PlaceholderMismatch):
+        model.batch_chat(tokenizer, tiles(3), ["a", "b"], dict(max_new_tokens=2), num_patches_list=[1, 1, 1])
+    with pytest.raises(PlaceholderMismatch):
+        model.batch_chat(tokenizer, tiles(2), ["a", "b", "c"], dict(max_new_tokens=2), num_patches_list=[1, 1])
+    with pytest.raises(PlaceholderMismatch):  # right length, wrong tile total
+        model.batch_chat(tokenizer, tiles(3), ["a", "b"], dict(max_new_tokens=2), num_patches_list=[1, 1])
+    with pytest.raises(InvalidRequest):
+        model.batch_chat(tokenizer, tiles(2), ["a", "b"], dict(max_new_tokens=2))
+
+
+def test_batch_chat_rows_equal_single_chats(model, tokenizer) -> None:
+    pixel_values = torch.cat([tiles(1, seed=1), tiles(1, seed=2)])
+    config = dict(max_new_tokens=6, min_new_tokens=3)
+    batch = model.batch_chat(tokenizer, pixel_values, ["Describe the image.", "What is it?"], config,
+                             num_patches_list=[1, 1])
+    single = [model.chat(tokenizer, pixel_values[:1], "Describe the image.", config),
+              model.chat(tokenizer, pixel_values[1:], "What is it?", config)]
+    assert batch == single
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation options
+# --------------------------------------------------------------------------------------------------
+
+def _sample(model, tokenizer, seed: int) -> str:
+    torch.manual_seed(seed)
+    return model.chat(tokenizer, None, "Hello", dict(max_new_tokens=8, do_sample=True, temperature=3.0))
+
+
+def test_sampling_with_fixed_seed_is_reproducible(model, tokenizer) -> None:
+    assert _sample(model, tokenizer, 1234) == _sample(model, tokenizer, 1234)
+    # the seed matters (a hot temperature on the peaked tiny model), so the equality above is not vacuous
+    assert len({_sample(model, tokenizer, seed) for seed in range(4)}) > 1
+
+
+def test_min_new_tokens(model, tokenizer) -> None:
+    inputs = prompt_ids(model, tokenizer)
+    stop = stop_id(model, tokenizer)
+    free = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          max_new_tokens=20, eos_token_id=stop)
+    natural = free.shape[1] - 1
+    assert free[0, -1].item() == stop and natural < 20  # it stops on its own ...
+    k = natural + 4
+    forced = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                            max_new_tokens=20, min_new_tokens=k, eos_token_id=stop)
+    assert forced.shape[1] - 1 >= k  # ... but not before min_new_tokens
+    assert stop not in forced[0, 1:1 + k].tolist()
+    response = model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=20, min_new_tokens=k))
+    assert len(response) > len(model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=20)))
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 9])
+def test_max_new_tokens_bounds_output(model, tokenizer, max_new_tokens: int) -> None:
+    inputs = prompt_ids(model, tokenizer)
+    bos = model.config.llm.bos_token_id
+    # no stop token: exactly max_new_tokens new ids after the bos
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         max_new_tokens=max_new_tokens)
+    assert out.shape == (1, 1 + max_new_tokens) and out[0, 0].item() == bos
+    # with the chat stop token and min_new_tokens past it: still bounded
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                         eos_token_id=stop_id(model, tokenizer))
+    assert out.shape == (1, 1 + max_new_tokens)
+
+
+def test_default_max_new_tokens(model, tokenizer) -> None:
+    inputs = prompt_ids(model, tokenizer)
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert out.shape[1] == 20  # transformers' default max_length 20, counting the bos
+
+
+@pytest.mark.parametrize(("question", "num_tiles"), [("Hello, who are you?", 0), ("Tell me a story", 1),
+                                                      ("你好", 0)])
+def test_text_iterator_streamer(model, tokenizer, question: str, num_tiles: int) -> None:
+    pixel_values = tiles(num_tiles) if num_tiles else None
+    config = dict(max_new_tokens=24, min_new_tokens=16, do_sample=False)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=30)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.chat(tokenizer, pixel_values, question, dict(config, streamer=streamer))
+        except BaseException as exc:  # surfaced below rather than lost in the thread
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    parts = list(streamer)
+    thread.join(timeout=60)
+    assert not errors and not thread.is_alive()
+    assert parts
+    assert "".join(parts) == model.chat(tokenizer, pixel_values, question, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public names
+# --------------------------------------------------------------------------------------------------
+
+INIT = Path(internvl_runtime.__file__)
+QUICK_START = {"AutoModel", "AutoTokenizer", "load_image", "load_video", "TextIteratorStreamer", "InternVLChatModel"}
+
+
+def _documented_all() -> list[str]:
+    """The ``__all__`` list literal written in ``internvl_runtime/__init__.py``."""
+    tree = ast.parse(INIT.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("__all__ is not a literal list in internvl_runtime/__init__.py")
+
+
+def test_public_names() -> None:
+    documented = _documented_all()
+    assert len(documented) == len(set(documented))
+    assert internvl_runtime.__all__ == documented
+    assert QUICK_START <= set(documented)
+    assert {name for name in dir(internvl_runtime.errors) if name.endswith(("Error", "Exceeded", "Mismatch",
+                                                                             "Request", "Feature", "Found",
+                                                                             "Overloaded", "Config"))
+            if isinstance(getattr(internvl_runtime.errors, name), type)} <= set(documented)
+    for name in documented:
+        assert getattr(internvl_runtime, name) is not None, name
+        namespace: dict = {}
+        exec(f"from internvl_runtime import {name}", namespace)  # noqa: S102
+        assert namespace[name] is getattr(internvl_runtime, name)
+    assert isinstance(internvl_runtime.__version__, str)
+    namespace = {}
+    exec("from internvl_runtime import *", namespace)  # noqa: S102
+    assert set(documented) - {"__version__"} <= set(namespace)

@@ -1,0 +1,199 @@
+"""Sampler: against a plain per-row reference, seeds, greedy, logprobs, the greedy fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_runtime.engine.sampler import Sampler, SamplingRow, make_generator
+from internvl_runtime.engine.sampling_params import SamplingParams
+
+V = 32
+
+
+def reference_logits(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """One row, step by step, written the obvious way (transformers' processors and warpers)."""
+    x = logits.clone().float()
+    p = row.params
+    if p.repetition_penalty != 1.0 and row.token_ids:
+        for t in set(row.token_ids):
+            x[t] = x[t] * p.repetition_penalty if x[t] < 0 else x[t] / p.repetition_penalty
+    if row.num_output_tokens < p.min_new_tokens:
+        for t in list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids)):
+            x[t] = float("-inf")
+    if p.is_greedy:
+        return x
+    x = x / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
+        x[x < kth] = float("-inf")
+    if p.top_p < 1.0:
+        order = torch.argsort(x)  # ascending
+        cumulative = torch.softmax(x[order], dim=-1).cumsum(dim=-1)
+        for rank, token in enumerate(order.tolist()[:-1]):
+            if cumulative[rank] <= 1 - p.top_p:
+                x[token] = float("-inf")
+    return x
+
+
+def rows_for(
+    params: list[SamplingParams], histories: list[list[int]] | None = None, outputs: int = 0
+) -> list[SamplingRow]:
+    histories = histories or [[] for _ in params]
+    return [
+        SamplingRow(p, h, outputs, make_generator(p), eos_token_ids=[1]) for p, h in zip(params, histories, strict=True)
+    ]
+
+
+MIXED = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(top_p=0.6),
+    SamplingParams(temperature=0.5, top_k=8, top_p=0.9, repetition_penalty=1.5),
+    SamplingParams(temperature=0.8, do_sample=False, repetition_penalty=0.7),
+    SamplingParams(top_k=-1, top_p=0.05),
+    SamplingParams(top_k=V + 10, min_new_tokens=3, stop_token_ids=[4, 5]),
+]
+
+
+def test_processed_logits_match_the_reference() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(len(MIXED), V) * 3
+    histories = [[3, 3, 7, 9, 0], [1], [2, 2], [], [0, 1, 2, 3, 31], [5, 6], [], [8]]
+    rows = rows_for(MIXED, histories)
+    penalized = Sampler.penalize(logits, rows)
+    sampling = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    warped = Sampler.warp(penalized[sampling], [rows[i] for i in sampling])
+    for j, i in enumerate(sampling):
+        torch.testing.assert_close(
+            torch.softmax(warped[j], -1), torch.softmax(reference_logits(logits[i], rows[i]), -1)
+        )
+    for i, row in enumerate(rows):
+        if row.params.is_greedy:
+            assert penalized[i].argmax() == reference_logits(logits[i], row).argmax()
+    assert torch.equal(logits, logits.clone())  # the input is not modified
+
+
+def test_sampled_tokens_follow_the_reference_distribution() -> None:
+    torch.manual_seed(1)
+    base = torch.randn(V) * 2
+    for params in MIXED[1:5] + MIXED[6:]:
+        n = 4000
+        rows = [SamplingRow(params, [3, 4], 0) for _ in range(n)]
+        tokens = Sampler()(base.expand(n, V).contiguous(), rows).token_ids
+        empirical = torch.bincount(torch.tensor(tokens), minlength=V).float() / n
+        expected = torch.softmax(reference_logits(base, rows[0]), -1)
+        assert (empirical - expected).abs().max() < 0.035, params
+        assert all(expected[t] > 0 for t in set(tokens)), "a token outside top-k / top-p was sampled"
+
+
+def test_greedy_equals_argmax_and_top_k_1_equals_greedy() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(6, V)
+    argmax = logits.argmax(-1).tolist()
+    assert Sampler()(logits, rows_for([SamplingParams(temperature=0)] * 6)).token_ids == argmax
+    assert Sampler()(logits, rows_for([SamplingParams(top_k=1, seed=i) for i in range(6)])).token_ids == argmax
+    assert Sampler()(logits, rows_for([SamplingParams(temperature=5.0, do_sample=False)] * 6)).token_ids == argmax
+
+
+def test_greedy_only_batch_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise AssertionError("slow path used")
+
+    monkeypatch.setattr(Sampler, "penalize", staticmethod(boom))
+    logits = torch.randn(4, V)
+    out = Sampler()(logits, rows_for([SamplingParams(temperature=0)] * 4))
+    assert out.token_ids == logits.argmax(-1).tolist() and out.logprobs == [None] * 4
+
+
+def test_seeded_rows_are_reproducible_and_batch_independent() -> None:
+    torch.manual_seed(3)
+    steps = [torch.randn(5, V) for _ in range(10)]
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+
+    def run(row_index: int, others: list[SamplingParams]) -> list[int]:
+        params = [*others[:row_index], seeded, *others[row_index:]]
+        rows = rows_for(params)
+        out = []
+        for logits in steps:
+            batch = logits[: len(params)].clone()
+            batch[row_index] = logits[4]
+            out.append(Sampler()(batch, rows).token_ids[row_index])
+        return out
+
+    alone = run(0, [])
+    assert run(0, []) == alone
+    assert run(2, [SamplingParams(), SamplingParams(temperature=0), SamplingParams(seed=9, top_p=0.5)]) == alone
+    assert run(1, [SamplingParams(seed=7)]) == alone
+    assert len(set(alone)) > 1  # it really samples
+    other_seed = rows_for([SamplingParams(seed=4321)])
+    assert [Sampler()(logits[4:5], other_seed).token_ids[0] for logits in steps] != alone
+
+
+def test_repetition_penalty_matches_transformers_rule() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.5, -1.0, 0.5]])
+    rows = [SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), [0, 1, 1], 0)]
+    torch.testing.assert_close(Sampler.penalize(logits, rows), torch.tensor([[1.0, -4.0, 1.5, -1.0, 0.5]]))
+    # Greedy choice flips once the leader is penalised.
+    assert Sampler()(logits, rows).token_ids == [2]
+
+
+def test_min_new_tokens_masks_eos_and_stop_ids() -> None:
+    logits = torch.zeros(3, 8)
+    logits[:, 1] = 10.0  # EOS is by far the most likely
+    logits[:, 5] = 9.0  # then a stop token id
+    greedy_min = SamplingParams(temperature=0, min_new_tokens=2, stop_token_ids=[5])
+    rows = [
+        SamplingRow(greedy_min, [], 1, eos_token_ids=[1]),  # still masked
+        SamplingRow(greedy_min, [], 2, eos_token_ids=[1]),  # min reached
+        SamplingRow(
+            SamplingParams(temperature=0, min_new_tokens=2, ignore_eos=True, stop_token_ids=[5]),
+            [],
+            0,
+            eos_token_ids=[1],
+        ),
+    ]
+    assert Sampler()(logits, rows).token_ids == [0, 1, 1]
+
+
+def test_logprobs() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(4, V)
+    params = [
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0.5, logprobs=0, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.7, logprobs=20),
+    ]
+    rows = rows_for(params, [[], [], [], [int(logits[3].argmax())]])
+    out = Sampler()(logits, rows)
+    reference = torch.log_softmax(Sampler.penalize(logits, rows), -1)
+    first, second, third, fourth = out.logprobs
+    assert third is None
+    assert first is not None and second is not None and fourth is not None
+    assert first.token_id == out.token_ids[0] and first.top[0][0] == first.token_id
+    assert [t for t, _ in first.top] == reference[0].topk(3).indices.tolist()
+    assert first.logprob == pytest.approx(reference[0, out.token_ids[0]].item())
+    assert second.top == [] and second.logprob == pytest.approx(reference[1, out.token_ids[1]].item())
+    assert len(fourth.top) == 20 and fourth.top[0][0] == out.token_ids[3]
+    assert all(a[1] >= b[1] for a, b in zip(fourth.top, fourth.top[1:], strict=False))
+
+
+def test_extreme_top_p_keeps_the_most_likely_token() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).expand(50, 4).contiguous()
+    rows = [SamplingRow(SamplingParams(top_p=1e-6), [], 0) for _ in range(50)]
+    assert set(Sampler()(logits, rows).token_ids) == {1}
+
+
+def test_make_generator() -> None:
+    assert make_generator(SamplingParams()) is None
+    g = make_generator(SamplingParams(seed=5))
+    assert g is not None and g.initial_seed() == 5
+
+
+def test_stop_ids_outside_the_vocabulary_are_ignored() -> None:
+    rows = [SamplingRow(SamplingParams(temperature=0, min_new_tokens=1, stop_token_ids=[3, 10**6]), [], 0)]
+    logits = torch.zeros(1, 8)
+    logits[0, 3] = 1.0
+    assert Sampler()(logits, rows).token_ids == [0]

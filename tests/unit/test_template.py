@@ -1,0 +1,168 @@
+"""Conversation templates and ``<image>`` expansion, against the official prompts of the goldens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from internvl_runtime.errors import ConfigError, InvalidRequest, PlaceholderMismatch
+from internvl_runtime.processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN,
+                                                  IMG_START_TOKEN, INTERNVL2_SYSTEM_MESSAGE, TEMPLATES,
+                                                  build_prompt, expand_image_placeholders, get_template,
+                                                  image_tokens)
+
+GOLDENS = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "goldens"
+VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
+SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+
+
+def _golden(variant: str, case: str = "text_two_round") -> dict:
+    return json.loads((GOLDENS / variant / f"{case}.json").read_text(encoding="utf-8"))
+
+
+def test_the_four_templates_exist() -> None:
+    assert set(TEMPLATES) == {"Hermes-2", "internlm2-chat", "phi3-chat", "internvl_zh"}
+    assert INTERNVL2_SYSTEM_MESSAGE == SYSTEM
+    assert get_template("Hermes-2").sep == "<|im_end|>"
+    assert get_template("internlm2-chat").sep == "<|im_end|>"
+    assert get_template("phi3-chat").sep == "<|end|>"
+    assert get_template("internvl_zh").sep == "</s>"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_and_two_rounds_match_goldens(variant: str) -> None:
+    golden = _golden(variant)
+    rounds = golden["rounds"]
+    assert len(rounds) == 2
+    first = build_prompt(golden["template"], rounds[0]["question"])
+    assert first == rounds[0]["prompt"]
+    history = [(rounds[0]["question"], rounds[0]["response"])]
+    assert [list(h) for h in history] == [list(h) for h in rounds[0]["history"]]
+    second = build_prompt(golden["template"], rounds[1]["question"], history)
+    assert second == rounds[1]["prompt"]
+
+
+@pytest.mark.parametrize("template", ["Hermes-2", "internlm2-chat"])
+def test_chatml_prompt_literal(template: str) -> None:
+    assert build_prompt(template, "Hi") == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>assistant\n")
+    assert build_prompt(template, "Q2", [("Q1", "A1")]) == (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|><|im_start|>user\nQ1<|im_end|><|im_start|>assistant\nA1<|im_end|>"
+        "<|im_start|>user\nQ2<|im_end|><|im_start|>assistant\n")
+
+
+def test_phi3_prompt_literal() -> None:
+    assert build_prompt("phi3-chat", "Q2", [("Q1", "A1")]) == (
+        f"<|system|>\n{SYSTEM}<|end|><|user|>\nQ1<|end|><|assistant|>\nA1<|end|><|user|>\nQ2<|end|><|assistant|>\n")
+
+
+def test_internvl_zh_one_and_two_rounds() -> None:
+    """The reference INTERNVL_ZH style: system + sep2, then 'role: message' + (sep2 after the user,
+    sep after the bot), a bare 'role:' to prompt the answer; an empty system message."""
+    assert build_prompt("internvl_zh", "你好") == " <human>: 你好 <bot>:"
+    assert build_prompt("internvl_zh", "Q2", [("Q1", "A1")]) == " <human>: Q1 <bot>: A1</s><human>: Q2 <bot>:"
+    assert build_prompt("internvl_zh", "Q3", [("Q1", "A1"), ("Q2", "A2")]) == (
+        " <human>: Q1 <bot>: A1</s><human>: Q2 <bot>: A2</s><human>: Q3 <bot>:")
+
+
+def test_system_message_override() -> None:
+    assert build_prompt("Hermes-2", "Hi", system_message="Be brief.").startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>")
+    assert build_prompt("internvl_zh", "Hi", system_message="SYS") == "SYS <human>: Hi <bot>:"
+
+
+def test_get_template_returns_independent_copies() -> None:
+    a = get_template("Hermes-2")
+    a.append_message(a.roles[0], "changed")
+    a.system_message = "changed"
+    b = get_template("Hermes-2")
+    assert b.messages == [] and b.system_message == SYSTEM
+
+
+@pytest.mark.parametrize("name", ["hermes-2", "chatml", "", "internvl2_5"])
+def test_unknown_template(name: str) -> None:
+    with pytest.raises(ConfigError, match="template"):
+        get_template(name)
+    with pytest.raises(ConfigError):
+        build_prompt(name, "Hi")
+
+
+# --------------------------------------------------------------------------------------------------
+# <image> expansion
+# --------------------------------------------------------------------------------------------------
+
+def test_image_tokens_block() -> None:
+    assert image_tokens(1, 256) == IMG_START_TOKEN + IMG_CONTEXT_TOKEN * 256 + IMG_END_TOKEN
+    assert image_tokens(7, 256).count(IMG_CONTEXT_TOKEN) == 7 * 256
+    assert image_tokens(3, 64).count(IMG_CONTEXT_TOKEN) == 192
+
+
+def _blocks(prompt: str) -> list[int]:
+    """<IMG_CONTEXT> count of each <img>...</img> block, in order."""
+    out = []
+    for part in prompt.split(IMG_START_TOKEN)[1:]:
+        inner, sep, _ = part.partition(IMG_END_TOKEN)
+        assert sep and inner == IMG_CONTEXT_TOKEN * (len(inner) // len(IMG_CONTEXT_TOKEN))
+        out.append(inner.count(IMG_CONTEXT_TOKEN))
+    return out
+
+
+@pytest.mark.parametrize("tiles", [[1], [7], [13], [5, 1], [1, 7, 3]])
+def test_expansion_counts_in_order(tiles: list[int]) -> None:
+    question = " and ".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(len(tiles)))
+    prompt = build_prompt("Hermes-2", question + "\nCompare.")
+    expanded = expand_image_placeholders(prompt, tiles, 256)
+    assert IMAGE_PLACEHOLDER not in expanded
+    assert _blocks(expanded) == [256 * n for n in tiles]
+    assert expanded.count(IMG_CONTEXT_TOKEN) == 256 * sum(tiles)
+    # the text around the placeholders is untouched
+    for i in range(len(tiles)):
+        assert f"Image-{i + 1}: {IMG_START_TOKEN}" in expanded
+
+
+def test_expansion_includes_history() -> None:
+    prompt = build_prompt("internlm2-chat", "And this one? <image>", [(f"{IMAGE_PLACEHOLDER}\nDescribe.", "A cat.")])
+    expanded = expand_image_placeholders(prompt, [2, 5], 64)
+    assert _blocks(expanded) == [128, 320]
+    assert expanded.index("Describe.") < expanded.index("A cat.") < expanded.index("And this one?")
+
+
+def test_expansion_matches_golden_image_prompts() -> None:
+    """Every golden single-turn chat prompt with images is our template + expansion."""
+    index = json.loads((GOLDENS / "index.json").read_text(encoding="utf-8"))
+    checked = 0
+    for variant in VARIANTS:
+        for file in sorted((GOLDENS / variant).glob("*.json")):
+            golden = json.loads(file.read_text(encoding="utf-8"))
+            if "rounds" not in golden or not golden.get("image_tile_counts"):
+                continue
+            tiles = golden.get("num_patches_list_arg") or [sum(golden["image_tile_counts"])]
+            history: list[tuple[str, str]] = []
+            for record in golden["rounds"]:
+                question = record["question"]
+                if not history and IMAGE_PLACEHOLDER not in question:
+                    question = IMAGE_PLACEHOLDER + "\n" + question
+                prompt = build_prompt(golden["template"], question, history)
+                n = prompt.count(IMAGE_PLACEHOLDER)
+                if n != len(tiles):
+                    break  # a case whose counts are only valid via chat()'s own logic; covered by goldens
+                assert expand_image_placeholders(prompt, tiles, golden["num_image_token"]) == record["prompt"]
+                history.append((question, record["response"]))
+                checked += 1
+    assert index and checked >= len(VARIANTS)
+
+
+@pytest.mark.parametrize(("placeholders", "tiles"), [(1, []), (0, [1]), (2, [3]), (1, [1, 1]), (3, [1, 2])])
+def test_placeholder_count_mismatch(placeholders: int, tiles: list[int]) -> None:
+    prompt = build_prompt("Hermes-2", " ".join([IMAGE_PLACEHOLDER] * placeholders) + " What?")
+    with pytest.raises(PlaceholderMismatch) as info:
+        expand_image_placeholders(prompt, tiles, 256)
+    assert isinstance(info.value, InvalidRequest) and isinstance(info.value, ValueError)
+    assert str(placeholders) in str(info.value) and str(len(tiles)) in str(info.value)
+
+
+def test_no_images_no_placeholders() -> None:
+    prompt = build_prompt("phi3-chat", "Hello")
+    assert expand_image_placeholders(prompt, [], 256) == prompt
