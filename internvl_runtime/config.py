@@ -249,8 +249,8 @@ class InternVLConfig:
         )
         if cfg.ps_version not in ("v1", "v2"):
             raise ConfigError(f"{source}: ps_version must be 'v1' or 'v2', got {cfg.ps_version!r}")
-        inverse = 1 / cfg.downsample_ratio
-        if not math.isclose(inverse, round(inverse)):
+        inverse = 1 / cfg.downsample_ratio if cfg.downsample_ratio > 0 else 0.0
+        if inverse < 1 or not math.isclose(inverse, round(inverse)):
             raise ConfigError(f"{source}: downsample_ratio {cfg.downsample_ratio} must be 1/k for an integer k")
         if not -vision.num_hidden_layers - 1 <= cfg.select_layer <= vision.num_hidden_layers:
             raise ConfigError(f"{source}: select_layer {cfg.select_layer} is outside the "

@@ -30,7 +30,7 @@ class InternVLModel(nn.Module):
         self.config = config
         self.vision_model = InternVisionModel(config.vision)
         self.mlp1 = Projector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
-        self.language_model: DecoderForCausalLM = decoder_class(config.llm.architecture)(config.llm)
+        self.language_model: DecoderForCausalLM = decoder_class(config.llm.architecture, config.source)(config.llm)
         self.num_image_token = config.num_image_token
         self.img_context_token_id: int | None = None
 

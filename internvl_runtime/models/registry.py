@@ -17,10 +17,12 @@ DECODERS: dict[str, type[DecoderForCausalLM]] = {
 }
 
 
-def decoder_class(architecture: str) -> type[DecoderForCausalLM]:
+def decoder_class(architecture: str, source: str | None = None) -> type[DecoderForCausalLM]:
+    """The decoder class; ``source`` (the config file) is named in the error."""
     try:
         return DECODERS[architecture]
     except KeyError:
+        where = f"{source}: " if source else ""
         raise UnknownArchitectureError(
-            f"llm_config.architectures[0] = {architecture!r} is not supported; "
+            f"{where}llm_config.architectures[0] = {architecture!r} is not supported; "
             f"known: {', '.join(sorted(DECODERS))}") from None

@@ -32,8 +32,11 @@ def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> list[
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: unreadable shard index ({exc})") from exc
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(name, str) for name in weight_map.values())):
+            raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> file name")
         files = sorted({folder / name for name in weight_map.values()})
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
@@ -53,18 +56,23 @@ def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> list[
 
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) lazily; safetensors tensors are memory-mapped views until copied."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in files:
         if file.suffix == ".bin":
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:  # weights_only refuses any pickle that would run code
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(f"{file}: cannot load pickled weights with weights_only=True ({exc})") from exc
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: expected a state dict, got {type(state).__name__}")
             yield from state.items()
             continue
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     yield name, handle.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             if isinstance(exc, WeightMismatchError):
                 raise
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc

@@ -16,6 +16,7 @@ GQA is handled by SDPA's ``enable_gqa`` (no repeated copies of k/v).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +33,14 @@ class KVCache:
 
     @classmethod
     def allocate(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+                 head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | Sequence[torch.device | str]) -> KVCache:
+        """``device``: one for all layers, or one per layer (a model split over devices)."""
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        return cls(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+        devices = [device] * num_layers if isinstance(device, (str, torch.device)) else list(device)
+        assert len(devices) == num_layers, (len(devices), num_layers)
+        return cls(keys=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+                   values=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
                    block_size=block_size)
 
     @property
