@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers.linear import Linear
+
 
 def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
     """(N, W, H, C) -> (N, H*s, W*s, C/s^2) for s = scale (0.5): folds 2x2 neighbours into channels.
@@ -26,5 +28,5 @@ class Projector(nn.Sequential):
 
     def __init__(self, vit_hidden: int, llm_hidden: int, downsample_ratio: float) -> None:
         width = vit_hidden * int(round(1 / downsample_ratio)) ** 2
-        super().__init__(nn.LayerNorm(width), nn.Linear(width, llm_hidden), nn.GELU(),
-                         nn.Linear(llm_hidden, llm_hidden))
+        super().__init__(nn.LayerNorm(width), Linear(width, llm_hidden), nn.GELU(),
+                         Linear(llm_hidden, llm_hidden))

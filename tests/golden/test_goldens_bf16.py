@@ -22,11 +22,15 @@ VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", 
 BF16_RTOL = 3e-2
 
 
+@pytest.mark.parametrize("compute", ["native", "upcast"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case_id", ["text_chat", "img_800x600_max1", "img_448x448_max12"])
-def test_bf16_first_logits(variant: str, case_id: str) -> None:
+def test_bf16_first_logits(variant: str, case_id: str, compute: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compute='upcast'`` is the plan of CPUs without bf16 instructions: bf16 weights, float32 math."""
+    monkeypatch.setenv("INTERNVL_COMPUTE", compute)
     path = SHARED / "ckpt" / variant
     model = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16).eval()
+    assert model.compute_plan.upcast_16bit == (compute == "upcast")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     golden = json.loads((SHARED / "goldens" / variant / f"{case_id}.json").read_text(encoding="utf-8"))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import VisionConfig
+from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 
 
@@ -45,10 +46,17 @@ class VisionEmbeddings(nn.Module):
         grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
         return grid.reshape(1, -1, height * width).permute(0, 2, 1).to(dtype)
 
+    upcast_16bit = False  # set by the compute plan on CPUs with slow 16-bit matmuls
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 1 + (H/14)*(W/14), dim)."""
         dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype))           # (N, dim, h, w)
+        if self.upcast_16bit and dtype != torch.float32:
+            conv = self.patch_embedding
+            patches = F.conv2d(pixel_values.float(), conv.weight.float(), conv.bias.float(),
+                               stride=conv.stride).to(dtype)              # (N, dim, h, w)
+        else:
+            patches = self.patch_embedding(pixel_values.to(dtype))       # (N, dim, h, w)
         n, _, h, w = patches.shape
         patches = patches.flatten(2).transpose(1, 2)                      # (N, h*w, dim)
         cls = self.class_embedding.expand(n, 1, -1).to(dtype)
@@ -62,8 +70,8 @@ class VisionAttention(nn.Module):
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.proj = Linear(dim, dim)
         self.qk_normalization = config.qk_normalization
         if self.qk_normalization:
             self.q_norm = RMSNorm(dim, eps=config.layer_norm_eps)
@@ -84,8 +92,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

@@ -1,0 +1,82 @@
+"""A compute plan per host: for each part of the model, the fastest correct way to compute.
+
+Chosen once at load from what the CPU has (``hardware.cpu_flags``) and the weights' dtype, logged in one
+line and shown by ``internvl info``. ``INTERNVL_COMPUTE=native|upcast`` forces the 16-bit handling and
+``INTERNVL_CPU_KERNEL=torch|avx2|avx512|avx512bf16`` the decode kernel (for tests and benchmarks).
+
+Parts:
+- vision encoder and prefill (compute-bound): native 16-bit matmuls where the CPU has bf16/fp16
+  instructions, else float32 computed from the 16-bit weights layer by layer ("upcast");
+- decode matrix-vector products and the LM head (bandwidth-bound): a CPU kernel that streams the stored
+  16-bit weights when one is available for this host, else torch;
+- attention: SDPA for prefill and the vision encoder, two small matmuls per layer for decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvalidRequest
+from .hardware import cpu_has_fast_bf16
+from .models.layers.linear import LinearPlan, set_linear_plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    dtype: torch.dtype
+    device: str
+    upcast_16bit: bool
+    decode_kernel: str       # "torch" or the kernel's ISA path
+
+    def describe(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        heavy = "float32 from 16-bit weights (upcast per layer)" if self.upcast_16bit else f"native {dt}"
+        return (f"compute plan: weights {dt} on {self.device}; vision+prefill: {heavy}; "
+                f"decode GEMV/LM head: {self.decode_kernel}; attention: SDPA (prefill), GQA matmuls (decode)")
+
+
+def _decode_kernel(dtype: torch.dtype):
+    """(name, callable or None) of the small-row kernel for this host, if the kernels package offers one."""
+    if dtype != torch.bfloat16:
+        return "torch", None
+    try:
+        from . import kernels
+    except ImportError:
+        return "torch", None
+    if not kernels.available():
+        return "torch", None
+    return kernels.describe(), kernels.linear_bf16
+
+
+def choose_plan(dtype: torch.dtype, device: torch.device | str) -> ComputePlan:
+    device = torch.device(device)
+    forced = os.environ.get("INTERNVL_COMPUTE", "auto")
+    if forced not in ("auto", "native", "upcast"):
+        raise InvalidRequest(f"INTERNVL_COMPUTE={forced!r}: use auto, native or upcast")
+    sixteen = dtype in (torch.bfloat16, torch.float16)
+    if device.type != "cpu" or not sixteen:
+        return ComputePlan(dtype, str(device), False, "torch")
+    upcast = forced == "upcast" or (forced == "auto" and not cpu_has_fast_bf16())
+    name, _ = _decode_kernel(dtype)
+    return ComputePlan(dtype, str(device), upcast, name)
+
+
+def apply_plan(model: nn.Module, plan: ComputePlan) -> None:
+    """Set the plan on the model's layers (Linear layers and the ViT patch embedding)."""
+    _, kernel = _decode_kernel(plan.dtype) if plan.decode_kernel != "torch" else ("torch", None)
+    linear_plan = None
+    if plan.upcast_16bit or kernel is not None:
+        linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel)
+    set_linear_plan(model, linear_plan)
+    for sub in model.modules():
+        if hasattr(sub, "upcast_16bit"):
+            sub.upcast_16bit = plan.upcast_16bit
+    model.compute_plan = plan
+    logger.info(plan.describe())
