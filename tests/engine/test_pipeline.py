@@ -1,0 +1,83 @@
+"""The LMDeploy-style pipeline runs every case of the official quick start on the engine."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvl_runtime import GenerationConfig, Video, pipeline
+from internvl_runtime.errors import InvalidRequest
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+IMAGE1 = SHARED / "data" / "img_800x600.png"
+IMAGE2 = SHARED / "data" / "img_300x1200.png"
+GREEDY = GenerationConfig(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pipeline(SHARED / "ckpt" / "tiny-1B", num_blocks=1024)
+
+
+def test_pure_text_and_single_image(pipe) -> None:
+    text = pipe("Hello, who are you?", GREEDY)
+    assert text.generate_token_len >= 1 and text.input_token_len > 10
+    image = pipe(("describe this image", IMAGE1), GREEDY)
+    assert image.input_token_len > 256                      # the image's context tokens are in the prompt
+    same = pipe(("describe this image", Image.open(IMAGE1)), GREEDY)
+    assert same.token_ids == image.token_ids                 # a path and a PIL image are the same input
+
+
+def test_image_matches_the_official_chat(pipe) -> None:
+    from internvl_runtime import AutoModel, AutoTokenizer, load_image
+
+    path = SHARED / "ckpt" / "tiny-1B"
+    model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    pixel_values = load_image(IMAGE1, max_num=12)
+    official = model.chat(tokenizer, pixel_values, "<image>\nPlease describe the image shortly.",
+                          dict(max_new_tokens=8, do_sample=False))
+    ours = pipe(("<image>\nPlease describe the image shortly.", IMAGE1), GenerationConfig(max_new_tokens=8))
+    assert ours.text.strip() == official
+
+
+def test_multi_round_session_reuses_the_prefix(pipe) -> None:
+    sess = pipe.chat(("Please describe the image in detail.", IMAGE1), gen_config=GREEDY)
+    first = sess.response
+    before = pipe.engine.stats["vision_tiles_encoded"]
+    sess = pipe.chat("Please write a poem according to the image.", session=sess, gen_config=GREEDY)
+    assert len(sess.history) == 2
+    assert pipe.engine.stats["vision_tiles_encoded"] == before
+    assert first is not None and sess.response is not None
+
+
+def test_multi_image_batch_video_and_messages(pipe) -> None:
+    combined = pipe(("Describe the two images in detail.", [IMAGE1, IMAGE2]), GREEDY)
+    assert combined.generate_token_len >= 1
+    batch = pipe([("Describe the image in detail.", IMAGE1), ("Describe the image in detail.", IMAGE2)], GREEDY)
+    assert len(batch) == 2 and [r.index for r in batch] == [0, 1]
+    video = pipe(("What is the red panda doing?", Video(SHARED / "data" / "video.mp4", num_segments=8)), GREEDY)
+    assert video.input_token_len > 8 * 256
+    data_url = "data:image/png;base64," + base64.b64encode(IMAGE1.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                             {"type": "image_url", "image_url": {"url": data_url}}]}]
+    assert pipe(messages, GREEDY).token_ids == pipe(("describe", IMAGE1), GREEDY).token_ids
+
+
+def test_stream_infer_pieces_add_up(pipe) -> None:
+    full = pipe(("describe this image", IMAGE1), GREEDY)
+    pieces = list(pipe.stream_infer(("describe this image", IMAGE1), GREEDY))
+    assert "".join(p.text for p in pieces) == full.text
+    assert pieces[-1].finish_reason is not None
+
+
+def test_bad_prompts(pipe) -> None:
+    with pytest.raises(InvalidRequest):
+        pipe(42)
+    with pytest.raises(InvalidRequest):
+        pipe([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}])
+    with pytest.raises(InvalidRequest):
+        pipe(("a", IMAGE1), [GREEDY, GREEDY])
+    assert pipe("still serving", GREEDY).generate_token_len >= 1
