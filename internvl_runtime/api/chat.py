@@ -22,7 +22,7 @@ import torch
 from ..engine.model_runner import ModelRunner, SequenceStep
 from ..engine.sampler import Sampler, SamplingRow, make_generator
 from ..engine.sampling_params import SamplingParams
-from ..errors import InvalidRequest, PlaceholderMismatch
+from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
 from ..processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt,
                                    expand_image_placeholders, get_template)
 
@@ -207,8 +207,6 @@ class OfficialChatMixin:
                    IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN, verbose: bool = False,
                    image_counts: Sequence[int] | None = None) -> list[str]:
         """One answer per question; question i uses num_patches_list[i] tiles of pixel_values."""
-        from ..errors import UnsupportedFeature
-
         if history is not None or return_history:
             raise UnsupportedFeature("batch_chat does not support multi-turn history (as the reference)")
         if image_counts is not None:
