@@ -1,0 +1,467 @@
+"""The ``internvl`` command: serve, chat, generate, download, bench.
+
+Examples::
+
+    internvl serve --demo                                   # no weights? a random-weight checkpoint, labelled
+    internvl serve pretrained/InternVL2-1B --port 8000 --api-key secret
+    internvl chat pretrained/InternVL2-1B --image examples/image1.jpg
+    internvl generate pretrained/InternVL2-1B --image examples/image1.jpg --prompt "Describe the image."
+    internvl download OpenGVLab/InternVL2-1B --local-dir pretrained/InternVL2-1B
+    internvl bench
+
+``serve``'s flags are built from :class:`~internvl_runtime.serving.config.ServerConfig`'s fields and their
+help (STYLE C.11), so the CLI, the Python API and ``--help`` agree. Errors a user can cause (a missing
+folder, no network for ``download``, a bad flag) print one clear line and exit with status 1, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .serving.config import DEMO_LABEL
+
+DEMO_VARIANT = "1B"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def cache_dir() -> Path:
+    """``$INTERNVL_CACHE``, else ``$XDG_CACHE_HOME/internvl_runtime``, else ``~/.cache/internvl_runtime``."""
+    if os.environ.get("INTERNVL_CACHE"):
+        return Path(os.environ["INTERNVL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "internvl_runtime"
+
+
+def demo_checkpoint() -> Path:
+    """A tiny random-weight InternVL2-1B checkpoint in the official layout (built once, then reused)."""
+    from .testing.checkpoints import write_checkpoint
+
+    folder = cache_dir() / f"demo-{DEMO_VARIANT}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    write_checkpoint(staging, DEMO_VARIANT)
+    try:
+        os.replace(staging, folder)
+    except OSError:          # another process built it first
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[demo] built a random-weight InternVL2-{DEMO_VARIANT} checkpoint at {folder}", file=sys.stderr)
+    return folder
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    if args.demo:
+        if args.path:
+            raise CLIError("--demo builds its own random-weight checkpoint: give either PATH or --demo, not both")
+        folder = demo_checkpoint()
+        print(f"[demo] answers come from RANDOM weights ({folder}); they are noise and labelled as such",
+              file=sys.stderr)
+        return folder
+    if not args.path:
+        raise CLIError("give a checkpoint folder (download one with `internvl download OpenGVLab/InternVL2-1B "
+                       "--local-dir pretrained/InternVL2-1B`), or --demo to try a random-weight model")
+    folder = Path(args.path).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"checkpoint folder {str(folder)!r} does not exist (download it with `internvl download "
+                       f"OpenGVLab/InternVL2-1B --local-dir {folder}`, or try --demo)")
+    return folder
+
+
+def _flag_type(annotation: str) -> Any:
+    base = annotation.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
+    return {"int": int, "float": float, "str": str}.get(base, str)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: Any) -> None:
+    """One ``--flag`` per dataclass field, typed, with the field's help and default."""
+    group = parser.add_argument_group(config_class.__name__, (config_class.__doc__ or "").strip().splitlines()[0])
+    for f in config_class.cli_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
+            continue
+        default = f.default
+        if "(default" not in help_text:
+            help_text = f"{help_text} (default: {'none' if default is None else default})"
+        group.add_argument(flag, dest=f.name, type=_flag_type(str(f.type)), default=default,
+                           choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else
+                           f.name.upper(), help=help_text)
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens to generate at most (default: 512)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 is greedy, as the official chat (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (default: none)")
+    parser.add_argument("--max-dynamic-patch", type=int, default=None,
+                        help="tiles per image at most (default: the checkpoint's)")
+    parser.add_argument("--system", default=None, help="system message replacing the model's default")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (default: auto, the config's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder (official InternVL2 layout)")
+    parser.add_argument("--demo", action="store_true",
+                        help="no weights? build and use a tiny RANDOM-weight checkpoint (answers are labelled)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serving.app import create_app, load_async_engine
+        from .serving.config import ServerConfig
+    except ImportError as exc:
+        raise CLIError(f"serving needs FastAPI and uvicorn ({exc}); install them with "
+                       "`pip install 'internvl-runtime[serve]'`") from None
+    from .errors import InternVLError
+
+    folder = _model_path(args)
+    values = {f.name: getattr(args, f.name) for f in ServerConfig.cli_fields()}
+    try:
+        config = ServerConfig(model=str(folder), demo=args.demo, **values)
+    except InternVLError as exc:
+        raise CLIError(str(exc)) from None
+    server: uvicorn.Server | None = None
+    failed: list[BaseException] = []
+    loader = lambda: load_async_engine(config, progress=True)  # noqa: E731
+    if config.tensor_parallel_size > 1:     # torchrun: every rank joins; rank 0 serves, workers follow it
+        from .distributed.launch import serve_tensor_parallel
+
+        try:
+            loader = serve_tensor_parallel(config)
+        except InternVLError as exc:
+            raise CLIError(str(exc)) from None
+        if loader is None:                  # a worker rank: rank 0 stopped it
+            return 0
+
+    def on_load_error(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(loader, config, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    shown_host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"internvl: serving {config.model_name!r} on http://{shown_host}:{config.port}  (web chat at /, "
+          f"OpenAI API at /v1; loading weights...)", file=sys.stderr)
+    if config.api_key:
+        print("internvl: an API key is required (Authorization: Bearer KEY)", file=sys.stderr)
+    try:
+        server.run()
+    except KeyboardInterrupt:     # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
+        pass
+    if failed:
+        raise CLIError(f"loading the model failed: {failed[0]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat / generate (in-process, no server)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .engine.engine import EngineConfig
+    from .errors import InternVLError
+    from .serving.app import load_engine
+
+    folder = _model_path(args)
+    kwargs: dict[str, Any] = {"max_num_seqs": 1}
+    if args.max_model_len:
+        kwargs["max_model_len"] = args.max_model_len
+    try:
+        return load_engine(folder, dtype=args.dtype, device=args.device, progress=True,
+                           engine_config=EngineConfig(**kwargs))
+    except InternVLError as exc:
+        raise CLIError(f"cannot load {folder}: {exc}") from None
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from .engine.sampling_params import SamplingParams
+    from .errors import InternVLError
+
+    try:
+        return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    except InternVLError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _stream_answer(engine: Any, prepared: Any, params: Any, demo: bool, out: Any = None) -> str:
+    """Generate and print as the tokens come; Ctrl-C stops the answer. Returns its text."""
+    out = out or sys.stdout
+    request_id = f"cli-{time.monotonic_ns()}"
+    max_new = min(params.max_new_tokens, engine.max_model_len - len(prepared.prompt_token_ids))
+    if max_new < 1:
+        from .errors import ContextLengthExceeded
+        raise ContextLengthExceeded(f"the conversation is {len(prepared.prompt_token_ids)} tokens, the whole "
+                                    f"context ({engine.max_model_len}); /reset to start over")
+    params = dataclasses.replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
+    engine.add_request(request_id, prepared, params)
+    if demo:
+        out.write(DEMO_LABEL)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for result in engine.step():
+                out.write(result.delta)
+                out.flush()
+                text = result.text
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .errors import InternVLError
+    from .processing.inputs import Message
+
+    params = _params(args)
+    engine = _load(args)
+    messages = [Message("system", args.system)] if args.system else []
+    messages.append(Message("user", args.prompt, images=[str(Path(p).expanduser()) for p in args.image]))
+    try:
+        prepared = engine.processor.prepare(messages, max_num=args.max_dynamic_patch)
+        _stream_answer(engine, prepared, params, args.demo)
+    except InternVLError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+CHAT_HELP = """commands:
+  /image FILE   attach an image to your next message
+  /reset        forget the conversation (and pending images)
+  /exit         leave (also Ctrl-D)
+Ctrl-C stops an answer."""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .errors import InternVLError
+    from .processing.inputs import Message
+
+    params = _params(args)
+    engine = _load(args)
+    history: list[Any] = [Message("system", args.system)] if args.system else []
+    pending: list[str] = []
+    for image in args.image:
+        pending.append(_check_image(image))
+    label = " (RANDOM-WEIGHT DEMO)" if args.demo else ""
+    print(f"internvl chat{label}: type a message; /image FILE, /reset, /exit.", flush=True)
+    if pending:
+        print(f"[{len(pending)} image(s) attached to your first message]", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                history = [Message("system", args.system)] if args.system else []
+                pending = []
+                print("[conversation reset]", flush=True)
+            elif command == "/image":
+                if not rest.strip():
+                    print("usage: /image FILE", flush=True)
+                    continue
+                try:
+                    pending.append(_check_image(rest.strip()))
+                except CLIError as exc:
+                    print(f"error: {exc}", flush=True)
+                    continue
+                print(f"[image attached: {rest.strip()}]", flush=True)
+            elif command == "/help":
+                print(CHAT_HELP, flush=True)
+            else:
+                print(f"unknown command {command}\n{CHAT_HELP}", flush=True)
+            continue
+        turn = Message("user", line, images=list(pending))
+        try:
+            prepared = engine.processor.prepare([*history, turn], max_num=args.max_dynamic_patch)
+            print("model> ", end="", flush=True)
+            answer = _stream_answer(engine, prepared, params, args.demo)
+        except InternVLError as exc:
+            print(f"error: {exc}", flush=True)
+            continue
+        history += [turn, Message("assistant", answer)]
+        pending = []
+
+
+def _check_image(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CLIError(f"image file {path!r} does not exist")
+    return str(file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# download / bench
+# ---------------------------------------------------------------------------------------------------
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CLIError("download needs huggingface_hub: `pip install 'internvl-runtime[hub]'`") from None
+    local_dir = Path(args.local_dir or Path("pretrained") / args.repo_id.split("/")[-1]).expanduser()
+    print(f"downloading {args.repo_id} to {local_dir} (interrupted downloads resume)", file=sys.stderr)
+    try:
+        path = snapshot_download(repo_id=args.repo_id, local_dir=str(local_dir), revision=args.revision)
+    except KeyboardInterrupt:
+        raise CLIError("download interrupted; run the same command again to resume") from None
+    except Exception as exc:  # noqa: BLE001 - every hub/network failure becomes one clear line
+        name = type(exc).__name__
+        text = str(exc).splitlines()[0] if str(exc) else name
+        if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "connect" in str(exc).lower():
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+            raise CLIError(f"cannot reach the Hugging Face Hub to download {args.repo_id}{offline} (offline?). Check "
+                           "the network or a proxy (HTTPS_PROXY), or copy the checkpoint folder by hand; try "
+                           "`internvl serve --demo` meanwhile.") from None
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            raise CLIError(f"{args.repo_id}: {text} (check the name, the revision, or log in with `hf auth "
+                           "login` for gated models)") from None
+        raise CLIError(f"download of {args.repo_id} failed: {name}: {text}") from None
+    print(f"done: {path}", file=sys.stderr)
+    return 0
+
+
+def _bench_roots() -> list[Path]:
+    """Where ``bench`` looks for benchmarks/run_all.py: the current folder, then the source checkout."""
+    return [Path.cwd(), Path(__file__).resolve().parents[1]]
+
+
+def _find_benchmarks() -> Path | None:
+    for root in _bench_roots():
+        script = root / "benchmarks" / "run_all.py"
+        if script.is_file():
+            return script
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = _find_benchmarks()
+    if script is None:
+        print("internvl bench: no benchmarks are there (looked for benchmarks/run_all.py in the current folder "
+              "and in the source checkout)", file=sys.stderr)
+        return 1
+    print(f"internvl bench: running {script}", file=sys.stderr)
+    return subprocess.call([sys.executable, str(script), *args.bench_args], cwd=str(script.parent.parent))
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .serving.config import ServerConfig
+
+    parser = argparse.ArgumentParser(prog="internvl", description="InternVL2 runtime: serve an OpenAI-compatible "
+                                     "API with a web chat page, chat in the terminal, generate, download, bench.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"internvl-runtime {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server with a web chat page at /",
+                           description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics "
+                           "and a web chat page at /. Weights load in the background; /health says when ready.")
+    _model_args(serve)
+    _add_config_flags(serve, ServerConfig)
+    serve.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming",
+                          description="Chat in the terminal. " + CHAT_HELP.replace("\n", " "))
+    _model_args(chat)
+    chat.add_argument("--image", action="append", default=[], metavar="FILE",
+                      help="image for the first message (repeatable)")
+    _sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    generate = sub.add_parser("generate", help="one answer to one prompt (with images), streamed",
+                              description="Answer one prompt, optionally about images, and exit.")
+    _model_args(generate)
+    generate.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeatable)")
+    generate.add_argument("--prompt", required=True, help="the question")
+    _sampling_flags(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    download = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub (resumable)",
+                              description="Download a checkpoint folder with huggingface_hub (progress bars; "
+                              "an interrupted download resumes).")
+    download.add_argument("repo_id", metavar="REPO", help="e.g. OpenGVLab/InternVL2-1B")
+    download.add_argument("--local-dir", default=None, help="target folder (default: pretrained/<name>)")
+    download.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    download.set_defaults(func=cmd_download)
+
+    bench = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py)",
+                           description="Run benchmarks/run_all.py; extra arguments are passed on.")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for run_all.py")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``internvl`` command; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "bench":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.bench_args = [*extra, *args.bench_args]     # `internvl bench --quick`: for run_all.py
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"internvl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

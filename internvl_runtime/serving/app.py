@@ -1,0 +1,435 @@
+"""The app factory: ``create_app(async_engine, ServerConfig)`` -> a FastAPI app.
+
+What lives here (and nowhere else):
+
+- **lifespan**: when given a loader instead of an engine, loads the weights on a background thread so the
+  server answers at once (``/health`` says 503 ``loading`` until the engine runs, then 200); at shutdown,
+  stops the engine loop and the worker threads.
+- **the guard** (one small ASGI middleware): the API key on ``/v1/*`` and ``/metrics`` (401), the body
+  size limit (413, the body is never buffered past the limit), and the per-status response counters.
+- **error handlers**: every error, wherever raised, becomes OpenAI's ``{"error": {...}}`` with the status of
+  ``protocol.error_status`` (which defers to ``errors.http_status``): the one mapping.
+- **the web chat page** at ``/`` (``static/index.html``, no build step, nothing from a CDN).
+
+Example::
+
+    engine = AsyncEngine(LLMEngine.from_pretrained("pretrained/InternVL2-1B"))
+    app = create_app(engine, ServerConfig(model="pretrained/InternVL2-1B"))
+    uvicorn.run(app, host="127.0.0.1", port=23333)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import InternVLError
+from . import openai as routes
+from .config import DEMO_LABEL, ServerConfig
+from .media import MediaFetcher
+from .protocol import (ModelLoading, PayloadTooLarge, RouteNotFound, TooManyRequests, Unauthorized,
+                       error_payload)
+
+logger = logging.getLogger(__name__)
+
+_PROTECTED_PREFIXES = ("/v1/", "/metrics")
+_PAGE_HEADERS = {
+    # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
+                               "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    """The JSON error response of any exception (the one place errors become HTTP)."""
+    status, payload = error_payload(error)
+    if status >= 500 and not isinstance(error, InternVLError):
+        logger.error("internal error: %r", error, exc_info=error)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+_SLOT_LOCK = threading.Lock()
+
+
+class _Slot:
+    """One admitted generation request; ``release`` is idempotent."""
+
+    def __init__(self, state: ServingState) -> None:
+        self._state: ServingState | None = state
+
+    def release(self) -> None:
+        with _SLOT_LOCK:      # also called from a GC finalizer, on whatever thread collects the stream
+            state, self._state = self._state, None
+            if state is not None:
+                state.active -= 1
+
+
+class ServingState:
+    """What the routes share: config, the engine (None while loading), the media fetcher, the worker
+    threads that prepare requests, admission counting, token texts for logprobs, counters for /metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self.fetcher = MediaFetcher.from_config(config)
+        self.active = 0
+        self.http_responses: Counter[int] = Counter()
+        self.processor: Any = None
+        self.tokenizer: Any = None
+        self.max_model_len: int | None = None
+        self.kv_capacity: int | None = None
+        self.closed = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._token_texts: dict[int, str] = {}
+        self.fingerprint = "demo-random-weights" if config.demo else f"internvl-runtime-{__version__}"
+
+    # -- engine ----------------------------------------------------------------------------------
+    def set_engine(self, engine: Any) -> None:
+        llm = engine.engine
+        self.processor = llm.processor
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
+        scheduler_config = llm.scheduler.config
+        self.kv_capacity = scheduler_config.num_blocks * scheduler_config.block_size
+        self.engine = engine
+
+    def load(self, loader: Callable[[], Any], on_error: Callable[[BaseException], None] | None) -> None:
+        """Run ``loader`` (on a background thread) and install the engine it returns."""
+        try:
+            engine = loader()
+        except BaseException as exc:  # reported on /health and to the caller
+            logger.error("loading the model failed: %s", exc, exc_info=not isinstance(exc, InternVLError))
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            if on_error is not None:
+                on_error(exc)
+            return
+        if self.closed:          # the server stopped while the weights loaded
+            engine.shutdown()
+            return
+        self.set_engine(engine)
+        logger.info("model %r ready", self.config.model_name)
+
+    def require_engine(self) -> Any:
+        engine = self.engine
+        if engine is None or not engine.is_running:
+            if self.load_error:
+                raise ModelLoading(f"the model failed to load: {self.load_error}")
+            raise ModelLoading("the model is still loading; retry in a moment (GET /health says when it is ready)")
+        return engine
+
+    # -- admission -------------------------------------------------------------------------------
+    def admit(self) -> _Slot:
+        with _SLOT_LOCK:
+            if self.active >= self.config.max_concurrent_requests:
+                raise TooManyRequests(f"the server already handles {self.active} generation requests (limit "
+                                      f"{self.config.max_concurrent_requests}); retry later")
+            self.active += 1
+        return _Slot(self)
+
+    @staticmethod
+    def release_on_collect(owner: object, slot: _Slot) -> None:
+        """Release ``slot`` when ``owner`` (a stream that may never start) is garbage-collected."""
+        weakref.finalize(owner, slot.release)
+
+    # -- worker threads --------------------------------------------------------------------------
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="internvl-prepare")
+        return self._executor
+
+    async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- answers ---------------------------------------------------------------------------------
+    def label(self, text: str) -> str:
+        """Answers of a random-weight (--demo) checkpoint say so."""
+        return DEMO_LABEL + text if self.config.demo else text
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._token_texts) < 200_000:
+                self._token_texts[token_id] = text
+        return text
+
+    def chat_logprobs(self, records: list[Any]) -> list[Any]:
+        return routes.chat_logprobs(records, self.token_text)
+
+    def completion_logprobs(self, records: list[Any]) -> Any:
+        return routes.completion_logprobs(records, self.token_text)
+
+    # -- /metrics --------------------------------------------------------------------------------
+    async def metrics_text(self) -> str:
+        engine = self.engine
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP internvl_{name} {help_text}")
+            out.append(f"# TYPE internvl_{name} {kind}")
+            for labels, value in samples:
+                out.append(f"internvl_{name}{labels} {value:.10g}")
+
+        metric("model_ready", "gauge", "1 once the weights are loaded and the engine loop runs.",
+               [("", float(engine is not None and engine.is_running))])
+        metric("http_responses_total", "counter", "HTTP responses sent, by status code.",
+               [(f'{{code="{code}"}}', float(n)) for code, n in sorted(self.http_responses.items())])
+        metric("http_requests_in_progress", "gauge", "Generation requests the HTTP layer is handling.",
+               [("", float(self.active))])
+        if engine is None:
+            return "\n".join(out) + "\n"
+        m = engine.metrics
+        metric("requests_total", "counter", "Requests accepted by the engine.", [("", m.requests_total)])
+        metric("requests_failed_total", "counter", "Requests the engine refused or failed.", [("", m.requests_failed)])
+        metric("requests_aborted_total", "counter", "Requests cancelled before they finished (client gone).",
+               [("", m.requests_aborted)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", m.prompt_tokens_total)])
+        metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens_total)])
+        ttft = sorted(m.ttft_seconds)
+        samples = []
+        for q in (0.5, 0.9, 0.99):
+            value = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
+            samples.append((f'{{quantile="{q}"}}', value))
+        samples += [("_sum", sum(ttft)), ("_count", float(len(ttft)))]
+        metric("time_to_first_token_seconds", "summary",
+               "Seconds from arrival to the first token (over the last 1000 requests).", samples)
+        metric("queue_length", "gauge", "Requests in the engine (running and waiting).",
+               [("", float(engine.num_pending))])
+        try:
+            total, free = await asyncio.wait_for(asyncio.wrap_future(engine.call(
+                lambda e: (e.scheduler.config.num_blocks, e.num_free_blocks))), timeout=5.0)
+        except Exception:  # noqa: BLE001 - an engine busy for seconds: report what we can
+            total = free = None
+        if total is not None:
+            metric("kv_blocks_total", "gauge", "KV-cache blocks.", [("", float(total))])
+            metric("kv_blocks_in_use", "gauge", "KV-cache blocks in use.", [("", float(total - free))])
+        return "\n".join(out) + "\n"
+
+
+class _Guard:
+    """ASGI middleware: API key (401), body size limit (413), response counting."""
+
+    def __init__(self, app: Any, state: ServingState) -> None:
+        self.app = app
+        self.state = state
+        key = state.config.api_key
+        self.key = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                state.http_responses[int(message["status"])] += 1
+            await send(message)
+
+        path = scope.get("path", "")
+        if self.key is not None and (path.startswith(_PROTECTED_PREFIXES) or path == "/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.key):
+                message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
+                await error_response(Unauthorized(message))(scope, receive, counting_send)
+                return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(scope, receive)
+            if body is None:         # the client left while sending
+                return
+            if isinstance(body, PayloadTooLarge):
+                await error_response(body)(scope, receive, counting_send)
+                return
+            replayed = False
+
+            async def replay() -> Any:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counting_send)
+            return
+        await self.app(scope, receive, counting_send)
+
+    async def _read_body(self, scope: Any, receive: Any) -> bytes | PayloadTooLarge | None:
+        """The whole body, or PayloadTooLarge after draining a bounded amount more (so the client,
+        still sending, reads the 413 instead of a reset connection)."""
+        limit = self.state.config.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > limit
+        chunks: list[bytes] = []
+        size = 0
+        drain_limit = limit + max(limit, 8 * 2**20)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+            if not too_large:
+                chunks.append(chunk)
+            if not message.get("more_body", False) or size > drain_limit:
+                break
+        if too_large:
+            return PayloadTooLarge(f"the request body is {'more than ' if size > drain_limit else ''}"
+                                   f"{max(size, int(declared or 0))} bytes; the limit is {limit} bytes")
+        return b"".join(chunks)
+
+
+class RequestShapeError(InternVLError):
+    """FastAPI's own request validation failed (a 400)."""
+
+    http_status = 400
+
+    def __init__(self, error: Any) -> None:
+        errors = error.errors() if hasattr(error, "errors") else []
+        super().__init__("; ".join(str(e.get("msg")) for e in errors) or "invalid request")
+
+
+def _page() -> str:
+    return resources.files("internvl_runtime.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """Build the server.
+
+    ``engine`` is an ``AsyncEngine`` (anything with its interface), or a zero-argument callable returning
+    one: the weights then load on a background thread at start-up while ``/health`` answers 503. With
+    ``own_engine`` the engine loop is stopped when the app shuts down. ``on_load_error`` is called (on the
+    loading thread) if the loader raises.
+    """
+    state = ServingState(config)
+    loader = None
+    if hasattr(engine, "generate"):
+        state.set_engine(engine)
+    elif callable(engine):
+        loader = engine
+    else:
+        raise TypeError(f"create_app needs an AsyncEngine or a callable returning one, got {type(engine).__name__}")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if loader is not None and state.engine is None and state.load_error is None:
+            threading.Thread(target=state.load, args=(loader, on_load_error), name="internvl-load",
+                             daemon=True).start()
+        try:
+            yield
+        finally:
+            state.close()
+            if own_engine and state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(title="internvl-runtime", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = state
+    app.state.started = time.time()
+
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}", 404))
+        if exc.status_code == 405:
+            return error_response(RouteNotFound(f"method {request.method} is not allowed on {request.url.path}", 405))
+        return error_response(RouteNotFound(str(exc.detail), exc.status_code))
+
+    app.add_exception_handler(InternVLError, on_error)
+    app.add_exception_handler(ValidationError, on_error)
+
+    async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(RequestShapeError(exc))
+
+    app.add_exception_handler(RequestValidationError, on_request_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_error)
+    app.include_router(routes.router)
+
+    page = _page()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    app.add_middleware(_Guard, state=state)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading (used by the CLI)
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_async_engine(config: ServerConfig, *, progress: bool = False) -> Any:
+    """Load ``config.model`` and start its engine loop; tqdm bars show the stages when ``progress``."""
+    from ..engine.async_engine import AsyncEngine
+    from ..engine.engine import EngineConfig
+
+    llm = load_engine(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
+                      engine_config=EngineConfig(**config.engine_kwargs()))
+    return AsyncEngine(llm, max_queue_len=config.max_queue_len)
+
+
+def load_engine(folder: Path, *, dtype: str = "auto", device: str = "cpu", progress: bool = False,
+                engine_config: Any = None) -> Any:
+    """An ``LLMEngine``: model, tokenizer and KV cache, one progress step each (the weights step shows
+    their size). Per-tensor progress would need a hook in ``weights.loader.load_weights``."""
+    from tqdm.auto import tqdm
+
+    from ..api.auto import AutoModel
+    from ..engine.engine import LLMEngine
+    from ..processing.tokenizer import AutoTokenizer
+
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    with tqdm(total=3, desc=f"loading {folder.name}", unit="step", disable=not progress, leave=True) as bar:
+        bar.set_postfix_str(f"weights ({weights / 2**20:.1f} MiB)")
+        model = AutoModel.from_pretrained(folder, torch_dtype=dtype, device_map=device)
+        bar.update()
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        bar.update()
+        bar.set_postfix_str("KV cache")
+        engine = LLMEngine(model, tokenizer, engine_config)
+        bar.update()
+        bar.set_postfix_str("ready")
+    return engine

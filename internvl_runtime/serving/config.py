@@ -1,0 +1,139 @@
+"""ServerConfig: every knob of ``internvl serve``, checked when built.
+
+The CLI builds one ``--flag`` per field from this dataclass (name, type, default and the ``help`` in each
+field's metadata), so the Python API, the command line and ``--help`` always agree (STYLE C.11).
+
+Safety defaults (issue: "safety by default"): image URLs that resolve to loopback, private, link-local,
+metadata or other non-public addresses are refused; local files are refused unless a folder is named with
+``allowed_local_media_path``; body size, image bytes, image pixels, images per request, tiles per image and
+fetch time are all bounded.
+
+Example::
+
+    config = ServerConfig(model="pretrained/InternVL2-1B", port=8000, api_key="secret")
+    app = create_app(async_engine, config)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequest
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
+DEMO_LABEL = "[random-weight demo model] "
+
+
+def _opt(help_text: str, **extra: Any) -> Any:
+    return {"help": help_text, **extra}
+
+
+@dataclass
+class ServerConfig:
+    """OpenAI-compatible server: model, network, engine sizing and request limits."""
+
+    # -- model -------------------------------------------------------------------------------------
+    model: str = field(default="", metadata=_opt("checkpoint folder (official InternVL2 layout)", cli=False))
+    served_model_name: str | None = field(default=None, metadata=_opt(
+        "model id clients must send (default: the checkpoint folder's name)"))
+    dtype: str = field(default="auto", metadata=_opt("weights dtype: auto (the config's), float32, bfloat16, "
+                                                     "float16", choices=_DTYPES))
+    device: str = field(default="cpu", metadata=_opt("device for the model: cpu, cuda or cuda:N"))
+    tensor_parallel_size: int = field(default=1, metadata=_opt(
+        "split the decoder over N ranks (launch with torchrun --nproc-per-node N; see docs/scaling.md)"))
+    demo: bool = field(default=False, metadata=_opt(
+        "the checkpoint has random weights: every answer is labelled as such", cli=False))
+
+    # -- network -----------------------------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=_opt("address to listen on (loopback by default)"))
+    port: int = field(default=23333, metadata=_opt("TCP port to listen on"))
+    api_key: str | None = field(default=None, metadata=_opt(
+        "require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env INTERNVL_API_KEY, else none)"))
+    log_level: str = field(default="info", metadata=_opt(
+        "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace")))
+
+    # -- engine ------------------------------------------------------------------------------------
+    max_model_len: int | None = field(default=None, metadata=_opt(
+        "context length in tokens (default: the model's)"))
+    max_num_seqs: int = field(default=16, metadata=_opt("sequences decoded together in one step"))
+    max_num_batched_tokens: int = field(default=4096, metadata=_opt("tokens computed in one step"))
+    num_blocks: int | None = field(default=None, metadata=_opt(
+        "KV-cache blocks of 16 tokens (default: sized from free memory)"))
+    max_queue_len: int = field(default=256, metadata=_opt(
+        "requests in the engine at once (running + waiting); more get 503"))
+    max_concurrent_requests: int = field(default=512, metadata=_opt(
+        "generation requests the HTTP layer handles at once (fetching images included); more get 429"))
+
+    # -- request limits ----------------------------------------------------------------------------
+    max_body_bytes: int = field(default=32 * 2**20, metadata=_opt("largest request body in bytes (413 above)"))
+    default_max_tokens: int = field(default=512, metadata=_opt(
+        "tokens generated when a request gives no max_tokens (capped by the context)"))
+    max_n: int = field(default=8, metadata=_opt("largest n (choices per request)"))
+    max_images_per_request: int = field(default=8, metadata=_opt("images in one request, all turns together"))
+    max_image_bytes: int = field(default=16 * 2**20, metadata=_opt("largest encoded image in bytes"))
+    max_image_pixels: int = field(default=25_000_000, metadata=_opt(
+        "largest decoded image in pixels (width x height), checked from the header before decoding"))
+    max_tiles_per_image: int = field(default=12, metadata=_opt(
+        "upper bound for max_dynamic_patch (tiles per image, thumbnail excluded)"))
+    media_fetch_timeout_s: float = field(default=10.0, metadata=_opt("seconds an http(s) image fetch may take"))
+    max_redirects: int = field(default=3, metadata=_opt("redirects followed for an image URL, each re-checked"))
+    allowed_local_media_path: str | None = field(default=None, metadata=_opt(
+        "folder whose files requests may name as images (file:// URLs or paths); none by default"))
+    allow_private_media_urls: bool = field(default=False, metadata=_opt(
+        "allow image URLs resolving to loopback / private / link-local / metadata addresses (unsafe)"))
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get("INTERNVL_API_KEY") or None
+        if self.dtype not in _DTYPES:
+            raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_concurrent_requests",
+                     "max_body_bytes", "default_max_tokens", "max_n", "max_images_per_request", "max_image_bytes",
+                     "max_image_pixels", "max_tiles_per_image"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_model_len", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1 or None, got {value!r}")
+        if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise InvalidRequest(f"ServerConfig.max_redirects must be an integer >= 0, got {self.max_redirects!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise InvalidRequest(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        if not isinstance(self.media_fetch_timeout_s, (int, float)) or not self.media_fetch_timeout_s > 0:
+            raise InvalidRequest(f"ServerConfig.media_fetch_timeout_s must be > 0, got {self.media_fetch_timeout_s!r}")
+        if self.allowed_local_media_path is not None:
+            folder = Path(self.allowed_local_media_path).expanduser()
+            if not folder.is_dir():
+                raise InvalidRequest(f"ServerConfig.allowed_local_media_path {str(folder)!r} is not a folder")
+            self.allowed_local_media_path = str(folder.resolve())
+
+    @property
+    def model_name(self) -> str:
+        """The model id served on /v1/models and required in requests."""
+        if self.served_model_name:
+            return self.served_model_name
+        name = Path(self.model).name if self.model else "internvl"
+        return name or "internvl"
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The ``EngineConfig`` fields this config sets."""
+        kwargs: dict[str, Any] = {"max_num_seqs": self.max_num_seqs,
+                                  "max_num_batched_tokens": self.max_num_batched_tokens,
+                                  "max_images_per_request": self.max_images_per_request}
+        if self.max_model_len is not None:
+            kwargs["max_model_len"] = self.max_model_len
+        if self.num_blocks is not None:
+            kwargs["num_blocks"] = self.num_blocks
+        return kwargs
+
+    @classmethod
+    def cli_fields(cls) -> list[Any]:
+        """The dataclass fields that become ``--flags`` (``model`` and ``demo`` are positional/explicit)."""
+        return [f for f in fields(cls) if f.metadata.get("cli", True)]

@@ -1,0 +1,292 @@
+"""Fetching request images safely: data URLs, http(s) URLs, and files under one allowed folder.
+
+The server never lets a request make it read what it should not:
+
+- **http(s) URLs** are resolved first; every address the name resolves to must be public (not loopback,
+  private, link-local, shared/CGNAT, multicast, reserved, unspecified, nor a cloud metadata address),
+  unless the server allows private URLs. The connection then goes to the address that was checked (the
+  ``Host`` header and TLS SNI keep the name), so a second DNS answer cannot swap in another address.
+  Redirects are not followed by the HTTP client: each ``Location`` is checked like the first URL, at most
+  ``max_redirects`` times. Proxies from the environment are ignored. The body is streamed and cut at
+  ``max_image_bytes``; the whole fetch, redirects included, is bounded by ``timeout_s``.
+  Cloud metadata addresses are refused even when private URLs are allowed: no image lives there.
+- **Local files** (``file://`` URLs or paths) are refused unless a folder is allowed; the path is resolved
+  (symlinks and ``..`` included) and must stay inside that folder.
+- **data: URLs** must say ``image/...;base64`` and hold valid base64 of at most ``max_image_bytes``.
+
+Bytes are then decoded by :func:`decode_image`, which refuses images whose header declares more than
+``max_pixels`` pixels before decoding (decompression bombs) and truncated or non-image data.
+
+Example::
+
+    fetcher = MediaFetcher(max_image_bytes=16 << 20, timeout_s=10)
+    data = await fetcher.fetch("https://example.com/cat.png")
+    image = decode_image(data, max_pixels=25_000_000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import socket
+import stat
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from PIL import Image
+
+from ..errors import InvalidRequest
+from ..processing.image import open_image
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: ``resolver(host, port) -> addresses`` (async), replaceable in tests.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+#: ``check(address) -> reason it is refused, or None``; the default is :func:`refused_address_reason`.
+AddressCheck = Callable[[IPAddress], str | None]
+
+#: Cloud instance-metadata endpoints (AWS/GCP/Azure/OpenStack, AWS ECS, AWS IPv6, Alibaba, Azure wire server).
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16"))
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE | re.DOTALL)
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class MediaNotAllowed(InvalidRequest):
+    """An image URL or path the server refuses to read (private address, outside the allowed folder...)."""
+
+
+class MediaFetchError(InvalidRequest):
+    """An image URL could not be fetched (network error, HTTP error, too large, too slow)."""
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped, 6to4 or Teredo IPv6 address (they reach it)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+    return None
+
+
+def is_metadata_address(ip: IPAddress) -> bool:
+    embedded = _embedded_ipv4(ip)
+    return ip in METADATA_ADDRESSES or (embedded is not None and embedded in METADATA_ADDRESSES)
+
+
+def refused_address_reason(ip: IPAddress, *, allow_private: bool = False) -> str | None:
+    """Why ``ip`` may not be fetched from, or None when it may."""
+    if is_metadata_address(ip):
+        return "a cloud metadata address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return refused_address_reason(ip.ipv4_mapped, allow_private=allow_private)
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        reason = refused_address_reason(embedded, allow_private=allow_private)
+        if reason is not None:
+            return reason
+    if allow_private:
+        return None
+    for attribute, label in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
+                             ("is_unspecified", "an unspecified address"), ("is_multicast", "a multicast address"),
+                             ("is_reserved", "a reserved address"), ("is_private", "a private address")):
+        if getattr(ip, attribute):
+            return label
+    if not ip.is_global:
+        return "not a public address"
+    return None
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (TCP), through the event loop's getaddrinfo."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class MediaFetcher:
+    """Reads the bytes of an image given as a data URL, an http(s) URL or a local path, within limits."""
+
+    def __init__(self, *, max_image_bytes: int = 16 * 2**20, timeout_s: float = 10.0, max_redirects: int = 3,
+                 allowed_local_media_path: str | None = None, allow_private_urls: bool = False,
+                 resolver: Resolver | None = None, address_check: AddressCheck | None = None) -> None:
+        self.max_image_bytes = max_image_bytes
+        self.timeout_s = timeout_s
+        self.max_redirects = max_redirects
+        self.allowed_root = os.path.realpath(allowed_local_media_path) if allowed_local_media_path else None
+        self.allow_private_urls = allow_private_urls
+        self.resolver = resolver or system_resolver
+        self.address_check = address_check or (
+            lambda ip: refused_address_reason(ip, allow_private=allow_private_urls))
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> MediaFetcher:
+        """The fetcher a ``ServerConfig`` describes."""
+        kwargs: dict[str, Any] = {
+            "max_image_bytes": config.max_image_bytes, "timeout_s": config.media_fetch_timeout_s,
+            "max_redirects": config.max_redirects, "allowed_local_media_path": config.allowed_local_media_path,
+            "allow_private_urls": config.allow_private_media_urls}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    async def fetch(self, url: str) -> bytes:
+        """The encoded image bytes behind ``url``. Raises MediaNotAllowed / MediaFetchError /
+        ImageDecodeError (all 400s)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url[:10] else ""
+        if scheme == "data":
+            return self.read_data_url(url)
+        if scheme in ("http", "https"):
+            try:
+                return await asyncio.wait_for(self._fetch_http(url), timeout=self.timeout_s)
+            except asyncio.TimeoutError:
+                raise MediaFetchError(f"fetching image {_short(url)} took more than {self.timeout_s:g} s") from None
+        if scheme == "file":
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise MediaNotAllowed(f"file URL {_short(url)} names a remote host")
+            return await asyncio.to_thread(self.read_local, urllib.parse.unquote(parsed.path))
+        if len(scheme) > 1 and re.fullmatch(r"[a-z][a-z0-9+.\-]*", scheme) and url[len(scheme) + 1:].startswith("//"):
+            raise InvalidRequest(f"unsupported image URL scheme {scheme!r}: use data:, http(s): or file:")
+        return await asyncio.to_thread(self.read_local, url)
+
+    # -- data URLs -------------------------------------------------------------------------------
+    def read_data_url(self, url: str) -> bytes:
+        match = _DATA_URL.match(url)
+        if match is None:
+            raise InvalidRequest("malformed data URL: expected data:image/<type>;base64,<data>")
+        mime = match.group("mime").strip().lower()
+        params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
+        if not mime.startswith("image/"):
+            raise InvalidRequest(f"data URL has media type {mime or 'none'!r}; expected an image/* type")
+        if "base64" not in params:
+            raise InvalidRequest("data URL must be base64-encoded (data:image/<type>;base64,...)")
+        payload = re.sub(r"\s+", "", url[match.end():])
+        if len(payload) > (self.max_image_bytes + 2) // 3 * 4 + 4:
+            raise InvalidRequest(f"image in data URL is larger than the limit of {self.max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest(f"data URL holds invalid base64: {exc}") from exc
+        if not data:
+            raise InvalidRequest("data URL holds no data")
+        if len(data) > self.max_image_bytes:
+            raise InvalidRequest(f"image in data URL is {len(data)} bytes; the limit is {self.max_image_bytes}")
+        return data
+
+    # -- local files -----------------------------------------------------------------------------
+    def read_local(self, path: str) -> bytes:
+        if self.allowed_root is None:
+            raise MediaNotAllowed("local image files are disabled on this server (start it with "
+                                  "--allowed-local-media-path FOLDER to allow files under FOLDER)")
+        if "\x00" in path:
+            raise MediaNotAllowed("image path contains a NUL character")
+        real = os.path.realpath(os.path.join(self.allowed_root, path))   # resolves .. and symlinks
+        try:
+            inside = os.path.commonpath([real, self.allowed_root]) == self.allowed_root
+        except ValueError:
+            inside = False
+        if not inside:
+            raise MediaNotAllowed(f"image path {_short(path)!r} is outside the allowed folder")
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)  # no FIFO hang, no late symlink
+        try:
+            fd = os.open(real, flags)
+        except (FileNotFoundError, NotADirectoryError):
+            raise InvalidRequest(f"image file {_short(path)!r} does not exist") from None
+        except OSError:
+            raise MediaNotAllowed(f"image file {_short(path)!r} cannot be read") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise MediaNotAllowed(f"image path {_short(path)!r} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            if info.st_size > self.max_image_bytes:
+                raise InvalidRequest(f"image file {_short(path)!r} is {info.st_size} bytes; the limit is "
+                                     f"{self.max_image_bytes}")
+            data = f.read(self.max_image_bytes + 1)
+        if len(data) > self.max_image_bytes:
+            raise InvalidRequest(f"image file {_short(path)!r} is larger than the limit of {self.max_image_bytes} bytes")
+        return data
+
+    # -- http(s) ---------------------------------------------------------------------------------
+    async def check_url(self, url: str) -> tuple[urllib.parse.SplitResult, str]:
+        """Parse and vet an http(s) URL; returns it parsed and the checked address to connect to."""
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            port = parsed.port or (443 if parsed.scheme.lower() == "https" else 80)
+        except ValueError as exc:
+            raise InvalidRequest(f"malformed image URL {_short(url)}: {exc}") from None
+        if parsed.scheme.lower() not in ("http", "https"):
+            raise MediaNotAllowed(f"image URL {_short(url)} must use http or https")
+        if not parsed.hostname:
+            raise InvalidRequest(f"image URL {_short(url)} has no host")
+        if parsed.username is not None or parsed.password is not None:
+            raise MediaNotAllowed("image URLs with credentials are not allowed")
+        try:
+            addresses = await self.resolver(parsed.hostname, port)
+        except (OSError, UnicodeError) as exc:
+            raise MediaFetchError(f"cannot resolve the host of image URL {_short(url)}: {exc}") from None
+        if not addresses:
+            raise MediaFetchError(f"the host of image URL {_short(url)} has no address")
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            # Metadata endpoints are refused whatever the policy says: no image lives there.
+            reason = "a cloud metadata address" if is_metadata_address(ip) else self.address_check(ip)
+            if reason is not None:
+                raise MediaNotAllowed(f"image URL {_short(url)} resolves to {ip}, {reason}; refused "
+                                      "(the server's --allow-private-media-urls flag allows private addresses)")
+        return parsed, addresses[0]
+
+    async def _fetch_http(self, url: str) -> bytes:
+        import httpx
+
+        async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                     timeout=httpx.Timeout(self.timeout_s)) as client:
+            for _ in range(self.max_redirects + 1):
+                parsed, address = await self.check_url(url)
+                host = parsed.hostname or ""
+                ip_host = f"[{address}]" if ":" in address else address
+                netloc = ip_host + (f":{parsed.port}" if parsed.port else "")
+                target = urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path or "/", parsed.query, ""))
+                host_header = (f"[{host}]" if ":" in host else host) + (f":{parsed.port}" if parsed.port else "")
+                extensions = {"sni_hostname": host} if parsed.scheme.lower() == "https" else {}
+                try:
+                    async with client.stream("GET", target, headers={"Host": host_header,
+                                                                     "User-Agent": "internvl-runtime",
+                                                                     "Accept": "image/*"},
+                                             extensions=extensions) as response:
+                        if response.status_code in _REDIRECTS:
+                            location = response.headers.get("location")
+                            if not location:
+                                raise MediaFetchError(f"image URL {_short(url)} redirects without a Location")
+                            url = urllib.parse.urljoin(url, location)
+                            continue
+                        if response.status_code != 200:
+                            raise MediaFetchError(f"fetching image {_short(url)} returned HTTP "
+                                                  f"{response.status_code}")
+                        length = response.headers.get("content-length")
+                        if length is not None and length.isdigit() and int(length) > self.max_image_bytes:
+                            raise InvalidRequest(f"image at {_short(url)} is {int(length)} bytes; the limit is "
+                                                 f"{self.max_image_bytes}")
+                        data = bytearray()
+                        async for chunk in response.aiter_bytes():
+                            data += chunk
+                            if len(data) > self.max_image_bytes:
+                                raise InvalidRequest(f"image at {_short(url)} is larger than the limit of "
+                                                     f"{self.max_image_bytes} bytes")
+                        return bytes(data)
+                except httpx.HTTPError as exc:
+                    raise MediaFetchError(f"cannot fetch image {_short(url)}: {type(exc).__name__}: {exc}") from None
+            raise MediaFetchError(f"image URL redirected more than {self.max_redirects} times")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode encoded image bytes to RGB, refusing more than ``max_pixels`` pixels (checked from the header,
+    before decoding) and truncated or non-image data (ImageDecodeError, a 400)."""
+    return open_image(data, max_pixels=max_pixels)

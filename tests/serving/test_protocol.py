@@ -1,0 +1,184 @@
+"""The OpenAI request/response models, the error mapping (one place), and ServerConfig."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from internvl_runtime.errors import (CheckpointError, ContextLengthExceeded, EngineOverloaded, ImageDecodeError,
+                                     InvalidGenerationConfig, InvalidRequest, ModelNotFound, UnsupportedFeature)
+from internvl_runtime.serving.config import ServerConfig
+from internvl_runtime.serving.protocol import (ChatCompletionChunk, ChatCompletionRequest, CompletionRequest,
+                                               ImagePart, ModelLoading, PayloadTooLarge, TextPart, TooManyRequests,
+                                               Unauthorized, dump, error_payload, error_status)
+
+
+def parse(body: dict) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate_json(json.dumps(body))
+
+
+def base(**extra) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_minimal_request_defaults():
+    req = parse(base())
+    assert req.n == 1 and req.stream is False and req.max_tokens is None and req.stop_list == []
+    assert req.messages[0].text() == "hi" and req.messages[0].image_urls() == []
+    assert req.num_logprobs is None and req.include_usage is False
+
+
+def test_content_parts():
+    req = parse(base(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}},
+        {"type": "text", "text": "b"}, {"type": "image_url", "image_url": {"url": "http://h/i.png"}}]}]))
+    message = req.messages[0]
+    assert isinstance(message.content[0], TextPart) and isinstance(message.content[1], ImagePart)
+    assert message.text() == "a\nb"
+    assert message.image_urls() == ["data:x", "http://h/i.png"]
+
+
+def test_roles():
+    req = parse(base(messages=[{"role": "developer", "content": "sys"}, {"role": "user", "content": "u"},
+                               {"role": "assistant", "content": None}, {"role": "user", "content": "v"}]))
+    assert [m.role for m in req.messages] == ["developer", "user", "assistant", "user"]
+    for role in ("tool", "function", "robot", ""):
+        with pytest.raises(ValidationError):
+            parse(base(messages=[{"role": role, "content": "x"}]))
+    with pytest.raises(ValidationError, match="needs content"):
+        parse(base(messages=[{"role": "user", "content": None}]))
+    with pytest.raises(ValidationError, match="only user messages"):
+        parse(base(messages=[{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", "5"), ("max_tokens", 5.0), ("max_tokens", True), ("max_tokens", 0), ("n", 0),
+    ("temperature", "0.5"), ("temperature", 2.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.01),
+    ("top_k", -2), ("repetition_penalty", 0), ("seed", -1), ("stream", 1), ("stream", "true"),
+    ("logprobs", "yes"), ("top_logprobs", 21), ("stop", 5), ("stop", [""]), ("stop", ["a"] * 9),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"1": 2.0}),
+    ("response_format", {"type": "json_object"}), ("max_dynamic_patch", 0), ("unknown", 1),
+])
+def test_strict_fields(field, value):
+    with pytest.raises(ValidationError):
+        parse(base(**{field: value}))
+
+
+def test_accepted_neutral_values():
+    req = parse(base(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, response_format={"type": "text"},
+                     user="u", temperature=0, top_p=1, stop="x", max_completion_tokens=3))
+    assert req.stop_list == ["x"] and req.requested_max_tokens == 3 and req.temperature == 0.0
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValidationError, match="top_logprobs needs logprobs"):
+        parse(base(top_logprobs=2))
+    assert parse(base(logprobs=True, top_logprobs=2)).num_logprobs == 2
+    assert parse(base(logprobs=True)).num_logprobs == 0
+    with pytest.raises(ValidationError, match="stream_options"):
+        parse(base(stream_options={"include_usage": True}))
+    assert parse(base(stream=True, stream_options={"include_usage": True})).include_usage
+    with pytest.raises(ValidationError, match="disagree"):
+        parse(base(max_tokens=3, max_completion_tokens=4))
+
+
+def test_completion_request():
+    req = CompletionRequest.model_validate_json(json.dumps({"model": "m", "prompt": ["a", "b"], "logprobs": 2}))
+    assert req.prompts == ["a", "b"] and req.num_logprobs == 2
+    for bad in ({"model": "m", "prompt": ""}, {"model": "m", "prompt": []}, {"model": "m", "prompt": 3},
+                {"model": "m", "prompt": "x", "echo": True}, {"model": "m", "prompt": "x", "suffix": "y"},
+                {"model": "m", "prompt": "x", "best_of": 2}):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate_json(json.dumps(bad))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one mapping
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (InvalidRequest("x"), 400, None),
+    (ImageDecodeError("x"), 400, None),
+    (InvalidGenerationConfig("x"), 400, None),
+    (ContextLengthExceeded("x"), 400, "context_length_exceeded"),
+    (UnsupportedFeature("x"), 400, "unsupported"),
+    (Unauthorized("x"), 401, "invalid_api_key"),
+    (ModelNotFound("x"), 404, "model_not_found"),
+    (PayloadTooLarge("x"), 413, "request_too_large"),
+    (TooManyRequests("x"), 429, "too_many_requests"),
+    (EngineOverloaded("x"), 503, "engine_overloaded"),
+    (ModelLoading("x"), 503, "model_not_ready"),
+    (CheckpointError("x"), 500, None),
+])
+def test_error_mapping(error, status, code):
+    got_status, payload = error_payload(error)
+    assert got_status == error_status(error) == status
+    assert payload["error"]["code"] == code
+    assert payload["error"]["message"] == "x"
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def test_validation_error_mapping_names_the_field():
+    with pytest.raises(ValidationError) as info:
+        parse(base(messages=[{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]))
+    status, payload = error_payload(info.value)
+    assert status == 400
+    assert payload["error"]["param"] == "messages.1.role"
+    assert payload["error"]["message"].startswith("messages.1.role: ")
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate_json(b"{nope")
+    status, payload = error_payload(info.value)
+    assert status == 400 and "not valid JSON" in payload["error"]["message"]
+
+
+def test_unexpected_errors_do_not_leak_details():
+    status, payload = error_payload(RuntimeError("secret path /root/x"))
+    assert status == 500
+    assert payload["error"]["message"] == "internal server error"
+
+
+def test_chunk_dump_shape():
+    chunk = ChatCompletionChunk(id="c", model="m", choices=[])
+    payload = dump(chunk)
+    assert payload["object"] == "chat.completion.chunk" and payload["usage"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# ServerConfig
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_server_config_defaults_are_safe(monkeypatch):
+    monkeypatch.delenv("INTERNVL_API_KEY", raising=False)
+    config = ServerConfig(model="/x/InternVL2-1B")
+    assert config.host == "127.0.0.1" and config.port == 23333 and config.api_key is None
+    assert config.allow_private_media_urls is False and config.allowed_local_media_path is None
+    assert config.model_name == "InternVL2-1B"
+    assert config.max_body_bytes <= 64 * 2**20 and config.max_image_pixels <= 50_000_000
+    assert ServerConfig(model="/x/y", served_model_name="z").model_name == "z"
+
+
+def test_server_config_api_key_from_env(monkeypatch):
+    monkeypatch.setenv("INTERNVL_API_KEY", "from-env")
+    assert ServerConfig().api_key == "from-env"
+    assert ServerConfig(api_key="given").api_key == "given"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("port", 70000), ("max_body_bytes", 0), ("max_n", -1), ("max_num_seqs", True), ("dtype", "int8"),
+    ("media_fetch_timeout_s", 0), ("max_redirects", -1), ("max_model_len", 0), ("allowed_local_media_path",
+                                                                                "/definitely/not/here"),
+])
+def test_server_config_validation(field, value):
+    with pytest.raises(InvalidRequest, match=field):
+        ServerConfig(**{field: value})
+
+
+def test_server_config_engine_kwargs(tmp_path):
+    config = ServerConfig(model="m", max_model_len=100, num_blocks=7, allowed_local_media_path=str(tmp_path))
+    assert config.engine_kwargs()["max_model_len"] == 100 and config.engine_kwargs()["num_blocks"] == 7
+    assert config.allowed_local_media_path == str(tmp_path.resolve())
