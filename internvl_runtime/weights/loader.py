@@ -6,6 +6,12 @@ supplies a ``resolve(name) -> (param_name, shard_id, transform)`` function built
 tables (see ``models/decoders/base.py``). Every checkpoint key must resolve, every parameter (and every
 shard of a fused one) must be filled, and shapes must agree; otherwise ``WeightMismatchError`` lists
 all offending names at once.
+
+Slicing (tensor parallelism): a transform with ``lazy = True`` receives a :class:`LazyTensor` instead of
+the tensor, and reads only the rows or columns it needs (``lazy[a:b]``, ``lazy[:, a:b]``); for
+safetensors that reads just those bytes from the mapped file, so a rank never materialises a whole
+tensor it keeps a slice of. ``skip(param_name)`` names parameters this process does not hold (their
+checkpoint tensors are consumed without being read).
 """
 
 from __future__ import annotations
@@ -78,8 +84,51 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 
+class LazyTensor:
+    """One checkpoint tensor, not yet read: ``shape``, ``[index]`` (reads only that part) and ``load()``."""
+
+    def __init__(self, file: Path, name: str, source: object) -> None:
+        self.file, self.name, self._source = file, name, source   # a safetensors slice or a tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        src = self._source
+        return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())  # type: ignore[attr-defined]
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self._source[index]  # type: ignore[index]
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"{self.file}: cannot read {self.name} ({exc})") from exc
+
+    def load(self) -> torch.Tensor:
+        return self[...] if isinstance(self._source, torch.Tensor) else self[:]
+
+
+def iter_checkpoint_lazy(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
+    """Like :func:`iter_checkpoint`, but yields unread :class:`LazyTensor` s (valid until the next one)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        if file.suffix == ".bin":
+            for name, tensor in iter_checkpoint([file]):
+                yield name, LazyTensor(file, name, tensor)
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    yield name, LazyTensor(file, name, handle.get_slice(name))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
+
+
 def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
-                 optional: Callable[[str], bool] = lambda name: False) -> set[str]:
+                 optional: Callable[[str], bool] = lambda name: False,
+                 skip: Callable[[str], bool] = lambda name: False) -> set[str]:
     """Copy every checkpoint tensor into ``model``; raise WeightMismatchError naming all problems.
 
     ``optional(param_name)`` marks parameters that may be absent from the checkpoint (tied heads).
@@ -94,15 +143,22 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
     filled: dict[str, set[object]] = {}
     unexpected, misshaped, consumed = [], [], set()
     with torch.no_grad():
-        for name, tensor in iter_checkpoint(files):
+        for name, lazy in iter_checkpoint_lazy(files):
             target = resolve(name)
             if target is None or target[0] not in params:
                 unexpected.append(name)
                 continue
             param_name, shard_id, transform = target
+            if skip(param_name):
+                consumed.add(name)
+                continue
             param = params[param_name]
-            if transform is not None:
-                tensor = transform(tensor)
+            if transform is None:
+                tensor = lazy.load()
+            elif getattr(transform, "lazy", False):
+                tensor = transform(lazy)
+            else:
+                tensor = transform(lazy.load())
             dest = param.data
             if shard_id is not None:
                 offsets = shard_offsets(param_name)
@@ -122,7 +178,7 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
     for param_name, param in params.items():
         offsets = shard_offsets(param_name)
         got = filled.get(param_name, set())
-        if None in got:
+        if None in got or skip(param_name):
             continue
         if offsets is not None and got and set(offsets) <= got:
             continue

@@ -1,0 +1,165 @@
+"""Lock-step execution: rank 0 drives, the workers follow.
+
+Rank 0 runs the whole engine (scheduler, vision encoder, sampling, HTTP). Its runner is a
+:class:`TensorParallelRunner`: before each model step it broadcasts the step (token ids, positions,
+block tables, and the image feature rows as one tensor) to the workers, then runs its own share; every
+rank then executes the same forward, meeting at the same all-reduces. The workers sit in
+:func:`run_worker`: receive, execute, repeat, until a ``stop`` message.
+
+Messages on the control group, in order::
+
+    ("setup", {num_blocks, block_size, kv_dtype, img_context_token_id})   once
+    ("step", [step dicts], feature_rows, feature_dtype)                    per engine step
+    ("heartbeat",)                                                         when rank 0 is idle
+    ("stop",)                                                              once
+
+Heartbeats: a worker waits for the next message under the collective timeout, so an idle rank 0 sends
+one every ``heartbeat_s`` (a quarter of the timeout, at most 30 s). A rank that dies therefore ends the
+others within the timeout at worst (gloo: at once, the connection closes), with
+:class:`TensorParallelError`, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..engine.model_runner import ModelRunner, SequenceStep
+from .parallel_state import TensorParallelError, TPGroup
+
+logger = logging.getLogger(__name__)
+
+
+def _pack(steps: list[SequenceStep]) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+    meta, features = [], []
+    for s in steps:
+        rows = 0 if s.image_features is None else int(s.image_features.shape[0])
+        meta.append({"token_ids": list(s.token_ids), "num_computed": s.num_computed,
+                     "block_table": list(s.block_table), "want_logits": s.want_logits,
+                     "positions": None if s.positions is None else list(s.positions), "feature_rows": rows})
+        if rows:
+            features.append(s.image_features)
+    if not features:
+        return meta, None
+    return meta, features[0] if len(features) == 1 else torch.cat(features)
+
+
+def _unpack(meta: list[dict[str, Any]], features: torch.Tensor | None) -> list[SequenceStep]:
+    steps, start = [], 0
+    for m in meta:
+        rows = m.pop("feature_rows")
+        feats = None
+        if rows:
+            assert features is not None
+            feats, start = features[start:start + rows], start + rows
+        steps.append(SequenceStep(image_features=feats, **m))
+    return steps
+
+
+class TensorParallelRunner:
+    """Rank 0's runner: the ``ModelRunner`` interface, broadcasting each step to the workers first.
+
+    ``on_failure(exc)`` is called when a collective fails (a rank died); the server passes one that ends
+    the process so torchrun stops the group; offline use gets the :class:`TensorParallelError`.
+    """
+
+    def __init__(self, runner: ModelRunner, group: TPGroup, *, img_context_token_id: int | None,
+                 on_failure: Callable[[BaseException], None] | None = None, heartbeat_s: float | None = None) -> None:
+        self.runner, self.group, self.on_failure = runner, group, on_failure
+        self.heartbeat_s = heartbeat_s or max(0.5, min(30.0, group.timeout_s / 4))
+        self._lock = threading.Lock()
+        self._last_sent = time.monotonic()
+        self._closed = threading.Event()
+        self._failed: BaseException | None = None
+        self._send(("setup", {"num_blocks": runner.kv_cache.num_blocks, "block_size": runner.block_size,
+                              "kv_dtype": runner.dtype, "img_context_token_id": img_context_token_id}))
+        self._beat = threading.Thread(target=self._heartbeats, name="tp-heartbeat", daemon=True)
+        self._beat.start()
+
+    def __getattr__(self, name: str) -> Any:      # block_size, kv_cache, device, dtype ... of the local runner
+        return getattr(self.runner, name)
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: tuple) -> None:
+        if self._failed is not None:
+            raise TensorParallelError(f"the tensor-parallel group has failed earlier: {self._failed}")
+        try:
+            self.group.broadcast_object(message)
+        except TensorParallelError as exc:
+            self._fail(exc)
+            raise
+        self._last_sent = time.monotonic()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        self._closed.set()
+        logger.error("%s", exc)
+        if self.on_failure is not None:
+            self.on_failure(exc)
+
+    def _heartbeats(self) -> None:
+        while not self._closed.wait(self.heartbeat_s / 2):
+            if time.monotonic() - self._last_sent < self.heartbeat_s:
+                continue
+            try:
+                with self._lock:
+                    if not self._closed.is_set():
+                        self._send_locked(("heartbeat",))
+            except TensorParallelError:
+                return
+
+    def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
+        meta, features = _pack(steps)
+        with self._lock:
+            shape = None if features is None else tuple(features.shape)
+            dtype = None if features is None else features.dtype
+            self._send_locked(("step", meta, shape, dtype))
+            try:
+                if features is not None:
+                    self.group.broadcast_tensor(features.to(self.group.device).contiguous())
+                return self.runner.execute(steps)
+            except TensorParallelError as exc:
+                self._fail(exc)
+                raise
+
+    def close(self) -> None:
+        """Tell the workers to leave their loop (idempotent; harmless when the group already failed)."""
+        if self._closed.is_set():
+            return
+        try:
+            with self._lock:
+                self._closed.set()
+                if self._failed is None:
+                    self.group.broadcast_object(("stop",))
+        except TensorParallelError as exc:
+            logger.warning("could not stop the workers cleanly: %s", exc)
+
+
+def run_worker(model: Any, group: TPGroup) -> None:
+    """A worker's whole life after loading: follow rank 0's steps until ``stop``. Raises
+    :class:`TensorParallelError` if rank 0 (or any rank) dies."""
+    kind, setup = group.broadcast_object()
+    assert kind == "setup", kind
+    model.img_context_token_id = setup["img_context_token_id"]
+    runner = ModelRunner(model, num_blocks=setup["num_blocks"], block_size=setup["block_size"],
+                         kv_dtype=setup["kv_dtype"])
+    with torch.inference_mode():
+        while True:
+            message = group.broadcast_object()
+            if message[0] == "stop":
+                return
+            if message[0] == "heartbeat":
+                continue
+            _, meta, shape, dtype = message
+            features = None
+            if shape is not None:
+                features = group.broadcast_tensor(torch.empty(shape, dtype=dtype, device=group.device))
+            runner.execute(_unpack(meta, features))
