@@ -1,0 +1,139 @@
+"""GEMV throughput on the InternVL2-1B decode shapes: torch vs the native kernels (internvl_runtime.kernels).
+
+Prints, for M=1 and M=8 rows, the GB/s of weights streamed by torch's F.linear (bf16 and fp32 weights),
+each native bf16 path this CPU can run, and (with --int8) the int8 kernel against torch's
+``_weight_int8pack_mm`` -- next to the DRAM read bandwidth measured in the same run (a large float32 sum)
+and the host line. Weights are rotated over enough copies (--footprint-mb) that every call reads them
+from DRAM, as a decode step does. Every method is timed once per round, rounds interleaved, best kept:
+other processes on the machine then slow all columns alike.
+
+    python benchmarks/gemv.py                  # all shapes, M=1 and 8
+    python benchmarks/gemv.py --rows 1 --int8 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from internvl_runtime import kernels
+from internvl_runtime.hardware import describe_host
+
+SHAPES = {  # name: (N, K) = (out_features, in_features) of Qwen2-0.5B in InternVL2-1B
+    "qkv": (1152, 896),
+    "o": (896, 896),
+    "gate_up": (9728, 896),
+    "down": (896, 4864),
+    "lm_head": (151655, 896),
+}
+
+
+def best_time(fn: Callable[[], object], inner: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - start) / inner
+
+
+def read_bandwidth(mib: int = 512) -> Callable[[], float]:
+    big = torch.ones(mib * 1024 * 1024 // 4)
+
+    def measure() -> float:
+        return big.numel() * 4 / best_time(big.sum, 3) / 1e9
+    return measure
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="M values (default 1 8)")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best is kept")
+    ap.add_argument("--footprint-mb", type=int, default=256, help="weight copies rotated per timing")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-fp32", action="store_true", help="skip torch fp32 (needs 2x the memory)")
+    ap.add_argument("--int8", action="store_true", help="also time linear_int8 vs torch _weight_int8pack_mm")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    paths = list(reversed(kernels.supported_paths())) if kernels.available() else []
+    print(f"host: {describe_host()}")
+    print(f"kernels: {kernels.describe()}")
+    try:
+        load = os.getloadavg()
+        print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (on {os.cpu_count()} CPUs)")
+    except OSError:
+        pass
+    bandwidth = read_bandwidth()
+    read_bw = [bandwidth()]
+
+    columns = ["torch bf16"] + ([] if args.no_fp32 else ["torch fp32"]) + [f"{p}" for p in paths]
+    if args.int8:
+        columns += ["torch int8pack"] + [f"int8 {p}" for p in paths]
+    results: dict[tuple[str, int], dict[str, float]] = {}
+
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        nbytes = n * k * 2
+        copies = max(1, math.ceil(args.footprint_mb * 2 ** 20 / nbytes))
+        gen = torch.Generator().manual_seed(0)
+        ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16) for _ in range(copies)]
+        w32 = [w.float() for w in ws] if not args.no_fp32 else []
+        if args.int8:
+            qs = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for _ in range(copies)]
+            scales = torch.rand(n, generator=gen).to(torch.bfloat16) / 127
+        for m in args.rows:
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            x32 = x.float()
+            methods: dict[str, tuple[Callable[[torch.Tensor], object], list[torch.Tensor], int]] = {
+                "torch bf16": (lambda w, x=x: F.linear(x, w), ws, 2)}
+            if w32:
+                methods["torch fp32"] = (lambda w, x32=x32: F.linear(x32, w), w32, 4)
+            for p in paths:
+                methods[p] = (lambda w, p=p, x=x: kernels.linear_bf16(x, w, path=p), ws, 2)
+            if args.int8:
+                methods["torch int8pack"] = (lambda q, x=x, s=scales: torch.ops.aten._weight_int8pack_mm(x, q, s), qs, 1)
+                for p in paths:
+                    methods[f"int8 {p}"] = (lambda q, p=p, x=x, s=scales: kernels.linear_int8(x, q, s, path=p), qs, 1)
+            best: dict[str, float] = {}
+            for _ in range(args.rounds):
+                for label, (fn, weights, elem) in methods.items():
+                    def run_all(fn=fn, weights=weights) -> None:
+                        for w in weights:
+                            fn(w)
+                    seconds = best_time(run_all, 1) / len(weights)
+                    best[label] = min(best.get(label, math.inf), seconds)
+                read_bw.append(bandwidth())
+            results[(name, m)] = {label: n * k * methods[label][2] / best[label] / 1e9 for label in best}
+            results[(name, m)]["_ms_torch"] = best["torch bf16"] * 1e3
+            if paths:
+                results[(name, m)]["_ms_best"] = best[paths[-1]] * 1e3
+        del ws, w32
+
+    dram = max(read_bw)
+    print(f"DRAM read bandwidth (float32 sum of 512 MiB, best of {len(read_bw)}): {dram:.1f} GB/s "
+          f"(worst {min(read_bw):.1f})")
+    print("GB/s of weights streamed (bf16: 2 B/weight, fp32: 4, int8: 1); % = of the read bandwidth")
+    header = ["shape", "N x K", "M"] + columns + ["ms torch bf16", "ms best native"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for (name, m), row in results.items():
+        n, k = SHAPES[name]
+        cells = [name, f"{n}x{k}", str(m)]
+        for c in columns:
+            v = row.get(c)
+            cells.append("-" if v is None else f"{v:.1f} ({100 * v / dram:.0f}%)")
+        cells.append(f"{row['_ms_torch']:.3f}")
+        cells.append(f"{row['_ms_best']:.3f}" if "_ms_best" in row else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

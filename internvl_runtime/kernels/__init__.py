@@ -1,0 +1,310 @@
+"""Native CPU kernels for decode: matrix-vector products over bf16 (and int8) weights.
+
+Why: at batch 1 every decode step streams all weights once, so it runs at the speed the GEMV reads them.
+torch's own bf16 GEMV reaches only ~10-27 GB/s on the hosts we measured (the 151655x896 LM head ~9.5
+GB/s), well under the ~33 GB/s of DRAM read bandwidth. These kernels keep the weights as stored, widen
+them in registers (AVX-512 BF16 ``vdpbf16ps``; AVX-512F / AVX2 shift-and-FMA) and stream each row once,
+threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and ``benchmarks/gemv.py``.
+
+Use::
+
+    from internvl_runtime import kernels
+    y = kernels.linear_bf16(x, weight, bias)   # == F.linear(x, weight, bias), fp32 accumulation
+    kernels.describe()                           # "avx512bf16: ..." or "torch: <why>"
+
+The extension is compiled just in time on the first call (about 10-20 s with 2 cores, once per host:
+it is cached under torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). One binary serves every x86-64 CPU: each ISA path is compiled with a
+per-function target and the path is chosen here from /proc/cpuinfo, so no host ever executes an
+instruction it lacks. Without a compiler / ninja, on a non-x86 CPU, or on any build error, every call
+falls back to torch (``F.linear``), and the reason is logged once and shown by ``describe()``.
+
+``INTERNVL_CPU_KERNEL=torch|avx2|avx512|avx512bf16`` forces a path (tests, benchmarks); forcing one the
+CPU cannot run raises ``UnsupportedFeature`` naming the missing instruction set. Importing this package
+has no side effects: nothing is read or compiled before the first call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedFeature
+from ..hardware import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "INTERNVL_CPU_KERNEL"
+#: Every path, slowest first; "torch" is the pure-torch fallback.
+PATHS = ("torch", "avx2", "avx512", "avx512bf16")
+#: /proc/cpuinfo flags each native path needs (the same sets the C++ ``#pragma GCC target`` lines name).
+REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx512f",),
+    "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+}
+_PATH_ID = {"avx2": 0, "avx512": 1, "avx512bf16": 2}   # the `path` argument of the C++ operators
+
+#: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
+EXTENSION_NAME = "internvl_kernels_v1_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+CFLAGS = ["-O3", "-fno-math-errno"]                   # no -march: ISA chosen per function in the source
+
+__all__ = ["ENV_VAR", "PATHS", "available", "describe", "linear_bf16", "linear_int8", "selected_path",
+           "supported_paths"]
+
+
+# --------------------------------------------------------------------------------------------- ISA
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "x86-64")
+
+
+def missing_flags(path: str) -> tuple[str, ...]:
+    """The CPU flags ``path`` needs that this CPU lacks (empty: it can run here)."""
+    if path == "torch":
+        return ()
+    if path not in REQUIRED_FLAGS:
+        raise UnsupportedFeature(f"unknown CPU kernel path {path!r}; choose one of {', '.join(PATHS)}")
+    if not _is_x86():
+        return (f"x86-64 (this CPU is {platform.machine()})",)
+    flags = cpu_flags()
+    return tuple(f for f in REQUIRED_FLAGS[path] if f not in flags)
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The native paths this CPU can execute, best first (compilation not attempted)."""
+    return tuple(p for p in reversed(PATHS[1:]) if not missing_flags(p))
+
+
+# ---------------------------------------------------------------------------------- compilation
+
+class _State:
+    lock = threading.Lock()
+    ops: Any = None                 # torch.ops.internvl_kernels once loaded
+    tried = False
+    error: str | None = None        # why the extension is unusable (logged once)
+    build_seconds: float | None = None
+    library: str | None = None
+    best = "torch"                  # the automatic choice, fixed once the extension is loaded
+
+
+def _compile() -> str:
+    """Build (or reuse the cached build of) the extension and load it; returns the .so path."""
+    import shutil
+
+    # imported lazily: it is slow and pulls in setuptools
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:       # the PyPI `ninja` package, when its bin/ is not on PATH
+        try:
+            import ninja  # type: ignore[import-not-found]
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            logger.info("internvl_runtime.kernels: using ninja from %s", ninja.BIN_DIR)
+        except (ImportError, AttributeError):
+            pass                            # torch then raises "Ninja is required": we fall back
+    _clear_stale_lock(cpp_extension)
+    with warnings.catch_warnings(record=True) as caught:   # never let a build warning become an error
+        warnings.simplefilter("always")
+        path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                  is_python_module=False, verbose=False)
+    for w in caught:
+        logger.debug("while building %s: %s", EXTENSION_NAME, w.message)
+    return str(path)
+
+
+STALE_LOCK_SECONDS = 600   # a build takes 10-40 s; a lock this old was left by a killed process
+
+
+def _clear_stale_lock(cpp_extension: Any) -> None:
+    """torch waits forever on the build folder's lock file; remove it if a killed build left it behind."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(EXTENSION_NAME, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            logger.warning("internvl_runtime.kernels: removing stale build lock %s", lock)
+            lock.unlink()
+    except Exception as exc:  # noqa: BLE001 - private torch API; never fatal
+        logger.debug("could not check the build lock: %s", exc)
+
+
+def _summary(exc: BaseException) -> str:
+    """A build error in a few lines: its first line and the last lines (where the compiler says why)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 5:
+        lines = [lines[0][:300], "..."] + lines[-3:]
+    return f"{type(exc).__name__}: " + " | ".join(line[:400] for line in lines)
+
+
+def _load() -> Any:
+    """The loaded operator namespace, compiling on first use (thread-safe); None when unusable."""
+    if _State.tried:
+        return _State.ops
+    with _State.lock:
+        if _State.tried:
+            return _State.ops
+        if not _is_x86():
+            _State.error = f"no native kernels for {platform.machine()}"
+        elif not supported_paths():
+            _State.error = "this CPU has neither AVX2+FMA nor AVX-512"
+        else:
+            start = time.perf_counter()
+            try:
+                _State.library = _compile()
+                _State.ops = torch.ops.internvl_kernels
+                _State.ops.linear_bf16  # noqa: B018 - raises if the library did not register the operators
+                _State.best = supported_paths()[0]
+            except Exception as exc:  # noqa: BLE001 - any failure means: use torch
+                _State.ops = None
+                _State.error = f"building the native kernels failed ({_summary(exc)})"
+            _State.build_seconds = time.perf_counter() - start
+            if _State.ops is not None:
+                try:
+                    _register_fakes()
+                except Exception as exc:  # noqa: BLE001 - only torch.compile tracing needs them
+                    logger.debug("could not register fake kernels: %s", exc)
+        if _State.error and _State.build_seconds is not None:   # a build was tried and failed
+            logger.warning("internvl_runtime.kernels: %s; using torch's F.linear instead", _State.error)
+        elif _State.error:                                       # expected on this CPU: not a problem
+            logger.info("internvl_runtime.kernels: %s; using torch's F.linear", _State.error)
+        else:
+            logger.info("internvl_runtime.kernels: native kernels ready in %.1f s (%s)", _State.build_seconds,
+                        _State.library)
+        _State.tried = True
+        return _State.ops
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile / FakeTensor tracing can see through the operators."""
+    register = getattr(torch.library, "register_fake", None)   # torch >= 2.4
+    if register is None:
+        return
+
+    def fake(x: torch.Tensor, w: torch.Tensor, *_: Any) -> torch.Tensor:
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    register("internvl_kernels::linear_bf16")(fake)
+    register("internvl_kernels::linear_int8")(fake)
+
+
+def _reset_for_tests() -> None:
+    """Forget a failed or disabled build (a loaded library stays loaded: it cannot be unloaded)."""
+    with _State.lock:
+        if _State.ops is None:
+            _State.tried = False
+            _State.error = None
+
+
+# ------------------------------------------------------------------------------------ selection
+
+def _forced() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in PATHS:
+        raise UnsupportedFeature(f"{ENV_VAR}={value!r} is not one of auto, {', '.join(PATHS)}")
+    return value
+
+
+def _resolve(path: str | None) -> str:
+    """The path a call runs: ``path`` if given, else $INTERNVL_CPU_KERNEL, else the best one available."""
+    wanted = path if path is not None else _forced()
+    if wanted is not None:
+        wanted = wanted.lower()
+        if wanted == "torch":
+            return "torch"
+        lacking = missing_flags(wanted)
+        if lacking:
+            raise UnsupportedFeature(f"CPU kernel path {wanted!r} needs instruction set(s) this CPU lacks: "
+                                     f"{', '.join(lacking)}")
+        return wanted if _load() is not None else "torch"
+    return _State.best if _load() is not None else "torch"
+
+
+def selected_path() -> str:
+    """The path ``linear_bf16`` takes with no explicit ``path`` (compiles the extension if needed)."""
+    return _resolve(None)
+
+
+def available() -> bool:
+    """True when a native path will run (the extension built and the CPU supports one)."""
+    return selected_path() != "torch"
+
+
+def describe() -> str:
+    """One line: the path chosen and why (or why the fallback), for logs and benchmark records."""
+    try:
+        path = selected_path()
+    except UnsupportedFeature as exc:
+        return f"error: {exc}"
+    if path == "torch":
+        reason = (f"forced by {ENV_VAR}" if _forced() == "torch" else _State.error or "no native path")
+        return f"torch: F.linear ({reason})"
+    built = f"built/loaded in {_State.build_seconds:.1f} s" if _State.build_seconds is not None else "loaded"
+    return (f"{path}: native GEMV ({', '.join(REQUIRED_FLAGS[path])}); "
+            f"{built} from {_State.library}; CPU supports {', '.join(supported_paths())}")
+
+
+# ------------------------------------------------------------------------------------ operators
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                path: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for bf16 ``x`` (..., K) and bf16 ``weight`` (N, K) on CPU.
+
+    Accumulates in fp32 and rounds to bf16 once, like torch. ``bias`` may be bf16 or float32 (added in
+    fp32). Made for few rows (decode, M <= 16); it is correct for any M but slower than torch's GEMM for
+    many. Anything the kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``.
+    ``path`` overrides $INTERNVL_CPU_KERNEL and the automatic choice.
+    """
+    chosen = _resolve(path)
+    if (chosen == "torch" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2
+            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
+        return F.linear(x, weight, bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    out = _State.ops.linear_bf16(_flatten(x), weight, bias, _PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                path: str | None = None) -> torch.Tensor:
+    """``(x @ weight.T) * scales + bias`` for int8 ``weight`` (N, K) with one scale per output row.
+
+    The same semantics as the weight-only int8 layers (``quantization.Int8Linear``: W ~= q * scale[:, None]).
+    ``x`` bf16 or float32 (the result has its dtype); ``scales`` and ``bias`` bf16 or float32. Accumulates in
+    fp32 and rounds once. Falls back to a dequantizing torch expression where no native path runs.
+    """
+    chosen = _resolve(path)
+    if (chosen == "torch" or x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != torch.int8
+            or weight.dim() != 2 or scales.dtype not in (torch.bfloat16, torch.float32)
+            or any(t.device.type != "cpu" for t in (x, weight, scales))
+            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        out = F.linear(x.float(), weight.float()) * scales.float()
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    weight = weight.contiguous()
+    scales = scales.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = _State.ops.linear_int8(_flatten(x), weight, scales, bias, _PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
