@@ -7,14 +7,21 @@ the checkpoint, images and video are command-line arguments, and ``.cuda()`` bec
 so it also runs on a CPU-only machine.
 
     python examples/quick_start.py --model pretrained/InternVL2-1B --image1 a.jpg --image2 b.jpg --video clip.mp4
+
+The model card's other loading snippets are behind flags (the default run is unchanged):
+--load-in-8bit / --load-in-4bit (weight-only int8 / int4 LLM; run on CPU too, unlike the official
+bitsandbytes path) and --split [NAME] (the "Multiple GPUs" snippet with split_model; skipped, with the
+reason printed, on a machine without CUDA).
 """
 
 import argparse
+import os
 from threading import Thread
 
 import torch
 
 from internvl_runtime import AutoModel, AutoTokenizer, TextIteratorStreamer, load_image, load_video
+from internvl_runtime.placement import split_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="pretrained/InternVL2-1B", help="checkpoint folder")
@@ -23,6 +30,10 @@ parser.add_argument("--image2", default="./examples/image2.jpg")
 parser.add_argument("--video", default="./examples/red-panda.mp4")
 parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 parser.add_argument("--max-new-tokens", type=int, default=1024)
+parser.add_argument("--load-in-8bit", action="store_true", help="the model card's 8-bit snippet")
+parser.add_argument("--load-in-4bit", action="store_true", help="the model card's 4-bit snippet")
+parser.add_argument("--split", nargs="?", const="", metavar="NAME",
+                    help="the model card's multi-GPU snippet: split_model(NAME), NAME defaulting to the folder's name")
 args = parser.parse_args()
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = getattr(torch, args.dtype)
@@ -30,12 +41,38 @@ dtype = getattr(torch, args.dtype)
 # If you have an 80G A100 GPU, you can put the entire model on a single GPU.
 # Otherwise, you need to load a model using multiple GPUs, please refer to the `Multiple GPUs` section.
 path = args.model
-model = AutoModel.from_pretrained(
-    path,
-    torch_dtype=dtype,
-    low_cpu_mem_usage=True,
-    use_flash_attn=True,
-    trust_remote_code=True).eval().to(device)
+if args.split is not None and not torch.cuda.is_available():
+    print("Skipping the multi-GPU snippet (--split): split_model() spreads the layers over CUDA devices and this "
+          "machine has none; loading on the CPU instead.")
+    args.split = None
+if args.load_in_8bit or args.load_in_4bit:
+    # 8-bit / 4-bit quantization (the model card's snippets); the LLM's linear layers are quantized, the
+    # vision encoder stays in 16-bit. On a GPU machine the model goes to the current GPU, as in transformers.
+    model = AutoModel.from_pretrained(
+        path,
+        torch_dtype=dtype,
+        load_in_8bit=args.load_in_8bit,
+        load_in_4bit=args.load_in_4bit,
+        low_cpu_mem_usage=True,
+        use_flash_attn=True,
+        trust_remote_code=True).eval()
+elif args.split is not None:
+    # Multiple GPUs: the first and last LLM layers, the vision encoder, the embeddings and the LM head share GPU 0.
+    device_map = split_model(args.split or os.path.basename(os.path.normpath(path)))
+    model = AutoModel.from_pretrained(
+        path,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=True,
+        use_flash_attn=True,
+        trust_remote_code=True,
+        device_map=device_map).eval()
+else:
+    model = AutoModel.from_pretrained(
+        path,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=True,
+        use_flash_attn=True,
+        trust_remote_code=True).eval().to(device)
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)
 
 # set the max number of tiles in `max_num`

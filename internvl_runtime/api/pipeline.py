@@ -233,11 +233,30 @@ class Pipeline:
     def close(self) -> None:
         for rid in list(getattr(self.engine, "_states", {})):
             self.engine.abort_request(rid)
+        closer, self._closer = getattr(self, "_closer", None), None
+        if closer is not None:          # tensor parallel: stop the worker ranks
+            closer()
 
 
 def pipeline(model_path: str | Path, *, dtype: torch.dtype | str | None = "auto", device: str = "cpu",
-             backend_config: EngineConfig | None = None, **engine_kwargs: Any) -> Pipeline:
+             backend_config: EngineConfig | None = None, tensor_parallel_size: int = 1,
+             **engine_kwargs: Any) -> Pipeline:
     """Load a checkpoint folder and return a :class:`Pipeline` (``dtype='auto'`` uses the checkpoint's,
-    except on a CPU without native bf16, where float32 is chosen)."""
+    except on a CPU without native bf16, where float32 is chosen).
+
+    ``tensor_parallel_size=N`` splits the decoder over N ranks (``internvl_runtime.distributed``): under
+    torchrun this process is one of them (the workers never return from this call); otherwise N-1
+    worker processes are spawned. ``close()`` (or the end of the program) stops them."""
+    if tensor_parallel_size != 1:
+        import atexit
+
+        from ..distributed.launch import tensor_parallel_engine
+
+        engine, closer = tensor_parallel_engine(model_path, tensor_parallel_size, dtype=dtype, device=device,
+                                                engine_config=backend_config or EngineConfig(**engine_kwargs))
+        pipe = Pipeline(engine)
+        pipe._closer = closer
+        atexit.register(pipe.close)
+        return pipe
     engine = LLMEngine.from_pretrained(model_path, dtype=dtype, device=device, config=backend_config, **engine_kwargs)
     return Pipeline(engine)

@@ -14,6 +14,7 @@ import torch
 
 from ..models.internvl import InternVLModel
 from ..models.layers.attention import AttentionMetadata, KVCache
+from ..placement import layer_devices
 
 
 @dataclass
@@ -38,6 +39,11 @@ class SequenceStep:
         return self.num_computed + len(self.token_ids)
 
 
+def local_kv_heads(model: InternVLModel) -> int:
+    """KV heads this process caches: all of them, or its share under tensor parallelism."""
+    return model.language_model.model.layers[0].self_attn.num_kv_heads
+
+
 class ModelRunner:
     """Owns the KV cache for one model and executes steps."""
 
@@ -50,14 +56,15 @@ class ModelRunner:
         self.device = embed.device
         self.dtype = kv_dtype or embed.dtype
         self.kv_cache = KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=num_blocks,
-                                         block_size=block_size, num_kv_heads=llm.num_key_value_heads,
-                                         head_dim=llm.head_dim, dtype=self.dtype, device=self.device)
+                                         block_size=block_size, num_kv_heads=local_kv_heads(model),
+                                         head_dim=llm.head_dim, dtype=self.dtype,
+                                         device=layer_devices(model.language_model))
 
     @staticmethod
     def kv_bytes_per_block(model: InternVLModel, block_size: int, dtype: torch.dtype) -> int:
         llm = model.config.llm
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * llm.num_hidden_layers * block_size * llm.num_key_value_heads * llm.head_dim * elem
+        return 2 * llm.num_hidden_layers * block_size * local_kv_heads(model) * llm.head_dim * elem
 
     def _layout(self, step: SequenceStep) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
         """(slots of the new tokens, slots of the whole context or None, contiguous run or None)."""

@@ -94,9 +94,9 @@ def test_unknown_keyword(name: str) -> None:
 
 
 @pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
-def test_quantized_loading_unsupported(flag: str) -> None:
-    with pytest.raises(UnsupportedFeature, match=flag):
-        AutoModel.from_pretrained(CKPT, **{flag: True})
+def test_quantized_loading(flag: str) -> None:  # details in tests/unit/test_quantization.py
+    model = AutoModel.from_pretrained(CKPT, **{flag: True})
+    assert model.quantization.bits == (8 if flag == "load_in_8bit" else 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")

@@ -1,0 +1,118 @@
+"""``quantize_model``: swap a loaded model's linear layers for int8 / int4 ones, one layer at a time.
+
+What is quantized: every ``nn.Linear`` under ``language_model`` (q/k/v, o, gate/up, down and the LM
+head); never the embeddings or norms. The vision encoder and ``mlp1`` only with ``include_vision``
+(a ``UserWarning`` says why that is risky). Peak memory stays at the loaded model plus one layer's
+temporaries: each layer is quantized, moved to its target device and its float weight dropped before
+the next one starts (only module *names* are collected up front, so no stale reference keeps a float
+weight alive).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import INT4_GROUP_SIZES, QuantizationConfig
+from .linear import Int4Linear, Int8Linear, int4_backend
+
+logger = logging.getLogger(__name__)
+
+VISION_WARNING = ("quantizing the vision encoder too (include_vision=True): the official InternVL2 model card "
+                  "warns that 4-bit quantization of the 6B InternViT gives wrong outputs; expect larger errors "
+                  "in image features than in the LLM")
+
+
+def _int4_group(in_features: int, wanted: int) -> int | None:
+    """The requested group size if it divides K, else the largest smaller one that does (or None)."""
+    for size in sorted(INT4_GROUP_SIZES, reverse=True):
+        if size <= wanted and in_features % size == 0:
+            return size
+    return None
+
+
+def _target_names(model: nn.Module, include_vision: bool) -> list[str]:
+    prefixes = ("language_model.", "vision_model.", "mlp1.") if include_vision else ("language_model.",)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefixes)]
+
+
+def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vision: bool | None = None, *,
+                   device_for: Callable[[str], torch.device] | None = None) -> dict[str, str]:
+    """Quantize ``model`` in place; returns {module name: what it became} (e.g. "int4 g128", "int8").
+
+    mode: "int8", "int4" or a ``QuantizationConfig``; include_vision overrides the config's flag.
+    device_for: module name -> the device its quantized layer goes to (default: where it is now);
+    the int4 layout is packed for that device's kernel. Raises ``UnsupportedFeature`` before touching
+    any layer when a target device has no kernel for the mode.
+    """
+    config = QuantizationConfig.parse(mode)
+    assert config is not None
+    if include_vision is None:
+        include_vision = config.include_vision
+    if include_vision:
+        warnings.warn(VISION_WARNING, UserWarning, stacklevel=2)
+    names = _target_names(model, include_vision)
+
+    def target(name: str) -> torch.device:
+        if device_for is not None:
+            return device_for(name)
+        weight = model.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.device
+
+    if config.mode == "int4":
+        for device in {target(name) for name in names}:
+            int4_backend(device)                              # fail before the first layer changes
+
+    done: dict[str, str] = {}
+    fallbacks: list[str] = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        device = target(name)
+        group = _int4_group(linear.in_features, config.group_size) if config.mode == "int4" else None
+        if config.mode == "int4" and group is not None:
+            new: nn.Module = Int4Linear.from_linear(linear, group, device)
+            done[name] = f"int4 g{group}"
+        else:
+            if config.mode == "int4":
+                fallbacks.append(f"{name} (in_features {linear.in_features})")
+            new = Int8Linear.from_linear(linear, device)
+            done[name] = "int8"
+        setattr(parent, child, new)
+        del linear, new                                        # the float weight goes now, not at the end
+    if fallbacks:
+        logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s",
+                       INT4_GROUP_SIZES, len(fallbacks), ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""))
+    logger.info("quantized %d linear layers (%s%s)", len(done), config.mode,
+                ", vision included" if include_vision else "")
+    _return_freed_memory()
+    return done
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed float weights back to the OS (glibc keeps small freed blocks in its heap, so the
+    process would otherwise stay at its 16-bit size); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (a tied tensor counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total

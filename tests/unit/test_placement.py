@@ -1,0 +1,234 @@
+"""Multi-device placement on CPU: the official ``split_model`` maps, map checks and errors, ``"auto"``,
+a model split over several bookkept CPU devices (``cpu:0``, ``cpu:1``, ...) giving the unsplit logits,
+activations moved at every unit boundary, per-layer KV pools, and the dtypes each device runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, placement
+from internvl_runtime.api import auto
+from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
+from internvl_runtime.models.layers.attention import AttentionMetadata, KVCache
+from internvl_runtime.placement import (EMBED, LM_HEAD, NORM, OFFICIAL_NUM_LAYERS, auto_device_map, layer_devices,
+                                        metadata_to, resolve_device_map, split_model)
+
+FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+CKPT = FIXTURES / "ckpt"
+NAMED = ["vision_model", "mlp1", "language_model.model.tok_embeddings", EMBED, "language_model.output", NORM, LM_HEAD]
+
+
+def layers_on(device_map: dict, device: int) -> list[int]:
+    return sorted(int(k.rsplit(".", 1)[1]) for k, v in device_map.items() if k.startswith("language_model.model.layers.")
+                  and v == device)
+
+
+# ---- split_model: the model card's maps (worked out by hand from its arithmetic) ------------------
+@pytest.mark.parametrize(("name", "world", "expected"), [
+    # 76B on 4 GPUs: ceil(80 / 3.5) = 23 per GPU, GPU 0 ceil(23 / 2) = 12; 81 slots, so a key for layer 80
+    ("InternVL2-Llama3-76B", 4, {0: [*range(12), 79], 1: list(range(12, 35)), 2: list(range(35, 58)),
+                                 3: [*range(58, 79), 80]}),
+    ("InternVL2-26B", 2, {0: [*range(16), 47], 1: list(range(16, 47))}),            # 32 per GPU, 16 on GPU 0
+    ("InternVL2-40B", 3, {0: [*range(12), 59], 1: list(range(12, 36)), 2: list(range(36, 59))}),
+    ("InternVL2-2B", 2, {0: [*range(8), 23], 1: list(range(8, 23))}),
+    ("InternVL2-8B", 1, {0: list(range(32))}),
+    ("InternVL2-1B", 8, {0: [0, 1, 23], 1: [2, 3, 4, 5], 2: [6, 7, 8, 9], 3: [10, 11, 12, 13], 4: [14, 15, 16, 17],
+                         5: [18, 19, 20, 21], 6: [22, 24, 25], 7: [26, 27, 28, 29]}),       # 30 slots for 24 layers
+])
+def test_split_model_matches_model_card(name: str, world: int, expected: dict[int, list[int]]) -> None:
+    device_map = split_model(name, world)
+    for device, layers in expected.items():
+        assert layers_on(device_map, device) == layers
+    for key in NAMED:
+        assert device_map[key] == 0
+    assert len(device_map) == sum(len(v) for v in expected.values()) + len(NAMED)
+    assert split_model(f"OpenGVLab/{name}", world) == device_map
+    assert split_model(OFFICIAL_NUM_LAYERS[name], world) == device_map
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_NUM_LAYERS))
+@pytest.mark.parametrize("world", range(1, 9))
+def test_split_model_places_every_layer(name: str, world: int) -> None:
+    num_layers = OFFICIAL_NUM_LAYERS[name]
+    device_map = split_model(name, world)
+    as_cpu = {k: f"cpu:{v}" for k, v in device_map.items()}
+    placed = resolve_device_map(as_cpu, num_layers)
+    assert placed[f"language_model.model.layers.{num_layers - 1}"] == placed["vision_model"] == torch.device("cpu", 0)
+    assert len({d for d in placed.values()}) <= world
+
+
+@pytest.mark.parametrize(("args", "message"), [(("InternVL2-3B", 2), "unknown model"), ((0, 2), "positive"),
+                                               (("InternVL2-1B", 0), "at least one CUDA device")])
+def test_split_model_errors(args: tuple, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        split_model(*args)
+
+
+# ---- map checks ----------------------------------------------------------------------------------
+def test_resolve_prefixes_aliases_and_extra_keys() -> None:
+    placed = resolve_device_map({"": "cpu:0", "language_model.model.layers": "cpu:1", "language_model.output": "cpu:2",
+                                 "language_model.model.layers.5": "cpu:3", "language_model.model.rotary_emb": "cpu:0"}, 3)
+    assert placed[LM_HEAD] == torch.device("cpu", 2)          # InternLM2's name for the LM head
+    assert placed["language_model.model.layers.0"] == torch.device("cpu", 1)
+    assert placed["vision_model"] == placed[EMBED] == placed[NORM] == torch.device("cpu", 0)
+    assert "language_model.model.layers.5" not in placed        # past the last layer: ignored
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
+@pytest.mark.parametrize(("device_map", "error", "message"), [
+    ({"": "cuda:0"}, InvalidRequest, "CUDA is not available"),
+    ({"": 0}, InvalidRequest, "CUDA is not available"),
+    ({"": "gpu0"}, InvalidRequest, "not a device"),
+    ({"": True}, InvalidRequest, "not a device"),
+    ({"": "meta"}, UnsupportedFeature, "cannot hold weights"),
+    ({"": "cpu", "language_model.model.layers.1": "xla"}, InvalidRequest, "not supported"),
+    ({"vision_model": "cpu", "mlp1": "cpu", "language_model.model": "cpu:1", "language_model.model.layers.1": "cpu:2"},
+     InvalidRequest, "lm_head unplaced"),
+    ({"vision_model": "cpu", "mlp1": "cpu", "language_model.model.embed_tokens": "cpu", "language_model.model.norm": "cpu",
+      "language_model.lm_head": "cpu", "language_model.model.layers.0": "cpu"}, InvalidRequest,
+     "language_model.model.layers.1 unplaced"),
+    ({"vison_model": "cpu", "mlp1": "cpu", "language_model": "cpu"}, InvalidRequest, "vision_model unplaced.*'vison_model'"),
+    ({"": "cpu", "language_model.model.layers.0.mlp": "cpu:1"}, UnsupportedFeature, "splits inside"),
+    ({}, InvalidRequest, "non-empty"),
+])
+def test_bad_maps_fail_before_loading(monkeypatch, device_map: dict, error: type, message: str) -> None:
+    monkeypatch.setattr(auto, "build_model", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(error, match=message):
+        AutoModel.from_pretrained(CKPT / "tiny-1B", device_map=device_map)
+
+
+def test_auto_device_map_fills_in_order() -> None:
+    units = placement.placement_units(4)
+    sizes = dict.fromkeys(units, 10)
+    sizes["vision_model"] = 30
+    budgets = [(torch.device("cuda", 0), 85), (torch.device("cuda", 1), 10), (torch.device("cpu"), 100)]
+    placed = auto_device_map(sizes, budgets)
+    # device 0 first takes vision (30) + mlp1, embeddings, norm, head and the last layer (10 each): 80 of 85
+    assert placed["vision_model"] == placed[LM_HEAD] == placed["language_model.model.layers.3"] == torch.device("cuda", 0)
+    assert [placed[f"language_model.model.layers.{i}"] for i in range(3)] == [
+        torch.device("cuda", 1), torch.device("cpu"), torch.device("cpu")]
+
+
+def test_auto_device_map_fills_device_0_first_and_says_when_it_does_not_fit() -> None:
+    units = placement.placement_units(4)
+    placed = auto_device_map(dict.fromkeys(units, 10), [(torch.device("cuda", 0), 90), (torch.device("cuda", 1), 90)])
+    assert [placed[f"language_model.model.layers.{i}"].index for i in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(InvalidRequest, match="needs"):
+        auto_device_map(dict.fromkeys(units, 10), [(torch.device("cuda", 0), 50), (torch.device("cuda", 1), 20)])
+
+
+def test_estimate_unit_bytes_counts_quantized_linears() -> None:
+    from internvl_runtime.config import InternVLConfig
+    from internvl_runtime.models.internvl import InternVLModel
+    with torch.device("meta"):
+        skeleton = InternVLModel(InternVLConfig.from_pretrained(CKPT / "tiny-1B"))
+    full = placement.estimate_unit_bytes(skeleton, torch.bfloat16)
+    int8 = placement.estimate_unit_bytes(skeleton, torch.bfloat16, bits=8)
+    assert int8["vision_model"] == full["vision_model"]
+    assert int8["language_model.model.layers.0"] < 0.6 * full["language_model.model.layers.0"]
+    assert int8[EMBED] == full[EMBED]
+
+
+# ---- a split model on bookkept CPU devices --------------------------------------------------------
+def three_way_map(num_layers: int) -> dict[str, str]:
+    """vision on cpu:0, projector on cpu:1, layers alternating cpu:1 / cpu:2, embeddings + head on cpu:0."""
+    device_map = {"vision_model": "cpu:0", "mlp1": "cpu:1", "language_model.model.embed_tokens": "cpu:0",
+                  "language_model.model.norm": "cpu:0", "language_model.lm_head": "cpu:0"}
+    device_map.update({f"language_model.model.layers.{i}": f"cpu:{1 + i % 2}" for i in range(num_layers)})
+    return device_map
+
+
+def run_steps(model, ids: list[int]) -> torch.Tensor:
+    runner = ModelRunner(model, num_blocks=8)
+    out = [runner.execute([SequenceStep(ids, 0, [0, 1, 2, 3])])]
+    for step, token in enumerate([11, 12]):
+        out.append(runner.execute([SequenceStep([token], len(ids) + step, [0, 1, 2, 3])]))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("variant", ["tiny-1B", "tiny-26B"])
+def test_split_model_logits_equal_unsplit(monkeypatch, variant: str) -> None:
+    base = AutoModel.from_pretrained(CKPT / variant, torch_dtype=torch.float32)
+    device_map = three_way_map(base.config.llm.num_hidden_layers)
+    if variant == "tiny-26B":                                       # InternLM2: the checkpoint's names
+        device_map["language_model.model.tok_embeddings"] = device_map.pop(EMBED)
+        device_map["language_model.output"] = device_map.pop(LM_HEAD)
+    split = AutoModel.from_pretrained(CKPT / variant, torch_dtype=torch.float32, device_map=device_map)
+    assert split.hf_device_map["mlp1"] == "cpu:1"
+    assert layer_devices(split.language_model) == [torch.device("cpu", 1 + i % 2)
+                                                   for i in range(base.config.llm.num_hidden_layers)]
+    moves: list[tuple[str, torch.device]] = []
+    original = placement._move
+
+    def spy(obj, device, cache):
+        moves.append((type(obj).__name__, device))
+        return original(obj, device, cache)
+
+    monkeypatch.setattr(placement, "_move", spy)
+    ids = list(range(3, 40))
+    assert torch.equal(run_steps(split, ids), run_steps(base, ids))
+    # every layer call sends its hidden states and the step's metadata to the layer's device
+    layer_moves = [d for kind, d in moves if kind == "AttentionMetadata"]
+    assert layer_moves[:2] == [torch.device("cpu", 1), torch.device("cpu", 2)]
+    assert ("Tensor", torch.device("cpu", 0)) in moves               # norm / LM head back on cpu:0
+
+
+def test_split_model_chat_with_image_equals_unsplit() -> None:
+    path = CKPT / "tiny-1B"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixel_values = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    config = dict(max_new_tokens=6, do_sample=False)
+    question = "<image>\nDescribe the image."
+    base = AutoModel.from_pretrained(path, torch_dtype=torch.float32)
+    split = AutoModel.from_pretrained(path, torch_dtype=torch.float32, device_map=three_way_map(2))
+    assert split.chat(tokenizer, pixel_values, question, config) == base.chat(tokenizer, pixel_values, question, config)
+    assert torch.equal(split.extract_feature(pixel_values), base.extract_feature(pixel_values))
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_split_and_quantized(quantization: str) -> None:
+    path = CKPT / "tiny-1B"
+    ids = list(range(3, 40))
+    plain = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, quantization=quantization)
+    split = AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, quantization=quantization,
+                                      device_map=three_way_map(2))
+    assert torch.equal(run_steps(split, ids), run_steps(plain, ids))
+
+
+def test_kv_pools_follow_layer_devices() -> None:
+    cache = KVCache.allocate(num_layers=3, num_blocks=2, block_size=4, num_kv_heads=1, head_dim=8, dtype=torch.float32,
+                             device=["cpu", "meta", torch.device("cpu", 1)])
+    assert [k.device.type for k in cache.keys] == ["cpu", "meta", "cpu"]
+    assert [v.device.type for v in cache.values] == ["cpu", "meta", "cpu"]
+
+
+def test_metadata_moves_every_tensor() -> None:
+    meta = AttentionMetadata(query_lens=[2, 1], seq_lens=[2, 3], slot_mapping=torch.tensor([0, 1, 6]),
+                             context_slots=[torch.tensor([0, 1]), torch.tensor([4, 5, 6])])
+    moved = metadata_to(meta, torch.device("meta"))
+    assert moved.slot_mapping.device.type == "meta"
+    assert all(c.device.type == "meta" for c in moved.context_slots)
+    assert moved.query_lens == [2, 1] and moved.query_starts == [0, 2]
+    assert metadata_to(meta, torch.device("cpu")) is meta
+
+
+# ---- dtypes ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 0.0), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_every_dtype_runs_on_cpu(dtype: torch.dtype, tolerance: float) -> None:
+    reference = run_steps(AutoModel.from_pretrained(CKPT / "tiny-1B", torch_dtype=torch.float32), list(range(3, 30)))
+    model = AutoModel.from_pretrained(CKPT / "tiny-1B", torch_dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    logits = run_steps(model, list(range(3, 30)))
+    assert float((logits - reference).norm() / reference.norm()) <= tolerance
+
+
+def test_bfloat16_on_old_gpu_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(InvalidRequest, match="compute capability 8.0"):
+        auto.check_dtype_runs(torch.bfloat16, torch.device("cuda", 0))
+    auto.check_dtype_runs(torch.float16, torch.device("cuda", 0))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        auto.check_dtype_runs(dtype, torch.device("cpu"))
