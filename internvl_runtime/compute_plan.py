@@ -73,9 +73,9 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> None:
     _, kernel = _decode_kernel(plan.dtype) if plan.decode_kernel != "torch" else ("torch", None)
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
-        # The GEMV kernel wins up to ~8 rows where torch has fast bf16 GEMMs, up to 16 elsewhere
-        # (benchmarks/gemv.py); past that the products are compute-bound and torch's GEMM is better.
-        rows = 8 if cpu_has_fast_bf16() else 16
+        # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs (it loses at 8 rows on
+        # Zen 4, benchmarks/RESULTS.md), up to 16 elsewhere (torch's bf16 there is ~100x slower).
+        rows = 4 if cpu_has_fast_bf16() else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     for sub in model.modules():
