@@ -391,6 +391,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.bench_args], cwd=str(script.parent.parent))
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """The host's capabilities and the compute plan a model loaded in ``--dtype`` would get."""
+    import torch
+
+    from .compute_plan import choose_plan
+    from .hardware import describe_host
+
+    print(f"host: {describe_host()}")
+    print(f"cuda: {torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "cuda: not available")
+    print(choose_plan(getattr(torch, args.dtype), "cpu").describe())
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
@@ -440,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run benchmarks/run_all.py; extra arguments are passed on.")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for run_all.py")
     bench.set_defaults(func=cmd_bench)
+
+    info = sub.add_parser("info", help="show the host's CPU features and the compute plan per dtype",
+                          description="Print the CPU flags that matter, CUDA devices, and the compute plan "
+                          "(16-bit handling, decode kernel) a model loaded in --dtype would use.")
+    info.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    info.set_defaults(func=cmd_info)
     return parser
 
 

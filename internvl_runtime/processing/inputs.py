@@ -144,20 +144,22 @@ class InputProcessor:
         if not turns or turns[-1].role != "user":
             raise InvalidRequest("the last message must come from the user")
         images: list[ImageInput] = []
+        num_still_images = 0   # video frames are limited by the caller's frame limit, not max_images
         history: list[tuple[str, str]] = []
         pending_user: str | None = None
         for m in turns:
             if m.role == "user":
                 text = self._user_text(m)
                 images.extend(self.image_input(img, max_num=1 if m.is_video else max_num) for img in m.images)
+                num_still_images += 0 if m.is_video else len(m.images)
                 pending_user = text if pending_user is None else pending_user + "\n" + text
             else:
                 if m.images:
                     raise InvalidRequest("assistant messages cannot carry images")
                 history.append((pending_user or "", m.text))
                 pending_user = None
-        if len(images) > self.max_images:
-            raise InvalidRequest(f"{len(images)} images in one request; the limit is {self.max_images}")
+        if num_still_images > self.max_images:
+            raise InvalidRequest(f"{num_still_images} images in one request; the limit is {self.max_images}")
         prompt = build_prompt(self.template, pending_user or "", history, system)
         return self.prepare_prompt(prompt, images)
 

@@ -140,6 +140,19 @@ def sample_frames(
     return SampledFrames(frames=images, indices=indices, fps=fps)
 
 
+def probe_duration(video_path: VideoSource) -> float | None:
+    """The clip's duration in seconds from its container or stream header (None when unknown);
+    reads headers only. Raises VideoDecodeError when the source is not a readable video."""
+    _, open_container = _opener(video_path)
+    with open_container() as container:
+        stream = _video_stream(container, "video")
+        if stream.duration is not None and stream.time_base is not None:
+            return float(stream.duration * stream.time_base)
+        if container.duration is not None:
+            return container.duration / 1_000_000
+    return None
+
+
 def load_video(
     video_path: VideoSource,
     bound: Sequence[float] | None = None,

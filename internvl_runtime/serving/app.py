@@ -98,6 +98,8 @@ class ServingState:
         self.engine: Any = None
         self.load_error: str | None = None
         self.fetcher = MediaFetcher.from_config(config)
+        self.video_fetcher = MediaFetcher.from_config(config, max_image_bytes=config.max_video_bytes,
+                                                     media_kind="video")
         self.active = 0
         self.http_responses: Counter[int] = Counter()
         self.processor: Any = None

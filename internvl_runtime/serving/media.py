@@ -116,7 +116,9 @@ class MediaFetcher:
 
     def __init__(self, *, max_image_bytes: int = 16 * 2**20, timeout_s: float = 10.0, max_redirects: int = 3,
                  allowed_local_media_path: str | None = None, allow_private_urls: bool = False,
-                 resolver: Resolver | None = None, address_check: AddressCheck | None = None) -> None:
+                 resolver: Resolver | None = None, address_check: AddressCheck | None = None,
+                 media_kind: str = "image") -> None:
+        self.media_kind = media_kind          # "image" or "video": the data-URL type and Accept header
         self.max_image_bytes = max_image_bytes
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
@@ -163,8 +165,8 @@ class MediaFetcher:
             raise InvalidRequest("malformed data URL: expected data:image/<type>;base64,<data>")
         mime = match.group("mime").strip().lower()
         params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
-        if not mime.startswith("image/"):
-            raise InvalidRequest(f"data URL has media type {mime or 'none'!r}; expected an image/* type")
+        if not mime.startswith(f"{self.media_kind}/"):
+            raise InvalidRequest(f"data URL has media type {mime or 'none'!r}; expected a {self.media_kind}/* type")
         if "base64" not in params:
             raise InvalidRequest("data URL must be base64-encoded (data:image/<type>;base64,...)")
         payload = re.sub(r"\s+", "", url[match.end():])
@@ -259,7 +261,7 @@ class MediaFetcher:
                 try:
                     async with client.stream("GET", target, headers={"Host": host_header,
                                                                      "User-Agent": "internvl-runtime",
-                                                                     "Accept": "image/*"},
+                                                                     "Accept": f"{self.media_kind}/*"},
                                              extensions=extensions) as response:
                         if response.status_code in _REDIRECTS:
                             location = response.headers.get("location")

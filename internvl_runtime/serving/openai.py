@@ -159,17 +159,38 @@ async def _prepare_chat(state: Any, req: ChatCompletionRequest) -> PreparedReque
         raise InvalidRequest(f"max_dynamic_patch: at most {config.max_tiles_per_image} tiles per image on this "
                              f"server, got {req.max_dynamic_patch}")
     max_num = req.max_dynamic_patch or min(processor.max_dynamic_patch, config.max_tiles_per_image)
+    videos = [v for m in req.messages if (v := m.video()) is not None]
+    for video in videos:
+        if (video.num_segments or 8) > config.max_video_frames:
+            raise InvalidRequest(f"num_segments: at most {config.max_video_frames} frames per video on this "
+                                 f"server, got {video.num_segments}")
     datas = await _gather([state.fetcher.fetch(url) for url in urls])
+    video_datas = await _gather([state.video_fetcher.fetch(v.url) for v in videos])
 
     def work() -> PreparedRequest:
         images = iter([decode_image(d, max_pixels=config.max_image_pixels) for d in datas])
+        clips = iter([video_frames(d, v.num_segments or 8, config) for d, v in zip(video_datas, videos)])
         messages = []
         for m in req.messages:
             role = "system" if m.role == "developer" else m.role
-            messages.append(Message(role, m.text(), [next(images) for _ in m.image_urls()]))
+            if m.video() is not None:
+                messages.append(Message(role, m.text(), next(clips), is_video=True))
+            else:
+                messages.append(Message(role, m.text(), [next(images) for _ in m.image_urls()]))
         return processor.prepare(messages, max_num=max_num)
 
     return await state.run_in_worker(work)
+
+
+def video_frames(data: bytes, num_segments: int, config: Any) -> list[Any]:
+    """Sample ``num_segments`` frames (the official choice) after checking the clip's duration."""
+    from ..processing.video import probe_duration, sample_frames
+
+    seconds = probe_duration(data)
+    if seconds is not None and seconds > config.max_video_seconds:
+        raise InvalidRequest(f"the video lasts {seconds:.0f} s; this server accepts at most "
+                             f"{config.max_video_seconds:.0f} s")
+    return list(sample_frames(data, num_segments=num_segments).frames)
 
 
 async def _gather(coroutines: list[Any]) -> list[Any]:

@@ -61,7 +61,22 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    """A video, from the same sources as an image; ``num_segments`` frames are sampled as the official
+    ``load_video`` does (one tile each, ``Frame1: <image>`` prompt)."""
+
+    url: str = Field(min_length=1)
+    num_segments: int | None = Field(default=None, ge=1)
+
+
+class VideoPart(_Strict):
+    """``{"type": "video_url", "video_url": {"url": "...", "num_segments": 8}}``"""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
@@ -76,8 +91,12 @@ class ChatMessage(_Strict):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.role != "user" and isinstance(self.content, list) \
-                and any(isinstance(p, ImagePart) for p in self.content):
-            raise ValueError(f"only user messages may carry images, not {self.role} messages")
+                and any(isinstance(p, (ImagePart, VideoPart)) for p in self.content):
+            raise ValueError(f"only user messages may carry images or videos, not {self.role} messages")
+        if isinstance(self.content, list):
+            videos = sum(isinstance(p, VideoPart) for p in self.content)
+            if videos > 1 or (videos and any(isinstance(p, ImagePart) for p in self.content)):
+                raise ValueError("a message may carry one video and no images beside it")
         return self
 
     def text(self) -> str:
@@ -92,6 +111,11 @@ class ChatMessage(_Strict):
         if not isinstance(self.content, list):
             return []
         return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+    def video(self) -> VideoURL | None:
+        if not isinstance(self.content, list):
+            return None
+        return next((p.video_url for p in self.content if isinstance(p, VideoPart)), None)
 
 
 class StreamOptions(_Strict):

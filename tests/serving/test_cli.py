@@ -220,3 +220,9 @@ def test_bench_without_benchmarks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "_bench_roots", lambda: [tmp_path])
     assert cli.main(["bench"]) == 1
     assert "no benchmarks are there" in capsys.readouterr().err
+
+
+def test_info_shows_the_host_and_plan(capsys):
+    assert cli.main(["info", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "host:" in out and "compute plan: weights float32" in out
