@@ -91,9 +91,10 @@ class Sampler:
     6. Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always
        keeping the most likely one (``TopPLogitsWarper``); the kept set is the smallest whose
        probability sums to at least ``top_p``.
-    7. Sample from the softmax as ``argmax(probs / q)`` with ``q ~ Exp(1)`` (equivalent to a
-       multinomial draw, with no sync), the noise drawn from the row's own generator when it has one,
-       so a seeded request is reproducible whatever else is in the batch.
+    7. Sample from the softmax by inverting its cumulative sum at one uniform draw per row (a
+       multinomial draw, with no sync), the draw taken from the row's own generator when it has one,
+       so a seeded request is reproducible whatever else is in the batch. One number per row instead
+       of a vocabulary-sized noise tensor: drawing Exp(1) noise for 151655 logits cost ~3 ms a row.
 
     Logprobs (rows with ``params.logprobs`` set) are the log-softmax of the logits after steps 1-2 and
     before 4-6: the model's penalised distribution, not the temperature-warped one, so a greedy choice is
@@ -116,8 +117,10 @@ class Sampler:
             index = torch.tensor(sample_rows, device=logits.device)
             warped = self.warp(processed[index], [rows[i] for i in sample_rows])  # (S, V) steps 4-6
             probs = torch.softmax(warped, dim=-1)
-            noise = self._exponential([rows[i] for i in sample_rows], probs.shape[-1], probs.device)
-            tokens = tokens.index_copy(0, index, probs.div_(noise).argmax(dim=-1))  # step 7
+            uniform = self._uniform([rows[i] for i in sample_rows], probs.device)  # (S, 1) in [0, 1)
+            cdf = probs.cumsum_(dim=-1)
+            chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+            tokens = tokens.index_copy(0, index, chosen.squeeze(1))  # step 7
 
         logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         records: list[TokenLogprobs | None] = [None] * len(rows)
@@ -190,14 +193,11 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _exponential(rows: SequenceABC[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise (S, V): each seeded row from its own generator, the others from the global RNG."""
-        noise = torch.empty(len(rows), vocab, device=device)
-        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_()
+    def _uniform(rows: SequenceABC[SamplingRow], device: torch.device) -> torch.Tensor:
+        """One U[0, 1) draw per row (S, 1): each seeded row from its own generator, the others from the
+        global RNG."""
+        draws = torch.rand(len(rows), 1, device=device)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                noise[i].exponential_(generator=row.generator)
-        # exponential_ can return exactly 0 on some devices; avoid dividing by it.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+                draws[i] = torch.rand(1, generator=row.generator, device=device)
+        return draws
