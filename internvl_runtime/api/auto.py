@@ -26,7 +26,7 @@ from ..compute_plan import apply_plan, choose_plan
 from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, UnsupportedFeature
 from ..hardware import auto_dtype
-from ..models.internvl import InternVLModel, build_model
+from ..models.internvl import InternVLModel, build_model, meta_model
 from ..placement import (EMBED, auto_device_map, dispatch_model, estimate_unit_bytes, normalize_device, physical,
                          placement_units, resolve_device_map)
 from ..quantization import QuantizationConfig, int4_backend, quantize_model, resolve_quantization
@@ -102,13 +102,7 @@ def _auto_map(config: InternVLConfig, dtype: torch.dtype,
               quantization: QuantizationConfig | None) -> dict[str, torch.device] | None:
     """``device_map="auto"`` with CUDA: fill the GPUs in order (90% of their free memory), then the CPU;
     None when the whole model fits on GPU 0."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            skeleton = InternVLModel(config)
-    finally:
-        torch.set_default_dtype(previous)
+    skeleton = meta_model(config, dtype)
     sizes = estimate_unit_bytes(skeleton, dtype, quantization.bits if quantization else None)
     budgets = [(torch.device("cuda", i), int(torch.cuda.mem_get_info(i)[0] * 0.9))
                for i in range(torch.cuda.device_count())]

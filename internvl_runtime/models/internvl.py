@@ -97,19 +97,25 @@ class InternVLModel(nn.Module):
         return embeds
 
 
+def meta_model(config: InternVLConfig, dtype: torch.dtype,
+               model_class: type[InternVLModel] = InternVLModel) -> InternVLModel:
+    """The model on the meta device with ``dtype`` parameters: shapes and names, no memory."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 config: InternVLConfig | None = None, allow_pickle: bool = False,
                 model_class: type[InternVLModel] = InternVLModel) -> InternVLModel:
     """Construct on the meta device (no memory), allocate once in ``dtype`` on ``device``, then fill
     from the checkpoint tensor by tensor. Peak memory ~ the model's size in ``dtype``."""
     config = config or InternVLConfig.from_pretrained(folder)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = model_class(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = meta_model(config, dtype, model_class)
     model.to_empty(device=device)
     model.load_checkpoint(folder, allow_pickle=allow_pickle)
     return model.eval().requires_grad_(False)
