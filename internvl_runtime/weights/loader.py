@@ -60,10 +60,89 @@ def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> list[
     raise CheckpointError(f"{folder} has no weights: expected {SINGLE_FILE} or {INDEX_FILE} (+ shards)")
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) lazily; safetensors tensors are memory-mapped views until copied."""
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
+
+class _FileRegion:
+    """One tensor's bytes in a safetensors file, read on demand with plain reads (no memory map).
+
+    A memory map keeps every page it touched resident and counted against the process until the file is
+    closed, so loading a mapped checkpoint peaks at weights + checkpoint size; reading each tensor into
+    its own buffer peaks at weights + the largest tensor.
+    """
+
+    def __init__(self, file: Path, name: str, dtype: torch.dtype, shape: list[int], offset: int) -> None:
+        self.file, self.name, self.dtype, self.shape, self.offset = file, name, dtype, shape, offset
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (the whole tensor for a 0-d one)."""
+        rows = self.shape[0] if self.shape else 1
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        stop = max(stop, start)
+        row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=self.dtype).element_size()
+        nbytes = (stop - start) * row_bytes
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * row_bytes)
+            if nbytes and f.readinto(buffer.numpy()) != nbytes:
+                raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+        shape = [stop - start, *self.shape[1:]] if self.shape else []
+        return buffer.view(self.dtype).reshape(shape)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        if isinstance(index, slice) and index.step in (None, 1) and self.shape:
+            start, stop, _ = index.indices(self.shape[0])
+            return self.read_rows(start, stop)
+        whole = self.read_rows(0, self.shape[0] if self.shape else 1)
+        return whole if index is Ellipsis or index == slice(None) else whole[index].clone()  # type: ignore[index]
+
+
+def _safetensors_regions(file: Path) -> list[_FileRegion]:
+    """The tensors of a safetensors file in file order, header validated before any data is read."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise CheckpointError(f"{file}: not a safetensors file (header length {header_len} for {size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: unreadable safetensors header (not a JSON object)")
+    base = 8 + header_len
+    regions = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry ({exc})") from exc
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes or start < 0 or base + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} spans bytes {start}..{end}, which does not fit "
+                                  f"its shape {shape} {info['dtype']} or the file ({size} bytes)")
+        regions.append((start, _FileRegion(file, name, dtype, shape, base + start)))
+    return [region for _, region in sorted(regions, key=lambda item: item[0])]
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for region in _safetensors_regions(file):
+        yield region.name, region[...]
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, each read into its own buffer (see ``_read_safetensors``)."""
     for file in files:
         if file.suffix == ".bin":
             try:  # weights_only refuses any pickle that would run code
@@ -75,12 +154,8 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             yield from state.items()
             continue
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            if isinstance(exc, WeightMismatchError):
-                raise
+            yield from _read_safetensors(file)
+        except OSError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 
@@ -93,37 +168,38 @@ class LazyTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         src = self._source
-        return tuple(src.shape) if isinstance(src, torch.Tensor) else tuple(src.get_shape())  # type: ignore[attr-defined]
+        if isinstance(src, (torch.Tensor, _FileRegion)):
+            return tuple(src.shape)
+        return tuple(src.get_shape())  # type: ignore[attr-defined]
 
     def __getitem__(self, index: object) -> torch.Tensor:
         from safetensors import SafetensorError
 
         try:
             return self._source[index]  # type: ignore[index]
+        except CheckpointError:
+            raise
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"{self.file}: cannot read {self.name} ({exc})") from exc
 
     def load(self) -> torch.Tensor:
-        return self[...] if isinstance(self._source, torch.Tensor) else self[:]
+        return self[...] if isinstance(self._source, (torch.Tensor, _FileRegion)) else self[:]
 
 
 def iter_checkpoint_lazy(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
-    """Like :func:`iter_checkpoint`, but yields unread :class:`LazyTensor` s (valid until the next one)."""
-    from safetensors import SafetensorError, safe_open
-
+    """Like :func:`iter_checkpoint`, but yields unread :class:`LazyTensor` s that read only what is asked
+    (a tensor-parallel rank reads its rows, or the tensor it slices columns from)."""
     for file in files:
         if file.suffix == ".bin":
             for name, tensor in iter_checkpoint([file]):
                 yield name, LazyTensor(file, name, tensor)
             continue
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                    yield name, LazyTensor(file, name, handle.get_slice(name))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
+            regions = _safetensors_regions(file)
+        except OSError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
+        for region in regions:
+            yield region.name, LazyTensor(file, region.name, region)
 
 
 def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
