@@ -7,6 +7,7 @@ On x86 CPUs without avx512_bf16/AMX, torch's bfloat16 matrix products run ~160x 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 import torch
@@ -26,6 +27,18 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; free pages where /proc is absent)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def cpu_model() -> str:

@@ -25,7 +25,7 @@ import torch
 from ..compute_plan import apply_plan, choose_plan
 from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, UnsupportedFeature
-from ..hardware import auto_dtype
+from ..hardware import auto_dtype, available_memory
 from ..models.internvl import InternVLModel, build_model, meta_model
 from ..placement import (EMBED, auto_device_map, dispatch_model, estimate_unit_bytes, normalize_device, physical,
                          placement_units, resolve_device_map)
@@ -108,11 +108,7 @@ def _auto_map(config: InternVLConfig, dtype: torch.dtype,
                for i in range(torch.cuda.device_count())]
     if sum(sizes.values()) <= budgets[0][1]:
         return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        available = 0
+    available = available_memory()
     return auto_device_map(sizes, budgets + [(torch.device("cpu"), int(available * 0.9))])
 
 

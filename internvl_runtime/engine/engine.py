@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidRequest
+from ..hardware import available_memory
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, SequenceStep
@@ -91,17 +91,6 @@ class _RequestState:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # held until the prompt is computed
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
                  processor: InputProcessor | None = None) -> None:
@@ -138,7 +127,7 @@ class LLMEngine:
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free * 0.8)
         else:
-            budget = _available_memory() // 4
+            budget = available_memory() // 4
         wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
         return max(16, min(budget // per_block, wanted))
 
