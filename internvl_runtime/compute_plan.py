@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,12 +34,14 @@ class ComputePlan:
     device: str
     upcast_16bit: bool
     decode_kernel: str       # "torch" or the kernel's ISA path
+    decode_layers: str = "python"   # "native" (one C++ call per step) or "python (<why not>)"
 
     def describe(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
         heavy = "float32 from 16-bit weights (upcast per layer)" if self.upcast_16bit else f"native {dt}"
         return (f"compute plan: weights {dt} on {self.device}; vision+prefill: {heavy}; "
-                f"decode GEMV/LM head: {self.decode_kernel}; attention: SDPA (prefill), GQA matmuls (decode)")
+                f"decode GEMV/LM head: {self.decode_kernel}; decode layers: {self.decode_layers}; "
+                f"attention: SDPA (prefill), GQA matmuls (decode)")
 
 
 def _decode_kernel(dtype: torch.dtype):
@@ -81,5 +83,24 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> None:
     for sub in model.modules():
         if hasattr(sub, "upcast_16bit"):
             sub.upcast_16bit = plan.upcast_16bit
+    plan = _plan_decode_layers(model, plan, rows=4 if cpu_has_fast_bf16() else 16)
     model.compute_plan = plan
     logger.info(plan.describe())
+
+
+def _plan_decode_layers(model: nn.Module, plan: ComputePlan, rows: int) -> ComputePlan:
+    """Give the language model a native decode stack where one applies; the plan records which."""
+    lm = getattr(model, "language_model", None)
+    if lm is None or not hasattr(lm, "decode_stack"):
+        return plan
+    lm.decode_stack, lm.decode_stack_rows = None, 0
+    if plan.decode_kernel == "torch" or plan.dtype != torch.bfloat16:
+        why = "no native kernel" if plan.decode_kernel == "torch" else f"weights are {plan.dtype}"
+        return replace(plan, decode_layers=f"python ({why})")
+    from .kernels.decode_step import DecodeStack
+
+    stack = DecodeStack.build(lm)
+    if isinstance(stack, str):
+        return replace(plan, decode_layers=f"python ({stack})")
+    lm.decode_stack, lm.decode_stack_rows = stack, rows
+    return replace(plan, decode_layers=f"native (up to {rows} sequences)")

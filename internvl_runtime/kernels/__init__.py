@@ -56,12 +56,12 @@ REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
 _PATH_ID = {"avx2": 0, "avx512": 1, "avx512bf16": 2}   # the `path` argument of the C++ operators
 
 #: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
-EXTENSION_NAME = "internvl_kernels_v1_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+EXTENSION_NAME = "internvl_kernels_v2_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_step.cpp"))
 CFLAGS = ["-O3", "-fno-math-errno"]                   # no -march: ISA chosen per function in the source
 
-__all__ = ["ENV_VAR", "PATHS", "available", "describe", "linear_bf16", "linear_int8", "selected_path",
-           "supported_paths"]
+__all__ = ["ENV_VAR", "PATHS", "available", "describe", "dequantize_int4", "linear_bf16", "linear_int4",
+           "linear_int8", "pack_int4", "selected_path", "supported_paths"]
 
 
 # --------------------------------------------------------------------------------------------- ISA
@@ -116,7 +116,7 @@ def _compile() -> str:
     _clear_stale_lock(cpp_extension)
     with warnings.catch_warnings(record=True) as caught:   # never let a build warning become an error
         warnings.simplefilter("always")
-        path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                                   is_python_module=False, verbose=False)
     for w in caught:
         logger.debug("while building %s: %s", EXTENSION_NAME, w.message)
@@ -194,6 +194,7 @@ def _register_fakes() -> None:
 
     register("internvl_kernels::linear_bf16")(fake)
     register("internvl_kernels::linear_int8")(fake)
+    register("internvl_kernels::linear_int4")(fake)
 
 
 def _reset_for_tests() -> None:
@@ -308,3 +309,56 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
         bias = bias.contiguous()
     out = _State.ops.linear_int8(_flatten(x), weight, scales, bias, _PATH_ID[chosen])
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+# ------------------------------------------------------------------------------------------ int4
+#: The native int4 layout: per row, each block of 32 columns is 16 bytes, byte j holding column j in its
+#: low nibble and column 16 + j in its high nibble (so one 16-byte load, split by nibble, gives the 32
+#: columns in order). Scales and zeros: (N, K // group, 2) bf16, row-major, so each row streams its own.
+INT4_BLOCK = 32
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in [0, 15] (any integer dtype; K a multiple of 32) -> (N, K // 2) uint8, native layout."""
+    n, k = q.shape
+    if k % INT4_BLOCK:
+        raise ValueError(f"int4 packing needs K to be a multiple of {INT4_BLOCK}, got {k}")
+    blocks = q.to(torch.uint8).reshape(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: (N, K // 2) uint8 -> codes (N, K) uint8."""
+    n, half = packed.shape
+    blocks = packed.reshape(n, half // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight an int4 layer computes with, W = (q - 8) * scale + zero, from the native layout."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    sz = scales_and_zeros.float()                                         # (N, G, 2)
+    w = (q.reshape(n, k // group, group) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(n, k).to(dtype)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for int4 weights in the native layout (``pack_int4``), fp32 accumulation.
+
+    ``x`` (..., K) is computed in bf16 (the result has x's dtype); where no native path runs, the weight
+    is dequantized and one matmul runs instead (the same values up to accumulation order).
+    """
+    chosen = _resolve(path)
+    if chosen == "torch" or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        out = F.linear(x.float(), dequantize_int4(packed, scales_and_zeros, group))
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    x2 = _flatten(x).to(torch.bfloat16)
+    if bias is not None and (bias.dtype not in (torch.bfloat16, torch.float32) or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = _State.ops.linear_int4(x2, packed, scales_and_zeros, group, bias, _PATH_ID[chosen]).to(x.dtype)
+    return out.reshape(*x.shape[:-1], packed.shape[0]) if x.dim() != 2 else out

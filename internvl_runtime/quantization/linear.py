@@ -176,6 +176,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu" and _native_kernels():
+            # the native GEMV: weights streamed as stored, fp32 accumulation, scale and bias applied before
+            # the one rounding (the fused decode step computes exactly this)
+            from .. import kernels
+            return kernels.linear_int8(x2, self.weight, self.scales, self.bias).reshape(
+                *x.shape[:-1], self.out_features)
         if (self.kernel_ok and 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu"
                 and int8_backend("cpu") == "cpu"):
             scales = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
@@ -194,10 +200,35 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+def _native_kernels() -> bool:
+    """Whether the native CPU kernels (``internvl_runtime.kernels``) run on this host."""
+    from .. import kernels
+    try:
+        return kernels.available()
+    except UnsupportedFeature:        # a forced path this CPU lacks: torch's kernels instead
+        return False
+
+
+def _native_int4_kernel(device: torch.device, group_size: int) -> bool:
+    """Whether int4 layers on ``device`` use the native CPU kernel (``kernels.linear_int4``)."""
+    return device.type == "cpu" and group_size % 32 == 0 and _native_kernels()
+
+
 class Int4Linear(nn.Module):
-    """``nn.Linear`` with int4 weights, asymmetric per group of ``group_size`` input columns. Buffers:
-    ``weight`` (packed for ``backend``'s kernel, N padded to 16), ``scales_and_zeros``
-    (K // group_size, N_padded, 2) bf16, optional ``bias`` (N,) in the model dtype."""
+    """``nn.Linear`` with int4 weights, asymmetric per group of ``group_size`` input columns.
+
+    Buffers depend on ``backend``:
+    - "native" (CPU with the native kernels): ``weight`` (N, K/2) uint8 in ``kernels.pack_int4``'s layout,
+      ``scales_and_zeros`` (N, K // group_size, 2) bf16 (each row's groups together, as the kernel streams
+      them). Few-row products (decode) run ``kernels.linear_int4``; more rows dequantize the layer to the
+      compute dtype and run one GEMM.
+    - "cpu" / "cuda" (torch's kernels): ``weight`` packed for that kernel (N padded to 16),
+      ``scales_and_zeros`` (K // group_size, N_padded, 2) bf16.
+    ``bias`` (N,) in the model dtype, optional. ``group_scales_and_zeros()`` gives (G, N, 2) for any backend.
+    """
+
+    #: Rows up to which the native kernel runs (above, dequantize + GEMM: prefill).
+    KERNEL_MAX_ROWS = 16
 
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -217,6 +248,12 @@ class Int4Linear(nn.Module):
     def supports(in_features: int, group_size: int) -> bool:
         return in_features % group_size == 0
 
+    def group_scales_and_zeros(self) -> torch.Tensor:
+        """(K // group_size, N, 2) bf16 scale and zero of every group, whatever the layout."""
+        if self.backend == "native":
+            return self.scales_and_zeros.permute(1, 0, 2)
+        return self.scales_and_zeros[:, : self.out_features]
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, device: torch.device | None = None) -> Int4Linear:
         """Quantize and pack for ``device`` (whose int4 kernel must exist: see ``int4_backend``)."""
@@ -225,6 +262,17 @@ class Int4Linear(nn.Module):
         n, k = linear.weight.shape
         if k % group_size:
             raise UnsupportedFeature(f"int4 group size {group_size} does not divide in_features {k}")
+        bias = linear.bias.detach().to(device) if linear.bias is not None else None
+        if backend == "cpu" and _native_int4_kernel(torch.device(device), group_size):
+            from ..kernels import pack_int4
+            packed = torch.empty((n, k // 2), dtype=torch.uint8, device=device)
+            scales_and_zeros = torch.empty((n, k // group_size, 2), dtype=torch.bfloat16, device=device)
+            for start, end in _row_chunks(n, k):
+                q, sz = quantize_int4(linear.weight.detach()[start:end], group_size)
+                packed[start:end] = pack_int4(q)
+                scales_and_zeros[start:end] = sz.permute(1, 0, 2)
+            return cls(packed, scales_and_zeros, bias, in_features=k, out_features=n, group_size=group_size,
+                       backend="native")
         padded = -(-n // 16) * 16
         weight = linear.weight.detach()
         if padded != n:
@@ -243,14 +291,16 @@ class Int4Linear(nn.Module):
         if backend == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(packed.to(device), inner_k_tiles)
-        bias = linear.bias.detach().to(device) if linear.bias is not None else None
         return cls(packed.to(device), scales_and_zeros, bias, in_features=k, out_features=n,
                    group_size=group_size, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.device.type != self.backend:
+        device_type = "cpu" if self.backend == "native" else self.backend
+        if self.weight.device.type != device_type:
             raise UnsupportedFeature(f"this int4 layer was packed for {self.backend} and cannot run on "
                                      f"{self.weight.device}; load the model again with the device you want")
+        if self.backend == "native":
+            return self._forward_native(x)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if x2.shape[0] == 0:
             return x.new_empty((*x.shape[:-1], self.out_features))
@@ -267,6 +317,19 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import kernels
+
+        x2 = x.reshape(-1, self.in_features)
+        if 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS:
+            y = kernels.linear_int4(x2, self.weight, self.scales_and_zeros, self.group_size, self.bias)
+        else:   # prefill: one layer dequantized to the compute dtype, then one GEMM
+            dtype = torch.float32 if x.dtype == torch.float32 or _cpu_16bit_slow() else x.dtype
+            weight = kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = F.linear(x2.to(dtype), weight, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

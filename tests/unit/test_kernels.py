@@ -176,6 +176,80 @@ def test_linear_int8_matches_reference(native: None, path: str, xdtype: torch.dt
             torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
 
 
+# int4: (M, N, K, group): 1 row, N not a multiple of 8/16, every group size, more rows than a tile takes
+INT4_SHAPES = [(1, 1, 32, 32), (1, 17, 896, 128), (3, 1152, 896, 64), (5, 7, 4864, 128), (16, 40, 256, 256),
+               (2, 33, 96, 32)]
+
+
+def _int4_case(m: int, n: int, k: int, group: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3)
+    zeros = torch.randn(n, k // group, generator=g) * 0.01
+    sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
+    return x, q, sz
+
+
+def _int4_reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int, bias=None) -> tuple:
+    n, k = q.shape
+    w = ((q.double().reshape(n, k // group, group) - 8) * sz.double()[..., :1] + sz.double()[..., 1:]).reshape(n, k)
+    ref = F.linear(x.double(), w) + (0 if bias is None else bias.double())
+    return ref, F.linear(x.double().abs(), w.abs())
+
+
+def test_int4_pack_roundtrip_and_layout() -> None:
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(kernels.unpack_int4(packed), q)
+    # byte j of each 32-column block: column j in the low nibble, column 16 + j in the high one
+    assert int(packed[1, 3]) == int(q[1, 3]) | (int(q[1, 19]) << 4)
+    assert int(packed[2, 16 + 5]) == int(q[2, 32 + 5]) | (int(q[2, 48 + 5]) << 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.pack_int4(torch.zeros(2, 48, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("path", NATIVE)
+def test_linear_int4_matches_reference(native: None, path: str) -> None:
+    _require(path)
+    for i, (m, n, k, group) in enumerate(INT4_SHAPES):
+        x, q, sz = _int4_case(m, n, k, group, seed=20 + i)
+        packed = kernels.pack_int4(q)
+        bias = torch.randn(n)
+        for b in (None, bias, bias.to(torch.bfloat16)):
+            out = kernels.linear_int4(x, packed, sz, group, b, path=path)
+            assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+            ref, absprod = _int4_reference(x, q, sz, group, b)
+            atol = 4 * k * 2.0 ** -24 * float(absprod.max()) + 1e-6     # fp32 summation error
+            torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=atol,
+                                       msg=lambda e: f"path {path} M={m} N={n} K={k} g={group}: {e}")
+        # the fallback (dequantize + matmul) computes the same
+        fallback = kernels.linear_int4(x, packed, sz, group, path="torch")
+        torch.testing.assert_close(fallback.double(), _int4_reference(x, q, sz, group)[0], rtol=1e-2,
+                                   atol=1e-3)
+
+
+@pytest.mark.parametrize("path", NATIVE)
+def test_linear_int4_lm_head(native: None, path: str) -> None:
+    _require(path)
+    x, q, sz = _int4_case(1, 151655, 896, 128, seed=5)
+    out = kernels.linear_int4(x, kernels.pack_int4(q), sz, 128, path=path)
+    ref, absprod = _int4_reference(x, q, sz, 128)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=4 * 896 * 2.0 ** -24 * float(absprod.max()))
+
+
+def test_linear_int4_bad_input(native: None) -> None:
+    x, q, sz = _int4_case(1, 4, 64, 32, seed=1)
+    packed = kernels.pack_int4(q)
+    with pytest.raises(RuntimeError, match="group 48 must be a multiple of 32"):
+        kernels.linear_int4(x, packed, sz, 48)
+    with pytest.raises(RuntimeError, match=r"\(N, K/group, 2\)"):
+        kernels.linear_int4(x, packed, sz[:, :1].contiguous(), 32)
+    with pytest.raises(RuntimeError, match=r"\(N, K/2\) uint8"):
+        kernels.linear_int4(x, packed.to(torch.int8), sz, 32)
+
+
 def test_auto_path_is_best_supported(native: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     assert kernels.selected_path() == kernels.supported_paths()[0]

@@ -23,39 +23,17 @@
 
 #include <immintrin.h>
 
+#include "gemv.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+using namespace internvl_kernels;
+
 namespace {
-
-enum Path : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
-enum Kind : int { kNone = 0, kBf16 = 1, kF32 = 2 };
-
-struct Problem {
-  int64_t M = 0, N = 0, K = 0;
-  const uint16_t* xb = nullptr;  // bf16 activations, rows ldx apart (bf16 path)
-  int64_t ldx = 0;
-  const float* xf = nullptr;     // fp32 activations, rows K apart (layout chosen by the path)
-  const uint16_t* w = nullptr;   // bf16 weights (N, K)
-  const int8_t* wq = nullptr;    // int8 weights (N, K)
-  const void* scale = nullptr;   // int8 only: per-output-channel scales
-  int scale_kind = kNone;
-  const void* bias = nullptr;
-  int bias_kind = kNone;
-  void* out = nullptr;           // (M, N)
-  int out_kind = kBf16;
-  int64_t x_elem_bytes = 4;      // as the tiles read x: 2 (bf16, dot-product path) or 4 (fp32)
-};
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 inline float load_kind(const void* p, int kind, int64_t i) {
   return kind == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
@@ -202,6 +180,51 @@ void tile_int8_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
       for (int64_t t = K16; t < K; ++t) s += xr[i][t] * static_cast<float>(wr[j][t]);
       res[i * NB + j] = s;
     }
+}
+
+
+// int4, one weight row: per 32 columns 16 bytes, low nibbles = columns 0-15, high = 16-31; x in fp32 (plain
+// order). Per group, acc = sum q*x, then res += scale * acc + (zero - 8 * scale) * sum(x over the group).
+template <int MB, int NB>
+void tile_int4_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group, blocks = p.group / 32;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m256 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm256_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MB][2];
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k = (g * blocks + b) * 32;
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      for (int i = 0; i < MB; ++i) {
+        const float* xr = p.xf + (m0 + i) * K + k;
+        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[i][1]);
+        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, acc[i][1]);
+      }
+    }
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int i = 0; i < MB; ++i) {
+      total[i] = _mm256_fmadd_ps(vs, _mm256_add_ps(acc[i][0], acc[i][1]), total[i]);
+      extra[i] += (zero - 8.0f * scale) * p.xsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
 }
 
 }  // namespace
@@ -353,6 +376,48 @@ void tile_bf16_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
     }
 }
 
+
+// int4 with vdpbf16ps: a code q becomes the bf16 number 128 + q (bits 0x4300 | q, exact), so one dot-product
+// instruction takes 32 columns: acc = sum (128 + q) * x = 128 X + sum q*x, and per group
+// res += scale * acc + (zero - 136 * scale) * X, X = sum of x over the group.
+template <int MB, int NB>
+void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group, blocks = p.group / 32;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m512i base = _mm512_set1_epi16(0x4300);
+  __m512 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm512_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MB][2];
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k = (g * blocks + b) * 32;
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+      const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+      const __m512bh wv = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(bytes), base);
+      for (int i = 0; i < MB; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(p.xb + (m0 + i) * p.ldx + k);
+        acc[i][b & 1] = _mm512_dpbf16_ps(acc[i][b & 1], xv, wv);
+      }
+    }
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int i = 0; i < MB; ++i) {
+      total[i] = _mm512_fmadd_ps(vs, _mm512_add_ps(acc[i][0], acc[i][1]), total[i]);
+      extra[i] += (zero - 136.0f * scale) * p.xsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(total[i]) + extra[i];
+}
+
 }  // namespace
 #pragma GCC pop_options
 
@@ -373,6 +438,10 @@ const Kernel kBf16Avx512{ONE8(tile_bf16_avx512), MANY4(tile_bf16_avx512)};
 const Kernel kBf16Dp{ONE8(tile_bf16_dp), MANY4(tile_bf16_dp)};
 const Kernel kInt8Avx2{ONE4(tile_int8_avx2), MANY2(tile_int8_avx2)};
 const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
+#define NONE {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
+const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
+const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
+#undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 constexpr int64_t kChunkBytes = 128 * 1024;   // weights per work item taken from the shared counter
@@ -400,7 +469,7 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
-  if (p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
+  if (ker.nb_many > 0 && p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
     for (; n + ker.nb_many <= n_end; n += ker.nb_many)
       for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
         const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
@@ -416,9 +485,10 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
     }
 }
 
-void run(const Kernel& ker, const Problem& p, int64_t weight_elem_bytes) {
+// weight_bits: bits per stored weight (16, 8 or 4).
+void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   if (p.M == 0 || p.N == 0) return;
-  const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_elem_bytes);
+  const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_bits / 8);
   const int64_t rows = std::max<int64_t>(kRowAlign, (kChunkBytes / row_bytes) / kRowAlign * kRowAlign);
   const int64_t chunks = (p.N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
@@ -457,6 +527,26 @@ std::vector<float> prepare_x(const at::Tensor& x, int64_t block) {
         }
     }
     for (; k < K; ++k) dst[k] = src(k);
+  }
+  return xf;
+}
+
+// fp32 copy of bf16 rows x (M, K), in the layout prepare_x describes.
+std::vector<float> prepare_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t block) {
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xf.data() + m * K;
+    const uint16_t* src = x + m * K;
+    int64_t k = 0;
+    if (block > 0) {
+      const int64_t half = block / 2;
+      for (; k + block <= K; k += block)
+        for (int64_t t = 0; t < half; ++t) {
+          dst[k + t] = bf16_to_f32(src[k + 2 * t]);
+          dst[k + half + t] = bf16_to_f32(src[k + 2 * t + 1]);
+        }
+    }
+    for (; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
   }
   return xf;
 }
@@ -500,16 +590,16 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w, const std::o
   if (path == kAvx512Bf16) {
     p.xb = static_cast<const uint16_t*>(x.data_ptr());
     p.x_elem_bytes = 2;
-    run(kBf16Dp, p, 2);
+    run(kBf16Dp, p, 16);
   } else if (path == kAvx512) {
     xf = prepare_x(x, 32);
     p.xf = xf.data();
-    run(kBf16Avx512, p, 2);
+    run(kBf16Avx512, p, 16);
   } else {
     TORCH_CHECK(path == kAvx2, "linear_bf16: unknown path ", path);
     xf = prepare_x(x, 16);
     p.xf = xf.data();
-    run(kBf16Avx2, p, 2);
+    run(kBf16Avx2, p, 16);
   }
   return out;
 }
@@ -531,11 +621,129 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   std::vector<float> xf = prepare_x(x, 0);
   p.xf = xf.data();
   if (path == kAvx512 || path == kAvx512Bf16) {
-    run(kInt8Avx512, p, 1);
+    run(kInt8Avx512, p, 8);
   } else {
     TORCH_CHECK(path == kAvx2, "linear_int8: unknown path ", path);
-    run(kInt8Avx2, p, 1);
+    run(kInt8Avx2, p, 8);
   }
+  return out;
+}
+
+}  // namespace
+
+namespace internvl_kernels {
+
+void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
+                 int bias_kind, void* out, int out_kind, int64_t path) {
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.ldx = K;
+  p.w = w;
+  p.bias = bias;
+  p.bias_kind = bias ? bias_kind : kNone;
+  p.out = out;
+  p.out_kind = out_kind;
+  std::vector<float> xf;
+  if (path == kAvx512Bf16) {
+    p.xb = x;
+    p.x_elem_bytes = 2;
+    run(kBf16Dp, p, 16);
+  } else if (path == kAvx512) {
+    xf = prepare_x_bf16(x, M, K, 32);
+    p.xf = xf.data();
+    run(kBf16Avx512, p, 16);
+  } else {
+    xf = prepare_x_bf16(x, M, K, 16);
+    p.xf = xf.data();
+    run(kBf16Avx2, p, 16);
+  }
+}
+
+void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
+                 int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path) {
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.ldx = K;
+  p.wq = w;
+  p.scale = scale;
+  p.scale_kind = scale_kind;
+  p.bias = bias;
+  p.bias_kind = bias ? bias_kind : kNone;
+  p.out = out;
+  p.out_kind = out_kind;
+  std::vector<float> xf = prepare_x_bf16(x, M, K, 0);
+  p.xf = xf.data();
+  run(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, p, 8);
+}
+
+void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, const uint16_t* sz, int64_t group,
+                 int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path) {
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.ldx = K;
+  p.w4 = w4;
+  p.sz = sz;
+  p.group = group;
+  p.bias = bias;
+  p.bias_kind = bias ? bias_kind : kNone;
+  p.out = out;
+  p.out_kind = out_kind;
+  const int64_t G = K / group;
+  std::vector<float> xsum(static_cast<size_t>(M * G), 0.0f), xf;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(x[m * K + k]);
+      xsum[m * G + g] = s;
+    }
+  p.xsum = xsum.data();
+  if (path == kAvx512Bf16) {
+    p.xb = x;
+    p.x_elem_bytes = 2;
+    run(kInt4Dp, p, 4);
+  } else {
+    xf = prepare_x_bf16(x, M, K, 0);
+    p.xf = xf.data();
+    run(kInt4Avx2, p, 4);
+  }
+}
+
+}  // namespace internvl_kernels
+
+namespace {
+
+at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                       const std::optional<at::Tensor>& bias, int64_t path) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && sz.device().is_cpu(), "linear_int4: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_int4: x must be (M, K) bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "linear_int4: group ", group,
+              " must be a multiple of 32 dividing K=", K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(1) * 2 == K && w.is_contiguous(),
+              "linear_int4: w must be a contiguous (N, K/2) uint8 tensor");
+  const int64_t N = w.size(0);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.dim() == 3 && sz.size(0) == N && sz.size(1) == K / group &&
+                  sz.size(2) == 2 && sz.is_contiguous(),
+              "linear_int4: scales_and_zeros must be a contiguous (N, K/group, 2) bfloat16 tensor");
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_int4: unknown path ", path);
+  const void* b = nullptr;
+  int bias_kind = kNone;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "linear_int4: bias must be a contiguous (N,) tensor");
+    bias_kind = kind_of(*bias, "bias");
+    b = bias->data_ptr();
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  matvec_int4(static_cast<const uint16_t*>(x.data_ptr()), M, K, w.data_ptr<uint8_t>(),
+              static_cast<const uint16_t*>(sz.data_ptr()), group, N, b, bias_kind, out.data_ptr(), kBf16, path);
   return out;
 }
 
@@ -548,9 +756,11 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
 }

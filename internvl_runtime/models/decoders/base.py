@@ -115,6 +115,10 @@ class DecoderForCausalLM(nn.Module):
     ]
     renames: ClassVar[list[tuple[str, str]]] = []
     tensor_transforms: ClassVar[dict[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = {}
+    #: Set by the compute plan where a native kernel runs the whole layer stack of a decode step
+    #: (``kernels.decode_step.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
+    decode_stack: Callable | None = None
+    decode_stack_rows: int = 0
 
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
@@ -134,6 +138,10 @@ class DecoderForCausalLM(nn.Module):
                 kv_cache: KVCache) -> torch.Tensor:
         """embeds: (T, hidden), positions: (T,) -> final hidden states (T, hidden), normed."""
         cos, sin = self.rotary.cos_sin(positions, meta.query_lens, meta.seq_lens, embeds.dtype)
+        stack = self.decode_stack
+        if (stack is not None and meta.is_decode and embeds.shape[0] <= self.decode_stack_rows
+                and embeds.dtype == torch.bfloat16 and stack.applies(kv_cache)):
+            return self.model.norm(stack(embeds, cos, sin, meta, kv_cache))
         x = embeds
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, kv_cache.keys[i], kv_cache.values[i])

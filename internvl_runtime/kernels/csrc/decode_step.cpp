@@ -1,0 +1,444 @@
+// The decoder layers of one decode step in one call: no Python between the layers.
+//
+//   decode_layers(x (M, hidden) bf16, per-layer weight lists, KV pools, cos/sin (M, head_dim) bf16,
+//                 new-token slots (M,), context slots (flat) + offsets (M + 1), ...) -> x' (M, hidden) bf16
+//
+// Each of the M rows is one sequence's new token. Per layer, exactly the Llama-family computation of
+// models/decoders/base.py, rounding to bf16 where the torch modules do (RMSNorm statistics in fp32;
+// each product accumulated in fp32 and rounded once; rope, residual adds and silu*up rounded per op;
+// attention scores rounded, soft-maxed in fp32, probabilities rounded):
+//
+//   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
+//   x = x + a Wo ; h = rmsnorm(x) ; g,u = h Wgate_up ; x = x + (silu(g) * u) Wdown
+//
+// Products go to the GEMV kernels of gemv.cpp (bf16, or int8 with per-row scales, per matrix); the
+// attention of each (sequence, KV head) pair is one task on torch's thread pool. Anything this op does
+// not cover (other dtypes, other layer types) stays on the Python path, which decides before calling.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gemv.h"
+
+using namespace internvl_kernels;
+
+namespace {
+
+inline uint16_t f32_to_bf16(float f) { return c10::BFloat16(f).x; }  // round to nearest even, like torch
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+enum Format { kWeightBf16, kWeightInt8, kWeightInt4 };
+
+struct Matrix {
+  const void* w = nullptr;
+  Format format = kWeightBf16;
+  int64_t group = 0;             // int4: columns per scale/zero group
+  const void* scale = nullptr;
+  int scale_kind = kNone;
+  const void* bias = nullptr;
+  int bias_kind = kNone;
+  int64_t N = 0, K = 0;
+};
+
+int kind_of(const at::Tensor& t, const char* what, int64_t layer) {
+  if (t.scalar_type() == at::kBFloat16) return kBf16;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "decode_layers: ", what, "[", layer,
+              "] must be bfloat16 or float32, got ", t.scalar_type());
+  return kF32;
+}
+
+void check_vector(const at::Tensor& t, int64_t n, const char* what, int64_t layer) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == n && t.is_contiguous(), "decode_layers: ", what,
+              "[", layer, "] must be a contiguous CPU (", n, ",) tensor, got ", t.sizes());
+}
+
+// A projection's weights: bf16 (N, K) without scales; int8 (N, K) with (N,) scales; int4 (N, K/2) uint8
+// (kernels.pack_int4's layout) with (N, K/group, 2) bf16 scales and zeros.
+Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bias, int64_t N, int64_t K,
+              const char* what, int64_t layer) {
+  const bool int4 = w.scalar_type() == at::kByte;
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == (int4 ? K / 2 : K) &&
+                  w.is_contiguous(),
+              "decode_layers: ", what, "[", layer, "] must be a contiguous CPU (", N, ", ", (int4 ? K / 2 : K),
+              ") matrix, got ", w.sizes());
+  Matrix m;
+  m.N = N;
+  m.K = K;
+  m.w = w.data_ptr();
+  if (scale != nullptr) {
+    if (int4) {
+      TORCH_CHECK(scale->scalar_type() == at::kBFloat16 && scale->dim() == 3 && scale->size(0) == N &&
+                      scale->size(1) > 0 && K % scale->size(1) == 0 && (K / scale->size(1)) % 32 == 0 &&
+                      scale->size(2) == 2 && scale->is_contiguous(),
+                  "decode_layers: int4 ", what, "[", layer, "] needs (N, K/group, 2) bf16 scales and zeros");
+      m.format = kWeightInt4;
+      m.group = K / scale->size(1);
+      m.scale = scale->data_ptr();
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kChar, "decode_layers: ", what, "[", layer, "] has scales but is ",
+                  w.scalar_type(), ", not int8 or int4 (uint8)");
+      check_vector(*scale, N, "scales of ", layer);
+      m.format = kWeightInt8;
+      m.scale = scale->data_ptr();
+      m.scale_kind = kind_of(*scale, "scales", layer);
+    }
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "decode_layers: ", what, "[", layer, "] must be bfloat16, got ",
+                w.scalar_type());
+  }
+  if (bias != nullptr) {
+    check_vector(*bias, N, "bias", layer);
+    m.bias = bias->data_ptr();
+    m.bias_kind = kind_of(*bias, "bias", layer);
+  }
+  return m;
+}
+
+void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_t path) {
+  switch (m.format) {
+    case kWeightInt8:
+      matvec_int8(x, M, m.K, static_cast<const int8_t*>(m.w), m.scale, m.scale_kind, m.N, m.bias, m.bias_kind, out,
+                  kBf16, path);
+      break;
+    case kWeightInt4:
+      matvec_int4(x, M, m.K, static_cast<const uint8_t*>(m.w), static_cast<const uint16_t*>(m.scale), m.group, m.N,
+                  m.bias, m.bias_kind, out, kBf16, path);
+      break;
+    default:
+      matvec_bf16(x, M, m.K, static_cast<const uint16_t*>(m.w), m.N, m.bias, m.bias_kind, out, kBf16, path);
+  }
+}
+
+// RMSNorm as the reference: statistics in fp32, the normalised value rounded to bf16, then times the weight.
+void rms_norm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t H, float eps, uint16_t* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* row = x + m * H;
+    float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8)
+      for (int t = 0; t < 8; ++t) {
+        const float v = bf16_to_f32(row[h + t]);
+        ss[t] += v * v;
+      }
+    for (; h < H; ++h) {
+      const float v = bf16_to_f32(row[h]);
+      ss[0] += v * v;
+    }
+    const float total = ((ss[0] + ss[1]) + (ss[2] + ss[3])) + ((ss[4] + ss[5]) + (ss[6] + ss[7]));
+    const float r = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
+    for (h = 0; h < H; ++h)
+      out[m * H + h] = f32_to_bf16(bf16_to_f32(w[h]) * round_bf16(bf16_to_f32(row[h]) * r));
+  }
+}
+
+// x = x + y, rounded per element (the residual add of two bf16 tensors).
+void add_into(uint16_t* x, const uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+}
+
+// Rotary embedding of `heads` rows of D values in place: x*cos + rotate_half(x)*sin, each op rounded.
+void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint16_t* sin) {
+  const int64_t half = D / 2;
+  std::vector<float> a(static_cast<size_t>(D));
+  for (int64_t h = 0; h < heads; ++h) {
+    uint16_t* row = x + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = bf16_to_f32(row[d]);
+    for (int64_t d = 0; d < D; ++d) {
+      const float rotated = d < half ? -a[d + half] : a[d - half];
+      row[d] = f32_to_bf16(round_bf16(a[d] * bf16_to_f32(cos[d])) + round_bf16(rotated * bf16_to_f32(sin[d])));
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Attention of G query heads sharing one KV head over S context tokens (AVX2 + FMA, which every host
+// with a native path has). D must be a multiple of 8.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace {
+
+inline __m256 load8_bf16(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by its Taylor series to
+// degree 7 (relative error < 1e-8, under fp32's own rounding); overflow gives inf, underflow 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^n in two factors, so n down to -252 (results under fp32's normal range) stays exact
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(88.7228394f), _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-103.972084f), _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));   // NaN stays NaN
+}
+
+// fp32 -> bf16 with round to nearest even (NaN inputs are not expected here), 8 at a time.
+inline __m256i round_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+inline __m256 round8(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(round_bits8(v), 16)); }
+
+inline void store8_bf16(uint16_t* p, __m256 v) {
+  const __m256i b = round_bits8(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+// silu(gate) * up over one row of the fused gate_up output (gate first), each op rounded like torch's:
+// silu in fp32 as x / (1 + exp(-x)), rounded; times up, rounded.
+void silu_mul(const uint16_t* gate_up, int64_t I, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    const __m256 g = load8_bf16(gate_up + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 s = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    store8_bf16(out + i, _mm256_mul_ps(s, load8_bf16(gate_up + I + i)));
+  }
+  for (; i < I; ++i) {
+    const float g = bf16_to_f32(gate_up[i]);
+    const float s = round_bf16(g / (1.0f + std::exp(-g)));
+    out[i] = f32_to_bf16(s * bf16_to_f32(gate_up[I + i]));
+  }
+}
+
+// q: G rows of D (bf16, already rotated); keys/values: pools with `stride` elements per slot, this head's
+// values at +offset; slots: the S context slots in order. out: G rows of D bf16. work: >= G*(S + 2*D) + D floats.
+void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, const uint16_t* values, int64_t stride,
+            int64_t offset, const int64_t* slots, int64_t S, float scale, uint16_t* out, float* work) {
+  float* qf = work;              // G x D
+  float* probs = qf + G * D;     // G x S
+  float* acc = probs + G * S;    // G x D
+  float* row = acc + G * D;      // D
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = bf16_to_f32(q[i]);
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* k = keys + slots[s] * stride + offset;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_bf16(k + d));
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(row + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(row + d + 8), a1);
+      }
+      if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(row + d), a0);
+      // scores = (q . k) rounded, then * scale rounded (two bf16 ops in the reference)
+      probs[g * S + s] = round_bf16(round_bf16(hsum8(_mm256_add_ps(a0, a1))) * scale);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {   // softmax in fp32, probabilities rounded to bf16
+    float* p = probs + g * S;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vmx = _mm256_set1_ps(mx);
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), vmx));
+      _mm256_storeu_ps(p + s, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum8(vsum);
+    for (; s < S; ++s) {
+      p[s] = std::exp(p[s] - mx);
+      sum += p[s];
+    }
+    const float inv = 1.0f / sum;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(p + s, round8(_mm256_mul_ps(_mm256_loadu_ps(p + s), vinv)));
+    for (; s < S; ++s) p[s] = round_bf16(p[s] * inv);
+  }
+  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* v = values + slots[s] * stride + offset;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_bf16(v + d));
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 p = _mm256_set1_ps(probs[g * S + s]);
+      float* ag = acc + g * D;
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(row + d), _mm256_loadu_ps(ag + d)));
+    }
+  }
+  for (int64_t i = 0; i < G * D; ++i) out[i] = f32_to_bf16(acc[i]);
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+namespace {
+
+const at::Tensor* optional_at(at::TensorList list, int64_t i) {
+  return list.empty() ? nullptr : &list[static_cast<size_t>(i)];
+}
+
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
+                         at::TensorList ln2, at::TensorList qkv_w,
+                         at::TensorList qkv_s, at::TensorList qkv_b,
+                         at::TensorList o_w, at::TensorList o_s,
+                         at::TensorList gate_up_w, at::TensorList gate_up_s,
+                         at::TensorList down_w, at::TensorList down_s,
+                         at::TensorList key_cache, at::TensorList value_cache,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                         const at::Tensor& ctx_slots, const at::Tensor& ctx_offsets, int64_t num_heads,
+                         int64_t num_kv_heads, double eps, double scale, int64_t path) {
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "decode_layers: unknown path ", path);
+  const int64_t L = static_cast<int64_t>(ln1.size());
+  const auto same = [L](at::TensorList v, bool optional, const char* what) {
+    TORCH_CHECK(static_cast<int64_t>(v.size()) == L || (optional && v.empty()), "decode_layers: ", what, " has ",
+                v.size(), " entries for ", L, " layers");
+  };
+  same(ln2, false, "ln2");
+  same(qkv_w, false, "qkv_w");
+  same(qkv_s, true, "qkv_s");
+  same(qkv_b, true, "qkv_b");
+  same(o_w, false, "o_w");
+  same(o_s, true, "o_s");
+  same(gate_up_w, false, "gate_up_w");
+  same(gate_up_s, true, "gate_up_s");
+  same(down_w, false, "down_w");
+  same(down_s, true, "down_s");
+  same(key_cache, false, "key_cache");
+  same(value_cache, false, "value_cache");
+
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16,
+              "decode_layers: x must be a (M, hidden) bfloat16 CPU tensor");
+  const int64_t M = x_in.size(0), H = x_in.size(1);
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              "decode_layers: num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(L > 0, "decode_layers: no layers");
+  const int64_t D = key_cache[0].size(-1);
+  TORCH_CHECK(D % 8 == 0 && D % 2 == 0, "decode_layers: head_dim must be a multiple of 8, got ", D);
+  const int64_t G = num_heads / num_kv_heads, QS = num_heads * D, KS = num_kv_heads * D, QKV = QS + 2 * KS;
+  const int64_t I2 = gate_up_w[0].size(0), I = I2 / 2;
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == M && t->size(1) == D &&
+                    t->is_contiguous(),
+                "decode_layers: cos/sin must be contiguous (M, head_dim) bfloat16");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == M && slots.is_contiguous(),
+              "decode_layers: slots must be (M,) int64");
+  TORCH_CHECK(ctx_offsets.scalar_type() == at::kLong && ctx_offsets.numel() == M + 1 && ctx_offsets.is_contiguous(),
+              "decode_layers: ctx_offsets must be (M + 1,) int64");
+  TORCH_CHECK(ctx_slots.scalar_type() == at::kLong && ctx_slots.is_contiguous(), "decode_layers: ctx_slots must be int64");
+  const int64_t num_slots = key_cache[0].size(0);
+  for (int64_t l = 0; l < L; ++l)
+    for (const at::Tensor* c : {&key_cache[l], &value_cache[l]})
+      TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->dim() == 3 && c->size(0) == num_slots &&
+                      c->size(1) == num_kv_heads && c->size(2) == D && c->is_contiguous(),
+                  "decode_layers: KV pool ", l, " must be a contiguous (", num_slots, ", ", num_kv_heads, ", ", D,
+                  ") bfloat16 tensor");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* offs = ctx_offsets.data_ptr<int64_t>();
+  const int64_t* ctx = ctx_slots.data_ptr<int64_t>();
+  TORCH_CHECK(offs[0] == 0 && offs[M] == ctx_slots.numel(), "decode_layers: ctx_offsets do not span ctx_slots");
+  int64_t max_ctx = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(slot[m] >= 0 && slot[m] < num_slots, "decode_layers: slot ", slot[m], " out of range");
+    TORCH_CHECK(offs[m + 1] > offs[m], "decode_layers: empty context for row ", m);
+    max_ctx = std::max(max_ctx, offs[m + 1] - offs[m]);
+  }
+  for (int64_t i = 0; i < ctx_slots.numel(); ++i)
+    TORCH_CHECK(ctx[i] >= 0 && ctx[i] < num_slots, "decode_layers: context slot ", ctx[i], " out of range");
+
+  std::vector<Matrix> qkv(L), o(L), gate_up(L), down(L);
+  for (int64_t l = 0; l < L; ++l) {
+    check_vector(ln1[l], H, "ln1", l);
+    check_vector(ln2[l], H, "ln2", l);
+    TORCH_CHECK(ln1[l].scalar_type() == at::kBFloat16 && ln2[l].scalar_type() == at::kBFloat16,
+                "decode_layers: norm weights must be bfloat16");
+    qkv[l] = matrix(qkv_w[l], optional_at(qkv_s, l), optional_at(qkv_b, l), QKV, H, "qkv_w", l);
+    o[l] = matrix(o_w[l], optional_at(o_s, l), nullptr, H, QS, "o_w", l);
+    gate_up[l] = matrix(gate_up_w[l], optional_at(gate_up_s, l), nullptr, 2 * I, H, "gate_up_w", l);
+    down[l] = matrix(down_w[l], optional_at(down_s, l), nullptr, H, I, "down_w", l);
+  }
+
+  at::Tensor x_out = x_in.clone();
+  uint16_t* x = static_cast<uint16_t*>(x_out.data_ptr());
+  const uint16_t* cs = static_cast<const uint16_t*>(cos.data_ptr());
+  const uint16_t* sn = static_cast<const uint16_t*>(sin.data_ptr());
+  std::vector<uint16_t> h(M * H), qkv_out(M * QKV), attn(M * QS), proj(M * H), gu(M * 2 * I), act(M * I);
+  const int64_t tasks = M * num_kv_heads;
+  const float sc = static_cast<float>(scale);
+
+  for (int64_t l = 0; l < L; ++l) {
+    rms_norm(x, static_cast<const uint16_t*>(ln1[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
+    matvec(qkv[l], h.data(), M, qkv_out.data(), path);
+    uint16_t* kp = static_cast<uint16_t*>(key_cache[l].data_ptr());
+    uint16_t* vp = static_cast<uint16_t*>(value_cache[l].data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      uint16_t* row = qkv_out.data() + m * QKV;
+      rope(row, num_heads, D, cs + m * D, sn + m * D);
+      rope(row + QS, num_kv_heads, D, cs + m * D, sn + m * D);
+      std::memcpy(kp + slot[m] * KS, row + QS, KS * sizeof(uint16_t));
+      std::memcpy(vp + slot[m] * KS, row + QS + KS, KS * sizeof(uint16_t));
+    }
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> work(static_cast<size_t>(G * (max_ctx + 2 * D) + D));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t m = t / num_kv_heads, kvh = t % num_kv_heads;
+        attend(qkv_out.data() + m * QKV + kvh * G * D, G, D, kp, vp, KS, kvh * D, ctx + offs[m],
+               offs[m + 1] - offs[m], sc, attn.data() + m * QS + kvh * G * D, work.data());
+      }
+    });
+    matvec(o[l], attn.data(), M, proj.data(), path);
+    add_into(x, proj.data(), M * H);
+    rms_norm(x, static_cast<const uint16_t*>(ln2[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
+    matvec(gate_up[l], h.data(), M, gu.data(), path);
+    for (int64_t m = 0; m < M; ++m) silu_mul(gu.data() + m * 2 * I, I, act.data() + m * I);
+    matvec(down[l], act.data(), M, proj.data(), path);
+    add_into(x, proj.data(), M * H);
+  }
+  return x_out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
+  // The KV pools are written in place (the new tokens' keys and values).
+  m.def(
+      "decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_b, "
+      "Tensor[] o_w, Tensor[] o_s, Tensor[] gate_up_w, Tensor[] gate_up_s, Tensor[] down_w, Tensor[] down_s, "
+      "Tensor(a!)[] key_cache, Tensor(b!)[] value_cache, Tensor cos, Tensor sin, Tensor slots, Tensor ctx_slots, "
+      "Tensor ctx_offsets, int num_heads, int num_kv_heads, float eps, float scale, int path) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) { m.impl("decode_layers", &decode_layers); }

@@ -1,0 +1,56 @@
+// Shared between the GEMV kernels (gemv.cpp) and the fused decode step (decode_step.cpp).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace internvl_kernels {
+
+// Which instruction-set path a call runs; Python chooses it from /proc/cpuinfo.
+enum Path : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+// Element type of an optional per-row operand (scale, bias) or of the output.
+enum Kind : int { kNone = 0, kBf16 = 1, kF32 = 2 };
+
+struct Problem {
+  int64_t M = 0, N = 0, K = 0;
+  const uint16_t* xb = nullptr;  // bf16 activations, rows ldx apart (bf16 path)
+  int64_t ldx = 0;
+  const float* xf = nullptr;     // fp32 activations, rows K apart (layout chosen by the path)
+  const uint16_t* w = nullptr;   // bf16 weights (N, K)
+  const int8_t* wq = nullptr;    // int8 weights (N, K)
+  const uint8_t* w4 = nullptr;   // int4 weights (N, K / 2): per 32 columns, 16 bytes (low nibble k, high k + 16)
+  const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
+  int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
+  const float* xsum = nullptr;   // int4 only: (M, K / group) sums of x over each group
+  const void* scale = nullptr;   // int8 only: per-output-channel scales
+  int scale_kind = kNone;
+  const void* bias = nullptr;
+  int bias_kind = kNone;
+  void* out = nullptr;           // (M, N)
+  int out_kind = kBf16;
+  int64_t x_elem_bytes = 4;      // as the tiles read x: 2 (bf16, dot-product path) or 4 (fp32)
+};
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// out (M, N) = x (M, K, bf16, contiguous) . w^T + bias, accumulated in fp32 and rounded once.
+// w: bf16 (N, K) contiguous; bias: (N,) of bias_kind or null; out: bf16 or fp32 as out_kind says.
+// Runs on torch's intra-op thread pool (rows of w shared out in chunks).
+void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
+                 int bias_kind, void* out, int out_kind, int64_t path);
+
+// The same for int8 weights with one scale per output row: out = (x . q^T) * scale + bias.
+void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
+                 int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path);
+
+// The same for int4 weights, asymmetric per group of `group` columns: W = (q - 8) * scale + zero.
+// w4 (N, K / 2) uint8 in the layout `Problem::w4` describes; sz (N, K / group, 2) bf16.
+void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, const uint16_t* sz, int64_t group,
+                 int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path);
+
+}  // namespace internvl_kernels

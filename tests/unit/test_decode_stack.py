@@ -1,0 +1,143 @@
+"""The native decode step (kernels.decode_step.DecodeStack) against the Python layer loop it replaces.
+
+Both run in bfloat16 on the tiny checkpoints of all seven variants (Qwen2 with q/k/v bias, InternLM2,
+Phi-3, Yi/Llama, Llama-3), over a prefill and several decode steps of three sequences at once, one of
+them on a fragmented block table (context gathered slot by slot). The native step rounds where the
+torch modules round, so logits agree to the last bit in nearly every case; we require greedy tokens to
+be identical and the logits within 1e-2 relative.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from internvl_runtime import AutoModel, kernels
+from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
+TABLES = [list(range(0, 8)), [20, 9, 30, 11], list(range(40, 48))]   # the second one fragmented
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    if os.environ.get(kernels.ENV_VAR, "").lower() == "torch" or not kernels.available():
+        pytest.skip(f"no native kernels here: {kernels.describe()}")
+
+
+def load(variant: str, **kwargs) -> torch.nn.Module:
+    return AutoModel.from_pretrained(SHARED / "ckpt" / variant, torch_dtype=torch.bfloat16, **kwargs).eval()
+
+
+class Counting:
+    """Wraps a DecodeStack and counts its calls."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.calls = stack, 0
+
+    def applies(self, kv_cache) -> bool:
+        return self.stack.applies(kv_cache)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.stack(*args)
+
+
+def generate(model, stack, prompts: list[list[int]], steps: int = 8) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and per-step logits with ``stack`` as the decode stack (None: the Python loop)."""
+    model.language_model.decode_stack = stack
+    runner = ModelRunner(model, num_blocks=64)
+    tables = TABLES[: len(prompts)]
+    logits = runner.execute([SequenceStep(p, 0, t) for p, t in zip(prompts, tables)])
+    tokens = [[int(t)] for t in logits.argmax(-1)]
+    history = [logits]
+    for i in range(steps):
+        logits = runner.execute([SequenceStep([tok[-1]], len(p) + i, t)
+                                 for p, tok, t in zip(prompts, tokens, tables)])
+        history.append(logits)
+        for tok, t in zip(tokens, logits.argmax(-1)):
+            tok.append(int(t))
+    return tokens, history
+
+
+def prompts_for(model, lengths=(37, 5, 60)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.llm.vocab_size
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_same(model, prompts, rows_expected: bool = True) -> None:
+    stack = model.language_model.decode_stack
+    assert stack is not None, model.compute_plan.decode_layers
+    python_tokens, python_logits = generate(model, None, prompts)
+    counting = Counting(stack)
+    native_tokens, native_logits = generate(model, counting, prompts)
+    model.language_model.decode_stack = stack
+    assert (counting.calls > 0) == rows_expected
+    assert native_tokens == python_tokens
+    for a, b in zip(python_logits, native_logits):
+        assert float((a - b).norm() / a.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_native_decode_equals_python_loop(variant: str) -> None:
+    model = load(variant)
+    assert "decode layers: native" in model.compute_plan.describe()
+    assert_same(model, prompts_for(model))
+
+
+@pytest.mark.parametrize("variant", ["tiny-1B", "tiny-2B"])     # Qwen2 (q/k/v bias), InternLM2
+@pytest.mark.parametrize("quantization", ["int8", "int4:g32"])
+def test_native_decode_quantized(variant: str, quantization: str) -> None:
+    model = load(variant, quantization=quantization)
+    assert model.compute_plan.decode_layers.startswith("native"), model.compute_plan.decode_layers
+    assert_same(model, prompts_for(model))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512", "avx512bf16"])
+def test_native_decode_every_isa_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels.missing_flags(path):
+        pytest.skip(f"CPU lacks {kernels.missing_flags(path)}")
+    monkeypatch.setenv(kernels.ENV_VAR, path)
+    model = load("tiny-4B")
+    assert model.language_model.decode_stack.path == path
+    assert_same(model, prompts_for(model))
+
+
+def test_more_rows_than_the_stack_takes_use_the_python_loop() -> None:
+    model = load("tiny-1B")
+    model.language_model.decode_stack_rows = 2
+    assert_same(model, prompts_for(model), rows_expected=False)     # 3 sequences > 2
+
+
+def test_plan_says_why_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    model = load("tiny-1B")
+    assert model.language_model.decode_stack is None
+    assert model.compute_plan.decode_layers.startswith("python (no native kernel")
+    fp32 = AutoModel.from_pretrained(SHARED / "ckpt" / "tiny-1B", torch_dtype=torch.float32)
+    assert fp32.language_model.decode_stack is None
+
+
+def test_bad_arguments_are_named() -> None:
+    model = load("tiny-1B")
+    stack = model.language_model.decode_stack
+    p = stack.projections
+    x = torch.zeros(1, model.config.llm.hidden_size, dtype=torch.bfloat16)
+    d = stack.head_dim
+    cache = [torch.zeros(16, stack.num_kv_heads, d, dtype=torch.bfloat16) for _ in stack.ln1]
+    args = [x, stack.ln1, stack.ln2[:-1], p["qkv"].weights, p["qkv"].scales, p["qkv"].biases, p["o"].weights,
+            p["o"].scales, p["gate_up"].weights, p["gate_up"].scales, p["down"].weights, p["down"].scales, cache,
+            cache, torch.zeros(1, d, dtype=torch.bfloat16), torch.zeros(1, d, dtype=torch.bfloat16),
+            torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1]), stack.num_heads, stack.num_kv_heads,
+            1e-6, 0.125, stack._path_id]
+    with pytest.raises(RuntimeError, match="ln2 has 1 entries for 2 layers"):
+        torch.ops.internvl_kernels.decode_layers(*args)
+    args[2] = stack.ln2
+    args[16] = torch.tensor([99])
+    with pytest.raises(RuntimeError, match="slot 99 out of range"):
+        torch.ops.internvl_kernels.decode_layers(*args)
