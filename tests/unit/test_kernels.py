@@ -230,6 +230,19 @@ def test_linear_int4_matches_reference(native: None, path: str) -> None:
                                    atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_int4_native_equals_torch(native: None, dtype: torch.dtype,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    x, q, sz = _int4_case(1, 37, 256, 64, seed=9)
+    packed = kernels.pack_int4(q)
+    native_w = kernels.dequantize_int4(packed, sz, 64, dtype)
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    torch_w = kernels.dequantize_int4(packed, sz, 64, dtype)
+    assert native_w.dtype == dtype and torch.equal(native_w, torch_w)
+    exact = (q.float().reshape(37, 4, 64) - 8) * sz.float()[..., :1] + sz.float()[..., 1:]
+    assert torch.equal(torch_w, exact.reshape(37, 256).to(dtype))
+
+
 @pytest.mark.parametrize("path", NATIVE)
 def test_linear_int4_lm_head(native: None, path: str) -> None:
     _require(path)

@@ -352,6 +352,8 @@ void tile_bf16_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
       for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
   auto step = [&](int64_t k, int u, __mmask32 mask) __attribute__((always_inline)) {
     __m512bh wv[NB];
+    if (NB == 1 && p.prefetch > 0)
+      _mm_prefetch(reinterpret_cast<const char*>(wr[0] + k) + p.prefetch, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
 #pragma GCC unroll 8
@@ -399,6 +401,7 @@ void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
     for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t k = (g * blocks + b) * 32;
+      if (p.prefetch > 0 && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + p.prefetch, _MM_HINT_T0);
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
       const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
       const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
@@ -444,7 +447,8 @@ const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
 #undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
-constexpr int64_t kChunkBytes = 128 * 1024;   // weights per work item taken from the shared counter
+std::atomic<int64_t> g_chunk_bytes{128 * 1024};
+std::atomic<int64_t> g_prefetch_bytes{0};   // weights per work item taken from the shared counter
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
 // With M > 1, one-row tiles are kept while the activations (M x K, as the tiles read them) fit in L1
 // with room to spare; beyond that, 4-row tiles cut the activation traffic from L2 by 4.
@@ -486,10 +490,13 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
 }
 
 // weight_bits: bits per stored weight (16, 8 or 4).
-void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
-  if (p.M == 0 || p.N == 0) return;
+void run(const Kernel& ker, const Problem& problem, int64_t weight_bits) {
+  if (problem.M == 0 || problem.N == 0) return;
+  Problem p = problem;
+  p.prefetch = g_prefetch_bytes.load(std::memory_order_relaxed);
   const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_bits / 8);
-  const int64_t rows = std::max<int64_t>(kRowAlign, (kChunkBytes / row_bytes) / kRowAlign * kRowAlign);
+  const int64_t chunk_bytes = g_chunk_bytes.load(std::memory_order_relaxed);
+  const int64_t rows = std::max<int64_t>(kRowAlign, (chunk_bytes / row_bytes) / kRowAlign * kRowAlign);
   const int64_t chunks = (p.N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1 || p.N * row_bytes < kSerialBytes || at::in_parallel_region()) {
@@ -747,20 +754,69 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   return out;
 }
 
+// The weight of an int4 layer, W = (q - 8) * scale + zero, as bf16 or fp32 (N, K): prefill dequantizes a
+// layer at a time and runs one GEMM. Plain C++ (the compiler vectorises it); rows shared over threads.
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t group, at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "dequantize_int4: w must be a contiguous (N, K/2) uint8 CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "dequantize_int4: group ", group,
+              " must be a multiple of 32 dividing K=", K);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.dim() == 3 && sz.size(0) == N && sz.size(1) == K / group &&
+                  sz.size(2) == 2 && sz.is_contiguous(),
+              "dequantize_int4: scales_and_zeros must be a contiguous (N, K/group, 2) bfloat16 tensor");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dequantize_int4: dtype must be bfloat16 or float32");
+  at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
+  const uint8_t* q = w.data_ptr<uint8_t>();
+  const uint16_t* s = static_cast<const uint16_t*>(sz.data_ptr());
+  const bool to_bf16 = dtype == at::kBFloat16;
+  void* o = out.data_ptr();
+  const int64_t G = K / group;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    float row[32];
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        const int64_t g = b * 32 / group;
+        const float scale = bf16_to_f32(s[(n * G + g) * 2]), zero = bf16_to_f32(s[(n * G + g) * 2 + 1]);
+        const uint8_t* src = q + n * (K / 2) + b * 16;
+        for (int j = 0; j < 16; ++j) {
+          row[j] = static_cast<float>((src[j] & 0x0F) - 8) * scale + zero;
+          row[16 + j] = static_cast<float>((src[j] >> 4) - 8) * scale + zero;
+        }
+        const int64_t off = n * K + b * 32;
+        if (to_bf16)
+          for (int j = 0; j < 32; ++j) static_cast<c10::BFloat16*>(o)[off + j] = c10::BFloat16(row[j]);
+        else
+          std::memcpy(static_cast<float*>(o) + off, row, sizeof row);
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 // Benchmarks only: set the activation size (bytes) up to which M > 1 keeps one-row tiles; returns the old.
 int64_t set_x_l1_bytes(int64_t bytes) { return g_x_l1_bytes.exchange(bytes); }
 
+// Benchmarks only: set how far ahead (bytes) one-row tiles prefetch weights, 0 = off; returns the old value.
+int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
+
+// Benchmarks only: set the bytes of weights per work item; returns the old value.
+int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
+
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
+  m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");
+  m.def("dequantize_int4(Tensor w, Tensor scales_and_zeros, int group, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize_int4", &dequantize_int4);
 }
