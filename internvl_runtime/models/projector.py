@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .layers.linear import Linear
+from .vision.intern_vit import fast_16bit, fused_linear
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
@@ -30,3 +31,10 @@ class Projector(nn.Sequential):
         width = vit_hidden * int(round(1 / downsample_ratio)) ** 2
         super().__init__(nn.LayerNorm(width), Linear(width, llm_hidden), nn.GELU(),
                          Linear(llm_hidden, llm_hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, fc1, gelu, fc2 = self
+        if fast_16bit(x) and isinstance(gelu, nn.GELU) and gelu.approximate == "none":
+            # bias and exact GELU fused into the matmuls where oneDNN can (see intern_vit.fused_linear)
+            return fused_linear(fc2, fused_linear(fc1, norm(x), gelu=True))
+        return super().forward(x)
