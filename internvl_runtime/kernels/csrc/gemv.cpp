@@ -188,7 +188,7 @@ void tile_int8_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
 template <int MB, int NB>
 void tile_int4_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
   static_assert(NB == 1, "int4 tiles take one weight row");
-  const int64_t K = p.K, G = K / p.group, blocks = p.group / 32;
+  const int64_t K = p.K, G = K / p.group;
   const uint8_t* w = p.w4 + n0 * (K / 2);
   const uint16_t* sz = p.sz + n0 * G * 2;
   const __m128i nibble = _mm_set1_epi8(0x0F);
@@ -199,28 +199,31 @@ void tile_int4_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
     extra[i] = 0.0f;
   }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MB][2];
-    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k = (g * blocks + b) * 32;
+    // four accumulator chains per activation row (one per 8 columns of a block): no FMA waits on another
+    __m256 a0[MB], a1[MB], a2[MB], a3[MB];
+    for (int i = 0; i < MB; ++i) a0[i] = a1[i] = a2[i] = a3[i] = _mm256_setzero_ps();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
       const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
       const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
       const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
       const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
       const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+#pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {
         const float* xr = p.xf + (m0 + i) * K + k;
-        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[i][1]);
-        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, acc[i][1]);
+        a0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, a0[i]);
+        a1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, a1[i]);
+        a2[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, a2[i]);
+        a3[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, a3[i]);
       }
     }
     const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
     const __m256 vs = _mm256_set1_ps(scale);
+#pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) {
-      total[i] = _mm256_fmadd_ps(vs, _mm256_add_ps(acc[i][0], acc[i][1]), total[i]);
+      const __m256 acc = _mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), _mm256_add_ps(a2[i], a3[i]));
+      total[i] = _mm256_fmadd_ps(vs, acc, total[i]);
       extra[i] += (zero - 8.0f * scale) * p.xsum[(m0 + i) * G + g];
     }
   }
@@ -390,6 +393,15 @@ void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
   const uint16_t* sz = p.sz + n0 * G * 2;
   const __m128i nibble = _mm_set1_epi8(0x0F);
   const __m512i base = _mm512_set1_epi16(0x4300);
+  auto unpack = [&](int64_t k) __attribute__((always_inline)) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+    const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+    const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    return (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(bytes), base);
+  };
+  auto xat = [&](int i, int64_t k) __attribute__((always_inline)) {
+    return (__m512bh)_mm512_loadu_si512(p.xb + (m0 + i) * p.ldx + k);
+  };
   __m512 total[MB];
   float extra[MB];
   for (int i = 0; i < MB; ++i) {
@@ -397,27 +409,33 @@ void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
     extra[i] = 0.0f;
   }
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MB][2];
-    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k = (g * blocks + b) * 32;
-      if (p.prefetch > 0 && (b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + p.prefetch, _MM_HINT_T0);
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
-      const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-      const __m512bh wv = (__m512bh)_mm512_or_si512(_mm512_cvtepu8_epi16(bytes), base);
+    // two accumulator chains per activation row (the dot-product latency), named, so they stay in registers
+    __m512 a0[MB], a1[MB];
+    for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    int64_t k = g * p.group;
+    const int64_t k_end = k + p.group;
+    for (; k + 64 <= k_end; k += 64) {
+      const __m512bh w0 = unpack(k), w1 = unpack(k + 32);
+#pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(p.xb + (m0 + i) * p.ldx + k);
-        acc[i][b & 1] = _mm512_dpbf16_ps(acc[i][b & 1], xv, wv);
+        a0[i] = _mm512_dpbf16_ps(a0[i], xat(i, k), w0);
+        a1[i] = _mm512_dpbf16_ps(a1[i], xat(i, k + 32), w1);
       }
+    }
+    if (k < k_end) {   // a group of 32 columns
+      const __m512bh w0 = unpack(k);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) a0[i] = _mm512_dpbf16_ps(a0[i], xat(i, k), w0);
     }
     const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
     const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) {
-      total[i] = _mm512_fmadd_ps(vs, _mm512_add_ps(acc[i][0], acc[i][1]), total[i]);
+      total[i] = _mm512_fmadd_ps(vs, _mm512_add_ps(a0[i], a1[i]), total[i]);
       extra[i] += (zero - 136.0f * scale) * p.xsum[(m0 + i) * G + g];
     }
   }
+  (void)blocks;
   for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(total[i]) + extra[i];
 }
 
