@@ -7,8 +7,10 @@ Builds the model from a random-weight checkpoint with the real InternVL2-1B shap
 - ``extract_feature`` seconds per tile for one tile and for a batch of --batch tiles (best of --rounds);
 - the bf16 matmul rate (plain ``a @ w.T``) at each linear shape of the encoder, their FLOP-weighted
   rate, the achieved GFLOP/s and its % of that rate, and the floor (every FLOP at that rate);
-- with --compare, the same per-tile time with the vision fast path off (the plain eager path), so a
-  before/after ratio comes from one process;
+- with --compare, the same per-tile time with the vision fast path off (the plain eager path) and, where
+  the native attention kernel runs (``kernels.vision_attention``: avx512_bf16, bf16, not the upcast plan),
+  with the fast path but torch's SDPA for attention ($INTERNVL_CPU_KERNEL=torch), so before/after ratios
+  come from one process;
 - with --profile, a torch.profiler breakdown by op and by kind of work for one tile.
 
 Every measure is taken once per round and rounds are interleaved (best kept), so other processes on a
@@ -23,6 +25,7 @@ The checkpoint is written on the fly (never committed) when DIR has no config.js
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from internvl_runtime import AutoModel  # noqa: E402
+from internvl_runtime import AutoModel, kernels  # noqa: E402
 from internvl_runtime.hardware import cpu_flags, describe_host  # noqa: E402
 from internvl_runtime.models.vision import intern_vit  # noqa: E402
 from internvl_runtime.testing.checkpoints import write_checkpoint  # noqa: E402
@@ -154,17 +157,34 @@ def main() -> None:
     shapes = gemm_shapes(model)
     probes = {name: Matmul(m, k, n, dtype) for name, (m, k, n, _) in shapes.items()}
 
-    def tile(fast: bool) -> float:
-        intern_vit.set_vision_fast_path(fast)
+    first_attention = model.vision_model.encoder.layers[0].attn
+    native = dtype == torch.bfloat16 and intern_vit.native_attention(first_attention, pixels.new_empty(1))
+    print(f"vision attention: {'native kernel (kernels.vision_attention)' if native else 'torch SDPA'}")
+    # modes: "fast" (the default path), "plain" (fast path off), "sdpa" (fast path, torch attention)
+    modes = ["fast", "plain", "sdpa"] if args.compare and native else ["fast", "plain"] if args.compare else ["fast"]
+    suffix = {"fast": "", "plain": " (plain path)", "sdpa": " (torch attention)"}
+
+    def run(mode: str, fn: Callable[[], object]) -> float:
+        intern_vit.set_vision_fast_path(mode != "plain")
+        saved = os.environ.get(kernels.ENV_VAR)
+        if mode == "sdpa":
+            os.environ[kernels.ENV_VAR] = "torch"
         try:
-            return once(lambda: model.extract_feature(pixels))
+            return once(fn)
         finally:
             intern_vit.set_vision_fast_path(True)
+            if saved is None:
+                os.environ.pop(kernels.ENV_VAR, None)
+            else:
+                os.environ[kernels.ENV_VAR] = saved
+
+    def tile(mode: str) -> float:
+        return run(mode, lambda: model.extract_feature(pixels))
 
     with torch.inference_mode():
-        for fast in ([True, False] if args.compare else [True]):   # warm-up (oneDNN primitives, packing)
-            tile(fast)
-            tile(fast)
+        for mode in modes:                  # warm-up (oneDNN primitives, packing)
+            tile(mode)
+            tile(mode)
         for probe in probes.values():
             probe()
         best: dict[str, float] = {}
@@ -173,22 +193,16 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), seconds)
 
         for _ in range(args.rounds):
-            keep("tile", tile(True))
-            if args.compare:
-                keep("tile (plain path)", tile(False))
+            for mode in modes:
+                keep("tile" + suffix[mode], tile(mode))
             for name, probe in probes.items():
                 keep(name, min(once(probe) for _ in range(2)))
         if args.batch:
             batch = torch.randn(args.batch, 3, v.image_size, v.image_size, generator=g).to(dtype)
             model.extract_feature(batch)
             for _ in range(args.batch_rounds):
-                keep("batch", once(lambda: model.extract_feature(batch)))
-                if args.compare:
-                    intern_vit.set_vision_fast_path(False)
-                    try:
-                        keep("batch (plain path)", once(lambda: model.extract_feature(batch)))
-                    finally:
-                        intern_vit.set_vision_fast_path(True)
+                for mode in modes:
+                    keep("batch" + suffix[mode], run(mode, lambda: model.extract_feature(batch)))
 
         rates = {name: probes[name].flops / best[name] for name in probes}
         gemm_flops = {name: flops[name] for name in probes}
@@ -201,24 +215,30 @@ def main() -> None:
         print(f"\nFLOPs per tile: {total_flops / 1e9:.1f} G (linear {sum(gemm_flops.values()) / 1e9:.1f}, "
               f"attention {flops['attention'] / 1e9:.1f}, patch conv {flops['patch'] / 1e9:.1f})")
         floor = total_flops / rate
-        rows = [("tile", 1)]
-        if args.compare:
-            rows.append(("tile (plain path)", 1))
+        rows = [("tile" + suffix[mode], 1) for mode in modes]
         if args.batch:
-            rows.append(("batch", args.batch))
-            if args.compare:
-                rows.append(("batch (plain path)", args.batch))
+            rows += [("batch" + suffix[mode], args.batch) for mode in modes]
         print(f"floor (every FLOP at {rate / 1e9:.0f} GFLOP/s): {floor:.3f} s per tile\n")
         for name, tiles in rows:
             per_tile = best[name] / tiles
-            label = f"vision + mlp1, {tiles} tile{'s' if tiles > 1 else ''}{' (plain path)' if 'plain' in name else ''}"
-            print(f"  {label:40s} {per_tile:7.3f} s/tile  {total_flops / per_tile / 1e9:6.1f} GFLOP/s  "
+            variant = name.partition(" ")[2]
+            label = f"vision + mlp1, {tiles} tile{'s' if tiles > 1 else ''}{' ' + variant if variant else ''}"
+            print(f"  {label:45s} {per_tile:7.3f} s/tile  {total_flops / per_tile / 1e9:6.1f} GFLOP/s  "
                   f"{total_flops / per_tile / rate:6.1%} of the matmul rate  ({per_tile / floor:.2f}x floor)")
         if args.compare:
             print(f"\n  fast path vs plain path, 1 tile: {best['tile (plain path)'] / best['tile']:.3f}x faster")
             if args.batch:
                 print(f"  fast path vs plain path, {args.batch} tiles: "
                       f"{best['batch (plain path)'] / best['batch']:.3f}x faster")
+            if "sdpa" in modes:
+                print(f"  native attention vs torch SDPA (both fast path), 1 tile: "
+                      f"{best['tile (torch attention)'] / best['tile']:.3f}x faster "
+                      f"({best['tile (torch attention)']:.3f} -> {best['tile']:.3f} s)")
+                if args.batch:
+                    print(f"  native attention vs torch SDPA, {args.batch} tiles: "
+                          f"{best['batch (torch attention)'] / best['batch']:.3f}x faster "
+                          f"({best['batch (torch attention)'] / args.batch:.3f} -> {best['batch'] / args.batch:.3f}"
+                          f" s/tile)")
         if args.profile:
             print()
             profile_tile(model, pixels)

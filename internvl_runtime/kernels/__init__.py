@@ -56,12 +56,13 @@ REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
 _PATH_ID = {"avx2": 0, "avx512": 1, "avx512bf16": 2}   # the `path` argument of the C++ operators
 
 #: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
-EXTENSION_NAME = "internvl_kernels_v2_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "decode_step.cpp"))
+EXTENSION_NAME = "internvl_kernels_v3_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("gemv.cpp", "decode_step.cpp", "vision_attention.cpp"))
 CFLAGS = ["-O3", "-fno-math-errno"]                   # no -march: ISA chosen per function in the source
 
 __all__ = ["ENV_VAR", "PATHS", "available", "describe", "dequantize_int4", "linear_bf16", "linear_int4",
-           "linear_int8", "pack_int4", "selected_path", "supported_paths"]
+           "linear_int8", "pack_int4", "selected_path", "supported_paths", "vision_attention"]
 
 
 # --------------------------------------------------------------------------------------------- ISA
@@ -195,6 +196,11 @@ def _register_fakes() -> None:
     register("internvl_kernels::linear_bf16")(fake)
     register("internvl_kernels::linear_int8")(fake)
     register("internvl_kernels::linear_int4")(fake)
+
+    def fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any) -> torch.Tensor:
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]))
+
+    register("internvl_kernels::vision_attention")(fake_attention)
 
 
 def _reset_for_tests() -> None:
@@ -369,3 +375,38 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
         bias = bias.float().contiguous()
     out = _State.ops.linear_int4(x2, packed, scales_and_zeros, group, bias, _PATH_ID[chosen]).to(x.dtype)
     return out.reshape(*x.shape[:-1], packed.shape[0]) if x.dim() != 2 else out
+
+
+# ------------------------------------------------------------------------------------- attention
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                     path: str | None = None) -> torch.Tensor:
+    """Non-causal softmax attention, q (N, L, heads, D), k and v (N, S, heads, D) -> (N, L, heads * D).
+
+    The vision encoder's attention (``csrc/vision_attention.cpp``): any strides with a contiguous last
+    dimension, so the q / k / v views of a fused qkv output (N, L, 3, heads, D) are read in place, and the
+    result comes in the layout the output projection reads. ``scale`` defaults to D ** -0.5. Native only on
+    the avx512bf16 path for bf16 CPU tensors without autograd (fp32 scores, exact softmax, bf16
+    probabilities: see the source); anything else, or a native failure (logged), runs torch's SDPA on
+    float32 copies of q, k and v and rounds the result to q's dtype.
+    """
+    if (q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]
+            or q.shape[2:] != k.shape[2:]):
+        raise ValueError(f"vision_attention: q (N, L, heads, D) and k, v (N, S, heads, D) expected, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n, length, heads, dim = q.shape
+    scale = dim ** -0.5 if scale is None else float(scale)
+    if (_resolve(path) == "avx512bf16" and k.shape[1] > 0
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k, v))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        try:
+            return _State.ops.vision_attention(q, k, v, scale, _PATH_ID["avx512bf16"])
+        except RuntimeError as exc:     # not expected: the checks above mirror the operator's
+            if not getattr(_State, "attention_warned", False):
+                _State.attention_warned = True
+                logger.warning("internvl_runtime.kernels: vision_attention failed (%s); using torch's SDPA",
+                               _summary(exc))
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).reshape(n, length, heads * dim).to(q.dtype)

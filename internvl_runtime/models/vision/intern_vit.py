@@ -11,14 +11,19 @@ CPU fast path for 16-bit weights (``fast_16bit``; ``benchmarks/vision.py --compa
 plain path in one process). Float32 models, other devices, and everything after
 ``set_vision_fast_path(False)`` (or ``INTERNVL_VISION_FAST_PATH=0``) take the plain eager path, unchanged:
 
-- attention runs in float32 from the 16-bit q/k/v: torch's CPU flash kernel (q blocks of 256, kv blocks
-  of 512) is ~13% faster in float32 (MKL sgemm) than in bf16 (oneDNN gemm calls per block) at 1025
-  tokens x 16 heads x 64 on a Zen 4 with avx512_bf16, and the probabilities are never rounded to 16 bits;
+- attention: with bf16 activations on a CPU with avx512_bf16 (not the upcast plan, and unless
+  ``INTERNVL_CPU_KERNEL=torch``), the native kernel ``kernels.vision_attention`` reads q/k/v straight from
+  the qkv output and writes the layout ``proj`` reads: fp32 scores, exact softmax, bf16 probabilities,
+  ~2x faster than torch's flash kernel at 1025 tokens x 16 heads x 64 (InternViT-300M) and ~2.5x at
+  25 heads x 128 (InternViT-6B). Otherwise it runs in float32 from the 16-bit q/k/v: torch's CPU flash
+  kernel (q blocks of 256, kv blocks of 512) is ~13% faster in float32 (MKL sgemm) than in bf16 (oneDNN
+  gemm calls per block) on a Zen 4 with avx512_bf16, and the probabilities are never rounded to 16 bits;
 - with native bf16 weights (not the upcast plan), each linear layer is one oneDNN matmul
   (``mkldnn._linear_pointwise``) with its bias and, for ``fc1`` and ``mlp1``'s first layer, the exact-erf
   GELU as post-ops, instead of addmm's bias copy + GEMM + a separate GELU pass;
 - the layer-scale multiply and residual add are one ``addcmul``.
-These only move bf16 rounding points (fewer roundings; tests/unit/test_vision_speed_paths.py).
+These only move bf16 rounding points (fewer roundings; tests/unit/test_vision_speed_paths.py), and the
+kernel adds one: the bf16 probabilities (tests/unit/test_vision_attention.py).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import kernels
 from ...config import VisionConfig
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
@@ -81,6 +87,21 @@ def fused_linear(linear: nn.Module, x: torch.Tensor, gelu: bool = False) -> torc
         return out.view(*x.shape[:-1], out.shape[-1])
     out = linear(x)
     return F.gelu(out) if gelu else out
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    return not kernels.missing_flags("avx512bf16")
+
+
+def native_attention(attn: nn.Module, qkv: torch.Tensor) -> bool:
+    """Whether ``attn`` (a fast-path ``VisionAttention``) runs the native bf16 kernel on ``qkv``: bf16
+    activations, not the upcast plan, no autograd, and the kernels' selected path is avx512bf16 (the CPU
+    has it, the extension built, ``INTERNVL_CPU_KERNEL`` does not force another path)."""
+    plan = getattr(attn.qkv, "plan", None)
+    return (qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and (plan is None or not plan.upcast)
+            and not (torch.is_grad_enabled() and qkv.requires_grad) and _cpu_has_bf16()
+            and kernels.selected_path() == "avx512bf16")
 
 
 def make_norm(config: VisionConfig, size: int) -> nn.Module:
@@ -148,15 +169,23 @@ class VisionAttention(nn.Module):
         n, length, dim = x.shape
         fast = fast_16bit(x)
         qkv = fused_linear(self.qkv, x) if fast else self.qkv(x)
+        native = fast and native_attention(self, qkv)                 # the bf16 kernel (module docstring)
+        heads = (n, length, self.num_heads, self.head_dim)
         if self.qk_normalization:
             q, k, v = qkv.view(n, length, 3, dim).unbind(2)              # each (N, L, dim)
             q, k = self.q_norm(q), self.k_norm(k)                        # over all heads at once
+            if native:
+                out = kernels.vision_attention(q.view(heads), k.view(heads), v.view(heads))  # (N, L, dim)
+                return fused_linear(self.proj, out)
             if fast:
                 q, k, v = q.float(), k.float(), v.float()
-            q = q.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)  # (N, heads, L, d)
-            k = k.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-            v = v.view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+            q = q.view(heads).transpose(1, 2)                            # (N, heads, L, d)
+            k = k.view(heads).transpose(1, 2)
+            v = v.view(heads).transpose(1, 2)
         else:
+            if native:                                                   # q, k, v read in place from qkv
+                q, k, v = qkv.view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
+                return fused_linear(self.proj, kernels.vision_attention(q, k, v))  # (N, L, dim)
             if fast:
                 qkv = qkv.float()          # float32 attention (module docstring); one pass, 3 x L x dim
             q, k, v = qkv.view(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
