@@ -56,10 +56,15 @@ REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
 _PATH_ID = {"avx2": 0, "avx512": 1, "avx512bf16": 2}   # the `path` argument of the C++ operators
 
 #: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
-EXTENSION_NAME = "internvl_kernels_v3_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
+EXTENSION_NAME = "internvl_kernels_v4_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("gemv.cpp", "decode_step.cpp", "vision_attention.cpp"))
-CFLAGS = ["-O3", "-fno-math-errno"]                   # no -march: ISA chosen per function in the source
+# No -march: the ISA is chosen per function in the source. -fopenmp: at::parallel_for is an OpenMP region
+# inlined from torch's headers, which runs on ONE thread when the extension is compiled without it. At
+# load time our libgomp.so.1 dependency resolves to the copy torch has already loaded (same soname), so
+# the kernels share torch's thread pool.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 __all__ = ["ENV_VAR", "PATHS", "available", "describe", "dequantize_int4", "linear_bf16", "linear_int4",
            "linear_int8", "pack_int4", "selected_path", "supported_paths", "vision_attention"]
@@ -118,6 +123,7 @@ def _compile() -> str:
     with warnings.catch_warnings(record=True) as caught:   # never let a build warning become an error
         warnings.simplefilter("always")
         path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                                  extra_ldflags=LDFLAGS,
                                   is_python_module=False, verbose=False)
     for w in caught:
         logger.debug("while building %s: %s", EXTENSION_NAME, w.message)
