@@ -355,8 +355,6 @@ void tile_bf16_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
       for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
   auto step = [&](int64_t k, int u, __mmask32 mask) __attribute__((always_inline)) {
     __m512bh wv[NB];
-    if (NB == 1 && p.prefetch > 0)
-      _mm_prefetch(reinterpret_cast<const char*>(wr[0] + k) + p.prefetch, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
 #pragma GCC unroll 8
@@ -465,8 +463,7 @@ const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
 #undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
-std::atomic<int64_t> g_chunk_bytes{128 * 1024};
-std::atomic<int64_t> g_prefetch_bytes{0};   // weights per work item taken from the shared counter
+std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
 // With M > 1, one-row tiles are kept while the activations (M x K, as the tiles read them) fit in L1
 // with room to spare; beyond that, 4-row tiles cut the activation traffic from L2 by 4.
@@ -508,10 +505,8 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
 }
 
 // weight_bits: bits per stored weight (16, 8 or 4).
-void run(const Kernel& ker, const Problem& problem, int64_t weight_bits) {
-  if (problem.M == 0 || problem.N == 0) return;
-  Problem p = problem;
-  p.prefetch = g_prefetch_bytes.load(std::memory_order_relaxed);
+void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
+  if (p.M == 0 || p.N == 0) return;
   const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_bits / 8);
   const int64_t chunk_bytes = g_chunk_bytes.load(std::memory_order_relaxed);
   const int64_t rows = std::max<int64_t>(kRowAlign, (chunk_bytes / row_bytes) / kRowAlign * kRowAlign);
@@ -816,16 +811,12 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t gr
 // Benchmarks only: set the activation size (bytes) up to which M > 1 keeps one-row tiles; returns the old.
 int64_t set_x_l1_bytes(int64_t bytes) { return g_x_l1_bytes.exchange(bytes); }
 
-// Benchmarks only: set how far ahead (bytes) one-row tiles prefetch weights, 0 = off; returns the old value.
-int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
-
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
-  m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");

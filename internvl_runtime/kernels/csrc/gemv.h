@@ -29,7 +29,6 @@ struct Problem {
   void* out = nullptr;           // (M, N)
   int out_kind = kBf16;
   int64_t x_elem_bytes = 4;      // as the tiles read x: 2 (bf16, dot-product path) or 4 (fp32)
-  int64_t prefetch = 0;          // > 0: software-prefetch the weights this many bytes ahead (one-row tiles)
 };
 
 inline float bf16_to_f32(uint16_t v) {
