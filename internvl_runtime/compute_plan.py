@@ -83,7 +83,10 @@ def apply_plan(model: nn.Module, plan: ComputePlan) -> None:
     for sub in model.modules():
         if hasattr(sub, "upcast_16bit"):
             sub.upcast_16bit = plan.upcast_16bit
-    plan = _plan_decode_layers(model, plan, rows=4 if cpu_has_fast_bf16() else 16)
+    # The native decode stack pays off to more rows than the bare GEMV kernel: it also removes the Python
+    # layer loop (measured on Zen 4, 1B shapes: 8 concurrent requests 63 -> 77 tok/s at 8 rows; at 16 rows
+    # torch's bf16 GEMMs win there)
+    plan = _plan_decode_layers(model, plan, rows=8 if cpu_has_fast_bf16() else 16)
     model.compute_plan = plan
     logger.info(plan.describe())
 
