@@ -41,7 +41,14 @@ class ComputePlan:
         heavy = "float32 from 16-bit weights (upcast per layer)" if self.upcast_16bit else f"native {dt}"
         return (f"compute plan: weights {dt} on {self.device}; vision+prefill: {heavy}; "
                 f"decode GEMV/LM head: {self.decode_kernel}; decode layers: {self.decode_layers}; "
-                f"attention: SDPA (prefill), GQA matmuls (decode)")
+                f"attention: {self._attention()}")
+
+    def _attention(self) -> str:
+        native_vision = (self.decode_kernel.startswith("avx512bf16") and not self.upcast_16bit
+                         and self.dtype == torch.bfloat16)
+        vision = "native kernel" if native_vision else "SDPA"
+        decode = "in the decode layers" if self.decode_layers.startswith("native") else "GQA matmuls"
+        return f"vision {vision}, prefill SDPA, decode {decode}"
 
 
 def _decode_kernel(dtype: torch.dtype):
