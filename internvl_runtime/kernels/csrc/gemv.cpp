@@ -653,18 +653,28 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 
 namespace internvl_kernels {
 
-void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
-                 int bias_kind, void* out, int out_kind, int64_t path) {
+namespace {
+
+// The fields every product shares: shapes, activation rows K apart, bias and output.
+Problem problem_for(int64_t M, int64_t N, int64_t K, const void* bias, int bias_kind, void* out, int out_kind) {
   Problem p;
   p.M = M;
   p.N = N;
   p.K = K;
   p.ldx = K;
-  p.w = w;
   p.bias = bias;
   p.bias_kind = bias ? bias_kind : kNone;
   p.out = out;
   p.out_kind = out_kind;
+  return p;
+}
+
+}  // namespace
+
+void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
+                 int bias_kind, void* out, int out_kind, int64_t path) {
+  Problem p = problem_for(M, N, K, bias, bias_kind, out, out_kind);
+  p.w = w;
   std::vector<float> xf;
   if (path == kAvx512Bf16) {
     p.xb = x;
@@ -683,18 +693,10 @@ void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
                  int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path) {
-  Problem p;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.ldx = K;
+  Problem p = problem_for(M, N, K, bias, bias_kind, out, out_kind);
   p.wq = w;
   p.scale = scale;
   p.scale_kind = scale_kind;
-  p.bias = bias;
-  p.bias_kind = bias ? bias_kind : kNone;
-  p.out = out;
-  p.out_kind = out_kind;
   std::vector<float> xf = prepare_x_bf16(x, M, K, 0);
   p.xf = xf.data();
   run(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, p, 8);
@@ -702,18 +704,10 @@ void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const
 
 void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, const uint16_t* sz, int64_t group,
                  int64_t N, const void* bias, int bias_kind, void* out, int out_kind, int64_t path) {
-  Problem p;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.ldx = K;
+  Problem p = problem_for(M, N, K, bias, bias_kind, out, out_kind);
   p.w4 = w4;
   p.sz = sz;
   p.group = group;
-  p.bias = bias;
-  p.bias_kind = bias ? bias_kind : kNone;
-  p.out = out;
-  p.out_kind = out_kind;
   const int64_t G = K / group;
   std::vector<float> xsum(static_cast<size_t>(M * G), 0.0f), xf;
   for (int64_t m = 0; m < M; ++m)
