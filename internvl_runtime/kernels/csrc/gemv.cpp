@@ -26,6 +26,7 @@
 #include "gemv.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -440,6 +441,62 @@ void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
 }  // namespace
 #pragma GCC pop_options
 
+
+// int4 x int8 with VNNI (vpdpbusd: 64 unsigned-by-signed byte products per instruction), as llama.cpp's
+// q4_0 path does: x is quantized to int8 once per call, one scale per weight group (|x| max / 127), and
+// stored per 64 columns in the order the nibble split yields (0-15, 32-47, 16-31, 48-63). Per group:
+// res += scale * sx * (sum(q * xq) - 8 * sum(xq)) + zero * X: the offset 8 is taken off in integers, so
+// only (q - 8) meets the activations' rounding. Groups must be multiples of 64 columns.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace {
+
+template <int MB, int NB>
+void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  __m512 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm512_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i a0[MB], a1[MB];
+    for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm512_setzero_si512();
+    const int64_t k_end = (g + 1) * p.group;
+    int64_t k = g * p.group;
+    auto chunk = [&](int64_t kk, __m512i* acc) __attribute__((always_inline)) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk / 2));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i)
+        acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512(p.xq + (m0 + i) * K + kk));
+    };
+    for (; k + 128 <= k_end; k += 128) {
+      chunk(k, a0);
+      chunk(k + 64, a1);
+    }
+    if (k < k_end) chunk(k, a0);
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[i], a1[i]));
+      const float sx = scale * p.xscale[(m0 + i) * G + g];
+      total[i] = _mm512_fmadd_ps(_mm512_set1_ps(sx), dot, total[i]);
+      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(total[i]) + extra[i];
+}
+
+}  // namespace
+#pragma GCC pop_options
+
 #undef TILE_SETUP
 
 // ---------------------------------------------------------------------------------------------------
@@ -460,10 +517,12 @@ const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
 #define NONE {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
+const Kernel kInt4Vnni{ONE4(tile_int4_vnni), NONE};
 #undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
-std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
+std::atomic<int64_t> g_chunk_bytes{128 * 1024};
+std::atomic<bool> g_int4_vnni{true};   // tests: off compares the bf16 dot-product int4 path   // weights per work item taken from the shared counter
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
 // With M > 1, one-row tiles are kept while the activations (M x K, as the tiles read them) fit in L1
 // with room to spare; beyond that, 4-row tiles cut the activation traffic from L2 by 4.
@@ -717,7 +776,36 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
       xsum[m * G + g] = s;
     }
   p.xsum = xsum.data();
-  if (path == kAvx512Bf16) {
+  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  if (path == kAvx512Bf16 && vnni && group % 64 == 0 && g_int4_vnni.load(std::memory_order_relaxed)) {
+    // x to int8 per group, columns of each 64 in the order the tile unpacks the nibbles
+    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* src = x + m * K + g * group;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(bf16_to_f32(src[k])));
+        const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
+        xscale[m * G + g] = sx;
+        int8_t* dst = xq.data() + m * K + g * group;
+        int64_t total = 0;
+        for (int64_t c = 0; c < group; c += 64)
+          for (int j = 0; j < 16; ++j) {
+            const int64_t order[4] = {c + j, c + 32 + j, c + 16 + j, c + 48 + j};
+            for (int part = 0; part < 4; ++part) {
+              const int8_t v = static_cast<int8_t>(std::nearbyint(bf16_to_f32(src[order[part]]) * inv));
+              dst[c + part * 16 + j] = v;
+              total += v;
+            }
+          }
+        xqsum[m * G + g] = static_cast<float>(total);
+      }
+    p.xq = xq.data();
+    p.xscale = xscale.data();
+    p.xqsum = xqsum.data();
+    run(kInt4Vnni, p, 4);
+  } else if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
     run(kInt4Dp, p, 4);
@@ -805,12 +893,16 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t gr
 // Benchmarks only: set the activation size (bytes) up to which M > 1 keeps one-row tiles; returns the old.
 int64_t set_x_l1_bytes(int64_t bytes) { return g_x_l1_bytes.exchange(bytes); }
 
+// Tests and benchmarks: use the VNNI int4 path (8-bit activations) where the CPU has it; returns the old value.
+bool set_int4_vnni(bool on) { return g_int4_vnni.exchange(on); }
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_int4_vnni(bool on) -> bool", &set_int4_vnni);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");

@@ -22,6 +22,9 @@ struct Problem {
   const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
   int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
   const float* xsum = nullptr;   // int4 only: (M, K / group) sums of x over each group
+  const int8_t* xq = nullptr;    // int4 VNNI path: x quantized per group, columns in the tile's order
+  const float* xscale = nullptr; // int4 VNNI path: (M, K / group) scale of each quantized group
+  const float* xqsum = nullptr;  // int4 VNNI path: (M, K / group) sum of the quantized values (exact)
   const void* scale = nullptr;   // int8 only: per-output-channel scales
   int scale_kind = kNone;
   const void* bias = nullptr;
