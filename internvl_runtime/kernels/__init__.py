@@ -367,8 +367,11 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for int4 weights in the native layout (``pack_int4``), fp32 accumulation.
 
-    ``x`` (..., K) is computed in bf16 (the result has x's dtype); where no native path runs, the weight
-    is dequantized and one matmul runs instead (the same values up to accumulation order).
+    ``x`` (..., K) is taken in bf16 (the result has x's dtype). On CPUs with AVX-512 VNNI and groups of a
+    multiple of 64 columns, the ``(q - 8) * scale`` part meets x quantized to int8 per group (scale
+    max|x| / 127, as llama.cpp's q8_0 activations; ~0.7% of the output's scale on random data, small
+    next to int4's own weight error); the ``zero`` part uses x exactly. Elsewhere the product is exact
+    up to bf16 rounding. Where no native path runs, the weight is dequantized and one matmul runs.
     """
     chosen = _resolve(path)
     if chosen == "torch" or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
