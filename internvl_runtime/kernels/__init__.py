@@ -14,8 +14,10 @@ Use::
 
 The extension is compiled just in time on the first call (about 10-20 s with 2 cores, once per host:
 it is cached under torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``). One binary serves every x86-64 CPU: each ISA path is compiled with a
-per-function target and the path is chosen here from /proc/cpuinfo, so no host ever executes an
+``~/.cache/torch_extensions``). Processes starting together (tensor-parallel ranks) build once: the others
+wait for the build lock at most ``$INTERNVL_KERNEL_BUILD_TIMEOUT`` seconds (default 300), then fall back
+to torch with a warning; see ``build.py``. One binary serves every x86-64 CPU: each ISA path is compiled
+with a per-function target and the path is chosen here from /proc/cpuinfo, so no host ever executes an
 instruction it lacks. Without a compiler / ninja, on a non-x86 CPU, or on any build error, every call
 falls back to torch (``F.linear``), and the reason is logged once and shown by ``describe()``.
 
@@ -29,11 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import threading
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +40,12 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedFeature
 from ..hardware import cpu_flags
+from . import build
+from .build import CFLAGS as CFLAGS
+from .build import EXTENSION_NAME as EXTENSION_NAME
+from .build import LDFLAGS as LDFLAGS
+from .build import SOURCES as SOURCES
+from .build import BuildLockTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +59,6 @@ REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
 }
 _PATH_ID = {"avx2": 0, "avx512": 1, "avx512bf16": 2}   # the `path` argument of the C++ operators
-
-#: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
-EXTENSION_NAME = "internvl_kernels_v4_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("gemv.cpp", "decode_step.cpp", "vision_attention.cpp"))
-# No -march: the ISA is chosen per function in the source. -fopenmp: at::parallel_for is an OpenMP region
-# inlined from torch's headers, which runs on ONE thread when the extension is compiled without it. At
-# load time our libgomp.so.1 dependency resolves to the copy torch has already loaded (same soname), so
-# the kernels share torch's thread pool.
-CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
 
 __all__ = ["ENV_VAR", "PATHS", "available", "describe", "dequantize_int4", "linear_bf16", "linear_int4",
            "linear_int8", "pack_int4", "selected_path", "supported_paths", "vision_attention"]
@@ -107,41 +101,7 @@ class _State:
 
 def _compile() -> str:
     """Build (or reuse the cached build of) the extension and load it; returns the .so path."""
-    import shutil
-
-    # imported lazily: it is slow and pulls in setuptools
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:       # the PyPI `ninja` package, when its bin/ is not on PATH
-        try:
-            import ninja  # type: ignore[import-not-found]
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            logger.info("internvl_runtime.kernels: using ninja from %s", ninja.BIN_DIR)
-        except (ImportError, AttributeError):
-            pass                            # torch then raises "Ninja is required": we fall back
-    _clear_stale_lock(cpp_extension)
-    with warnings.catch_warnings(record=True) as caught:   # never let a build warning become an error
-        warnings.simplefilter("always")
-        path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                                  extra_ldflags=LDFLAGS,
-                                  is_python_module=False, verbose=False)
-    for w in caught:
-        logger.debug("while building %s: %s", EXTENSION_NAME, w.message)
-    return str(path)
-
-
-STALE_LOCK_SECONDS = 600   # a build takes 10-40 s; a lock this old was left by a killed process
-
-
-def _clear_stale_lock(cpp_extension: Any) -> None:
-    """torch waits forever on the build folder's lock file; remove it if a killed build left it behind."""
-    try:
-        lock = Path(cpp_extension._get_build_directory(EXTENSION_NAME, False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-            logger.warning("internvl_runtime.kernels: removing stale build lock %s", lock)
-            lock.unlink()
-    except Exception as exc:  # noqa: BLE001 - private torch API; never fatal
-        logger.debug("could not check the build lock: %s", exc)
+    return build.compile_extension()
 
 
 def _summary(exc: BaseException) -> str:
@@ -170,6 +130,9 @@ def _load() -> Any:
                 _State.ops = torch.ops.internvl_kernels
                 _State.ops.linear_bf16  # noqa: B018 - raises if the library did not register the operators
                 _State.best = supported_paths()[0]
+            except BuildLockTimeout as exc:
+                _State.ops = None
+                _State.error = str(exc)
             except Exception as exc:  # noqa: BLE001 - any failure means: use torch
                 _State.ops = None
                 _State.error = f"building the native kernels failed ({_summary(exc)})"
