@@ -377,6 +377,23 @@ def test_fallback_when_build_fails_is_logged_once_and_thread_safe(monkeypatch: p
     torch.testing.assert_close(kernels.linear_bf16(x, w, b, path="avx2"), F.linear(x, w, b), rtol=0, atol=0)
 
 
+def test_build_lock_timeout_falls_back_with_its_own_message(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    _fresh_state(monkeypatch)
+    message = "waited 2 s for the native kernels' build by pid 7 on host h; set INTERNVL_KERNEL_BUILD_TIMEOUT"
+
+    def waited_compile() -> str:
+        raise kernels.BuildLockTimeout(message)
+
+    monkeypatch.setattr(kernels, "_compile", waited_compile)
+    monkeypatch.setattr(kernels, "supported_paths", lambda: ("avx2",))
+    with caplog.at_level(logging.WARNING, logger="internvl_runtime.kernels"):
+        assert not kernels.available()
+    assert kernels.describe() == f"torch: F.linear ({message})"    # not "building ... failed"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"internvl_runtime.kernels: {message}; using torch's F.linear instead"]
+
+
 def test_no_native_path_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
     _fresh_state(monkeypatch)
     monkeypatch.setattr(kernels, "_is_x86", lambda: False)
