@@ -12,29 +12,39 @@ Only the chosen frames are converted to RGB and kept (already tiled and transfor
 clip. Display-rotation metadata is applied (decord ignores it). Bad input raises
 :class:`~internvl_runtime.errors.VideoDecodeError` (an unreadable clip or an impossible frame
 selection) or :class:`~internvl_runtime.errors.InvalidRequest` (bad arguments), naming the clip.
+
+Clips from requests are read safely (:mod:`internvl_runtime.processing.video_io`): only an allowlist of
+container formats is opened, never with nested opens, and the keyword-only limits of :func:`sample_frames`
+(pixels per frame, decoded duration, decoded bytes, kept-frame size; none by default) stop decoding at the
+first frame that breaks one.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from internvl_runtime.errors import InvalidRequest, UnsupportedFeature, VideoDecodeError
+from internvl_runtime.errors import InvalidRequest, VideoDecodeError
 from internvl_runtime.processing.image import build_transform, candidate_grids, dynamic_preprocess
-
-if TYPE_CHECKING:
-    import av.container
+from internvl_runtime.processing.video_io import (
+    ACCEPTED_FORMATS,
+    DecodeWatch,
+    VideoLimits,
+    VideoSource,
+    check_declared_duration,
+    check_frame_size,
+    clip_opener,
+    import_av,
+)
 
 __all__ = [
+    "ACCEPTED_FORMATS",
     "VideoSource",
     "SampledFrames",
     "get_index",
@@ -42,9 +52,6 @@ __all__ = [
     "load_video",
     "video_prompt",
 ]
-
-#: A clip: a filesystem path (``str`` or ``os.PathLike``) or the encoded file's bytes.
-VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 _T = TypeVar("_T")
 
@@ -131,26 +138,22 @@ def sample_frames(
     video_path: VideoSource,
     bound: Sequence[float] | None = None,
     num_segments: int = 32,
+    *,
+    max_pixels: int | None = None,
+    max_seconds: float | None = None,
+    max_decoded_bytes: int | None = None,
+    max_kept_pixels: int | None = None,
 ) -> SampledFrames:
     """Decode ``video_path`` and return the RGB frames :func:`get_index` chooses (rotation applied).
 
-    Repeated indices (clips shorter than ``num_segments``) give the same image object repeatedly.
+    Repeated indices (clips shorter than ``num_segments``) give the same image object repeatedly. The
+    keyword-only limits (none by default) are those of :class:`~.video_io.VideoLimits`; decoding stops at
+    the first frame that breaks one (VideoDecodeError), except ``max_kept_pixels``, which scales kept
+    frames down instead.
     """
-    images, indices, fps = _sample(video_path, bound, num_segments, lambda image: image)
+    limits = VideoLimits.checked(max_pixels, max_seconds, max_decoded_bytes, max_kept_pixels)
+    images, indices, fps = _sample(video_path, bound, num_segments, lambda image: image, limits)
     return SampledFrames(frames=images, indices=indices, fps=fps)
-
-
-def probe_duration(video_path: VideoSource) -> float | None:
-    """The clip's duration in seconds from its container or stream header (None when unknown);
-    reads headers only. Raises VideoDecodeError when the source is not a readable video."""
-    _, open_container = _opener(video_path)
-    with open_container() as container:
-        stream = _video_stream(container, "video")
-        if stream.duration is not None and stream.time_base is not None:
-            return float(stream.duration * stream.time_base)
-        if container.duration is not None:
-            return container.duration / 1_000_000
-    return None
 
 
 def load_video(
@@ -159,21 +162,28 @@ def load_video(
     input_size: int = 448,
     max_num: int = 1,
     num_segments: int = 32,
+    *,
+    max_pixels: int | None = None,
+    max_seconds: float | None = None,
+    max_decoded_bytes: int | None = None,
+    max_kept_pixels: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """The official ``load_video``: sample frames, tile each (with thumbnail) and transform the tiles.
 
     Returns ``(pixel_values, num_patches_list)``: a float32 tensor ``(sum(num_patches_list), 3,
     input_size, input_size)`` holding every chosen frame's tiles in frame order, and each frame's tile
-    count. Use :func:`video_prompt` with ``len(num_patches_list)`` for the matching prompt prefix.
+    count. Use :func:`video_prompt` with ``len(num_patches_list)`` for the matching prompt prefix. The
+    keyword-only limits are those of :func:`sample_frames`.
     """
     transform = build_transform(input_size)  # validates input_size before any decoding
     candidate_grids(1, max_num)  # validates max_num
+    limits = VideoLimits.checked(max_pixels, max_seconds, max_decoded_bytes, max_kept_pixels)
 
     def to_tiles(image: Image.Image) -> torch.Tensor:
         tiles = dynamic_preprocess(image, image_size=input_size, use_thumbnail=True, max_num=max_num)
         return torch.stack([transform(tile) for tile in tiles])
 
-    per_frame, _, _ = _sample(video_path, bound, num_segments, to_tiles)
+    per_frame, _, _ = _sample(video_path, bound, num_segments, to_tiles, limits)
     return torch.cat(per_frame), [int(t.shape[0]) for t in per_frame]
 
 
@@ -182,6 +192,7 @@ def _sample(
     bound: Sequence[float] | None,
     num_segments: int,
     convert: Callable[[Image.Image], _T],
+    limits: VideoLimits,
 ) -> tuple[list[_T], list[int], float]:
     """Decode ``source``, pick frames as :func:`get_index` does, and ``convert`` only the picked ones.
 
@@ -192,11 +203,12 @@ def _sample(
     _check_num_segments(num_segments)
     if _has_bound(bound):
         _parse_bound(bound)
-    av = _import_av()
-    name, opener = _opener(source)
+    av = import_av()
+    name, opener = clip_opener(source)
 
     with opener() as container:
-        stream = _video_stream(container, name)
+        stream = _video_stream(container, name, limits)
+        check_declared_duration(container, stream, name, limits)
         fps = _average_fps(stream)
         guess = int(stream.frames or 0) or _count_packets(container, stream, name)
     if bound is not None and _has_bound(bound):
@@ -219,7 +231,8 @@ def _sample(
     if bound is not None and _has_bound(bound) and wanted:
         stop_after = max(max(wanted), _frame_number(_parse_bound(bound)[1] * fps))
 
-    count, kept = _decode_pass(av, opener, name, wanted, convert, stop_after)
+    watch = DecodeWatch(name, limits, fps)
+    count, kept = _decode_pass(av, opener, watch, wanted, convert, stop_after)
     if count == 0:
         raise VideoDecodeError(f"video {name} has no decodable video frame")
     try:
@@ -228,7 +241,7 @@ def _sample(
         raise VideoDecodeError(f"video {name}: {exc}") from exc
     missing = set(indices) - kept.keys()
     if missing:
-        _, more = _decode_pass(av, opener, name, missing, convert, max(missing))
+        _, more = _decode_pass(av, opener, watch, missing, convert, max(missing))
         kept.update(more)
         if set(indices) - kept.keys():
             raise VideoDecodeError(f"video {name} decodes differently on a second pass; cannot sample it")
@@ -238,41 +251,70 @@ def _sample(
 def _decode_pass(
     av: Any,
     opener: Callable[[], Any],
-    name: str,
+    watch: DecodeWatch,
     wanted: set[int],
     convert: Callable[[Image.Image], _T],
     stop_after: int | None,
 ) -> tuple[int, dict[int, _T]]:
     """Decode in order; return how many frames were decoded and ``convert``-ed images of the ``wanted`` ones.
 
-    Stops once frame ``stop_after`` has been decoded (the returned count is then ``stop_after + 1``).
+    Stops once frame ``stop_after`` has been decoded (the returned count is then ``stop_after + 1``), or
+    with an error as soon as a frame breaks one of ``watch``'s limits.
     """
     kept: dict[int, _T] = {}
     count = 0
+    name, limits = watch.name, watch.limits
     with opener() as container:
-        stream = _video_stream(container, name)
+        stream = _video_stream(container, name, limits)
         stream.thread_type = "AUTO"
+        if limits.max_pixels is not None:
+            # The decoder refuses larger frames before allocating them (a frame may change size mid-stream).
+            stream.codec_context.options = {"max_pixels": str(limits.max_pixels)}
         try:
             for frame in container.decode(stream):
+                watch.check(frame, count)
                 if count in wanted:
-                    kept[count] = convert(_frame_to_image(frame))
+                    kept[count] = convert(_frame_to_image(frame, limits.max_kept_pixels))
                 count += 1
                 if stop_after is not None and count > stop_after:
                     break
         except av.error.FFmpegError as exc:
+            if isinstance(exc, av.error.ArgumentError) and limits.max_pixels is not None:
+                # EINVAL is what the decoder's own size check (max_pixels, set above) returns.
+                raise VideoDecodeError(
+                    f"cannot decode frame {count} of video {name} within the limit of {limits.max_pixels} "
+                    f"pixels per frame: {exc}"
+                ) from exc
             raise VideoDecodeError(f"cannot decode video {name} after {count} frames: {exc}") from exc
     return count, kept
 
 
-def _frame_to_image(frame: Any) -> Image.Image:
-    """An RGB PIL image of a decoded frame, turned as its display matrix says (multiples of 90°)."""
-    image: Image.Image = frame.to_image()
+def _frame_to_image(frame: Any, max_pixels: int | None = None) -> Image.Image:
+    """An RGB PIL image of a decoded frame, turned as its display matrix says (multiples of 90°).
+
+    A frame of more than ``max_pixels`` pixels is scaled down (aspect ratio kept) in the same conversion,
+    so its full-resolution RGB copy is never made.
+    """
+    size = _scaled_size(frame.width, frame.height, max_pixels)
+    if size is None:
+        image: Image.Image = frame.to_image()
+    else:
+        image = frame.to_image(width=size[0], height=size[1], interpolation="AREA")
     # frame.rotation (PyAV >= 14) is the counter-clockwise angle the display applies.
     rotation = getattr(frame, "rotation", 0) or 0
     turns = round(rotation / 90) % 4
     if turns:
         image = image.transpose(_QUARTER_TURNS[turns])
     return image
+
+
+def _scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int] | None:
+    """The size a ``width x height`` frame is scaled down to so as to hold at most ``max_pixels``
+    pixels (aspect ratio kept), or None when it already fits."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def _count_packets(container: Any, stream: Any, name: str) -> int:
@@ -301,69 +343,19 @@ def _average_fps(stream: Any) -> float:
     return 0.0
 
 
-def _video_stream(container: Any, name: str) -> Any:
+def _video_stream(container: Any, name: str, limits: VideoLimits) -> Any:
+    """The clip's video stream (the one decord would open), its declared frame size checked."""
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["no"]
         raise VideoDecodeError(f"video {name} has no video stream (it has {', '.join(kinds)} streams)")
     # decord opens the "best" video stream as FFmpeg ranks them.
     try:
-        return container.streams.best("video") or container.streams.video[0]
+        stream = container.streams.best("video") or container.streams.video[0]
     except AttributeError:  # older PyAV
-        return container.streams.video[0]
-
-
-def _opener(source: VideoSource) -> tuple[str, Callable[[], Any]]:
-    """A display name and a function opening a fresh PyAV input container on ``source``."""
-    av = _import_av()
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = f"<{len(data)} bytes>"
-        if not data:
-            raise VideoDecodeError(f"video {name} is empty")
-        target: Callable[[], Any] = lambda: io.BytesIO(data)  # noqa: E731
-    elif isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not isinstance(path, str):
-            raise InvalidRequest(f"video path must be text, got {type(path).__name__}")
-        name = path
-        if not os.path.exists(path):
-            raise VideoDecodeError(f"cannot read video file {name}: no such file")
-        if os.path.isdir(path):
-            raise VideoDecodeError(f"cannot read video file {name}: it is a directory")
-        if os.path.getsize(path) == 0:
-            raise VideoDecodeError(f"cannot read video file {name}: the file is empty")
-        # The "file:" protocol keeps FFmpeg from reading names such as "concat:..." as other protocols.
-        url = "file:" + os.path.abspath(path)
-        target = lambda: url  # noqa: E731
-    else:
-        raise InvalidRequest(
-            f"unsupported video input of type {type(source).__name__}: expected a path or bytes"
-        )
-
-    @contextmanager
-    def open_container() -> Iterator[av.container.InputContainer]:
-        try:
-            container = av.open(target(), mode="r", metadata_errors="replace")
-        except PermissionError as exc:
-            raise VideoDecodeError(f"cannot read video file {name}: permission denied") from exc
-        except av.error.FFmpegError as exc:
-            raise VideoDecodeError(f"cannot open video {name}: {exc}") from exc
-        except OSError as exc:
-            raise VideoDecodeError(f"cannot read video file {name}: {exc}") from exc
-        try:
-            yield container
-        finally:
-            container.close()
-
-    return name, open_container
-
-
-def _import_av() -> Any:
-    try:
-        import av
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise UnsupportedFeature("video input needs PyAV: pip install 'internvl-runtime[video]'") from exc
-    return av
+        stream = container.streams.video[0]
+    codec = stream.codec_context
+    check_frame_size(codec.width, codec.height, name, limits.max_pixels, what="declares frames")
+    return stream
 
 
 def _check_num_segments(num_segments: object) -> None:

@@ -80,7 +80,11 @@ class ServerConfig:
         "largest decoded image in pixels (width x height), checked from the header before decoding"))
     max_video_bytes: int = field(default=64 * 2**20, metadata=_opt("largest encoded video in bytes"))
     max_video_frames: int = field(default=32, metadata=_opt("most frames sampled from one video (num_segments)"))
-    max_video_seconds: float = field(default=600.0, metadata=_opt("longest video accepted, in seconds"))
+    max_video_seconds: float = field(default=600.0, metadata=_opt(
+        "longest video accepted, in seconds, measured on the decoded frames' timestamps (not the header)"))
+    max_video_decoded_bytes: int = field(default=16 * 2**30, metadata=_opt(
+        "most bytes of frames decoding one video may produce (width x height x 3 per frame, every frame "
+        "decoded, sampled or not); bounds the decoding work, not the memory (frames are not all kept)"))
     max_tiles_per_image: int = field(default=12, metadata=_opt(
         "upper bound for max_dynamic_patch (tiles per image, thumbnail excluded)"))
     media_fetch_timeout_s: float = field(default=10.0, metadata=_opt("seconds an http(s) image fetch may take"))
@@ -97,7 +101,8 @@ class ServerConfig:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_concurrent_requests",
                      "max_body_bytes", "default_max_tokens", "max_n", "max_images_per_request", "max_image_bytes",
-                     "max_image_pixels", "max_tiles_per_image", "max_video_bytes", "max_video_frames"):
+                     "max_image_pixels", "max_tiles_per_image", "max_video_bytes", "max_video_frames",
+                     "max_video_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")

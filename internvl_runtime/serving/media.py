@@ -15,7 +15,9 @@ The server never lets a request make it read what it should not:
 - **data: URLs** must say ``image/...;base64`` and hold valid base64 of at most ``max_image_bytes``.
 
 Bytes are then decoded by :func:`decode_image`, which refuses images whose header declares more than
-``max_pixels`` pixels before decoding (decompression bombs) and truncated or non-image data.
+``max_pixels`` pixels before decoding (decompression bombs) and truncated or non-image data, or by
+:func:`decode_video`, which opens only an allowlist of container formats (never one that reads other
+files) and stops decoding at the first frame over the pixel, duration or decoded-bytes limits.
 
 Example::
 
@@ -42,6 +44,7 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..processing.image import open_image
+from ..processing.video import sample_frames
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``resolver(host, port) -> addresses`` (async), replaceable in tests.
@@ -292,3 +295,19 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode encoded image bytes to RGB, refusing more than ``max_pixels`` pixels (checked from the header,
     before decoding) and truncated or non-image data (ImageDecodeError, a 400)."""
     return open_image(data, max_pixels=max_pixels)
+
+
+#: Frames kept from a video are scaled down to at most this many pixels (1920x1080) while decoding: the
+#: server gives the model each frame as one tile (448x448), so more resolution would only cost memory.
+VIDEO_FRAME_PIXELS = 1920 * 1080
+
+
+def decode_video(data: bytes, *, num_segments: int, max_pixels: int, max_seconds: float,
+                 max_decoded_bytes: int) -> list[Image.Image]:
+    """The ``num_segments`` RGB frames the official ``load_video`` samples from an encoded clip, within
+    the server's limits: an accepted container format, at most ``max_pixels`` per frame, ``max_seconds``
+    spanned by the decoded frames' timestamps, ``max_decoded_bytes`` of decoded frames (VideoDecodeError,
+    a 400, as soon as one is broken); kept frames are scaled down to :data:`VIDEO_FRAME_PIXELS`."""
+    sampled = sample_frames(data, num_segments=num_segments, max_pixels=max_pixels, max_seconds=max_seconds,
+                            max_decoded_bytes=max_decoded_bytes, max_kept_pixels=VIDEO_FRAME_PIXELS)
+    return list(sampled.frames)

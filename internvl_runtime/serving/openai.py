@@ -183,14 +183,11 @@ async def _prepare_chat(state: Any, req: ChatCompletionRequest) -> PreparedReque
 
 
 def video_frames(data: bytes, num_segments: int, config: Any) -> list[Any]:
-    """Sample ``num_segments`` frames (the official choice) after checking the clip's duration."""
-    from ..processing.video import probe_duration, sample_frames
+    """Sample ``num_segments`` frames (the official choice) within the server's video limits."""
+    from .media import decode_video
 
-    seconds = probe_duration(data)
-    if seconds is not None and seconds > config.max_video_seconds:
-        raise InvalidRequest(f"the video lasts {seconds:.0f} s; this server accepts at most "
-                             f"{config.max_video_seconds:.0f} s")
-    return list(sample_frames(data, num_segments=num_segments).frames)
+    return decode_video(data, num_segments=num_segments, max_pixels=config.max_image_pixels,
+                        max_seconds=config.max_video_seconds, max_decoded_bytes=config.max_video_decoded_bytes)
 
 
 async def _gather(coroutines: list[Any]) -> list[Any]:

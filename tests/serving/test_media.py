@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import ipaddress
 import os
 import threading
@@ -12,11 +13,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from internvl_runtime.errors import ImageDecodeError, InvalidRequest
-from internvl_runtime.serving.media import (MediaFetchError, MediaFetcher, MediaNotAllowed, decode_image,
-                                            refused_address_reason)
+from internvl_runtime.serving.config import ServerConfig
+from internvl_runtime.serving.media import (VIDEO_FRAME_PIXELS, MediaFetchError, MediaFetcher, MediaNotAllowed,
+                                            decode_image, decode_video, refused_address_reason)
 
 from .helpers import png_bytes, png_header_only
 
@@ -57,6 +60,7 @@ def test_allow_private_still_refuses_metadata():
     assert refused_address_reason(ipaddress.ip_address("10.0.0.1"), allow_private=True) is None
     assert refused_address_reason(ipaddress.ip_address("127.0.0.1"), allow_private=True) is None
     assert "metadata" in refused_address_reason(ipaddress.ip_address("169.254.169.254"), allow_private=True)
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,3 +346,40 @@ def test_decode_image_bad_data():
         decode_image(noisy[: len(noisy) // 2], max_pixels=10**6)
     with pytest.raises(ImageDecodeError, match="not a recognised image"):
         decode_image(b"GIF89a? no, just text", max_pixels=10**6)
+
+
+def _clip(width: int, height: int, frames: int) -> bytes:
+    av = pytest.importorskip("av")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 120, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_decode_video_keeps_frames_small():
+    frames = decode_video(_clip(2400, 1200, 2), num_segments=2, max_pixels=25_000_000, max_seconds=600,
+                          max_decoded_bytes=10**9)
+    assert len(frames) == 2
+    for frame in frames:
+        assert frame.width * frame.height <= VIDEO_FRAME_PIXELS and abs(frame.width / frame.height - 2) < 0.01
+
+
+def test_video_frames_uses_the_server_limits():
+    from internvl_runtime.errors import VideoDecodeError
+    from internvl_runtime.serving.openai import video_frames
+
+    clip = _clip(64, 48, 10)
+    assert len(video_frames(clip, 4, ServerConfig())) == 4
+    with pytest.raises(VideoDecodeError, match="limit of 30000 bytes"):
+        video_frames(clip, 4, ServerConfig(max_video_decoded_bytes=30_000))
+    with pytest.raises(VideoDecodeError, match="the limit is 3000 pixels"):
+        video_frames(clip, 4, ServerConfig(max_image_pixels=3000))
+    with pytest.raises(VideoDecodeError, match="limit is 0.5 s"):
+        video_frames(clip, 4, ServerConfig(max_video_seconds=0.5))

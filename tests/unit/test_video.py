@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ av = pytest.importorskip("av")
 
 from internvl_runtime.errors import InvalidRequest, VideoDecodeError  # noqa: E402
 from internvl_runtime.processing import video as video_module  # noqa: E402
+from internvl_runtime.processing import video_io  # noqa: E402
 from internvl_runtime.processing.image import load_image  # noqa: E402
 from internvl_runtime.processing.video import get_index, load_video, sample_frames, video_prompt  # noqa: E402
 
@@ -290,7 +294,7 @@ def test_container_without_frame_count(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_audio_only_file(tmp_path: Path) -> None:
-    audio = _make_audio(tmp_path / "sound.wav")
+    audio = _make_audio(tmp_path / "sound.mka")  # an accepted container (Matroska) holding only audio
     with pytest.raises(VideoDecodeError, match="no video stream") as info:
         load_video(audio)
     assert str(audio) in str(info.value)
@@ -334,3 +338,229 @@ def test_bad_arguments(clip20: Path) -> None:
         load_video(clip20, input_size=0)
     with pytest.raises(InvalidRequest, match="unsupported video input"):
         load_video(42)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Untrusted clips: container allowlist, no nested opens, decoding limits (issue #13, items 3 and 4)
+# --------------------------------------------------------------------------------------------------
+
+
+def _encode(fmt: str, codec: str, n_frames: int = 6, *, fps: int = 10, pix_fmt: str = "yuv420p") -> bytes:
+    """An in-memory clip of ``n_frames`` 64x48 grey frames (as _make_clip) in container ``fmt``."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), _grey(i), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _mjpeg_mkv(sizes: Sequence[tuple[int, int]]) -> bytes:
+    """A Matroska clip of JPEG frames of the given sizes: the stream header says the first size only."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = *sizes[0], "yuvj420p"
+        for i, (width, height) in enumerate(sizes):
+            jpeg = io.BytesIO()
+            Image.new("RGB", (width, height), (90, 90, 90)).save(jpeg, "JPEG")
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.pts, packet.dts = stream, i, i
+            packet.time_base, packet.is_keyframe = Fraction(1, 10), True
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def _lying_clip(n_frames: int = 9, step_s: int = 300, claimed_s: float = 0.09) -> bytes:
+    """A Matroska clip whose frames are ``step_s`` seconds apart ((n_frames - 1) * step_s in all) while
+    its header's Duration element claims ``claimed_s`` seconds."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), _grey(i), dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i * step_s * 1000, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"\x44\x89\x88")  # Segment Info / Duration, an 8-byte float in milliseconds
+    assert at > 0
+    data[at + 3 : at + 11] = struct.pack(">d", claimed_s * 1000)
+    return bytes(data)
+
+
+@pytest.fixture
+def recorded_opens(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The keyword arguments of every av.open call that reads (the tests' own writes are left out)."""
+    calls: list[dict] = []
+    real_open = av.open
+
+    def recording_open(*args: object, **kwargs: object) -> object:
+        if kwargs.get("mode") == "r":
+            calls.append(kwargs)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", recording_open)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("fmt", "codec", "pix_fmt", "fps"),
+    [
+        ("mp4", "libx264", "yuv420p", 10),
+        ("mov", "mjpeg", "yuvj420p", 10),
+        ("matroska", "ffv1", "yuv420p", 10),
+        ("webm", "libvpx", "yuv420p", 10),
+        ("avi", "mpeg4", "yuv420p", 10),
+        ("mpegts", "mpeg2video", "yuv420p", 10),
+        ("mpeg", "mpeg1video", "yuv420p", 25),
+        ("ogg", "libvpx", "yuv420p", 10),
+        ("gif", "gif", "rgb8", 10),
+    ],
+)
+def test_accepted_container_formats(fmt: str, codec: str, pix_fmt: str, fps: int, recorded_opens: list[dict]) -> None:
+    sampled = sample_frames(_encode(fmt, codec, fps=fps, pix_fmt=pix_fmt), num_segments=4)
+    assert [_identify(f) for f in sampled.frames] == sampled.indices == get_index(None, fps, 5, num_segments=4).tolist()
+    # FFmpeg is told the demuxer (it never probes) and may open nothing else.
+    assert recorded_opens and all(call["format"] != "concat" and call["format"] for call in recorded_opens)
+    assert all(call["options"]["protocol_whitelist"] == "none" for call in recorded_opens)
+
+
+def test_mp4_external_data_references_stay_off(clip20: Path, recorded_opens: list[dict]) -> None:
+    sample_frames(clip20, num_segments=2)
+    assert {call["format"] for call in recorded_opens} == {"mov,mp4,m4a,3gp,3g2,mj2"}
+    assert all(call["options"]["enable_drefs"] == "0" for call in recorded_opens)
+
+
+def test_no_nested_opens_even_for_a_demuxer_that_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The options every open uses stop FFmpeg's nested opens: shown on the concat demuxer itself, which
+    # the allowlist never picks.
+    _make_clip(tmp_path / "somefile.mp4", 3)
+    monkeypatch.chdir(tmp_path)
+    script = io.BytesIO(b"ffconcat version 1.0\nfile somefile.mp4\n")
+    options = {**video_io._open_options(video_io._FORMATS[0]), "format_whitelist": "concat"}
+    with pytest.raises(av.error.FFmpegError):
+        with av.open(script, format="concat", options=options) as container:
+            list(container.decode(video=0))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"ffconcat version 1.0\nfile somefile.mp4\n",  # the concat demuxer would decode ./somefile.mp4
+        b"ffconcat version 1.0\nfile notes.nfo\n",  # ... and draw ./notes.nfo as frames (tty demuxer)
+        b"ffconcat version 1.0\nfile missing.mp4\n",
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nsomefile.mp4\n#EXT-X-ENDLIST\n",  # HLS playlist
+        b"\x1b[1;31mANSI art\x1b[0m\n" * 40,  # text for the tty demuxer
+    ],
+)
+def test_scripts_and_text_are_refused_without_opening_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded_opens: list[dict], payload: bytes
+) -> None:
+    _make_clip(tmp_path / "somefile.mp4", 5)
+    (tmp_path / "notes.nfo").write_text("hello " * 200)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VideoDecodeError, match="not in an accepted container format") as info:
+        sample_frames(payload, num_segments=2)
+    message = str(info.value)
+    assert "MP4/MOV" in message and "Matroska/WebM" in message  # names what is accepted
+    assert "somefile" not in message and "notes" not in message and "missing" not in message
+    assert recorded_opens == []  # FFmpeg never saw the data
+
+
+def test_huge_png_is_not_a_video(recorded_opens: list[dict]) -> None:
+    png = _png(10000, 10000, mode="1")  # about 12 KB; 10^8 pixels once decoded
+    assert len(png) < 20_000
+    with pytest.raises(VideoDecodeError, match="not in an accepted container format"):
+        sample_frames(png, num_segments=2)
+    assert recorded_opens == []
+
+
+def test_pixel_limit_from_the_header_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    gif = io.BytesIO()
+    Image.new("P", (2000, 1500)).save(gif, "GIF")  # an accepted format whose frame is too large
+    monkeypatch.setattr(video_module, "_frame_to_image", lambda *args: pytest.fail("a frame was converted"))
+    with pytest.raises(VideoDecodeError, match=r"declares frames of 2000x1500 = 3000000 pixels; the limit is 1000000"):
+        sample_frames(gif.getvalue(), num_segments=1, max_pixels=1_000_000)
+
+
+def test_pixel_limit_for_every_decoded_frame() -> None:
+    clip = _mjpeg_mkv([(32, 24), (32, 24), (400, 300)])  # the third frame is larger than the header says
+    assert len(sample_frames(clip, num_segments=3).frames) == 3
+    with pytest.raises(VideoDecodeError, match="frame 2 .*limit of 1536 pixels"):
+        sample_frames(clip, num_segments=3, max_pixels=2 * 32 * 24)
+
+
+def test_pixel_limit_checked_before_converting_a_frame() -> None:
+    # The watch refuses from the frame's size alone, whatever the decoder does.
+    watch = video_io.DecodeWatch("clip", video_io.VideoLimits(max_pixels=1000), fps=10.0)
+    watch.check(SimpleNamespace(width=40, height=25, time=0.0), 0)
+    with pytest.raises(VideoDecodeError, match=r"frame \(number 1\) of 40x26 = 1040 pixels; the limit is 1000"):
+        watch.check(SimpleNamespace(width=40, height=26, time=0.1), 1)
+
+
+def test_duration_from_decoded_frames_not_the_header() -> None:
+    clip = _lying_clip()  # 9 frames 300 s apart (2400 s); the header claims 0.09 s
+    with av.open(io.BytesIO(clip)) as container:
+        assert container.duration is not None and container.duration / 1e6 < 0.1
+    assert len(sample_frames(clip, num_segments=9).frames) == 9
+    with pytest.raises(VideoDecodeError, match=r"lasts more than the limit of 600 s: .* span 900 s by frame 3"):
+        sample_frames(clip, num_segments=9, max_seconds=600)
+
+
+def test_duration_declared_too_long_is_refused_before_decoding(clip20: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(video_module, "_decode_pass", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(VideoDecodeError, match=r"declares a duration of 2 s; the limit is 1.5 s"):
+        sample_frames(clip20, max_seconds=1.5)
+
+
+def test_duration_limit_keeps_normal_clips(clip20: Path) -> None:
+    assert sample_frames(clip20, num_segments=4, max_seconds=2.0).indices == get_index(None, 10, 19, num_segments=4).tolist()
+
+
+def test_decoded_bytes_cap(clip20: Path) -> None:
+    per_frame = 64 * 48 * 3
+    sampled = sample_frames(clip20, num_segments=4, max_decoded_bytes=20 * per_frame)  # exactly the clip
+    assert [_identify(f) for f in sampled.frames] == get_index(None, 10, 19, num_segments=4).tolist()
+    with pytest.raises(VideoDecodeError, match=rf"more than the limit of {5 * per_frame} bytes .*6 frames decoded"):
+        sample_frames(clip20, num_segments=4, max_decoded_bytes=5 * per_frame)
+
+
+def test_kept_frames_are_scaled_down_while_decoding(clip20: Path) -> None:
+    sampled = sample_frames(clip20, num_segments=4, max_kept_pixels=48 * 36)
+    assert all(f.size == (48, 36) for f in sampled.frames)
+    assert [_identify(f) for f in sampled.frames] == get_index(None, 10, 19, num_segments=4).tolist()
+    pixel_values, _ = load_video(clip20, num_segments=2, input_size=16, max_kept_pixels=48 * 36)
+    scaled = sample_frames(clip20, num_segments=2, max_kept_pixels=48 * 36).frames
+    torch.testing.assert_close(pixel_values, torch.cat([load_image(f, input_size=16, max_num=1) for f in scaled]))
+    assert sample_frames(clip20, num_segments=2, max_kept_pixels=64 * 48).frames[0].size == (64, 48)  # fits
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_pixels": 0}, "max_pixels"),
+        ({"max_decoded_bytes": -1}, "max_decoded_bytes"),
+        ({"max_kept_pixels": 1.5}, "max_kept_pixels"),
+        ({"max_seconds": 0}, "max_seconds"),
+        ({"max_seconds": True}, "max_seconds"),
+    ],
+)
+def test_bad_limits(clip20: Path, kwargs: dict, name: str) -> None:
+    with pytest.raises(InvalidRequest, match=name):
+        sample_frames(clip20, **kwargs)
