@@ -92,7 +92,11 @@ class ServerConfig:
     allowed_local_media_path: str | None = field(default=None, metadata=_opt(
         "folder whose files requests may name as images (file:// URLs or paths); none by default"))
     allow_private_media_urls: bool = field(default=False, metadata=_opt(
-        "allow image URLs resolving to loopback / private / link-local / metadata addresses (unsafe)"))
+        "allow image and video URLs resolving to loopback, private and other non-public addresses (unsafe); "
+        "link-local and cloud metadata addresses stay refused"))
+    allow_link_local_media_urls: bool = field(default=False, metadata=_opt(
+        "allow image and video URLs resolving to link-local addresses (169.254.0.0/16, fe80::/10; unsafe: "
+        "cloud metadata services live there); the known metadata addresses stay refused"))
 
     def __post_init__(self) -> None:
         if self.api_key is None:

@@ -3,13 +3,16 @@
 The server never lets a request make it read what it should not:
 
 - **http(s) URLs** are resolved first; every address the name resolves to must be public (not loopback,
-  private, link-local, shared/CGNAT, multicast, reserved, unspecified, nor a cloud metadata address),
-  unless the server allows private URLs. The connection then goes to the address that was checked (the
+  private, link-local, shared/CGNAT, multicast, reserved, unspecified, nor a cloud metadata address).
+  ``allow_private_urls`` allows loopback, private and the other non-public addresses, but not link-local
+  ones (169.254.0.0/16, fe80::/10: where cloud metadata services live), which have their own switch,
+  ``allow_link_local_urls``. Cloud metadata addresses are always refused: no media lives there. An IPv6
+  address that carries an IPv4 address (IPv4-mapped, NAT64, 6to4, Teredo) is judged by both. The
+  connection then goes to the address that was checked (the
   ``Host`` header and TLS SNI keep the name), so a second DNS answer cannot swap in another address.
   Redirects are not followed by the HTTP client: each ``Location`` is checked like the first URL, at most
   ``max_redirects`` times. Proxies from the environment are ignored. The body is streamed and cut at
   ``max_image_bytes``; the whole fetch, redirects included, is bounded by ``timeout_s``.
-  Cloud metadata addresses are refused even when private URLs are allowed: no image lives there.
 - **Local files** (``file://`` URLs or paths) are refused unless a folder is allowed; the path is resolved
   (symlinks and ``..`` included) and must stay inside that folder.
 - **data: URLs** must say ``image/...;base64`` and hold valid base64 of at most ``max_image_bytes``.
@@ -68,39 +71,65 @@ class MediaFetchError(InvalidRequest):
     """An image URL could not be fetched (network error, HTTP error, too large, too slow)."""
 
 
+#: NAT64's well-known prefix (RFC 6052): 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+_METADATA = "a cloud metadata address"
+_LINK_LOCAL = "a link-local address"
+
+
 def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address inside an IPv4-mapped, 6to4 or Teredo IPv6 address (they reach it)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        return ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-    return None
+    """The IPv4 address inside an IPv4-mapped, NAT64, 6to4 or Teredo IPv6 address (they reach it)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
 
 
 def is_metadata_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` is a cloud metadata endpoint, directly or inside an IPv6 address."""
     embedded = _embedded_ipv4(ip)
     return ip in METADATA_ADDRESSES or (embedded is not None and embedded in METADATA_ADDRESSES)
 
 
-def refused_address_reason(ip: IPAddress, *, allow_private: bool = False) -> str | None:
-    """Why ``ip`` may not be fetched from, or None when it may."""
+def refused_address_reason(ip: IPAddress, *, allow_private: bool = False,
+                           allow_link_local: bool = False) -> str | None:
+    """Why ``ip`` may not be fetched from, or None when it may.
+
+    Cloud metadata addresses are always refused; link-local addresses (169.254.0.0/16, fe80::/10) unless
+    ``allow_link_local``; loopback, private and every other non-public address unless ``allow_private``.
+    An IPv6 address carrying an IPv4 address is refused when the IPv4 address is; an IPv4-mapped one is
+    judged as its IPv4 address only.
+    """
     if is_metadata_address(ip):
-        return "a cloud metadata address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return refused_address_reason(ip.ipv4_mapped, allow_private=allow_private)
+        return _METADATA
     embedded = _embedded_ipv4(ip)
     if embedded is not None:
-        reason = refused_address_reason(embedded, allow_private=allow_private)
-        if reason is not None:
+        reason = refused_address_reason(embedded, allow_private=allow_private, allow_link_local=allow_link_local)
+        if reason is not None or (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None):
             return reason
+    if ip.is_link_local:
+        return None if allow_link_local else _LINK_LOCAL
     if allow_private:
         return None
-    for attribute, label in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
-                             ("is_unspecified", "an unspecified address"), ("is_multicast", "a multicast address"),
-                             ("is_reserved", "a reserved address"), ("is_private", "a private address")):
+    for attribute, label in (("is_loopback", "a loopback address"), ("is_unspecified", "an unspecified address"),
+                             ("is_multicast", "a multicast address"), ("is_reserved", "a reserved address"),
+                             ("is_private", "a private address")):
         if getattr(ip, attribute):
             return label
     if not ip.is_global:
         return "not a public address"
     return None
+
+
+def _refusal_hint(reason: str) -> str:
+    """Which server flag would allow an address refused for ``reason``."""
+    if reason == _METADATA:
+        return "no setting allows cloud metadata addresses"
+    if reason == _LINK_LOCAL:
+        return "the server's --allow-link-local-media-urls flag allows link-local addresses"
+    return "the server's --allow-private-media-urls flag allows private addresses"
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
@@ -119,17 +148,19 @@ class MediaFetcher:
 
     def __init__(self, *, max_image_bytes: int = 16 * 2**20, timeout_s: float = 10.0, max_redirects: int = 3,
                  allowed_local_media_path: str | None = None, allow_private_urls: bool = False,
-                 resolver: Resolver | None = None, address_check: AddressCheck | None = None,
-                 media_kind: str = "image") -> None:
+                 allow_link_local_urls: bool = False, resolver: Resolver | None = None,
+                 address_check: AddressCheck | None = None, media_kind: str = "image") -> None:
         self.media_kind = media_kind          # "image" or "video": the data-URL type and Accept header
         self.max_image_bytes = max_image_bytes
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
         self.allowed_root = os.path.realpath(allowed_local_media_path) if allowed_local_media_path else None
         self.allow_private_urls = allow_private_urls
+        self.allow_link_local_urls = allow_link_local_urls
         self.resolver = resolver or system_resolver
         self.address_check = address_check or (
-            lambda ip: refused_address_reason(ip, allow_private=allow_private_urls))
+            lambda ip: refused_address_reason(ip, allow_private=allow_private_urls,
+                                              allow_link_local=allow_link_local_urls))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> MediaFetcher:
@@ -137,7 +168,8 @@ class MediaFetcher:
         kwargs: dict[str, Any] = {
             "max_image_bytes": config.max_image_bytes, "timeout_s": config.media_fetch_timeout_s,
             "max_redirects": config.max_redirects, "allowed_local_media_path": config.allowed_local_media_path,
-            "allow_private_urls": config.allow_private_media_urls}
+            "allow_private_urls": config.allow_private_media_urls,
+            "allow_link_local_urls": config.allow_link_local_media_urls}
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -242,10 +274,10 @@ class MediaFetcher:
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
             # Metadata endpoints are refused whatever the policy says: no image lives there.
-            reason = "a cloud metadata address" if is_metadata_address(ip) else self.address_check(ip)
+            reason = _METADATA if is_metadata_address(ip) else self.address_check(ip)
             if reason is not None:
                 raise MediaNotAllowed(f"image URL {_short(url)} resolves to {ip}, {reason}; refused "
-                                      "(the server's --allow-private-media-urls flag allows private addresses)")
+                                      f"({_refusal_hint(reason)})")
         return parsed, addresses[0]
 
     async def _fetch_http(self, url: str) -> bytes:

@@ -62,6 +62,70 @@ def test_allow_private_still_refuses_metadata():
     assert "metadata" in refused_address_reason(ipaddress.ip_address("169.254.169.254"), allow_private=True)
 
 
+# Link-local addresses (where metadata services live) in every form: direct, IPv4-mapped, 6to4, NAT64.
+LINK_LOCAL = ["169.254.1.1", "169.254.0.1", "169.254.255.254", "169.254.170.3", "fe80::1", "fe80::a9fe:a9fe",
+              "::ffff:169.254.1.1", "2002:a9fe:101::", "64:ff9b::a9fe:101"]
+METADATA = ["169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16",
+            "::ffff:169.254.169.254", "2002:a9fe:a9fe::", "64:ff9b::a9fe:a9fe"]
+
+
+@pytest.mark.parametrize("address", LINK_LOCAL)
+def test_allow_private_still_refuses_link_local(address):
+    reason = refused_address_reason(ipaddress.ip_address(address), allow_private=True)
+    assert reason is not None and "link-local" in reason
+
+
+@pytest.mark.parametrize("address", LINK_LOCAL)
+def test_link_local_allowed_by_its_own_flag(address):
+    ip = ipaddress.ip_address(address)
+    assert refused_address_reason(ip, allow_link_local=True, allow_private=True) is None
+    if ip.version == 4 or ip.is_link_local:
+        assert refused_address_reason(ip, allow_link_local=True) is None
+
+
+@pytest.mark.parametrize("address", METADATA)
+def test_metadata_refused_whatever_the_flags(address):
+    for private in (False, True):
+        for link_local in (False, True):
+            reason = refused_address_reason(ipaddress.ip_address(address), allow_private=private,
+                                            allow_link_local=link_local)
+            assert reason is not None and "metadata" in reason, (private, link_local, reason)
+
+
+def test_link_local_policy_comes_from_the_server_config():
+    async def resolver(host, port):
+        return {"ll.example.test": ["169.254.1.1"], "ll6.example.test": ["fe80::1"],
+                "meta.example.test": ["169.254.169.254"], "private.example.test": ["10.1.2.3"]}[host]
+
+    def fetcher(**flags):
+        return MediaFetcher.from_config(ServerConfig(**flags), resolver=resolver)
+
+    private = fetcher(allow_private_media_urls=True)
+    assert run(private.check_url("http://private.example.test/a.png"))[1] == "10.1.2.3"
+    for host in ("ll.example.test", "ll6.example.test"):
+        with pytest.raises(MediaNotAllowed, match="link-local.*--allow-link-local-media-urls"):
+            run(private.check_url(f"http://{host}/a.png"))
+    link_local = fetcher(allow_link_local_media_urls=True)
+    assert run(link_local.check_url("http://ll.example.test/a.png"))[1] == "169.254.1.1"
+    assert run(link_local.check_url("http://ll6.example.test/a.png"))[1] == "fe80::1"
+    with pytest.raises(MediaNotAllowed, match="private.*--allow-private-media-urls"):
+        run(link_local.check_url("http://private.example.test/a.png"))
+    both = fetcher(allow_private_media_urls=True, allow_link_local_media_urls=True)
+    with pytest.raises(MediaNotAllowed, match="metadata.*no setting allows"):
+        run(both.check_url("http://meta.example.test/a.png"))
+
+
+def test_media_url_flags_say_what_they_allow():
+    from internvl_runtime.cli import build_parser
+
+    options = {f.name: f for f in ServerConfig.cli_fields()}
+    private_help = options["allow_private_media_urls"].metadata["help"]
+    assert "link-local and cloud metadata addresses stay refused" in private_help
+    assert "169.254.0.0/16" in options["allow_link_local_media_urls"].metadata["help"]
+    assert ServerConfig().allow_link_local_media_urls is False
+    serve = build_parser().parse_args(["serve", "model", "--allow-link-local-media-urls"])
+    assert serve.allow_link_local_media_urls is True
+
 
 # ---------------------------------------------------------------------------------------------------
 # data: URLs

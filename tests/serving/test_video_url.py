@@ -160,3 +160,20 @@ def test_video_limits(server, make, fragment) -> None:
     ok = _chat(server, [{"type": "text", "text": "hello"}])
     assert ok.status_code == 200
 
+
+@pytest.fixture(scope="module")
+def private_server(tiny_1b):
+    config = ServerConfig(model=str(tiny_1b), max_model_len=2048, num_blocks=256, max_num_seqs=2,
+                          allow_private_media_urls=True, media_fetch_timeout_s=2)
+    with run_server(config) as running:
+        yield running
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://169.254.1.1/clip.mp4", "link-local"),
+    ("http://[fe80::1]/clip.mp4", "link-local"),
+    ("http://169.254.169.254/latest/clip.mp4", "metadata"),
+])
+def test_link_local_refused_when_private_urls_are_allowed(private_server, url, fragment) -> None:
+    parts = [{"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": url}}]
+    assert fragment in _error(_chat(private_server, parts))
