@@ -91,14 +91,23 @@ def _flag_type(annotation: str) -> Any:
     return {"int": int, "float": float, "str": str}.get(base, str)
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, config_class: Any) -> None:
-    """One ``--flag`` per dataclass field, typed, with the field's help and default."""
+    """One ``--flag`` per dataclass field, typed, with the field's help and default. A ``list[str]`` field
+    takes comma-separated values and may be repeated (``--allowed-hosts a,b --allowed-hosts c``)."""
     group = parser.add_argument_group(config_class.__name__, (config_class.__doc__ or "").strip().splitlines()[0])
     for f in config_class.cli_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
             group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
+            continue
+        if f.type == "list[str]":
+            group.add_argument(flag, dest=f.name, action="extend", type=_comma_list, default=f.default_factory(),
+                               metavar=f.name.upper(), help=f"{help_text} (default: none)")
             continue
         default = f.default
         if "(default" not in help_text:

@@ -6,7 +6,9 @@ field's metadata), so the Python API, the command line and ``--help`` always agr
 Safety defaults (issue: "safety by default"): image URLs that resolve to loopback, private, link-local,
 metadata or other non-public addresses are refused; local files are refused unless a folder is named with
 ``allowed_local_media_path``; body size, image bytes, image pixels, images per request, tiles per image and
-fetch time are all bounded.
+fetch time are all bounded. On the network side (``serving/http_guard.py``): the Host header must be an IP
+address, ``localhost``, the ``host`` name or one of ``allowed_hosts``; POST bodies must be JSON; CORS is off
+unless ``allowed_origins`` names origins; request heads and bodies have read deadlines; connections are capped.
 
 Example::
 
@@ -33,6 +35,46 @@ def _opt(help_text: str, **extra: Any) -> Any:
     return {"help": help_text, **extra}
 
 
+def _entries(name: str, value: Any) -> list[str]:
+    """A list-valued field: a list of strings, or one comma-separated string (as on the command line)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise InvalidRequest(f"ServerConfig.{name} must be a list of strings, got {value!r}")
+    return [item.strip() for item in items if item.strip()]
+
+
+def host_name(value: str) -> str:
+    """A Host header value (or an ``allowed_hosts`` entry) as the Host check compares it: lower case, without
+    the port, the IPv6 brackets or a trailing dot; ``""`` if it is no host name at all."""
+    name = value.strip().lower()
+    if any(c in name for c in "/@?#\\ "):
+        return ""
+    if name.startswith("["):
+        name, sep, _ = name[1:].partition("]")
+        return name if sep else ""
+    if name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def _host_entry(entry: str) -> str:
+    name = host_name(entry)
+    if not name:
+        raise InvalidRequest(f"ServerConfig.allowed_hosts: {entry!r} is not a host name (give names like "
+                             "chat.example.com, without scheme or path)")
+    return name
+
+
+def _origin_entry(entry: str) -> str:
+    """A browser origin exactly as browsers send it: scheme://host[:port], no path, no trailing slash."""
+    origin = entry.rstrip("/").lower()          # browsers send scheme and host in lower case
+    scheme, sep, rest = origin.partition("://")
+    if origin != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+        raise InvalidRequest(f"ServerConfig.allowed_origins: {entry!r} is not an origin (give scheme://host[:port], "
+                             "e.g. https://app.example.com, or '*')")
+    return origin
+
+
 @dataclass
 class ServerConfig:
     """OpenAI-compatible server: model, network, engine sizing and request limits."""
@@ -56,6 +98,19 @@ class ServerConfig:
         "require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env INTERNVL_API_KEY, else none)"))
     log_level: str = field(default="info", metadata=_opt(
         "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace")))
+    allowed_hosts: list[str] = field(default_factory=list, metadata=_opt(
+        "host names the server answers to, comma-separated; '*' allows any (a check against DNS rebinding: "
+        "IP addresses, localhost and the --host name are always allowed, other names only when listed)"))
+    allowed_origins: list[str] = field(default_factory=list, metadata=_opt(
+        "browser origins allowed to call the API across sites (CORS), comma-separated, e.g. "
+        "https://app.example.com; '*' allows any; with none, CORS is off"))
+    header_timeout_s: float = field(default=20.0, metadata=_opt(
+        "seconds a client has to send a request's head (request line and headers); its connection is closed "
+        "after"))
+    body_timeout_s: float = field(default=60.0, metadata=_opt(
+        "seconds a client has to send a request's body, counted from its head; 408 after"))
+    max_connections: int = field(default=1024, metadata=_opt(
+        "open connections served at once; more get 503 (keep it under the open-file limit, ulimit -n)"))
 
     # -- engine ------------------------------------------------------------------------------------
     max_model_len: int | None = field(default=None, metadata=_opt(
@@ -104,8 +159,8 @@ class ServerConfig:
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_concurrent_requests",
-                     "max_body_bytes", "default_max_tokens", "max_n", "max_images_per_request", "max_image_bytes",
-                     "max_image_pixels", "max_tiles_per_image", "max_video_bytes", "max_video_frames",
+                     "max_connections", "max_body_bytes", "default_max_tokens", "max_n", "max_images_per_request",
+                     "max_image_bytes", "max_image_pixels", "max_tiles_per_image", "max_video_bytes", "max_video_frames",
                      "max_video_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,8 +173,12 @@ class ServerConfig:
             raise InvalidRequest(f"ServerConfig.max_redirects must be an integer >= 0, got {self.max_redirects!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidRequest(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
-        if not isinstance(self.media_fetch_timeout_s, (int, float)) or not self.media_fetch_timeout_s > 0:
-            raise InvalidRequest(f"ServerConfig.media_fetch_timeout_s must be > 0, got {self.media_fetch_timeout_s!r}")
+        for name in ("media_fetch_timeout_s", "header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidRequest(f"ServerConfig.{name} must be > 0, got {value!r}")
+        self.allowed_hosts = [_host_entry(h) for h in _entries("allowed_hosts", self.allowed_hosts)]
+        self.allowed_origins = [_origin_entry(o) for o in _entries("allowed_origins", self.allowed_origins)]
         if self.allowed_local_media_path is not None:
             folder = Path(self.allowed_local_media_path).expanduser()
             if not folder.is_dir():
