@@ -143,11 +143,20 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .serving.app import create_app, load_async_engine
+        from .serving.app import create_app, load_async_engine, uvicorn_config
         from .serving.config import ServerConfig
     except ImportError as exc:
         raise CLIError(f"serving needs FastAPI and uvicorn ({exc}); install them with "
@@ -179,10 +188,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(loader, config, on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level))
+    server = uvicorn.Server(uvicorn_config(app, config))
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"internvl: serving {config.model_name!r} on http://{shown_host}:{config.port}  (web chat at /, "
           f"OpenAI API at /v1; loading weights...)", file=sys.stderr)
+    if not _is_loopback(config.host) and not config.allowed_hosts:
+        print("internvl: clients must address this server by IP address or localhost; to use a host name, "
+              "list it with --allowed-hosts NAME", file=sys.stderr)
     if config.api_key:
         print("internvl: an API key is required (Authorization: Bearer KEY)", file=sys.stderr)
     try:

@@ -5,8 +5,10 @@ What lives here (and nowhere else):
 - **lifespan**: when given a loader instead of an engine, loads the weights on a background thread so the
   server answers at once (``/health`` says 503 ``loading`` until the engine runs, then 200); at shutdown,
   stops the engine loop and the worker threads.
-- **the guard** (one small ASGI middleware): the API key on ``/v1/*`` and ``/metrics`` (401), the body
-  size limit (413, the body is never buffered past the limit), and the per-status response counters.
+- **the guard's wiring** (``http_guard.HTTPGuard``, one ASGI middleware): Host check (400), CORS when
+  configured, the API key on ``/v1/*`` and ``/metrics`` (401), JSON-only bodies (415), the body size limit
+  and read deadline (413, 408; the body is never buffered there), and the per-status response counters.
+- **uvicorn_config**: the uvicorn settings the server runs with (request-head deadline, connection cap).
 - **error handlers**: every error, wherever raised, becomes OpenAI's ``{"error": {...}}`` with the status of
   ``protocol.error_status`` (which defers to ``errors.http_status``): the one mapping.
 - **the web chat page** at ``/`` (``static/index.html``, no build step, nothing from a CDN).
@@ -14,15 +16,15 @@ What lives here (and nowhere else):
 Example::
 
     engine = AsyncEngine(LLMEngine.from_pretrained("pretrained/InternVL2-1B"))
-    app = create_app(engine, ServerConfig(model="pretrained/InternVL2-1B"))
-    uvicorn.run(app, host="127.0.0.1", port=23333)
+    config = ServerConfig(model="pretrained/InternVL2-1B")
+    app = create_app(engine, config)
+    uvicorn.Server(uvicorn_config(app, config)).run()
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 import os
 import threading
@@ -37,21 +39,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import InternVLError
 from . import openai as routes
 from .config import DEMO_LABEL, ServerConfig
+from .http_guard import HTTPGuard, deadline_protocol, error_response
 from .media import MediaFetcher
-from .protocol import (ModelLoading, PayloadTooLarge, RouteNotFound, TooManyRequests, Unauthorized,
-                       error_payload)
+from .protocol import ModelLoading, RouteNotFound, TooManyRequests
 
 logger = logging.getLogger(__name__)
 
-_PROTECTED_PREFIXES = ("/v1/", "/metrics")
 _PAGE_HEADERS = {
     # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
@@ -60,17 +62,6 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-
-
-def error_response(error: BaseException) -> JSONResponse:
-    """The JSON error response of any exception (the one place errors become HTTP)."""
-    status, payload = error_payload(error)
-    if status >= 500 and not isinstance(error, InternVLError):
-        logger.error("internal error: %r", error, exc_info=error)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    if status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(payload, status_code=status, headers=headers)
 
 
 _SLOT_LOCK = threading.Lock()
@@ -242,80 +233,6 @@ class ServingState:
         return "\n".join(out) + "\n"
 
 
-class _Guard:
-    """ASGI middleware: API key (401), body size limit (413), response counting."""
-
-    def __init__(self, app: Any, state: ServingState) -> None:
-        self.app = app
-        self.state = state
-        key = state.config.api_key
-        self.key = f"Bearer {key}".encode() if key else None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = self.state
-
-        async def counting_send(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                state.http_responses[int(message["status"])] += 1
-            await send(message)
-
-        path = scope.get("path", "")
-        if self.key is not None and (path.startswith(_PROTECTED_PREFIXES) or path == "/v1"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
-                message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
-                await error_response(Unauthorized(message))(scope, receive, counting_send)
-                return
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(scope, receive)
-            if body is None:         # the client left while sending
-                return
-            if isinstance(body, PayloadTooLarge):
-                await error_response(body)(scope, receive, counting_send)
-                return
-            replayed = False
-
-            async def replay() -> Any:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, counting_send)
-            return
-        await self.app(scope, receive, counting_send)
-
-    async def _read_body(self, scope: Any, receive: Any) -> bytes | PayloadTooLarge | None:
-        """The whole body, or PayloadTooLarge after draining a bounded amount more (so the client,
-        still sending, reads the 413 instead of a reset connection)."""
-        limit = self.state.config.max_body_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        too_large = declared.isdigit() and int(declared) > limit
-        chunks: list[bytes] = []
-        size = 0
-        drain_limit = limit + max(limit, 8 * 2**20)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                too_large = True
-            if not too_large:
-                chunks.append(chunk)
-            if not message.get("more_body", False) or size > drain_limit:
-                break
-        if too_large:
-            return PayloadTooLarge(f"the request body is {'more than ' if size > drain_limit else ''}"
-                                   f"{max(size, int(declared or 0))} bytes; the limit is {limit} bytes")
-        return b"".join(chunks)
-
-
 class RequestShapeError(InternVLError):
     """FastAPI's own request validation failed (a 400)."""
 
@@ -384,6 +301,11 @@ def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
 
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)      # the client left while sending its body: nobody to tell
+
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_error)
     app.include_router(routes.router)
 
@@ -393,8 +315,19 @@ def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=_PAGE_HEADERS)
 
-    app.add_middleware(_Guard, state=state)
+    app.add_middleware(HTTPGuard, config=config, counts=state.http_responses)
     return app
+
+
+def uvicorn_config(app: Any, config: ServerConfig) -> Any:
+    """The ``uvicorn.Config`` that runs ``app`` (``internvl serve`` and the tests both use it): address and
+    log level from ``config``, the h11 protocol with the request-head deadline, and the connection cap
+    (uvicorn answers 503 once ``limit_concurrency`` connections, this one included, are open)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
+                          http=deadline_protocol(config.header_timeout_s),
+                          limit_concurrency=config.max_connections + 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ with the tiny random-weight InternVL2-1B checkpoint from ``../shared/fixtures``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import socket
 import struct
@@ -19,7 +20,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from internvl_runtime.serving.app import create_app, load_async_engine
+from internvl_runtime.serving.app import create_app, load_async_engine, uvicorn_config
 from internvl_runtime.serving.config import ServerConfig
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
@@ -57,17 +58,18 @@ class RunningServer:
 
 @contextmanager
 def run_server(config: ServerConfig, *, loader: Any = None, wait_ready: bool = True) -> Iterator[RunningServer]:
-    """Start uvicorn on 127.0.0.1 with ``config`` (weights loading in the app's lifespan, by ``loader`` if
-    given), wait until /health is 200 (or only until it answers), yield, then shut down (engine included)."""
+    """Start the server as ``internvl serve`` does (``uvicorn_config``), with ``config`` on a free port and
+    uvicorn's log level at warning (weights loading in the app's lifespan, by ``loader`` if given); wait until
+    /health is 200 (or only until it answers), yield, then shut down (engine included)."""
     import uvicorn
 
+    config = dataclasses.replace(config, port=free_port(), log_level="warning")
     app = create_app(loader or (lambda: load_async_engine(config)), config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{port}"
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    base = f"http://{f'[{host}]' if ':' in host else host}:{config.port}"
     try:
         deadline = time.monotonic() + 60
         with httpx.Client(timeout=5) as client:
