@@ -182,12 +182,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if loader is None:                  # a worker rank: rank 0 stopped it
             return 0
 
-    def on_load_error(exc: BaseException) -> None:
+    def on_fatal(exc: BaseException) -> None:
         failed.append(exc)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(loader, config, on_load_error=on_load_error)
+    app = create_app(loader, config, on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn_config(app, config))
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"internvl: serving {config.model_name!r} on http://{shown_host}:{config.port}  (web chat at /, "
@@ -202,6 +202,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:     # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
         pass
     if failed:
+        from .errors import EngineDead
+
+        if isinstance(failed[0], EngineDead):
+            raise CLIError(f"{failed[0]}; exiting so that a supervisor restarts the server")
         raise CLIError(f"loading the model failed: {failed[0]}")
     return 0
 
@@ -255,6 +259,8 @@ def _stream_answer(engine: Any, prepared: Any, params: Any, demo: bool, out: Any
     try:
         while engine.has_unfinished_requests():
             for result in engine.step():
+                if result.error is not None:
+                    raise result.error
                 out.write(result.delta)
                 out.flush()
                 text = result.text

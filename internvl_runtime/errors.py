@@ -16,6 +16,8 @@ them to HTTP status codes in one place (``http_status``)::
     │   └── InvalidGenerationConfig   unknown key or out-of-range sampling value
     ├── ModelNotFound               the request names a model that is not served                   (404)
     ├── EngineOverloaded            the queue is full                                              (503)
+    ├── EngineDead                  the engine loop stopped; the process exits for a restart       (503)
+    ├── RequestFailed               one request failed inside the engine (the others go on)        (500)
     └── UnsupportedFeature (NotImplementedError)  asked for something this build cannot do         (400)
 """
 
@@ -74,6 +76,15 @@ class EngineOverloaded(InternVLError):
     """The engine's queue is full; retry later."""
 
 
+class EngineDead(InternVLError):
+    """The engine loop stopped (its cause is in the message); the server exits so that a supervisor restarts it."""
+
+
+class RequestFailed(InternVLError):
+    """One request failed inside the engine (an image that would not encode, a step that raised for it);
+    the request ends with this error and the rest of the batch goes on."""
+
+
 class UnsupportedFeature(InternVLError, NotImplementedError):
     """The caller asked for something this build cannot do (yet); never silently ignored."""
 
@@ -81,6 +92,7 @@ class UnsupportedFeature(InternVLError, NotImplementedError):
 _STATUS = (
     (ModelNotFound, 404),
     (EngineOverloaded, 503),
+    (EngineDead, 503),
     (InvalidRequest, 400),
     (UnsupportedFeature, 400),
     (InternVLError, 500),

@@ -190,6 +190,8 @@ class Pipeline:
         try:
             while len(final) < len(ids):
                 for out in self.engine.step():
+                    if out.error is not None and out.request_id in index:
+                        raise out.error
                     if out.finished and out.request_id in index:
                         final[out.request_id] = self._response(out, index[out.request_id])
         finally:
@@ -211,6 +213,8 @@ class Pipeline:
                 for out in self.engine.step():
                     if out.request_id not in index:
                         continue
+                    if out.error is not None:
+                        raise out.error
                     if out.finished:
                         done.add(out.request_id)
                     yield self._response(out, index[out.request_id], text=out.delta)

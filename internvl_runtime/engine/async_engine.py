@@ -20,10 +20,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Union
 
-from ..errors import EngineOverloaded, InternVLError
+from ..errors import EngineDead, EngineOverloaded, InternVLError, InvalidRequest, RequestFailed
 from ..processing.inputs import PreparedRequest
 from .engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
@@ -47,15 +47,55 @@ class EngineMetrics:
         del self.ttft_seconds[:-1000]
 
 
+class _Accepted:
+    """The engine thread's answer to an "add": the request is in the engine."""
+
+
+_ACCEPTED = _Accepted()
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    request: PreparedRequest
+    params: SamplingParams
+    arrival: float
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = Union[_Add, _Abort, _Stop]
+
+
 class AsyncEngine:
+    """The engine loop on its own thread, and the asyncio side that talks to it.
+
+    Hand-offs never block the engine thread and tolerate a handler that is gone: the thread answers every
+    request (accepted, refused, outputs) through that request's asyncio queue, looked up under a lock, and
+    drops what nobody waits for. A failure in a step ends the requests it belongs to (``LLMEngine.step``
+    isolates them); anything else that escapes the loop ends it: every waiting request gets
+    :class:`EngineDead` with the cause, ``is_running`` turns false and ``death`` says why, so the server
+    can report 503 and exit for its supervisor to restart it."""
+
     def __init__(self, engine: LLMEngine, *, max_queue_len: int = 256) -> None:
         self.engine = engine
         self.max_queue_len = max_queue_len
         self.metrics = EngineMetrics()
-        self._commands: queue.Queue[tuple] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._death: str | None = None
+        self.kv_blocks_total = engine.scheduler.config.num_blocks   # published by the engine thread
+        self.kv_blocks_free = engine.num_free_blocks
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
 
@@ -67,27 +107,39 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set()
+        return self._thread.is_alive() and not self._stopped.is_set() and self._death is None
+
+    @property
+    def death(self) -> str | None:
+        """Why the engine loop stopped, if it died (None while it runs or after a clean shutdown)."""
+        return self._death
 
     async def generate(self, request_id: str, request: PreparedRequest, params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request. Leaving the iteration early (client gone) aborts it."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
         with self._lock:
+            if self._death is not None:
+                raise EngineDead(f"the engine loop stopped ({self._death}); the server is restarting")
             if len(self._streams) >= self.max_queue_len:
                 raise EngineOverloaded(f"the engine has {len(self._streams)} requests in flight "
                                        f"(limit {self.max_queue_len}); retry later")
+            if request_id in self._streams:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, outputs)
-        accepted: Future = Future()
-        self._commands.put(("add", request_id, request, params, accepted, time.monotonic()))
+        self._commands.put(_Add(request_id, request, params, time.monotonic()))
         finished = False
         try:
-            await asyncio.wrap_future(accepted)          # raises the engine's validation error, if any
+            accepted = await outputs.get()      # _ACCEPTED, or the engine's validation error
+            if isinstance(accepted, BaseException):
+                finished = True
+                raise accepted
             self.metrics.requests_total += 1
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
                 if item.finished:
@@ -98,94 +150,103 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.metrics.requests_aborted += 1
-                self._commands.put(("abort", request_id))
+                self._commands.put(_Abort(request_id))
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    def call(self, fn, *args):
-        """Run ``fn(engine, *args)`` on the engine thread and return a concurrent Future of its result."""
-        future: Future = Future()
-        self._commands.put(("call", fn, args, future))
-        return future
+        self._commands.put(_Abort(request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
-        self._commands.put(("stop",))
+        self._commands.put(_Stop())
         self._thread.join(timeout)
 
     # -- engine thread ---------------------------------------------------------------------------
-    def _emit(self, request_id: str, item: object) -> None:
+    def _emit(self, request_id: str, item: object) -> bool:
+        """Hand ``item`` to the request's handler; False (and the request aborted) if nobody waits."""
         with self._lock:
             target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the handler's loop is closed: drop the request
-                self._commands.put(("abort", request_id))
+        if target is None:
+            return False
+        loop, outputs = target
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        except RuntimeError:  # the handler's loop is closed
+            self._commands.put(_Abort(request_id))
+            return False
+        return True
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, request_id, request, params, accepted, arrival = command
+    def _handle(self, command: _Command) -> None:
+        if isinstance(command, _Add):
             with self._lock:
-                alive = request_id in self._streams
-            if not alive:
-                accepted.cancel()
+                alive = command.request_id in self._streams
+            if not alive:                        # the handler left before the engine saw the request
                 return
             try:
-                self.engine.add_request(request_id, request, params, arrival_time=arrival)
+                self.engine.add_request(command.request_id, command.request, command.params,
+                                        arrival_time=command.arrival)
             except Exception as exc:  # noqa: BLE001 - reported to the caller, engine keeps serving
                 self.metrics.requests_failed += 1
-                accepted.set_exception(exc)
+                self._emit(command.request_id, exc)
                 return
-            accepted.set_result(True)
-        elif kind == "abort":
-            self.engine.abort_request(command[1])
-        elif kind == "call":
-            _, fn, args, future = command
-            try:
-                future.set_result(fn(self.engine, *args))
-            except Exception as exc:  # noqa: BLE001
-                future.set_exception(exc)
+            if not self._emit(command.request_id, _ACCEPTED):
+                self.engine.abort_request(command.request_id)
+        elif isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the loop is gone: say why, fail every waiter
+            with self._lock:
+                self._death = f"{type(exc).__name__}: {exc}"
+            logger.critical("the engine loop died: %s", self._death, exc_info=exc)
+            self._fail_all(EngineDead(f"the engine loop stopped ({self._death}); the server is restarting"))
+
+    def _loop(self) -> None:
         while not self._stopped.is_set():
+            idle = not self.engine.has_unfinished_requests()
             try:
-                command = self._commands.get(timeout=None if not self.engine.has_unfinished_requests() else 0)
+                command: _Command | None = self._commands.get(timeout=None if idle else 0)
             except queue.Empty:
                 command = None
             while command is not None:
-                if command[0] == "stop":
+                if isinstance(command, _Stop):
+                    self._fail_all(EngineDead("the engine was shut down"))
                     return
                 self._handle(command)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            if not self.engine.has_unfinished_requests():
+            if self.engine.has_unfinished_requests():
+                self._step()
+            self.kv_blocks_free = self.engine.num_free_blocks
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - outside any one request (the scheduler): end them all
+            logger.exception("engine step failed outside any request")
+            self._fail_all(exc if isinstance(exc, InternVLError)
+                           else RequestFailed(f"the engine step failed: {type(exc).__name__}: {exc}"))
+            return
+        for out in outputs:
+            if out.error is not None:
+                self.metrics.requests_failed += 1
+                self._emit(out.request_id, out.error)
                 continue
-            try:
-                outputs = self.engine.step()
-            except InternVLError as exc:
-                logger.exception("engine step failed")
-                self._fail_all(exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - keep serving; fail the requests in flight
-                logger.exception("engine step crashed")
-                self._fail_all(exc)
-                continue
-            for out in outputs:
-                self.metrics.generation_tokens_total += len(out.new_token_ids)
-                if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
-                    self.metrics.prompt_tokens_total += out.num_prompt_tokens
-                    self.metrics.observe_ttft(out.first_token_time - out.arrival_time)
-                self._emit(out.request_id, out)
+            self.metrics.generation_tokens_total += len(out.new_token_ids)
+            if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
+                self.metrics.prompt_tokens_total += out.num_prompt_tokens
+                self.metrics.observe_ttft(out.first_token_time - out.arrival_time)
+            self._emit(out.request_id, out)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             ids = list(self._streams)
         for request_id in ids:
-            self.engine.abort_request(request_id)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - the engine may be what broke; the waiter must still hear
+                logger.exception("aborting %s failed", request_id)
             self._emit(request_id, exc)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidRequest
+from ..errors import InternVLError, InvalidRequest, RequestFailed
 from ..hardware import available_memory
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from .detokenizer import IncrementalDetokenizer
@@ -78,6 +78,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
     arrival_time: float = 0.0
+    error: BaseException | None = None      # set when the request failed (finish_reason "error")
 
 
 @dataclass
@@ -173,69 +174,147 @@ class LLMEngine:
     # -- the loop --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """One step of every scheduled request. A failure that belongs to one request (its images will
+        not encode, the model or the sampler raises on its rows) ends that request alone, with an output
+        whose ``error`` is set; the rest of the batch goes on. Only a failure outside any request
+        (the scheduler itself) propagates."""
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
+        failed: dict[str, BaseException] = {}
+        needs_features = [seq for seq, n in batch.scheduled
+                          if seq.mm_spans_in(seq.num_computed_tokens, seq.num_computed_tokens + n)]
+        failed.update(self._encode_images(needs_features))
+        entries = [(seq, n, samples) for (seq, n), samples in zip(batch.scheduled, batch.samples)
+                   if seq.request_id not in failed]
+        rows = self._execute_isolated(entries, failed)    # request id -> logits row, for those that sample
+        sampling_seqs = [seq for seq, _, samples in entries if samples and seq.request_id in rows]
+        sampled: dict[str, int] = {}
+        if sampling_seqs:
+            logits = torch.stack([rows[seq.request_id] for seq in sampling_seqs])
+            if self._decodable is not None:
+                logits[:, self._decodable:] = float("-inf")
+            for seq, token, record in self._sample_isolated(logits, sampling_seqs, failed):
+                sampled[seq.request_id] = token
+                if record is not None:
+                    self._states[seq.request_id].logprobs.append(record)
+            sampling_seqs = [seq for seq in sampling_seqs if seq.request_id in sampled]
+        outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
+        prompt_done = {seq.request_id for seq, n, _ in entries
+                       if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n}
+        for seq, _, _ in entries:
+            if seq.request_id in prompt_done and seq.request_id not in failed:
+                self.stats["prompt_tokens"] += seq.num_prompt_tokens
+                self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
+                self._states[seq.request_id].features.clear()  # the cache keeps them, bounded
+        finished = {s.request_id for s in self.scheduler.update(batch, sampled)}   # skips the failed (aborted)
+        now = time.monotonic()
+        for seq in sampling_seqs:
+            state = self._states.get(seq.request_id)
+            if state is None:
+                continue
+            try:
+                outputs.append(self._output(seq, state, sampled[seq.request_id], finished, now))
+            except Exception as exc:  # noqa: BLE001 - this request's text failed: end it alone
+                outputs.append(self._fail(seq.request_id, exc))
+        return outputs
+
+    def _output(self, seq: Sequence, state: _RequestState, token: int, finished: set[str], now: float
+                ) -> RequestOutput:
+        self.stats["generated_tokens"] += 1
+        if state.first_token_time is None:
+            state.first_token_time = now
+        delta = state.detokenizer.add([token])
+        if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
+            self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
+            finished.add(seq.request_id)
+        is_done = seq.request_id in finished
+        if is_done:
+            delta += state.detokenizer.flush()
+            del self._states[seq.request_id]
+            self.stats["requests_finished"] += 1
+        return RequestOutput(
+            request_id=seq.request_id, delta=delta, text=state.detokenizer.text, new_token_ids=[token],
+            token_ids=list(seq.output_token_ids), finished=is_done, finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            logprobs=list(state.logprobs), first_token_time=state.first_token_time,
+            arrival_time=seq.arrival_time)
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End one request with ``error`` (its KV blocks freed) and return its last output."""
+        logger.error("request %s failed in the engine: %r", request_id, error,
+                     exc_info=None if isinstance(error, InternVLError) else error)
+        state = self._states.pop(request_id, None)
+        seq = self.scheduler.abort(request_id) if state is not None else None
+        if not isinstance(error, InternVLError):
+            error = RequestFailed(f"the request failed inside the engine: {type(error).__name__}: {error}")
+        return RequestOutput(
+            request_id=request_id, delta="", text=state.detokenizer.text if state else "", new_token_ids=[],
+            token_ids=list(seq.output_token_ids) if seq else [], finished=True, finish_reason="error",
+            num_prompt_tokens=seq.num_prompt_tokens if seq else 0, arrival_time=seq.arrival_time if seq else 0.0,
+            error=error)
+
+    def _execute_isolated(self, entries: list[tuple[Sequence, int, bool]], failed: dict[str, BaseException]
+                          ) -> dict[str, torch.Tensor]:
+        """Run the model on the batch; if it raises, run each sequence alone so that only the sequences
+        that fail on their own are failed (rewriting the survivors' KV slots with the same values).
+        Returns the logits row of every surviving sequence that asked for one."""
+        if not entries:
+            return {}
+        try:
+            return self._execute(entries)
+        except Exception as exc:  # noqa: BLE001 - find whose rows fail
+            if len(entries) == 1:
+                failed[entries[0][0].request_id] = exc
+                return {}
+            logger.warning("a batched step of %d sequences failed (%r); running them one by one", len(entries), exc)
+        rows: dict[str, torch.Tensor] = {}
+        for entry in entries:
+            try:
+                rows.update(self._execute([entry]))
+            except Exception as exc:  # noqa: BLE001
+                failed[entry[0].request_id] = exc
+        return rows
+
+    def _execute(self, entries: list[tuple[Sequence, int, bool]]) -> dict[str, torch.Tensor]:
         steps = []
-        needs_features = [(seq, n) for seq, n in batch.scheduled if seq.mm_spans_in(seq.num_computed_tokens,
-                                                                                    seq.num_computed_tokens + n)]
-        self._encode_images([seq for seq, _ in needs_features])
-        for (seq, n), samples in zip(batch.scheduled, batch.samples):
+        for seq, n, samples in entries:
             start = seq.num_computed_tokens
             steps.append(SequenceStep(token_ids=seq.token_ids[start:start + n], num_computed=start,
                                       block_table=seq.block_table, image_features=self._features_for(seq, start, n),
                                       want_logits=samples))
         logits = self.runner.execute(steps)
-        if self._decodable is not None:
-            logits[:, self._decodable:] = float("-inf")
-        sampled: dict[str, int] = {}
-        sampling_seqs = [seq for (seq, _), samples in zip(batch.scheduled, batch.samples) if samples]
-        if sampling_seqs:
-            rows = [SamplingRow(seq.sampling_params, seq.token_ids, seq.num_output_tokens,
-                                self._states[seq.request_id].generator, seq.eos_token_ids) for seq in sampling_seqs]
-            result = self.sampler(logits, rows)
-            for seq, token, record in zip(sampling_seqs, result.token_ids, result.logprobs):
-                sampled[seq.request_id] = token
-                if record is not None:
-                    self._states[seq.request_id].logprobs.append(record)
-        prompt_done = {seq.request_id for seq, n in batch.scheduled
-                       if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n}
-        for seq, _ in batch.scheduled:
-            if seq.request_id in prompt_done:
-                self.stats["prompt_tokens"] += seq.num_prompt_tokens
-                self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
-                self._states[seq.request_id].features.clear()  # the cache keeps them, bounded
-        finished = {s.request_id for s in self.scheduler.update(batch, sampled)}
-        now = time.monotonic()
-        outputs = []
-        for seq in sampling_seqs:
-            state = self._states.get(seq.request_id)
-            if state is None:
-                continue
-            token = sampled[seq.request_id]
-            self.stats["generated_tokens"] += 1
-            if state.first_token_time is None:
-                state.first_token_time = now
-            delta = state.detokenizer.add([token])
-            if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
-                self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
-                finished.add(seq.request_id)
-            is_done = seq.request_id in finished
-            if is_done:
-                delta += state.detokenizer.flush()
-                del self._states[seq.request_id]
-                self.stats["requests_finished"] += 1
-            outputs.append(RequestOutput(
-                request_id=seq.request_id, delta=delta, text=state.detokenizer.text, new_token_ids=[token],
-                token_ids=list(seq.output_token_ids), finished=is_done, finish_reason=seq.finish_reason,
-                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                logprobs=list(state.logprobs), first_token_time=state.first_token_time,
-                arrival_time=seq.arrival_time))
-        return outputs
+        wanting = [seq.request_id for seq, _, samples in entries if samples]
+        return dict(zip(wanting, logits, strict=True))
 
-    def _encode_images(self, seqs: list[Sequence]) -> None:
+    def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, BaseException]
+                         ) -> list[tuple[Sequence, int, TokenLogprobs | None]]:
+        """Sample one token per sequence; if the batch raises, sample row by row and fail the rows that raise."""
+        def sample(index: list[int]) -> list[tuple[Sequence, int, TokenLogprobs | None]]:
+            chosen = [seqs[i] for i in index]
+            rows = [SamplingRow(seq.sampling_params, seq.token_ids, seq.num_output_tokens,
+                                self._states[seq.request_id].generator, seq.eos_token_ids) for seq in chosen]
+            result = self.sampler(logits[index], rows)
+            return list(zip(chosen, result.token_ids, result.logprobs, strict=True))
+
+        try:
+            return sample(list(range(len(seqs))))
+        except Exception as exc:  # noqa: BLE001 - find whose rows fail
+            if len(seqs) == 1:
+                failed[seqs[0].request_id] = exc
+                return []
+        picked = []
+        for i, seq in enumerate(seqs):
+            try:
+                picked.extend(sample([i]))
+            except Exception as exc:  # noqa: BLE001
+                failed[seq.request_id] = exc
+        return picked
+
+    def _encode_images(self, seqs: list[Sequence]) -> dict[str, BaseException]:
         """Give each sequence's state the features of its images: from the cache, or encoded here in
-        batches of up to ``vision_batch_tiles`` tiles across all requests of the step."""
+        batches of up to ``vision_batch_tiles`` tiles across all requests of the step. Returns the
+        requests whose images failed to encode (a failing batch is retried image by image)."""
         todo: dict[str, ImageInput] = {}
         for seq in seqs:
             state = self._states[seq.request_id]
@@ -247,30 +326,45 @@ class LLMEngine:
                     state.features[image.content_hash] = cached
                 else:
                     todo.setdefault(image.content_hash, image)
-        if not todo:
-            return
         encoded: dict[str, torch.Tensor] = {}
+        errors: dict[str, BaseException] = {}      # content hash -> error
         group: list[ImageInput] = []
         for image in [*todo.values(), None]:
             if group and (image is None or sum(im.num_tiles for im in group) + image.num_tiles
                           > self.config.vision_batch_tiles):
-                pixels = torch.cat([im.pixel_values for im in group])
-                with torch.inference_mode():
-                    features = self.model.extract_feature(pixels)          # (tiles, 256, hidden)
-                self.stats["vision_tiles_encoded"] += pixels.shape[0]
-                start = 0
-                for im in group:
-                    encoded[im.content_hash] = features[start:start + im.num_tiles].reshape(-1, features.shape[-1])
-                    self.vision_cache.put(im.content_hash, encoded[im.content_hash])
-                    start += im.num_tiles
+                try:
+                    encoded.update(self._encode_group(group))
+                except Exception as exc:  # noqa: BLE001 - find which image fails
+                    for im in group:
+                        try:
+                            encoded.update(self._encode_group([im]))
+                        except Exception as single:  # noqa: BLE001
+                            errors[im.content_hash] = single if len(group) > 1 else exc
                 group = []
             if image is not None:
                 group.append(image)
+        failed: dict[str, BaseException] = {}
         for seq in seqs:
             state = self._states[seq.request_id]
             for image in state.images:
-                if image.content_hash in encoded:
+                if image.content_hash in errors:
+                    failed[seq.request_id] = errors[image.content_hash]
+                elif image.content_hash in encoded:
                     state.features[image.content_hash] = encoded[image.content_hash]
+        return failed
+
+    def _encode_group(self, group: list[ImageInput]) -> dict[str, torch.Tensor]:
+        pixels = torch.cat([im.pixel_values for im in group])
+        with torch.inference_mode():
+            features = self.model.extract_feature(pixels)          # (tiles, 256, hidden)
+        self.stats["vision_tiles_encoded"] += pixels.shape[0]
+        encoded = {}
+        start = 0
+        for im in group:
+            encoded[im.content_hash] = features[start:start + im.num_tiles].reshape(-1, features.shape[-1])
+            self.vision_cache.put(im.content_hash, encoded[im.content_hash])
+            start += im.num_tiles
+        return encoded
 
     def _features_for(self, seq: Sequence, start: int, n: int) -> torch.Tensor | None:
         """Feature rows for the image tokens among positions [start, start + n) of the sequence."""
@@ -289,8 +383,15 @@ class LLMEngine:
         for rid, req, p in zip(ids, requests, params_list):
             self.add_request(rid, req, p)
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            while len(final) < len(ids):
+                for out in self.step():
+                    if out.error is not None:
+                        raise out.error
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in final:
+                    self.abort_request(rid)
         return [final[rid] for rid in ids]
