@@ -15,8 +15,9 @@ Conversation rules (the official ones, extended to several images and messages):
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,9 @@ class InputProcessor:
 
     def __init__(self, tokenizer: Any, *, template: str, image_size: int, num_image_token: int,
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
-                 max_images: int = 16) -> None:
+                 max_images: int = 16, encode: Callable[[str], list[int]] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.encode = encode or tokenizer.encode      # the server passes a PromptEncoder's (bounded, off-thread)
         self.template = template
         self.image_size = image_size
         self.num_image_token = num_image_token
@@ -95,6 +97,12 @@ class InputProcessor:
                       system_message=config.system_message)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
+
+    def with_encoder(self, encode: Callable[[str], list[int]]) -> InputProcessor:
+        """A copy of this processor that tokenizes prompts with ``encode``."""
+        clone = copy.copy(self)
+        clone.encode = encode
+        return clone
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -166,7 +174,7 @@ class InputProcessor:
     def prepare_prompt(self, prompt: str, images: Sequence[ImageInput]) -> PreparedRequest:
         """A rendered prompt with ``<image>`` placeholders plus its images, in order."""
         expanded = expand_image_placeholders(prompt, [im.num_tiles for im in images], self.num_image_token)
-        ids = self.tokenizer.encode(expanded)
+        ids = self.encode(expanded)
         spans = self._spans(ids, images)
         return PreparedRequest(expanded, ids, list(images), spans)
 

@@ -45,7 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..errors import InternVLError
+from ..errors import EngineDead, InternVLError
+from ..processing.prompt_encoder import PromptEncoder
 from . import openai as routes
 from .config import DEMO_LABEL, ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response
@@ -54,6 +55,7 @@ from .protocol import ModelLoading, RouteNotFound, TooManyRequests
 
 logger = logging.getLogger(__name__)
 
+_ENGINE_WATCH_S = 0.5
 _PAGE_HEADERS = {
     # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
@@ -94,6 +96,7 @@ class ServingState:
         self.active = 0
         self.http_responses: Counter[int] = Counter()
         self.processor: Any = None
+        self.prompt_encoder: PromptEncoder | None = None
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
         self.kv_capacity: int | None = None
@@ -105,7 +108,8 @@ class ServingState:
     # -- engine ----------------------------------------------------------------------------------
     def set_engine(self, engine: Any) -> None:
         llm = engine.engine
-        self.processor = llm.processor
+        self.prompt_encoder = PromptEncoder(llm.tokenizer, max_tokens=llm.max_model_len)
+        self.processor = llm.processor.with_encoder(self.prompt_encoder.encode)
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         scheduler_config = llm.scheduler.config
@@ -131,6 +135,9 @@ class ServingState:
     def require_engine(self) -> Any:
         engine = self.engine
         if engine is None or not engine.is_running:
+            if engine is not None:
+                raise EngineDead(f"the engine loop stopped ({engine.death or 'shut down'}); the server is exiting "
+                                 "so that its supervisor restarts it")
             if self.load_error:
                 raise ModelLoading(f"the model failed to load: {self.load_error}")
             raise ModelLoading("the model is still loading; retry in a moment (GET /health says when it is ready)")
@@ -163,6 +170,8 @@ class ServingState:
 
     def close(self) -> None:
         self.closed = True
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -222,14 +231,10 @@ class ServingState:
                "Seconds from arrival to the first token (over the last 1000 requests).", samples)
         metric("queue_length", "gauge", "Requests in the engine (running and waiting).",
                [("", float(engine.num_pending))])
-        try:
-            total, free = await asyncio.wait_for(asyncio.wrap_future(engine.call(
-                lambda e: (e.scheduler.config.num_blocks, e.num_free_blocks))), timeout=5.0)
-        except Exception:  # noqa: BLE001 - an engine busy for seconds: report what we can
-            total = free = None
-        if total is not None:
-            metric("kv_blocks_total", "gauge", "KV-cache blocks.", [("", float(total))])
-            metric("kv_blocks_in_use", "gauge", "KV-cache blocks in use.", [("", float(total - free))])
+        # Published by the engine thread after every step: a scrape never waits for (or disturbs) the engine.
+        total, free = engine.kv_blocks_total, engine.kv_blocks_free
+        metric("kv_blocks_total", "gauge", "KV-cache blocks.", [("", float(total))])
+        metric("kv_blocks_in_use", "gauge", "KV-cache blocks in use.", [("", float(total - free))])
         return "\n".join(out) + "\n"
 
 
@@ -248,13 +253,14 @@ def _page() -> str:
 
 
 def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     """Build the server.
 
     ``engine`` is an ``AsyncEngine`` (anything with its interface), or a zero-argument callable returning
     one: the weights then load on a background thread at start-up while ``/health`` answers 503. With
-    ``own_engine`` the engine loop is stopped when the app shuts down. ``on_load_error`` is called (on the
-    loading thread) if the loader raises.
+    ``own_engine`` the engine loop is stopped when the app shuts down. ``on_fatal`` is called once if the
+    server cannot go on: the loader raised (on the loading thread), or the engine loop died (on the event
+    loop; ``/health`` then answers 503 with the cause). The CLI stops the server and exits non-zero.
     """
     state = ServingState(config)
     loader = None
@@ -265,14 +271,27 @@ def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
     else:
         raise TypeError(f"create_app needs an AsyncEngine or a callable returning one, got {type(engine).__name__}")
 
+    async def watch_engine() -> None:
+        """Report the engine loop's death (polling: a death is rare, half a second is soon enough)."""
+        while True:
+            await asyncio.sleep(_ENGINE_WATCH_S)
+            engine = state.engine
+            if engine is not None and engine.death is not None:
+                logger.critical("the engine loop died (%s); stopping the server", engine.death)
+                if on_fatal is not None:
+                    on_fatal(EngineDead(f"the engine loop died: {engine.death}"))
+                return
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if loader is not None and state.engine is None and state.load_error is None:
-            threading.Thread(target=state.load, args=(loader, on_load_error), name="internvl-load",
+            threading.Thread(target=state.load, args=(loader, on_fatal), name="internvl-load",
                              daemon=True).start()
+        watcher = asyncio.ensure_future(watch_engine())
         try:
             yield
         finally:
+            watcher.cancel()
             state.close()
             if own_engine and state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)

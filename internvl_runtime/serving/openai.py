@@ -60,15 +60,19 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 ``{"status": "ok"}`` once the weights are loaded and the engine loop runs; 503 before."""
+    """200 ``{"status": "ok"}`` once the weights are loaded and the engine loop runs; 503 ``loading`` before,
+    503 ``error`` with the cause if loading failed or the engine loop stopped."""
     state = _state(request)
     engine = state.engine
     if engine is not None and engine.is_running:
         return JSONResponse({"status": "ok", "model": state.config.model_name, "demo": state.config.demo})
-    status = "error" if state.load_error else "loading"
-    body = {"status": status, "model": state.config.model_name, "demo": state.config.demo}
-    if state.load_error:
-        body["error"] = state.load_error
+    if engine is not None:          # it ran and stopped: never a silent "loading"
+        error = f"the engine loop stopped: {engine.death}" if engine.death else "the engine was shut down"
+    else:
+        error = state.load_error
+    body = {"status": "error" if error else "loading", "model": state.config.model_name, "demo": state.config.demo}
+    if error:
+        body["error"] = error
     return JSONResponse(body, status_code=503)
 
 
@@ -307,6 +311,8 @@ async def chat_completions(request: Request) -> Response:
     _check_model(state, req.model)
     _check_n(state, req.n)
     engine = state.require_engine()
+    # The byte bound before any work (images, template, tokens): the messages' text alone must fit.
+    state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
     slot = state.admit()
     handed_over = False
     try:
@@ -401,6 +407,8 @@ async def completions(request: Request) -> Response:
     _check_model(state, req.model)
     _check_n(state, req.n * len(req.prompts))
     engine = state.require_engine()
+    for prompt in req.prompts:
+        state.prompt_encoder.check_bytes(len(prompt.encode("utf-8")))
     slot = state.admit()
     handed_over = False
     try:
