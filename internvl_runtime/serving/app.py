@@ -56,6 +56,7 @@ from .protocol import ModelLoading, RouteNotFound, TooManyRequests
 logger = logging.getLogger(__name__)
 
 _ENGINE_WATCH_S = 0.5
+_LARGE_PROMPTS_IN_FLIGHT = 4      # prompts over PromptEncoder.large_bytes being tokenized at once
 _PAGE_HEADERS = {
     # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
@@ -108,7 +109,8 @@ class ServingState:
     # -- engine ----------------------------------------------------------------------------------
     def set_engine(self, engine: Any) -> None:
         llm = engine.engine
-        self.prompt_encoder = PromptEncoder(llm.tokenizer, max_tokens=llm.max_model_len)
+        self.prompt_encoder = PromptEncoder(llm.tokenizer, max_tokens=llm.max_model_len,
+                                            max_large=_LARGE_PROMPTS_IN_FLIGHT)
         self.processor = llm.processor.with_encoder(self.prompt_encoder.encode)
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
@@ -161,8 +163,11 @@ class ServingState:
     @property
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
+            # Threads that wait on the tokenizer process for a large prompt are added on top: small requests
+            # always find a free thread.
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="internvl-prepare")
+                max_workers=max(2, min(8, os.cpu_count() or 2)) + _LARGE_PROMPTS_IN_FLIGHT,
+                thread_name_prefix="internvl-prepare")
         return self._executor
 
     async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
