@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from internvl_runtime import cli
+from internvl_runtime import AutoModel, AutoTokenizer, cli
 from internvl_runtime.engine.async_engine import AsyncEngine
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.serving import app as serving_app
@@ -44,13 +44,23 @@ class Hooks:
             time.sleep(self.slow_s)
 
 
+class SlowAccept(LLMEngine):
+    """Accepting a request takes 5 ms (a long prompt's bookkeeping), so clients that leave at once often
+    leave while the engine accepts their request: the old loop died there (InvalidStateError)."""
+
+    def add_request(self, *args, **kwargs) -> None:
+        time.sleep(0.005)
+        super().add_request(*args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def hooked(tiny_1b):
     config = ServerConfig(model=str(tiny_1b), num_blocks=512, max_model_len=2048, max_body_bytes=8 * 2**20)
     holder = {}
 
     def loader():
-        engine = load_async_engine(config)
+        model, tokenizer = AutoModel.from_pretrained(tiny_1b), AutoTokenizer.from_pretrained(tiny_1b)
+        engine = AsyncEngine(SlowAccept(model, tokenizer, EngineConfig(**config.engine_kwargs())))
         holder["hooks"] = Hooks(engine)
         return engine
 
