@@ -138,8 +138,9 @@ class ServerConfig:
     max_video_seconds: float = field(default=600.0, metadata=_opt(
         "longest video accepted, in seconds, measured on the decoded frames' timestamps (not the header)"))
     max_video_decoded_bytes: int = field(default=16 * 2**30, metadata=_opt(
-        "most bytes of frames decoding one video may produce (width x height x 3 per frame, every frame "
-        "decoded, sampled or not); bounds the decoding work, not the memory (frames are not all kept)"))
+        "most bytes of frames decoding the videos of one request may produce, shared equally by its videos "
+        "(width x height x 3 per frame, every frame decoded, sampled or not); bounds the decoding work, not the "
+        "memory (frames are not all kept)"))
     max_tiles_per_image: int = field(default=12, metadata=_opt(
         "upper bound for max_dynamic_patch (tiles per image, thumbnail excluded)"))
     media_fetch_timeout_s: float = field(default=10.0, metadata=_opt("seconds an http(s) image fetch may take"))

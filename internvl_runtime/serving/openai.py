@@ -173,7 +173,9 @@ async def _prepare_chat(state: Any, req: ChatCompletionRequest) -> PreparedReque
 
     def work() -> PreparedRequest:
         images = iter([decode_image(d, max_pixels=config.max_image_pixels) for d in datas])
-        clips = iter([video_frames(d, v.num_segments or 8, config) for d, v in zip(video_datas, videos)])
+        share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
+        clips = iter([video_frames(d, v.num_segments or 8, config, max_decoded_bytes=share)
+                      for d, v in zip(video_datas, videos)])
         messages = []
         for m in req.messages:
             role = "system" if m.role == "developer" else m.role
@@ -186,12 +188,14 @@ async def _prepare_chat(state: Any, req: ChatCompletionRequest) -> PreparedReque
     return await state.run_in_worker(work)
 
 
-def video_frames(data: bytes, num_segments: int, config: Any) -> list[Any]:
-    """Sample ``num_segments`` frames (the official choice) within the server's video limits."""
+def video_frames(data: bytes, num_segments: int, config: Any, *, max_decoded_bytes: int | None = None) -> list[Any]:
+    """Sample ``num_segments`` frames (the official choice) within the server's video limits
+    (``max_decoded_bytes``: this video's share of the request's decoding budget)."""
     from .media import decode_video
 
+    budget = config.max_video_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
     return decode_video(data, num_segments=num_segments, max_pixels=config.max_image_pixels,
-                        max_seconds=config.max_video_seconds, max_decoded_bytes=config.max_video_decoded_bytes)
+                        max_seconds=config.max_video_seconds, max_decoded_bytes=budget)
 
 
 async def _gather(coroutines: list[Any]) -> list[Any]:

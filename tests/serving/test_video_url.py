@@ -177,3 +177,16 @@ def private_server(tiny_1b):
 def test_link_local_refused_when_private_urls_are_allowed(private_server, url, fragment) -> None:
     parts = [{"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": url}}]
     assert fragment in _error(_chat(private_server, parts))
+
+
+def test_decoding_budget_is_per_request(server) -> None:
+    """Each clip alone fits the decoded-bytes cap; three in one request share it and break it."""
+    clip = {"type": "video_url", "video_url": {"url": _video_url(VIDEO.read_bytes()), "num_segments": 2}}
+    one = _chat(server, [{"type": "text", "text": "hi"}, clip])
+    assert one.status_code == 200, one.text
+    turns = [{"role": "user", "content": [{"type": "text", "text": "and this?"}, clip]},
+             {"role": "assistant", "content": "a clip"}] * 2
+    body = {"model": MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [*turns, {"role": "user", "content": [{"type": "text", "text": "and this?"}, clip]}]}
+    three = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert three.status_code == 400 and f"limit of {DECODED_BYTES // 3} bytes" in _error(three)
