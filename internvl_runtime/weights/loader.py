@@ -12,6 +12,10 @@ the tensor, and reads only the rows or columns it needs (``lazy[a:b]``, ``lazy[:
 safetensors that reads just those bytes from the mapped file, so a rank never materialises a whole
 tensor it keeps a slice of. ``skip(param_name)`` names parameters this process does not hold (their
 checkpoint tensors are consumed without being read).
+
+Progress: ``load_weights(..., progress=hook)`` calls ``hook(nbytes)`` once per checkpoint tensor, after it
+is handled, with the bytes it takes in the checkpoint (read whole, sliced or skipped alike), so a bar
+over :func:`checkpoint_nbytes` ends at exactly its total.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Resolver = Callable[[str], "tuple[str, object, Transform | None] | None"]
+Progress = Callable[[int], None]
 
 
 def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> list[Path]:
@@ -77,6 +82,10 @@ class _FileRegion:
 
     def __init__(self, file: Path, name: str, dtype: torch.dtype, shape: list[int], offset: int) -> None:
         self.file, self.name, self.dtype, self.shape, self.offset = file, name, dtype, shape, offset
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along dim 0 (the whole tensor for a 0-d one)."""
@@ -136,6 +145,21 @@ def _safetensors_regions(file: Path) -> list[_FileRegion]:
     return [region for _, region in sorted(regions, key=lambda item: item[0])]
 
 
+def checkpoint_nbytes(files: list[Path]) -> int:
+    """Bytes of every tensor in ``files`` as stored (safetensors: from the headers, no data read; a
+    pickle: its file size, since its tensors are known only once loaded). The total for ``progress``."""
+    total = 0
+    for file in files:
+        if file.suffix == ".bin":
+            total += file.stat().st_size
+            continue
+        try:
+            total += sum(region.nbytes for region in _safetensors_regions(file))
+        except OSError as exc:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
+    return total
+
+
 def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for region in _safetensors_regions(file):
         yield region.name, region[...]
@@ -182,6 +206,12 @@ class LazyTensor:
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"{self.file}: cannot read {self.name} ({exc})") from exc
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor takes in the checkpoint (whatever part of it is read)."""
+        src = self._source
+        return src.nbytes if isinstance(src, (torch.Tensor, _FileRegion)) else 0
+
     def load(self) -> torch.Tensor:
         return self[...] if isinstance(self._source, (torch.Tensor, _FileRegion)) else self[:]
 
@@ -202,12 +232,22 @@ def iter_checkpoint_lazy(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
             yield region.name, LazyTensor(file, region.name, region)
 
 
+def _reported(items: Iterator[tuple[str, LazyTensor]], progress: Progress | None
+              ) -> Iterator[tuple[str, LazyTensor]]:
+    """``items``, calling ``progress(nbytes)`` once the caller has handled each one."""
+    for name, lazy in items:
+        yield name, lazy
+        if progress is not None:
+            progress(lazy.nbytes)
+
+
 def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
                  optional: Callable[[str], bool] = lambda name: False,
-                 skip: Callable[[str], bool] = lambda name: False) -> set[str]:
+                 skip: Callable[[str], bool] = lambda name: False, progress: Progress | None = None) -> set[str]:
     """Copy every checkpoint tensor into ``model``; raise WeightMismatchError naming all problems.
 
     ``optional(param_name)`` marks parameters that may be absent from the checkpoint (tied heads).
+    ``progress(nbytes)`` is called after each checkpoint tensor (see the module docstring).
     Returns the set of checkpoint names consumed.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -219,7 +259,7 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
     filled: dict[str, set[object]] = {}
     unexpected, misshaped, consumed = [], [], set()
     with torch.no_grad():
-        for name, lazy in iter_checkpoint_lazy(files):
+        for name, lazy in _reported(iter_checkpoint_lazy(files), progress):
             target = resolve(name)
             if target is None or target[0] not in params:
                 unexpected.append(name)
