@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, placement
-from internvl_runtime.api import auto
+from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, loading, placement
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.models.layers.attention import AttentionMetadata, KVCache
 from internvl_runtime.placement import (EMBED, LM_HEAD, NORM, OFFICIAL_NUM_LAYERS, auto_device_map, layer_devices,
@@ -95,7 +94,7 @@ def test_resolve_prefixes_aliases_and_extra_keys() -> None:
     ({}, InvalidRequest, "non-empty"),
 ])
 def test_bad_maps_fail_before_loading(monkeypatch, device_map: dict, error: type, message: str) -> None:
-    monkeypatch.setattr(auto, "build_model", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(error, match=message):
         AutoModel.from_pretrained(CKPT / "tiny-1B", device_map=device_map)
 
@@ -228,7 +227,7 @@ def test_every_dtype_runs_on_cpu(dtype: torch.dtype, tolerance: float) -> None:
 def test_bfloat16_on_old_gpu_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(InvalidRequest, match="compute capability 8.0"):
-        auto.check_dtype_runs(torch.bfloat16, torch.device("cuda", 0))
-    auto.check_dtype_runs(torch.float16, torch.device("cuda", 0))
+        loading.check_dtype_runs(torch.bfloat16, torch.device("cuda", 0))
+    loading.check_dtype_runs(torch.float16, torch.device("cuda", 0))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        auto.check_dtype_runs(dtype, torch.device("cpu"))
+        loading.check_dtype_runs(dtype, torch.device("cpu"))

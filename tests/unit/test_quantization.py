@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature
-from internvl_runtime.api import auto
+from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, loading
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.quantization import (Int4Linear, Int8Linear, QuantizationConfig, int4_backend, model_bytes,
                                            quantize_model, resolve_quantization)
@@ -226,7 +225,7 @@ def test_resolve_quantization() -> None:
 
 def test_int4_without_kernel_fails_before_loading(monkeypatch) -> None:
     monkeypatch.setattr(qlinear, "_has_kernel", lambda op, key: False)
-    monkeypatch.setattr(auto, "build_model", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(UnsupportedFeature, match="4-bit"):
         AutoModel.from_pretrained(CKPT, load_in_4bit=True)
 

@@ -1,0 +1,259 @@
+"""The one loader: a checkpoint folder -> a model ready to run, below the engine.
+
+``load_model`` is what ``LLMEngine.from_pretrained`` (and through it the server, the CLI, the pipeline
+and every tensor-parallel rank) and ``AutoModel.from_pretrained`` call. In order:
+
+1. ``plan_load`` decides everything before any weight is read, and checks it: the quantization
+   (``quantization.resolve_quantization``), the folder and its ``config.json``, where each part goes
+   (one device, ``"auto"``, or a dict such as the official ``split_model``'s: ``placement``), the dtype
+   (``"auto"`` follows the checkpoint, or float32 on a CPU without fast bf16: ``hardware.auto_dtype``),
+   that every device used can compute in it, and that a 4-bit kernel exists wherever 4-bit goes.
+2. The weights are read tensor by tensor (``weights.loader.load_weights``), with a tqdm bar over the
+   checkpoint's bytes when ``progress`` is on. Quantized or spread models are read on the CPU, then each
+   layer goes to its device, quantized or whole (peak device memory: the placed model plus one layer).
+3. The compute plan for the host is set on the model (``compute_plan``).
+
+A tensor-parallel rank passes ``build``: its own builder, which reads only this rank's rows. It gets the
+plan and the progress hook, and what it returns gets no compute plan (the native decode stack knows
+nothing of the all-reduces between sliced layers; TP layers run on torch, as they always have).
+
+Example::
+
+    model = load_model("pretrained/InternVL2-1B", dtype="auto", device_map="cpu", progress=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compute_plan import apply_plan, choose_plan
+from .config import InternVLConfig
+from .errors import ConfigError, InvalidRequest, UnsupportedFeature
+from .hardware import auto_dtype, available_memory
+from .models.internvl import InternVLModel, meta_model
+from .placement import (EMBED, auto_device_map, dispatch_model, estimate_unit_bytes, normalize_device, physical,
+                        placement_units, resolve_device_map)
+from .quantization import QuantizationConfig, int4_backend, quantize_model, resolve_quantization
+from .weights.loader import Progress, Resolver, checkpoint_files, checkpoint_nbytes, load_weights
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything decided (and checked) before any weight is read."""
+
+    folder: Path
+    config: InternVLConfig
+    dtype: torch.dtype
+    device: torch.device                              # the embeddings' device; the only one unless spread
+    unit_devices: dict[str, torch.device] | None      # placement unit -> device, when spread over several
+    quantization: QuantizationConfig | None
+    record_map: bool                                  # set ``hf_device_map`` (a dict was given, or "auto" spread)
+
+    @property
+    def units(self) -> dict[str, torch.device]:
+        """Every placement unit's device."""
+        return self.unit_devices or dict.fromkeys(placement_units(self.config.llm.num_hidden_layers), self.device)
+
+
+#: ``build(plan, progress) -> model``: a builder of its own (tensor parallelism) instead of the default.
+ModelBuilder = Callable[[LoadPlan, "Progress | None"], nn.Module]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deciding
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(torch_dtype: Any, config: InternVLConfig, device: torch.device | None = None) -> torch.dtype:
+    """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's, or float32
+    on a CPU without fast bf16 instructions; see ``hardware.auto_dtype``)."""
+    if torch_dtype is None:
+        return torch.float32  # transformers' default when no dtype is given
+    if torch_dtype == "auto":
+        return auto_dtype(config.torch_dtype, device or torch.device("cpu"))
+    if isinstance(torch_dtype, torch.dtype):
+        dtype = torch_dtype
+    elif isinstance(torch_dtype, str):
+        name = torch_dtype
+        if name.removeprefix("torch.") not in _DTYPES:
+            raise InvalidRequest(f"torch_dtype {torch_dtype!r} is not one of {', '.join(_DTYPES)} or 'auto'")
+        dtype = _DTYPES[name.removeprefix("torch.")]
+    else:
+        raise InvalidRequest(f"torch_dtype must be a torch.dtype or a string, got {torch_dtype!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise InvalidRequest(f"torch_dtype {dtype} is not supported (float32, bfloat16, float16)")
+    return dtype
+
+
+def resolve_device(device_map: Any) -> torch.device:
+    """A single device from ``device_map`` (None, "auto", or a device); a dict goes through
+    ``placement.resolve_device_map`` instead."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, (str, torch.device, int)) and not isinstance(device_map, bool):
+        if device_map == "auto":
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return normalize_device(device_map)
+    raise InvalidRequest(f"device_map must be None, 'auto', a device or a dict, got {device_map!r}")
+
+
+def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
+    """``InvalidRequest`` for a dtype the device cannot compute in (bfloat16 before CUDA compute
+    capability 8.0). CPUs run all three; without avx512_bf16/AMX, 16-bit is slow (see ``hardware``)."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise InvalidRequest(f"bfloat16 on {device} needs CUDA compute capability 8.0+, this GPU is {major}.{minor}; "
+                                 f"use torch_dtype=torch.float16 or torch.float32")
+
+
+def _auto_map(config: InternVLConfig, dtype: torch.dtype,
+              quantization: QuantizationConfig | None) -> dict[str, torch.device] | None:
+    """``device_map="auto"`` with CUDA: fill the GPUs in order (90% of their free memory), then the CPU;
+    None when the whole model fits on GPU 0."""
+    skeleton = meta_model(config, dtype)
+    sizes = estimate_unit_bytes(skeleton, dtype, quantization.bits if quantization else None)
+    budgets = [(torch.device("cuda", i), int(torch.cuda.mem_get_info(i)[0] * 0.9))
+               for i in range(torch.cuda.device_count())]
+    if sum(sizes.values()) <= budgets[0][1]:
+        return None
+    available = available_memory()
+    return auto_device_map(sizes, budgets + [(torch.device("cpu"), int(available * 0.9))])
+
+
+def plan_load(path: str | Path, *, dtype: Any = None, device_map: Any = None, quantization: Any = None,
+              load_in_8bit: bool = False, load_in_4bit: bool = False) -> LoadPlan:
+    """Decide and check everything ``load_model`` does, reading only ``config.json``.
+
+    ``dtype``: a ``torch.dtype``, its name, "auto", or None (float32, transformers' default).
+    ``device_map``: None (CPU), a device, "auto", or {module name: device}. ``quantization``: "int8", "int4",
+    "int4:g64", a dict or a ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit``: the official spellings)."""
+    quant = resolve_quantization(quantization, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    folder = Path(path)
+    if not folder.exists():
+        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist (download it first, e.g. "
+                          f"`internvl download OpenGVLab/InternVL2-1B --local-dir {folder}`)")
+    config = InternVLConfig.from_pretrained(folder)
+    unit_devices: dict[str, torch.device] | None = None
+    if isinstance(device_map, Mapping):
+        unit_devices = resolve_device_map(device_map, config.llm.num_hidden_layers)
+        device = unit_devices[EMBED]
+        if len(set(unit_devices.values())) == 1:
+            unit_devices = None
+    else:
+        if device_map is None and quant is not None and torch.cuda.is_available():
+            device_map = torch.cuda.current_device()   # transformers' default for 8/4-bit loading
+        device = resolve_device(device_map)
+    resolved = resolve_dtype(dtype, config, device)
+    if device_map == "auto" and device.type == "cuda":
+        unit_devices = _auto_map(config, resolved, quant)
+    plan = LoadPlan(folder, config, resolved, device, unit_devices, quant,
+                    record_map=isinstance(device_map, Mapping) or unit_devices is not None)
+    for used in set(plan.units.values()):
+        check_dtype_runs(resolved, physical(used))
+    if quant is not None and quant.mode == "int4":
+        for unit, used in plan.units.items():
+            if unit.startswith("language_model.") or quant.include_vision:
+                int4_backend(physical(used))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(model: InternVLModel, folder: Path, *, allow_pickle: bool = False,
+                    resolve: Resolver | None = None, skip: Callable[[str], bool] | None = None,
+                    progress: Progress | None = None) -> None:
+    """Fill ``model`` from ``folder``, strictly (every key accounted for), then tie the LM head.
+
+    ``resolve`` defaults to the model's own name tables; a tensor-parallel rank passes one that slices,
+    and ``skip`` for what it does not hold (``weights.loader.load_weights``)."""
+    tied = model.config.llm.tie_word_embeddings
+    load_weights(model, checkpoint_files(folder, allow_pickle=allow_pickle), resolve or model.resolve_checkpoint_name,
+                 optional=lambda name: tied and name == "language_model.lm_head.weight",
+                 skip=skip or (lambda name: False), progress=progress)
+    model.language_model.tie_weights()
+
+
+@contextmanager
+def progress_bar(folder: Path, enabled: bool, *, allow_pickle: bool = False) -> Iterator[Progress | None]:
+    """A tqdm bar over the bytes of ``folder``'s checkpoint (on stderr) and the hook that advances it;
+    None when not ``enabled``."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    total = checkpoint_nbytes(checkpoint_files(folder, allow_pickle=allow_pickle))
+    with tqdm(total=total, desc=f"loading {folder.name}", unit="B", unit_scale=True, unit_divisor=1024,
+              leave=True) as bar:
+        yield bar.update
+
+
+def _build(plan: LoadPlan, model_class: type[InternVLModel], allow_pickle: bool,
+           progress: Progress | None) -> InternVLModel:
+    """The default builder: allocate once on the meta device's shapes, fill, then place and quantize."""
+    direct = plan.unit_devices is None and plan.quantization is None
+    model = meta_model(plan.config, plan.dtype, model_class)
+    model.to_empty(device=physical(plan.device) if direct else "cpu")
+    read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=progress)
+    model.eval().requires_grad_(False)
+    if direct:
+        return model
+    unit_devices, quant = plan.unit_devices, plan.quantization
+    if quant is not None:
+        def device_for(name: str) -> torch.device:
+            if unit_devices is None:
+                return physical(plan.device)
+            unit = max((u for u in unit_devices if name == u or name.startswith(u + ".")), key=len)
+            return physical(unit_devices[unit])
+        quantize_model(model, quant, device_for=device_for)
+        model.quantization = quant  # type: ignore[assignment]
+    if unit_devices is not None:
+        dispatch_model(model, unit_devices)
+    else:
+        model.to(physical(plan.device))
+    return model
+
+
+def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None, quantization: Any = None,
+               load_in_8bit: bool = False, load_in_4bit: bool = False, allow_pickle: bool = False,
+               model_class: type[InternVLModel] = InternVLModel, progress: bool = False,
+               build: ModelBuilder | None = None) -> InternVLModel:
+    """Load a checkpoint folder (arguments as ``plan_load``; ``allow_pickle`` reads ``pytorch_model*.bin``
+    with ``weights_only=True``). ``progress``: a tqdm bar counting the checkpoint's bytes as they are read.
+    ``build``: a builder of its own (see the module docstring); it takes one device and no quantization."""
+    plan = plan_load(path, dtype=dtype, device_map=device_map, quantization=quantization,
+                     load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    if build is not None and (plan.quantization is not None or plan.unit_devices is not None):
+        raise UnsupportedFeature("tensor parallelism loads onto one device per rank, unquantized; "
+                                 "drop quantization / a multi-device device_map")
+    with progress_bar(plan.folder, progress, allow_pickle=allow_pickle) as hook:
+        if build is not None:
+            model = build(plan, hook)
+        else:
+            model = _build(plan, model_class, allow_pickle, hook)
+    if build is None:
+        apply_plan(model, choose_plan(plan.dtype, plan.device))
+    if plan.record_map:
+        model.hf_device_map = {unit: str(used) for unit, used in plan.units.items()}  # type: ignore[assignment]
+    logger.info("loaded %s (%s) in %s on %s%s", plan.folder, plan.config.llm.architecture, plan.dtype,
+                plan.device if plan.unit_devices is None else sorted({str(d) for d in plan.unit_devices.values()}),
+                f", {plan.quantization.mode}" if plan.quantization else "")
+    return model  # type: ignore[return-value]
