@@ -216,17 +216,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .engine.engine import EngineConfig
+    """The engine for chat / generate: ``LLMEngine.from_pretrained`` with a progress bar; no web stack."""
+    from .engine.engine import EngineConfig, LLMEngine
     from .errors import InternVLError
-    from .serving.app import load_engine
 
     folder = _model_path(args)
     kwargs: dict[str, Any] = {"max_num_seqs": 1}
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
     try:
-        return load_engine(folder, dtype=args.dtype, device=args.device, progress=True,
-                           engine_config=EngineConfig(**kwargs))
+        return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=args.device, progress=True,
+                                         config=EngineConfig(**kwargs))
     except InternVLError as exc:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 

@@ -133,14 +133,27 @@ class LLMEngine:
         return max(16, min(budget // per_block, wanted))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                        config: EngineConfig | None = None, **config_kwargs: Any) -> LLMEngine:
-        from ..api.auto import AutoModel
-        from ..processing.tokenizer import AutoTokenizer
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
+                        config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
+                        allow_pickle: bool = False, build: Any = None, wrap_runner: Any = None,
+                        **config_kwargs: Any) -> LLMEngine:
+        """Load a checkpoint folder and build the engine: the model through the one loader
+        (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
+        a tqdm bar over the weights when ``progress``), its tokenizer, and the KV cache.
 
-        model = AutoModel.from_pretrained(path, torch_dtype=dtype, device_map=device)
+        ``config`` (else ``EngineConfig(**config_kwargs)``) sizes the engine. Tensor parallelism passes
+        ``build`` (the rank's slice-reading builder) and ``wrap_runner`` (runner -> the runner that drives
+        the other ranks); both come from ``distributed``, which this layer never imports."""
+        from ..loading import load_model
+        from ..processing.tokenization import AutoTokenizer
+
+        model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
+                           progress=progress, build=build)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, config or EngineConfig(**config_kwargs))
+        engine = cls(model, tokenizer, config or EngineConfig(**config_kwargs))
+        if wrap_runner is not None:
+            engine.runner = wrap_runner(engine.runner)
+        return engine
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, request: PreparedRequest, params: SamplingParams | None = None,

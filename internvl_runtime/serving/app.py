@@ -355,40 +355,16 @@ def uvicorn_config(app: Any, config: ServerConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading (used by the CLI)
+# Loading (`internvl serve`)
 # ---------------------------------------------------------------------------------------------------
 
 
 def load_async_engine(config: ServerConfig, *, progress: bool = False) -> Any:
-    """Load ``config.model`` and start its engine loop; tqdm bars show the stages when ``progress``."""
+    """Load ``config.model`` (``LLMEngine.from_pretrained``; a tqdm bar over the weights when ``progress``)
+    and start its engine loop."""
     from ..engine.async_engine import AsyncEngine
-    from ..engine.engine import EngineConfig
+    from ..engine.engine import EngineConfig, LLMEngine
 
-    llm = load_engine(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
-                      engine_config=EngineConfig(**config.engine_kwargs()))
+    llm = LLMEngine.from_pretrained(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
+                                    config=EngineConfig(**config.engine_kwargs()))
     return AsyncEngine(llm, max_queue_len=config.max_queue_len)
-
-
-def load_engine(folder: Path, *, dtype: str = "auto", device: str = "cpu", progress: bool = False,
-                engine_config: Any = None) -> Any:
-    """An ``LLMEngine``: model, tokenizer and KV cache, one progress step each (the weights step shows
-    their size). Per-tensor progress would need a hook in ``weights.loader.load_weights``."""
-    from tqdm.auto import tqdm
-
-    from ..api.auto import AutoModel
-    from ..engine.engine import LLMEngine
-    from ..processing.tokenizer import AutoTokenizer
-
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else 0
-    with tqdm(total=3, desc=f"loading {folder.name}", unit="step", disable=not progress, leave=True) as bar:
-        bar.set_postfix_str(f"weights ({weights / 2**20:.1f} MiB)")
-        model = AutoModel.from_pretrained(folder, torch_dtype=dtype, device_map=device)
-        bar.update()
-        bar.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        bar.update()
-        bar.set_postfix_str("KV cache")
-        engine = LLMEngine(model, tokenizer, engine_config)
-        bar.update()
-        bar.set_postfix_str("ready")
-    return engine
