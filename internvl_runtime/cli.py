@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .serving.config import DEMO_LABEL
+from .testing.checkpoints import DEMO_LABEL
 
 DEMO_VARIANT = "1B"
 

@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest
+from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label lives with the demo checkpoints
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-#: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
-DEMO_LABEL = "[random-weight demo model] "
 
 
 def _opt(help_text: str, **extra: Any) -> Any:

@@ -21,6 +21,10 @@ from typing import Any
 import torch
 
 VARIANTS = ("1B", "2B", "4B", "8B", "26B", "40B", "76B")
+
+#: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
+DEMO_LABEL = "[random-weight demo model] "
+
 _HERE = Path(__file__).resolve().parent
 # Per variant: bos/eos/pad ids of the vendored tokenizer (its vocab is tiny; see tokenizers/<v>/).
 _TOKEN_IDS = {
