@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +150,11 @@ def to_messages(prompt: Any) -> list[Message]:
 
 
 class Pipeline:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, *, closer: Callable[[], Any] | None = None) -> None:
+        """``closer``: called once by ``close()`` after the requests are aborted (tensor parallelism: it
+        stops the worker ranks)."""
         self.engine = engine
+        self._closer = closer
         self._ids = itertools.count()
 
     def _prepare(self, messages: list[Message], config: GenerationConfig):
@@ -237,7 +240,7 @@ class Pipeline:
     def close(self) -> None:
         for rid in list(getattr(self.engine, "_states", {})):
             self.engine.abort_request(rid)
-        closer, self._closer = getattr(self, "_closer", None), None
+        closer, self._closer = self._closer, None
         if closer is not None:          # tensor parallel: stop the worker ranks
             closer()
 
@@ -258,8 +261,7 @@ def pipeline(model_path: str | Path, *, dtype: torch.dtype | str | None = "auto"
 
         engine, closer = tensor_parallel_engine(model_path, tensor_parallel_size, dtype=dtype, device=device,
                                                 engine_config=backend_config or EngineConfig(**engine_kwargs))
-        pipe = Pipeline(engine)
-        pipe._closer = closer
+        pipe = Pipeline(engine, closer=closer)
         atexit.register(pipe.close)
         return pipe
     engine = LLMEngine.from_pretrained(model_path, dtype=dtype, device=device, config=backend_config, **engine_kwargs)

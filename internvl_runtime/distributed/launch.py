@@ -16,6 +16,9 @@ Offline, no launcher (rank 0 is this process; the others are spawned and follow 
 Order at start-up, on every rank: check the sizes against the config and the launcher (a bad size is a
 ``ConfigError`` before any weight is read), join the group, build the local-size model on the meta
 device, read this rank's slices. Then rank 0 builds the engine and the workers enter ``run_worker``.
+Every rank loads through the one loader (``loading.load_model``, rank 0 through
+``LLMEngine.from_pretrained``) with :func:`tensor_parallel_builder` as its builder; rank 0's engine gets
+its runner wrapped in a :class:`TensorParallelRunner`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Any
 import torch
 
 from ..config import InternVLConfig
+from ..loading import LoadPlan, ModelBuilder, load_model, read_checkpoint
 from ..models.internvl import InternVLModel
-from ..weights.loader import checkpoint_files, load_weights
+from ..weights.loader import Progress
 from .layers import (
     check_family,
     check_tensor_parallel,
@@ -54,10 +58,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_tensor_parallel_model(folder: str | Path, group: TPGroup, *, dtype: torch.dtype = torch.float32,
-                                config: InternVLConfig | None = None,
-                                model_class: type[InternVLModel] = InternVLModel) -> InternVLModel:
+                                config: InternVLConfig | None = None, model_class: type[InternVLModel] = InternVLModel,
+                                progress: Progress | None = None) -> InternVLModel:
     """This rank's model: the decoder's slices (see ``layers.py``); on rank 0 also the vision encoder and
-    ``mlp1`` (workers leave them on the meta device, unallocated and unread)."""
+    ``mlp1`` (workers leave them on the meta device, unallocated and unread). ``progress(nbytes)`` after
+    each checkpoint tensor."""
     config = config or InternVLConfig.from_pretrained(folder)
     plan = shard_plan(config.llm, group.world_size, group.rank)
     previous = torch.get_default_dtype()
@@ -73,12 +78,16 @@ def build_tensor_parallel_model(folder: str | Path, group: TPGroup, *, dtype: to
         model.to_empty(device=group.device)
     else:
         model.language_model.to_empty(device=group.device)
-    tied = config.llm.tie_word_embeddings
-    load_weights(model, checkpoint_files(folder), tp_resolver(model.resolve_checkpoint_name, model.language_model, plan),
-                 optional=lambda n: tied and n == "language_model.lm_head.weight",
-                 skip=lambda n: not group.is_driver and not n.startswith("language_model."))
-    model.language_model.tie_weights()
+    read_checkpoint(model, Path(folder), resolve=tp_resolver(model.resolve_checkpoint_name, model.language_model, plan),
+                    skip=lambda n: not group.is_driver and not n.startswith("language_model."), progress=progress)
     return model.eval().requires_grad_(False)
+
+
+def tensor_parallel_builder(group: TPGroup) -> ModelBuilder:
+    """The ``build`` for ``loading.load_model``: this rank's slices only (:func:`build_tensor_parallel_model`)."""
+    def build(plan: LoadPlan, progress: Progress | None) -> InternVLModel:
+        return build_tensor_parallel_model(plan.folder, group, dtype=plan.dtype, config=plan.config, progress=progress)
+    return build
 
 
 def resident_weight_bytes(model: torch.nn.Module) -> int:
@@ -93,27 +102,32 @@ def resident_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def start_rank(folder: str | Path, group: TPGroup, *, dtype: Any = "auto", engine_config: Any = None,
-               on_failure: Any = None) -> Any:
+               on_failure: Any = None, progress: bool = False) -> Any:
     """Load this rank's slices; rank 0 returns an ``LLMEngine`` whose runner drives the workers, a worker
-    runs the lock-step loop until rank 0 stops it and returns None."""
-    from ..api.auto import InternVLChatModel, resolve_dtype
+    runs the lock-step loop until rank 0 stops it and returns None. ``progress``: rank 0's weight bar."""
     from ..engine.engine import LLMEngine
-    from ..processing.tokenizer import AutoTokenizer
 
-    config = InternVLConfig.from_pretrained(folder)
-    check_tensor_parallel(config, group.world_size)
-    torch_dtype = resolve_dtype(dtype, config, group.device)
-    model = build_tensor_parallel_model(folder, group, dtype=torch_dtype, config=config,
-                                        model_class=InternVLChatModel if group.is_driver else InternVLModel)
-    logger.info("rank %d/%d: %.1f MiB of weights resident", group.rank, group.world_size,
-                resident_weight_bytes(model) / 2**20)
+    check_tensor_parallel(InternVLConfig.from_pretrained(folder), group.world_size)
+    build = tensor_parallel_builder(group)
     if not group.is_driver:
+        model = load_model(folder, dtype=dtype, device_map=group.device, build=build)
+        _log_resident(group, model)
         run_worker(model, group)
         return None
-    engine = LLMEngine(model, AutoTokenizer.from_pretrained(folder), engine_config)
-    engine.runner = TensorParallelRunner(engine.runner, group, img_context_token_id=model.img_context_token_id,
-                                         on_failure=on_failure)
+
+    def drive_workers(runner: Any) -> TensorParallelRunner:
+        return TensorParallelRunner(runner, group, img_context_token_id=runner.model.img_context_token_id,
+                                    on_failure=on_failure)
+
+    engine = LLMEngine.from_pretrained(folder, dtype=dtype, device=group.device, config=engine_config,
+                                       progress=progress, build=build, wrap_runner=drive_workers)
+    _log_resident(group, engine.model)
     return engine
+
+
+def _log_resident(group: TPGroup, model: torch.nn.Module) -> None:
+    logger.info("rank %d/%d: %.1f MiB of weights resident", group.rank, group.world_size,
+                resident_weight_bytes(model) / 2**20)
 
 
 # ---------------------------------------------------------------------------------------------------
