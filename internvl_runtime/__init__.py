@@ -16,7 +16,7 @@ from .errors import (CheckpointError, ConfigError, ContextLengthExceeded, Engine
                      InternVLError, InvalidGenerationConfig, InvalidRequest, ModelNotFound, PlaceholderMismatch,
                      UnknownArchitectureError, UnsupportedFeature, VideoDecodeError, WeightMismatchError)
 from .processing.image import build_transform, dynamic_preprocess, load_image
-from .processing.tokenizer import AutoTokenizer, Tokenizer
+from .processing.tokenization import AutoTokenizer, Tokenizer
 from .processing.video import load_video
 
 __version__ = "0.1.0"

@@ -61,7 +61,7 @@ def _tp_rank(rank: int, world: int, init_method: str, variants: list[str], out_d
     from internvl_runtime.distributed.worker import TensorParallelRunner, run_worker
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.models.internvl import InternVLModel
-    from internvl_runtime.processing.tokenizer import AutoTokenizer
+    from internvl_runtime.processing.tokenization import AutoTokenizer
 
     torch.set_num_threads(1)
     group = init_group(rank=rank, world_size=world, init_method=init_method, timeout_s=60)

@@ -12,7 +12,7 @@ import pytest
 
 from internvl_runtime.config import InternVLConfig
 from internvl_runtime.processing.inputs import InputProcessor, Message
-from internvl_runtime.processing.tokenizer import AutoTokenizer
+from internvl_runtime.processing.tokenization import AutoTokenizer
 from internvl_runtime.serving.config import ServerConfig
 
 from .helpers import MODEL, data_url, png_bytes, run_server

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
-from internvl_runtime.processing.tokenizer import AutoTokenizer, BatchEncoding, Tokenizer
+from internvl_runtime.processing.tokenization import AutoTokenizer, BatchEncoding, Tokenizer
 
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
@@ -300,7 +300,7 @@ def test_bad_ids_are_rejected(tok: Tokenizer) -> None:
 
 def test_no_transformers_import(shared_dir: Path) -> None:
     code = (
-        "import sys; from internvl_runtime.processing.tokenizer import AutoTokenizer; "
+        "import sys; from internvl_runtime.processing.tokenization import AutoTokenizer; "
         f"AutoTokenizer.from_pretrained({str(shared_dir / 'fixtures' / 'ckpt' / 'tiny-2B')!r}); "
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )
