@@ -23,12 +23,14 @@ from internvl_runtime.config import InternVLConfig
 from internvl_runtime.errors import ConfigError
 from internvl_runtime.processing.inputs import Message
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 CKPT = SHARED / "ckpt"
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 IMAGE = SHARED / "data" / "frame_000.png"
 NEW_TOKENS = 8
-pytestmark = pytest.mark.skipif(not (CKPT / "tiny-1B").is_dir(), reason="shared tiny checkpoints missing")
+pytestmark = pytest.mark.skipif(not (CKPT / "tiny-1B").is_dir(), reason="tiny checkpoints missing")
 
 
 def _messages() -> list[Message]:
@@ -61,7 +63,7 @@ def _tp_rank(rank: int, world: int, init_method: str, variants: list[str], out_d
     from internvl_runtime.distributed.worker import TensorParallelRunner, run_worker
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.models.internvl import InternVLModel
-    from internvl_runtime.processing.tokenization import AutoTokenizer
+    from internvl_runtime.processing.tokenizer import AutoTokenizer
 
     torch.set_num_threads(1)
     group = init_group(rank=rank, world_size=world, init_method=init_method, timeout_s=60)

@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-CKPT = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt" / "tiny-1B"
+from paths import FIXTURES
+
+CKPT = FIXTURES / "ckpt" / "tiny-1B"
 BODY = {"model": "tiny-1B", "max_tokens": 8, "temperature": 0,
         "messages": [{"role": "user", "content": "Hello, who are you?"}]}
 
@@ -63,7 +65,7 @@ def _answer(base: str) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-@pytest.mark.skipif(not CKPT.is_dir(), reason="shared tiny checkpoints missing")
+@pytest.mark.skipif(not CKPT.is_dir(), reason="tiny checkpoints missing")
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun is not installed beside this Python")
 def test_torchrun_tensor_parallel_server_answers_like_one_process() -> None:

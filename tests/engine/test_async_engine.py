@@ -8,7 +8,6 @@ import asyncio
 import functools
 import random
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,9 @@ from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.errors import EngineDead, RequestFailed
 from internvl_runtime.processing.inputs import ImageInput, Message
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,9 @@ from internvl_runtime.errors import ContextLengthExceeded, InvalidGenerationConf
 from internvl_runtime.processing.inputs import ImageInput, Message
 from internvl_runtime.processing.template import build_prompt
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,7 +10,9 @@ from PIL import Image
 from internvl_runtime import GenerationConfig, Video, pipeline
 from internvl_runtime.errors import InvalidRequest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 IMAGE1 = SHARED / "data" / "img_800x600.png"
 IMAGE2 = SHARED / "data" / "img_300x1200.png"
 GREEDY = GenerationConfig(max_new_tokens=8)

@@ -1,6 +1,6 @@
 """Golden tests: our runtime against the official implementation's answers on the tiny checkpoints.
 
-For every variant and case of ``../shared/fixtures/cases.json``: the pixel values (sha256), the prompt
+For every variant and case of ``tests/fixtures/cases.json``: the pixel values (sha256), the prompt
 string, input_ids (and the batch attention mask), the vision features after mlp1, the first-step logits
 (float32, relative error <= 1e-5), the greedy generated ids, the response and the returned history.
 """
@@ -19,7 +19,9 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer, load_image
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 RTOL = 1e-5
 

@@ -8,7 +8,6 @@ the first greedy token agrees wherever the reference margin is comfortably above
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,9 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer, load_image
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 BF16_RTOL = 3e-2
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from paths import FIXTURES
+
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "fixtures"
+DATA = FIXTURES
 
 
 @pytest.mark.parametrize("variant", ["tiny-1B", "tiny-4B", "tiny-26B"])

@@ -12,5 +12,5 @@ from .helpers import TINY_1B
 @pytest.fixture(scope="session")
 def tiny_1b() -> Path:
     if not (TINY_1B / "config.json").is_file():
-        pytest.fail(f"tiny checkpoint missing: {TINY_1B} (../shared/fixtures beside the repository)")
+        pytest.fail(f"tiny checkpoint missing: {TINY_1B} (tests/fixtures, committed with the repository)")
     return TINY_1B

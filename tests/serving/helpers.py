@@ -1,5 +1,5 @@
 """Helpers for the serving tests: a real uvicorn server on a free loopback port, in a background thread,
-with the tiny random-weight InternVL2-1B checkpoint from ``../shared/fixtures``."""
+with the tiny random-weight InternVL2-1B checkpoint from ``tests/fixtures``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +22,8 @@ from PIL import Image
 from internvl_runtime.serving.app import create_app, load_async_engine, uvicorn_config
 from internvl_runtime.serving.config import ServerConfig
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
 TINY_1B = FIXTURES / "ckpt" / "tiny-1B"
 MODEL = "tiny-1B"
 

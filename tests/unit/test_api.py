@@ -15,7 +15,9 @@ from internvl_runtime import (AutoModel, AutoTokenizer, ConfigError, InvalidGene
                               PlaceholderMismatch, TextIteratorStreamer, UnsupportedFeature)
 from internvl_runtime.testing.checkpoints import write_checkpoint
 
-CKPT = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt" / "tiny-1B"
+from paths import FIXTURES
+
+CKPT = FIXTURES / "ckpt" / "tiny-1B"
 SIZE = 448  # tiny-1B tiles (force_image_size)
 
 

@@ -15,7 +15,9 @@ from internvl_runtime.errors import ConfigError, InternVLError, UnknownArchitect
 from internvl_runtime.models.internvl import build_model
 from internvl_runtime.testing.checkpoints import VARIANTS, make_config
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 CKPT = SHARED / "ckpt"
 
 # variant -> (LLM architecture, template, LLM head_dim, ViT head_dim, rope scaling type) of the released models

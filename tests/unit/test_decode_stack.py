@@ -10,7 +10,6 @@ be identical and the logits within 1e-2 relative.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,9 @@ import torch
 from internvl_runtime import AutoModel, kernels
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
+SHARED = FIXTURES
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 TABLES = [list(range(0, 8)), [20, 9, 30, 11], list(range(40, 48))]   # the second one fragmented
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from internvl_runtime.engine.detokenizer import IncrementalDetokenizer
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt"  # ../shared beside the repo
+from paths import FIXTURES
+
+CKPT = FIXTURES / "ckpt"
 SPECIALS = {"<s>": 1000, "</s>": 1001, "<|im_end|>": 1002}
 
 
@@ -330,7 +331,7 @@ SP_MODELS = ["tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B"]
 
 
 def raw_tokenizer(name: str) -> Adapter:
-    path = FIXTURES / name
+    path = CKPT / name
     if name in BPE_MODELS:
         tokenizers = pytest.importorskip("tokenizers")
         bpe = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -344,8 +345,8 @@ def raw_tokenizer(name: str) -> Adapter:
 
 
 def project_tokenizer(name: str) -> Adapter:
-    module = pytest.importorskip("internvl_runtime.processing.tokenization")
-    tok = module.Tokenizer.from_pretrained(FIXTURES / name)
+    module = pytest.importorskip("internvl_runtime.processing.tokenizer")
+    tok = module.Tokenizer.from_pretrained(CKPT / name)
     return Adapter(
         lambda t: list(tok.encode(t, add_special_tokens=False)),
         lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
@@ -355,7 +356,7 @@ def project_tokenizer(name: str) -> Adapter:
 @pytest.mark.parametrize("name", BPE_MODELS + SP_MODELS)
 @pytest.mark.parametrize("load", [raw_tokenizer, project_tokenizer], ids=["raw", "project"])
 def test_fixture_tokenizers(name: str, load: Callable[[str], Adapter]) -> None:
-    assert (FIXTURES / name).is_dir(), f"fixture checkpoint missing: {FIXTURES / name}"
+    assert (CKPT / name).is_dir(), f"fixture checkpoint missing: {CKPT / name}"
     tok = load(name)
     check_roundtrip(tok, seed=11, count=40, prompt=[])
     check_roundtrip(tok, seed=12, count=20, prompt=tok.encode("Describe the image.\n"))

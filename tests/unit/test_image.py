@@ -31,6 +31,8 @@ from internvl_runtime.processing.image import (
     select_grid,
 )
 
+from paths import FIXTURES
+
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 
 
@@ -51,8 +53,8 @@ def _ref_path(fixtures: Path, ref: str) -> Path:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_pixel_values_match_official_sha256(shared_dir: Path, variant: str) -> None:
-    fixtures = shared_dir / "fixtures"
+def test_pixel_values_match_official_sha256(variant: str) -> None:
+    fixtures = FIXTURES
     cases = {c["id"]: c for c in json.loads((fixtures / "cases.json").read_text())["cases"]}
     golden_files = sorted((fixtures / "goldens" / variant).glob("*.json"))
     assert golden_files, f"no goldens for {variant}"

@@ -20,6 +20,8 @@ from internvl_runtime.models.internvl import build_model
 from internvl_runtime.testing.checkpoints import VARIANTS, make_config, write_checkpoint
 from internvl_runtime.weights.loader import checkpoint_files
 
+from paths import FIXTURES
+
 LM = "language_model."
 
 
@@ -223,10 +225,9 @@ def test_bfloat16_checkpoint_into_float32(tmp_path: Path) -> None:
 
 
 def test_official_fixtures_load() -> None:
-    """The shared tiny fixtures (tiny-26B/76B sharded) load without any mismatch."""
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt"
+    """The tiny golden checkpoints (tiny-26B/76B sharded) load without any mismatch."""
     for variant in ("tiny-26B", "tiny-76B"):
-        folder = shared / variant
+        folder = FIXTURES / "ckpt" / variant
         model = build_model(folder)
         assert_loaded(model, expected_parameters(read_checkpoint(folder), config_of(folder)), torch.float32)
 

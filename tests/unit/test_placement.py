@@ -4,8 +4,6 @@ activations moved at every unit boundary, per-layer KV pools, and the dtypes eac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,7 +13,8 @@ from internvl_runtime.models.layers.attention import AttentionMetadata, KVCache
 from internvl_runtime.placement import (EMBED, LM_HEAD, NORM, OFFICIAL_NUM_LAYERS, auto_device_map, layer_devices,
                                         metadata_to, resolve_device_map, split_model)
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+from paths import FIXTURES
+
 CKPT = FIXTURES / "ckpt"
 NAMED = ["vision_model", "mlp1", "language_model.model.tok_embeddings", EMBED, "language_model.output", NORM, LM_HEAD]
 

@@ -5,7 +5,6 @@ keywords (``load_in_8bit`` / ``load_in_4bit`` / ``quantization=``) with their er
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,9 @@ from internvl_runtime.quantization import (Int4Linear, Int8Linear, QuantizationC
 from internvl_runtime.quantization import linear as qlinear
 from internvl_runtime.quantization.linear import dequantize_int4, dequantize_int8, quantize_int4
 
-CKPT = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt" / "tiny-1B"
+from paths import FIXTURES
+
+CKPT = FIXTURES / "ckpt" / "tiny-1B"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,9 @@ from internvl_runtime.processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT
                                                   build_prompt, expand_image_placeholders, get_template,
                                                   image_tokens)
 
-GOLDENS = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "goldens"
+from paths import FIXTURES
+
+GOLDENS = FIXTURES / "goldens"
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 

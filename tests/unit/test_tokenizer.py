@@ -2,7 +2,7 @@
 
 Two sources of truth:
 
-* the shared goldens (``../shared/fixtures/goldens/<variant>/<case>.json``, from the official chat code):
+* the goldens (``tests/fixtures/goldens/<variant>/<case>.json``, from the official chat code):
   every prompt's ``input_ids``, the left-padded batches with their attention masks, the generated tokens and
   the responses decoded from ``generated_ids``;
 * ``tests/data/tokenizer/<variant>.json``: the official tokenizers (transformers 4.37.2, loaded as the
@@ -33,7 +33,9 @@ import pytest
 import torch
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
-from internvl_runtime.processing.tokenization import AutoTokenizer, BatchEncoding, Tokenizer
+from internvl_runtime.processing.tokenizer import AutoTokenizer, BatchEncoding, Tokenizer
+
+from paths import FIXTURES
 
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
@@ -56,8 +58,8 @@ def variant(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def ckpt(shared_dir: Path, variant: str) -> Path:
-    return shared_dir / "fixtures" / "ckpt" / variant
+def ckpt(variant: str) -> Path:
+    return FIXTURES / "ckpt" / variant
 
 
 @pytest.fixture
@@ -75,8 +77,8 @@ def oracle(variant: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-def golden_cases(shared_dir: Path, variant: str) -> list[dict[str, Any]]:
-    files = sorted((shared_dir / "fixtures" / "goldens" / variant).glob("*.json"))
+def golden_cases(variant: str) -> list[dict[str, Any]]:
+    files = sorted((FIXTURES / "goldens" / variant).glob("*.json"))
     assert files, f"no goldens for {variant}"
     cases = []
     for path in files:
@@ -90,9 +92,9 @@ def golden_cases(shared_dir: Path, variant: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_golden_prompts_encode_exactly(tok: Tokenizer, shared_dir: Path, variant: str) -> None:
+def test_golden_prompts_encode_exactly(tok: Tokenizer, variant: str) -> None:
     checked = 0
-    for case in golden_cases(shared_dir, variant):
+    for case in golden_cases(variant):
         if case["type"] == "batch_chat":
             continue
         for i, rnd in enumerate(case["rounds"]):
@@ -104,9 +106,9 @@ def test_golden_prompts_encode_exactly(tok: Tokenizer, shared_dir: Path, variant
     assert checked >= 10
 
 
-def test_golden_batches_pad_left(tok: Tokenizer, shared_dir: Path, variant: str) -> None:
+def test_golden_batches_pad_left(tok: Tokenizer, variant: str) -> None:
     checked = 0
-    for case in golden_cases(shared_dir, variant):
+    for case in golden_cases(variant):
         if case["type"] != "batch_chat":
             continue
         tok.padding_side = "left"  # what the official batch_chat sets
@@ -118,9 +120,9 @@ def test_golden_batches_pad_left(tok: Tokenizer, shared_dir: Path, variant: str)
     assert checked == 2
 
 
-def test_golden_responses_decode(tok: Tokenizer, shared_dir: Path, variant: str) -> None:
+def test_golden_responses_decode(tok: Tokenizer, variant: str) -> None:
     sep = separator(variant)
-    for case in golden_cases(shared_dir, variant):
+    for case in golden_cases(variant):
         if case["type"] == "batch_chat":
             texts = tok.batch_decode(torch.tensor(case["generated_ids"]), skip_special_tokens=True)
             assert [t.split(sep)[0].strip() for t in texts] == case["responses"], case["id"]
@@ -261,15 +263,15 @@ def test_padding_side_is_settable(tok: Tokenizer) -> None:
     assert left.input_ids[1].tolist() == right.input_ids[1].tolist() == tok.encode(texts[1])
 
 
-def test_padding_side_from_config_and_kwargs(shared_dir: Path) -> None:
-    ckpt = shared_dir / "fixtures" / "ckpt"
+def test_padding_side_from_config_and_kwargs() -> None:
+    ckpt = FIXTURES / "ckpt"
     assert AutoTokenizer.from_pretrained(ckpt / "tiny-1B").padding_side == "right"  # class default
     assert AutoTokenizer.from_pretrained(ckpt / "tiny-4B").padding_side == "left"  # tokenizer_config.json
     assert Tokenizer.from_pretrained(ckpt / "tiny-1B", padding_side="left").padding_side == "left"
 
 
-def test_bos_flag_is_read_from_config(shared_dir: Path) -> None:
-    ckpt = shared_dir / "fixtures" / "ckpt"
+def test_bos_flag_is_read_from_config() -> None:
+    ckpt = FIXTURES / "ckpt"
     phi3 = AutoTokenizer.from_pretrained(ckpt / "tiny-4B")  # add_bos_token true, legacy false
     yi = AutoTokenizer.from_pretrained(ckpt / "tiny-40B")  # add_bos_token false, legacy true
     assert phi3.encode("hi")[0] == phi3.bos_token_id
@@ -298,23 +300,23 @@ def test_bad_ids_are_rejected(tok: Tokenizer) -> None:
         tok.batch_decode(torch.zeros(2, 2, 2, dtype=torch.long))
 
 
-def test_no_transformers_import(shared_dir: Path) -> None:
+def test_no_transformers_import() -> None:
     code = (
-        "import sys; from internvl_runtime.processing.tokenization import AutoTokenizer; "
-        f"AutoTokenizer.from_pretrained({str(shared_dir / 'fixtures' / 'ckpt' / 'tiny-2B')!r}); "
+        "import sys; from internvl_runtime.processing.tokenizer import AutoTokenizer; "
+        f"AutoTokenizer.from_pretrained({str(FIXTURES / 'ckpt' / 'tiny-2B')!r}); "
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, timeout=120)
 
 
-def test_checkpoint_code_is_never_run(shared_dir: Path, tmp_path: Path) -> None:
+def test_checkpoint_code_is_never_run(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
-    source = shared_dir / "fixtures" / "ckpt" / "tiny-2B"
+    source = FIXTURES / "ckpt" / "tiny-2B"
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     marker = tmp_path / "ran"
     for name in ("tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    reference = AutoTokenizer.from_pretrained(shared_dir / "fixtures" / "ckpt" / "tiny-2B")
+    reference = AutoTokenizer.from_pretrained(FIXTURES / "ckpt" / "tiny-2B")
     loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     assert loaded.encode("你好 <IMG_CONTEXT>") == reference.encode("你好 <IMG_CONTEXT>")
     assert not marker.exists()
@@ -337,8 +339,8 @@ def test_missing_folder(tmp_path: Path) -> None:
         AutoTokenizer.from_pretrained(tmp_path / "nowhere")
 
 
-def test_unknown_tokenizer_class(shared_dir: Path, tmp_path: Path) -> None:
-    source = shared_dir / "fixtures" / "ckpt" / "tiny-1B"
+def test_unknown_tokenizer_class(tmp_path: Path) -> None:
+    source = FIXTURES / "ckpt" / "tiny-1B"
     for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(source / name, tmp_path / name)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -363,9 +365,9 @@ def test_unknown_tokenizer_class(shared_dir: Path, tmp_path: Path) -> None:
         ("tiny-76B", ["tokenizer_config.json", "special_tokens_map.json"], "tokenizer.json"),
     ],
 )
-def test_missing_model_file(shared_dir: Path, tmp_path: Path, variant_name: str, kept: list[str], missing: str) -> None:
+def test_missing_model_file(tmp_path: Path, variant_name: str, kept: list[str], missing: str) -> None:
     for name in kept:
-        shutil.copy(shared_dir / "fixtures" / "ckpt" / variant_name / name, tmp_path / name)
+        shutil.copy(FIXTURES / "ckpt" / variant_name / name, tmp_path / name)
     with pytest.raises(CheckpointError, match=missing) as info:
         AutoTokenizer.from_pretrained(tmp_path)
     assert str(tmp_path) in str(info.value)

@@ -23,6 +23,8 @@ from internvl_runtime.processing import video_io  # noqa: E402
 from internvl_runtime.processing.image import load_image  # noqa: E402
 from internvl_runtime.processing.video import get_index, load_video, sample_frames, video_prompt  # noqa: E402
 
+from paths import FIXTURES  # noqa: E402
+
 # --------------------------------------------------------------------------------------------------
 # Helpers: clips whose frames say which they are
 # --------------------------------------------------------------------------------------------------
@@ -95,8 +97,8 @@ def clip20(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_get_index_matches_official_goldens(shared_dir: Path) -> None:
-    goldens = json.loads((shared_dir / "fixtures" / "data" / "video_goldens.json").read_text())
+def test_get_index_matches_official_goldens() -> None:
+    goldens = json.loads((FIXTURES / "data" / "video_goldens.json").read_text())
     max_frame, fps = goldens["n_frames"] - 1, goldens["fps"]
     for n in (8, 16, 32):
         assert get_index(None, fps, max_frame, 0, n).tolist() == goldens[f"num_segments={n}"]
@@ -152,8 +154,8 @@ def test_video_prompt() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_fixture_video_frames(shared_dir: Path) -> None:
-    data = shared_dir / "fixtures" / "data"
+def test_fixture_video_frames() -> None:
+    data = FIXTURES / "data"
     goldens = json.loads((data / "video_goldens.json").read_text())
     backgrounds = []
     for k in range(goldens["n_frames"]):
@@ -177,8 +179,8 @@ def test_fixture_video_frames(shared_dir: Path) -> None:
         assert [identify(f) for f in sampled.frames] == goldens[key], key
 
 
-def test_fixture_video_load_video_close_to_png_frames(shared_dir: Path) -> None:
-    data = shared_dir / "fixtures" / "data"
+def test_fixture_video_load_video_close_to_png_frames() -> None:
+    data = FIXTURES / "data"
     pixel_values, num_patches = load_video(data / "video.mp4", num_segments=8, max_num=1, input_size=448)
     assert num_patches == [1] * 8
     assert pixel_values.shape == (8, 3, 448, 448) and pixel_values.dtype == torch.float32

@@ -16,7 +16,6 @@ the normalisation). So the kernel must also stay within 1.25x of torch's float32
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,9 @@ from internvl_runtime.models.layers.linear import LinearPlan, set_linear_plan
 from internvl_runtime.models.vision import intern_vit
 from internvl_runtime.models.vision.intern_vit import VisionAttention, fused_linear
 
-CKPT = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "ckpt"
+from paths import FIXTURES
+
+CKPT = FIXTURES / "ckpt"
 REL_TOL = 3e-3
 
 
