@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-TINY = HERE.parent.parent / "shared" / "fixtures" / "ckpt" / "tiny-1B"
+TINY = HERE.parent / "tests" / "fixtures" / "ckpt" / "tiny-1B"  # the golden data committed with the repository
 
 
 @dataclass
