@@ -98,7 +98,8 @@ class Session:
 
     def __init__(self, model, ids: list[int], features: torch.Tensor, max_tokens: int) -> None:
         self.model = model
-        self.runner = ModelRunner(model, num_blocks=-(-max_tokens // BLOCK) + 1, block_size=BLOCK)
+        self.runner = ModelRunner(model, num_blocks=-(-max_tokens // BLOCK) + 1, block_size=BLOCK,
+                                  image_token_id=model.img_context_token_id)
         self.blocks = list(range(self.runner.kv_cache.num_blocks))
         self.ids, self.features = ids, features
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..config import InternVLConfig
+from ..engine.model_runner import ModelRunner
 from ..loading import LoadPlan, ModelBuilder, load_model, read_checkpoint
 from ..models.internvl import InternVLModel
 from ..weights.loader import Progress
@@ -115,12 +116,12 @@ def start_rank(folder: str | Path, group: TPGroup, *, dtype: Any = "auto", engin
         run_worker(model, group)
         return None
 
-    def drive_workers(runner: Any) -> TensorParallelRunner:
-        return TensorParallelRunner(runner, group, img_context_token_id=runner.model.img_context_token_id,
-                                    on_failure=on_failure)
+    def driving_runner(model: Any, **kwargs: Any) -> TensorParallelRunner:
+        """Rank 0's runner: the local ModelRunner, each step broadcast to the workers first."""
+        return TensorParallelRunner(ModelRunner(model, **kwargs), group, on_failure=on_failure)
 
     engine = LLMEngine.from_pretrained(folder, dtype=dtype, device=group.device, config=engine_config,
-                                       progress=progress, build=build, wrap_runner=drive_workers)
+                                       progress=progress, build=build, runner_factory=driving_runner)
     _log_resident(group, engine.model)
     return engine
 

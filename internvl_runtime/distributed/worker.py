@@ -8,7 +8,7 @@ rank then executes the same forward, meeting at the same all-reduces. The worker
 
 Messages on the control group, in order::
 
-    ("setup", {num_blocks, block_size, kv_dtype, img_context_token_id})   once
+    ("setup", {num_blocks, block_size, kv_dtype, image_token_id})   once
     ("step", [step dicts], feature_rows, feature_dtype)                    per engine step
     ("heartbeat",)                                                         when rank 0 is idle
     ("stop",)                                                              once
@@ -68,7 +68,7 @@ class TensorParallelRunner:
     the process so torchrun stops the group; offline use gets the :class:`TensorParallelError`.
     """
 
-    def __init__(self, runner: ModelRunner, group: TPGroup, *, img_context_token_id: int | None,
+    def __init__(self, runner: ModelRunner, group: TPGroup, *,
                  on_failure: Callable[[BaseException], None] | None = None, heartbeat_s: float | None = None) -> None:
         self.runner, self.group, self.on_failure = runner, group, on_failure
         self.heartbeat_s = heartbeat_s or max(0.5, min(30.0, group.timeout_s / 4))
@@ -77,7 +77,7 @@ class TensorParallelRunner:
         self._closed = threading.Event()
         self._failed: BaseException | None = None
         self._send(("setup", {"num_blocks": runner.kv_cache.num_blocks, "block_size": runner.block_size,
-                              "kv_dtype": runner.dtype, "img_context_token_id": img_context_token_id}))
+                              "kv_dtype": runner.dtype, "image_token_id": runner.image_token_id}))
         self._beat = threading.Thread(target=self._heartbeats, name="tp-heartbeat", daemon=True)
         self._beat.start()
 
@@ -148,9 +148,8 @@ def run_worker(model: Any, group: TPGroup) -> None:
     :class:`TensorParallelError` if rank 0 (or any rank) dies."""
     kind, setup = group.broadcast_object()
     assert kind == "setup", kind
-    model.img_context_token_id = setup["img_context_token_id"]
     runner = ModelRunner(model, num_blocks=setup["num_blocks"], block_size=setup["block_size"],
-                         kv_dtype=setup["kv_dtype"])
+                         kv_dtype=setup["kv_dtype"], image_token_id=setup["image_token_id"])
     with torch.inference_mode():
         while True:
             message = group.broadcast_object()

@@ -94,20 +94,25 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
-                 processor: InputProcessor | None = None) -> None:
+                 processor: InputProcessor | None = None, sampler: Sampler | None = None,
+                 runner_factory: Callable[..., Any] = ModelRunner) -> None:
+        """``sampler``: the logits -> token step (default ``Sampler()``); pass another to observe or
+        replace it, e.g. one that records the logits it is given. ``runner_factory``: called like
+        ``ModelRunner(model, num_blocks=, block_size=, image_token_id=)`` to build the runner (tensor
+        parallelism passes one whose runner drives the other ranks)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         cfg = self.config
         self.processor = processor or InputProcessor.for_model(model, tokenizer,
                                                                max_images=cfg.max_images_per_request)
-        model.img_context_token_id = self.processor.img_context_id
         llm = model.config.llm
         self.max_model_len = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
         embed = model.language_model.get_input_embeddings().weight
         per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype)
         num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=cfg.block_size)
+        self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
+                                     image_token_id=self.processor.img_context_id)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -135,14 +140,15 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
                         config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
-                        allow_pickle: bool = False, build: Any = None, wrap_runner: Any = None,
+                        allow_pickle: bool = False, build: Any = None,
+                        runner_factory: Callable[..., Any] = ModelRunner,
                         **config_kwargs: Any) -> LLMEngine:
         """Load a checkpoint folder and build the engine: the model through the one loader
         (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
         a tqdm bar over the weights when ``progress``), its tokenizer, and the KV cache.
 
         ``config`` (else ``EngineConfig(**config_kwargs)``) sizes the engine. Tensor parallelism passes
-        ``build`` (the rank's slice-reading builder) and ``wrap_runner`` (runner -> the runner that drives
+        ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
         the other ranks); both come from ``distributed``, which this layer never imports."""
         from ..loading import load_model
         from ..processing.tokenization import AutoTokenizer
@@ -150,10 +156,7 @@ class LLMEngine:
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
                            progress=progress, build=build)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        engine = cls(model, tokenizer, config or EngineConfig(**config_kwargs))
-        if wrap_runner is not None:
-            engine.runner = wrap_runner(engine.runner)
-        return engine
+        return cls(model, tokenizer, config or EngineConfig(**config_kwargs), runner_factory=runner_factory)
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, request: PreparedRequest, params: SamplingParams | None = None,

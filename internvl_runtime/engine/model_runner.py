@@ -48,8 +48,11 @@ class ModelRunner:
     """Owns the KV cache for one model and executes steps."""
 
     def __init__(self, model: InternVLModel, *, num_blocks: int, block_size: int = 16,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, image_token_id: int | None = None) -> None:
+        """``image_token_id``: the ``<IMG_CONTEXT>`` id whose positions take image features (needed only
+        by steps that carry image features)."""
         self.model = model
+        self.image_token_id = image_token_id
         llm = model.config.llm
         self.block_size = block_size
         embed = model.language_model.get_input_embeddings().weight
@@ -98,7 +101,8 @@ class ModelRunner:
         start = 0
         for step in steps:
             n = len(step.token_ids)
-            embeds.append(self.model.embed(input_ids[start:start + n], step.image_features))
+            embeds.append(self.model.embed(input_ids[start:start + n], step.image_features,
+                                           image_token_id=self.image_token_id))
             start += n
         x = embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
         slot_mapping = new_slots[0] if len(new_slots) == 1 else torch.cat(new_slots)

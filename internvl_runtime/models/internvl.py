@@ -32,6 +32,8 @@ class InternVLModel(nn.Module):
         self.mlp1 = Projector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
         self.language_model: DecoderForCausalLM = decoder_class(config.llm.architecture, config.source)(config.llm)
         self.num_image_token = config.num_image_token
+        # The official model's attribute, set by its chat()/batch_chat() (api/chat.py) for callers that read it;
+        # nothing here reads it: the runner is given the image token id.
         self.img_context_token_id: int | None = None
 
     # ---- loading -------------------------------------------------------------------------------
@@ -79,14 +81,17 @@ class InternVLModel(nn.Module):
         return self.mlp1(x)
 
     # ---- text + image embeddings ---------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (T,) -> (T, hidden), image feature rows written at ``<IMG_CONTEXT>`` positions in order."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None, *,
+              image_token_id: int | None = None) -> torch.Tensor:
+        """input_ids (T,) -> (T, hidden), image feature rows written at the ``image_token_id``
+        (``<IMG_CONTEXT>``) positions in order."""
         embed_tokens = self.language_model.get_input_embeddings()
         embeds = embed_tokens(input_ids.to(embed_tokens.weight.device))
         if image_features is None:
             return embeds
-        assert self.img_context_token_id is not None, "img_context_token_id is not set"
-        selected = input_ids.to(embeds.device) == self.img_context_token_id
+        if image_token_id is None:
+            raise PlaceholderMismatch("image features were given without the image token id to place them at")
+        selected = input_ids.to(embeds.device) == image_token_id
         rows = image_features.reshape(-1, embeds.shape[-1])
         num_slots = int(selected.sum())
         if num_slots != rows.shape[0]:

@@ -61,9 +61,10 @@ def _tp_rank(rank: int, world: int, init_method: str, variants: list[str], out_d
     )
     from internvl_runtime.distributed.parallel_state import init_group
     from internvl_runtime.distributed.worker import TensorParallelRunner, run_worker
+    from internvl_runtime.engine.model_runner import ModelRunner
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.models.internvl import InternVLModel
-    from internvl_runtime.processing.tokenizer import AutoTokenizer
+    from internvl_runtime.processing.tokenization import AutoTokenizer
 
     torch.set_num_threads(1)
     group = init_group(rank=rank, world_size=world, init_method=init_method, timeout_s=60)
@@ -74,8 +75,8 @@ def _tp_rank(rank: int, world: int, init_method: str, variants: list[str], out_d
                                             model_class=InternVLChatModel if rank == 0 else InternVLModel)
         entry = {"bytes": resident_weight_bytes(model), "llm_bytes": resident_weight_bytes(model.language_model)}
         if rank == 0:
-            engine = LLMEngine(model, AutoTokenizer.from_pretrained(path), EngineConfig(num_blocks=64))
-            engine.runner = TensorParallelRunner(engine.runner, group, img_context_token_id=model.img_context_token_id)
+            engine = LLMEngine(model, AutoTokenizer.from_pretrained(path), EngineConfig(num_blocks=64),
+                               runner_factory=lambda m, **kw: TensorParallelRunner(ModelRunner(m, **kw), group))
             entry.update(_run(engine, model))
             engine.runner.close()
         else:

@@ -45,7 +45,7 @@ def test_bf16_first_logits(variant: str, case_id: str, compute: str, monkeypatch
                                   max_num=image["max_num"]).to(torch.bfloat16)
         features = model.extract_feature(pixel_values).reshape(-1, model.config.llm.hidden_size)
         assert features.dtype == torch.bfloat16
-    runner = ModelRunner(model, num_blocks=-(-len(ids) // 16) + 1)
+    runner = ModelRunner(model, num_blocks=-(-len(ids) // 16) + 1, image_token_id=model.img_context_token_id)
     logits = runner.execute([SequenceStep(ids, 0, list(range(-(-len(ids) // 16))), features)])[0]
     ref = torch.from_numpy(np.load(SHARED / "goldens" / variant / record["logits0_file"])).reshape(-1)
     assert float((logits - ref).norm() / ref.norm()) <= BF16_RTOL

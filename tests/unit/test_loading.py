@@ -18,6 +18,7 @@ import internvl_runtime
 from internvl_runtime import AutoModel, InternVLChatModel, UnsupportedFeature, loading
 from internvl_runtime.config import InternVLConfig
 from internvl_runtime.engine.engine import LLMEngine
+from internvl_runtime.engine.model_runner import ModelRunner
 from internvl_runtime.models.internvl import InternVLModel, meta_model
 from internvl_runtime.testing.checkpoints import write_checkpoint
 from internvl_runtime.weights.loader import checkpoint_files, checkpoint_nbytes
@@ -80,16 +81,18 @@ def test_automodel_keeps_the_official_signature() -> None:
 
 
 def test_engine_from_pretrained_loads_through_the_loader(capsys) -> None:
-    wrapped = []
+    built = []
 
-    def wrap(runner):
-        wrapped.append(runner)
-        return runner
+    def runner_factory(model, **kwargs):
+        built.append(ModelRunner(model, **kwargs))
+        return built[-1]
 
-    engine = LLMEngine.from_pretrained(CKPT, dtype="float32", num_blocks=16, progress=True, wrap_runner=wrap)
+    engine = LLMEngine.from_pretrained(CKPT, dtype="float32", num_blocks=16, progress=True,
+                                       runner_factory=runner_factory)
     assert type(engine.model) is InternVLModel            # the engine needs no chat mixin (api/)
     assert engine.model.compute_plan.dtype == torch.float32
-    assert wrapped == [engine.runner]
+    assert built == [engine.runner]
+    assert engine.runner.image_token_id == engine.processor.img_context_id
     assert "loading tiny-1B" in capsys.readouterr().err
 
 
