@@ -103,7 +103,8 @@ def run(checkpoint: Path, ranks: list[int], prompt_len: int, new_tokens: int, re
             torch.set_num_threads(single_threads or os.cpu_count() or 1)
             engine, close = LLMEngine.from_pretrained(checkpoint, dtype=dtype, config=config), (lambda: None)
         else:
-            engine, close = tensor_parallel_engine(checkpoint, tp, dtype=dtype, engine_config=config)
+            group = tensor_parallel_engine(checkpoint, tp, dtype=dtype, engine_config=config)
+            engine, close = group.engine, group.close
         load_s = time.perf_counter() - t0
         try:
             numbers = _measure(engine, prompt, new_tokens, repeats)

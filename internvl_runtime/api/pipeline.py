@@ -150,10 +150,12 @@ def to_messages(prompt: Any) -> list[Message]:
 
 
 class Pipeline:
-    def __init__(self, engine: LLMEngine, *, closer: Callable[[], Any] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, *, closer: Callable[[], Any] | None = None,
+                 tp_workers: Sequence[Any] = ()) -> None:
         """``closer``: called once by ``close()`` after the requests are aborted (tensor parallelism: it
-        stops the worker ranks)."""
+        stops the worker ranks); ``tp_workers``: the worker processes this process spawned for them."""
         self.engine = engine
+        self.tp_workers = list(tp_workers)
         self._closer = closer
         self._ids = itertools.count()
 
@@ -238,8 +240,7 @@ class Pipeline:
         return session
 
     def close(self) -> None:
-        for rid in list(getattr(self.engine, "_states", {})):
-            self.engine.abort_request(rid)
+        self.engine.abort_all()
         closer, self._closer = self._closer, None
         if closer is not None:          # tensor parallel: stop the worker ranks
             closer()
@@ -259,9 +260,9 @@ def pipeline(model_path: str | Path, *, dtype: torch.dtype | str | None = "auto"
 
         from ..distributed.launch import tensor_parallel_engine
 
-        engine, closer = tensor_parallel_engine(model_path, tensor_parallel_size, dtype=dtype, device=device,
-                                                engine_config=backend_config or EngineConfig(**engine_kwargs))
-        pipe = Pipeline(engine, closer=closer)
+        group = tensor_parallel_engine(model_path, tensor_parallel_size, dtype=dtype, device=device,
+                                       engine_config=backend_config or EngineConfig(**engine_kwargs))
+        pipe = Pipeline(group.engine, closer=group.close, tp_workers=group.workers)
         atexit.register(pipe.close)
         return pipe
     engine = LLMEngine.from_pretrained(model_path, dtype=dtype, device=device, config=backend_config, **engine_kwargs)

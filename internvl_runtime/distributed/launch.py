@@ -28,6 +28,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +204,20 @@ class SpawnedGroup:
         self.kill()
 
 
+@dataclass
+class TensorParallelEngine:
+    """Rank 0's side of a tensor-parallel group: the engine, the worker processes this process spawned
+    (none under torchrun) and ``close`` (stops the workers and the group; call once)."""
+
+    engine: Any
+    close: Callable[[], Any]
+    workers: list[Any] = field(default_factory=list)
+
+
 def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dtype: Any = "auto",
                            device: str = "cpu", engine_config: Any = None,
-                           timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Any, Any]:
-    """For ``pipeline(..., tensor_parallel_size=N)``: (engine, closer) on rank 0.
+                           timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallelEngine:
+    """For ``pipeline(..., tensor_parallel_size=N)``: the engine on rank 0, and how to stop the group.
 
     Under torchrun (``WORLD_SIZE`` set) this process is one rank: a worker runs the lock-step loop and then
     exits the process (``SystemExit(0)``), so the rest of the user's script runs on rank 0 only. Outside
@@ -222,7 +234,7 @@ def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dty
         if engine is None:
             group.destroy()
             raise SystemExit(0)
-        return engine, lambda: (engine.runner.close(), group.destroy())
+        return TensorParallelEngine(engine, lambda: (engine.runner.close(), group.destroy()))
     check_launch(tensor_parallel_size, tensor_parallel_size, device=device, local_world_size=tensor_parallel_size)
     spawned = SpawnedGroup(folder, tensor_parallel_size, dtype=dtype, device=device, timeout_s=timeout_s)
     try:
@@ -230,8 +242,7 @@ def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dty
     except BaseException:
         spawned.kill()
         raise
-    engine.tp_workers = spawned.processes
-    return engine, lambda: spawned.close(engine)
+    return TensorParallelEngine(engine, lambda: spawned.close(engine), list(spawned.processes))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_pipeline_tensor_parallel_size(reference: dict) -> None:
     from internvl_runtime.api.pipeline import GenerationConfig, pipeline
 
     pipe = pipeline(CKPT / "tiny-8B", dtype="float32", tensor_parallel_size=2, num_blocks=64)
-    workers = pipe.engine.tp_workers
+    workers = pipe.tp_workers
     try:
         out = pipe([{"role": "user", "content": [{"type": "text", "text": "Describe the image in detail."},
                                                  {"type": "image", "image": str(IMAGE)}]}],
@@ -174,7 +174,7 @@ def test_killed_worker_fails_rank0_quickly() -> None:
 
     pipe = pipeline(CKPT / "tiny-1B", dtype="float32", tensor_parallel_size=2, num_blocks=64)
     try:
-        worker = pipe.engine.tp_workers[0]
+        worker = pipe.tp_workers[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
         start = time.monotonic()
@@ -189,8 +189,8 @@ RANK0_SCRIPT = """
 import sys, time, torch
 from internvl_runtime.distributed.launch import tensor_parallel_engine
 from internvl_runtime.engine.engine import EngineConfig
-engine, close = tensor_parallel_engine(sys.argv[1], 2, dtype=torch.float32, engine_config=EngineConfig(num_blocks=64))
-print("ready", engine.tp_workers[0].pid, flush=True)
+group = tensor_parallel_engine(sys.argv[1], 2, dtype=torch.float32, engine_config=EngineConfig(num_blocks=64))
+print("ready", group.workers[0].pid, flush=True)
 time.sleep(120)
 """
 
