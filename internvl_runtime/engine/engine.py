@@ -172,6 +172,10 @@ class LLMEngine:
                                        stop=params.stop)
         self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params))
 
+    def abort_all(self) -> int:
+        """Cancel every live request (their KV blocks are freed); returns how many there were."""
+        return sum(self.abort_request(request_id) for request_id in list(self._states))
+
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its KV blocks are freed at once. False if it is not live."""
         state = self._states.pop(request_id, None)
@@ -203,14 +207,6 @@ class LLMEngine:
         failed.update(self._encode_images(needs_features))
         entries = [(seq, n, samples) for (seq, n), samples in zip(batch.scheduled, batch.samples)
                    if seq.request_id not in failed]
-        for content_hash, features in given.items():
-            self._states[request_id].features[content_hash] = features
-            self.vision_cache.put(content_hash, features)
-        self.stats["requests_added"] += 1
-
-    def abort_all(self) -> int:
-        """Cancel every live request (their KV blocks are freed); returns how many there were."""
-        return sum(self.abort_request(request_id) for request_id in list(self._states))
         rows = self._execute_isolated(entries, failed)    # request id -> logits row, for those that sample
         sampling_seqs = [seq for seq, _, samples in entries if samples and seq.request_id in rows]
         sampled: dict[str, int] = {}
