@@ -18,8 +18,7 @@ from .errors import (CheckpointError, ConfigError, ContextLengthExceeded, Engine
 from .processing.image import build_transform, dynamic_preprocess, load_image
 from .processing.tokenization import AutoTokenizer, Tokenizer
 from .processing.video import load_video
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AsyncEngine", "EngineConfig", "GenerationConfig", "LLMEngine", "Pipeline", "RequestOutput", "Response",

@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="internvl", description="InternVL2 runtime: serve an OpenAI-compatible "
                                      "API with a web chat page, chat in the terminal, generate, download, bench.")
-    from . import __version__
+    from .version import __version__
     parser.add_argument("--version", action="version", version=f"internvl-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

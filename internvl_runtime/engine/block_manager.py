@@ -33,7 +33,8 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence as SequenceABC
 
-from internvl_runtime.engine.sequence import MultiModalSpan, Sequence
+from internvl_runtime.engine.sequence import Sequence
+from internvl_runtime.processing.spans import MultiModalSpan
 
 _NO_PARENT = bytes(16)
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import Enum
 
 from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.errors import InvalidRequest, PlaceholderMismatch
+from internvl_runtime.processing.spans import MultiModalSpan
 
 
 class SequenceStatus(Enum):
@@ -48,23 +48,6 @@ _FINISH_REASONS = {
 
 FINISH_STATUS = {reason: status for status, reason in _FINISH_REASONS.items()}
 """``'stop' | 'length' | 'abort'`` -> the matching FINISHED_* status."""
-
-
-@dataclass(frozen=True)
-class MultiModalSpan:
-    """Prompt positions ``[offset, offset + length)`` whose embeddings are one image's features.
-
-    ``content_hash`` identifies the image's pixels (and tiling), e.g. a sha256 of the pixel tensor.
-    """
-
-    offset: int
-    length: int
-    content_hash: str
-
-    @property
-    def end(self) -> int:
-        """One past the last position of the span."""
-        return self.offset + self.length
 
 
 class Sequence:

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..engine.sequence import MultiModalSpan
 from ..errors import InvalidRequest, PlaceholderMismatch
 from .image import build_transform, dynamic_preprocess, open_image
+from .spans import MultiModalSpan
 from .template import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders, get_template
 
 

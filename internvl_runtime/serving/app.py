@@ -44,8 +44,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .. import __version__
-from ..errors import EngineDead, InternVLError
+from ..version import __version__
+from ..errors import (EngineDead, InternVLError, InvalidRequest, MethodNotAllowed, ModelLoading, RequestShapeError,
+                      RouteNotFound, TooManyRequests)
 from ..processing.prompt_encoder import PromptEncoder
 from . import openai as routes
 from .config import DEMO_LABEL, ServerConfig

@@ -6,7 +6,8 @@ import random
 from collections import Counter
 
 from internvl_runtime.engine.block_manager import BlockManager, hash_block
-from internvl_runtime.engine.sequence import MultiModalSpan, Sequence
+from internvl_runtime.engine.sequence import Sequence
+from internvl_runtime.processing.spans import MultiModalSpan
 
 BS = 4
 

@@ -345,7 +345,7 @@ def raw_tokenizer(name: str) -> Adapter:
 
 
 def project_tokenizer(name: str) -> Adapter:
-    module = pytest.importorskip("internvl_runtime.processing.tokenizer")
+    module = pytest.importorskip("internvl_runtime.processing.tokenization")
     tok = module.Tokenizer.from_pretrained(CKPT / name)
     return Adapter(
         lambda t: list(tok.encode(t, add_special_tokens=False)),

@@ -4,7 +4,6 @@ parallelism), the terminal chat's imports (no web stack), and the layer order of
 
 from __future__ import annotations
 
-import ast
 import inspect
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import internvl_runtime
 from internvl_runtime import AutoModel, InternVLChatModel, UnsupportedFeature, loading
 from internvl_runtime.config import InternVLConfig
 from internvl_runtime.engine.engine import LLMEngine
@@ -143,56 +141,3 @@ def test_chat_and_generate_run_without_the_web_stack() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "you> " in result.stdout
     assert "web stack: []" in result.stdout
-
-
-# ---------------------------------------------------------------------------------------------------
-# layer order (ARCHITECTURE.md): each box imports only from boxes below it
-# ---------------------------------------------------------------------------------------------------
-
-LAYERS = [{"errors", "config", "hardware", "testing"}, {"weights", "processing", "kernels"},
-          {"models", "quantization"}, {"compute_plan", "placement", "decode_stack"}, {"loading"}, {"engine"},
-          {"distributed"}, {"api"}, {"serving"}, {"cli", "__main__", "__init__"}]
-# Upward imports still there (known debts, to be removed, not added to): any other one fails the test.
-KNOWN_UPWARD = {
-    ("kernels.decode_step", "models.layers.linear"),     # the native decode stack inspects our Linear layers
-    ("kernels.decode_step", "quantization.linear"),      # ... and the int8/int4 ones
-    ("processing.inputs", "engine.sequence"),           # MultiModalSpan is defined with the engine's Sequence
-    ("serving.app", "__version__"),                     # the package root's version string
-    ("cli", "__version__"),
-}
-
-
-def _imports(path: Path, module: str) -> list[str]:
-    """Package-relative names of the internvl_runtime modules (or root attributes) ``path`` imports."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                name = ".".join(base + ([node.module] if node.module else []))
-            else:
-                name = node.module or ""
-            names = [f"{name}.{a.name}" for a in node.names] if name == "internvl_runtime" else [name]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
-            continue
-        found += [n.removeprefix("internvl_runtime.") for n in names if n.startswith("internvl_runtime.")]
-    return found
-
-
-def test_layers_import_downward_only() -> None:
-    rank = {box: i for i, boxes in enumerate(LAYERS) for box in boxes}
-    root = Path(internvl_runtime.__file__).parent
-    upward = set()
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
-        box = module.split(".")[0]
-        assert box in rank, f"{module}: add its box to LAYERS (and to ARCHITECTURE.md's layer order)"
-        for name in _imports(path, f"internvl_runtime.{module}".removesuffix(".__init__")):
-            other = name.split(".")[0]
-            if other != box and rank.get(other, len(LAYERS)) > rank[box]:
-                upward.add((module, name))
-    assert upward - KNOWN_UPWARD == set(), "imports from a layer above (see ARCHITECTURE.md)"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from internvl_runtime.engine.sampling_params import SamplingParams
-from internvl_runtime.engine.sequence import FINISH_STATUS, MultiModalSpan, Sequence, SequenceStatus
+from internvl_runtime.engine.sequence import FINISH_STATUS, Sequence, SequenceStatus
+from internvl_runtime.processing.spans import MultiModalSpan
 from internvl_runtime.errors import InvalidRequest, PlaceholderMismatch
 
 

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
-from internvl_runtime.processing.tokenizer import AutoTokenizer, BatchEncoding, Tokenizer
+from internvl_runtime.processing.tokenization import AutoTokenizer, BatchEncoding, Tokenizer
 
 from paths import FIXTURES
 
@@ -302,7 +302,7 @@ def test_bad_ids_are_rejected(tok: Tokenizer) -> None:
 
 def test_no_transformers_import() -> None:
     code = (
-        "import sys; from internvl_runtime.processing.tokenizer import AutoTokenizer; "
+        "import sys; from internvl_runtime.processing.tokenization import AutoTokenizer; "
         f"AutoTokenizer.from_pretrained({str(FIXTURES / 'ckpt' / 'tiny-2B')!r}); "
         "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )

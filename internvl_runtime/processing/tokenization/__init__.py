@@ -38,8 +38,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from internvl_runtime.errors import CheckpointError
-
 from .base import BatchEncoding, Tokenizer, clean_up_tokenization
 from .bpe import BPETokenizer
 from .config import AddedToken, TokenizerConfig
@@ -56,29 +54,15 @@ __all__ = [
     "LlamaTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "TokenizerConfig",
     "clean_up_tokenization",
     "load_tokenizer",
 ]
 
-#: ``tokenizer_class`` -> the class reproducing it.
-_REGISTRY: dict[str, type[Tokenizer]] = {
-    "Qwen2Tokenizer": BPETokenizer,
-    "InternLM2Tokenizer": InternLM2Tokenizer,
-    "LlamaTokenizer": LlamaTokenizer,
-    "PreTrainedTokenizerFast": FastJsonTokenizer,
-}
-
 
 def load_tokenizer(path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
     """Build the tokenizer of a checkpoint folder from its ``tokenizer_config.json``'s ``tokenizer_class``."""
-    config = TokenizerConfig.from_folder(path, kwargs)
-    tokenizer_type = _REGISTRY.get(config.tokenizer_class)
-    if tokenizer_type is None:
-        raise CheckpointError(
-            f"{config.folder / 'tokenizer_config.json'}: unsupported tokenizer_class "
-            f"{config.tokenizer_class!r}; supported: {', '.join(sorted(_REGISTRY))}"
-        )
-    return tokenizer_type(config)
+    return Tokenizer.from_pretrained(path, **kwargs)
 
 
 class AutoTokenizer:

@@ -66,6 +66,8 @@ class Tokenizer:
     """
 
     #: The official class's constructor defaults (special tokens and flags) when the config is silent.
+    #: The transformers class this one reproduces (``tokenizer_config.json``'s ``tokenizer_class``), if any.
+    reproduces: ClassVar[str | None] = None
     class_defaults: ClassVar[dict[str, Any]] = {}
     #: ``decode``'s default ``spaces_between_special_tokens`` (slow ``_decode``: True; Qwen2's decode: False).
     decode_spaces_between_special_tokens: ClassVar[bool] = True
@@ -115,9 +117,8 @@ class Tokenizer:
         the official ``use_fast=False`` load); other keyword arguments override the config's keys, as in
         transformers (``padding_side='left'``, ``add_bos_token=False``...).
         """
-        from . import load_tokenizer  # the registry imports the subclasses, which import this module
-
-        return load_tokenizer(path, **kwargs)
+        config = TokenizerConfig.from_folder(path, kwargs)
+        return tokenizer_class_for(config)(config)
 
     def _finish_init(self) -> None:
         """Add special tokens missing from the added tokens, then cache the derived tables.
@@ -499,3 +500,22 @@ def _as_id_list(ids: Any) -> list[int]:
                 raise InvalidRequest(f"token ids must be integers, got {index!r}") from None
         out.append(index)
     return out
+
+
+def tokenizer_class_for(config: TokenizerConfig) -> type[Tokenizer]:
+    """The class reproducing ``config.tokenizer_class``: the subclass of :class:`Tokenizer` whose
+    ``reproduces`` names it (every subclass is defined once the package is imported)."""
+    classes = {}
+    pending = list(Tokenizer.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.reproduces:
+            classes[cls.reproduces] = cls
+    tokenizer_type = classes.get(config.tokenizer_class)
+    if tokenizer_type is None:
+        found = f"unsupported tokenizer_class {config.tokenizer_class!r}" if config.tokenizer_class else \
+            "no 'tokenizer_class'"
+        raise CheckpointError(f"{config.folder / 'tokenizer_config.json'}: {found}; supported: "
+                              f"{', '.join(sorted(classes))}")
+    return tokenizer_type

@@ -40,6 +40,8 @@ class BPETokenizer(Tokenizer):
     only on characters assigned later, whose classes depend on the ``regex`` version anyway.
     """
 
+    reproduces: ClassVar[str | None] = "Qwen2Tokenizer"
+
     #: Qwen2Tokenizer's PRETOKENIZE_REGEX (single digits; Llama-3's tokenizer.json groups 1-3 digits).
     PRETOKENIZE_REGEX = (
         r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""

@@ -20,6 +20,8 @@ class FastJsonTokenizer(Tokenizer):
     ``clean_up_tokenization`` when ``clean_up_tokenization_spaces`` (true in the 76B config).
     """
 
+    reproduces: ClassVar[str | None] = "PreTrainedTokenizerFast"
+
     class_defaults: ClassVar[dict[str, Any]] = {"clean_up_tokenization_spaces": True}
 
     def __init__(self, config: TokenizerConfig) -> None:

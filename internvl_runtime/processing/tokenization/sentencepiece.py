@@ -150,6 +150,8 @@ class SentencePieceTokenizer(Tokenizer):
 class InternLM2Tokenizer(SentencePieceTokenizer):
     """``InternLM2Tokenizer`` (InternVL's ``tokenization_internlm2.py``, not run): 2B, 8B, 26B."""
 
+    reproduces: ClassVar[str | None] = "InternLM2Tokenizer"
+
     class_defaults: ClassVar[dict[str, Any]] = {
         "unk_token": "<unk>",
         "bos_token": "<s>",
@@ -166,6 +168,8 @@ class InternLM2Tokenizer(SentencePieceTokenizer):
 
 class LlamaTokenizer(SentencePieceTokenizer):
     """Slow ``LlamaTokenizer`` of transformers 4.37.2: Phi-3 (4B, ``legacy=False``) and Yi (40B, ``legacy=True``)."""
+
+    reproduces: ClassVar[str | None] = "LlamaTokenizer"
 
     class_defaults: ClassVar[dict[str, Any]] = {
         "unk_token": "<unk>",
