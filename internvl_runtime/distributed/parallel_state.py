@@ -24,14 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, InternVLError
+from ..errors import ConfigError, TensorParallelError
 
 #: Default seconds a collective may wait (first message waits for the slowest rank's weight loading).
 DEFAULT_TIMEOUT_S = float(os.environ.get("INTERNVL_TP_TIMEOUT_S", "600"))
-
-
-class TensorParallelError(InternVLError):
-    """A rank of the tensor-parallel group died or stopped answering; the whole group must stop."""
 
 
 @dataclass

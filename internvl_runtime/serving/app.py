@@ -52,7 +52,6 @@ from . import openai as routes
 from .config import DEMO_LABEL, ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response
 from .media import MediaFetcher
-from .protocol import ModelLoading, RouteNotFound, TooManyRequests
 
 logger = logging.getLogger(__name__)
 
@@ -244,16 +243,6 @@ class ServingState:
         return "\n".join(out) + "\n"
 
 
-class RequestShapeError(InternVLError):
-    """FastAPI's own request validation failed (a 400)."""
-
-    http_status = 400
-
-    def __init__(self, error: Any) -> None:
-        errors = error.errors() if hasattr(error, "errors") else []
-        super().__init__("; ".join(str(e.get("msg")) for e in errors) or "invalid request")
-
-
 def _page() -> str:
     return resources.files("internvl_runtime.serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -313,16 +302,19 @@ def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}", 404))
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            return error_response(RouteNotFound(f"method {request.method} is not allowed on {request.url.path}", 405))
-        return error_response(RouteNotFound(str(exc.detail), exc.status_code))
+            return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}"))
+        # The router raises only 404 and 405; anything else is a 400 or a 500.
+        return error_response(InvalidRequest(str(exc.detail)) if exc.status_code < 500 else exc)
 
     app.add_exception_handler(InternVLError, on_error)
     app.add_exception_handler(ValidationError, on_error)
 
     async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(RequestShapeError(exc))
+        assert isinstance(exc, RequestValidationError)
+        message = "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request"
+        return error_response(RequestShapeError(message))
 
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -47,30 +47,15 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import InternVLError, InvalidRequest
+from ..errors import (HostNotAllowed, InternVLError, PayloadTooLarge, RequestTimeout, Unauthorized,
+                      UnsupportedMediaType)
 from .config import ServerConfig, host_name
-from .protocol import PayloadTooLarge, Unauthorized, error_payload
+from .protocol import error_payload
 
 logger = logging.getLogger(__name__)
 
 _PROTECTED_PREFIXES = ("/v1/", "/metrics")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
-
-
-class HostNotAllowed(InvalidRequest):
-    """The Host header names this server by a name it was not told to answer to (400)."""
-
-
-class UnsupportedMediaType(InvalidRequest):
-    """A request body sent as anything but ``application/json`` (415)."""
-
-    http_status = 415
-
-
-class RequestTimeout(InvalidRequest):
-    """The request body did not arrive within ``body_timeout_s`` (408)."""
-
-    http_status = 408
 
 
 def error_response(error: BaseException) -> JSONResponse:

@@ -45,7 +45,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, MediaFetchError, MediaNotAllowed
 from ..processing.image import open_image
 from ..processing.video import sample_frames
 
@@ -61,14 +61,6 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(ipaddress.ip_address(a) for
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE | re.DOTALL)
 _REDIRECTS = (301, 302, 303, 307, 308)
-
-
-class MediaNotAllowed(InvalidRequest):
-    """An image URL or path the server refuses to read (private address, outside the allowed folder...)."""
-
-
-class MediaFetchError(InvalidRequest):
-    """An image URL could not be fetched (network error, HTTP error, too large, too slow)."""
 
 
 #: NAT64's well-known prefix (RFC 6052): 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway.

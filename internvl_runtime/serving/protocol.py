@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..engine.sampling_params import MAX_LOGPROBS
-from ..errors import (ContextLengthExceeded, EngineOverloaded, InternVLError, InvalidRequest, ModelNotFound,
-                      UnsupportedFeature, http_status)
+from ..errors import (ContextLengthExceeded, EngineDead, EngineOverloaded, HostNotAllowed, InternVLError,
+                      ModelLoading, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests, Unauthorized,
+                      UnsupportedFeature, UnsupportedMediaType, http_status)
 
 
 class _Strict(BaseModel):
@@ -350,70 +351,40 @@ class Completion(_Out):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Errors: the serving layer's own, and the one mapping of every error to (status, OpenAI error body)
+# Errors: every error as (status, OpenAI error body); the status is ``errors.http_status``'s
 # ---------------------------------------------------------------------------------------------------
 
 
-class Unauthorized(InternVLError):
-    """The request has no API key, or the wrong one (401)."""
-
-    http_status = 401
-
-
-class PayloadTooLarge(InvalidRequest):
-    """The request body is larger than ``max_body_bytes`` (413)."""
-
-    http_status = 413
-
-
-class TooManyRequests(EngineOverloaded):
-    """The HTTP layer already handles ``max_concurrent_requests`` generation requests (429)."""
-
-    http_status = 429
-
-
-class ModelLoading(EngineOverloaded):
-    """The weights are still loading (or failed to load): nothing can be generated yet (503)."""
-
-    http_status = 503
-
-
-class RouteNotFound(InternVLError):
-    """No such path, or the wrong method on it (status given)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.http_status = status
+#: OpenAI's error ``type`` and ``code`` for the errors that have a code, looked up along the error's MRO
+#: (the most specific listed class wins). Others get ``code: null`` and the type their status implies.
+_CODES: dict[type[BaseException], tuple[str, str]] = {
+    Unauthorized: ("invalid_request_error", "invalid_api_key"),
+    ModelNotFound: ("invalid_request_error", "model_not_found"),
+    ContextLengthExceeded: ("invalid_request_error", "context_length_exceeded"),
+    UnsupportedFeature: ("invalid_request_error", "unsupported"),
+    HostNotAllowed: ("invalid_request_error", "host_not_allowed"),
+    RequestTimeout: ("invalid_request_error", "request_timeout"),
+    PayloadTooLarge: ("invalid_request_error", "request_too_large"),
+    UnsupportedMediaType: ("invalid_request_error", "unsupported_media_type"),
+    TooManyRequests: ("rate_limit_error", "too_many_requests"),
+    ModelLoading: ("server_error", "model_not_ready"),
+    EngineOverloaded: ("server_error", "engine_overloaded"),
+    EngineDead: ("server_error", "engine_overloaded"),    # as overloaded: retry (the server restarts)
+}
 
 
 def error_status(error: BaseException) -> int:
-    """The HTTP status of any error: the serving layer's own first, then ``errors.http_status``."""
+    """The HTTP status of any error: ``errors.http_status``, and 400 for pydantic's request validation."""
     if isinstance(error, ValidationError):
         return 400
-    status = getattr(error, "http_status", None)
-    return status if isinstance(status, int) else http_status(error)
+    return http_status(error)
 
 
 def _error_type_and_code(error: BaseException, status: int) -> tuple[str, str | None]:
-    if status == 401:
-        return "invalid_request_error", "invalid_api_key"
-    if status == 404 and isinstance(error, ModelNotFound):
-        return "invalid_request_error", "model_not_found"
-    if status == 413:
-        return "invalid_request_error", "request_too_large"
-    if status == 429:
-        return "rate_limit_error", "too_many_requests"
-    if isinstance(error, ModelLoading):
-        return "server_error", "model_not_ready"
-    if status == 503:
-        return "server_error", "engine_overloaded"
-    if isinstance(error, ContextLengthExceeded):
-        return "invalid_request_error", "context_length_exceeded"
-    if isinstance(error, UnsupportedFeature):
-        return "invalid_request_error", "unsupported"
-    if status < 500:
-        return "invalid_request_error", None
-    return "server_error", None
+    for cls in type(error).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return ("invalid_request_error" if status < 500 else "server_error"), None
 
 
 def _validation_message(error: ValidationError) -> tuple[str, str | None]:

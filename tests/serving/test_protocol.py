@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
 
-from internvl_runtime.errors import (CheckpointError, ContextLengthExceeded, EngineOverloaded, ImageDecodeError,
-                                     InvalidGenerationConfig, InvalidRequest, ModelNotFound, UnsupportedFeature)
+from internvl_runtime import errors
+from internvl_runtime.errors import (CheckpointError, ContextLengthExceeded, EngineDead, EngineOverloaded,
+                                     HostNotAllowed, ImageDecodeError, InvalidGenerationConfig, InvalidRequest,
+                                     MediaFetchError, MethodNotAllowed, ModelLoading, ModelNotFound, PayloadTooLarge,
+                                     RequestFailed, RequestShapeError, RequestTimeout, RouteNotFound,
+                                     TensorParallelError, TooManyRequests, Unauthorized, UnsupportedFeature,
+                                     UnsupportedMediaType, http_status)
 from internvl_runtime.serving.config import ServerConfig
 from internvl_runtime.serving.protocol import (ChatCompletionChunk, ChatCompletionRequest, CompletionRequest,
-                                               ImagePart, ModelLoading, PayloadTooLarge, TextPart, TooManyRequests,
-                                               Unauthorized, dump, error_payload, error_status)
+                                               ImagePart, TextPart, dump, error_payload, error_status)
 
 
 def parse(body: dict) -> ChatCompletionRequest:
@@ -112,7 +117,18 @@ def test_completion_request():
     (TooManyRequests("x"), 429, "too_many_requests"),
     (EngineOverloaded("x"), 503, "engine_overloaded"),
     (ModelLoading("x"), 503, "model_not_ready"),
+    (EngineDead("x"), 503, "engine_overloaded"),
     (CheckpointError("x"), 500, None),
+    (RequestFailed("x"), 500, None),
+    (TensorParallelError("x"), 500, None),
+    (RequestShapeError("x"), 400, None),
+    (MediaFetchError("x"), 400, None),
+    (RouteNotFound("x"), 404, None),
+    (MethodNotAllowed("x"), 405, None),
+    # the HTTP guard's refusals
+    (HostNotAllowed("x"), 400, "host_not_allowed"),
+    (RequestTimeout("x"), 408, "request_timeout"),
+    (UnsupportedMediaType("x"), 415, "unsupported_media_type"),
 ])
 def test_error_mapping(error, status, code):
     got_status, payload = error_payload(error)
@@ -120,6 +136,40 @@ def test_error_mapping(error, status, code):
     assert payload["error"]["code"] == code
     assert payload["error"]["message"] == "x"
     assert set(payload["error"]) == {"message", "type", "param", "code"}
+
+
+def _tree() -> list[tuple[int, str, int | None]]:
+    """(depth, class name, status drawn or None) for each line of the tree in errors.py's docstring."""
+    rows = []
+    for line in (errors.__doc__ or "").splitlines():
+        match = re.match(r"^( {4}[│├└─ ]*)([A-Z]\w+)", line)
+        if match and ("──" in line or match.group(2) == "InternVLError"):
+            status = re.search(r"\((\d{3})\)\s*$", line)
+            rows.append(((len(match.group(1)) - 4) // 4, match.group(2), int(status.group(1)) if status else None))
+    return rows
+
+
+def test_the_tree_in_errors_docstring_is_the_tree_and_its_statuses():
+    """Every error class is drawn under its parent, and the status drawn (else its parent's) is the one
+    ``http_status`` gives: the drawing cannot drift from the one mapping."""
+    rows = _tree()
+    classes = {name: cls for name, cls in vars(errors).items()
+               if isinstance(cls, type) and issubclass(cls, errors.InternVLError)}
+    assert sorted(name for _, name, _ in rows) == sorted(classes)
+    parents: list[tuple[str, int]] = []          # the drawn ancestors: (name, status)
+    for depth, name, status in rows:
+        del parents[depth:]
+        if parents:
+            assert classes[name].__bases__[0] is classes[parents[-1][0]], name
+        expected = status if status is not None else parents[-1][1]
+        assert http_status(classes[name]("x")) == expected, name
+        parents.append((name, expected))
+
+
+def test_no_error_class_carries_its_own_status():
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            assert "http_status" not in vars(cls), cls
 
 
 def test_validation_error_mapping_names_the_field():
