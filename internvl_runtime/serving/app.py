@@ -9,6 +9,7 @@ What lives here (and nowhere else):
   configured, the API key on ``/v1/*`` and ``/metrics`` (401), JSON-only bodies (415), the body size limit
   and read deadline (413, 408; the body is never buffered there), and the per-status response counters.
 - **uvicorn_config**: the uvicorn settings the server runs with (request-head deadline, connection cap).
+- **the routes** (``routes/``, one module per endpoint), included as routers.
 - **error handlers**: every error, wherever raised, becomes OpenAI's ``{"error": {...}}`` with the status of
   ``protocol.error_status`` (which defers to ``errors.http_status``): the one mapping.
 - **the web chat page** at ``/`` (``static/index.html``, no build step, nothing from a CDN).
@@ -48,7 +49,7 @@ from ..version import __version__
 from ..errors import (EngineDead, InternVLError, InvalidRequest, MethodNotAllowed, ModelLoading, RequestShapeError,
                       RouteNotFound, TooManyRequests)
 from ..processing.prompt_encoder import PromptEncoder
-from . import openai as routes
+from . import routes
 from .config import DEMO_LABEL, ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response
 from .media import MediaFetcher
@@ -85,7 +86,7 @@ class _Slot:
 
 class ServingState:
     """What the routes share: config, the engine (None while loading), the media fetcher, the worker
-    threads that prepare requests, admission counting, token texts for logprobs, counters for /metrics."""
+    threads that prepare requests, admission counting, token texts for logprobs, HTTP counters for /metrics."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -194,54 +195,6 @@ class ServingState:
                 self._token_texts[token_id] = text
         return text
 
-    def chat_logprobs(self, records: list[Any]) -> list[Any]:
-        return routes.chat_logprobs(records, self.token_text)
-
-    def completion_logprobs(self, records: list[Any]) -> Any:
-        return routes.completion_logprobs(records, self.token_text)
-
-    # -- /metrics --------------------------------------------------------------------------------
-    async def metrics_text(self) -> str:
-        engine = self.engine
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP internvl_{name} {help_text}")
-            out.append(f"# TYPE internvl_{name} {kind}")
-            for labels, value in samples:
-                out.append(f"internvl_{name}{labels} {value:.10g}")
-
-        metric("model_ready", "gauge", "1 once the weights are loaded and the engine loop runs.",
-               [("", float(engine is not None and engine.is_running))])
-        metric("http_responses_total", "counter", "HTTP responses sent, by status code.",
-               [(f'{{code="{code}"}}', float(n)) for code, n in sorted(self.http_responses.items())])
-        metric("http_requests_in_progress", "gauge", "Generation requests the HTTP layer is handling.",
-               [("", float(self.active))])
-        if engine is None:
-            return "\n".join(out) + "\n"
-        m = engine.metrics
-        metric("requests_total", "counter", "Requests accepted by the engine.", [("", m.requests_total)])
-        metric("requests_failed_total", "counter", "Requests the engine refused or failed.", [("", m.requests_failed)])
-        metric("requests_aborted_total", "counter", "Requests cancelled before they finished (client gone).",
-               [("", m.requests_aborted)])
-        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", m.prompt_tokens_total)])
-        metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens_total)])
-        ttft = sorted(m.ttft_seconds)
-        samples = []
-        for q in (0.5, 0.9, 0.99):
-            value = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
-            samples.append((f'{{quantile="{q}"}}', value))
-        samples += [("_sum", sum(ttft)), ("_count", float(len(ttft)))]
-        metric("time_to_first_token_seconds", "summary",
-               "Seconds from arrival to the first token (over the last 1000 requests).", samples)
-        metric("queue_length", "gauge", "Requests in the engine (running and waiting).",
-               [("", float(engine.num_pending))])
-        # Published by the engine thread after every step: a scrape never waits for (or disturbs) the engine.
-        total, free = engine.kv_blocks_total, engine.kv_blocks_free
-        metric("kv_blocks_total", "gauge", "KV-cache blocks.", [("", float(total))])
-        metric("kv_blocks_in_use", "gauge", "KV-cache blocks in use.", [("", float(total - free))])
-        return "\n".join(out) + "\n"
-
 
 def _page() -> str:
     return resources.files("internvl_runtime.serving").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -324,7 +277,8 @@ def create_app(engine: Any, config: ServerConfig, *, own_engine: bool = True,
 
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_error)
-    app.include_router(routes.router)
+    for router in routes.ROUTERS:
+        app.include_router(router)
 
     page = _page()
 

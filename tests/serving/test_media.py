@@ -437,7 +437,7 @@ def test_decode_video_keeps_frames_small():
 
 def test_video_frames_uses_the_server_limits():
     from internvl_runtime.errors import VideoDecodeError
-    from internvl_runtime.serving.openai import video_frames
+    from internvl_runtime.serving.routes.chat import video_frames
 
     clip = _clip(64, 48, 10)
     assert len(video_frames(clip, 4, ServerConfig())) == 4

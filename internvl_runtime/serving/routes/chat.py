@@ -1,0 +1,166 @@
+"""``/v1/chat/completions``: parse, prepare (images, video, template, tokens), then stream the choices as
+SSE chunks or answer once they are all done."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...errors import InvalidRequest
+from ...processing.inputs import Message, PreparedRequest
+from ..media import decode_image, decode_video
+from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                        ChatMessageOut, ChoiceLogprobs, DeltaMessage, Usage, dump, new_id)
+from .common import (chat_logprobs, check_model, check_n, check_queue, parse, sampling_params,
+                     serving_state)
+from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    state = serving_state(request)
+    req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
+    check_model(state, req.model)
+    check_n(state, req.n)
+    engine = state.require_engine()
+    # The byte bound before any work (images, template, tokens): the messages' text alone must fit.
+    state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
+    slot = state.admit()
+    handed_over = False
+    try:
+        prepared = await _prepare(state, req)
+        params = sampling_params(state, req, len(prepared.prompt_token_ids))
+        check_queue(engine, req.n)
+        request_id = new_id("chatcmpl")
+        jobs = [(prepared, p) for p in params]
+        if req.stream:
+            handed_over = True
+            return streaming_response(state, slot, _events(state, engine, request_id, req, jobs))
+        return await until_disconnected(request, _full(state, engine, request_id, req, jobs))
+    finally:
+        if not handed_over:
+            slot.release()
+
+
+async def _prepare(state: Any, req: ChatCompletionRequest) -> PreparedRequest:
+    """Fetch, decode and tile the images, sample the video frames, render the template, tokenize."""
+    config, processor = state.config, state.processor
+    urls = [url for m in req.messages for url in m.image_urls()]
+    if len(urls) > config.max_images_per_request:
+        raise InvalidRequest(f"{len(urls)} images in one request; the limit is {config.max_images_per_request}")
+    if req.max_dynamic_patch is not None and req.max_dynamic_patch > config.max_tiles_per_image:
+        raise InvalidRequest(f"max_dynamic_patch: at most {config.max_tiles_per_image} tiles per image on this "
+                             f"server, got {req.max_dynamic_patch}")
+    max_num = req.max_dynamic_patch or min(processor.max_dynamic_patch, config.max_tiles_per_image)
+    videos = [v for m in req.messages if (v := m.video()) is not None]
+    for video in videos:
+        if (video.num_segments or 8) > config.max_video_frames:
+            raise InvalidRequest(f"num_segments: at most {config.max_video_frames} frames per video on this "
+                                 f"server, got {video.num_segments}")
+    datas = await _gather([state.fetcher.fetch(url) for url in urls])
+    video_datas = await _gather([state.video_fetcher.fetch(v.url) for v in videos])
+
+    def work() -> PreparedRequest:
+        images = iter([decode_image(d, max_pixels=config.max_image_pixels) for d in datas])
+        share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
+        clips = iter([video_frames(d, v.num_segments or 8, config, max_decoded_bytes=share)
+                      for d, v in zip(video_datas, videos)])
+        messages = []
+        for m in req.messages:
+            role = "system" if m.role == "developer" else m.role
+            if m.video() is not None:
+                messages.append(Message(role, m.text(), next(clips), is_video=True))
+            else:
+                messages.append(Message(role, m.text(), [next(images) for _ in m.image_urls()]))
+        return processor.prepare(messages, max_num=max_num)
+
+    return await state.run_in_worker(work)
+
+
+def video_frames(data: bytes, num_segments: int, config: Any, *, max_decoded_bytes: int | None = None) -> list[Any]:
+    """Sample ``num_segments`` frames (the official choice) within the server's video limits
+    (``max_decoded_bytes``: this video's share of the request's decoding budget)."""
+    budget = config.max_video_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
+    return decode_video(data, num_segments=num_segments, max_pixels=config.max_image_pixels,
+                        max_seconds=config.max_video_seconds, max_decoded_bytes=budget)
+
+
+async def _gather(coroutines: list[Any]) -> list[Any]:
+    """Run coroutines concurrently; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _full(state: Any, engine: Any, request_id: str, req: ChatCompletionRequest, jobs: Jobs) -> JSONResponse:
+    finals: dict[int, Any] = {}
+    async for index, out in merged(engine, request_id, jobs):
+        if out.finished:
+            finals[index] = out
+    choices, completion_tokens = [], 0
+    for index in range(len(jobs)):
+        out = finals[index]
+        completion_tokens += len(out.token_ids)
+        logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, state.token_text)) if req.logprobs else None
+        choices.append(ChatChoice(index=index, message=ChatMessageOut(content=state.label(out.text)),
+                                  finish_reason=out.finish_reason, logprobs=logprobs))
+    prompt_tokens = len(jobs[0][0].prompt_token_ids)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                  total_tokens=prompt_tokens + completion_tokens)
+    result = ChatCompletion(id=request_id, model=req.model, choices=choices, usage=usage,
+                            system_fingerprint=state.fingerprint)
+    return JSONResponse(dump(result))
+
+
+async def _events(state: Any, engine: Any, request_id: str, req: ChatCompletionRequest, jobs: Jobs
+                  ) -> AsyncIterator[str]:
+    include_usage = req.include_usage
+
+    def chunk(choices: list[ChatChunkChoice]) -> str:
+        payload = dump(ChatCompletionChunk(id=request_id, model=req.model, choices=choices,
+                                           system_fingerprint=state.fingerprint))
+        for choice in payload["choices"]:     # as OpenAI: a delta names only what it carries
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if not include_usage:
+            payload.pop("usage", None)
+        return sse(payload)
+
+    for index in range(len(jobs)):
+        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+    sent_logprobs = [0] * len(jobs)
+    labelled = [False] * len(jobs)
+    completion_tokens = 0
+    async for index, out in merged(engine, request_id, jobs):
+        text = out.delta
+        if (text or out.finished) and not labelled[index]:     # a demo answer says so, even an empty one
+            text, labelled[index] = state.label(text), True
+        logprobs = None
+        if req.logprobs:
+            new = out.logprobs[sent_logprobs[index]:]
+            sent_logprobs[index] = len(out.logprobs)
+            logprobs = ChoiceLogprobs(content=chat_logprobs(new, state.token_text))
+        if out.finished:
+            completion_tokens += len(out.token_ids)
+        if not text and not out.finished and not (logprobs and logprobs.content):
+            continue           # the detokenizer holds text back (a possible stop string, a partial character)
+        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text or None),
+                                     finish_reason=out.finish_reason if out.finished else None,
+                                     logprobs=logprobs)])
+    if include_usage:
+        prompt_tokens = len(jobs[0][0].prompt_token_ids)
+        payload = dump(ChatCompletionChunk(id=request_id, model=req.model, choices=[],
+                                           system_fingerprint=state.fingerprint,
+                                           usage=Usage(prompt_tokens=prompt_tokens,
+                                                       completion_tokens=completion_tokens,
+                                                       total_tokens=prompt_tokens + completion_tokens)))
+        yield sse(payload)

@@ -1,0 +1,109 @@
+"""What the generation routes share: the request's serving state, body parsing, the model and ``n``
+checks, one ``SamplingParams`` per choice (context and KV capacity checked), the queue check, and engine
+logprobs in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from ...engine.sampling_params import SamplingParams
+from ...errors import ContextLengthExceeded, EngineOverloaded, InvalidRequest, ModelNotFound
+from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
+
+
+def serving_state(request: Request) -> Any:
+    """The app's ``ServingState``."""
+    return request.app.state.serving
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    return model.model_validate_json(body)
+
+
+def check_model(state: Any, model: str) -> None:
+    if model != state.config.model_name:
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {state.config.model_name!r}")
+
+
+def check_n(state: Any, n: int) -> None:
+    if n > state.config.max_n:
+        raise InvalidRequest(f"n: at most {state.config.max_n} choices per request, got {n}")
+
+
+def sampling_params(state: Any, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
+                    ) -> list[SamplingParams]:
+    """One SamplingParams per choice, after checking the request fits the context and the KV cache."""
+    limit = state.max_model_len
+    room = limit - num_prompt_tokens
+    if room < 1:
+        raise ContextLengthExceeded(f"the prompt is {num_prompt_tokens} tokens; the model's context is {limit} "
+                                    "tokens, which leaves no room for an answer")
+    max_tokens = req.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = min(state.config.default_max_tokens, room)
+    elif max_tokens > room:
+        raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                                    f"{num_prompt_tokens + max_tokens} tokens, more than the model's context of "
+                                    f"{limit} tokens")
+    capacity = state.kv_capacity
+    if capacity is not None and num_prompt_tokens + max_tokens - 1 > capacity:
+        raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) "
+                                    f"needs more KV slots than the whole cache holds ({capacity})")
+    params = []
+    for i in range(req.n):
+        params.append(SamplingParams(
+            max_new_tokens=max_tokens,
+            min_new_tokens=req.min_tokens or 0,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop=req.stop_list,
+            seed=None if req.seed is None else (req.seed + i) % 2**64,   # choice i: seed + i, reproducible
+            logprobs=req.num_logprobs,
+        ))
+    return params
+
+
+def check_queue(engine: Any, count: int) -> None:
+    if engine.num_pending + count > engine.max_queue_len:
+        raise EngineOverloaded(f"the engine has {engine.num_pending} requests in flight (limit "
+                               f"{engine.max_queue_len}); retry later")
+
+
+def chat_logprobs(records: list[Any], token_text: Callable[[int], str]) -> list[TokenLogprob]:
+    """Engine ``TokenLogprobs`` -> OpenAI chat logprobs content entries."""
+    entries = []
+    for record in records:
+        token = token_text(record.token_id)
+        top = [TopLogprob(token=token_text(t), logprob=_finite(lp), bytes=list(token_text(t).encode()))
+               for t, lp in record.top]
+        entries.append(TokenLogprob(token=token, logprob=_finite(record.logprob), bytes=list(token.encode()),
+                                    top_logprobs=top))
+    return entries
+
+
+def completion_logprobs(records: list[Any], token_text: Callable[[int], str]) -> CompletionLogprobs:
+    """Engine ``TokenLogprobs`` -> the legacy completions logprobs shape."""
+    result = CompletionLogprobs()
+    offset = 0
+    for record in records:
+        token = token_text(record.token_id)
+        result.tokens.append(token)
+        result.token_logprobs.append(_finite(record.logprob))
+        result.top_logprobs.append({token_text(t): _finite(lp) for t, lp in record.top})
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf: clamp to the most negative float (as OpenAI's -9999.0-style floor)."""
+    return value if math.isfinite(value) else -9999.0
