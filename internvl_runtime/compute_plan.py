@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .decode_stack import DecodeStack
 from .errors import InvalidRequest
 from .hardware import cpu_has_fast_bf16
 from .models.layers.linear import LinearPlan, set_linear_plan
@@ -107,8 +108,6 @@ def _plan_decode_layers(model: nn.Module, plan: ComputePlan, rows: int) -> Compu
     if plan.decode_kernel == "torch" or plan.dtype != torch.bfloat16:
         why = "no native kernel" if plan.decode_kernel == "torch" else f"weights are {plan.dtype}"
         return replace(plan, decode_layers=f"python ({why})")
-    from .kernels.decode_step import DecodeStack
-
     stack = DecodeStack.build(lm)
     if isinstance(stack, str):
         return replace(plan, decode_layers=f"python ({stack})")

@@ -1,4 +1,4 @@
-"""The native decode step (kernels.decode_step.DecodeStack) against the Python layer loop it replaces.
+"""The native decode step (decode_stack.DecodeStack) against the Python layer loop it replaces.
 
 Both run in bfloat16 on the tiny checkpoints of all seven variants (Qwen2 with q/k/v bias, InternLM2,
 Phi-3, Yi/Llama, Llama-3), over a prefill and several decode steps of three sequences at once, one of
@@ -16,6 +16,7 @@ import torch
 
 from internvl_runtime import AutoModel, kernels
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
+from internvl_runtime.errors import UnsupportedFeature
 
 from paths import FIXTURES
 
@@ -134,11 +135,13 @@ def test_bad_arguments_are_named() -> None:
     args = [x, stack.ln1, stack.ln2[:-1], p["qkv"].weights, p["qkv"].scales, p["qkv"].biases, p["o"].weights,
             p["o"].scales, p["gate_up"].weights, p["gate_up"].scales, p["down"].weights, p["down"].scales, cache,
             cache, torch.zeros(1, d, dtype=torch.bfloat16), torch.zeros(1, d, dtype=torch.bfloat16),
-            torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1]), stack.num_heads, stack.num_kv_heads,
-            1e-6, 0.125, stack._path_id]
+            torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1])]
+    sizes = {"num_heads": stack.num_heads, "num_kv_heads": stack.num_kv_heads, "eps": 1e-6, "scale": 0.125}
     with pytest.raises(RuntimeError, match="ln2 has 1 entries for 2 layers"):
-        torch.ops.internvl_kernels.decode_layers(*args)
+        kernels.decode_layers(*args, **sizes, path=stack.path)
     args[2] = stack.ln2
     args[16] = torch.tensor([99])
     with pytest.raises(RuntimeError, match="slot 99 out of range"):
-        torch.ops.internvl_kernels.decode_layers(*args)
+        kernels.decode_layers(*args, **sizes, path=stack.path)
+    with pytest.raises(UnsupportedFeature, match="needs the native kernels"):   # no torch fallback
+        kernels.decode_layers(*args, **sizes, path="torch")

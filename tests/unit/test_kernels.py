@@ -22,6 +22,8 @@ from torch import nn
 
 from internvl_runtime import kernels
 from internvl_runtime.errors import UnsupportedFeature
+from internvl_runtime.hardware import cpu_flags
+from internvl_runtime.kernels import extension
 from internvl_runtime.kernels.linear import (
     FastLinear,
     fast_linear,
@@ -30,6 +32,7 @@ from internvl_runtime.kernels.linear import (
     use_kernel,
 )
 
+# `extension` owns the loading state and the private names the tests patch (_State, _compile, ...).
 NATIVE = ("avx2", "avx512", "avx512bf16")
 
 
@@ -38,7 +41,7 @@ def native() -> None:
     """Compile (or load) the extension once; skip only where the toolchain is missing."""
     if not kernels.supported_paths():
         pytest.skip("this CPU has no AVX2/AVX-512")
-    if kernels._load() is None:        # not available(): $INTERNVL_CPU_KERNEL=torch must not fail this
+    if extension._load() is None:      # not available(): $INTERNVL_CPU_KERNEL=torch must not fail this
         have_tools = shutil.which("c++") and (shutil.which("ninja") or _has_ninja_module())
         if have_tools:
             pytest.fail(f"a compiler and ninja are installed but the kernels did not build: {kernels.describe()}")
@@ -213,7 +216,7 @@ def _int4_reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: i
 def _vnni_int4(path: str, group: int) -> bool:
     """Whether the native int4 product runs with 8-bit activations (VNNI) for this path and group."""
     return path == "avx512bf16" and group % 64 == 0 and not kernels.missing_flags("avx512bf16") \
-        and "avx512_vnni" in kernels.cpu_flags()
+        and "avx512_vnni" in cpu_flags()
 
 
 def test_int4_pack_roundtrip_and_layout() -> None:
@@ -274,7 +277,7 @@ def test_int4_vnni_and_bf16_dot_paths_agree(native: None) -> None:
     """The VNNI path (8-bit activations) against the bf16 dot-product path it replaces: same product up to
     the activations' 8-bit rounding (~0.7% of the output's scale on random data)."""
     _require("avx512bf16")
-    if "avx512_vnni" not in kernels.cpu_flags():
+    if "avx512_vnni" not in cpu_flags():
         pytest.skip("CPU lacks avx512_vnni")
     x, q, sz = _int4_case(3, 300, 896, 128, seed=12)
     packed = kernels.pack_int4(q)
@@ -315,8 +318,8 @@ def test_auto_path_is_best_supported(native: None, monkeypatch: pytest.MonkeyPat
 
 
 def test_forced_unsupported_path_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
-    monkeypatch.setattr(kernels, "_is_x86", lambda: True)
+    monkeypatch.setattr(extension, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+    monkeypatch.setattr(extension, "_is_x86", lambda: True)
     x, w, _ = _data(1, 8, 32, seed=1)
     with pytest.raises(UnsupportedFeature, match="avx512_bf16"):
         kernels.linear_bf16(x, w, path="avx512bf16")
@@ -341,7 +344,7 @@ def test_env_torch_forces_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
 def _fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("ops", None), ("tried", False), ("error", None), ("build_seconds", None),
                         ("library", None), ("best", "torch")):
-        monkeypatch.setattr(kernels._State, name, value)
+        monkeypatch.setattr(extension._State, name, value)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
 
 
@@ -355,8 +358,8 @@ def test_fallback_when_build_fails_is_logged_once_and_thread_safe(monkeypatch: p
         time.sleep(0.05)
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(kernels, "_compile", broken_compile)
-    monkeypatch.setattr(kernels, "supported_paths", lambda: ("avx2",))
+    monkeypatch.setattr(extension, "_compile", broken_compile)
+    monkeypatch.setattr(extension, "supported_paths", lambda: ("avx2",))
     x, w, b = _data(2, 9, 40, seed=4)
     results: list[torch.Tensor] = []
     with caplog.at_level(logging.WARNING, logger="internvl_runtime.kernels"):
@@ -385,8 +388,8 @@ def test_build_lock_timeout_falls_back_with_its_own_message(monkeypatch: pytest.
     def waited_compile() -> str:
         raise kernels.BuildLockTimeout(message)
 
-    monkeypatch.setattr(kernels, "_compile", waited_compile)
-    monkeypatch.setattr(kernels, "supported_paths", lambda: ("avx2",))
+    monkeypatch.setattr(extension, "_compile", waited_compile)
+    monkeypatch.setattr(extension, "supported_paths", lambda: ("avx2",))
     with caplog.at_level(logging.WARNING, logger="internvl_runtime.kernels"):
         assert not kernels.available()
     assert kernels.describe() == f"torch: F.linear ({message})"    # not "building ... failed"
@@ -396,8 +399,8 @@ def test_build_lock_timeout_falls_back_with_its_own_message(monkeypatch: pytest.
 
 def test_no_native_path_on_other_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
     _fresh_state(monkeypatch)
-    monkeypatch.setattr(kernels, "_is_x86", lambda: False)
-    monkeypatch.setattr(kernels, "_compile", lambda: pytest.fail("must not compile"))
+    monkeypatch.setattr(extension, "_is_x86", lambda: False)
+    monkeypatch.setattr(extension, "_compile", lambda: pytest.fail("must not compile"))
     x, w, b = _data(1, 5, 16, seed=6)
     torch.testing.assert_close(kernels.linear_bf16(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
     assert kernels.supported_paths() == ()
@@ -416,9 +419,10 @@ def test_int8_fallback_matches_reference(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_import_has_no_side_effects() -> None:
-    code = ("import sys, internvl_runtime.kernels as k, internvl_runtime.kernels.linear; "
-            "print(k._State.tried, 'torch.utils.cpp_extension' in sys.modules, "
-            "k.cpu_flags.cache_info().currsize)")
+    code = ("import sys, internvl_runtime.kernels, internvl_runtime.decode_stack; "
+            "from internvl_runtime.kernels import extension; from internvl_runtime.hardware import cpu_flags; "
+            "print(extension._State.tried, 'torch.utils.cpp_extension' in sys.modules, "
+            "cpu_flags.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["False", "False", "0"], out.stdout + out.stderr
 

@@ -116,7 +116,7 @@ class DecoderForCausalLM(nn.Module):
     renames: ClassVar[list[tuple[str, str]]] = []
     tensor_transforms: ClassVar[dict[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = {}
     #: Set by the compute plan where a native kernel runs the whole layer stack of a decode step
-    #: (``kernels.decode_step.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
+    #: (``decode_stack.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
     decode_stack: Callable | None = None
     decode_stack_rows: int = 0
 

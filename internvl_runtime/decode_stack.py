@@ -1,4 +1,4 @@
-"""The decoder layers of a decode step in one native call (``csrc/decode_step.cpp``).
+"""The decoder layers of a decode step in one native call (``kernels.decode_layers``), where they fit it.
 
 At batch 1 a Python layer loop costs ~15 tensor operations per layer (norms, rope, cache writes,
 attention, residuals) on top of the weight streaming: ~13 ms per token for InternVL2-1B's 24 layers,
@@ -9,7 +9,8 @@ It covers the shared Llama-family layer (``models/decoders/base.py``: all four f
 weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
 backend), a bf16 KV pool, head_dim a multiple of 8, all layers on the CPU. ``DecodeStack.build`` says why
 not otherwise, and the model keeps its Python path (tensor-parallel layers, models split over devices,
-float32 or float16, int4 on torch's kernels).
+float32 or float16, int4 on torch's kernels). It sits beside the compute plan, which builds it: it reads
+the model's layer classes, which the operators in ``kernels/`` never see.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _PATH_ID, _State, _resolve
+from . import kernels
+from .models.layers.linear import Linear
+from .quantization.linear import Int4Linear, Int8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,6 @@ class _Projection:
 
 
 def _projection(layers: list[nn.Module], what: str) -> _Projection | str:
-    from ..models.layers.linear import Linear
-    from ..quantization.linear import Int4Linear, Int8Linear
-
     weights, scales, biases = [], [], []
     kinds = set()
     for layer in layers:
@@ -77,19 +77,18 @@ class DecodeStack:
         self.ln1 = [layer.input_layernorm.weight for layer in layers]
         self.ln2 = [layer.post_attention_layernorm.weight for layer in layers]
         self.projections = projections
-        self.path = path
-        self._path_id = _PATH_ID[path]
+        self.path = path             # the ISA path, fixed when the plan is made
 
     @classmethod
     def build(cls, lm: nn.Module) -> DecodeStack | str:
         """The stack for decoder ``lm``, or a sentence saying why the native path does not apply."""
         try:
-            path = _resolve(None)
+            path = kernels.selected_path()
         except Exception as exc:  # noqa: BLE001 - an invalid forced path: reported, Python path kept
             return str(exc)
         if path == "torch":
-            return f"no native kernel ({_State.error or 'torch path chosen'})"
-        if not hasattr(torch.ops.internvl_kernels, "decode_layers"):
+            return f"no native kernel ({kernels.describe()})"
+        if not kernels.has_operator("decode_layers"):
             return "the native library lacks decode_layers"
         layers = list(lm.model.layers)
         attn = layers[0].self_attn
@@ -127,13 +126,13 @@ class DecodeStack:
                 ctx.append(meta.context_slots[i].to(torch.long))
             offsets.append(offsets[-1] + length)
         p = self.projections
-        return torch.ops.internvl_kernels.decode_layers(
-            x.contiguous(), self.ln1, self.ln2,
+        return kernels.decode_layers(
+            x, self.ln1, self.ln2,
             p["qkv"].weights, p["qkv"].scales, p["qkv"].biases,
             p["o"].weights, p["o"].scales,
             p["gate_up"].weights, p["gate_up"].scales,
             p["down"].weights, p["down"].scales,
-            kv_cache.keys, kv_cache.values, cos.contiguous(), sin.contiguous(),
-            meta.slot_mapping.to(torch.long).contiguous(), ctx[0] if len(ctx) == 1 else torch.cat(ctx),
-            torch.tensor(offsets, dtype=torch.long), self.num_heads, self.num_kv_heads, self.eps, self.scale,
-            self._path_id)
+            kv_cache.keys, kv_cache.values, cos, sin,
+            meta.slot_mapping, ctx[0] if len(ctx) == 1 else torch.cat(ctx), torch.tensor(offsets, dtype=torch.long),
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps, scale=self.scale,
+            path=self.path)

@@ -1,0 +1,201 @@
+"""The operators: each one native where ``extension.py`` chose a path, else torch computing the same thing.
+
+Why: at batch 1 every decode step streams all weights once, so it runs at the speed the GEMV reads them.
+torch's own bf16 GEMV reaches only ~10-27 GB/s on the hosts we measured (the 151655x896 LM head ~9.5
+GB/s), well under the ~33 GB/s of DRAM read bandwidth. These kernels keep the weights as stored, widen
+them in registers (AVX-512 BF16 ``vdpbf16ps``; AVX-512F / AVX2 shift-and-FMA) and stream each row once,
+threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and ``benchmarks/gemv.py``.
+
+- ``linear_bf16`` / ``linear_int8`` / ``linear_int4``: matrix products over the weights as stored
+  (``csrc/gemv.cpp``); ``dequantize_int4``: the weight an int4 layer computes with.
+- ``vision_attention``: the vision encoder's attention (``csrc/vision_attention.cpp``).
+- ``decode_layers``: every decoder layer of one decode step in one call (``csrc/decode_step.cpp``); no
+  torch fallback (the caller keeps its Python layer loop where it does not apply).
+
+``path`` (where taken) overrides ``$INTERNVL_CPU_KERNEL`` and the automatic choice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedFeature
+from . import extension
+from .packing import unpack_int4
+
+logger = logging.getLogger(__name__)
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+# ------------------------------------------------------------------------------------------ GEMV
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                path: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for bf16 ``x`` (..., K) and bf16 ``weight`` (N, K) on CPU.
+
+    Accumulates in fp32 and rounds to bf16 once, like torch. ``bias`` may be bf16 or float32 (added in
+    fp32). Made for few rows (decode, M <= 16); it is correct for any M but slower than torch's GEMM for
+    many. Anything the kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``.
+    """
+    chosen = extension._resolve(path)
+    if (chosen == "torch" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2
+            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
+        return F.linear(x, weight, bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    out = extension._State.ops.linear_bf16(_flatten(x), weight, bias, extension._PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                path: str | None = None) -> torch.Tensor:
+    """``(x @ weight.T) * scales + bias`` for int8 ``weight`` (N, K) with one scale per output row.
+
+    The same semantics as the weight-only int8 layers (``quantization.Int8Linear``: W ~= q * scale[:, None]).
+    ``x`` bf16 or float32 (the result has its dtype); ``scales`` and ``bias`` bf16 or float32. Accumulates in
+    fp32 and rounds once. Falls back to a dequantizing torch expression where no native path runs.
+    """
+    chosen = extension._resolve(path)
+    if (chosen == "torch" or x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != torch.int8
+            or weight.dim() != 2 or scales.dtype not in (torch.bfloat16, torch.float32)
+            or any(t.device.type != "cpu" for t in (x, weight, scales))
+            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        out = F.linear(x.float(), weight.float()) * scales.float()
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    weight = weight.contiguous()
+    scales = scales.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = extension._State.ops.linear_int8(_flatten(x), weight, scales, bias, extension._PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight an int4 layer computes with, W = (q - 8) * scale + zero, from the native layout
+    (``packing.pack_int4``; ``scales_and_zeros`` (N, K // group, 2)).
+
+    One native pass where the kernels run (prefill dequantizes a layer per call: ~20x faster than the
+    torch expression below, which remains the fallback and the reference)."""
+    if (dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu"
+            and extension._forced() != "torch" and extension._load() is not None and packed.is_contiguous() and scales_and_zeros.is_contiguous()
+            and scales_and_zeros.dtype == torch.bfloat16):
+        return extension._State.ops.dequantize_int4(packed, scales_and_zeros, group, dtype)
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    sz = scales_and_zeros.float()                                         # (N, G, 2)
+    w = (q.reshape(n, k // group, group) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.reshape(n, k).to(dtype)
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for int4 weights in the native layout (``pack_int4``), fp32 accumulation.
+
+    ``x`` (..., K) is taken in bf16 (the result has x's dtype). On CPUs with AVX-512 VNNI and groups of a
+    multiple of 64 columns, the ``(q - 8) * scale`` part meets x quantized to int8 per group (scale
+    max|x| / 127, as llama.cpp's q8_0 activations; ~0.7% of the output's scale on random data, small
+    next to int4's own weight error); the ``zero`` part uses x exactly. Elsewhere the product is exact
+    up to bf16 rounding. Where no native path runs, the weight is dequantized and one matmul runs.
+    """
+    chosen = extension._resolve(path)
+    if chosen == "torch" or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        out = F.linear(x.float(), dequantize_int4(packed, scales_and_zeros, group))
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+    x2 = _flatten(x).to(torch.bfloat16)
+    if bias is not None and (bias.dtype not in (torch.bfloat16, torch.float32) or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = extension._State.ops.linear_int4(x2, packed, scales_and_zeros, group, bias,
+                                        extension._PATH_ID[chosen]).to(x.dtype)
+    return out.reshape(*x.shape[:-1], packed.shape[0]) if x.dim() != 2 else out
+
+
+# ------------------------------------------------------------------------------------- attention
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+                     path: str | None = None) -> torch.Tensor:
+    """Non-causal softmax attention, q (N, L, heads, D), k and v (N, S, heads, D) -> (N, L, heads * D).
+
+    The vision encoder's attention (``csrc/vision_attention.cpp``): any strides with a contiguous last
+    dimension, so the q / k / v views of a fused qkv output (N, L, 3, heads, D) are read in place, and the
+    result comes in the layout the output projection reads. ``scale`` defaults to D ** -0.5. Native only on
+    the avx512bf16 path for bf16 CPU tensors without autograd (fp32 scores, exact softmax, bf16
+    probabilities: see the source); anything else, or a native failure (logged), runs torch's SDPA on
+    float32 copies of q, k and v and rounds the result to q's dtype.
+    """
+    if (q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]
+            or q.shape[2:] != k.shape[2:]):
+        raise ValueError(f"vision_attention: q (N, L, heads, D) and k, v (N, S, heads, D) expected, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n, length, heads, dim = q.shape
+    scale = dim ** -0.5 if scale is None else float(scale)
+    if (extension._resolve(path) == "avx512bf16" and k.shape[1] > 0
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k, v))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        try:
+            return extension._State.ops.vision_attention(q, k, v, scale, extension._PATH_ID["avx512bf16"])
+        except RuntimeError as exc:     # not expected: the checks above mirror the operator's
+            if not extension._State.attention_warned:
+                extension._State.attention_warned = True
+                logger.warning("internvl_runtime.kernels: vision_attention failed (%s); using torch's SDPA",
+                               extension._summary(exc))
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).reshape(n, length, heads * dim).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------- decode step
+
+def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tensor],
+                  qkv_w: list[torch.Tensor], qkv_s: list[torch.Tensor], qkv_b: list[torch.Tensor],
+                  o_w: list[torch.Tensor], o_s: list[torch.Tensor],
+                  gate_up_w: list[torch.Tensor], gate_up_s: list[torch.Tensor],
+                  down_w: list[torch.Tensor], down_s: list[torch.Tensor],
+                  key_cache: list[torch.Tensor], value_cache: list[torch.Tensor],
+                  cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  ctx_slots: torch.Tensor, ctx_offsets: torch.Tensor, *,
+                  num_heads: int, num_kv_heads: int, eps: float, scale: float,
+                  path: str | None = None) -> torch.Tensor:
+    """Every Llama-family decoder layer of one decode step, M sequences one new token each -> x (M, hidden).
+
+    Per layer (see ``csrc/decode_step.cpp``, rounding to bf16 where the torch modules round): RMSNorm
+    (``ln1``), the qkv product (+ bias), rope, the new keys / values written to ``key_cache`` /
+    ``value_cache`` at ``slots`` (in place), attention over each sequence's context, the o product and
+    residual, RMSNorm (``ln2``), gate_up, silu * up, down and residual.
+
+    - ``x`` (M, hidden) bf16; ``cos``, ``sin`` (M, head_dim) bf16; ``slots`` (M,): each new token's slot.
+    - per-layer lists: norm weights (hidden,) bf16; weights bf16 (N, K), int8 (N, K) or packed int4
+      (N, K // 2, ``packing.pack_int4``); the matching ``*_s`` list empty (bf16), per-row scales (int8) or
+      (N, K // group, 2) scales and zeros (int4); ``qkv_b`` empty or one bias per layer.
+    - ``key_cache``, ``value_cache``: per layer a (num_slots, num_kv_heads, head_dim) bf16 pool.
+    - ``ctx_slots`` (flat) and ``ctx_offsets`` (M + 1,): sequence i attends to the slots
+      ``ctx_slots[ctx_offsets[i]:ctx_offsets[i + 1]]`` (its new token included).
+
+    There is no torch fallback: raises ``UnsupportedFeature`` where no native path runs (the caller decides
+    beforehand, with ``has_operator("decode_layers")``), and RuntimeError naming a bad argument.
+    """
+    chosen = extension._resolve(path)
+    if chosen == "torch":
+        raise UnsupportedFeature(f"decode_layers needs the native kernels ({extension.describe()})")
+    return extension._State.ops.decode_layers(
+        x.contiguous(), ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s,
+        key_cache, value_cache, cos.contiguous(), sin.contiguous(), slots.to(torch.long).contiguous(),
+        ctx_slots.to(torch.long).contiguous(), ctx_offsets.to(torch.long).contiguous(), num_heads, num_kv_heads,
+        eps, scale, extension._PATH_ID[chosen])
