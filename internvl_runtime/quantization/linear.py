@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import UnsupportedFeature
 from ..hardware import cpu_has_fast_bf16
+from ..kernels import pack_int4
 
 _ROW_CHUNK_ELEMS = 1 << 22          # float32 temporaries while quantizing: 16 MB per chunk
 
@@ -179,7 +181,6 @@ class Int8Linear(nn.Module):
         if 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu" and _native_kernels():
             # the native GEMV: weights streamed as stored, fp32 accumulation, scale and bias applied before
             # the one rounding (the fused decode step computes exactly this)
-            from .. import kernels
             return kernels.linear_int8(x2, self.weight, self.scales, self.bias).reshape(
                 *x.shape[:-1], self.out_features)
         if (self.kernel_ok and 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu"
@@ -202,7 +203,6 @@ class Int8Linear(nn.Module):
 
 def _native_kernels() -> bool:
     """Whether the native CPU kernels (``internvl_runtime.kernels``) run on this host."""
-    from .. import kernels
     try:
         return kernels.available()
     except UnsupportedFeature:        # a forced path this CPU lacks: torch's kernels instead
@@ -264,7 +264,6 @@ class Int4Linear(nn.Module):
             raise UnsupportedFeature(f"int4 group size {group_size} does not divide in_features {k}")
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
         if backend == "cpu" and _native_int4_kernel(torch.device(device), group_size):
-            from ..kernels import pack_int4
             packed = torch.empty((n, k // 2), dtype=torch.uint8, device=device)
             scales_and_zeros = torch.empty((n, k // group_size, 2), dtype=torch.bfloat16, device=device)
             for start, end in _row_chunks(n, k):
@@ -319,8 +318,6 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import kernels
-
         x2 = x.reshape(-1, self.in_features)
         if 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS:
             y = kernels.linear_int4(x2, self.weight, self.scales_and_zeros, self.group_size, self.bias)
