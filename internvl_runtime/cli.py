@@ -246,11 +246,12 @@ def _stream_answer(engine: Any, prepared: Any, params: Any, demo: bool, out: Any
     """Generate and print as the tokens come; Ctrl-C stops the answer. Returns its text."""
     out = out or sys.stdout
     request_id = f"cli-{time.monotonic_ns()}"
-    max_new = min(params.max_new_tokens, engine.max_model_len - len(prepared.prompt_token_ids))
-    if max_new < 1:
-        from .errors import ContextLengthExceeded
-        raise ContextLengthExceeded(f"the conversation is {len(prepared.prompt_token_ids)} tokens, the whole "
-                                    f"context ({engine.max_model_len}); /reset to start over")
+    from .errors import ContextLengthExceeded
+
+    try:        # the engine's context rule: --max-tokens, cut to what the conversation leaves
+        max_new = engine.max_new_tokens_for(len(prepared.prompt_token_ids), default=params.max_new_tokens)
+    except ContextLengthExceeded as exc:
+        raise ContextLengthExceeded(f"{exc}; /reset to start over") from None
     params = dataclasses.replace(params, max_new_tokens=max_new, min_new_tokens=min(params.min_new_tokens, max_new))
     engine.add_request(request_id, prepared, params)
     if demo:

@@ -20,31 +20,15 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from ..errors import EngineDead, EngineOverloaded, InternVLError, InvalidRequest, RequestFailed
 from ..processing.inputs import PreparedRequest
-from .engine import LLMEngine, RequestOutput
+from .engine import EngineStats, LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineMetrics:
-    """Counters for /metrics (Prometheus text)."""
-
-    requests_total: int = 0
-    requests_failed: int = 0
-    requests_aborted: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    ttft_seconds: list[float] = field(default_factory=list)  # last 1000
-
-    def observe_ttft(self, seconds: float) -> None:
-        self.ttft_seconds.append(seconds)
-        del self.ttft_seconds[:-1000]
 
 
 class _Accepted:
@@ -83,19 +67,23 @@ class AsyncEngine:
     drops what nobody waits for. A failure in a step ends the requests it belongs to (``LLMEngine.step``
     isolates them); anything else that escapes the loop ends it: every waiting request gets
     :class:`EngineDead` with the cause, ``is_running`` turns false and ``death`` says why, so the server
-    can report 503 and exit for its supervisor to restart it."""
+    can report 503 and exit for its supervisor to restart it.
+
+    It owns the queue limit (``max_queue_len`` requests in flight: :meth:`check_room`, which ``generate``
+    applies too), and answers for the engine what other threads may ask without waiting for its thread:
+    the context rule (:meth:`max_new_tokens_for`), the tokenizer, processor and limits, the counters
+    (:attr:`stats`) and the KV block counts the engine thread publishes after each step."""
 
     def __init__(self, engine: LLMEngine, *, max_queue_len: int = 256) -> None:
         self.engine = engine
         self.max_queue_len = max_queue_len
-        self.metrics = EngineMetrics()
         self._commands: queue.Queue[_Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._death: str | None = None
-        self.kv_blocks_total = engine.scheduler.config.num_blocks   # published by the engine thread
-        self.kv_blocks_free = engine.num_free_blocks
+        self.kv_blocks_total = engine.num_blocks
+        self.kv_blocks_free = engine.num_free_blocks         # published by the engine thread after each step
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
 
@@ -114,17 +102,63 @@ class AsyncEngine:
         """Why the engine loop stopped, if it died (None while it runs or after a clean shutdown)."""
         return self._death
 
+    # What other threads may ask without waiting for the engine thread: fixed after construction.
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def processor(self) -> Any:
+        """The engine's ``InputProcessor`` (template, tiling, tokenization: run by the request handlers)."""
+        return self.engine.processor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def kv_capacity(self) -> int:
+        """Token slots in the whole KV pool."""
+        return self.engine.kv_capacity
+
+    def max_new_tokens_for(self, num_prompt_tokens: int, max_new_tokens: int | None = None, *,
+                           default: int | None = None, name: str = "max_new_tokens") -> int:
+        """The engine's context rule (``Scheduler.max_new_tokens_for``), answered on the caller's thread:
+        the tokens to generate, or ContextLengthExceeded before anything is queued or streamed."""
+        return self.engine.max_new_tokens_for(num_prompt_tokens, max_new_tokens, default=default, name=name)
+
+    @property
+    def stats(self) -> EngineStats:
+        """A copy of the engine's counters (``LLMEngine.stats``)."""
+        return self.engine.stats.copy()
+
+    @property
+    def ttft_seconds(self) -> list[float]:
+        """Seconds from arrival to the first token of the last 1000 requests."""
+        return list(self.engine.ttft_seconds)
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise EngineOverloaded unless ``count`` more requests fit under ``max_queue_len`` now (EngineDead
+        if the loop stopped). The server asks for all of a request's choices before it answers, so a stream
+        is refused with a 503 and not inside its body; ``generate`` applies the same rule to each request."""
+        with self._lock:
+            self._check_room(count)
+
+    def _check_room(self, count: int) -> None:
+        """``check_room`` with ``_lock`` held."""
+        if self._death is not None:
+            raise EngineDead(f"the engine loop stopped ({self._death}); the server is restarting")
+        if len(self._streams) + count > self.max_queue_len:
+            raise EngineOverloaded(f"the engine has {len(self._streams)} requests in flight "
+                                   f"(limit {self.max_queue_len}); retry later")
+
     async def generate(self, request_id: str, request: PreparedRequest, params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request. Leaving the iteration early (client gone) aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         with self._lock:
-            if self._death is not None:
-                raise EngineDead(f"the engine loop stopped ({self._death}); the server is restarting")
-            if len(self._streams) >= self.max_queue_len:
-                raise EngineOverloaded(f"the engine has {len(self._streams)} requests in flight "
-                                       f"(limit {self.max_queue_len}); retry later")
+            self._check_room(1)
             if request_id in self._streams:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, outputs)
@@ -135,7 +169,6 @@ class AsyncEngine:
             if isinstance(accepted, BaseException):
                 finished = True
                 raise accepted
-            self.metrics.requests_total += 1
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
@@ -149,7 +182,6 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                self.metrics.requests_aborted += 1
                 self._commands.put(_Abort(request_id))
 
     def abort(self, request_id: str) -> None:
@@ -185,7 +217,6 @@ class AsyncEngine:
                 self.engine.add_request(command.request_id, command.request, command.params,
                                         arrival_time=command.arrival)
             except Exception as exc:  # noqa: BLE001 - reported to the caller, engine keeps serving
-                self.metrics.requests_failed += 1
                 self._emit(command.request_id, exc)
                 return
             if not self._emit(command.request_id, _ACCEPTED):
@@ -231,15 +262,7 @@ class AsyncEngine:
                            else RequestFailed(f"the engine step failed: {type(exc).__name__}: {exc}"))
             return
         for out in outputs:
-            if out.error is not None:
-                self.metrics.requests_failed += 1
-                self._emit(out.request_id, out.error)
-                continue
-            self.metrics.generation_tokens_total += len(out.new_token_ids)
-            if out.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
-                self.metrics.prompt_tokens_total += out.num_prompt_tokens
-                self.metrics.observe_ttft(out.first_token_time - out.arrival_time)
-            self._emit(out.request_id, out)
+            self._emit(out.request_id, out.error if out.error is not None else out)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -81,6 +82,21 @@ class RequestOutput:
     error: BaseException | None = None      # set when the request failed (finish_reason "error")
 
 
+class EngineStats(TypedDict):
+    """The engine's counters, the only ones (``AsyncEngine`` serves them on /metrics). The engine's thread
+    adds to them; a reader on another thread copies them (``engine.stats.copy()``) and never waits."""
+
+    requests_added: int          # accepted by add_request
+    requests_refused: int        # refused by add_request (context, a duplicate id...)
+    requests_failed: int         # ended with an error inside the engine (the rest of the batch went on)
+    requests_aborted: int        # ended by abort_request before they finished (a client gone)
+    requests_finished: int       # finished by a stop token, a stop string or their length
+    prompt_tokens: int           # prompt tokens computed, prefix-cache hits included (again after a preemption)
+    cached_prompt_tokens: int    # of those, found in the prefix cache
+    generated_tokens: int
+    vision_tiles_encoded: int    # tiles run through the vision encoder (feature-cache misses)
+
+
 @dataclass
 class _RequestState:
     seq: Sequence
@@ -122,8 +138,10 @@ class LLMEngine:
         # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).
         self._decodable = len(tokenizer) if len(tokenizer) < llm.vocab_size else None
         self._states: dict[str, _RequestState] = {}
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "cached_prompt_tokens": 0,
-                      "vision_tiles_encoded": 0, "requests_finished": 0}
+        self.stats = EngineStats(requests_added=0, requests_refused=0, requests_failed=0, requests_aborted=0,
+                                 requests_finished=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
+                                 vision_tiles_encoded=0)
+        self.ttft_seconds: deque[float] = deque(maxlen=1000)   # arrival to first token, the last 1000 requests
 
     def _auto_num_blocks(self, per_block: int, device: torch.device) -> int:
         cfg = self.config
@@ -163,14 +181,19 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         """Queue a prepared request. Raises before any work if it cannot be served."""
         params = params or SamplingParams()
-        if request_id in self._states:
-            raise InvalidRequest(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
-                       eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
-        self.scheduler.add(seq)   # raises ContextLengthExceeded
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, skip_special_tokens=True,
-                                       stop=params.stop)
+        try:
+            if request_id in self._states:
+                raise InvalidRequest(f"request id {request_id!r} is already in use")
+            seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
+                           eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
+            self.scheduler.add(seq)   # raises ContextLengthExceeded (max_new_tokens_for)
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, skip_special_tokens=True,
+                                           stop=params.stop)
+        except Exception:
+            self.stats["requests_refused"] += 1
+            raise
         self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params))
+        self.stats["requests_added"] += 1
 
     def abort_all(self) -> int:
         """Cancel every live request (their KV blocks are freed); returns how many there were."""
@@ -182,6 +205,7 @@ class LLMEngine:
         if state is None:
             return False
         self.scheduler.abort(request_id)
+        self.stats["requests_aborted"] += 1
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -190,6 +214,23 @@ class LLMEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.scheduler.block_manager.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        """KV blocks in the pool."""
+        return self.scheduler.config.num_blocks
+
+    @property
+    def kv_capacity(self) -> int:
+        """Token slots in the whole KV pool."""
+        return self.scheduler.kv_capacity
+
+    def max_new_tokens_for(self, num_prompt_tokens: int, max_new_tokens: int | None = None, *,
+                           default: int | None = None, name: str = "max_new_tokens") -> int:
+        """The tokens a request of ``num_prompt_tokens`` may generate, or ContextLengthExceeded: the
+        scheduler's one context rule (``Scheduler.max_new_tokens_for``, which ``add_request`` applies too).
+        Reads only the fixed configuration: any thread may call it."""
+        return self.scheduler.max_new_tokens_for(num_prompt_tokens, max_new_tokens, default=default, name=name)
 
     # -- the loop --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -244,6 +285,7 @@ class LLMEngine:
         self.stats["generated_tokens"] += 1
         if state.first_token_time is None:
             state.first_token_time = now
+            self.ttft_seconds.append(now - seq.arrival_time)
         delta = state.detokenizer.add([token])
         if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
             self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
@@ -266,6 +308,7 @@ class LLMEngine:
                      exc_info=None if isinstance(error, InternVLError) else error)
         state = self._states.pop(request_id, None)
         seq = self.scheduler.abort(request_id) if state is not None else None
+        self.stats["requests_failed"] += 1
         if not isinstance(error, InternVLError):
             error = RequestFailed(f"the request failed inside the engine: {type(error).__name__}: {error}")
         return RequestOutput(

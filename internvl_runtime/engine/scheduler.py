@@ -139,23 +139,46 @@ class Scheduler:
         if seq.request_id in self._live:
             raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
         assert seq.status is SequenceStatus.WAITING and not seq.block_table, seq
-        max_new = seq.sampling_params.max_new_tokens
-        total = seq.num_tokens + max_new
-        limit = self.config.max_model_len
-        if limit is not None and total > limit:
-            raise ContextLengthExceeded(
-                f"the prompt ({seq.num_tokens} tokens) plus max_new_tokens ({max_new}) is {total} tokens, "
-                f"more than the model's context of {limit} tokens"
-            )
-        # KV is written for every position except the last generated token's.
-        capacity = self.config.num_blocks * self.config.block_size
-        if total - 1 > capacity:
-            raise ContextLengthExceeded(
-                f"the prompt ({seq.num_tokens} tokens) plus max_new_tokens ({max_new}) needs {total - 1} "
-                f"KV slots, more than the whole cache ({capacity} slots)"
-            )
+        self.max_new_tokens_for(seq.num_tokens, seq.sampling_params.max_new_tokens)
         self._live[seq.request_id] = seq
         self.waiting.append(seq)
+
+    @property
+    def kv_capacity(self) -> int:
+        """Token slots in the whole KV pool."""
+        return self.config.num_blocks * self.config.block_size
+
+    def max_new_tokens_for(self, num_prompt_tokens: int, max_new_tokens: int | None = None, *,
+                           default: int | None = None, name: str = "max_new_tokens") -> int:
+        """The context rule, in one place: how many tokens a request of ``num_prompt_tokens`` generates.
+
+        ``max_new_tokens`` (what the caller asked for) must fit as asked; without it, ``default`` is cut to
+        what the context leaves. :meth:`add` applies it to every sequence; the server (through
+        ``AsyncEngine``) and the CLI call it first, so a request is refused before anything streams. It reads
+        only the fixed configuration, so any thread may call it.
+
+        Raises:
+            ContextLengthExceeded: the prompt leaves no room in ``max_model_len``, the prompt plus the
+                tokens asked for exceeds it, or they need more KV slots than the whole pool holds. ``name``
+                is what the message calls the asked-for count (the server says ``max_tokens``).
+        """
+        limit = self.config.max_model_len
+        if limit is not None and num_prompt_tokens >= limit:
+            raise ContextLengthExceeded(f"the prompt is {num_prompt_tokens} tokens; the model's context is {limit} "
+                                        "tokens, which leaves no room for an answer")
+        if max_new_tokens is None:
+            assert default is not None, "max_new_tokens_for needs max_new_tokens or a default"
+            max_new_tokens = default if limit is None else min(default, limit - num_prompt_tokens)
+        total = num_prompt_tokens + max_new_tokens
+        if limit is not None and total > limit:
+            raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus {name} ({max_new_tokens}) is "
+                                        f"{total} tokens, more than the model's context of {limit} tokens")
+        # KV is written for every position except the last generated token's.
+        capacity = self.kv_capacity
+        if total - 1 > capacity:
+            raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus {name} ({max_new_tokens}) "
+                                        f"needs {total - 1} KV slots, more than the whole cache ({capacity} slots)")
+        return max_new_tokens
 
     def get(self, request_id: str) -> Sequence | None:
         """The live (unfinished) sequence with this id, if any."""

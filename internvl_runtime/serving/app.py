@@ -101,7 +101,6 @@ class ServingState:
         self.prompt_encoder: PromptEncoder | None = None
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
-        self.kv_capacity: int | None = None
         self.closed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._token_texts: dict[int, str] = {}
@@ -109,14 +108,11 @@ class ServingState:
 
     # -- engine ----------------------------------------------------------------------------------
     def set_engine(self, engine: Any) -> None:
-        llm = engine.engine
-        self.prompt_encoder = PromptEncoder(llm.tokenizer, max_tokens=llm.max_model_len,
+        self.prompt_encoder = PromptEncoder(engine.tokenizer, max_tokens=engine.max_model_len,
                                             max_large=_LARGE_PROMPTS_IN_FLIGHT)
-        self.processor = llm.processor.with_encoder(self.prompt_encoder.encode)
-        self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.max_model_len
-        scheduler_config = llm.scheduler.config
-        self.kv_capacity = scheduler_config.num_blocks * scheduler_config.block_size
+        self.processor = engine.processor.with_encoder(self.prompt_encoder.encode)
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         self.engine = engine
 
     def load(self, loader: Callable[[], Any], on_error: Callable[[BaseException], None] | None) -> None:

@@ -15,8 +15,7 @@ from ...processing.inputs import Message, PreparedRequest
 from ..media import decode_image, decode_video
 from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                         ChatMessageOut, ChoiceLogprobs, DeltaMessage, Usage, dump, new_id)
-from .common import (chat_logprobs, check_model, check_n, check_queue, parse, sampling_params,
-                     serving_state)
+from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
 from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
 
 router = APIRouter()
@@ -35,8 +34,8 @@ async def chat_completions(request: Request) -> Response:
     handed_over = False
     try:
         prepared = await _prepare(state, req)
-        params = sampling_params(state, req, len(prepared.prompt_token_ids))
-        check_queue(engine, req.n)
+        params = sampling_params(state, engine, req, len(prepared.prompt_token_ids))
+        engine.check_room(req.n)
         request_id = new_id("chatcmpl")
         jobs = [(prepared, p) for p in params]
         if req.stream:

@@ -1,6 +1,6 @@
 """What the generation routes share: the request's serving state, body parsing, the model and ``n``
-checks, one ``SamplingParams`` per choice (context and KV capacity checked), the queue check, and engine
-logprobs in OpenAI's two shapes."""
+checks, one ``SamplingParams`` per choice (the context rule is the engine's), and engine logprobs in
+OpenAI's two shapes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from ...engine.sampling_params import SamplingParams
-from ...errors import ContextLengthExceeded, EngineOverloaded, InvalidRequest, ModelNotFound
+from ...errors import InvalidRequest, ModelNotFound
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
 
 
@@ -37,25 +37,12 @@ def check_n(state: Any, n: int) -> None:
         raise InvalidRequest(f"n: at most {state.config.max_n} choices per request, got {n}")
 
 
-def sampling_params(state: Any, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
+def sampling_params(state: Any, engine: Any, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
                     ) -> list[SamplingParams]:
-    """One SamplingParams per choice, after checking the request fits the context and the KV cache."""
-    limit = state.max_model_len
-    room = limit - num_prompt_tokens
-    if room < 1:
-        raise ContextLengthExceeded(f"the prompt is {num_prompt_tokens} tokens; the model's context is {limit} "
-                                    "tokens, which leaves no room for an answer")
-    max_tokens = req.requested_max_tokens
-    if max_tokens is None:
-        max_tokens = min(state.config.default_max_tokens, room)
-    elif max_tokens > room:
-        raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
-                                    f"{num_prompt_tokens + max_tokens} tokens, more than the model's context of "
-                                    f"{limit} tokens")
-    capacity = state.kv_capacity
-    if capacity is not None and num_prompt_tokens + max_tokens - 1 > capacity:
-        raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) "
-                                    f"needs more KV slots than the whole cache holds ({capacity})")
+    """One SamplingParams per choice. The engine's context rule says how many tokens fit (or refuses):
+    ``max_tokens`` as asked, else the server's default cut to what the context leaves."""
+    max_tokens = engine.max_new_tokens_for(num_prompt_tokens, req.requested_max_tokens,
+                                           default=state.config.default_max_tokens, name="max_tokens")
     params = []
     for i in range(req.n):
         params.append(SamplingParams(
@@ -70,12 +57,6 @@ def sampling_params(state: Any, req: ChatCompletionRequest | CompletionRequest, 
             logprobs=req.num_logprobs,
         ))
     return params
-
-
-def check_queue(engine: Any, count: int) -> None:
-    if engine.num_pending + count > engine.max_queue_len:
-        raise EngineOverloaded(f"the engine has {engine.num_pending} requests in flight (limit "
-                               f"{engine.max_queue_len}); retry later")
 
 
 def chat_logprobs(records: list[Any], token_text: Callable[[int], str]) -> list[TokenLogprob]:

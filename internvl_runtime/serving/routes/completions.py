@@ -9,8 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump, new_id
-from .common import (check_model, check_n, check_queue, completion_logprobs, parse, sampling_params,
-                     serving_state)
+from .common import check_model, check_n, completion_logprobs, parse, sampling_params, serving_state
 from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
 
 router = APIRouter()
@@ -33,8 +32,8 @@ async def completions(request: Request) -> Response:
         prepared = await state.run_in_worker(lambda: [processor.prepare_prompt(p, []) for p in prompts])
         jobs: Jobs = []
         for p in prepared:
-            jobs.extend((p, params) for params in sampling_params(state, req, len(p.prompt_token_ids)))
-        check_queue(engine, len(jobs))
+            jobs.extend((p, params) for params in sampling_params(state, engine, req, len(p.prompt_token_ids)))
+        engine.check_room(len(jobs))
         request_id = new_id("cmpl")
         if req.stream:
             handed_over = True

@@ -37,8 +37,8 @@ async def metrics(request: Request) -> PlainTextResponse:
 
 
 def metrics_text(state: Any) -> str:
-    """The HTTP layer's counters, then the engine's (``AsyncEngine.metrics``) and the KV block counts its
-    thread publishes after each step: a scrape never waits for the engine."""
+    """The HTTP layer's counters, then the engine's (``AsyncEngine.stats``: ``LLMEngine``'s counters) and
+    the KV block counts its thread publishes after each step: a scrape never waits for the engine."""
     engine = state.engine
     out: list[str] = []
 
@@ -56,14 +56,15 @@ def metrics_text(state: Any) -> str:
            [("", float(state.active))])
     if engine is None:
         return "\n".join(out) + "\n"
-    m = engine.metrics
-    metric("requests_total", "counter", "Requests accepted by the engine.", [("", m.requests_total)])
-    metric("requests_failed_total", "counter", "Requests the engine refused or failed.", [("", m.requests_failed)])
+    stats = engine.stats
+    metric("requests_total", "counter", "Requests accepted by the engine.", [("", stats["requests_added"])])
+    metric("requests_failed_total", "counter", "Requests the engine refused or failed.",
+           [("", stats["requests_refused"] + stats["requests_failed"])])
     metric("requests_aborted_total", "counter", "Requests cancelled before they finished (client gone).",
-           [("", m.requests_aborted)])
-    metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", m.prompt_tokens_total)])
-    metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generation_tokens_total)])
-    ttft = sorted(m.ttft_seconds)
+           [("", stats["requests_aborted"])])
+    metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [("", stats["prompt_tokens"])])
+    metric("generation_tokens_total", "counter", "Tokens generated.", [("", stats["generated_tokens"])])
+    ttft = sorted(engine.ttft_seconds)
     samples = []
     for q in (0.5, 0.9, 0.99):
         value = ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
