@@ -35,7 +35,6 @@ def child(checkpoint: Path, dtype_name: str, steps: int, rounds: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_engine import make_image, run_to_first_token
-
     from internvl_runtime import AutoModel, AutoTokenizer
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.engine.sampling_params import SamplingParams

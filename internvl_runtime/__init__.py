@@ -12,9 +12,22 @@ from .config import InternVLConfig
 from .engine.async_engine import AsyncEngine
 from .engine.engine import EngineConfig, LLMEngine, RequestOutput
 from .engine.sampling_params import SamplingParams
-from .errors import (CheckpointError, ConfigError, ContextLengthExceeded, EngineOverloaded, ImageDecodeError,
-                     InternVLError, InvalidGenerationConfig, InvalidRequest, ModelNotFound, PlaceholderMismatch,
-                     UnknownArchitectureError, UnsupportedFeature, VideoDecodeError, WeightMismatchError)
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthExceeded,
+    EngineOverloaded,
+    ImageDecodeError,
+    InternVLError,
+    InvalidGenerationConfig,
+    InvalidRequest,
+    ModelNotFound,
+    PlaceholderMismatch,
+    UnknownArchitectureError,
+    UnsupportedFeature,
+    VideoDecodeError,
+    WeightMismatchError,
+)
 from .processing.image import build_transform, dynamic_preprocess, load_image
 from .processing.tokenization import AutoTokenizer, Tokenizer
 from .processing.video import load_video

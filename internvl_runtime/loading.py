@@ -39,8 +39,16 @@ from .config import InternVLConfig
 from .errors import ConfigError, InvalidRequest, UnsupportedFeature
 from .hardware import auto_dtype, available_memory
 from .models.internvl import InternVLModel, meta_model
-from .placement import (EMBED, auto_device_map, dispatch_model, estimate_unit_bytes, normalize_device, physical,
-                        placement_units, resolve_device_map)
+from .placement import (
+    EMBED,
+    auto_device_map,
+    dispatch_model,
+    estimate_unit_bytes,
+    normalize_device,
+    physical,
+    placement_units,
+    resolve_device_map,
+)
 from .quantization import QuantizationConfig, int4_backend, quantize_model, resolve_quantization
 from .weights.loader import Progress, Resolver, checkpoint_files, checkpoint_nbytes, load_weights
 

@@ -227,7 +227,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # noqa: BLE001 - the loop is gone: say why, fail every waiter
+        except BaseException as exc:  # the loop is gone: say why, fail every waiter
             with self._lock:
                 self._death = f"{type(exc).__name__}: {exc}"
             logger.critical("the engine loop died: %s", self._death, exc_info=exc)
@@ -256,7 +256,7 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - outside any one request (the scheduler): end them all
+        except Exception as exc:  # outside any one request (the scheduler): end them all
             logger.exception("engine step failed outside any request")
             self._fail_all(exc if isinstance(exc, InternVLError)
                            else RequestFailed(f"the engine step failed: {type(exc).__name__}: {exc}"))
@@ -270,6 +270,6 @@ class AsyncEngine:
         for request_id in ids:
             try:
                 self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001 - the engine may be what broke; the waiter must still hear
+            except Exception:  # the engine may be what broke; the waiter must still hear
                 logger.exception("aborting %s failed", request_id)
             self._emit(request_id, exc)

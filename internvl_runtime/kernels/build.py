@@ -102,7 +102,7 @@ def build_lock(directory: Path, timeout: float) -> Iterator[None]:
 
     On entry, a torch ``lock`` file left in ``directory`` by a killed build is removed.
     """
-    import fcntl   # POSIX only; elsewhere the ImportError is a build failure: torch fallback
+    import fcntl  # POSIX only; elsewhere the ImportError is a build failure: torch fallback
 
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

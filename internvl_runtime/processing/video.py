@@ -324,7 +324,7 @@ def _count_packets(container: Any, stream: Any, name: str) -> int:
         for packet in container.demux(stream):
             if packet.size:
                 count += 1
-    except Exception as exc:  # noqa: BLE001 - any demuxing failure: the decoding pass will tell
+    except Exception as exc:  # any demuxing failure: the decoding pass will tell
         if isinstance(exc, MemoryError):
             raise
         return 0

@@ -45,10 +45,18 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..version import __version__
-from ..errors import (EngineDead, InternVLError, InvalidRequest, MethodNotAllowed, ModelLoading, RequestShapeError,
-                      RouteNotFound, TooManyRequests)
+from ..errors import (
+    EngineDead,
+    InternVLError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelLoading,
+    RequestShapeError,
+    RouteNotFound,
+    TooManyRequests,
+)
 from ..processing.prompt_encoder import PromptEncoder
+from ..version import __version__
 from . import routes
 from .config import DEMO_LABEL, ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response

@@ -47,8 +47,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import (HostNotAllowed, InternVLError, PayloadTooLarge, RequestTimeout, Unauthorized,
-                      UnsupportedMediaType)
+from ..errors import HostNotAllowed, InternVLError, PayloadTooLarge, RequestTimeout, Unauthorized, UnsupportedMediaType
 from .config import ServerConfig, host_name
 from .protocol import error_payload
 

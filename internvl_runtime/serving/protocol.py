@@ -22,9 +22,22 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..engine.sampling_params import MAX_LOGPROBS
-from ..errors import (ContextLengthExceeded, EngineDead, EngineOverloaded, HostNotAllowed, InternVLError,
-                      ModelLoading, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests, Unauthorized,
-                      UnsupportedFeature, UnsupportedMediaType, http_status)
+from ..errors import (
+    ContextLengthExceeded,
+    EngineDead,
+    EngineOverloaded,
+    HostNotAllowed,
+    InternVLError,
+    ModelLoading,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedFeature,
+    UnsupportedMediaType,
+    http_status,
+)
 
 
 class _Strict(BaseModel):

@@ -22,7 +22,6 @@ import torch.multiprocessing as mp
 from internvl_runtime.config import InternVLConfig
 from internvl_runtime.errors import ConfigError
 from internvl_runtime.processing.inputs import Message
-
 from paths import FIXTURES
 
 SHARED = FIXTURES
@@ -61,8 +60,8 @@ def _tp_rank(rank: int, world: int, init_method: str, variants: list[str], out_d
     )
     from internvl_runtime.distributed.parallel_state import init_group
     from internvl_runtime.distributed.worker import TensorParallelRunner, run_worker
-    from internvl_runtime.engine.model_runner import ModelRunner
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+    from internvl_runtime.engine.model_runner import ModelRunner
     from internvl_runtime.models.internvl import InternVLModel
     from internvl_runtime.processing.tokenization import AutoTokenizer
 

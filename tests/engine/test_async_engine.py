@@ -18,7 +18,6 @@ from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.errors import EngineDead, RequestFailed
 from internvl_runtime.processing.inputs import ImageInput, Message
-
 from paths import FIXTURES
 
 SHARED = FIXTURES

@@ -15,7 +15,6 @@ from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.errors import ContextLengthExceeded, InvalidGenerationConfig, InvalidRequest
 from internvl_runtime.processing.inputs import ImageInput, Message
 from internvl_runtime.processing.template import build_prompt
-
 from paths import FIXTURES
 
 SHARED = FIXTURES

@@ -9,7 +9,6 @@ from PIL import Image
 
 from internvl_runtime import GenerationConfig, Video, pipeline
 from internvl_runtime.errors import InvalidRequest
-
 from paths import FIXTURES
 
 SHARED = FIXTURES

@@ -21,7 +21,6 @@ from PIL import Image
 
 from internvl_runtime.serving.app import create_app, load_async_engine, uvicorn_config
 from internvl_runtime.serving.config import ServerConfig
-
 from paths import FIXTURES
 
 TINY_1B = FIXTURES / "ckpt" / "tiny-1B"

@@ -18,8 +18,15 @@ import pytest
 
 from internvl_runtime.errors import ImageDecodeError, InvalidRequest
 from internvl_runtime.serving.config import ServerConfig
-from internvl_runtime.serving.media import (VIDEO_FRAME_PIXELS, MediaFetchError, MediaFetcher, MediaNotAllowed,
-                                            decode_image, decode_video, refused_address_reason)
+from internvl_runtime.serving.media import (
+    VIDEO_FRAME_PIXELS,
+    MediaFetcher,
+    MediaFetchError,
+    MediaNotAllowed,
+    decode_image,
+    decode_video,
+    refused_address_reason,
+)
 
 from .helpers import png_bytes, png_header_only
 

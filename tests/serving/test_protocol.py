@@ -9,15 +9,42 @@ import pytest
 from pydantic import ValidationError
 
 from internvl_runtime import errors
-from internvl_runtime.errors import (CheckpointError, ContextLengthExceeded, EngineDead, EngineOverloaded,
-                                     HostNotAllowed, ImageDecodeError, InvalidGenerationConfig, InvalidRequest,
-                                     MediaFetchError, MethodNotAllowed, ModelLoading, ModelNotFound, PayloadTooLarge,
-                                     RequestFailed, RequestShapeError, RequestTimeout, RouteNotFound,
-                                     TensorParallelError, TooManyRequests, Unauthorized, UnsupportedFeature,
-                                     UnsupportedMediaType, http_status)
+from internvl_runtime.errors import (
+    CheckpointError,
+    ContextLengthExceeded,
+    EngineDead,
+    EngineOverloaded,
+    HostNotAllowed,
+    ImageDecodeError,
+    InvalidGenerationConfig,
+    InvalidRequest,
+    MediaFetchError,
+    MethodNotAllowed,
+    ModelLoading,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestFailed,
+    RequestShapeError,
+    RequestTimeout,
+    RouteNotFound,
+    TensorParallelError,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedFeature,
+    UnsupportedMediaType,
+    http_status,
+)
 from internvl_runtime.serving.config import ServerConfig
-from internvl_runtime.serving.protocol import (ChatCompletionChunk, ChatCompletionRequest, CompletionRequest,
-                                               ImagePart, TextPart, dump, error_payload, error_status)
+from internvl_runtime.serving.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    TextPart,
+    dump,
+    error_payload,
+    error_status,
+)
 
 
 def parse(body: dict) -> ChatCompletionRequest:

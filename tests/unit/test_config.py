@@ -14,7 +14,6 @@ from internvl_runtime.config import InternVLConfig
 from internvl_runtime.errors import ConfigError, InternVLError, UnknownArchitectureError
 from internvl_runtime.models.internvl import build_model
 from internvl_runtime.testing.checkpoints import VARIANTS, make_config
-
 from paths import FIXTURES
 
 SHARED = FIXTURES

@@ -17,7 +17,6 @@ import torch
 from internvl_runtime import AutoModel, kernels
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.errors import UnsupportedFeature
-
 from paths import FIXTURES
 
 SHARED = FIXTURES

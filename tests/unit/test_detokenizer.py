@@ -10,7 +10,6 @@ from collections.abc import Callable
 import pytest
 
 from internvl_runtime.engine.detokenizer import IncrementalDetokenizer
-
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt"

@@ -30,7 +30,6 @@ from internvl_runtime.processing.image import (
     open_image,
     select_grid,
 )
-
 from paths import FIXTURES
 
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
@@ -41,7 +40,7 @@ VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", 
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _official_tiles(path: str, input_size: int, max_num: int) -> np.ndarray:
     return load_image(path, input_size=input_size, max_num=max_num).numpy()
 
@@ -241,14 +240,14 @@ def _png_bytes(w: int = 60, h: int = 40, mode: str = "RGB", seed: int = 0) -> by
 class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, bytes]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         status, body = self.routes.get(self.path, (404, b"not found"))
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - keep the test output clean
+    def log_message(self, format: str, *args: object) -> None:  # keep the test output clean
         pass
 
 

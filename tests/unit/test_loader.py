@@ -19,7 +19,6 @@ from internvl_runtime.errors import CheckpointError, InternVLError, WeightMismat
 from internvl_runtime.models.internvl import build_model
 from internvl_runtime.testing.checkpoints import VARIANTS, make_config, write_checkpoint
 from internvl_runtime.weights.loader import checkpoint_files
-
 from paths import FIXTURES
 
 LM = "language_model."

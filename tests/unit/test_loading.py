@@ -20,7 +20,6 @@ from internvl_runtime.engine.model_runner import ModelRunner
 from internvl_runtime.models.internvl import InternVLModel, meta_model
 from internvl_runtime.testing.checkpoints import write_checkpoint
 from internvl_runtime.weights.loader import checkpoint_files, checkpoint_nbytes
-
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt" / "tiny-1B"

@@ -10,9 +10,17 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, loading, placement
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.models.layers.attention import AttentionMetadata, KVCache
-from internvl_runtime.placement import (EMBED, LM_HEAD, NORM, OFFICIAL_NUM_LAYERS, auto_device_map, layer_devices,
-                                        metadata_to, resolve_device_map, split_model)
-
+from internvl_runtime.placement import (
+    EMBED,
+    LM_HEAD,
+    NORM,
+    OFFICIAL_NUM_LAYERS,
+    auto_device_map,
+    layer_devices,
+    metadata_to,
+    resolve_device_map,
+    split_model,
+)
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt"

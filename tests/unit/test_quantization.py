@@ -12,11 +12,17 @@ from torch import nn
 
 from internvl_runtime import AutoModel, AutoTokenizer, InvalidRequest, UnsupportedFeature, loading
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
-from internvl_runtime.quantization import (Int4Linear, Int8Linear, QuantizationConfig, int4_backend, model_bytes,
-                                           quantize_model, resolve_quantization)
+from internvl_runtime.quantization import (
+    Int4Linear,
+    Int8Linear,
+    QuantizationConfig,
+    int4_backend,
+    model_bytes,
+    quantize_model,
+    resolve_quantization,
+)
 from internvl_runtime.quantization import linear as qlinear
 from internvl_runtime.quantization.linear import dequantize_int4, dequantize_int8, quantize_int4
-
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt" / "tiny-1B"

@@ -6,8 +6,8 @@ import pytest
 
 from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.engine.sequence import FINISH_STATUS, Sequence, SequenceStatus
-from internvl_runtime.processing.spans import MultiModalSpan
 from internvl_runtime.errors import InvalidRequest, PlaceholderMismatch
+from internvl_runtime.processing.spans import MultiModalSpan
 
 
 def test_counts_and_tokens() -> None:

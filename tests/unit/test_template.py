@@ -7,11 +7,18 @@ import json
 import pytest
 
 from internvl_runtime.errors import ConfigError, InvalidRequest, PlaceholderMismatch
-from internvl_runtime.processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN,
-                                                  IMG_START_TOKEN, INTERNVL2_SYSTEM_MESSAGE, TEMPLATES,
-                                                  build_prompt, expand_image_placeholders, get_template,
-                                                  image_tokens)
-
+from internvl_runtime.processing.template import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    INTERNVL2_SYSTEM_MESSAGE,
+    TEMPLATES,
+    build_prompt,
+    expand_image_placeholders,
+    get_template,
+    image_tokens,
+)
 from paths import FIXTURES
 
 GOLDENS = FIXTURES / "goldens"

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ import torch
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
 from internvl_runtime.processing.tokenization import AutoTokenizer, BatchEncoding, Tokenizer
-
 from paths import FIXTURES
 
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
@@ -47,7 +46,7 @@ def separator(variant: str) -> str:
     return "<|end|>" if variant == "tiny-4B" else "<|im_end|>"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(folder: str) -> Tokenizer:
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=False)
 

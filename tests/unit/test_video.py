@@ -22,7 +22,6 @@ from internvl_runtime.processing import video as video_module  # noqa: E402
 from internvl_runtime.processing import video_io  # noqa: E402
 from internvl_runtime.processing.image import load_image  # noqa: E402
 from internvl_runtime.processing.video import get_index, load_video, sample_frames, video_prompt  # noqa: E402
-
 from paths import FIXTURES  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
@@ -456,9 +455,8 @@ def test_no_nested_opens_even_for_a_demuxer_that_would(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     script = io.BytesIO(b"ffconcat version 1.0\nfile somefile.mp4\n")
     options = {**video_io._open_options(video_io._FORMATS[0]), "format_whitelist": "concat"}
-    with pytest.raises(av.error.FFmpegError):
-        with av.open(script, format="concat", options=options) as container:
-            list(container.decode(video=0))
+    with pytest.raises(av.error.FFmpegError), av.open(script, format="concat", options=options) as container:
+        list(container.decode(video=0))
 
 
 @pytest.mark.parametrize(

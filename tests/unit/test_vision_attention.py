@@ -26,7 +26,6 @@ from internvl_runtime.config import VisionConfig
 from internvl_runtime.models.layers.linear import LinearPlan, set_linear_plan
 from internvl_runtime.models.vision import intern_vit
 from internvl_runtime.models.vision.intern_vit import VisionAttention, fused_linear
-
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt"

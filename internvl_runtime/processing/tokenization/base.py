@@ -279,7 +279,7 @@ class Tokenizer:
             return index
         return self._convert_token_to_id(token)
 
-    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int | None] | None:
         """Ids of tokens; an unknown token gives the unk id (``None`` when there is no unk token)."""
         if isinstance(tokens, str):
             return self._token_to_id_or_none(tokens)

@@ -13,8 +13,19 @@ from fastapi.responses import JSONResponse, Response
 from ...errors import InvalidRequest
 from ...processing.inputs import Message, PreparedRequest
 from ..media import decode_image, decode_video
-from ..protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-                        ChatMessageOut, ChoiceLogprobs, DeltaMessage, Usage, dump, new_id)
+from ..protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    DeltaMessage,
+    Usage,
+    dump,
+    new_id,
+)
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
 from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
 
