@@ -89,7 +89,7 @@ def _summary(exc: BaseException) -> str:
     """A build error in a few lines: its first line and the last lines (where the compiler says why)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if len(lines) > 5:
-        lines = [lines[0][:300], "..."] + lines[-3:]
+        lines = [lines[0][:300], "...", *lines[-3:]]
     return f"{type(exc).__name__}: " + " | ".join(line[:400] for line in lines)
 
 

@@ -92,7 +92,8 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group:
     One native pass where the kernels run (prefill dequantizes a layer per call: ~20x faster than the
     torch expression below, which remains the fallback and the reference)."""
     if (dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu"
-            and extension._forced() != "torch" and extension._load() is not None and packed.is_contiguous() and scales_and_zeros.is_contiguous()
+            and extension._forced() != "torch" and extension._load() is not None
+            and packed.is_contiguous() and scales_and_zeros.is_contiguous()
             and scales_and_zeros.dtype == torch.bfloat16):
         return extension._State.ops.dequantize_int4(packed, scales_and_zeros, group, dtype)
     q = unpack_int4(packed).float()
