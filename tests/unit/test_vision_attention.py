@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from internvl_runtime import AutoModel, kernels
 from internvl_runtime.config import VisionConfig
+from internvl_runtime.kernels import extension
 from internvl_runtime.models.layers.linear import LinearPlan, set_linear_plan
 from internvl_runtime.models.vision import intern_vit
 from internvl_runtime.models.vision.intern_vit import VisionAttention, fused_linear
@@ -37,7 +38,7 @@ def native() -> None:
     """The avx512bf16 path built and loaded; skipped where the CPU lacks it or no toolchain is installed."""
     if kernels.missing_flags("avx512bf16"):
         pytest.skip(f"CPU lacks {', '.join(kernels.missing_flags('avx512bf16'))}: no native vision attention")
-    if kernels._load() is None:
+    if extension._load() is None:
         if shutil.which("c++") and shutil.which("ninja"):
             pytest.fail(f"a compiler and ninja are installed but the kernels did not build: {kernels.describe()}")
         pytest.skip(f"no toolchain to build the kernels: {kernels.describe()}")
@@ -51,7 +52,7 @@ def _auto_path(monkeypatch):
 
 
 def _op():
-    return kernels._State.ops.vision_attention
+    return extension._State.ops.vision_attention
 
 
 def _qkv(n: int, length: int, heads: int, dim: int, fused: bool, seed: int = 0, spread: float = 2.0):
@@ -306,7 +307,7 @@ def test_tiny_vision_encoder_kernel_on_and_off(variant: str, monkeypatch) -> Non
         monkeypatch.setenv(kernels.ENV_VAR, "torch")
         off = model16.vision_model(pixels.bfloat16())
     layers = model16.config.vision.num_hidden_layers
-    if model16.compute_plan.upcast_16bit or kernels.missing_flags("avx512bf16") or kernels._load() is None:
+    if model16.compute_plan.upcast_16bit or kernels.missing_flags("avx512bf16") or extension._load() is None:
         assert ran == 0 and torch.equal(on, off)   # the kernel never runs there: nothing changes
         return
     assert ran == layers and len(calls) == layers
