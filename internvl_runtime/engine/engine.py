@@ -20,13 +20,14 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
 
-from ..errors import InternVLError, InvalidRequest, RequestFailed
+from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed
 from ..hardware import available_memory
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from .detokenizer import IncrementalDetokenizer
@@ -134,7 +135,7 @@ class LLMEngine:
             block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
             max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
-        self.sampler = Sampler()
+        self.sampler = sampler if sampler is not None else Sampler()
         # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).
         self._decodable = len(tokenizer) if len(tokenizer) < llm.vocab_size else None
         self._states: dict[str, _RequestState] = {}
@@ -178,9 +179,18 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, request: PreparedRequest, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a prepared request. Raises before any work if it cannot be served."""
+                    arrival_time: float | None = None, *,
+                    image_features: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Queue a prepared request. Raises before any work if it cannot be served.
+
+        ``image_features``: feature rows computed by the caller, by span content hash, each
+        ``(span length, hidden)``; those spans take them instead of encoding ``request.images`` (the
+        official ``generate()`` encodes all tiles of a batch in one call, and takes ``visual_features``).
+        Like encoded features they are held until the prompt is computed and offered to the feature
+        cache, so the hashes must identify the features, as ``ImageInput``'s do.
+        """
         params = params or SamplingParams()
+        given = self._given_features(request, image_features)
         try:
             if request_id in self._states:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -193,6 +203,9 @@ class LLMEngine:
             self.stats["requests_refused"] += 1
             raise
         self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params))
+        for content_hash, features in given.items():
+            self._states[request_id].features[content_hash] = features
+            self.vision_cache.put(content_hash, features)
         self.stats["requests_added"] += 1
 
     def abort_all(self) -> int:
@@ -437,20 +450,48 @@ class LLMEngine:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _given_features(self, request: PreparedRequest, image_features: Mapping[str, torch.Tensor] | None
+                        ) -> dict[str, torch.Tensor]:
+        """``add_request``'s ``image_features``, checked against the request's spans: (rows, hidden) each."""
+        if not image_features:
+            return {}
+        lengths = {span.content_hash: span.length for span in request.mm_spans}
+        hidden = self.model.config.llm.hidden_size
+        given = {}
+        for content_hash, features in image_features.items():
+            if content_hash not in lengths:
+                raise InvalidRequest(f"image_features for {content_hash!r}, which no image span of the prompt has")
+            if features.dim() != 2 or tuple(features.shape) != (lengths[content_hash], hidden):
+                raise PlaceholderMismatch(
+                    f"image span {content_hash!r} has {lengths[content_hash]} <IMG_CONTEXT> tokens but its "
+                    f"features are {tuple(features.shape)}, not ({lengths[content_hash]}, {hidden})")
+            given[content_hash] = features
+        return given
+
     # -- offline convenience ---------------------------------------------------------------------
-    def generate(self, requests: list[PreparedRequest], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Run requests to completion; returns their final outputs in order."""
+    def generate(self, requests: list[PreparedRequest], params: SamplingParams | list[SamplingParams] | None = None,
+                 *, image_features: list[Mapping[str, torch.Tensor] | None] | None = None,
+                 on_output: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run requests to completion; returns their final outputs in order.
+
+        ``image_features``: per request, as ``add_request``'s. ``on_output(i, output)`` is called with
+        every output of ``requests[i]`` as the steps produce it (streaming); what it raises ends the run.
+        A request that fails raises its error; the others are aborted.
+        """
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
+        features_list = image_features if image_features is not None else [None] * len(requests)
         ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(requests))]
-        for rid, req, p in zip(ids, requests, params_list):
-            self.add_request(rid, req, p)
+        index = {rid: i for i, rid in enumerate(ids)}
         final: dict[str, RequestOutput] = {}
         try:
+            for rid, req, p, feats in zip(ids, requests, params_list, features_list, strict=True):
+                self.add_request(rid, req, p, image_features=feats)
             while len(final) < len(ids):
                 for out in self.step():
                     if out.error is not None:
                         raise out.error
+                    if on_output is not None:
+                        on_output(index[out.request_id], out)
                     if out.finished:
                         final[out.request_id] = out
         finally:
