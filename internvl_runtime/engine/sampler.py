@@ -20,10 +20,10 @@ class SamplingRow(NamedTuple):
 
     Attributes:
         params: the request's sampling options.
-        token_ids: the history the repetition penalty looks at. transformers penalises its
-            ``input_ids``; note that the reference InternVL ``generate`` passes only ``inputs_embeds``,
-            so there the history is the generated tokens alone.
-        num_output_tokens: tokens generated before this one (for ``min_new_tokens``).
+        token_ids: the prompt then the tokens generated so far (the last ``num_output_tokens`` of them).
+            The repetition penalty looks at all of them, or at the generated ones only, after
+            ``params.repetition_penalty_prefix_ids``, per ``params.repetition_penalty_scope``.
+        num_output_tokens: tokens generated before this one (for ``min_new_tokens`` and the penalty scope).
         generator: the request's own generator (see :func:`make_generator`); None uses torch's global RNG.
         eos_token_ids: end tokens masked with ``stop_token_ids`` while ``min_new_tokens`` is not reached
             (unless ``params.ignore_eos``).
@@ -66,6 +66,16 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     return generator
 
 
+def _penalty_history(row: SamplingRow) -> SequenceABC[int]:
+    """The ids the repetition penalty counts as seen in ``row`` (see ``SamplingParams.repetition_penalty_scope``)."""
+    p = row.params
+    if p.repetition_penalty_scope == "all":
+        return row.token_ids
+    assert 0 <= row.num_output_tokens <= len(row.token_ids), (row.num_output_tokens, len(row.token_ids))
+    generated = row.token_ids[len(row.token_ids) - row.num_output_tokens:]
+    return [*p.repetition_penalty_prefix_ids, *generated]
+
+
 def _needs_processing(row: SamplingRow) -> bool:
     p = row.params
     return (
@@ -81,8 +91,10 @@ class Sampler:
 
     Order of operations (as transformers' logits processors, then warpers):
 
-    1. Repetition penalty over the row's ``token_ids`` (transformers' ``RepetitionPenaltyLogitsProcessor``):
-       a logit of a token seen before is divided by the penalty if positive, multiplied if negative.
+    1. Repetition penalty (transformers' ``RepetitionPenaltyLogitsProcessor``): a logit of a token seen
+       before is divided by the penalty if positive, multiplied if negative. "Seen" is the row's
+       ``token_ids`` (prompt and output) with ``repetition_penalty_scope="all"``, or the prefix ids and
+       the output alone with ``"generated"`` (the official InternVL ``generate()``, see ``SamplingParams``).
     2. ``min_new_tokens``: while fewer tokens have been generated, the stop ids (``stop_token_ids``,
        and ``eos_token_ids`` unless ``ignore_eos``) get -inf.
     3. Greedy rows (``params.is_greedy``) take the argmax of these logits; steps 4-7 do not apply.
@@ -142,13 +154,12 @@ class Sampler:
     def penalize(logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> torch.Tensor:
         """Steps 1-2 on a float32 copy of ``logits`` (B, V)."""
         out = logits.to(torch.float32, copy=True)
-        penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and len(row.token_ids)]
+        histories = {i: _penalty_history(row) for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0}
+        penalized = [i for i, history in histories.items() if len(history)]
         if penalized:
-            width = max(len(rows[i].token_ids) for i in penalized)
+            width = max(len(histories[i]) for i in penalized)
             # Pad each history with its own first id: a repeated id gathers and scatters the same value.
-            ids = [
-                list(rows[i].token_ids) + [rows[i].token_ids[0]] * (width - len(rows[i].token_ids)) for i in penalized
-            ]
+            ids = [list(histories[i]) + [histories[i][0]] * (width - len(histories[i])) for i in penalized]
             history = torch.tensor(ids, device=out.device)  # (P, width)
             index = torch.tensor(penalized, device=out.device)
             penalty = torch.tensor([rows[i].params.repetition_penalty for i in penalized], device=out.device)

@@ -27,6 +27,9 @@ from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
 MAX_LOGPROBS = 20
 """The largest number of top logprobs a request may ask for."""
 
+REPETITION_PENALTY_SCOPES = ("all", "generated")
+"""Values of ``SamplingParams.repetition_penalty_scope``."""
+
 _MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64 - 1]
 
 # transformers' GenerationConfig defaults, used only by ``from_generation_config`` so that a dict the
@@ -88,6 +91,14 @@ class SamplingParams:
             ``top_p`` (0 < top_p <= 1; 1 = off).
         top_k: keep the ``top_k`` most likely tokens (0 or -1 = off).
         repetition_penalty: transformers' CTRL-style penalty (> 0; 1 = off).
+        repetition_penalty_scope: which token ids count as seen by the penalty. ``"all"`` (default): the
+            prompt and the generated tokens, as vLLM, and transformers' ``generate`` given ``input_ids``.
+            ``"generated"``: ``repetition_penalty_prefix_ids`` then the generated tokens, not the prompt;
+            the official InternVL ``generate`` calls transformers' with ``inputs_embeds`` only, so its
+            ``RepetitionPenaltyLogitsProcessor`` sees only the ids it tracks: the bos it starts from
+            (the prefix) and the generated tokens.
+        repetition_penalty_prefix_ids: ids counted as seen before the generated ones when the scope is
+            ``"generated"`` (the official ``generate()`` passes the LLM's bos); empty with ``"all"``.
         do_sample: None derives it from ``temperature > 0``; False is greedy whatever the temperature
             (as in transformers); True samples and then needs ``temperature > 0``.
         ignore_eos: keep generating after the model's EOS token (``stop_token_ids`` still stop).
@@ -109,6 +120,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    repetition_penalty_scope: str = "all"
+    repetition_penalty_prefix_ids: list[int] = field(default_factory=list)
     do_sample: bool | None = None
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
@@ -129,6 +142,16 @@ class SamplingParams:
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty, "a finite number > 0")
         if self.repetition_penalty <= 0:
             raise _fail("repetition_penalty", "a finite number > 0", self.repetition_penalty)
+        if self.repetition_penalty_scope not in REPETITION_PENALTY_SCOPES:
+            raise _fail("repetition_penalty_scope", " or ".join(map(repr, REPETITION_PENALTY_SCOPES)),
+                        self.repetition_penalty_scope)
+        ids = self.repetition_penalty_prefix_ids
+        if not isinstance(ids, (list, tuple)):
+            raise _fail("repetition_penalty_prefix_ids", "a list of integers >= 0", ids)
+        self.repetition_penalty_prefix_ids = [_check_int("repetition_penalty_prefix_ids", i, 0) for i in ids]
+        if self.repetition_penalty_prefix_ids and self.repetition_penalty_scope != "generated":
+            raise _fail("repetition_penalty_prefix_ids", 'empty unless repetition_penalty_scope is "generated"',
+                        self.repetition_penalty_prefix_ids)
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise _fail("do_sample", "true, false or null", self.do_sample)
         if self.do_sample is True and self.temperature == 0:

@@ -15,8 +15,11 @@ def reference_logits(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
     """One row, step by step, written the obvious way (transformers' processors and warpers)."""
     x = logits.clone().float()
     p = row.params
-    if p.repetition_penalty != 1.0 and row.token_ids:
-        for t in set(row.token_ids):
+    seen = list(row.token_ids)
+    if p.repetition_penalty_scope == "generated":
+        seen = p.repetition_penalty_prefix_ids + seen[len(seen) - row.num_output_tokens :]
+    if p.repetition_penalty != 1.0 and seen:
+        for t in set(seen):
             x[t] = x[t] * p.repetition_penalty if x[t] < 0 else x[t] / p.repetition_penalty
     if row.num_output_tokens < p.min_new_tokens:
         for t in list(p.stop_token_ids) + ([] if p.ignore_eos else list(row.eos_token_ids)):
@@ -137,6 +140,47 @@ def test_repetition_penalty_matches_transformers_rule() -> None:
     torch.testing.assert_close(Sampler.penalize(logits, rows), torch.tensor([[1.0, -4.0, 1.5, -1.0, 0.5]]))
     # Greedy choice flips once the leader is penalised.
     assert Sampler()(logits, rows).token_ids == [2]
+
+
+def test_repetition_penalty_scope_generated_skips_the_prompt() -> None:
+    """transformers' generate given inputs_embeds penalises the ids it tracks: its start (bos) id and the
+    generated ids, never the prompt; scope "all" (vLLM) penalises the prompt too."""
+    logits = torch.tensor([[2.0, -2.0, 1.7, -1.0, 0.5, 3.0]])
+    prompt, generated = [2, 3, 4], [0, 0]
+    official = SamplingParams(
+        temperature=0, repetition_penalty=2.0, repetition_penalty_scope="generated", repetition_penalty_prefix_ids=[5]
+    )
+    rows = [SamplingRow(official, prompt + generated, len(generated))]
+    expected = torch.tensor([[1.0, -2.0, 1.7, -1.0, 0.5, 1.5]])  # 0 (generated) and 5 (prefix) only, once each
+    torch.testing.assert_close(Sampler.penalize(logits, rows), expected)
+    everything = [SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), prompt + generated, 2)]
+    torch.testing.assert_close(
+        Sampler.penalize(logits, everything), torch.tensor([[1.0, -2.0, 0.85, -2.0, 0.25, 3.0]])
+    )
+    # nothing generated yet: the prefix alone; no prefix either: no penalty at all
+    torch.testing.assert_close(
+        Sampler.penalize(logits, [SamplingRow(official, prompt, 0)]), torch.tensor([[2.0, -2.0, 1.7, -1.0, 0.5, 1.5]])
+    )
+    bare = SamplingParams(temperature=0, repetition_penalty=2.0, repetition_penalty_scope="generated")
+    torch.testing.assert_close(Sampler.penalize(logits, [SamplingRow(bare, prompt, 0)]), logits)
+    # the greedy choice follows: the prompt's 2 wins once only the generated ids (and the prefix) count
+    assert Sampler()(logits, everything).token_ids == [5]
+    assert Sampler()(logits, rows).token_ids == [2]
+
+
+def test_repetition_penalty_scopes_mixed_in_one_batch_match_the_reference() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(4, V) * 3
+    scoped = SamplingParams(
+        temperature=0, repetition_penalty=1.8, repetition_penalty_scope="generated", repetition_penalty_prefix_ids=[9]
+    )
+    params = [scoped, SamplingParams(temperature=0, repetition_penalty=1.8), scoped, SamplingParams(temperature=0)]
+    histories = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [6, 7], [8]]
+    rows = [SamplingRow(p, h, n) for p, h, n in zip(params, histories, [2, 2, 0, 1], strict=True)]
+    penalized = Sampler.penalize(logits, rows)
+    for i, row in enumerate(rows):  # greedy rows: the reference stops after the penalty and the masks
+        torch.testing.assert_close(penalized[i], reference_logits(logits[i], row))
+    assert not torch.equal(penalized[0], penalized[1])  # the scopes differ on the same history
 
 
 def test_min_new_tokens_masks_eos_and_stop_ids() -> None:

@@ -15,6 +15,7 @@ def test_defaults() -> None:
     assert (p.max_new_tokens, p.min_new_tokens, p.temperature, p.top_p, p.top_k) == (512, 0, 1.0, 1.0, 0)
     assert (p.repetition_penalty, p.do_sample, p.ignore_eos, p.seed, p.logprobs) == (1.0, None, False, None, None)
     assert p.stop == [] and p.stop_token_ids == []
+    assert p.repetition_penalty_scope == "all" and p.repetition_penalty_prefix_ids == []
     assert not p.is_greedy
 
 
@@ -53,6 +54,13 @@ def test_is_greedy(kwargs: dict[str, object], greedy: bool) -> None:
         ({"top_k": 1.5}, "top_k"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty_scope": "prompt"}, "repetition_penalty_scope"),
+        ({"repetition_penalty_scope": None}, "repetition_penalty_scope"),
+        ({"repetition_penalty_scope": "generated", "repetition_penalty_prefix_ids": [-1]},
+         "repetition_penalty_prefix_ids"),
+        ({"repetition_penalty_scope": "generated", "repetition_penalty_prefix_ids": 1},
+         "repetition_penalty_prefix_ids"),
+        ({"repetition_penalty_prefix_ids": [1]}, "repetition_penalty_prefix_ids"),  # only with "generated"
         ({"do_sample": "yes"}, "do_sample"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"stop": [""]}, "stop"),
@@ -133,6 +141,12 @@ def test_from_generation_config_all_keys() -> None:
     )
     single, _ = SamplingParams.from_generation_config({"eos_token_id": 7, "top_k": None, "temperature": None})
     assert single.stop_token_ids == [7] and single.top_k == 50 and single.temperature == 1.0
+
+
+def test_repetition_penalty_scope_values() -> None:
+    assert SamplingParams(repetition_penalty_scope="generated").repetition_penalty_prefix_ids == []
+    p = SamplingParams(repetition_penalty_scope="generated", repetition_penalty_prefix_ids=(7,))  # type: ignore[arg-type]
+    assert p.repetition_penalty_prefix_ids == [7]
 
 
 def test_from_generation_config_file_metadata_is_ignored() -> None:
