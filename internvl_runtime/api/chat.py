@@ -9,31 +9,125 @@ Reference behaviours reproduced (OpenGVLab/InternVL ``modeling_internvl_chat.py`
 - ``generate`` returns the LLM's bos id followed by the new tokens (what transformers' ``generate``
   returns when given only embeddings); finished rows are padded with the pad id.
 - batch rows are independent: left padding in the reference only masks, so we run rows unpadded.
+
+``generate`` (and so ``chat``/``batch_chat``) runs on the engine (``LLMEngine``), the loop that serves:
+each row is one request, its image features computed here as the reference does (all tiles in one
+``extract_feature`` call, or ``visual_features``) and handed to the engine by span. transformers'
+``generate`` semantics are kept by the ``SamplingParams`` that ``from_generation_config`` builds: stop
+only at ``eos_token_id``, ``min_new_tokens`` counted as its ``MinNewTokensLengthLogitsProcessor`` does,
+the repetition penalty over the bos and the generated ids only. The engine refuses a prompt plus
+``max_new_tokens`` longer than the LLM's context (``ContextLengthExceeded``), where the reference would
+run past it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..engine.model_runner import ModelRunner, SequenceStep
-from ..engine.sampler import Sampler, SamplingRow, make_generator
+from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import MultiModalSpan
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
-from ..processing.template import (IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt,
-                                   expand_image_placeholders, get_template)
+from ..processing.inputs import PreparedRequest
+from ..processing.template import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    build_prompt,
+    expand_image_placeholders,
+    get_template,
+)
 
 # transformers' default max_length (20) counts the bos that generate() starts from.
 DEFAULT_MAX_NEW_TOKENS = 19
+_BLOCK_SIZE = 16  # KV block size of the engine behind chat/generate
+
+
+class IdsOnlyVocabulary:
+    """The tokenizer side of the engine behind ``generate()``, which takes ids and no tokenizer (as the
+    reference's). Every id of the LLM's vocabulary may be sampled, as in the reference (an engine built on
+    a tokenizer masks ids past its end); the engine's incremental text is empty (``chat`` decodes the
+    returned ids with its own tokenizer, as the reference); and the engine needs no end-token id, since
+    the requests stop only at their ``eos_token_id`` (``ignore_eos``, see ``from_generation_config``).
+    """
+
+    eos_token_id = None
+
+    def __init__(self, vocab_size: int, img_context_token_id: int) -> None:
+        self.vocab_size = vocab_size
+        self.img_context_token_id = img_context_token_id
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """``<IMG_CONTEXT>``'s id; None for any other token (no end token, no template separator)."""
+        return self.img_context_token_id if token == IMG_CONTEXT_TOKEN else None
+
+    def encode(self, text: str) -> list[int]:
+        raise InvalidRequest("generate() takes token ids; tokenize with the checkpoint's tokenizer")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def image_runs(ids: Sequence[int], img_context_token_id: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of consecutive ``<IMG_CONTEXT>`` ids, in order: one image's span."""
+    runs: list[tuple[int, int]] = []
+    for position, token in enumerate(ids):
+        if token != img_context_token_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((position, 1))
+    return runs
+
+
+def engine_requests(rows: list[list[int]], features: torch.Tensor | None, img_context_token_id: int
+                    ) -> list[tuple[PreparedRequest, dict[str, torch.Tensor]]]:
+    """The rows of a ``generate()`` batch as engine requests with their image features by span hash.
+
+    ``features`` (rows, hidden) fill the ``<IMG_CONTEXT>`` ids of all rows in order, row after row (the
+    reference writes them at ``input_ids == img_context_token_id`` of the flattened batch).
+    """
+    counts = [sum(1 for t in row if t == img_context_token_id) for row in rows]
+    if features is None:
+        if any(counts):
+            raise PlaceholderMismatch("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
+    elif sum(counts) != features.shape[0]:
+        raise PlaceholderMismatch(
+            f"the prompts hold {sum(counts)} <IMG_CONTEXT> tokens but pixel_values give {features.shape[0]} "
+            f"feature rows")
+    call = uuid.uuid4().hex  # span hashes name this call's features only (the engine caches no features)
+    requests, start = [], 0
+    for index, row in enumerate(rows):
+        spans, by_hash = [], {}
+        for number, (offset, length) in enumerate(image_runs(row, img_context_token_id)):
+            assert features is not None
+            key = f"generate:{call}:{index}:{number}"
+            spans.append(MultiModalSpan(offset, length, key))
+            by_hash[key] = features[start:start + length]
+            start += length
+        requests.append((PreparedRequest(prompt="", prompt_token_ids=row, images=[], mm_spans=spans), by_hash))
+    return requests
 
 
 class OfficialChatMixin:
-    """Mixed into the model class returned by ``AutoModel.from_pretrained``."""
+    """Mixed into the model class returned by ``AutoModel.from_pretrained``.
 
-    block_size = 16
+    ``generate`` runs on an engine this object builds on first use and keeps (``generation_engine``),
+    with a KV cache sized for the largest call so far and rebuilt when a call needs more, when the
+    model moved to another dtype or device, or when ``img_context_token_id`` changed. Calls on one model
+    must not overlap (one engine, one loop).
+    """
+
+    _generation_engine: LLMEngine | None = None
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -44,15 +138,35 @@ class OfficialChatMixin:
     def system_message(self) -> str:
         return self.config.system_message or get_template(self.config.template).system_message
 
-    def _runner(self, num_blocks: int) -> ModelRunner:
-        runner: ModelRunner | None = getattr(self, "_chat_runner", None)
+    @property
+    def generation_engine(self) -> LLMEngine | None:
+        """The engine ``chat``/``batch_chat``/``generate`` ran on last (None before the first call)."""
+        return self._generation_engine
+
+    def _engine_for(self, prompt_lens: list[int], max_new_tokens: int) -> LLMEngine:
+        """The engine, (re)built if it cannot run these rows side by side from start to end: all prompts
+        in one step (as the reference's batch), and KV for every row's whole length, so no row is ever
+        preempted and recomputed."""
+        # The scheduler keeps one free block per running row at admission: one spare block each. A row
+        # longer than the context is refused by the engine (its rule): no cache beyond the context for it.
+        context = self.config.llm.max_position_embeddings
+        wanted = {"max_num_seqs": len(prompt_lens),
+                  "max_num_batched_tokens": max(sum(prompt_lens), len(prompt_lens)),
+                  "num_blocks": sum(math.ceil(min(n + max_new_tokens, context) / _BLOCK_SIZE) + 1
+                                    for n in prompt_lens)}
         embed = self.language_model.get_input_embeddings().weight
-        if (runner is None or runner.kv_cache.num_blocks < num_blocks or runner.device != embed.device
-                or runner.dtype != embed.dtype):
-            self._chat_runner = None  # free the old pool before allocating the new one
-            runner = ModelRunner(self, num_blocks=max(num_blocks, 8), block_size=self.block_size)
-            self._chat_runner = runner
-        return runner
+        engine = self._generation_engine
+        if (engine is not None and engine.runner.dtype == embed.dtype and engine.runner.device == embed.device
+                and engine.processor.img_context_id == self.img_context_token_id):
+            have = {name: getattr(engine.config, name) for name in wanted}
+            if all(have[name] >= wanted[name] for name in wanted):
+                return engine
+            wanted = {name: max(have[name], wanted[name]) for name in wanted}  # grow, never shrink
+        self._generation_engine = None  # free the old KV cache before allocating the new one
+        vocabulary = IdsOnlyVocabulary(self.config.llm.vocab_size, self.img_context_token_id)
+        config = EngineConfig(block_size=_BLOCK_SIZE, enable_prefix_caching=False, image_cache_bytes=0, **wanted)
+        self._generation_engine = LLMEngine(self, vocabulary, config)
+        return self._generation_engine
 
     # -- generate --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -67,10 +181,19 @@ class OfficialChatMixin:
             raise InvalidRequest("img_context_token_id is not set: call chat()/batch_chat() or set it")
         generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         params, streamer = SamplingParams.from_generation_config(generation_config)
+        llm = self.config.llm
+        bos = llm.bos_token_id if llm.bos_token_id is not None else 0
+        # transformers' generate given embeddings tracks (and penalises) bos + generated ids.
+        params = dataclasses.replace(params, repetition_penalty_prefix_ids=[bos])
+        pad = generation_config.get("pad_token_id")
+        if pad is None:
+            pad = llm.pad_token_id
+        if pad is None:  # transformers falls back to the (first) eos id
+            pad = params.stop_token_ids[0] if params.stop_token_ids else bos
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu())]
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu(), strict=True)]
 
         features = None
         size = self.config.image_size
@@ -81,80 +204,52 @@ class OfficialChatMixin:
         if pixel_values is not None or visual_features is not None:
             features = visual_features if visual_features is not None else self.extract_feature(pixel_values)
             features = features.reshape(-1, features.shape[-1])
-        row_features = self._split_features(rows, features)
-        return self._decode_rows(rows, row_features, params, streamer)
-
-    def _split_features(self, rows: list[list[int]], features: torch.Tensor | None) -> list[torch.Tensor | None]:
-        counts = [sum(1 for t in row if t == self.img_context_token_id) for row in rows]
-        if features is None:
-            if any(counts):
-                raise PlaceholderMismatch("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
-            return [None] * len(rows)
-        if sum(counts) != features.shape[0]:
-            raise PlaceholderMismatch(
-                f"the prompts hold {sum(counts)} <IMG_CONTEXT> tokens but pixel_values give "
-                f"{features.shape[0]} feature rows ({features.shape[0] // self.num_image_token} tiles)")
-        out, start = [], 0
-        for n in counts:
-            out.append(features[start:start + n] if n else None)
-            start += n
-        return out
-
-    def _decode_rows(self, rows: list[list[int]], row_features: list[torch.Tensor | None],
-                     params: SamplingParams, streamer: Any) -> torch.Tensor:
-        llm = self.config.llm
-        max_new = params.max_new_tokens
-        blocks_per_row = [math.ceil((len(r) + max_new) / self.block_size) for r in rows]
-        runner = self._runner(sum(blocks_per_row))
-        tables, next_block = [], 0
-        for n in blocks_per_row:
-            tables.append(list(range(next_block, next_block + n)))
-            next_block += n
-        bos = llm.bos_token_id if llm.bos_token_id is not None else 0
-        pad = llm.pad_token_id
-        stop_ids = set(params.stop_token_ids)
-        if pad is None:  # transformers falls back to the (first) eos id
-            pad = params.stop_token_ids[0] if params.stop_token_ids else bos
-        sampler = Sampler()
-        generators = [make_generator(params) for _ in rows]
-        # The reference penalises repetition over generate()'s input_ids: bos + generated tokens.
-        histories: list[list[int]] = [[bos] for _ in rows]
-        outputs: list[list[int]] = [[] for _ in rows]
-        finished = [False] * len(rows)
-        if streamer is not None:
-            streamer.put(torch.tensor([[bos] * len(rows)]).T if len(rows) > 1 else torch.tensor([[bos]]))
-
-        steps = [SequenceStep(token_ids=row, num_computed=0, block_table=tables[i], image_features=row_features[i])
-                 for i, row in enumerate(rows)]
-        active = list(range(len(rows)))
-        for step_index in range(max_new):
-            logits = runner.execute([steps[i] for i in active])
-            tokens = sampler(logits, [SamplingRow(params, histories[i], len(outputs[i]), generators[i])
-                                      for i in active]).token_ids
-            emitted = []
-            for i, token in zip(active, tokens):
-                outputs[i].append(token)
-                histories[i].append(token)
-                emitted.append(token)
-                if token in stop_ids and len(outputs[i]) >= params.min_new_tokens:
-                    finished[i] = True
-            if streamer is not None:
-                streamer.put(torch.tensor(emitted if len(rows) > 1 else emitted[:1]))
-            still = [i for i in active if not finished[i]]
-            if not still:
-                break
-            for i in still:
-                steps[i] = SequenceStep(token_ids=[outputs[i][-1]], num_computed=steps[i].seq_len,
-                                        block_table=tables[i])
-            active = still
-        if streamer is not None:
-            streamer.end()
+        requests = engine_requests(rows, features, self.img_context_token_id)
+        outputs = self._run_engine(requests, params, streamer, bos, pad)
         width = max(len(o) for o in outputs)
         result = torch.full((len(rows), 1 + width), pad, dtype=torch.long)
         result[:, 0] = bos
         for i, out in enumerate(outputs):
             result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
         return result
+
+    def _run_engine(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]], params: SamplingParams,
+                    streamer: Any, bos: int, pad: int) -> list[list[int]]:
+        """Every row to its end on the engine; returns the generated ids of each row. A streamer gets what
+        transformers' ``generate`` gives it: the bos column, then one (B,) column of ids per step, finished
+        rows padded, then ``end()``."""
+        engine = self._engine_for([len(r.prompt_token_ids) for r, _ in requests], params.max_new_tokens)
+        num_rows = len(requests)
+        streamed: list[list[int]] = [[] for _ in requests]
+        done = [False] * num_rows
+        num_columns = 0
+
+        def put_columns() -> None:
+            """Put every column that all rows have reached (a finished row gives its pad id)."""
+            nonlocal num_columns
+            while (any(len(s) > num_columns for s in streamed)
+                   and all(done[i] or len(streamed[i]) > num_columns for i in range(num_rows))):
+                streamer.put(torch.tensor([s[num_columns] if len(s) > num_columns else pad for s in streamed]))
+                num_columns += 1
+
+        def on_output(index: int, output: RequestOutput) -> None:
+            streamed[index].extend(output.new_token_ids)
+            done[index] = output.finished
+            put_columns()
+
+        if streamer is not None:
+            streamer.put(torch.full((num_rows, 1), bos, dtype=torch.long))
+        try:
+            finals = engine.generate([r for r, _ in requests], params, image_features=[f for _, f in requests],
+                                     on_output=on_output if streamer is not None else None)
+        except BaseException:
+            if engine.has_unfinished_requests():  # stopped inside a step: do not reuse it
+                self._generation_engine = None
+            raise
+        if streamer is not None:
+            put_columns()
+            streamer.end()
+        return [out.token_ids for out in finals]
 
     # -- chat ------------------------------------------------------------------------------------
     def build_chat_query(self, pixel_values: torch.Tensor | None, question: str,
@@ -224,7 +319,7 @@ class OfficialChatMixin:
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         template = get_template(self.config.template)
         queries = []
-        for question, num_patches in zip(questions, num_patches_list):
+        for question, num_patches in zip(questions, num_patches_list, strict=True):
             if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
                 question = IMAGE_PLACEHOLDER + "\n" + question
             query = build_prompt(self.config.template, question, (), self.system_message)

@@ -202,7 +202,12 @@ class SamplingParams:
         ``bos_token_id``), which are ignored. A value of None means "not given".
 
         transformers' defaults apply to keys not given, so the same dict means the same thing here
-        and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50.
+        and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50. Two more
+        settings follow from the reference ``generate()`` (transformers' ``generate`` given embeddings):
+        it stops only at ``eos_token_id``, so ``ignore_eos`` is set (no other end token stops or is masked
+        by ``min_new_tokens``); and its repetition penalty sees only the generated ids, so
+        ``repetition_penalty_scope`` is ``"generated"`` (the caller adds the bos it starts from as
+        ``repetition_penalty_prefix_ids``, as ``api.chat``'s ``generate()`` does).
 
         Returns:
             ``(params, streamer)``; ``streamer`` is None when the dict has none.
@@ -235,4 +240,5 @@ class SamplingParams:
 
         given.setdefault("do_sample", _HF_DEFAULT_DO_SAMPLE)
         given.setdefault("top_k", _HF_DEFAULT_TOP_K)
-        return cls(stop_token_ids=stop_token_ids, **given), streamer
+        return cls(stop_token_ids=stop_token_ids, ignore_eos=True, repetition_penalty_scope="generated",
+                   **given), streamer

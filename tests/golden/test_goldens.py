@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from internvl_runtime import AutoModel, AutoTokenizer, load_image
-from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
+from internvl_runtime.api.chat import IdsOnlyVocabulary, engine_requests
+from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+from internvl_runtime.engine.sampler import Sampler, SamplerOutput
+from internvl_runtime.engine.sampling_params import SamplingParams
 
 from paths import FIXTURES
 
@@ -54,15 +57,32 @@ def _rel_err(ours: torch.Tensor, ref: np.ndarray) -> float:
     return float((ours.float() - ref_t).norm() / ref_t.norm())
 
 
+class _FirstLogits(Sampler):
+    """The engine's sampler, keeping the logits of the first step it samples: the prompts' last tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
+        if self.first is None:
+            self.first = logits.clone()
+        return super().__call__(logits, rows)
+
+
 def _first_logits(model, rows: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
-    row_features = model._split_features(rows, features)
-    runner = ModelRunner(model, num_blocks=sum(-(-len(r) // 16) for r in rows) + 1)
-    steps, next_block = [], 0
-    for row, feats in zip(rows, row_features):
-        n = -(-len(row) // 16)
-        steps.append(SequenceStep(row, 0, list(range(next_block, next_block + n)), feats))
-        next_block += n
-    return runner.execute(steps)
+    """The logits the engine samples the first tokens from, the rows handed to it as generate() does."""
+    sampler = _FirstLogits()
+    config = EngineConfig(max_num_seqs=len(rows), max_num_batched_tokens=sum(len(r) for r in rows),
+                          num_blocks=sum(-(-len(r) // 16) + 2 for r in rows), enable_prefix_caching=False,
+                          image_cache_bytes=0)
+    vocabulary = IdsOnlyVocabulary(model.config.llm.vocab_size, model.img_context_token_id)
+    engine = LLMEngine(model, vocabulary, config, sampler=sampler)
+    requests = engine_requests(rows, features, model.img_context_token_id)
+    engine.generate([r for r, _ in requests], SamplingParams(max_new_tokens=1, temperature=0),
+                    image_features=[f for _, f in requests])
+    assert sampler.first is not None and sampler.first.shape[0] == len(rows)
+    return sampler.first
 
 
 def _check_pixels(golden: dict, pixel_values: torch.Tensor) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import internvl_runtime
-from internvl_runtime import (AutoModel, AutoTokenizer, ConfigError, InvalidGenerationConfig, InvalidRequest,
-                              PlaceholderMismatch, TextIteratorStreamer, UnsupportedFeature)
+from internvl_runtime import (AutoModel, AutoTokenizer, ConfigError, ContextLengthExceeded, InvalidGenerationConfig,
+                              InvalidRequest, PlaceholderMismatch, TextIteratorStreamer, UnsupportedFeature)
 from internvl_runtime.testing.checkpoints import write_checkpoint
 
 from paths import FIXTURES
@@ -131,17 +131,17 @@ def test_eval_and_conv_template(model) -> None:
 def test_to_bfloat16_then_chat(tokenizer) -> None:
     model = AutoModel.from_pretrained(CKPT, torch_dtype=torch.float32).eval()
     assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)), str)
-    assert model._chat_runner.dtype == torch.float32
+    assert model.generation_engine.runner.dtype == torch.float32
     assert model.to(torch.bfloat16) is model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     response = model.chat(tokenizer, tiles(1).to(torch.bfloat16), "Describe", dict(max_new_tokens=4))
     assert isinstance(response, str)
-    assert model._chat_runner.dtype == torch.bfloat16  # the KV cache followed the new dtype
+    assert model.generation_engine.runner.dtype == torch.bfloat16  # the KV cache followed the new dtype
     assert model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)) is not None
     # and back (values were rounded to bfloat16, so only the dtype is checked)
     model.to(torch.float32)
     assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)), str)
-    assert model._chat_runner.dtype == torch.float32
+    assert model.generation_engine.runner.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +244,138 @@ def test_min_new_tokens(model, tokenizer) -> None:
     assert stop not in forced[0, 1:1 + k].tolist()
     response = model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=20, min_new_tokens=k))
     assert len(response) > len(model.chat(tokenizer, None, "Hello, who are you?", dict(max_new_tokens=20)))
+
+
+def test_min_new_tokens_counts_like_transformers(model, tokenizer) -> None:
+    """transformers' MinNewTokensLengthLogitsProcessor masks the eos while fewer than min_new_tokens ids follow
+    the bos generate() starts from: with min_new_tokens = k the eos may be the (k + 1)-th new token."""
+    inputs = prompt_ids(model, tokenizer)
+    stop = stop_id(model, tokenizer)
+
+    def run(**config) -> list[int]:
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=20,
+                             eos_token_id=stop, **config)
+        return out[0, 1:].tolist()
+
+    free = run()
+    natural = len(free)
+    assert free[-1] == stop and natural >= 2
+    assert run(min_new_tokens=natural - 1) == free  # the eos at token `natural` is allowed ...
+    longer = run(min_new_tokens=natural)  # ... and masked once `natural` tokens must come first
+    assert len(longer) > natural and longer[natural - 1] != stop and longer[:natural - 1] == free[:-1]
+
+
+def test_repetition_penalty_counts_the_bos_and_generated_ids_not_the_prompt(model, tokenizer) -> None:
+    """The reference generate() passes embeddings, so transformers' penalty sees only the ids generate tracks: the
+    bos it starts from and the generated ids. With a huge penalty none of those comes again, prompt ids still do."""
+    inputs = prompt_ids(model, tokenizer)
+    prompt = set(inputs["input_ids"][0].tolist())
+
+    def run(**config) -> list[int]:
+        out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=12,
+                             **config)
+        return out[0, 1:].tolist()
+
+    plain = run()
+    assert len(set(plain)) < len(plain)  # the tiny model loops without a penalty ...
+    penalized = run(repetition_penalty=1000.0)
+    assert len(set(penalized)) == len(penalized) and model.config.llm.bos_token_id not in penalized  # ... not with one
+    assert set(penalized) & prompt  # the prompt's ids are not penalised (vLLM's scope "all" would forbid them)
+
+
+class RecordingStreamer:
+    """transformers' streamer interface, recording every call."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ends = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+def test_streamer_gets_what_transformers_generate_gives_it(model, tokenizer) -> None:
+    """The bos column (B, 1) first, then one (B,) column of new ids per step (a finished row gives the pad id), then
+    end(), for rows that stop at different steps."""
+    pixel_values = tiles(1)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    queries = [model.build_chat_query(None, "Hello, who are you?")[1],
+               model.build_chat_query(pixel_values, "Describe")[1]]
+    tokenizer.padding_side = "left"
+    try:
+        inputs = tokenizer(queries, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    streamer = RecordingStreamer()
+    stop = stop_id(model, tokenizer)
+    out = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
+                         attention_mask=inputs["attention_mask"], max_new_tokens=12, eos_token_id=stop,
+                         streamer=streamer)
+    lengths = [row.index(stop) + 1 if stop in row else len(row) for row in out[:, 1:].tolist()]
+    assert len(set(lengths)) == 2  # the rows really end at different steps
+    assert streamer.ends == 1
+    assert streamer.puts[0].tolist() == [[model.config.llm.bos_token_id]] * 2
+    assert all(p.shape == (2,) for p in streamer.puts[1:])
+    assert torch.equal(torch.stack(streamer.puts[1:], dim=1), out[:, 1:])
+
+    single = RecordingStreamer()
+    alone = model.generate(input_ids=inputs["input_ids"][:1], attention_mask=inputs["attention_mask"][:1],
+                           max_new_tokens=5, streamer=single)
+    assert single.puts[0].shape == (1, 1) and all(p.shape == (1,) for p in single.puts[1:])
+    assert [p.item() for p in single.puts] == alone[0].tolist() and single.ends == 1
+
+
+def test_visual_features_stand_for_pixel_values(model, tokenizer) -> None:
+    pixel_values = tiles(2, seed=3)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    inputs = tokenizer(model.build_chat_query(pixel_values, "Describe")[1], return_tensors="pt")
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=6)
+    encoded = model.generate(pixel_values=pixel_values, **kwargs)
+    given = model.generate(pixel_values=pixel_values, visual_features=model.extract_feature(pixel_values), **kwargs)
+    assert given.tolist() == encoded.tolist()
+    with pytest.raises(PlaceholderMismatch, match="feature rows"):
+        model.generate(pixel_values=pixel_values, visual_features=model.extract_feature(pixel_values[:1]), **kwargs)
+
+
+def test_one_engine_reused_and_grown_per_call(tokenizer) -> None:
+    model = AutoModel.from_pretrained(CKPT, torch_dtype=torch.float32).eval()
+    assert model.generation_engine is None
+    model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4))
+    engine = model.generation_engine
+    assert engine is not None and engine.config.enable_prefix_caching is False
+    model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4))
+    assert model.generation_engine is engine  # reused
+    blocks = engine.config.num_blocks
+    model.chat(tokenizer, None, "Hello", dict(max_new_tokens=16 * blocks))  # needs a larger KV cache
+    grown = model.generation_engine
+    assert grown is not engine and grown.config.num_blocks > blocks
+    model.batch_chat(tokenizer, None, ["a", "b", "c"], dict(max_new_tokens=4), num_patches_list=[0, 0, 0])
+    assert model.generation_engine.config.max_num_seqs >= 3
+    assert model.generation_engine.config.num_blocks >= grown.config.num_blocks  # never shrinks
+    engine = model.generation_engine
+    assert not engine.has_unfinished_requests() and engine.num_free_blocks == engine.config.num_blocks
+
+
+def test_prompt_past_the_context_is_refused(model, tokenizer) -> None:
+    context = model.config.llm.max_position_embeddings
+    with pytest.raises(ContextLengthExceeded):
+        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=context))
+    queries = [model.build_chat_query(None, q)[1] for q in ("Hi", "Hello, who are you? Tell me a story")]
+    tokenizer.padding_side = "left"
+    try:
+        inputs = tokenizer(queries, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    short = int(inputs["attention_mask"][0].sum())
+    with pytest.raises(ContextLengthExceeded):  # the second row is too long: the first is withdrawn too
+        model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       max_new_tokens=context - short)
+    engine = model.generation_engine
+    assert not engine.has_unfinished_requests() and engine.num_free_blocks == engine.config.num_blocks
+    assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=4)), str)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 9])

@@ -104,6 +104,9 @@ def test_from_generation_config_reference_dict() -> None:
     assert streamer is None
     assert params.max_new_tokens == 1024 and not params.is_greedy
     assert params.top_k == 50  # transformers' default applies when top_k is not given
+    # the reference generate() stops only at eos_token_id and penalises only what it generates
+    assert params.ignore_eos and params.repetition_penalty_scope == "generated"
+    assert params.repetition_penalty_prefix_ids == []
 
 
 def test_from_generation_config_defaults_to_greedy_like_transformers() -> None:
@@ -138,6 +141,8 @@ def test_from_generation_config_all_keys() -> None:
         top_k=0,
         repetition_penalty=1.1,
         stop_token_ids=[2, 92542],
+        ignore_eos=True,
+        repetition_penalty_scope="generated",
     )
     single, _ = SamplingParams.from_generation_config({"eos_token_id": 7, "top_k": None, "temperature": None})
     assert single.stop_token_ids == [7] and single.top_k == 50 and single.temperature == 1.0
