@@ -7,7 +7,9 @@ family's declared tables handle the rest. The official user-facing methods (``ch
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +37,12 @@ class InternVLModel(nn.Module):
         # The official model's attribute, set by its chat()/batch_chat() (api/chat.py) for callers that read it;
         # nothing here reads it: the runner is given the image token id.
         self.img_context_token_id: int | None = None
+        self.compute_plan: Any = None      # set_compute_plan
+
+    def set_compute_plan(self, plan: Any) -> None:
+        """Record the host's compute plan (``compute_plan.ComputePlan``, chosen by the loader) for
+        ``internvl info`` and callers that ask; applying it is the plan's job (``compute_plan.apply_plan``)."""
+        self.compute_plan = plan
 
     # ---- loading -------------------------------------------------------------------------------
     def resolve_checkpoint_name(self, name: str) -> tuple[str, object, Transform | None] | None:
@@ -49,11 +57,10 @@ class InternVLModel(nn.Module):
             if f".{theirs}." in name:
                 name, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
                 break
-        transform = None
+        transform: Transform | None = None
         for suffix, fn in lm.tensor_transforms.items():
             if name.endswith(suffix):
-                config = lm.config
-                transform = lambda t, fn=fn: fn(config, t)  # noqa: E731
+                transform = functools.partial(fn, lm.config)
         return name, shard, transform
 
     def load_checkpoint(self, folder: str | Path, *, allow_pickle: bool = False) -> None:

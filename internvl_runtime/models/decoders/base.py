@@ -115,7 +115,7 @@ class DecoderForCausalLM(nn.Module):
     ]
     renames: ClassVar[list[tuple[str, str]]] = []
     tensor_transforms: ClassVar[dict[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = {}
-    #: Set by the compute plan where a native kernel runs the whole layer stack of a decode step
+    #: Given by the compute plan (set_decode_stack) where a native kernel runs the whole layer stack of a decode step
     #: (``decode_stack.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
     decode_stack: Callable | None = None
     decode_stack_rows: int = 0
@@ -126,6 +126,10 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderModel(config, self.qkv_bias or config.attention_bias)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+
+    def set_decode_stack(self, stack: Callable | None, max_rows: int = 0) -> None:
+        """Run decode steps of at most ``max_rows`` sequences through ``stack`` (None: the Python layers)."""
+        self.decode_stack, self.decode_stack_rows = stack, (max_rows if stack is not None else 0)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -131,7 +131,11 @@ class VisionEmbeddings(nn.Module):
         grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
         return grid.reshape(1, -1, height * width).permute(0, 2, 1).to(dtype)
 
-    upcast_16bit = False  # set by the compute plan on CPUs with slow 16-bit matmuls
+    upcast_16bit = False  # the compute plan turns it on (set_upcast_16bit) on CPUs with slow 16-bit matmuls
+
+    def set_upcast_16bit(self, upcast: bool) -> None:
+        """Compute the patch embedding in float32 from 16-bit weights (the compute plan's "upcast")."""
+        self.upcast_16bit = upcast
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 1 + (H/14)*(W/14), dim)."""
@@ -236,6 +240,10 @@ class InternVisionModel(nn.Module):
         self.config = config
         self.embeddings = VisionEmbeddings(config)
         self.encoder = VisionEncoder(config)
+
+    def set_upcast_16bit(self, upcast: bool) -> None:
+        """The compute plan's 16-bit handling (see ``VisionEmbeddings.set_upcast_16bit``)."""
+        self.embeddings.set_upcast_16bit(upcast)
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """(N, 3, H, W) -> hidden states (N, L, dim) of ``select_layer`` as the reference indexes its
