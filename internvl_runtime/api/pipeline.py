@@ -17,7 +17,6 @@ PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list.
 
 from __future__ import annotations
 
-import base64
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import torch
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest
+from ..processing.data_url import decode_data_url, is_data_url
+from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
 from ..processing.inputs import Message
 
 
@@ -96,7 +97,8 @@ class Session:
     @property
     def history(self) -> list[tuple[str, str]]:
         turns = [m for m in self.messages if m.role in ("user", "assistant")]
-        return [(u.text, a.text) for u, a in zip(turns[::2], turns[1::2])]
+        # strict=False: a last question may have no answer yet
+        return [(u.text, a.text) for u, a in zip(turns[::2], turns[1::2], strict=False)]
 
 
 def _part_image(part: dict) -> Any:
@@ -104,11 +106,8 @@ def _part_image(part: dict) -> Any:
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str):
         raise InvalidRequest("an image_url part needs image_url.url")
-    if url.startswith("data:"):
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError) as exc:
-            raise InvalidRequest(f"image_url data URL is not valid base64 ({exc})") from exc
+    if is_data_url(url):
+        return decode_data_url(url, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES, what="image_url data URL").data
     return url
 
 
@@ -164,11 +163,14 @@ class Pipeline:
 
     def _submit(self, prompts: Sequence[Any], gen_config: GenerationConfig | Sequence[GenerationConfig] | None
                 ) -> list[str]:
-        configs = list(gen_config) if isinstance(gen_config, (list, tuple)) else [gen_config or GenerationConfig()] * len(prompts)
+        if isinstance(gen_config, (list, tuple)):
+            configs = list(gen_config)
+        else:
+            configs = [gen_config or GenerationConfig()] * len(prompts)
         if len(configs) != len(prompts):
             raise InvalidRequest(f"{len(prompts)} prompts but {len(configs)} generation configs")
-        prepared = [(self._prepare(p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p), c), c)
-                    for p, c in zip(prompts, configs)]
+        messages = [p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p) for p in prompts]
+        prepared = [(self._prepare(m, c), c) for m, c in zip(messages, configs, strict=True)]
         ids = []
         for request, config in prepared:
             rid = f"pipe-{next(self._ids)}"
@@ -235,7 +237,7 @@ class Pipeline:
         new = to_messages(prompt)
         messages = session.messages + new
         response = self([messages], gen_config)[0]  # type: ignore[list-item]
-        session.messages = messages + [Message("assistant", response.text)]
+        session.messages = [*messages, Message("assistant", response.text)]
         session.response = response
         return session
 

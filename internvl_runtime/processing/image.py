@@ -20,13 +20,10 @@ arguments), with a message that names the image.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
 import re
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -36,6 +33,7 @@ import torch
 from PIL import Image
 
 from internvl_runtime.errors import ImageDecodeError, InvalidRequest
+from internvl_runtime.processing.data_url import decode_data_url
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -358,21 +356,10 @@ def _read_url(url: str, name: str, *, timeout: float, max_bytes: int) -> bytes:
 
 
 def _read_data_url(url: str, name: str, *, max_bytes: int) -> bytes:
-    header, sep, payload = url[5:].partition(",")
-    if not sep:
-        raise ImageDecodeError(f"malformed data URL for image {name}: no ',' before the data")
-    if len(payload) > 2 * max_bytes:  # base64 is 4/3 larger; percent-encoding at most 3x
-        raise ImageDecodeError(f"image {name} is too large: the data URL exceeds {max_bytes} bytes")
     try:
-        if header.lower().endswith(";base64"):
-            data = base64.b64decode(payload, validate=False)
-        else:
-            data = urllib.parse.unquote_to_bytes(payload)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageDecodeError(f"malformed data URL for image {name}: {exc}") from exc
-    if len(data) > max_bytes:
-        raise ImageDecodeError(f"image {name} is too large: {len(data)} bytes, the limit is {max_bytes}")
-    return data
+        return decode_data_url(url, max_bytes=max_bytes, what=f"image {name}").data
+    except InvalidRequest as exc:
+        raise ImageDecodeError(str(exc)) from None
 
 
 def _decode(source: str | io.BytesIO, name: str, *, max_pixels: int | None) -> Image.Image:

@@ -32,8 +32,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import os
 import re
@@ -46,6 +44,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import InvalidRequest, MediaFetchError, MediaNotAllowed
+from ..processing.data_url import decode_data_url
 from ..processing.image import open_image
 from ..processing.video import sample_frames
 
@@ -59,7 +58,6 @@ AddressCheck = Callable[[IPAddress], str | None]
 METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16"))
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE | re.DOTALL)
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -187,27 +185,15 @@ class MediaFetcher:
 
     # -- data URLs -------------------------------------------------------------------------------
     def read_data_url(self, url: str) -> bytes:
-        match = _DATA_URL.match(url)
-        if match is None:
-            raise InvalidRequest("malformed data URL: expected data:image/<type>;base64,<data>")
-        mime = match.group("mime").strip().lower()
-        params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
-        if not mime.startswith(f"{self.media_kind}/"):
-            raise InvalidRequest(f"data URL has media type {mime or 'none'!r}; expected a {self.media_kind}/* type")
-        if "base64" not in params:
-            raise InvalidRequest("data URL must be base64-encoded (data:image/<type>;base64,...)")
-        payload = re.sub(r"\s+", "", url[match.end():])
-        if len(payload) > (self.max_image_bytes + 2) // 3 * 4 + 4:
-            raise InvalidRequest(f"image in data URL is larger than the limit of {self.max_image_bytes} bytes")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InvalidRequest(f"data URL holds invalid base64: {exc}") from exc
-        if not data:
-            raise InvalidRequest("data URL holds no data")
-        if len(data) > self.max_image_bytes:
-            raise InvalidRequest(f"image in data URL is {len(data)} bytes; the limit is {self.max_image_bytes}")
-        return data
+        """The bytes of a base64 ``data:`` URL of this fetcher's media kind (``processing.data_url`` decodes)."""
+        what = f"{self.media_kind} in data URL"
+        decoded = decode_data_url(url, max_bytes=self.max_image_bytes, what=what)
+        if not decoded.mime.startswith(f"{self.media_kind}/"):
+            raise InvalidRequest(f"data URL has media type {decoded.mime or 'none'!r}; expected a "
+                                 f"{self.media_kind}/* type")
+        if not decoded.is_base64:
+            raise InvalidRequest(f"data URL must be base64-encoded (data:{self.media_kind}/<type>;base64,...)")
+        return decoded.data
 
     # -- local files -----------------------------------------------------------------------------
     def read_local(self, path: str) -> bytes:
@@ -223,7 +209,8 @@ class MediaFetcher:
             inside = False
         if not inside:
             raise MediaNotAllowed(f"image path {_short(path)!r} is outside the allowed folder")
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)  # no FIFO hang, no late symlink
+        # O_NONBLOCK: no FIFO hang; O_NOFOLLOW: no late symlink
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(real, flags)
         except (FileNotFoundError, NotADirectoryError):
@@ -240,7 +227,8 @@ class MediaFetcher:
                                      f"{self.max_image_bytes}")
             data = f.read(self.max_image_bytes + 1)
         if len(data) > self.max_image_bytes:
-            raise InvalidRequest(f"image file {_short(path)!r} is larger than the limit of {self.max_image_bytes} bytes")
+            raise InvalidRequest(f"image file {_short(path)!r} is larger than the limit of "
+                                 f"{self.max_image_bytes} bytes")
         return data
 
     # -- http(s) ---------------------------------------------------------------------------------
