@@ -43,25 +43,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    """Engine knobs. ``num_blocks=None`` sizes the KV cache from ``kv_cache_bytes`` (default: a quarter
-    of the memory available at start-up, at most enough for max_num_seqs full contexts)."""
+    """Engine knobs. The scheduling ones are ``SchedulerConfig``'s (its defaults, its checks: this class
+    only passes them on); ``num_blocks=None`` sizes the KV cache from ``kv_cache_bytes`` (default: a
+    quarter of the memory available at start-up, at most enough for max_num_seqs full contexts)."""
 
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 4096
-    block_size: int = 16
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    block_size: int = SchedulerConfig.block_size
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
     image_cache_bytes: int = 512 * 2**20
     max_images_per_request: int = 16
     max_model_len: int | None = None
     vision_batch_tiles: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_images_per_request",
-                     "vision_batch_tiles"):
+        for name in ("max_images_per_request", "vision_batch_tiles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidRequest(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        self.scheduler_config(num_blocks=self.num_blocks or 1, max_model_len=self.max_model_len)  # its checks, now
+
+    def scheduler_config(self, *, num_blocks: int, max_model_len: int | None) -> SchedulerConfig:
+        """The scheduler's config for a pool of ``num_blocks`` and a context of ``max_model_len``."""
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               block_size=self.block_size, num_blocks=num_blocks,
+                               enable_prefix_caching=self.enable_prefix_caching, max_model_len=max_model_len)
 
 
 @dataclass
@@ -130,10 +137,7 @@ class LLMEngine:
         num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
         self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                      image_token_id=self.processor.img_context_id)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
-            max_model_len=self.max_model_len))
+        self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = sampler if sampler is not None else Sampler()
         # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).

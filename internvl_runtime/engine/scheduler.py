@@ -42,7 +42,7 @@ class SchedulerConfig:
     """
 
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 4096
     block_size: int = 16
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
