@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import kernels
 from .decode_stack import DecodeStack
 from .errors import InvalidRequest
 from .hardware import cpu_has_fast_bf16
@@ -56,10 +57,6 @@ class ComputePlan:
 def _decode_kernel(dtype: torch.dtype):
     """(name, callable or None) of the small-row kernel for this host, if the kernels package offers one."""
     if dtype != torch.bfloat16:
-        return "torch", None
-    try:
-        from . import kernels
-    except ImportError:
         return "torch", None
     if not kernels.available():
         return "torch", None

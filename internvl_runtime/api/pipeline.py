@@ -17,6 +17,7 @@ PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,14 @@ from typing import Any
 
 import torch
 
+from ..distributed.launch import tensor_parallel_engine
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest
 from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
 from ..processing.inputs import Message
+from ..processing.video import sample_frames
 
 
 @dataclass
@@ -69,8 +72,6 @@ class Video:
     def frames(self) -> list[Any]:
         if isinstance(self.source, (list, tuple)):
             return list(self.source)
-        from ..processing.video import sample_frames
-
         return list(sample_frames(self.source, bound=self.bound, num_segments=self.num_segments).frames)
 
 
@@ -258,10 +259,6 @@ def pipeline(model_path: str | Path, *, dtype: torch.dtype | str | None = "auto"
     torchrun this process is one of them (the workers never return from this call); otherwise N-1
     worker processes are spawned. ``close()`` (or the end of the program) stops them."""
     if tensor_parallel_size != 1:
-        import atexit
-
-        from ..distributed.launch import tensor_parallel_engine
-
         group = tensor_parallel_engine(model_path, tensor_parallel_size, dtype=dtype, device=device,
                                        engine_config=backend_config or EngineConfig(**engine_kwargs))
         pipe = Pipeline(group.engine, closer=group.close, tp_workers=group.workers)

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from ..config import InternVLConfig
+from ..engine.async_engine import AsyncEngine
+from ..engine.engine import EngineConfig, LLMEngine
 from ..engine.model_runner import ModelRunner
 from ..loading import LoadPlan, ModelBuilder, load_model, read_checkpoint
 from ..models.internvl import InternVLModel
@@ -108,8 +110,6 @@ def start_rank(folder: str | Path, group: TPGroup, *, dtype: Any = "auto", engin
                on_failure: Any = None, progress: bool = False) -> Any:
     """Load this rank's slices; rank 0 returns an ``LLMEngine`` whose runner drives the workers, a worker
     runs the lock-step loop until rank 0 stops it and returns None. ``progress``: rank 0's weight bar."""
-    from ..engine.engine import LLMEngine
-
     check_tensor_parallel(InternVLConfig.from_pretrained(folder), group.world_size)
     build = tensor_parallel_builder(group)
     if not group.is_driver:
@@ -280,9 +280,6 @@ def serve_tensor_parallel(config: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S) 
         return None
 
     def load() -> Any:
-        from ..engine.async_engine import AsyncEngine
-        from ..engine.engine import EngineConfig
-
         engine = start_rank(config.model, group, dtype=config.dtype,
                             engine_config=EngineConfig(**config.engine_kwargs()), on_failure=_exit_group)
         atexit.register(engine.runner.close)      # server shut down: release the workers (exit 0 everywhere)

@@ -29,7 +29,9 @@ import torch
 
 from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed
 from ..hardware import available_memory
+from ..loading import load_model
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
+from ..processing.tokenization import AutoTokenizer
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
@@ -173,9 +175,6 @@ class LLMEngine:
         ``config`` (else ``EngineConfig(**config_kwargs)``) sizes the engine. Tensor parallelism passes
         ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
         the other ranks); both come from ``distributed``, which this layer never imports."""
-        from ..loading import load_model
-        from ..processing.tokenization import AutoTokenizer
-
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
                            progress=progress, build=build)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -45,6 +45,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..engine.async_engine import AsyncEngine
+from ..engine.engine import EngineConfig, LLMEngine
 from ..errors import (
     EngineDead,
     InternVLError,
@@ -313,9 +315,6 @@ def uvicorn_config(app: Any, config: ServerConfig) -> Any:
 def load_async_engine(config: ServerConfig, *, progress: bool = False) -> Any:
     """Load ``config.model`` (``LLMEngine.from_pretrained``; a tqdm bar over the weights when ``progress``)
     and start its engine loop."""
-    from ..engine.async_engine import AsyncEngine
-    from ..engine.engine import EngineConfig, LLMEngine
-
     llm = LLMEngine.from_pretrained(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
                                     config=EngineConfig(**config.engine_kwargs()))
     return AsyncEngine(llm, max_queue_len=config.max_queue_len)
