@@ -18,6 +18,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -197,10 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "list it with --allowed-hosts NAME", file=sys.stderr)
     if config.api_key:
         print("internvl: an API key is required (Authorization: Bearer KEY)", file=sys.stderr)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):     # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
         server.run()
-    except KeyboardInterrupt:     # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
-        pass
     if failed:
         from .errors import EngineDead
 

@@ -125,8 +125,8 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cuda" and dtype == torch.bfloat16:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            raise InvalidRequest(f"bfloat16 on {device} needs CUDA compute capability 8.0+, this GPU is {major}.{minor}; "
-                                 f"use torch_dtype=torch.float16 or torch.float32")
+            raise InvalidRequest(f"bfloat16 on {device} needs CUDA compute capability 8.0+, this GPU is "
+                                 f"{major}.{minor}; use torch_dtype=torch.float16 or torch.float32")
 
 
 def _auto_map(config: InternVLConfig, dtype: torch.dtype,
@@ -140,7 +140,7 @@ def _auto_map(config: InternVLConfig, dtype: torch.dtype,
     if sum(sizes.values()) <= budgets[0][1]:
         return None
     available = available_memory()
-    return auto_device_map(sizes, budgets + [(torch.device("cpu"), int(available * 0.9))])
+    return auto_device_map(sizes, [*budgets, (torch.device("cpu"), int(available * 0.9))])
 
 
 def plan_load(path: str | Path, *, dtype: Any = None, device_map: Any = None, quantization: Any = None,
@@ -253,10 +253,7 @@ def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None, q
         raise UnsupportedFeature("tensor parallelism loads onto one device per rank, unquantized; "
                                  "drop quantization / a multi-device device_map")
     with progress_bar(plan.folder, progress, allow_pickle=allow_pickle) as hook:
-        if build is not None:
-            model = build(plan, hook)
-        else:
-            model = _build(plan, model_class, allow_pickle, hook)
+        model = build(plan, hook) if build is not None else _build(plan, model_class, allow_pickle, hook)
     if build is None:
         apply_plan(model, choose_plan(plan.dtype, plan.device))
     if plan.record_map:

@@ -109,7 +109,8 @@ def normalize_device(value: Any, *, name: str = "device_map") -> torch.device:
     except (RuntimeError, TypeError):
         raise InvalidRequest(f"{name}: {value!r} is not a device (use 'cpu', 'cuda:N' or an int)") from None
     if device.type in ("meta", "disk"):
-        raise UnsupportedFeature(f"{name}: device {str(device)!r} cannot hold weights (no offloading); use a real device")
+        raise UnsupportedFeature(f"{name}: device {str(device)!r} cannot hold weights (no offloading); "
+                                 "use a real device")
     if device.type == "cpu":
         return device
     if device.type == "cuda":
@@ -160,7 +161,8 @@ def resolve_device_map(device_map: Mapping[str, Any], num_layers: int) -> dict[s
     return placed
 
 
-def auto_device_map(unit_bytes: Mapping[str, int], budgets: Sequence[tuple[torch.device, int]]) -> dict[str, torch.device]:
+def auto_device_map(unit_bytes: Mapping[str, int],
+                    budgets: Sequence[tuple[torch.device, int]]) -> dict[str, torch.device]:
     """``device_map="auto"``: fill devices in order. Device 0 first takes the vision encoder, projector,
     embeddings, final norm, LM head and the last decoder layer (the official note: the first and last
     LLM steps on one device); then decoder layers 0, 1, ... fill device 0, then the next device, each
@@ -177,7 +179,7 @@ def auto_device_map(unit_bytes: Mapping[str, int], budgets: Sequence[tuple[torch
             index += 1
         placed[unit] = budgets[index][0]
         used[index] += unit_bytes[unit]
-    if any(u > b for u, (_, b) in zip(used, budgets)):
+    if any(u > b for u, (_, b) in zip(used, budgets, strict=True)):
         need = sum(unit_bytes.values()) / 2**30
         have = ", ".join(f"{d}: {b / 2**30:.1f} GiB" for d, b in budgets)
         raise InvalidRequest(f"device_map='auto': the model needs {need:.1f} GiB but the devices offer {have}; "

@@ -16,6 +16,7 @@ watchdog after the timeout) instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -77,10 +78,8 @@ class TPGroup:
     def barrier(self) -> None:
         """All ranks meet (a peer already gone is not waited for)."""
         if self.world_size > 1 and dist.is_initialized():
-            try:
+            with contextlib.suppress(RuntimeError, dist.DistBackendError):
                 dist.barrier(group=self.control_group)
-            except (RuntimeError, dist.DistBackendError):  # type: ignore[misc]
-                pass
 
     def destroy(self) -> None:
         """Leave the group. All ranks meet first: gloo can abort the process (std::terminate) when a

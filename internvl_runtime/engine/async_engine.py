@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from ..errors import EngineDead, EngineOverloaded, InternVLError, InvalidRequest, RequestFailed
 from ..processing.inputs import PreparedRequest
@@ -56,7 +56,7 @@ class _Stop:
     pass
 
 
-_Command = Union[_Add, _Abort, _Stop]
+_Command: TypeAlias = _Add | _Abort | _Stop
 
 
 class AsyncEngine:

@@ -168,12 +168,12 @@ def compile_extension() -> str:
 
     _put_ninja_on_path()
     directory = build_directory()
-    with build_lock(directory, build_timeout()):
-        with warnings.catch_warnings(record=True) as caught:   # never let a build warning become an error
-            warnings.simplefilter("always")
-            path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
-                                      extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory),
-                                      is_python_module=False, verbose=False)
+    # record=True: never let a build warning become an error
+    with build_lock(directory, build_timeout()), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = cpp_extension.load(name=EXTENSION_NAME, sources=[str(s) for s in SOURCES],
+                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory),
+                                  is_python_module=False, verbose=False)
     for w in caught:
         logger.debug("while building %s: %s", EXTENSION_NAME, w.message)
     return str(path)

@@ -28,7 +28,7 @@ class Projector(nn.Sequential):
     """``mlp1``: LayerNorm -> Linear -> GELU -> Linear; indices 0, 1, 3 match the checkpoint names."""
 
     def __init__(self, vit_hidden: int, llm_hidden: int, downsample_ratio: float) -> None:
-        width = vit_hidden * int(round(1 / downsample_ratio)) ** 2
+        width = vit_hidden * round(1 / downsample_ratio) ** 2
         super().__init__(nn.LayerNorm(width), Linear(width, llm_hidden), nn.GELU(),
                          Linear(llm_hidden, llm_hidden))
 

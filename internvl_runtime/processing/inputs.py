@@ -204,7 +204,7 @@ class InputProcessor:
                 i += 1
         if len(runs) != len(images):
             raise PlaceholderMismatch(f"the tokenized prompt has {len(runs)} image token runs for {len(images)} images")
-        for (offset, length), image in zip(runs, images):
+        for (offset, length), image in zip(runs, images, strict=True):
             if length != image.num_tiles * self.num_image_token:
                 raise PlaceholderMismatch(f"image token run of {length} tokens for {image.num_tiles} tiles")
             spans.append(MultiModalSpan(offset, length, image.content_hash))

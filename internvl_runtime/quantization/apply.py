@@ -10,6 +10,7 @@ weight alive).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import warnings
@@ -89,8 +90,8 @@ def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vis
         setattr(parent, child, new)
         del linear, new                                        # the float weight goes now, not at the end
     if fallbacks:
-        logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s",
-                       INT4_GROUP_SIZES, len(fallbacks), ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""))
+        logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s%s",
+                       INT4_GROUP_SIZES, len(fallbacks), ", ".join(fallbacks[:8]), " ..." if len(fallbacks) > 8 else "")
     logger.info("quantized %d linear layers (%s%s)", len(done), config.mode,
                 ", vision included" if include_vision else "")
     _return_freed_memory()
@@ -100,10 +101,8 @@ def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vis
 def _return_freed_memory() -> None:
     """Hand the freed float weights back to the OS (glibc keeps small freed blocks in its heap, so the
     process would otherwise stay at its 16-bit size); a no-op where there is no glibc."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def model_bytes(model: nn.Module) -> int:

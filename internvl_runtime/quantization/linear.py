@@ -73,10 +73,12 @@ def _torch_at_least(version: str) -> bool:
 def int4_backend(device: torch.device) -> str:
     """"cpu" or "cuda": the int4 kernel for ``device``; ``UnsupportedFeature`` where there is none."""
     if device.type == "cpu":
-        if _has_kernel("_weight_int4pack_mm_for_cpu", "CPU") and _has_kernel("_convert_weight_to_int4pack_for_cpu", "CPU"):
+        if (_has_kernel("_weight_int4pack_mm_for_cpu", "CPU")
+                and _has_kernel("_convert_weight_to_int4pack_for_cpu", "CPU")):
             return "cpu"
-        raise UnsupportedFeature(f"4-bit weights need torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu, torch >= 2.5); "
-                                 f"torch {torch.__version__} has none: use load_in_8bit=True or a newer torch")
+        raise UnsupportedFeature("4-bit weights need torch's CPU int4 kernel (_weight_int4pack_mm_for_cpu, "
+                                 f"torch >= 2.5); torch {torch.__version__} has none: use load_in_8bit=True or a "
+                                 "newer torch")
     if device.type == "cuda":
         if not (_torch_at_least("2.5") and _has_kernel("_weight_int4pack_mm", "CUDA")):
             raise UnsupportedFeature(f"4-bit weights on CUDA need torch >= 2.5 built with the tinygemm int4 kernel; "

@@ -157,10 +157,10 @@ class ServerConfig:
             self.api_key = os.environ.get("INTERNVL_API_KEY") or None
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len", "max_concurrent_requests",
-                     "max_connections", "max_body_bytes", "default_max_tokens", "max_n", "max_images_per_request",
-                     "max_image_bytes", "max_image_pixels", "max_tiles_per_image", "max_video_bytes", "max_video_frames",
-                     "max_video_decoded_bytes"):
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len",
+                     "max_concurrent_requests", "max_connections", "max_body_bytes", "default_max_tokens", "max_n",
+                     "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_tiles_per_image",
+                     "max_video_bytes", "max_video_frames", "max_video_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")

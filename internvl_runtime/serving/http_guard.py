@@ -254,7 +254,7 @@ class DeadlineH11Protocol(H11Protocol):
             return
         partial, _ = self.conn.trailing_data
         if partial:           # part of a head came: say why (an idle keep-alive connection just closes)
-            client = "%s:%d" % self.client if self.client else "a client"
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             logger.info("closed the connection of %s: its request head took more than %g s", client,
                         self.header_timeout_s)
             _, payload = error_payload(RequestTimeout(

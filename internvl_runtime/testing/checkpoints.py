@@ -97,7 +97,7 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
         if vit["qk_normalization"]:
             shapes[p + "attn.q_norm.weight"] = (d,)
             shapes[p + "attn.k_norm.weight"] = (d,)
-    width = d * int(round(1 / config["downsample_ratio"])) ** 2
+    width = d * round(1 / config["downsample_ratio"]) ** 2
     h = llm["hidden_size"]
     shapes.update({"mlp1.0.weight": (width,), "mlp1.0.bias": (width,), "mlp1.1.weight": (h, width),
                    "mlp1.1.bias": (h,), "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)})

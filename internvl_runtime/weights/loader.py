@@ -291,7 +291,7 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
             consumed.add(name)
 
     missing = []
-    for param_name, param in params.items():
+    for param_name in params:
         offsets = shard_offsets(param_name)
         got = filled.get(param_name, set())
         if None in got or skip(param_name):

@@ -15,7 +15,8 @@ declares, as data, how its checkpoint names differ:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -105,16 +106,17 @@ class DecoderForCausalLM(nn.Module):
     family departs from the Llama computation (say so in a comment there)."""
 
     qkv_bias: ClassVar[bool] = False
-    stacked_params: ClassVar[list[tuple[str, str, object]]] = [
+    # The tables are class-level data shared by every instance: tuples and read-only mappings, never mutated.
+    stacked_params: ClassVar[tuple[tuple[str, str, object], ...]] = (
         # (our name piece, checkpoint name piece, shard id)
         ("self_attn.qkv_proj", "self_attn.q_proj", "q"),
         ("self_attn.qkv_proj", "self_attn.k_proj", "k"),
         ("self_attn.qkv_proj", "self_attn.v_proj", "v"),
         ("mlp.gate_up_proj", "mlp.gate_proj", 0),
         ("mlp.gate_up_proj", "mlp.up_proj", 1),
-    ]
-    renames: ClassVar[list[tuple[str, str]]] = []
-    tensor_transforms: ClassVar[dict[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = {}
+    )
+    renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    tensor_transforms: ClassVar[Mapping[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = MappingProxyType({})
     #: Given by the compute plan (set_decode_stack) where a native kernel runs the whole layer stack of a decode step
     #: (``decode_stack.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
     decode_stack: Callable | None = None

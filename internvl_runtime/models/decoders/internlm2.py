@@ -10,6 +10,8 @@ checkpoint layout differs, declared below:
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 from ...config import LLMConfig
@@ -29,11 +31,11 @@ def ungroup_wqkv(config: LLMConfig, weight: torch.Tensor) -> torch.Tensor:
 
 class InternLM2ForCausalLM(DecoderForCausalLM):
     qkv_bias = False
-    stacked_params = [
+    stacked_params = (
         ("mlp.gate_up_proj", "mlp.w1", 0),
         ("mlp.gate_up_proj", "mlp.w3", 1),
-    ]
-    renames = [
+    )
+    renames = (
         ("model.tok_embeddings.", "model.embed_tokens."),
         (".attention.wqkv.", ".self_attn.qkv_proj."),
         (".attention.wo.", ".self_attn.o_proj."),
@@ -42,5 +44,5 @@ class InternLM2ForCausalLM(DecoderForCausalLM):
         (".attention_norm.", ".input_layernorm."),
         (".ffn_norm.", ".post_attention_layernorm."),
         ("language_model.output.", "language_model.lm_head."),
-    ]
-    tensor_transforms = {"self_attn.qkv_proj.weight": ungroup_wqkv}
+    )
+    tensor_transforms = MappingProxyType({"self_attn.qkv_proj.weight": ungroup_wqkv})

@@ -10,4 +10,4 @@ from .base import DecoderForCausalLM
 
 class Phi3ForCausalLM(DecoderForCausalLM):
     qkv_bias = False
-    stacked_params = []
+    stacked_params = ()

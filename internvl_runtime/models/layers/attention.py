@@ -158,7 +158,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
         return decode_attention(q, key_cache[gather], value_cache[gather], scale, mask)
 
     outputs = []
-    for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens)):
+    for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens, strict=True)):
         query = q[start:start + qlen].transpose(0, 1).unsqueeze(0)          # (1, H, L, D)
         if qlen == slen:                                                    # nothing cached before
             keys = k[start:start + qlen].transpose(0, 1).unsqueeze(0)       # (1, KV, L, D)

@@ -90,7 +90,7 @@ class RotaryEmbedding:
         else:
             groups = []
             start = 0
-            for qlen, slen in zip(query_lens, seq_lens):
+            for qlen, slen in zip(query_lens, seq_lens, strict=True):
                 groups.append((start, start + qlen, self._group_len(positions[start:start + qlen], [slen])))
                 start += qlen
         for start, end, group_len in groups:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 
@@ -17,7 +17,7 @@ from internvl_runtime.errors import CheckpointError, InvalidRequest
 
 from .config import SPECIAL_TOKEN_ATTRIBUTES, AddedToken, TokenizerConfig, _token_content
 
-Ids = Union[int, Sequence[int], torch.Tensor]
+Ids: TypeAlias = int | Sequence[int] | torch.Tensor
 
 
 class BatchEncoding(dict):
@@ -416,7 +416,7 @@ class Tokenizer:
         if pad_id is None:
             raise InvalidRequest(f"the tokenizer in {self.name_or_path} has no pad token and cannot pad")
         out_rows, out_masks = [], []
-        for row, mask in zip(rows, masks):
+        for row, mask in zip(rows, masks, strict=True):
             missing = width - len(row)
             if self.padding_side == "left":
                 out_rows.append([pad_id] * missing + row)

@@ -80,7 +80,7 @@ async def _prepare(state: Any, req: ChatCompletionRequest) -> PreparedRequest:
         images = iter([decode_image(d, max_pixels=config.max_image_pixels) for d in datas])
         share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
         clips = iter([video_frames(d, v.num_segments or 8, config, max_decoded_bytes=share)
-                      for d, v in zip(video_datas, videos)])
+                      for d, v in zip(video_datas, videos, strict=True)])
         messages = []
         for m in req.messages:
             role = "system" if m.role == "developer" else m.role
