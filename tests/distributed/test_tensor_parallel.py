@@ -204,7 +204,8 @@ def test_killed_rank0_ends_worker_with_clear_error() -> None:
         proc.kill()
         proc.wait(10)
         # The worker inherited our stderr pipe: EOF means it has exited too.
-        err = subprocess.run(["timeout", "30", "cat"], check=False, stdin=proc.stderr, capture_output=True, text=True).stdout
+        err = subprocess.run(["timeout", "30", "cat"], check=False, stdin=proc.stderr, capture_output=True,
+                             text=True).stdout
         assert time.monotonic() - start < 30, "the worker outlived rank 0 by more than 30 s"
         assert "internvl tensor-parallel rank 1:" in err and "died or timed out" in err, err
     finally:

@@ -62,7 +62,7 @@ def test_concurrent_greedy_equals_official(variant: str) -> None:
     engine = _engine(variant, max_num_batched_tokens=512)
     requests = _golden_requests(engine, variant, CASES)
     outputs = engine.generate([r for r, _ in requests], SamplingParams(max_new_tokens=20, temperature=0))
-    for out, (_, golden) in zip(outputs, requests):
+    for out, (_, golden) in zip(outputs, requests, strict=True):
         assert out.token_ids == golden
     assert engine.num_free_blocks == engine.scheduler.config.num_blocks
 
@@ -89,7 +89,7 @@ def test_prefix_and_image_feature_reuse() -> None:
     first = [Message("user", "Please describe the image shortly.", [image])]
     out1 = engine.generate([engine.processor.prepare(first)], GREEDY)[0]
     tiles_before = engine.stats["vision_tiles_encoded"]
-    second = first + [Message("assistant", out1.text), Message("user", "What is the red object?")]
+    second = [*first, Message("assistant", out1.text), Message("user", "What is the red object?")]
     prepared = engine.processor.prepare(second)
     out2 = engine.generate([prepared], GREEDY)[0]
     assert engine.stats["vision_tiles_encoded"] == tiles_before          # features reused

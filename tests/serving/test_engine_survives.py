@@ -92,11 +92,11 @@ def test_dropped_streams_never_kill_the_engine(hooked):
             busy_lines = busy.iter_lines()
             next(busy_lines)
             for i in range(60):              # open a stream, read its first chunk, leave
-                with httpx.Client(base_url=server.base_url, timeout=30) as leaver:
-                    with leaver.stream("POST", "/v1/chat/completions",
-                                       json=chat_body(f"question {i}", max_tokens=64, stream=True)) as stream:
-                        if i % 2:
-                            next(stream.iter_lines())
+                with (httpx.Client(base_url=server.base_url, timeout=30) as leaver,
+                      leaver.stream("POST", "/v1/chat/completions",
+                                    json=chat_body(f"question {i}", max_tokens=64, stream=True)) as stream):
+                    if i % 2:
+                        next(stream.iter_lines())
             assert client.get("/health").status_code == 200
             again = client.post("/v1/chat/completions", json=chat_body("Hello there")).json()
             assert again["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]

@@ -337,7 +337,8 @@ def refused_at_once(server, head: bytes, status: int) -> dict[str, str]:
 
 def test_huge_content_length_is_refused_without_reading(server):
     refused_at_once(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
-                    + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n", 413)
+                    + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n",
+                    413)
 
 
 def test_huge_content_length_on_an_unknown_path_is_refused_without_reading(server):

@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -110,15 +111,15 @@ def test_link_local_policy_comes_from_the_server_config():
     private = fetcher(allow_private_media_urls=True)
     assert run(private.check_url("http://private.example.test/a.png"))[1] == "10.1.2.3"
     for host in ("ll.example.test", "ll6.example.test"):
-        with pytest.raises(MediaNotAllowed, match="link-local.*--allow-link-local-media-urls"):
+        with pytest.raises(MediaNotAllowed, match=r"link-local.*--allow-link-local-media-urls"):
             run(private.check_url(f"http://{host}/a.png"))
     link_local = fetcher(allow_link_local_media_urls=True)
     assert run(link_local.check_url("http://ll.example.test/a.png"))[1] == "169.254.1.1"
     assert run(link_local.check_url("http://ll6.example.test/a.png"))[1] == "fe80::1"
-    with pytest.raises(MediaNotAllowed, match="private.*--allow-private-media-urls"):
+    with pytest.raises(MediaNotAllowed, match=r"private.*--allow-private-media-urls"):
         run(link_local.check_url("http://private.example.test/a.png"))
     both = fetcher(allow_private_media_urls=True, allow_link_local_media_urls=True)
-    with pytest.raises(MediaNotAllowed, match="metadata.*no setting allows"):
+    with pytest.raises(MediaNotAllowed, match=r"metadata.*no setting allows"):
         run(both.check_url("http://meta.example.test/a.png"))
 
 
@@ -233,7 +234,7 @@ def test_local_non_files(folders):
 
 
 class Handler(BaseHTTPRequestHandler):
-    hosts: list[str] = []
+    hosts: ClassVar[list[str]] = []      # the Host headers seen, across the server's handler instances
 
     def log_message(self, *args):  # quiet
         pass
@@ -452,5 +453,5 @@ def test_video_frames_uses_the_server_limits():
         video_frames(clip, 4, ServerConfig(max_video_decoded_bytes=30_000))
     with pytest.raises(VideoDecodeError, match="the limit is 3000 pixels"):
         video_frames(clip, 4, ServerConfig(max_image_pixels=3000))
-    with pytest.raises(VideoDecodeError, match="limit is 0.5 s"):
+    with pytest.raises(VideoDecodeError, match=r"limit is 0\.5 s"):
         video_frames(clip, 4, ServerConfig(max_video_seconds=0.5))

@@ -53,14 +53,14 @@ def generate(model, stack, prompts: list[list[int]], steps: int = 8) -> tuple[li
     model.language_model.decode_stack = stack
     runner = ModelRunner(model, num_blocks=64)
     tables = TABLES[: len(prompts)]
-    logits = runner.execute([SequenceStep(p, 0, t) for p, t in zip(prompts, tables)])
+    logits = runner.execute([SequenceStep(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
     tokens = [[int(t)] for t in logits.argmax(-1)]
     history = [logits]
     for i in range(steps):
         logits = runner.execute([SequenceStep([tok[-1]], len(p) + i, t)
-                                 for p, tok, t in zip(prompts, tokens, tables)])
+                                 for p, tok, t in zip(prompts, tokens, tables, strict=True)])
         history.append(logits)
-        for tok, t in zip(tokens, logits.argmax(-1)):
+        for tok, t in zip(tokens, logits.argmax(-1), strict=True):
             tok.append(int(t))
     return tokens, history
 
@@ -80,7 +80,7 @@ def assert_same(model, prompts, rows_expected: bool = True) -> None:
     model.language_model.decode_stack = stack
     assert (counting.calls > 0) == rows_expected
     assert native_tokens == python_tokens
-    for a, b in zip(python_logits, native_logits):
+    for a, b in zip(python_logits, native_logits, strict=True):
         assert float((a - b).norm() / a.norm()) <= 1e-2
 
 

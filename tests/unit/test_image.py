@@ -11,6 +11,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_dynamic_preprocess_row_major_and_thumbnail() -> None:
     tiles = dynamic_preprocess(image, max_num=6, image_size=s, use_thumbnail=True)
     assert len(tiles) == 7
     order = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-    for tile, cell in zip(tiles, order):
+    for tile, cell in zip(tiles[:-1], order, strict=True):     # the last tile is the thumbnail
         assert tile.size == (s, s)
         assert np.all(np.asarray(tile) == np.asarray(colours[cell], dtype=np.uint8))
     assert tiles[-1].size == (s, s)
@@ -238,7 +239,7 @@ def _png_bytes(w: int = 60, h: int = 40, mode: str = "RGB", seed: int = 0) -> by
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes]] = {}
+    routes: ClassVar[dict[str, tuple[int, bytes]]] = {}     # path -> (status, body); each fixture subclasses
 
     def do_GET(self) -> None:  # http.server's naming
         status, body = self.routes.get(self.path, (404, b"not found"))
@@ -377,7 +378,7 @@ def test_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_max_pixels_guard(tmp_path: Path) -> None:
     data = _png_bytes(60, 40)
-    with pytest.raises(ImageDecodeError, match="too large.*2400 pixels"):
+    with pytest.raises(ImageDecodeError, match=r"too large.*2400 pixels"):
         load_image(data, max_pixels=2399)
     assert load_image(data, input_size=8, max_pixels=2400).shape[1:] == (3, 8, 8)
     with pytest.raises(ImageDecodeError, match="too large"):

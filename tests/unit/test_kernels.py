@@ -236,7 +236,8 @@ def test_linear_int4_matches_reference(native: None, path: str) -> None:
             ref, absprod = _int4_reference(x, q, sz, group, b, eight_bit_x=_vnni_int4(path, group))
             atol = 4 * k * 2.0 ** -24 * float(absprod.max()) + 1e-6     # fp32 summation error
             torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=atol,
-                                       msg=lambda e: f"path {path} M={m} N={n} K={k} g={group}: {e}")
+                                       # called at once by assert_close, inside this iteration
+                                       msg=lambda e: f"path {path} M={m} N={n} K={k} g={group}: {e}")  # noqa: B023
         # the fallback (dequantize + matmul) computes the same
         fallback = kernels.linear_int4(x, packed, sz, group, path="torch")
         torch.testing.assert_close(fallback.double(), _int4_reference(x, q, sz, group)[0], rtol=1e-2,
@@ -246,7 +247,7 @@ def test_linear_int4_matches_reference(native: None, path: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_int4_native_equals_torch(native: None, dtype: torch.dtype,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    x, q, sz = _int4_case(1, 37, 256, 64, seed=9)
+    _, q, sz = _int4_case(1, 37, 256, 64, seed=9)
     packed = kernels.pack_int4(q)
     native_w = kernels.dequantize_int4(packed, sz, 64, dtype)
     monkeypatch.setenv(kernels.ENV_VAR, "torch")

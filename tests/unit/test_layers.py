@@ -100,9 +100,10 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(" -> ".join([*stack[stack.index(nxt):], node, nxt]) if nxt in stack
+                              else f"{node} -> {nxt}")
             elif nxt not in state:
-                visit(nxt, stack + [node])
+                visit(nxt, [*stack, node])
         state[node] = "done"
 
     for node in sorted(edges):

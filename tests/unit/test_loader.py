@@ -325,7 +325,7 @@ def test_shard_listed_in_index_but_missing(tmp_path: Path) -> None:
 def test_unreadable_index(tmp_path: Path, text: str) -> None:
     folder = write_checkpoint(tmp_path / "sharded", "1B", num_shards=2)
     (folder / "model.safetensors.index.json").write_text(text, encoding="utf-8")
-    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json"):
         build_model(folder)
 
 
@@ -345,7 +345,7 @@ def test_unreadable_safetensors(ckpt_1b: Path, tmp_path: Path, damage: str) -> N
 def test_unreadable_shard(tmp_path: Path) -> None:
     folder = write_checkpoint(tmp_path / "sharded", "76B", num_shards=3)
     (folder / "model-00003-of-00003.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="model-00003-of-00003.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model-00003-of-00003\.safetensors"):
         build_model(folder)
 
 

@@ -28,8 +28,8 @@ NAMED = ["vision_model", "mlp1", "language_model.model.tok_embeddings", EMBED, "
 
 
 def layers_on(device_map: dict, device: int) -> list[int]:
-    return sorted(int(k.rsplit(".", 1)[1]) for k, v in device_map.items() if k.startswith("language_model.model.layers.")
-                  and v == device)
+    prefix = "language_model.model.layers."
+    return sorted(int(k.rsplit(".", 1)[1]) for k, v in device_map.items() if k.startswith(prefix) and v == device)
 
 
 # ---- split_model: the model card's maps (worked out by hand from its arithmetic) ------------------
@@ -76,7 +76,8 @@ def test_split_model_errors(args: tuple, message: str) -> None:
 # ---- map checks ----------------------------------------------------------------------------------
 def test_resolve_prefixes_aliases_and_extra_keys() -> None:
     placed = resolve_device_map({"": "cpu:0", "language_model.model.layers": "cpu:1", "language_model.output": "cpu:2",
-                                 "language_model.model.layers.5": "cpu:3", "language_model.model.rotary_emb": "cpu:0"}, 3)
+                                 "language_model.model.layers.5": "cpu:3", "language_model.model.rotary_emb": "cpu:0"},
+                                3)
     assert placed[LM_HEAD] == torch.device("cpu", 2)          # InternLM2's name for the LM head
     assert placed["language_model.model.layers.0"] == torch.device("cpu", 1)
     assert placed["vision_model"] == placed[EMBED] == placed[NORM] == torch.device("cpu", 0)
@@ -93,10 +94,12 @@ def test_resolve_prefixes_aliases_and_extra_keys() -> None:
     ({"": "cpu", "language_model.model.layers.1": "xla"}, InvalidRequest, "not supported"),
     ({"vision_model": "cpu", "mlp1": "cpu", "language_model.model": "cpu:1", "language_model.model.layers.1": "cpu:2"},
      InvalidRequest, "lm_head unplaced"),
-    ({"vision_model": "cpu", "mlp1": "cpu", "language_model.model.embed_tokens": "cpu", "language_model.model.norm": "cpu",
-      "language_model.lm_head": "cpu", "language_model.model.layers.0": "cpu"}, InvalidRequest,
+    ({"vision_model": "cpu", "mlp1": "cpu", "language_model.model.embed_tokens": "cpu",
+      "language_model.model.norm": "cpu", "language_model.lm_head": "cpu", "language_model.model.layers.0": "cpu"},
+     InvalidRequest,
      "language_model.model.layers.1 unplaced"),
-    ({"vison_model": "cpu", "mlp1": "cpu", "language_model": "cpu"}, InvalidRequest, "vision_model unplaced.*'vison_model'"),
+    ({"vison_model": "cpu", "mlp1": "cpu", "language_model": "cpu"}, InvalidRequest,
+     "vision_model unplaced.*'vison_model'"),
     ({"": "cpu", "language_model.model.layers.0.mlp": "cpu:1"}, UnsupportedFeature, "splits inside"),
     ({}, InvalidRequest, "non-empty"),
 ])
@@ -113,7 +116,8 @@ def test_auto_device_map_fills_in_order() -> None:
     budgets = [(torch.device("cuda", 0), 85), (torch.device("cuda", 1), 10), (torch.device("cpu"), 100)]
     placed = auto_device_map(sizes, budgets)
     # device 0 first takes vision (30) + mlp1, embeddings, norm, head and the last layer (10 each): 80 of 85
-    assert placed["vision_model"] == placed[LM_HEAD] == placed["language_model.model.layers.3"] == torch.device("cuda", 0)
+    last = "language_model.model.layers.3"
+    assert placed["vision_model"] == placed[LM_HEAD] == placed[last] == torch.device("cuda", 0)
     assert [placed[f"language_model.model.layers.{i}"] for i in range(3)] == [
         torch.device("cuda", 1), torch.device("cpu"), torch.device("cpu")]
 
@@ -233,7 +237,7 @@ def test_every_dtype_runs_on_cpu(dtype: torch.dtype, tolerance: float) -> None:
 
 def test_bfloat16_on_old_gpu_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    with pytest.raises(InvalidRequest, match="compute capability 8.0"):
+    with pytest.raises(InvalidRequest, match=r"compute capability 8\.0"):
         loading.check_dtype_runs(torch.bfloat16, torch.device("cuda", 0))
     loading.check_dtype_runs(torch.float16, torch.device("cuda", 0))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -169,7 +169,8 @@ def test_quantize_model_swaps_llm_linears(mode: str, tolerance: float, reference
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             assert isinstance(linear, kind)
     assert isinstance(lm.model.embed_tokens, nn.Embedding) and lm.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in (*model.vision_model.modules(), *model.mlp1.modules()))
+    vision = (*model.vision_model.modules(), *model.mlp1.modules())
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in vision)
     assert len(done) == 4 * len(lm.model.layers) + 1
     assert model_bytes(model) < before
     assert rel(first_logits(model, list(range(3, 45))), reference_logits) < tolerance
@@ -204,7 +205,8 @@ def test_quantized_chat_runs() -> None:
 
 
 # ---- loading keywords and errors -----------------------------------------------------------------
-@pytest.mark.parametrize(("kwargs", "kind"), [(dict(load_in_8bit=True), Int8Linear), (dict(load_in_4bit=True), Int4Linear),
+@pytest.mark.parametrize(("kwargs", "kind"), [(dict(load_in_8bit=True), Int8Linear),
+                                              (dict(load_in_4bit=True), Int4Linear),
                                               (dict(quantization="int4:g32"), Int4Linear),
                                               (dict(quantization={"mode": "int8"}), Int8Linear),
                                               (dict(quantization="int8", load_in_8bit=True), Int8Linear)])
@@ -214,8 +216,10 @@ def test_from_pretrained_quantizes(kwargs: dict, kind: type) -> None:
     assert model.quantization.mode == ("int8" if kind is Int8Linear else "int4")
 
 
-@pytest.mark.parametrize("kwargs", [dict(load_in_8bit=True, load_in_4bit=True), dict(quantization="int8", load_in_4bit=True),
-                                    dict(quantization="int3"), dict(quantization="int4:g48"), dict(quantization="int4:gx"),
+@pytest.mark.parametrize("kwargs", [dict(load_in_8bit=True, load_in_4bit=True),
+                                    dict(quantization="int8", load_in_4bit=True),
+                                    dict(quantization="int3"), dict(quantization="int4:g48"),
+                                    dict(quantization="int4:gx"),
                                     dict(quantization={"bits": 4}), dict(quantization={"mode": "int4", "size": 1}),
                                     dict(quantization=8)])
 def test_bad_quantization_requests(kwargs: dict) -> None:

@@ -125,7 +125,7 @@ def test_golden_responses_decode(tok: Tokenizer, variant: str) -> None:
         if case["type"] == "batch_chat":
             texts = tok.batch_decode(torch.tensor(case["generated_ids"]), skip_special_tokens=True)
             assert [t.split(sep)[0].strip() for t in texts] == case["responses"], case["id"]
-            for ids, tokens in zip(case["generated_ids"], case["generated_tokens"]):
+            for ids, tokens in zip(case["generated_ids"], case["generated_tokens"], strict=True):
                 assert tok.convert_ids_to_tokens(ids) == tokens
             continue
         for rnd in case["rounds"]:
@@ -328,7 +328,7 @@ def test_checkpoint_code_is_never_run(tmp_path: Path) -> None:
 
 def test_folder_without_tokenizer_files(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="tokenizer_config.json is missing") as info:
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json is missing") as info:
         AutoTokenizer.from_pretrained(tmp_path)
     assert str(tmp_path) in str(info.value)
 
