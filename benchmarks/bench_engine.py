@@ -170,7 +170,7 @@ def main() -> None:
     image = make_image(800, 600, 3)
     first = [Message("user", "Describe the image.", [image])]
     out = engine.generate([engine.processor.prepare(first, max_num=6)], SamplingParams(max_new_tokens=16))[0]
-    second = first + [Message("assistant", out.text), Message("user", "What colour dominates?")]
+    second = [*first, Message("assistant", out.text), Message("user", "What colour dominates?")]
     with_reuse = run_to_first_token(engine, engine.processor.prepare(second, max_num=6), "turn2")
     cold = LLMEngine(model, tokenizer, EngineConfig(num_blocks=2048, enable_prefix_caching=False, image_cache_bytes=0))
     without = run_to_first_token(cold, cold.processor.prepare(second, max_num=6), "turn2-cold")
@@ -179,7 +179,8 @@ def main() -> None:
 
     # (e) peak memory
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    rows.append(("(e) peak RSS", f"{peak:.2f} GiB", f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GiB"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    rows.append(("(e) peak RSS", f"{peak:.2f} GiB", f"weights {weights:.2f} GiB"))
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = [f"### Engine, InternVL2-1B shapes, {args.dtype}, {stamp}", "", f"Host: {host}", "",

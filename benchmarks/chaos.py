@@ -212,10 +212,9 @@ async def exchange(port: int, method: str, path: str, body: bytes = b"", *, cont
     result = Exchange()
     try:
         writer.write(_request_bytes(port, method, path, body, content_type))
-        try:
+        # the server may answer (413) before it has read the whole body: read its answer
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
-        except ConnectionError:
-            pass            # the server may answer (413) before it has read the whole body: read its answer
         if drop is not None and drop.kind == "before_first_byte":
             result.dropped = drop.kind
             return result
@@ -294,7 +293,8 @@ class ServerProcess:
                      "--num-blocks", str(self.num_blocks), "--max-queue-len", str(max(256, 2 * concurrency)),
                      "--max-concurrent-requests", str(max(512, 4 * concurrency)),
                      "--max-body-bytes", str(MAX_BODY_BYTES), "--default-max-tokens", str(max_tokens)]
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix="internvl-chaos-", suffix=".log", delete=False)
+        # open for the server's lifetime: stop() closes and removes it
+        self.log = tempfile.NamedTemporaryFile("w+b", prefix="internvl-chaos-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "internvl_runtime", *self.args], stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -660,9 +660,9 @@ class Chaos:
             if self.engine_ok and self.server.exit_code is None:
                 again = await self.solo_round("after the run")
                 fig.greedy_alone_after_run = sum(answer is not None for answer in again)
-                fig.greedy_alone_after_run_mismatches = sum(a != r for a, r in zip(again, self.reference)
+                fig.greedy_alone_after_run_mismatches = sum(a != r for a, r in zip(again, self.reference, strict=True)
                                                             if a is not None)
-                for index, (a, r) in enumerate(zip(again, self.reference)):
+                for index, (a, r) in enumerate(zip(again, self.reference, strict=True)):
                     if a is not None and a != r and len(fig.greedy_samples) < 5:
                         fig.greedy_samples.append(f"greedy {index} alone after the run: {a!r} != before {r!r}")
         finally:
@@ -736,8 +736,9 @@ def report(fig: Figures) -> None:
     print(f"  KV blocks in use       {_mib(fig.kv_blocks_in_use_after_drain)} after the drain   (target 0; peak "
           f"{_mib(fig.kv_blocks_in_use_peak)} of {_mib(fig.kv_blocks_total)})")
     growth = "n/a" if fig.rss_growth_mib is None else f"{fig.rss_growth_mib:+.1f}"
-    print(f"  resident memory (MiB)  {_mib(fig.rss_start_mib)} after {fig.warmup_s:g} s of warm-up -> {_mib(fig.rss_end_mib)} after the "
-          f"drain ({growth}; peak {_mib(fig.rss_peak_mib)}; limit +{s['max_rss_growth_mib']:g})")
+    print(f"  resident memory (MiB)  {_mib(fig.rss_start_mib)} after {fig.warmup_s:g} s of warm-up -> "
+          f"{_mib(fig.rss_end_mib)} after the drain ({growth}; peak {_mib(fig.rss_peak_mib)}; "
+          f"limit +{s['max_rss_growth_mib']:g})")
     timeline = fig.rss_timeline_mib[::max(1, -(-len(fig.rss_timeline_mib) // 12))]
     print(f"    every {10 * max(1, -(-len(fig.rss_timeline_mib) // 12))} s: "
           + " ".join(f"{mib:.0f}" for _, mib in timeline))

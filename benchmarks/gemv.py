@@ -99,12 +99,13 @@ def main() -> None:
             for p in paths:
                 methods[p] = (lambda w, p=p, x=x: kernels.linear_bf16(x, w, path=p), ws, 2)
             if args.int8:
-                methods["torch int8pack"] = (lambda q, x=x, s=scales: torch.ops.aten._weight_int8pack_mm(x, q, s), qs, 1)
+                methods["torch int8pack"] = (lambda q, x=x, s=scales: torch.ops.aten._weight_int8pack_mm(x, q, s),
+                                             qs, 1)
                 for p in paths:
                     methods[f"int8 {p}"] = (lambda q, p=p, x=x, s=scales: kernels.linear_int8(x, q, s, path=p), qs, 1)
             best: dict[str, float] = {}
             for _ in range(args.rounds):
-                for label, (fn, weights, elem) in methods.items():
+                for label, (fn, weights, _) in methods.items():
                     def run_all(fn=fn, weights=weights) -> None:
                         for w in weights:
                             fn(w)
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"DRAM read bandwidth (float32 sum of 512 MiB, best of {len(read_bw)}): {dram:.1f} GB/s "
           f"(worst {min(read_bw):.1f})")
     print("GB/s of weights streamed (bf16: 2 B/weight, fp32: 4, int8: 1); % = of the read bandwidth")
-    header = ["shape", "N x K", "M"] + columns + ["ms torch bf16", "ms best native"]
+    header = ["shape", "N x K", "M", *columns, "ms torch bf16", "ms best native"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for (name, m), row in results.items():

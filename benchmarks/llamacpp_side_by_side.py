@@ -452,7 +452,7 @@ def parse_mtmd(text: str, count_tokens) -> dict:
         starts.append(_stamp(line))
         if m.group(1) == "text":
             end = next((j for j in range(i + 1, len(lines)) if _stamp(lines[j]) is not None), len(lines))
-            segments.append("\n".join([line[m.end():]] + lines[i + 1:end]))
+            segments.append("\n".join([line[m.end():], *lines[i + 1:end]]))
     ends = [_stamp(x) for x in lines if "llama_perf_context_print" in x]
     if not encoded or not starts or not ends or None in (starts[-1], ends[0]):
         raise RuntimeError("could not find the image encode / prompt times in llama-mtmd-cli's verbose log")
@@ -601,7 +601,7 @@ def child_command(args: argparse.Namespace) -> list[str]:
 def ours_decode(mode: str, args: argparse.Namespace, logs: Path, out: dict) -> None:
     log(f"ours decode {mode}: fresh process, {args.rounds} rounds x {args.steps} tokens from depth {CONTEXT} ...")
     load = load1()
-    text, wall, _ = run(child_command(args) + ["--child", "decode", "--child-mode", mode],
+    text, wall, _ = run([*child_command(args), "--child", "decode", "--child-mode", mode],
                         logs / f"ours-decode-{mode}.log", timeout=3600)
     out["decode"][mode] = dict(json.loads(text.strip().splitlines()[-1]), wall=wall, load=load)
 
@@ -609,8 +609,8 @@ def ours_decode(mode: str, args: argparse.Namespace, logs: Path, out: dict) -> N
 def ours_images(args: argparse.Namespace, images: dict[str, Path], logs: Path, out: dict) -> None:
     log("ours vision + first token (bf16): fresh process ...")
     load = load1()
-    text, wall, _ = run(child_command(args) + ["--child", "vision", "--child-images", str(images["1tile"]),
-                                               str(images["7tiles"])], logs / "ours-vision.log", timeout=3600)
+    text, wall, _ = run([*child_command(args), "--child", "vision", "--child-images", str(images["1tile"]),
+                         str(images["7tiles"])], logs / "ours-vision.log", timeout=3600)
     out["vision"] = dict(json.loads(text.strip().splitlines()[-1]), wall=wall, load=load)
 
 

@@ -82,7 +82,7 @@ def fake_int4_logits(path: Path, ids: list[int], features: torch.Tensor, tokens:
     model = load(path, "bf16")
     model.img_context_token_id = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<IMG_CONTEXT>")
     with torch.no_grad():
-        for name, module in model.language_model.named_modules():
+        for module in model.language_model.modules():
             group = _int4_group(module.in_features, 128) if isinstance(module, torch.nn.Linear) else None
             if group is not None:                            # the group quantize_model picks for the layer
                 q, sz = quantize_int4(module.weight, group)
@@ -176,8 +176,9 @@ def fmt_seconds(t: float) -> str:
 
 def table(result: dict) -> str:
     bf16 = result["loads"]["bf16"]
-    header = ("| mode | weights (all) | LLM weights | RSS after load | peak RSS while loading | logits rel. err vs bf16 "
-              "| greedy agreement | prefill 282 tok | decode ms/token, best round (median) | decode vs bf16 |")
+    header = ("| mode | weights (all) | LLM weights | RSS after load | peak RSS while loading "
+              "| logits rel. err vs bf16 | greedy agreement | prefill 282 tok "
+              "| decode ms/token, best round (median) | decode vs bf16 |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for mode in MODES:
         load = result["loads"][mode]
@@ -185,7 +186,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {mode} | {fmt_bytes(load['bytes'])} ({load['bytes'] / bf16['bytes']:.2f}x) "
             f"| {fmt_bytes(load['llm_bytes'])} ({load['llm_bytes'] / bf16['llm_bytes']:.2f}x) "
-            f"| {load['rss_mib']:.0f} MiB | {load['peak_mib']:.0f} MiB | {result['errors'][mode]:.4f} | {result['agree'][mode] * 100:.0f}% "
+            f"| {load['rss_mib']:.0f} MiB | {load['peak_mib']:.0f} MiB | {result['errors'][mode]:.4f} "
+            f"| {result['agree'][mode] * 100:.0f}% "
             f"| {fmt_seconds(result['prefill_s'][mode])} | {ms:.1f} ({result['decode_median'][mode]:.1f}) "
             f"| {result['decode_ms']['bf16'] / ms:.2f}x |")
     return "\n".join(lines)
@@ -226,19 +228,21 @@ def main() -> None:
                  f"vocab {llm['vocab_size']}, random weights")
         section = (f"\n## Weight-only int8 / int4 vs bf16 ({shape}), {stamp}\n\n"
                    f"Host: {host}\n\n"
-                   f"`python benchmarks/quantization.py --model {args.model} --steps {args.steps} --rounds {args.rounds}`. "
-                   f"Vision encoder kept "
+                   f"`python benchmarks/quantization.py --model {args.model} --steps {args.steps} "
+                   f"--rounds {args.rounds}`. Vision encoder kept "
                    f"in bf16 in every mode; int8: per-output-channel scales; int4: group 128 (default) or 32, bf16 "
                    f"scale + zero per group. "
                    f"Logits error over the last prompt token ({result['prompt_tokens']} tokens, one tile) and "
-                   f"{args.steps} teacher-forced decode steps. Decode: ms per token over {args.rounds} interleaved rounds of "
-                   f"{args.steps} tokens (best round: other work on this shared host slows whole rounds; load average "
-                   f"{load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs). Peak RSS: a fresh process loading that mode; it is the loader's "
+                   f"{args.steps} teacher-forced decode steps. Decode: ms per token over {args.rounds} interleaved "
+                   f"rounds of {args.steps} tokens (best round: other work on this shared host slows whole rounds; "
+                   f"load average {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs). "
+                   f"Peak RSS: a fresh process loading that mode; it is the loader's "
                    f"peak (checkpoint pages mapped + 16-bit parameters), the same in every mode: the 16-bit model is "
                    f"read, then quantized layer by layer, which adds nothing to it. RSS after load: the same process "
                    f"once loading is done. Random weights amplify quantization error from layer to layer: "
-                   f"the bf16 model with its LLM weights replaced by their int4 values (default group; fake quantization, "
-                   f"bf16 kernels) gives logits rel. err {result['errors']['fake int4']:.4f}, so the int4 error is "
+                   f"the bf16 model with its LLM weights replaced by their int4 values (default group; fake "
+                   f"quantization, bf16 kernels) gives logits rel. err {result['errors']['fake int4']:.4f}, "
+                   f"so the int4 error is "
                    f"the format's on these weights, not the kernels'; trained checkpoints are expected to fare "
                    f"better (not measurable here).\n\n{text}\n")
         with RESULTS.open("a", encoding="utf-8") as f:

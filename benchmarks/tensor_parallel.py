@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from internvl_runtime.testing.checkpoints import (
+from internvl_runtime.testing.checkpoints import (  # noqa: E402 - runs from a checkout: the root goes on sys.path first
     VARIANTS,
     make_config,
     official_tensor_shapes,
@@ -44,7 +44,8 @@ def comm_per_token(variant: str, tp: int, act_bytes: int = 2) -> dict[str, float
     reduce_payload = (2 * layers + 1) * hidden * act_bytes
     gather_payload = padded * act_bytes
     wire = reduce_payload * 2 * (tp - 1) / tp + gather_payload * (tp - 1) / tp
-    return {"all_reduces": 2 * layers + 1, "payload_bytes": reduce_payload + gather_payload, "wire_bytes_per_rank": wire}
+    return {"all_reduces": 2 * layers + 1, "payload_bytes": reduce_payload + gather_payload,
+            "wire_bytes_per_rank": wire}
 
 
 def param_bytes(variant: str) -> tuple[int, int]:
@@ -54,17 +55,21 @@ def param_bytes(variant: str) -> tuple[int, int]:
     return sum(math.prod(s) for s in shapes.values()) - llm, llm
 
 
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
 def print_tables() -> None:
     print("| model | vision+mlp1 params | LLM params | bf16 total | bf16 LLM per rank, TP=2 / 4 / 8 | "
           "int8 total | comm/token TP=2 (bf16, wire per rank) |")
     print("|---|---|---|---|---|---|---|")
     for v in VARIANTS:
         vis, llm = param_bytes(v)
-        gb = lambda n: f"{n / 1e9:.1f} GB"
         per_rank = " / ".join(gb(llm * 2 / tp) for tp in (2, 4, 8))
         comm = comm_per_token(v, 2)
         print(f"| {v} | {vis / 1e9:.2f} B | {llm / 1e9:.2f} B | {gb((vis + llm) * 2)} | {per_rank} | "
-              f"{gb(vis * 2 + llm)} | {comm['wire_bytes_per_rank'] / 1024:.0f} KiB ({comm['all_reduces']} all-reduces) |")
+              f"{gb(vis * 2 + llm)} | {comm['wire_bytes_per_rank'] / 1024:.0f} KiB "
+              f"({comm['all_reduces']} all-reduces) |")
 
 
 def _measure(engine, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict[str, float]:

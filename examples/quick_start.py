@@ -99,7 +99,7 @@ response, history = model.chat(tokenizer, pixel_values, question, generation_con
 print(f'User: {question}\nAssistant: {response}')
 
 question = 'Please write a poem according to the image.'
-response, history = model.chat(tokenizer, pixel_values, question, generation_config, history=history, return_history=True)
+response, history = model.chat(tokenizer, pixel_values, question, generation_config, history=history, return_history=True)  # noqa: E501 - the model card's line
 print(f'User: {question}\nAssistant: {response}')
 
 # multi-image multi-round conversation, combined images (多图多轮对话，拼接图像)
@@ -146,7 +146,7 @@ responses = model.batch_chat(tokenizer, pixel_values,
                              num_patches_list=num_patches_list,
                              questions=questions,
                              generation_config=generation_config)
-for question, response in zip(questions, responses):
+for question, response in zip(questions, responses):  # noqa: B905 - the model card's line
     print(f'User: {question}\nAssistant: {response}')
 
 # video multi-round conversation (视频多轮对话)
