@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from ..errors import EngineDead, EngineOverloaded, InternVLError, InvalidRequest, RequestFailed
-from ..processing.inputs import PreparedRequest
+from ..processing.inputs import InputProcessor, PreparedRequest
+from ..processing.tokenization import Tokenizer
 from .engine import EngineStats, LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -57,6 +58,8 @@ class _Stop:
 
 
 _Command: TypeAlias = _Add | _Abort | _Stop
+#: What the engine thread hands a request's handler: accepted, an output, or the error that ends it.
+_Answer: TypeAlias = _Accepted | RequestOutput | BaseException
 
 
 class AsyncEngine:
@@ -78,7 +81,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_queue_len = max_queue_len
         self._commands: queue.Queue[_Command] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Answer]]] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._death: str | None = None
@@ -104,11 +107,11 @@ class AsyncEngine:
 
     # What other threads may ask without waiting for the engine thread: fixed after construction.
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     @property
-    def processor(self) -> Any:
+    def processor(self) -> InputProcessor:
         """The engine's ``InputProcessor`` (template, tiling, tokenization: run by the request handlers)."""
         return self.engine.processor
 
@@ -156,7 +159,7 @@ class AsyncEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request. Leaving the iteration early (client gone) aborts it."""
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        outputs: asyncio.Queue[_Answer] = asyncio.Queue()
         with self._lock:
             self._check_room(1)
             if request_id in self._streams:
@@ -174,6 +177,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                assert isinstance(item, RequestOutput), item        # accepted comes once, first
                 yield item
                 if item.finished:
                     finished = True
@@ -193,7 +197,7 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     # -- engine thread ---------------------------------------------------------------------------
-    def _emit(self, request_id: str, item: object) -> bool:
+    def _emit(self, request_id: str, item: _Answer) -> bool:
         """Hand ``item`` to the request's handler; False (and the request aborted) if nobody waits."""
         with self._lock:
             target = self._streams.get(request_id)

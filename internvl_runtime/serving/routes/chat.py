@@ -4,14 +4,18 @@ SSE chunks or answer once they are all done."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
+from ...engine.async_engine import AsyncEngine
+from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
 from ...processing.inputs import Message, PreparedRequest
+from ..config import ServerConfig
 from ..media import decode_image, decode_video
 from ..protocol import (
     ChatChoice,
@@ -26,8 +30,11 @@ from ..protocol import (
     dump,
     new_id,
 )
+from ..state import ServingState
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
 from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
+
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -58,7 +65,7 @@ async def chat_completions(request: Request) -> Response:
             slot.release()
 
 
-async def _prepare(state: Any, req: ChatCompletionRequest) -> PreparedRequest:
+async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
     """Fetch, decode and tile the images, sample the video frames, render the template, tokenize."""
     config, processor = state.config, state.processor
     urls = [url for m in req.messages for url in m.image_urls()]
@@ -93,7 +100,8 @@ async def _prepare(state: Any, req: ChatCompletionRequest) -> PreparedRequest:
     return await state.run_in_worker(work)
 
 
-def video_frames(data: bytes, num_segments: int, config: Any, *, max_decoded_bytes: int | None = None) -> list[Any]:
+def video_frames(data: bytes, num_segments: int, config: ServerConfig, *, max_decoded_bytes: int | None = None
+                 ) -> list[Image.Image]:
     """Sample ``num_segments`` frames (the official choice) within the server's video limits
     (``max_decoded_bytes``: this video's share of the request's decoding budget)."""
     budget = config.max_video_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
@@ -101,7 +109,7 @@ def video_frames(data: bytes, num_segments: int, config: Any, *, max_decoded_byt
                         max_seconds=config.max_video_seconds, max_decoded_bytes=budget)
 
 
-async def _gather(coroutines: list[Any]) -> list[Any]:
+async def _gather(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
     """Run coroutines concurrently; the first failure cancels the others and is raised."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
@@ -112,8 +120,9 @@ async def _gather(coroutines: list[Any]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _full(state: Any, engine: Any, request_id: str, req: ChatCompletionRequest, jobs: Jobs) -> JSONResponse:
-    finals: dict[int, Any] = {}
+async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs
+                ) -> JSONResponse:
+    finals: dict[int, RequestOutput] = {}
     async for index, out in merged(engine, request_id, jobs):
         if out.finished:
             finals[index] = out
@@ -132,7 +141,7 @@ async def _full(state: Any, engine: Any, request_id: str, req: ChatCompletionReq
     return JSONResponse(dump(result))
 
 
-async def _events(state: Any, engine: Any, request_id: str, req: ChatCompletionRequest, jobs: Jobs
+async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs
                   ) -> AsyncIterator[str]:
     include_usage = req.include_usage
 

@@ -6,39 +6,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
 
+from ...engine.async_engine import AsyncEngine
+from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
+from ..state import ServingState
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def serving_state(request: Request) -> Any:
+def serving_state(request: Request) -> ServingState:
     """The app's ``ServingState``."""
-    return request.app.state.serving
+    state = request.app.state.serving
+    assert isinstance(state, ServingState)
+    return state
 
 
-def parse(model: type[BaseModel], body: bytes) -> Any:
+def parse(model: type[ModelT], body: bytes) -> ModelT:
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     return model.model_validate_json(body)
 
 
-def check_model(state: Any, model: str) -> None:
+def check_model(state: ServingState, model: str) -> None:
     if model != state.config.model_name:
         raise ModelNotFound(f"the model {model!r} does not exist; this server serves {state.config.model_name!r}")
 
 
-def check_n(state: Any, n: int) -> None:
+def check_n(state: ServingState, n: int) -> None:
     if n > state.config.max_n:
         raise InvalidRequest(f"n: at most {state.config.max_n} choices per request, got {n}")
 
 
-def sampling_params(state: Any, engine: Any, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int
-                    ) -> list[SamplingParams]:
+def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletionRequest | CompletionRequest,
+                    num_prompt_tokens: int) -> list[SamplingParams]:
     """One SamplingParams per choice. The engine's context rule says how many tokens fit (or refuses):
     ``max_tokens`` as asked, else the server's default cut to what the context leaves."""
     max_tokens = engine.max_new_tokens_for(num_prompt_tokens, req.requested_max_tokens,
@@ -59,7 +66,7 @@ def sampling_params(state: Any, engine: Any, req: ChatCompletionRequest | Comple
     return params
 
 
-def chat_logprobs(records: list[Any], token_text: Callable[[int], str]) -> list[TokenLogprob]:
+def chat_logprobs(records: list[TokenLogprobs], token_text: Callable[[int], str]) -> list[TokenLogprob]:
     """Engine ``TokenLogprobs`` -> OpenAI chat logprobs content entries."""
     entries = []
     for record in records:
@@ -71,7 +78,7 @@ def chat_logprobs(records: list[Any], token_text: Callable[[int], str]) -> list[
     return entries
 
 
-def completion_logprobs(records: list[Any], token_text: Callable[[int], str]) -> CompletionLogprobs:
+def completion_logprobs(records: list[TokenLogprobs], token_text: Callable[[int], str]) -> CompletionLogprobs:
     """Engine ``TokenLogprobs`` -> the legacy completions logprobs shape."""
     result = CompletionLogprobs()
     offset = 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ...engine.async_engine import AsyncEngine
+from ...engine.engine import RequestOutput
 from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump, new_id
+from ..state import ServingState
 from .common import check_model, check_n, completion_logprobs, parse, sampling_params, serving_state
 from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
 
@@ -51,8 +53,9 @@ def _usage(jobs: Jobs, n: int, completion_tokens: int) -> Usage:
                  total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _full(state: Any, engine: Any, request_id: str, req: CompletionRequest, jobs: Jobs) -> JSONResponse:
-    finals: dict[int, Any] = {}
+async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: CompletionRequest, jobs: Jobs
+                ) -> JSONResponse:
+    finals: dict[int, RequestOutput] = {}
     async for index, out in merged(engine, request_id, jobs):
         if out.finished:
             finals[index] = out
@@ -67,7 +70,7 @@ async def _full(state: Any, engine: Any, request_id: str, req: CompletionRequest
                                         system_fingerprint=state.fingerprint)))
 
 
-async def _events(state: Any, engine: Any, request_id: str, req: CompletionRequest, jobs: Jobs
+async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req: CompletionRequest, jobs: Jobs
                   ) -> AsyncIterator[str]:
     include_usage = req.include_usage
     sent_logprobs = [0] * len(jobs)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from ..state import ServingState
 from .common import serving_state
 
 router = APIRouter()
@@ -20,6 +19,7 @@ async def health(request: Request) -> JSONResponse:
     engine = state.engine
     if engine is not None and engine.is_running:
         return JSONResponse({"status": "ok", "model": state.config.model_name, "demo": state.config.demo})
+    error: str | None
     if engine is not None:          # it ran and stopped: never a silent "loading"
         error = f"the engine loop stopped: {engine.death}" if engine.death else "the engine was shut down"
     else:
@@ -36,7 +36,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(metrics_text(serving_state(request)), media_type="text/plain; version=0.0.4")
 
 
-def metrics_text(state: Any) -> str:
+def metrics_text(state: ServingState) -> str:
     """The HTTP layer's counters, then the engine's (``AsyncEngine.stats``: ``LLMEngine``'s counters) and
     the KV block counts its thread publishes after each step: a scrape never waits for the engine."""
     engine = state.engine

@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from ...engine.async_engine import AsyncEngine
+from ...engine.engine import RequestOutput
 from ...engine.sampling_params import SamplingParams
 from ...processing.inputs import PreparedRequest
 from ..protocol import error_payload
+from ..state import ServingState, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +34,11 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def merged(engine: Any, base_id: str, jobs: Jobs) -> AsyncIterator[tuple[int, Any]]:
+async def merged(engine: AsyncEngine, base_id: str, jobs: Jobs) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run several engine requests at once; yield ``(index, RequestOutput)`` as they come. Leaving the
     iteration cancels the others (each aborts its engine request and frees its KV blocks)."""
-    queue: asyncio.Queue = asyncio.Queue()
+    # (index, an output, the failure that ended the job, or None: the job is done)
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
 
     async def pump(index: int, prepared: PreparedRequest, params: SamplingParams) -> None:
         try:
@@ -63,7 +68,7 @@ async def merged(engine: Any, base_id: str, jobs: Jobs) -> AsyncIterator[tuple[i
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def until_disconnected(request: Request, work: Any) -> Any:
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
     """Await ``work`` (a coroutine); cancel it if the client goes away first (non-streaming requests)."""
     task = asyncio.ensure_future(work)
     try:
@@ -81,7 +86,7 @@ async def until_disconnected(request: Request, work: Any) -> Any:
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _stream(slot: Any, body: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _stream(slot: Slot, body: AsyncIterator[str]) -> AsyncIterator[str]:
     """SSE body: the events of ``body``, an error event if it fails, then ``[DONE]``; frees ``slot``."""
     try:
         async for event in body:
@@ -103,14 +108,14 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its body: a client that leaves mid-stream aborts the engine
     requests (freeing their KV blocks) now, not when the generator is garbage-collected."""
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
-def streaming_response(state: Any, slot: Any, body: AsyncIterator[str]) -> StreamingResponse:
+def streaming_response(state: ServingState, slot: Slot, body: AsyncIterator[str]) -> StreamingResponse:
     """The SSE response of ``body``; ``slot`` (the request's admission) is freed when the stream ends, or
     when it is garbage-collected without ever starting."""
     generator = _stream(slot, body)
