@@ -10,7 +10,7 @@ Examples::
     internvl bench
 
 ``serve``'s flags are built from :class:`~internvl_runtime.serving.config.ServerConfig`'s fields and their
-help (STYLE C.11), so the CLI, the Python API and ``--help`` agree. Errors a user can cause (a missing
+help, so the CLI, the Python API and ``--help`` agree. Errors a user can cause (a missing
 folder, no network for ``download``, a bad flag) print one clear line and exit with status 1, never a
 traceback.
 """

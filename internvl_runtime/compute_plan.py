@@ -82,15 +82,15 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     _, kernel = _decode_kernel(plan.dtype) if plan.decode_kernel != "torch" else ("torch", None)
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
-        # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs (it loses at 8 rows on
-        # Zen 4, benchmarks/RESULTS.md), up to 16 elsewhere (torch's bf16 there is ~100x slower).
+        # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs, up to 16 elsewhere (torch's
+        # bf16 is far slower there): benchmarks/gemv.py measures the crossing, benchmarks/RESULTS.md has runs.
         rows = 4 if cpu_has_fast_bf16() else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
     # The native decode stack pays off to more rows than the bare GEMV kernel: it also removes the Python
-    # layer loop (measured on Zen 4, 1B shapes: 8 concurrent requests 63 -> 77 tok/s at 8 rows; at 16 rows
-    # torch's bf16 GEMMs win there)
+    # layer loop; past 8 rows torch's bf16 GEMMs win where the CPU has them (benchmarks/bench_engine.py (c),
+    # runs in benchmarks/RESULTS.md)
     plan = _plan_decode_layers(model.language_model, plan, rows=8 if cpu_has_fast_bf16() else 16)
     model.set_compute_plan(plan)
     logger.info(plan.describe())

@@ -1,7 +1,7 @@
 """What the host can compute fast: CPU instruction sets, CUDA, and the dtype to use for "auto".
 
-On x86 CPUs without avx512_bf16/AMX, torch's bfloat16 matrix products run ~160x slower than float32
-(measured on an AMD Zen 3), so "auto" picks float32 there.
+On x86 CPUs without avx512_bf16/AMX, torch's bfloat16 matrix products run far slower than float32
+(``benchmarks/upcast_plan.py`` measures it), so "auto" picks float32 there.
 """
 
 from __future__ import annotations

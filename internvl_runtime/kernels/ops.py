@@ -1,8 +1,8 @@
 """The operators: each one native where ``extension.py`` chose a path, else torch computing the same thing.
 
-Why: at batch 1 every decode step streams all weights once, so it runs at the speed the GEMV reads them.
-torch's own bf16 GEMV reaches only ~10-27 GB/s on the hosts we measured (the 151655x896 LM head ~9.5
-GB/s), well under the ~33 GB/s of DRAM read bandwidth. These kernels keep the weights as stored, widen
+Why: at batch 1 every decode step streams all weights once, so it runs at the speed the GEMV reads them,
+and torch's own bf16 GEMV reads them well below the DRAM bandwidth (``benchmarks/gemv.py`` measures both;
+runs in ``benchmarks/RESULTS.md``). These kernels keep the weights as stored, widen
 them in registers (AVX-512 BF16 ``vdpbf16ps``; AVX-512F / AVX2 shift-and-FMA) and stream each row once,
 threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and ``benchmarks/gemv.py``.
 

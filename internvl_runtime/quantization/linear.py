@@ -152,9 +152,9 @@ class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights (one scale per output channel). Buffers: ``weight`` (N, K)
     int8, ``scales`` (N,), optional ``bias`` (N,) in the model dtype. Output in the input's dtype."""
 
-    #: Rows (tokens) up to which the CPU GEMV kernel is used; above, one dequantized GEMM is faster
-    #: (measured on the 9728x896 gate/up matrix, Zen 4: the kernel costs ~0.24 ms per row, the
-    #: dequantizing path ~2.6 ms + the GEMM; they cross near 24-32 rows).
+    #: Rows (tokens) up to which the CPU GEMV kernel is used; above, one dequantized GEMM is faster (the
+    #: kernel's cost grows per row, the dequantizing path's is mostly fixed; ``benchmarks/gemv.py`` finds
+    #: where they cross on a host, kept below that with a margin).
     KERNEL_MAX_ROWS = 16
 
     weight: torch.Tensor

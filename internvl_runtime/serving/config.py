@@ -1,7 +1,7 @@
 """ServerConfig: every knob of ``internvl serve``, checked when built.
 
 The CLI builds one ``--flag`` per field from this dataclass (name, type, default and the ``help`` in each
-field's metadata), so the Python API, the command line and ``--help`` always agree (STYLE C.11).
+field's metadata), so the Python API, the command line and ``--help`` always agree.
 
 Safety defaults (issue: "safety by default"): image URLs that resolve to loopback, private, link-local,
 metadata or other non-public addresses are refused; local files are refused unless a folder is named with

@@ -34,7 +34,7 @@ _TOKEN_IDS = {
 
 
 def real_config(variant: str) -> dict[str, Any]:
-    """The released config.json of InternVL2-<variant> (values seen or rebuilt; see shared/configs)."""
+    """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     configs = json.loads((_HERE / "real_configs.json").read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@
 - shared: ``common`` (the model and ``n`` checks, SamplingParams from a request, logprobs in OpenAI's
   shapes) and ``streaming`` (SSE, choices merged from several engine requests, client disconnects)
 
-Threading rule (ARCHITECTURE.md, STYLE C.14): everything here runs in the HTTP layer. A handler parses
+Threading rule (ARCHITECTURE.md): everything here runs in the HTTP layer. A handler parses
 the JSON into typed models (``protocol``), fetches image bytes (``media``), decodes, tiles, renders the
 template and tokenizes (``InputProcessor``, on a worker thread so the event loop stays responsive), asks
 the engine whether the request fits its context and its queue, and only then hands a ``PreparedRequest``
