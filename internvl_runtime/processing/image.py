@@ -365,7 +365,8 @@ def _read_data_url(url: str, name: str, *, max_bytes: int) -> bytes:
 def _decode(source: str | io.BytesIO, name: str, *, max_pixels: int | None) -> Image.Image:
     """Open ``source`` with PIL, check its size, decode it fully and return an RGB copy."""
     try:
-        with Image.open(source) as image:
+        image = Image.open(source)      # not `with open() as image`: Pillow's __enter__ -> Self is Any for 3.10
+        with image:
             width, height = image.size
             _check_image_size(width, height, name, max_pixels=max_pixels)
             # Decompression bombs: PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse

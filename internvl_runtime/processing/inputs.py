@@ -19,15 +19,17 @@ import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from PIL import Image
 
+from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch
-from .image import build_transform, dynamic_preprocess, open_image
+from .image import ImageSource, build_transform, dynamic_preprocess, open_image
 from .spans import MultiModalSpan
 from .template import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders, get_template
+from .tokenization import Tokenizer
 
 
 @dataclass
@@ -48,6 +50,11 @@ class ImageInput:
         return cls(data, digest)
 
 
+#: An image of a message: a path, URL, encoded bytes or PIL image, an already tiled (tiles, 3, H, W) tensor,
+#: or an ImageInput.
+MessageImage: TypeAlias = ImageSource | torch.Tensor | ImageInput
+
+
 @dataclass
 class Message:
     """One chat message: role ('system' | 'user' | 'assistant'), text, images, and whether the images
@@ -55,7 +62,7 @@ class Message:
 
     role: str
     text: str
-    images: list[Any] = field(default_factory=list)
+    images: Sequence[MessageImage] = field(default_factory=list)
     is_video: bool = False
 
 
@@ -69,10 +76,17 @@ class PreparedRequest:
     mm_spans: list[MultiModalSpan]
 
 
+class HasInternVLConfig(Protocol):
+    """What :meth:`InputProcessor.for_model` reads of a model: its config (``InternVLModel``, a layer above)."""
+
+    @property
+    def config(self) -> InternVLConfig: ...
+
+
 class InputProcessor:
     """Turns messages (text + images) into a :class:`PreparedRequest` for one model/tokenizer."""
 
-    def __init__(self, tokenizer: Any, *, template: str, image_size: int, num_image_token: int,
+    def __init__(self, tokenizer: Tokenizer, *, template: str, image_size: int, num_image_token: int,
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -90,11 +104,12 @@ class InputProcessor:
         self.sep_id = tokenizer.convert_tokens_to_ids(self.sep)
 
     @classmethod
-    def for_model(cls, model: Any, tokenizer: Any, **overrides: Any) -> InputProcessor:
+    def for_model(cls, model: HasInternVLConfig, tokenizer: Tokenizer, **overrides: Any) -> InputProcessor:
         config = model.config
-        kwargs = dict(template=config.template, image_size=config.image_size, num_image_token=config.num_image_token,
-                      max_dynamic_patch=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
-                      system_message=config.system_message)
+        kwargs: dict[str, Any] = dict(template=config.template, image_size=config.image_size,
+                                      num_image_token=config.num_image_token,
+                                      max_dynamic_patch=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
+                                      system_message=config.system_message)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
 
@@ -107,14 +122,14 @@ class InputProcessor:
     @property
     def stop_token_ids(self) -> list[int]:
         """The template separator ends an answer (as the official chat); the tokenizer's eos too."""
-        ids = [self.sep_id]
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is not None and eos not in ids:
-            ids.append(eos)
+        ids: list[int] = []
+        for token_id in (self.sep_id, self.tokenizer.eos_token_id):
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
         return ids
 
     # -- images ----------------------------------------------------------------------------------
-    def image_input(self, image: Any, max_num: int | None = None) -> ImageInput:
+    def image_input(self, image: MessageImage, max_num: int | None = None) -> ImageInput:
         """A path, URL, bytes, PIL image, or an already tiled (tiles, 3, H, W) tensor -> ImageInput."""
         if isinstance(image, ImageInput):
             return image

@@ -30,22 +30,23 @@ import multiprocessing
 import pickle
 import threading
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
 from ..errors import ContextLengthExceeded, EngineOverloaded, RequestFailed
+from .tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PromptEncoder", "longest_token_bytes"]
 
 
-def longest_token_bytes(tokenizer: Any) -> int:
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
     """The most bytes of text one token can stand for (its vocabulary entry's UTF-8 length, at least 1)."""
     return max([1, *(len(token.encode("utf-8")) for token in tokenizer.get_vocab())])
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: Any, *, max_tokens: int, large_bytes: int = 64 * 2**10, max_large: int = 4) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, max_tokens: int, large_bytes: int = 64 * 2**10,
+                 max_large: int = 4) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.token_bytes = longest_token_bytes(tokenizer)
@@ -108,7 +109,7 @@ class PromptEncoder:
             raise RequestFailed("the tokenizer process stopped while tokenizing this prompt") from None
 
 
-_tokenizer: Any = None
+_tokenizer: Tokenizer | None = None      # the worker process's copy (_load_tokenizer)
 
 
 def _load_tokenizer(data: bytes) -> None:
@@ -117,6 +118,7 @@ def _load_tokenizer(data: bytes) -> None:
 
 
 def _encode(text: str, max_tokens: int) -> list[int]:
+    assert _tokenizer is not None, "the worker process loads its tokenizer first"
     ids = list(_tokenizer.encode(text))
     if len(ids) > max_tokens:       # no use sending back what cannot be served
         raise ContextLengthExceeded(f"the prompt is {len(ids)} tokens; the model's context is {max_tokens} tokens")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,13 @@ from internvl_runtime.processing.video_io import (
     clip_opener,
     import_av,
 )
+
+if TYPE_CHECKING:      # PyAV is optional (the video extra): imported where a clip is opened
+    from types import ModuleType
+
+    from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -249,8 +257,8 @@ def _sample(
 
 
 def _decode_pass(
-    av: Any,
-    opener: Callable[[], Any],
+    av: ModuleType,
+    opener: Callable[[], AbstractContextManager[InputContainer]],
     watch: DecodeWatch,
     wanted: set[int],
     convert: Callable[[Image.Image], _T],
@@ -289,7 +297,7 @@ def _decode_pass(
     return count, kept
 
 
-def _frame_to_image(frame: Any, max_pixels: int | None = None) -> Image.Image:
+def _frame_to_image(frame: VideoFrame, max_pixels: int | None = None) -> Image.Image:
     """An RGB PIL image of a decoded frame, turned as its display matrix says (multiples of 90°).
 
     A frame of more than ``max_pixels`` pixels is scaled down (aspect ratio kept) in the same conversion,
@@ -317,7 +325,7 @@ def _scaled_size(width: int, height: int, max_pixels: int | None) -> tuple[int, 
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def _count_packets(container: Any, stream: Any, name: str) -> int:
+def _count_packets(container: InputContainer, stream: VideoStream, name: str) -> int:
     """Number of non-empty packets of ``stream`` (a cheap frame-count guess when the container has none)."""
     count = 0
     try:
@@ -331,7 +339,7 @@ def _count_packets(container: Any, stream: Any, name: str) -> int:
     return count
 
 
-def _average_fps(stream: Any) -> float:
+def _average_fps(stream: VideoStream) -> float:
     """The stream's average frame rate (decord's ``get_avg_fps``), else its guessed rate, else 0.0."""
     for rate in (stream.average_rate, getattr(stream, "guessed_rate", None)):
         if rate is not None and rate > 0:
@@ -343,16 +351,19 @@ def _average_fps(stream: Any) -> float:
     return 0.0
 
 
-def _video_stream(container: Any, name: str, limits: VideoLimits) -> Any:
+def _video_stream(container: InputContainer, name: str, limits: VideoLimits) -> VideoStream:
     """The clip's video stream (the one decord would open), its declared frame size checked."""
     if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["no"]
+        kinds: list[str] = sorted({s.type for s in container.streams}) or ["no"]
         raise VideoDecodeError(f"video {name} has no video stream (it has {', '.join(kinds)} streams)")
     # decord opens the "best" video stream as FFmpeg ranks them.
+    stream = container.streams.video[0]
     try:
-        stream = container.streams.best("video") or container.streams.video[0]
+        best = container.streams.best("video")
     except AttributeError:  # older PyAV
-        stream = container.streams.video[0]
+        best = None
+    if best is not None:
+        stream = next((s for s in container.streams.video if s.index == best.index), stream)
     codec = stream.codec_context
     check_frame_size(codec.width, codec.height, name, limits.max_pixels, what="declares frames")
     return stream
@@ -373,7 +384,7 @@ def _frame_number(position: float) -> int:
     return round(position)
 
 
-def _has_bound(bound: Sequence[float] | None) -> bool:
+def _has_bound(bound: Sequence[float] | None) -> TypeGuard[Sequence[float]]:
     """Whether a bound is given (the official ``if bound:``: ``None`` and an empty sequence mean no bound)."""
     if bound is None:
         return False

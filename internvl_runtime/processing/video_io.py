@@ -23,13 +23,19 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
 
 from internvl_runtime.errors import InvalidRequest, UnsupportedFeature, VideoDecodeError
+
+if TYPE_CHECKING:      # PyAV is optional (the video extra): imported where a clip is opened
+    from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -87,7 +93,7 @@ class VideoLimits:
 
 
 def _is_count(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and bool(value >= 1)
 
 
 def _is_number(value: object) -> bool:
@@ -106,7 +112,7 @@ class DecodeWatch:
         self.first_s: float | None = None  # earliest and latest frame time seen, in seconds
         self.last_s: float | None = None
 
-    def check(self, frame: Any, index: int) -> None:
+    def check(self, frame: VideoFrame, index: int) -> None:
         """Raise VideoDecodeError when decoded frame number ``index`` breaks a limit."""
         limits, name = self.limits, self.name
         check_frame_size(frame.width, frame.height, name, limits.max_pixels, what=f"has a frame (number {index})")
@@ -119,7 +125,7 @@ class DecodeWatch:
         if limits.max_seconds is not None:
             self._check_time(frame, index, limits.max_seconds)
 
-    def _check_time(self, frame: Any, index: int, max_seconds: float) -> None:
+    def _check_time(self, frame: VideoFrame, index: int, max_seconds: float) -> None:
         # The decoded frames' own timestamps, not the header: a header may claim any duration.
         seconds = frame.time if frame.time is not None else (index / self.fps if self.fps > 0 else None)
         if seconds is None:
@@ -142,7 +148,7 @@ def check_frame_size(width: int, height: int, name: str, max_pixels: int | None,
         )
 
 
-def check_declared_duration(container: Any, stream: Any, name: str, limits: VideoLimits) -> None:
+def check_declared_duration(container: InputContainer, stream: VideoStream, name: str, limits: VideoLimits) -> None:
     """Refuse a clip whose header already says it is too long (the decoded frames are checked anyway)."""
     if limits.max_seconds is None:
         return
@@ -218,7 +224,7 @@ def _open_options(container_format: _Format) -> dict[str, str]:
             **dict(container_format.options)}
 
 
-def clip_opener(source: VideoSource) -> tuple[str, Callable[[], Any]]:
+def clip_opener(source: VideoSource) -> tuple[str, Callable[[], AbstractContextManager[InputContainer]]]:
     """A display name and a function opening a fresh PyAV input container on ``source``.
 
     The container format is recognised once, from the first bytes; each open names it to FFmpeg.
@@ -231,7 +237,7 @@ def clip_opener(source: VideoSource) -> tuple[str, Callable[[], Any]]:
     options = _open_options(container_format)
 
     @contextmanager
-    def open_container() -> Iterator[Any]:  # a PyAV InputContainer
+    def open_container() -> Iterator[InputContainer]:
         with open_file() as file:
             try:
                 container = av.open(file, mode="r", format=container_format.demuxer, options=options,
@@ -279,7 +285,7 @@ def _reader(source: VideoSource) -> tuple[str, Callable[[], BinaryIO]]:
     return path, open_file
 
 
-def import_av() -> Any:
+def import_av() -> ModuleType:
     try:
         import av
     except ImportError as exc:  # pragma: no cover - depends on the installation

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, overload
 
 import torch
 
@@ -20,7 +20,7 @@ from .config import SPECIAL_TOKEN_ATTRIBUTES, AddedToken, TokenizerConfig, _toke
 Ids: TypeAlias = int | Sequence[int] | torch.Tensor
 
 
-class BatchEncoding(dict):
+class BatchEncoding(dict[str, Any]):
     """What :meth:`Tokenizer.__call__` returns: a dict of ``input_ids``/``attention_mask`` with attribute access.
 
     Like transformers' ``BatchEncoding``: ``enc["input_ids"]``, ``enc.input_ids`` and ``enc.to(device)``
@@ -279,6 +279,13 @@ class Tokenizer:
             return index
         return self._convert_token_to_id(token)
 
+    # A str is also a Sequence[str]: the first overload wins for it, as at run time (typeshed's usual ignore).
+    @overload
+    def convert_tokens_to_ids(self, tokens: str) -> int | None: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int | None]: ...
+
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int | None] | None:
         """Ids of tokens; an unknown token gives the unk id (``None`` when there is no unk token)."""
         if isinstance(tokens, str):
@@ -363,12 +370,15 @@ class Tokenizer:
         """Token ids of a text, with bos/eos as the checkpoint's flags say when ``add_special_tokens``."""
         if not isinstance(text, str):
             raise InvalidRequest(f"encode expects a string, got {type(text).__name__}")
-        ids = [self._token_to_id_or_none(token) for token in self.tokenize(text)]
-        if any(index is None for index in ids):
-            raise InvalidRequest(
-                f"the tokenizer in {self.name_or_path} has no unknown token and cannot encode {text!r}"
-            )
-        return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids  # type: ignore[arg-type]
+        ids = []
+        for token in self.tokenize(text):
+            index = self._token_to_id_or_none(token)
+            if index is None:
+                raise InvalidRequest(
+                    f"the tokenizer in {self.name_or_path} has no unknown token and cannot encode {text!r}"
+                )
+            ids.append(index)
+        return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
 
     def __call__(
         self,
@@ -388,7 +398,7 @@ class Tokenizer:
         if padding not in (False, True, "longest", "do_not_pad"):
             raise InvalidRequest(f"padding must be True, False, 'longest' or 'do_not_pad', not {padding!r}")
         single = isinstance(text, str)
-        texts = [text] if single else list(text)  # type: ignore[list-item]
+        texts = [text] if isinstance(text, str) else list(text)
         rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         masks = [[1] * len(row) for row in rows]
         if padding in (True, "longest") and rows:

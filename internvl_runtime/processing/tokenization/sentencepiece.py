@@ -110,11 +110,12 @@ class SentencePieceTokenizer(Tokenizer):
         return str(self.sp_model.IdToPiece(index))
 
     def build_inputs_with_special_tokens(self, ids: list[int]) -> list[int]:
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
-        if None in bos or None in eos:
+        bos_id, eos_id = self.bos_token_id, self.eos_token_id
+        if (self.add_bos_token and bos_id is None) or (self.add_eos_token and eos_id is None):
             raise CheckpointError(f"{self.name_or_path}: add_bos_token/add_eos_token is set but the token is missing")
-        return bos + list(ids) + eos  # type: ignore[operator]
+        bos = [bos_id] if self.add_bos_token and bos_id is not None else []
+        eos = [eos_id] if self.add_eos_token and eos_id is not None else []
+        return bos + list(ids) + eos
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         tokens = list(tokens)
