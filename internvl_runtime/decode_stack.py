@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .models.decoders.base import DecoderForCausalLM
 from .models.layers.linear import Linear
 from .quantization.linear import Int4Linear, Int8Linear
 
@@ -66,21 +67,21 @@ def _projection(layers: list[nn.Module], what: str) -> _Projection | str:
 class DecodeStack:
     """Callable ``(x, cos, sin, meta, kv_cache) -> x`` over all decoder layers of ``lm`` (one token per row)."""
 
-    def __init__(self, lm: nn.Module, projections: dict[str, _Projection], path: str) -> None:
-        layers = lm.model.layers
+    def __init__(self, lm: DecoderForCausalLM, projections: dict[str, _Projection], path: str) -> None:
+        layers = lm.model.decoder_layers
         attn = layers[0].self_attn
         self.num_heads = attn.num_heads
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
         self.eps = float(layers[0].input_layernorm.eps)
         self.scale = self.head_dim ** -0.5
-        self.ln1 = [layer.input_layernorm.weight for layer in layers]
-        self.ln2 = [layer.post_attention_layernorm.weight for layer in layers]
+        self.ln1: list[torch.Tensor] = [layer.input_layernorm.weight for layer in layers]
+        self.ln2: list[torch.Tensor] = [layer.post_attention_layernorm.weight for layer in layers]
         self.projections = projections
         self.path = path             # the ISA path, fixed when the plan is made
 
     @classmethod
-    def build(cls, lm: nn.Module) -> DecodeStack | str:
+    def build(cls, lm: DecoderForCausalLM) -> DecodeStack | str:
         """The stack for decoder ``lm``, or a sentence saying why the native path does not apply."""
         try:
             path = kernels.selected_path()
@@ -90,7 +91,7 @@ class DecodeStack:
             return f"no native kernel ({kernels.describe()})"
         if not kernels.has_operator("decode_layers"):
             return "the native library lacks decode_layers"
-        layers = list(lm.model.layers)
+        layers = lm.model.decoder_layers
         attn = layers[0].self_attn
         if attn.head_dim % 8:
             return f"head_dim {attn.head_dim} is not a multiple of 8"

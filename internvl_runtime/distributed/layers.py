@@ -194,16 +194,18 @@ def make_tensor_parallel(lm: DecoderForCausalLM, plan: ShardPlan, group: TPGroup
     d = plan.head_dim
     q_size, kv_size = plan.heads_per_rank * d, plan.kv_heads_per_rank * d
     inter = plan.intermediate_per_rank
-    for layer in lm.model.layers:
+    for layer in lm.model.decoder_layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size = (plan.heads_per_rank, plan.kv_heads_per_rank,
                                                                         q_size, kv_size)
-        attn.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=attn.qkv_proj.bias is not None)
-        set_shards(attn.qkv_proj, {"q": q_size, "k": kv_size, "v": kv_size})
+        qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=attn.qkv_proj.bias is not None)
+        set_shards(qkv_proj, {"q": q_size, "k": kv_size, "v": kv_size})
+        attn.qkv_proj = qkv_proj
         attn.o_proj = RowParallelLinear(q_size, hidden, attn.o_proj.bias is not None, group)
         mlp.intermediate_size = inter
-        mlp.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp.gate_up_proj.bias is not None)
-        set_shards(mlp.gate_up_proj, {0: inter, 1: inter})
+        gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp.gate_up_proj.bias is not None)
+        set_shards(gate_up_proj, {0: inter, 1: inter})
+        mlp.gate_up_proj = gate_up_proj
         mlp.down_proj = RowParallelLinear(inter, hidden, mlp.down_proj.bias is not None, group)
     lm.model.embed_tokens = VocabParallelEmbedding(plan.vocab_per_rank, hidden, plan.vocab_start, group)
     lm.lm_head = VocabParallelLMHead(hidden, plan.vocab_per_rank, plan.vocab_size, group)

@@ -41,7 +41,7 @@ class SequenceStep:
 
 def local_kv_heads(model: InternVLModel) -> int:
     """KV heads this process caches: all of them, or its share under tensor parallelism."""
-    return model.language_model.model.layers[0].self_attn.num_kv_heads
+    return model.language_model.model.decoder_layers[0].self_attn.num_kv_heads
 
 
 class ModelRunner:

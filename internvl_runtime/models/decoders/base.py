@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import ClassVar
+from typing import ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ def set_shards(module: nn.Linear, shards: dict[object, int]) -> None:
 
 
 class Attention(nn.Module):
+    # Our Linear, until quantization or tensor parallelism swaps in its own layer (not always an nn.Linear).
+    qkv_proj: nn.Module
+    o_proj: nn.Module
+
     def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -49,9 +53,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        set_shards(qkv_proj, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
+        self.qkv_proj = qkv_proj
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
-        set_shards(self.qkv_proj, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
@@ -67,12 +72,17 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
+    # Our Linear, until quantization or tensor parallelism swaps in its own layer (not always an nn.Linear).
+    gate_up_proj: nn.Module
+    down_proj: nn.Module
+
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        set_shards(gate_up_proj, {0: config.intermediate_size, 1: config.intermediate_size})
+        self.gate_up_proj = gate_up_proj
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        set_shards(self.gate_up_proj, {0: config.intermediate_size, 1: config.intermediate_size})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -100,6 +110,20 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """``layers``, typed (to a type checker the items of an ``nn.ModuleList`` are plain Modules)."""
+        return cast("list[DecoderLayer]", list(self.layers))
+
+
+class DecodeStackRunner(Protocol):
+    """What runs every decoder layer of a decode step at once (``decode_stack.DecodeStack``, a layer above)."""
+
+    def applies(self, kv_cache: KVCache) -> bool: ...
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                 kv_cache: KVCache) -> torch.Tensor: ...
+
 
 class DecoderForCausalLM(nn.Module):
     """Base of every family. Subclasses set the class attributes below and nothing else, unless the
@@ -119,8 +143,10 @@ class DecoderForCausalLM(nn.Module):
     tensor_transforms: ClassVar[Mapping[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = MappingProxyType({})
     #: Given by the compute plan (set_decode_stack) where a native kernel runs the whole layer stack of a decode step
     #: (``decode_stack.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
-    decode_stack: Callable | None = None
+    decode_stack: DecodeStackRunner | None = None
     decode_stack_rows: int = 0
+    # Our Linear, until quantization or tensor parallelism swaps in its own layer (not always an nn.Linear).
+    lm_head: nn.Module
 
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
@@ -129,7 +155,7 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    def set_decode_stack(self, stack: Callable | None, max_rows: int = 0) -> None:
+    def set_decode_stack(self, stack: DecodeStackRunner | None, max_rows: int = 0) -> None:
         """Run decode steps of at most ``max_rows`` sequences through ``stack`` (None: the Python layers)."""
         self.decode_stack, self.decode_stack_rows = stack, (max_rows if stack is not None else 0)
 

@@ -108,12 +108,14 @@ class AttentionMetadata:
                     gather[i, : run[1]] = torch.arange(run[0], run[0] + run[1], device=device)
                 else:
                     slots = self.context_slots[i]
+                    assert slots is not None
                     gather[i, : slots.shape[0]] = slots
             lens = torch.tensor(self.seq_lens, device=device)
             valid = torch.arange(s_max, device=device)[None, :] < lens[:, None]
             mask = torch.zeros((self.num_seqs, s_max), dtype=torch.float32, device=device)
             self._decode_mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
             self._decode_gather = gather
+        assert self._decode_mask is not None
         return self._decode_gather, self._decode_mask
 
 

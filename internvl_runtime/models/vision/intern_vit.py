@@ -74,7 +74,7 @@ def _onednn_fusable(linear: nn.Module, x: torch.Tensor) -> bool:
     return (type(linear) is Linear and x.dtype == torch.bfloat16 and linear.weight.dtype == torch.bfloat16
             and (plan is None or not plan.upcast) and fast_16bit(x)
             and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
-            and torch.backends.mkldnn.enabled and _onednn_linear_op() is not None)
+            and bool(torch.backends.mkldnn.enabled) and _onednn_linear_op() is not None)
 
 
 def fused_linear(linear: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -142,7 +142,8 @@ class VisionEmbeddings(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         if self.upcast_16bit and dtype != torch.float32:
             conv = self.patch_embedding
-            patches = F.conv2d(pixel_values.float(), conv.weight.float(), conv.bias.float(),
+            bias = None if conv.bias is None else conv.bias.float()
+            patches = F.conv2d(pixel_values.float(), conv.weight.float(), bias,
                                stride=conv.stride).to(dtype)              # (N, dim, h, w)
         else:
             patches = self.patch_embedding(pixel_values.to(dtype))       # (N, dim, h, w)
