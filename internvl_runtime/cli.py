@@ -24,11 +24,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .testing.checkpoints import DEMO_LABEL
+
+if TYPE_CHECKING:     # the commands import the engine and the server when they run (a fast --help)
+    from typing import TextIO
+
+    from .engine.async_engine import AsyncEngine
+    from .engine.engine import LLMEngine
+    from .engine.sampling_params import SamplingParams
+    from .processing.inputs import Message, PreparedRequest
 
 DEMO_VARIANT = "1B"
 
@@ -87,7 +95,7 @@ def _model_path(args: argparse.Namespace) -> Path:
     return folder
 
 
-def _flag_type(annotation: str) -> Any:
+def _flag_type(annotation: str) -> type[int | float | str]:
     base = annotation.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
     return {"int": int, "float": float, "str": str}.get(base, str)
 
@@ -172,16 +180,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
-    loader = lambda: load_async_engine(config, progress=True)  # noqa: E731
+    loader: Callable[[], AsyncEngine] = lambda: load_async_engine(config, progress=True)  # noqa: E731
     if config.tensor_parallel_size > 1:     # torchrun: every rank joins; rank 0 serves, workers follow it
         from .distributed.launch import serve_tensor_parallel
 
         try:
-            loader = serve_tensor_parallel(config)
+            tp_loader = serve_tensor_parallel(config)
         except InternVLError as exc:
             raise CLIError(str(exc)) from None
-        if loader is None:                  # a worker rank: rank 0 stopped it
+        if tp_loader is None:               # a worker rank: rank 0 stopped it
             return 0
+        loader = tp_loader
 
     def on_fatal(exc: BaseException) -> None:
         failed.append(exc)
@@ -214,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace) -> LLMEngine:
     """The engine for chat / generate: ``LLMEngine.from_pretrained`` with a progress bar; no web stack."""
     from .engine.engine import EngineConfig, LLMEngine
     from .errors import InternVLError
@@ -230,7 +239,7 @@ def _load(args: argparse.Namespace) -> Any:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 
 
-def _params(args: argparse.Namespace) -> Any:
+def _params(args: argparse.Namespace) -> SamplingParams:
     from .engine.sampling_params import SamplingParams
     from .errors import InternVLError
 
@@ -241,7 +250,8 @@ def _params(args: argparse.Namespace) -> Any:
         raise CLIError(str(exc)) from None
 
 
-def _stream_answer(engine: Any, prepared: Any, params: Any, demo: bool, out: Any = None) -> str:
+def _stream_answer(engine: LLMEngine, prepared: PreparedRequest, params: SamplingParams, demo: bool,
+                   out: TextIO | None = None) -> str:
     """Generate and print as the tokens come; Ctrl-C stops the answer. Returns its text."""
     out = out or sys.stdout
     request_id = f"cli-{time.monotonic_ns()}"
@@ -301,7 +311,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = _params(args)
     engine = _load(args)
-    history: list[Any] = [Message("system", args.system)] if args.system else []
+    history: list[Message] = [Message("system", args.system)] if args.system else []
     pending: list[str] = []
     for image in args.image:
         pending.append(_check_image(image))

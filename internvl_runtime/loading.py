@@ -29,10 +29,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
-from torch import nn
 
 from .compute_plan import apply_plan, choose_plan
 from .config import InternVLConfig
@@ -78,7 +77,15 @@ class LoadPlan:
 
 
 #: ``build(plan, progress) -> model``: a builder of its own (tensor parallelism) instead of the default.
-ModelBuilder = Callable[[LoadPlan, "Progress | None"], nn.Module]
+ModelBuilder = Callable[[LoadPlan, "Progress | None"], InternVLModel]
+
+#: ``dtype=``: a ``torch.dtype``, its name ("bfloat16", "torch.float16"), "auto", or None (float32).
+DTypeSpec: TypeAlias = "torch.dtype | str | None"
+#: ``device_map=``: None (CPU), a device (``torch.device``, "cuda:1", a CUDA ordinal), "auto", or
+#: {module name or prefix: device}.
+DeviceMapSpec: TypeAlias = "torch.device | str | int | Mapping[str, torch.device | str | int] | None"
+#: ``quantization=``: "int8", "int4", "int4:g64", a dict, a ``QuantizationConfig``, or None.
+QuantizationSpec: TypeAlias = "str | Mapping[str, Any] | QuantizationConfig | None"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ ModelBuilder = Callable[[LoadPlan, "Progress | None"], nn.Module]
 # ---------------------------------------------------------------------------------------------------
 
 
-def resolve_dtype(torch_dtype: Any, config: InternVLConfig, device: torch.device | None = None) -> torch.dtype:
+def resolve_dtype(torch_dtype: DTypeSpec, config: InternVLConfig, device: torch.device | None = None) -> torch.dtype:
     """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's, or float32
     on a CPU without fast bf16 instructions; see ``hardware.auto_dtype``)."""
     if torch_dtype is None:
@@ -107,7 +114,7 @@ def resolve_dtype(torch_dtype: Any, config: InternVLConfig, device: torch.device
     return dtype
 
 
-def resolve_device(device_map: Any) -> torch.device:
+def resolve_device(device_map: DeviceMapSpec) -> torch.device:
     """A single device from ``device_map`` (None, "auto", or a device); a dict goes through
     ``placement.resolve_device_map`` instead."""
     if device_map is None:
@@ -143,7 +150,8 @@ def _auto_map(config: InternVLConfig, dtype: torch.dtype,
     return auto_device_map(sizes, [*budgets, (torch.device("cpu"), int(available * 0.9))])
 
 
-def plan_load(path: str | Path, *, dtype: Any = None, device_map: Any = None, quantization: Any = None,
+def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
+              quantization: QuantizationSpec = None,
               load_in_8bit: bool = False, load_in_4bit: bool = False) -> LoadPlan:
     """Decide and check everything ``load_model`` does, reading only ``config.json``.
 
@@ -211,7 +219,10 @@ def progress_bar(folder: Path, enabled: bool, *, allow_pickle: bool = False) -> 
     total = checkpoint_nbytes(checkpoint_files(folder, allow_pickle=allow_pickle))
     with tqdm(total=total, desc=f"loading {folder.name}", unit="B", unit_scale=True, unit_divisor=1024,
               leave=True) as bar:
-        yield bar.update
+        def advance(nbytes: int) -> None:
+            bar.update(nbytes)
+
+        yield advance
 
 
 def _build(plan: LoadPlan, model_class: type[InternVLModel], allow_pickle: bool,
@@ -240,7 +251,8 @@ def _build(plan: LoadPlan, model_class: type[InternVLModel], allow_pickle: bool,
     return model
 
 
-def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None, quantization: Any = None,
+def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
+               quantization: QuantizationSpec = None,
                load_in_8bit: bool = False, load_in_4bit: bool = False, allow_pickle: bool = False,
                model_class: type[InternVLModel] = InternVLModel, progress: bool = False,
                build: ModelBuilder | None = None) -> InternVLModel:
@@ -261,4 +273,4 @@ def load_model(path: str | Path, *, dtype: Any = None, device_map: Any = None, q
     logger.info("loaded %s (%s) in %s on %s%s", plan.folder, plan.config.llm.architecture, plan.dtype,
                 plan.device if plan.unit_devices is None else sorted({str(d) for d in plan.unit_devices.values()}),
                 f", {plan.quantization.mode}" if plan.quantization else "")
-    return model  # type: ignore[return-value]
+    return model

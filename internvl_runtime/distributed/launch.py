@@ -30,8 +30,9 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -39,7 +40,7 @@ from ..config import InternVLConfig
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import EngineConfig, LLMEngine
 from ..engine.model_runner import ModelRunner
-from ..loading import LoadPlan, ModelBuilder, load_model, read_checkpoint
+from ..loading import DTypeSpec, LoadPlan, ModelBuilder, load_model, read_checkpoint
 from ..models.internvl import InternVLModel
 from ..weights.loader import Progress
 from .layers import (
@@ -106,10 +107,20 @@ def resident_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def start_rank(folder: str | Path, group: TPGroup, *, dtype: Any = "auto", engine_config: Any = None,
-               on_failure: Any = None, progress: bool = False) -> Any:
-    """Load this rank's slices; rank 0 returns an ``LLMEngine`` whose runner drives the workers, a worker
-    runs the lock-step loop until rank 0 stops it and returns None. ``progress``: rank 0's weight bar."""
+@dataclass
+class DrivingRank:
+    """Rank 0 after loading: its engine, and the runner in it that drives the workers."""
+
+    engine: LLMEngine
+    runner: TensorParallelRunner
+
+
+def start_rank(folder: str | Path, group: TPGroup, *, dtype: DTypeSpec = "auto",
+               engine_config: EngineConfig | None = None,
+               on_failure: Callable[[BaseException], None] | None = None,
+               progress: bool = False) -> DrivingRank | None:
+    """Load this rank's slices; rank 0 returns its engine, whose runner drives the workers; a worker runs
+    the lock-step loop until rank 0 stops it and returns None. ``progress``: rank 0's weight bar."""
     check_tensor_parallel(InternVLConfig.from_pretrained(folder), group.world_size)
     build = tensor_parallel_builder(group)
     if not group.is_driver:
@@ -118,14 +129,18 @@ def start_rank(folder: str | Path, group: TPGroup, *, dtype: Any = "auto", engin
         run_worker(model, group)
         return None
 
-    def driving_runner(model: Any, **kwargs: Any) -> TensorParallelRunner:
+    runners: list[TensorParallelRunner] = []
+
+    def driving_runner(model: InternVLModel, **kwargs: Any) -> TensorParallelRunner:
         """Rank 0's runner: the local ModelRunner, each step broadcast to the workers first."""
-        return TensorParallelRunner(ModelRunner(model, **kwargs), group, on_failure=on_failure)
+        runners.append(TensorParallelRunner(ModelRunner(model, **kwargs), group, on_failure=on_failure))
+        return runners[-1]
 
     engine = LLMEngine.from_pretrained(folder, dtype=dtype, device=group.device, config=engine_config,
                                        progress=progress, build=build, runner_factory=driving_runner)
+    assert len(runners) == 1, "the engine builds one runner"
     _log_resident(group, engine.model)
-    return engine
+    return DrivingRank(engine, runners[0])
 
 
 def _log_resident(group: TPGroup, model: torch.nn.Module) -> None:
@@ -144,7 +159,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned_worker(rank: int, world_size: int, init_method: str, folder: str, dtype: Any, device: str,
+def _spawned_worker(rank: int, world_size: int, init_method: str, folder: str, dtype: DTypeSpec, device: str,
                     timeout_s: float) -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -166,7 +181,7 @@ def _spawned_worker(rank: int, world_size: int, init_method: str, folder: str, d
 class SpawnedGroup:
     """Rank 0 here, ranks 1..N-1 in spawned processes; ``close`` stops and joins them."""
 
-    def __init__(self, folder: str | Path, world_size: int, *, dtype: Any, device: str,
+    def __init__(self, folder: str | Path, world_size: int, *, dtype: DTypeSpec, device: str,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         import torch.multiprocessing as mp
 
@@ -191,11 +206,11 @@ class SpawnedGroup:
                 p.kill()
             p.join(5)
 
-    def close(self, engine: Any = None) -> None:
-        runner = getattr(engine, "runner", None)
-        if isinstance(runner, TensorParallelRunner):
+    def close(self, runner: TensorParallelRunner | None = None) -> None:
+        """Stop the workers (through rank 0's ``runner``, when it was built) and the group."""
+        if runner is not None:
             runner.close()
-            if runner._failed is not None:   # a rank died: nobody to meet, just clean up
+            if runner.failed is not None:   # a rank died: nobody to meet, just clean up
                 self.kill()
                 return
         self.group.destroy()            # meets the workers' own destroy (a barrier), then they exit
@@ -209,13 +224,13 @@ class TensorParallelEngine:
     """Rank 0's side of a tensor-parallel group: the engine, the worker processes this process spawned
     (none under torchrun) and ``close`` (stops the workers and the group; call once)."""
 
-    engine: Any
-    close: Callable[[], Any]
-    workers: list[Any] = field(default_factory=list)
+    engine: LLMEngine
+    close: Callable[[], None]
+    workers: list[BaseProcess] = field(default_factory=list)
 
 
-def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dtype: Any = "auto",
-                           device: str = "cpu", engine_config: Any = None,
+def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dtype: DTypeSpec = "auto",
+                           device: str = "cpu", engine_config: EngineConfig | None = None,
                            timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallelEngine:
     """For ``pipeline(..., tensor_parallel_size=N)``: the engine on rank 0, and how to stop the group.
 
@@ -230,19 +245,26 @@ def tensor_parallel_engine(folder: str | Path, tensor_parallel_size: int, *, dty
         check_launch(tensor_parallel_size, world_size, device=device)
         group = init_group(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                            timeout_s=timeout_s)
-        engine = start_rank(folder, group, dtype=dtype, engine_config=engine_config)
-        if engine is None:
+        rank0 = start_rank(folder, group, dtype=dtype, engine_config=engine_config)
+        if rank0 is None:
             group.destroy()
             raise SystemExit(0)
-        return TensorParallelEngine(engine, lambda: (engine.runner.close(), group.destroy()))
+        runner = rank0.runner
+
+        def close() -> None:
+            runner.close()
+            group.destroy()
+
+        return TensorParallelEngine(rank0.engine, close)
     check_launch(tensor_parallel_size, tensor_parallel_size, device=device, local_world_size=tensor_parallel_size)
     spawned = SpawnedGroup(folder, tensor_parallel_size, dtype=dtype, device=device, timeout_s=timeout_s)
     try:
-        engine = start_rank(folder, spawned.group, dtype=dtype, engine_config=engine_config)
+        driving = start_rank(folder, spawned.group, dtype=dtype, engine_config=engine_config)
     except BaseException:
         spawned.kill()
         raise
-    return TensorParallelEngine(engine, lambda: spawned.close(engine), list(spawned.processes))
+    assert driving is not None, "this process is rank 0"
+    return TensorParallelEngine(driving.engine, lambda: spawned.close(driving.runner), list(spawned.processes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,7 +278,20 @@ def _exit_group(exc: BaseException) -> None:
     os._exit(1)
 
 
-def serve_tensor_parallel(config: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+class ServeSettings(Protocol):
+    """What :func:`serve_tensor_parallel` reads of the server's config (``serving.ServerConfig``, a layer above)."""
+
+    model: str
+    dtype: str
+    device: str
+    tensor_parallel_size: int
+    max_queue_len: int
+
+    def engine_kwargs(self) -> dict[str, Any]: ...
+
+
+def serve_tensor_parallel(config: ServeSettings, *,
+                          timeout_s: float = DEFAULT_TIMEOUT_S) -> Callable[[], AsyncEngine] | None:
     """For ``internvl serve --tensor-parallel-size N`` under torchrun. Checks sizes and joins the group in
     the calling thread (before the server starts). Returns a loader for ``create_app`` on rank 0; on a
     worker it loads, follows rank 0 until stopped, and returns None (the caller then exits)."""
@@ -279,10 +314,11 @@ def serve_tensor_parallel(config: Any, *, timeout_s: float = DEFAULT_TIMEOUT_S) 
         group.destroy()
         return None
 
-    def load() -> Any:
-        engine = start_rank(config.model, group, dtype=config.dtype,
-                            engine_config=EngineConfig(**config.engine_kwargs()), on_failure=_exit_group)
-        atexit.register(engine.runner.close)      # server shut down: release the workers (exit 0 everywhere)
-        return AsyncEngine(engine, max_queue_len=config.max_queue_len)
+    def load() -> AsyncEngine:
+        rank0 = start_rank(config.model, group, dtype=config.dtype,
+                           engine_config=EngineConfig(**config.engine_kwargs()), on_failure=_exit_group)
+        assert rank0 is not None, "this process is rank 0"
+        atexit.register(rank0.runner.close)      # server shut down: release the workers (exit 0 everywhere)
+        return AsyncEngine(rank0.engine, max_queue_len=config.max_queue_len)
 
     return load

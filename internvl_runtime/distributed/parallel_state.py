@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,8 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    device_group: Any = None
-    control_group: Any = None
+    device_group: dist.ProcessGroup | None = None
+    control_group: dist.ProcessGroup | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
@@ -64,7 +64,7 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
     # -- control messages (rank 0 -> workers) ------------------------------------------------------
-    def broadcast_object(self, obj: Any = None) -> Any:
+    def broadcast_object(self, obj: object = None) -> object:
         """Rank 0's ``obj`` on every rank (pickled; tensors must be on the CPU)."""
         box = [obj]
         _guard(lambda: dist.broadcast_object_list(box, src=0, group=self.control_group), "broadcast")
@@ -89,12 +89,12 @@ class TPGroup:
             dist.destroy_process_group()
 
 
-def _guard(fn: Any, what: str) -> None:
+def _guard(fn: Callable[[], object], what: str) -> None:
     try:
         fn()
     except TensorParallelError:
         raise
-    except (RuntimeError, dist.DistBackendError, ConnectionError, OSError) as exc:  # type: ignore[misc]
+    except (RuntimeError, dist.DistBackendError, ConnectionError, OSError) as exc:
         raise TensorParallelError(f"tensor-parallel {what} failed: a rank of the group died or timed out "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                                   "stopping the whole group") from exc
@@ -143,7 +143,7 @@ def init_group(*, rank: int, world_size: int, local_rank: int = 0, device: str =
     try:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method or "env://", rank=rank,
                                 world_size=world_size, timeout=timeout)
-    except (RuntimeError, ValueError, dist.DistStoreError) as exc:  # type: ignore[misc]
+    except (RuntimeError, ValueError, dist.DistStoreError) as exc:
         raise TensorParallelError(f"rank {rank} could not join the tensor-parallel group of {world_size} "
                                   f"({exc})") from exc
     device_group = dist.group.WORLD

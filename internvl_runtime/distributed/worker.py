@@ -6,12 +6,12 @@ block tables, and the image feature rows as one tensor) to the workers, then run
 rank then executes the same forward, meeting at the same all-reduces. The workers sit in
 :func:`run_worker`: receive, execute, repeat, until a ``stop`` message.
 
-Messages on the control group, in order::
+Messages on the control group (frozen dataclasses, pickled), in order::
 
-    ("setup", {num_blocks, block_size, kv_dtype, image_token_id})   once
-    ("step", [step dicts], feature_rows, feature_dtype)                    per engine step
-    ("heartbeat",)                                                         when rank 0 is idle
-    ("stop",)                                                              once
+    Setup(num_blocks, block_size, kv_dtype, image_token_id)      once
+    Step(steps: [StepMeta], feature_shape, feature_dtype)        per engine step (features follow as one tensor)
+    Heartbeat()                                                  when rank 0 is idle
+    Stop()                                                       once
 
 Heartbeats: a worker waits for the next message under the collective timeout, so an idle rank 0 sends
 one every ``heartbeat_s`` (a quarter of the timeout, at most 30 s). A rank that dies therefore ends the
@@ -25,39 +25,87 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import torch
 
 from ..engine.model_runner import ModelRunner, SequenceStep
+from ..models.internvl import InternVLModel
 from .parallel_state import TensorParallelError, TPGroup
 
 logger = logging.getLogger(__name__)
 
 
-def _pack(steps: list[SequenceStep]) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
-    meta, features = [], []
+@dataclass(frozen=True)
+class Setup:
+    """Once, first: how the workers size their KV cache and where image features go."""
+
+    num_blocks: int
+    block_size: int
+    kv_dtype: torch.dtype
+    image_token_id: int | None
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """One sequence of a step (``SequenceStep``) without its image features: ``feature_rows`` of them
+    follow in the step's feature tensor."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    want_logits: bool
+    positions: list[int] | None
+    feature_rows: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One engine step; with features, a tensor of ``feature_shape`` / ``feature_dtype`` is broadcast next."""
+
+    steps: list[StepMeta]
+    feature_shape: tuple[int, ...] | None
+    feature_dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Rank 0 is idle but alive."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Leave the loop."""
+
+
+ControlMessage: TypeAlias = Setup | Step | Heartbeat | Stop
+
+
+def _pack(steps: list[SequenceStep]) -> tuple[list[StepMeta], torch.Tensor | None]:
+    meta: list[StepMeta] = []
+    features: list[torch.Tensor] = []
     for s in steps:
         rows = 0 if s.image_features is None else int(s.image_features.shape[0])
-        meta.append({"token_ids": list(s.token_ids), "num_computed": s.num_computed,
-                     "block_table": list(s.block_table), "want_logits": s.want_logits,
-                     "positions": None if s.positions is None else list(s.positions), "feature_rows": rows})
-        if rows:
+        meta.append(StepMeta(token_ids=list(s.token_ids), num_computed=s.num_computed,
+                             block_table=list(s.block_table), want_logits=s.want_logits,
+                             positions=None if s.positions is None else list(s.positions), feature_rows=rows))
+        if s.image_features is not None and rows:
             features.append(s.image_features)
     if not features:
         return meta, None
     return meta, features[0] if len(features) == 1 else torch.cat(features)
 
 
-def _unpack(meta: list[dict[str, Any]], features: torch.Tensor | None) -> list[SequenceStep]:
+def _unpack(meta: list[StepMeta], features: torch.Tensor | None) -> list[SequenceStep]:
     steps, start = [], 0
     for m in meta:
-        rows = m.pop("feature_rows")
         feats = None
-        if rows:
+        if m.feature_rows:
             assert features is not None
-            feats, start = features[start:start + rows], start + rows
-        steps.append(SequenceStep(image_features=feats, **m))
+            feats, start = features[start:start + m.feature_rows], start + m.feature_rows
+        steps.append(SequenceStep(token_ids=m.token_ids, num_computed=m.num_computed, block_table=m.block_table,
+                                  image_features=feats, want_logits=m.want_logits, positions=m.positions))
     return steps
 
 
@@ -76,19 +124,24 @@ class TensorParallelRunner:
         self._last_sent = time.monotonic()
         self._closed = threading.Event()
         self._failed: BaseException | None = None
-        self._send(("setup", {"num_blocks": runner.kv_cache.num_blocks, "block_size": runner.block_size,
-                              "kv_dtype": runner.dtype, "image_token_id": runner.image_token_id}))
+        self._send(Setup(num_blocks=runner.kv_cache.num_blocks, block_size=runner.block_size,
+                         kv_dtype=runner.dtype, image_token_id=runner.image_token_id))
         self._beat = threading.Thread(target=self._heartbeats, name="tp-heartbeat", daemon=True)
         self._beat.start()
 
     def __getattr__(self, name: str) -> Any:      # block_size, kv_cache, device, dtype ... of the local runner
         return getattr(self.runner, name)
 
-    def _send(self, message: tuple) -> None:
+    @property
+    def failed(self) -> BaseException | None:
+        """The collective failure that ended the group (a rank died), if one did."""
+        return self._failed
+
+    def _send(self, message: ControlMessage) -> None:
         with self._lock:
             self._send_locked(message)
 
-    def _send_locked(self, message: tuple) -> None:
+    def _send_locked(self, message: ControlMessage) -> None:
         if self._failed is not None:
             raise TensorParallelError(f"the tensor-parallel group has failed earlier: {self._failed}")
         try:
@@ -112,7 +165,7 @@ class TensorParallelRunner:
             try:
                 with self._lock:
                     if not self._closed.is_set():
-                        self._send_locked(("heartbeat",))
+                        self._send_locked(Heartbeat())
             except TensorParallelError:
                 return
 
@@ -121,7 +174,7 @@ class TensorParallelRunner:
         with self._lock:
             shape = None if features is None else tuple(features.shape)
             dtype = None if features is None else features.dtype
-            self._send_locked(("step", meta, shape, dtype))
+            self._send_locked(Step(meta, shape, dtype))
             try:
                 if features is not None:
                     self.group.broadcast_tensor(features.to(self.group.device).contiguous())
@@ -138,27 +191,30 @@ class TensorParallelRunner:
             with self._lock:
                 self._closed.set()
                 if self._failed is None:
-                    self.group.broadcast_object(("stop",))
+                    self.group.broadcast_object(Stop())
         except TensorParallelError as exc:
             logger.warning("could not stop the workers cleanly: %s", exc)
 
 
-def run_worker(model: Any, group: TPGroup) -> None:
-    """A worker's whole life after loading: follow rank 0's steps until ``stop``. Raises
+def run_worker(model: InternVLModel, group: TPGroup) -> None:
+    """A worker's whole life after loading: follow rank 0's steps until ``Stop``. Raises
     :class:`TensorParallelError` if rank 0 (or any rank) dies."""
-    kind, setup = group.broadcast_object()
-    assert kind == "setup", kind
-    runner = ModelRunner(model, num_blocks=setup["num_blocks"], block_size=setup["block_size"],
-                         kv_dtype=setup["kv_dtype"], image_token_id=setup["image_token_id"])
+    setup = group.broadcast_object()
+    if not isinstance(setup, Setup):
+        raise TensorParallelError(f"rank 0 sent {type(setup).__name__} where Setup comes first")
+    runner = ModelRunner(model, num_blocks=setup.num_blocks, block_size=setup.block_size,
+                         kv_dtype=setup.kv_dtype, image_token_id=setup.image_token_id)
     with torch.inference_mode():
         while True:
             message = group.broadcast_object()
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 return
-            if message[0] == "heartbeat":
+            if isinstance(message, Heartbeat):
                 continue
-            _, meta, shape, dtype = message
+            if not isinstance(message, Step):
+                raise TensorParallelError(f"rank 0 sent an unknown control message: {type(message).__name__}")
             features = None
-            if shape is not None:
-                features = group.broadcast_tensor(torch.empty(shape, dtype=dtype, device=group.device))
-            runner.execute(_unpack(meta, features))
+            if message.feature_shape is not None:
+                features = group.broadcast_tensor(torch.empty(message.feature_shape, dtype=message.feature_dtype,
+                                                              device=group.device))
+            runner.execute(_unpack(message.steps, features))
