@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from ..distributed.launch import tensor_parallel_engine
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest
+from ..processing.chat_messages import PipelineMessage
 from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
-from ..processing.inputs import Message
+from ..processing.inputs import Message, PreparedRequest
 from ..processing.video import sample_frames
 
 
@@ -102,14 +104,26 @@ class Session:
         return [(u.text, a.text) for u, a in zip(turns[::2], turns[1::2], strict=False)]
 
 
-def _part_image(part: dict) -> Any:
-    url = part.get("image_url")
-    url = url.get("url") if isinstance(url, dict) else url
-    if not isinstance(url, str):
-        raise InvalidRequest("an image_url part needs image_url.url")
-    if is_data_url(url):
-        return decode_data_url(url, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES, what="image_url data URL").data
-    return url
+def _image(source: Any) -> Any:
+    """An image as a message gives it: a data URL decoded to its bytes, anything else as it is."""
+    if isinstance(source, str) and is_data_url(source):
+        return decode_data_url(source, max_bytes=DEFAULT_MAX_DOWNLOAD_BYTES, what="image_url data URL").data
+    return source
+
+
+def _from_chat_message(raw: dict[str, Any]) -> Message:
+    """One OpenAI-style message dict, parsed by the server's models (``processing.chat_messages``)."""
+    try:
+        message = PipelineMessage.model_validate(raw)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"invalid message: {details}") from None
+    role = "system" if message.role == "developer" else message.role
+    video = message.video()
+    if video is not None:
+        frames = Video(_image(video.url), num_segments=video.num_segments or 8).frames()
+        return Message(role, message.text(), frames, is_video=True)
+    return Message(role, message.text(), [_image(image) for image in message.images()])
 
 
 def to_messages(prompt: Any) -> list[Message]:
@@ -126,26 +140,7 @@ def to_messages(prompt: Any) -> list[Message]:
             images = [images]
         return [Message("user", text, list(images))]
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        messages = []
-        for m in prompt:
-            content, images, texts = m.get("content"), [], []
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                for part in content:
-                    kind = part.get("type")
-                    if kind == "text":
-                        texts.append(part.get("text", ""))
-                    elif kind == "image_url":
-                        images.append(_part_image(part))
-                    elif kind == "image":
-                        images.append(part.get("image"))
-                    else:
-                        raise InvalidRequest(f"unknown content part type {kind!r}")
-            else:
-                raise InvalidRequest("message content must be a string or a list of parts")
-            messages.append(Message(str(m.get("role")), "\n".join(texts), images))
-        return messages
+        return [_from_chat_message(m) for m in prompt]
     raise InvalidRequest(f"unsupported prompt type {type(prompt).__name__}: use a string, (text, image) or messages")
 
 
@@ -159,7 +154,7 @@ class Pipeline:
         self._closer = closer
         self._ids = itertools.count()
 
-    def _prepare(self, messages: list[Message], config: GenerationConfig):
+    def _prepare(self, messages: list[Message], config: GenerationConfig) -> PreparedRequest:
         return self.engine.processor.prepare(messages, max_num=config.max_dynamic_patch)
 
     def _submit(self, prompts: Sequence[Any], gen_config: GenerationConfig | Sequence[GenerationConfig] | None
@@ -237,7 +232,9 @@ class Pipeline:
         session = session or Session()
         new = to_messages(prompt)
         messages = session.messages + new
-        response = self([messages], gen_config)[0]  # type: ignore[list-item]
+        responses = self([messages], gen_config)
+        assert isinstance(responses, list)        # a list of prompts gives a list
+        response = responses[0]
         session.messages = [*messages, Message("assistant", response.text)]
         session.response = response
         return session

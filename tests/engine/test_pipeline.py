@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import pytest
 from PIL import Image
 
 from internvl_runtime import GenerationConfig, Video, pipeline
+from internvl_runtime.api.pipeline import to_messages
 from internvl_runtime.errors import InvalidRequest
 from paths import FIXTURES
 
@@ -81,3 +83,25 @@ def test_bad_prompts(pipe) -> None:
     with pytest.raises(InvalidRequest):
         pipe(("a", IMAGE1), [GREEDY, GREEDY])
     assert pipe("still serving", GREEDY).generate_token_len >= 1
+
+
+def test_chat_messages_parse_with_the_servers_models() -> None:
+    """The pipeline reads OpenAI messages with processing.chat_messages, the server's models: the same
+    parts, the same strictness, plus LMDeploy's {"type": "image"} parts."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    picture = Image.new("RGB", (8, 8), "blue")
+    messages = to_messages([
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Compare"},
+                                     {"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "image", "image": picture}]},
+    ])
+    assert [m.role for m in messages] == ["system", "user"]
+    assert messages[1].text == "Compare" and messages[1].images == [buffer.getvalue(), picture]
+    for bad, words in [({"role": "user", "content": [{"type": "audio", "audio": "x"}]}, "content"),
+                       ({"role": "user", "content": "hi", "temperature": 1}, "temperature"),
+                       ({"role": "robot", "content": "hi"}, "role")]:
+        with pytest.raises(InvalidRequest, match=words):
+            to_messages([bad])

@@ -34,13 +34,12 @@ from internvl_runtime.errors import (
     UnsupportedMediaType,
     http_status,
 )
+from internvl_runtime.processing.chat_messages import ImagePart, TextPart
 from internvl_runtime.serving.config import ServerConfig
 from internvl_runtime.serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
-    ImagePart,
-    TextPart,
     dump,
     error_payload,
     error_status,
