@@ -48,6 +48,7 @@ from ..config import InternVLConfig, LLMConfig
 from ..errors import ConfigError, UnsupportedFeature
 from ..models.decoders.base import DecoderForCausalLM, set_shards
 from ..models.decoders.internlm2 import ungroup_wqkv
+from ..weights.loader import LazyTensor, LazyTransform, Resolver, Transform
 from .parallel_state import TPGroup
 
 # ---------------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ SPLITS: dict[str, Split] = {
 }
 
 
-def _read_rows(lazy, start: int, size: int, dim: int) -> torch.Tensor:
+def _read_rows(lazy: LazyTensor, start: int, size: int, dim: int) -> torch.Tensor:
     """Rows (dim 0) or columns (dim 1) [start, start + size), zero-padded past the tensor's end (vocab)."""
     stop = min(start + size, lazy.shape[dim])
     part = lazy[start:stop] if dim == 0 else lazy[:, start:stop]
@@ -252,7 +253,7 @@ def _read_rows(lazy, start: int, size: int, dim: int) -> torch.Tensor:
     return part
 
 
-def read_split(lazy, split: Split, shard: object, plan: ShardPlan) -> torch.Tensor:
+def read_split(lazy: LazyTensor, split: Split, shard: object, plan: ShardPlan) -> torch.Tensor:
     if not split.parts:
         assert split.span is not None
         _, start, size = split.span(plan)
@@ -270,7 +271,7 @@ def read_split(lazy, split: Split, shard: object, plan: ShardPlan) -> torch.Tens
     return torch.cat(pieces, dim=0)
 
 
-def read_grouped_wqkv(lazy, plan: ShardPlan) -> torch.Tensor:
+def read_grouped_wqkv(lazy: LazyTensor, plan: ShardPlan) -> torch.Tensor:
     """InternLM2 ``wqkv`` (rows grouped per KV head: g query heads, then k, then v) -> this rank's
     [q; k; v] rows. A rank's query heads always lie in whole KV groups (KV heads split) or inside one
     group (KV heads replicated), so it reads only those groups' rows."""
@@ -289,13 +290,11 @@ def read_grouped_wqkv(lazy, plan: ShardPlan) -> torch.Tensor:
                       w[:, g + 1].reshape(-1, w.shape[-1])], dim=0)
 
 
+WholeTransform = Callable[[LLMConfig, torch.Tensor], torch.Tensor]
+SliceReader = Callable[[LazyTensor, ShardPlan], torch.Tensor]
+
 #: A family's whole-tensor transform -> the reader that does the same on a rank's slice.
-GROUPED_READERS: dict[Callable, Callable] = {ungroup_wqkv: read_grouped_wqkv}
-
-
-def _lazy(fn: Callable) -> Callable:
-    fn.lazy = True  # type: ignore[attr-defined]
-    return fn
+GROUPED_READERS: dict[WholeTransform, SliceReader] = {ungroup_wqkv: read_grouped_wqkv}
 
 
 def check_family(lm: DecoderForCausalLM) -> None:
@@ -306,10 +305,10 @@ def check_family(lm: DecoderForCausalLM) -> None:
                                      "reader for that layout is declared in distributed/layers.py GROUPED_READERS")
 
 
-def tp_resolver(resolve: Callable, lm: DecoderForCausalLM, plan: ShardPlan) -> Callable:
+def tp_resolver(resolve: Resolver, lm: DecoderForCausalLM, plan: ShardPlan) -> Resolver:
     """Wrap a model's ``resolve_checkpoint_name`` so that split parameters read only this rank's slice."""
 
-    def resolver(name: str):
+    def resolver(name: str) -> tuple[str, object, Transform | LazyTransform | None] | None:
         target = resolve(name)
         if target is None or not target[0].startswith("language_model."):
             return target
@@ -319,11 +318,11 @@ def tp_resolver(resolve: Callable, lm: DecoderForCausalLM, plan: ShardPlan) -> C
         if transform is not None:
             suffix = next(k for k in lm.tensor_transforms if ours.endswith(k))
             reader = GROUPED_READERS[lm.tensor_transforms[suffix]]
-            return ours, shard, _lazy(lambda lazy: reader(lazy, plan))
+            return ours, shard, LazyTransform(lambda lazy: reader(lazy, plan))
         if split is None:
             return target                                           # replicated (norms)
         if kind == "bias" and split.dim == 1:
             return target                                           # row-parallel bias: whole, added once
-        return ours, shard, _lazy(lambda lazy: read_split(lazy, split, shard, plan))
+        return ours, shard, LazyTransform(lambda lazy: read_split(lazy, split, shard, plan))
 
     return resolver

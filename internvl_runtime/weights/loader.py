@@ -7,7 +7,7 @@ tables (see ``models/decoders/base.py``). Every checkpoint key must resolve, eve
 shard of a fused one) must be filled, and shapes must agree; otherwise ``WeightMismatchError`` lists
 all offending names at once.
 
-Slicing (tensor parallelism): a transform with ``lazy = True`` receives a :class:`LazyTensor` instead of
+Slicing (tensor parallelism): a :class:`LazyTransform` receives a :class:`LazyTensor` instead of
 the tensor, and reads only the rows or columns it needs (``lazy[a:b]``, ``lazy[:, a:b]``); for
 safetensors that reads just those bytes from the mapped file, so a rank never materialises a whole
 tensor it keeps a slice of. ``skip(param_name)`` names parameters this process does not hold (their
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +33,15 @@ from ..errors import CheckpointError, WeightMismatchError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 Transform = Callable[[torch.Tensor], torch.Tensor]
-Resolver = Callable[[str], "tuple[str, object, Transform | None] | None"]
+Resolver = Callable[[str], "tuple[str, object, Transform | LazyTransform | None] | None"]
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LazyTransform:
+    """A transform that reads only the part of a checkpoint tensor it needs (``read(lazy) -> tensor``)."""
+
+    read: Callable[[LazyTensor], torch.Tensor]
 
 
 def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> list[Path]:
@@ -94,12 +102,14 @@ class _FileRegion:
         stop = max(stop, start)
         row_bytes = torch.Size(self.shape[1:]).numel() * torch.empty((), dtype=self.dtype).element_size()
         nbytes = (stop - start) * row_bytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        data = bytearray(nbytes)
         with open(self.file, "rb") as f:
             f.seek(self.offset + start * row_bytes)
-            if nbytes and f.readinto(buffer.numpy()) != nbytes:
+            if nbytes and f.readinto(data) != nbytes:
                 raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
         shape = [stop - start, *self.shape[1:]] if self.shape else []
+        # the tensor shares the bytearray's memory (no copy); frombuffer refuses an empty buffer
+        buffer = torch.frombuffer(data, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         return buffer.view(self.dtype).reshape(shape)
 
     def __getitem__(self, index: object) -> torch.Tensor:
@@ -271,8 +281,8 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
             param = params[param_name]
             if transform is None:
                 tensor = lazy.load()
-            elif getattr(transform, "lazy", False):
-                tensor = transform(lazy)
+            elif isinstance(transform, LazyTransform):
+                tensor = transform.read(lazy)
             else:
                 tensor = transform(lazy.load())
             dest = param.data
