@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from .errors import InvalidRequest, UnsupportedFeature
+from .models.decoders.base import DecoderForCausalLM
+from .models.internvl import InternVLModel
 from .models.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def auto_device_map(unit_bytes: Mapping[str, int],
     return {u: placed[u] for u in units}
 
 
-def estimate_unit_bytes(model: Any, dtype: torch.dtype, bits: int | None = None) -> dict[str, int]:
+def estimate_unit_bytes(model: InternVLModel, dtype: torch.dtype, bits: int | None = None) -> dict[str, int]:
     """Bytes per unit of ``model`` (built on the meta device) in ``dtype``; with ``bits`` (8 or 4) the
     LLM's linear weights count as quantized (plus about 3% for scales)."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -274,7 +276,7 @@ class _MoveInputs:
                 {k: _move(v, self.device, cache) for k, v in kwargs.items()})
 
 
-def dispatch_model(model: nn.Module, unit_devices: Mapping[str, torch.device]) -> nn.Module:
+def dispatch_model(model: InternVLModel, unit_devices: Mapping[str, torch.device]) -> InternVLModel:
     """Move each unit of a loaded model to its device and install the hooks that carry activations
     across. Records ``model.hf_device_map`` ({unit: device string}, as transformers does) and
     ``model.language_model.layer_devices``."""
@@ -289,15 +291,15 @@ def dispatch_model(model: nn.Module, unit_devices: Mapping[str, torch.device]) -
             handles.append(module.register_forward_pre_hook(_MoveInputs(device), with_kwargs=True))
     model._placement_hooks = handles  # type: ignore[assignment]
     model.hf_device_map = {unit: str(device) for unit, device in unit_devices.items()}  # type: ignore[assignment]
-    lm: Any = model.language_model
+    lm = model.language_model
     lm.layer_devices = [unit_devices[f"{LAYER}{i}"] for i in range(len(lm.model.layers))]
     return model
 
 
-def layer_devices(language_model: Any) -> list[torch.device]:
+def layer_devices(language_model: DecoderForCausalLM) -> list[torch.device]:
     """The device of each decoder layer (what its KV pool is allocated on): the placed map's, else the
     device of the layer's first tensor."""
-    recorded = getattr(language_model, "layer_devices", None)
+    recorded = language_model.layer_devices
     if recorded is not None:
         return list(recorded)
     return [next(iter((*layer.parameters(), *layer.buffers()))).device for layer in language_model.model.layers]

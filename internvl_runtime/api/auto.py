@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..loading import load_model
+from ..loading import DeviceMapSpec, DTypeSpec, QuantizationSpec, load_model
 from ..models.internvl import InternVLModel
 from .chat import OfficialChatMixin
 
@@ -41,9 +41,10 @@ class AutoModel:
     """Drop-in for ``transformers.AutoModel`` on InternVL2 checkpoints."""
 
     @staticmethod
-    def from_pretrained(path: str | Path, *, torch_dtype: Any = None, low_cpu_mem_usage: bool = True,
-                        use_flash_attn: bool = True, trust_remote_code: bool = False, device_map: Any = None,
-                        load_in_8bit: bool = False, load_in_4bit: bool = False, quantization: Any = None,
+    def from_pretrained(path: str | Path, *, torch_dtype: DTypeSpec = None, low_cpu_mem_usage: bool = True,
+                        use_flash_attn: bool = True, trust_remote_code: bool = False,
+                        device_map: DeviceMapSpec = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                        quantization: QuantizationSpec = None,
                         allow_pickle: bool = False, **kwargs: Any) -> InternVLChatModel:
         """Load a checkpoint folder. ``quantization``: "int8", "int4", "int4:g64", a dict or a
         ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit`` are the official spellings of the

@@ -21,14 +21,17 @@ import atexit
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
 from ..distributed.launch import tensor_parallel_engine
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
+from ..engine.sampler import TokenLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest
 from ..processing.chat_messages import PipelineMessage
@@ -36,6 +39,7 @@ from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
 from ..processing.inputs import Message, PreparedRequest
 from ..processing.video import sample_frames
+from ..processing.video_io import VideoSource
 
 
 @dataclass
@@ -67,11 +71,11 @@ class GenerationConfig:
 class Video:
     """A video for a prompt: a path (frames sampled as the official ``load_video``) or a list of frames."""
 
-    source: Any
+    source: VideoSource | list[Image.Image] | tuple[Image.Image, ...]
     num_segments: int = 8
     bound: tuple[float, float] | None = None
 
-    def frames(self) -> list[Any]:
+    def frames(self) -> list[Image.Image]:
         if isinstance(self.source, (list, tuple)):
             return list(self.source)
         return list(sample_frames(self.source, bound=self.bound, num_segments=self.num_segments).frames)
@@ -86,7 +90,7 @@ class Response:
     input_token_len: int
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Any] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     index: int = 0
 
 
@@ -145,8 +149,8 @@ def to_messages(prompt: Any) -> list[Message]:
 
 
 class Pipeline:
-    def __init__(self, engine: LLMEngine, *, closer: Callable[[], Any] | None = None,
-                 tp_workers: Sequence[Any] = ()) -> None:
+    def __init__(self, engine: LLMEngine, *, closer: Callable[[], None] | None = None,
+                 tp_workers: Sequence[BaseProcess] = ()) -> None:
         """``closer``: called once by ``close()`` after the requests are aborted (tensor parallelism: it
         stops the worker ranks); ``tp_workers``: the worker processes this process spawned for them."""
         self.engine = engine

@@ -150,7 +150,7 @@ def _put_ninja_on_path() -> None:
 
     if shutil.which("ninja") is None:       # the PyPI `ninja` package, when its bin/ is not on PATH
         try:
-            import ninja  # type: ignore[import-not-found]
+            import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             logger.info("internvl_runtime.kernels: using ninja from %s", ninja.BIN_DIR)
         except (ImportError, AttributeError):

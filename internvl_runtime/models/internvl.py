@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -37,9 +36,9 @@ class InternVLModel(nn.Module):
         # The official model's attribute, set by its chat()/batch_chat() (api/chat.py) for callers that read it;
         # nothing here reads it: the runner is given the image token id.
         self.img_context_token_id: int | None = None
-        self.compute_plan: Any = None      # set_compute_plan
+        self.compute_plan: object | None = None      # set_compute_plan
 
-    def set_compute_plan(self, plan: Any) -> None:
+    def set_compute_plan(self, plan: object) -> None:
         """Record the host's compute plan (``compute_plan.ComputePlan``, chosen by the loader) for
         ``internvl info`` and callers that ask; applying it is the plan's job (``compute_plan.apply_plan``)."""
         self.compute_plan = plan

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label l
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _opt(help_text: str, **extra: Any) -> Any:
+def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
     return {"help": help_text, **extra}
 
 
@@ -204,6 +204,6 @@ class ServerConfig:
         return kwargs
 
     @classmethod
-    def cli_fields(cls) -> list[Any]:
+    def cli_fields(cls) -> list[Field[Any]]:
         """The dataclass fields that become ``--flags`` (``model`` and ``demo`` are positional/explicit)."""
         return [f for f in fields(cls) if f.metadata.get("cli", True)]

@@ -45,6 +45,7 @@ from typing import Any
 import h11
 from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import HostNotAllowed, InternVLError, PayloadTooLarge, RequestTimeout, Unauthorized, UnsupportedMediaType
@@ -68,7 +69,7 @@ def error_response(error: BaseException) -> JSONResponse:
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
-def _header(scope: Any, name: bytes) -> bytes | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers") or ():
         if key == name:
             return bytes(value)
@@ -117,7 +118,7 @@ class HostPolicy:
 class _Body:
     """One request's body as the routes read it: counted against the limit, on a deadline, never buffered."""
 
-    def __init__(self, receive: Any, scope: Any, *, limit: int, timeout_s: float) -> None:
+    def __init__(self, receive: Receive, scope: Scope, *, limit: int, timeout_s: float) -> None:
         self._receive = receive
         length = _header(scope, b"content-length")
         self.declared = int(length) if length is not None and length.isdigit() else None
@@ -127,7 +128,7 @@ class _Body:
         self.deadline = time.monotonic() + timeout_s
         self.size = 0
 
-    async def receive(self) -> Any:
+    async def receive(self) -> Message:
         if not self.pending:               # read whole (or none): later calls wait for a disconnect
             return await self._receive()
         try:
@@ -151,25 +152,25 @@ class HTTPGuard:
     """ASGI middleware: Host (400), CORS, API key (401), JSON only (415), body size (413) and body deadline
     (408), response counting. See the module docstring for the order and the reasons."""
 
-    def __init__(self, app: Any, *, config: ServerConfig, counts: Counter[int]) -> None:
+    def __init__(self, app: ASGIApp, *, config: ServerConfig, counts: Counter[int]) -> None:
         self.app = app
         self.config = config
         self.counts = counts
         self.hosts = HostPolicy(config)
         self.key = f"Bearer {config.api_key}".encode() if config.api_key else None
-        self.inner: Any = self._checked
+        self.inner: ASGIApp = self._checked
         if config.allowed_origins:
             self.inner = CORSMiddleware(self._checked, allow_origins=config.allowed_origins,
                                         allow_methods=("GET", "POST", "OPTIONS"), allow_headers=("*",),
                                         max_age=600)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         body = _Body(receive, scope, limit=self.config.max_body_bytes, timeout_s=self.config.body_timeout_s)
 
-        async def guarded_send(message: Any) -> None:
+        async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.counts[int(message["status"])] += 1
                 if body.pending:           # answered before the body came: do not wait for the rest
@@ -182,14 +183,14 @@ class HTTPGuard:
             return
         await self.inner(scope, body.receive, guarded_send)
 
-    async def _checked(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope)
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Any) -> InternVLError | None:
+    def _refusal(self, scope: Scope) -> InternVLError | None:
         path = scope.get("path", "")
         if self.key is not None and (path.startswith(_PROTECTED_PREFIXES) or path == "/v1"):
             given = _header(scope, b"authorization") or b""
@@ -220,7 +221,7 @@ class DeadlineH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: Any) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
         super().connection_made(transport)
         self._watch_head()
 

@@ -47,6 +47,7 @@ from ..errors import InvalidRequest, MediaFetchError, MediaNotAllowed
 from ..processing.data_url import decode_data_url
 from ..processing.image import open_image
 from ..processing.video import sample_frames
+from .config import ServerConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``resolver(host, port) -> addresses`` (async), replaceable in tests.
@@ -153,7 +154,7 @@ class MediaFetcher:
                                               allow_link_local=allow_link_local_urls))
 
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> MediaFetcher:
+    def from_config(cls, config: ServerConfig, **overrides: Any) -> MediaFetcher:
         """The fetcher a ``ServerConfig`` describes."""
         kwargs: dict[str, Any] = {
             "max_image_bytes": config.max_image_bytes, "timeout_s": config.media_fetch_timeout_s,

@@ -183,9 +183,9 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
         chunk = names[s * per_shard:(s + 1) * per_shard]
         tensors = {n: _random_tensor(n, shapes[n], generator, dtype) for n in chunk}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        file = "model.safetensors" if num_shards == 1 else f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in chunk})
+        shard = "model.safetensors" if num_shards == 1 else f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in chunk})
         del tensors
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

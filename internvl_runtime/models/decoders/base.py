@@ -147,6 +147,8 @@ class DecoderForCausalLM(nn.Module):
     decode_stack_rows: int = 0
     # Our Linear, until quantization or tensor parallelism swaps in its own layer (not always an nn.Linear).
     lm_head: nn.Module
+    #: Each decoder layer's device when the model is spread over several (``placement.dispatch_model``).
+    layer_devices: list[torch.device] | None = None
 
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
