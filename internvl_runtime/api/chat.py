@@ -25,16 +25,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from ..config import InternVLConfig
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampling_params import SamplingParams
-from ..engine.sequence import MultiModalSpan
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
+from ..models.decoders.base import DecoderForCausalLM
 from ..processing.inputs import PreparedRequest
+from ..processing.spans import MultiModalSpan
 from ..processing.template import (
     IMAGE_PLACEHOLDER,
     IMG_CONTEXT_TOKEN,
@@ -128,6 +130,12 @@ class OfficialChatMixin:
     """
 
     _generation_engine: LLMEngine | None = None
+    # What the model class this is mixed into (InternVLModel) provides.
+    config: InternVLConfig
+    language_model: DecoderForCausalLM
+    num_image_token: int
+    img_context_token_id: int | None
+    extract_feature: Callable[[torch.Tensor], torch.Tensor]
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -163,6 +171,7 @@ class OfficialChatMixin:
                 return engine
             wanted = {name: max(have[name], wanted[name]) for name in wanted}  # grow, never shrink
         self._generation_engine = None  # free the old KV cache before allocating the new one
+        assert self.img_context_token_id is not None      # generate() checks it before it asks for an engine
         vocabulary = IdsOnlyVocabulary(self.config.llm.vocab_size, self.img_context_token_id)
         config = EngineConfig(block_size=_BLOCK_SIZE, enable_prefix_caching=False, image_cache_bytes=0, **wanted)
         self._generation_engine = LLMEngine(self, vocabulary, config)
@@ -201,9 +210,11 @@ class OfficialChatMixin:
             raise InvalidRequest(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} but this checkpoint expects {size}x{size} "
                 f"tiles (force_image_size); use load_image(..., input_size={size})")
-        if pixel_values is not None or visual_features is not None:
-            features = visual_features if visual_features is not None else self.extract_feature(pixel_values)
-            features = features.reshape(-1, features.shape[-1])
+        if visual_features is not None:          # the reference prefers given features to pixel values
+            features = visual_features.reshape(-1, visual_features.shape[-1])
+        elif pixel_values is not None:
+            encoded = self.extract_feature(pixel_values)
+            features = encoded.reshape(-1, encoded.shape[-1])
         requests = engine_requests(rows, features, self.img_context_token_id)
         outputs = self._run_engine(requests, params, streamer, bos, pad)
         width = max(len(o) for o in outputs)
@@ -278,7 +289,7 @@ class OfficialChatMixin:
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         template = get_template(self.config.template)
         question, query = self.build_chat_query(pixel_values, question, history, num_patches_list)
-        history = [] if history is None else [tuple(h) for h in history]
+        history = [] if history is None else [(str(h[0]), str(h[1])) for h in history]
         if verbose and pixel_values is not None:
             print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
         inputs = tokenizer(query, return_tensors="pt")

@@ -108,7 +108,8 @@ class AsyncEngine:
     # What other threads may ask without waiting for the engine thread: fixed after construction.
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
+        tokenizer: Tokenizer = self.engine.tokenizer
+        return tokenizer
 
     @property
     def processor(self) -> InputProcessor:

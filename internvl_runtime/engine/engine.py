@@ -133,7 +133,7 @@ class LLMEngine:
         self.processor = processor or InputProcessor.for_model(model, tokenizer,
                                                                max_images=cfg.max_images_per_request)
         llm = model.config.llm
-        self.max_model_len = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
+        self.max_model_len: int = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
         embed = model.language_model.get_input_embeddings().weight
         per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype)
         num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
@@ -160,7 +160,7 @@ class LLMEngine:
         else:
             budget = available_memory() // 4
         wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
-        return max(16, min(budget // per_block, wanted))
+        return int(max(16, min(budget // per_block, wanted)))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
@@ -262,7 +262,7 @@ class LLMEngine:
         needs_features = [seq for seq, n in batch.scheduled
                           if seq.mm_spans_in(seq.num_computed_tokens, seq.num_computed_tokens + n)]
         failed.update(self._encode_images(needs_features))
-        entries = [(seq, n, samples) for (seq, n), samples in zip(batch.scheduled, batch.samples)
+        entries = [(seq, n, samples) for (seq, n), samples in zip(batch.scheduled, batch.samples, strict=True)
                    if seq.request_id not in failed]
         rows = self._execute_isolated(entries, failed)    # request id -> logits row, for those that sample
         sampling_seqs = [seq for seq, _, samples in entries if samples and seq.request_id in rows]
@@ -408,8 +408,8 @@ class LLMEngine:
         encoded: dict[str, torch.Tensor] = {}
         errors: dict[str, BaseException] = {}      # content hash -> error
         group: list[ImageInput] = []
-        for image in [*todo.values(), None]:
-            if group and (image is None or sum(im.num_tiles for im in group) + image.num_tiles
+        for pending in [*todo.values(), None]:
+            if group and (pending is None or sum(im.num_tiles for im in group) + pending.num_tiles
                           > self.config.vision_batch_tiles):
                 try:
                     encoded.update(self._encode_group(group))
@@ -420,8 +420,8 @@ class LLMEngine:
                         except Exception as single:  # noqa: BLE001
                             errors[im.content_hash] = single if len(group) > 1 else exc
                 group = []
-            if image is not None:
-                group.append(image)
+            if pending is not None:
+                group.append(pending)
         failed: dict[str, BaseException] = {}
         for seq in seqs:
             state = self._states[seq.request_id]

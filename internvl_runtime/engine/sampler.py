@@ -140,14 +140,14 @@ class Sampler:
         if logprob_rows:
             index = torch.tensor(logprob_rows, device=logits.device)
             logprobs = torch.log_softmax(processed[index], dim=-1)  # (L, V)
-            chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+            chosen_logprobs: list[float] = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
             max_top = max(rows[i].params.logprobs or 0 for i in logprob_rows)
             top_values, top_ids = logprobs.topk(max_top, dim=-1)  # (L, max_top), most likely first
             top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
             for j, i in enumerate(logprob_rows):
                 n_top = rows[i].params.logprobs or 0
                 top = list(zip(top_ids_list[j][:n_top], top_values_list[j][:n_top], strict=True))
-                records[i] = TokenLogprobs(token_list[i], chosen[j], top)
+                records[i] = TokenLogprobs(token_list[i], chosen_logprobs[j], top)
         return SamplerOutput(token_list, records)
 
     @staticmethod

@@ -21,7 +21,6 @@ from internvl_runtime.api.chat import IdsOnlyVocabulary, engine_requests
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampler import Sampler, SamplerOutput
 from internvl_runtime.engine.sampling_params import SamplingParams
-
 from paths import FIXTURES
 
 SHARED = FIXTURES
@@ -125,7 +124,7 @@ def test_golden_case(variant: str, case_id: str) -> None:
         tokenizer.padding_side = "right"
         assert inputs["input_ids"].tolist() == golden["input_ids"]
         assert inputs["attention_mask"].tolist() == golden["attention_mask"]
-        rows = [ids[m.bool()].tolist() for ids, m in zip(inputs["input_ids"], inputs["attention_mask"])]
+        rows = [ids[m.bool()].tolist() for ids, m in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
         logits = _first_logits(model, rows, features)
         assert _rel_err(logits, np.load(golden_dir / golden["logits0_file"])) <= RTOL
         generated = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
@@ -145,7 +144,7 @@ def test_golden_case(variant: str, case_id: str) -> None:
         _check_pixels(golden, pixel_values)
     history = None
     for index, record in enumerate(golden["rounds"]):
-        question, query = model.build_chat_query(pixel_values, record["question"], history, num_patches_list)
+        _question, query = model.build_chat_query(pixel_values, record["question"], history, num_patches_list)
         assert query == record["prompt"]
         inputs = tokenizer(query, return_tensors="pt")
         assert inputs["input_ids"].tolist() == record["input_ids"]

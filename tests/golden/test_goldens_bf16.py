@@ -15,7 +15,6 @@ import torch
 
 from internvl_runtime import AutoModel, AutoTokenizer, load_image
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
-
 from paths import FIXTURES
 
 SHARED = FIXTURES
