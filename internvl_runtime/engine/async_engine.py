@@ -85,7 +85,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._death: str | None = None
-        self.kv_blocks_total = engine.num_blocks
         self.kv_blocks_free = engine.num_free_blocks         # published by the engine thread after each step
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
@@ -119,6 +118,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.engine.num_blocks
 
     @property
     def kv_capacity(self) -> int:
@@ -188,9 +191,6 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(_Abort(request_id))
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()

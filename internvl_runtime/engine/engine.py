@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import torch
 
@@ -116,6 +116,31 @@ class _RequestState:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # held until the prompt is computed
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def one_by_one_on_failure(items: list[T], run: Callable[[list[T]], R], failed: dict[str, BaseException], *,
+                          key: Callable[[T], str]) -> list[R]:
+    """``[run(items)]``; if that raises, ``run([item])`` for each item instead, and each item that raises on
+    its own is recorded in ``failed`` under ``key(item)`` (a lone item that raises is not run twice). How a
+    step keeps one request's failure from ending the others."""
+    try:
+        return [run(items)]
+    except Exception as exc:  # noqa: BLE001 - find whose part fails
+        if len(items) == 1:
+            failed[key(items[0])] = exc
+            return []
+        logger.warning("a batch of %d failed (%r); running it item by item", len(items), exc)
+    results = []
+    for item in items:
+        try:
+            results.append(run([item]))
+        except Exception as exc:  # noqa: BLE001
+            failed[key(item)] = exc
+    return results
 
 
 class LLMEngine:
@@ -335,24 +360,14 @@ class LLMEngine:
 
     def _execute_isolated(self, entries: list[tuple[Sequence, int, bool]], failed: dict[str, BaseException]
                           ) -> dict[str, torch.Tensor]:
-        """Run the model on the batch; if it raises, run each sequence alone so that only the sequences
-        that fail on their own are failed (rewriting the survivors' KV slots with the same values).
-        Returns the logits row of every surviving sequence that asked for one."""
-        if not entries:
-            return {}
-        try:
-            return self._execute(entries)
-        except Exception as exc:  # noqa: BLE001 - find whose rows fail
-            if len(entries) == 1:
-                failed[entries[0][0].request_id] = exc
-                return {}
-            logger.warning("a batched step of %d sequences failed (%r); running them one by one", len(entries), exc)
+        """Run the model on the batch, each sequence alone if the batch raises (``one_by_one_on_failure``:
+        the survivors' KV slots are rewritten with the same values). Returns the logits row of every
+        surviving sequence that asked for one."""
         rows: dict[str, torch.Tensor] = {}
-        for entry in entries:
-            try:
-                rows.update(self._execute([entry]))
-            except Exception as exc:  # noqa: BLE001
-                failed[entry[0].request_id] = exc
+        if not entries:
+            return rows
+        for part in one_by_one_on_failure(entries, self._execute, failed, key=lambda entry: entry[0].request_id):
+            rows.update(part)
         return rows
 
     def _execute(self, entries: list[tuple[Sequence, int, bool]]) -> dict[str, torch.Tensor]:
@@ -368,7 +383,7 @@ class LLMEngine:
 
     def _sample_isolated(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, BaseException]
                          ) -> list[tuple[Sequence, int, TokenLogprobs | None]]:
-        """Sample one token per sequence; if the batch raises, sample row by row and fail the rows that raise."""
+        """Sample one token per sequence, row by row if the batch raises (the rows that raise alone fail)."""
         def sample(index: list[int]) -> list[tuple[Sequence, int, TokenLogprobs | None]]:
             chosen = [seqs[i] for i in index]
             rows = [SamplingRow(seq.sampling_params, seq.token_ids, seq.num_output_tokens,
@@ -376,19 +391,8 @@ class LLMEngine:
             result = self.sampler(logits[index], rows)
             return list(zip(chosen, result.token_ids, result.logprobs, strict=True))
 
-        try:
-            return sample(list(range(len(seqs))))
-        except Exception as exc:  # noqa: BLE001 - find whose rows fail
-            if len(seqs) == 1:
-                failed[seqs[0].request_id] = exc
-                return []
-        picked = []
-        for i, seq in enumerate(seqs):
-            try:
-                picked.extend(sample([i]))
-            except Exception as exc:  # noqa: BLE001
-                failed[seq.request_id] = exc
-        return picked
+        parts = one_by_one_on_failure(list(range(len(seqs))), sample, failed, key=lambda i: seqs[i].request_id)
+        return [picked for part in parts for picked in part]
 
     def _encode_images(self, seqs: list[Sequence]) -> dict[str, BaseException]:
         """Give each sequence's state the features of its images: from the cache, or encoded here in
@@ -411,14 +415,9 @@ class LLMEngine:
         for pending in [*todo.values(), None]:
             if group and (pending is None or sum(im.num_tiles for im in group) + pending.num_tiles
                           > self.config.vision_batch_tiles):
-                try:
-                    encoded.update(self._encode_group(group))
-                except Exception as exc:  # noqa: BLE001 - find which image fails
-                    for im in group:
-                        try:
-                            encoded.update(self._encode_group([im]))
-                        except Exception as single:  # noqa: BLE001
-                            errors[im.content_hash] = single if len(group) > 1 else exc
+                for part in one_by_one_on_failure(group, self._encode_group, errors,
+                                                  key=lambda image: image.content_hash):
+                    encoded.update(part)
                 group = []
             if pending is not None:
                 group.append(pending)
