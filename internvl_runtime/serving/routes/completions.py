@@ -20,7 +20,7 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     state = serving_state(request)
-    req: CompletionRequest = parse(CompletionRequest, await request.body())
+    req: CompletionRequest = parse(state, CompletionRequest, await request.body())
     check_model(state, req.model)
     check_n(state, req.n * len(req.prompts))
     engine = state.require_engine()
