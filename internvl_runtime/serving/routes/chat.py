@@ -29,11 +29,11 @@ from ..protocol import (
     DeltaMessage,
     Usage,
     dump,
-    new_id,
 )
 from ..state import ServingState
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
-from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
+from .generation import generate
+from .streaming import Jobs, merged, sse
 
 T = TypeVar("T")
 
@@ -49,21 +49,14 @@ async def chat_completions(request: Request) -> Response:
     engine = state.require_engine()
     # The byte bound before any work (images, template, tokens): the messages' text alone must fit.
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
-    slot = state.admit()
-    handed_over = False
-    try:
+
+    async def prepare() -> Jobs:
         prepared = await _prepare(state, req)
-        params = sampling_params(state, engine, req, len(prepared.prompt_token_ids))
-        engine.check_room(req.n)
-        request_id = new_id("chatcmpl")
-        jobs = [(prepared, p) for p in params]
-        if req.stream:
-            handed_over = True
-            return streaming_response(state, slot, _events(state, engine, request_id, req, jobs))
-        return await until_disconnected(request, _full(state, engine, request_id, req, jobs))
-    finally:
-        if not handed_over:
-            slot.release()
+        return [(prepared, p) for p in sampling_params(state, engine, req, len(prepared.prompt_token_ids))]
+
+    return await generate(request, state, engine, stream=req.stream, id_prefix="chatcmpl", prepare=prepare,
+                          full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
+                          events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
 
 async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
