@@ -5,13 +5,14 @@ completion, so greedy answers and token counts are compared with ``/v1/chat/comp
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
 import pytest
 
 from internvl_runtime.processing.structured_output import StructuredOutput
-from internvl_runtime.serving.config import ServerConfig
+from internvl_runtime.serving.config import DEMO_LABEL, ServerConfig
 from internvl_runtime.serving.responses_protocol import ResponsesRequest
 
 from .helpers import MODEL, data_url, png_bytes, run_server
@@ -163,6 +164,7 @@ def test_stream_sends_event_lines_as_openai(server):
     ({"input": []}, "input is empty"),
     ({"input": 5}, "input"),
     ({"model": "other"}, "does not exist"),
+    ({"max_output_tokens": 5000}, "max_output_tokens (5000)"),
 ])
 def test_refused_with_a_clear_message(client, extra, needle):
     kwargs = {"model": MODEL, "input": "Hi", **extra}
@@ -188,3 +190,39 @@ def test_text_format_parses_to_the_engine_constraint():
                                                b'"json_object"}}}')
     assert req.structured_output() == StructuredOutput(json_object=True)
     assert ResponsesRequest.model_validate_json(b'{"model": "m", "input": "x"}').structured_output() is None
+
+
+def test_the_sdk_stream_helper_accumulates_the_events(client):
+    whole = client.responses.create(model=MODEL, input="Say something.", max_output_tokens=6, temperature=0)
+    with client.responses.stream(model=MODEL, input="Say something.", max_output_tokens=6, temperature=0) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        if whole.status == "completed":
+            assert stream.get_final_response().output_text == whole.output_text
+    assert deltas == whole.output_text
+
+
+def test_a_stream_left_early_frees_its_slot_and_engine_request(server):
+    state, engine = server.app.state.serving, server.engine
+    aborted = engine.engine.stats["requests_aborted"]
+    body = {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 1500, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/responses", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: response.output_text.delta"):
+                break
+    deadline = time.monotonic() + 30
+    while (state.active or engine.num_pending or engine.engine.stats["requests_aborted"] == aborted) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.active == 0 and engine.num_pending == 0
+    assert engine.engine.stats["requests_aborted"] == aborted + 1
+
+
+def test_demo_answers_are_labelled_in_both_shapes(tiny_1b):
+    config = ServerConfig(model=str(tiny_1b), max_model_len=1024, num_blocks=256, demo=True)
+    with run_server(config) as demo, openai.OpenAI(base_url=demo.base_url + "/v1", api_key="unused",
+                                                   max_retries=0, timeout=60) as c:
+        whole = c.responses.create(model=MODEL, input="Hi", max_output_tokens=3, temperature=0)
+        events = list(c.responses.create(model=MODEL, input="Hi", max_output_tokens=3, temperature=0, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert whole.output_text.startswith(DEMO_LABEL)
+    assert deltas == events[-1].response.output_text == whole.output_text

@@ -63,7 +63,11 @@ async def create_response(request: Request) -> Response:
     handed_over = False
     try:
         prepared = await prepare_chat(state, chat_req)
-        [params] = sampling_params(state, engine, chat_req, len(prepared.prompt_token_ids))
+        num_prompt_tokens = len(prepared.prompt_token_ids)
+        # The context rule under this API's name for the limit (sampling_params asks it again, as max_tokens).
+        engine.max_new_tokens_for(num_prompt_tokens, req.max_output_tokens, default=state.config.default_max_tokens,
+                                  name="max_output_tokens")
+        [params] = sampling_params(state, engine, chat_req, num_prompt_tokens)
         engine.check_room(1)
         start = ResponseObject.start(new_response_id("resp"), req)
         jobs: Jobs = [(prepared, params)]
