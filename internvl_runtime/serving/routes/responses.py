@@ -73,7 +73,7 @@ async def create_response(request: Request) -> Response:
         jobs: Jobs = [(prepared, params)]
         if req.stream:
             handed_over = True
-            return streaming_response(state, slot, _events(engine, start, jobs, state))
+            return streaming_response(state, slot, _events(state, engine, start, jobs))
         return await until_disconnected(request, _full(state, engine, start, jobs))
     finally:
         if not handed_over:
@@ -118,7 +118,7 @@ def _event(sequence_number: int, kind: str, **fields: Any) -> str:
     return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _events(engine: AsyncEngine, start: ResponseObject, jobs: Jobs, state: ServingState
+async def _events(state: ServingState, engine: AsyncEngine, start: ResponseObject, jobs: Jobs
                   ) -> AsyncIterator[str]:
     sequence = 0
 
