@@ -29,6 +29,7 @@ from ..protocol import (
     DeltaMessage,
     Usage,
     dump,
+    new_id,
 )
 from ..state import ServingState
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
@@ -54,7 +55,7 @@ async def chat_completions(request: Request) -> Response:
         prepared = await _prepare(state, req)
         return [(prepared, p) for p in sampling_params(state, engine, req, len(prepared.prompt_token_ids))]
 
-    return await generate(request, state, engine, stream=req.stream, id_prefix="chatcmpl", prepare=prepare,
+    return await generate(request, state, engine, stream=req.stream, request_id=new_id("chatcmpl"), prepare=prepare,
                           full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
                           events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
