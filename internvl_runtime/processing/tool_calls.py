@@ -24,11 +24,12 @@ Formats, by the checkpoint's ``template`` (config.json):
 
 ``internvl_zh`` has no tool format (:func:`tool_call_format` refuses it).
 
-Parsing (the streaming parser lives in ``tool_call_stream.py``): text outside the call blocks is the content (whitespace next to a block dropped); a block whose
-JSON is not ``{"name": str, "arguments": {...}}`` makes :meth:`ToolCallFormat.parse` give the whole answer
-back as content with no calls (as vLLM's parsers do). Arguments are the model's own JSON text of the object,
-byte for byte, so the streamed fragments add up to exactly the parsed string. Names are not checked against
-the offered tools (as vLLM); a forced call (:attr:`ToolPlan.constraint`) can only name offered ones.
+Parsing (the streaming parser lives in ``tool_call_stream.py``): text outside the call blocks is the content
+(whitespace next to a block dropped); a block whose JSON is not ``{"name": str, "arguments": {...}}`` makes
+:meth:`ToolCallFormat.parse` give the whole answer back as content with no calls (as vLLM's parsers do).
+Arguments are the model's own JSON text of the object, byte for byte, so the streamed fragments add up to
+exactly the parsed string. Names are not checked against the offered tools (as vLLM); a forced call
+(:attr:`ToolPlan.constraint`) can only name offered ones.
 
 Example::
 
