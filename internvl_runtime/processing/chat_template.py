@@ -18,6 +18,10 @@ keeps non-ASCII text. It sees:
 - ``add_generation_prompt``, ``bos_token``, ``eos_token``, and every ``chat_template_kwargs`` entry (these
   cannot replace the names above).
 
+Tool calls in the answer are still parsed in the checkpoint template's tool format (``tool_calls.py``), and
+``tool_choice`` "required" or a named function still forces that format: a template that offers tools should
+ask for it.
+
 A template that fails while rendering a request is that request's error (``InvalidRequest``); one that does
 not compile is a ``ConfigError`` when it is loaded (at server start).
 

@@ -234,7 +234,7 @@ class InputProcessor:
         elif add_generation_prompt and last.role not in ("user", "tool"):
             raise InvalidRequest("the last message must come from the user (or be a tool result); to continue "
                                  "an assistant message, set continue_final_message")
-        plan = plan_tools(FORMATS.get(self.template), tools, tool_choice, parallel_tool_calls=parallel_tool_calls)
+        plan = plan_tools(self.tool_format, tools, tool_choice, parallel_tool_calls=parallel_tool_calls)
         images: list[ImageInput] = []
         num_still_images = 0   # video frames are limited by the caller's frame limit, not max_images
         for m in messages:
