@@ -239,9 +239,11 @@ class ToolCallFormat:
     def call_schema(self, tool: Tool) -> dict[str, Any]:
         """The JSON schema of one call of ``tool`` in this format (the name first, so it streams first)."""
         parameters = dict(tool.parameters) if tool.parameters is not None else {"type": "object"}
+        # "#/$defs/..." references (pydantic's nested models) resolve against the root: the definitions move there
+        definitions = {key: parameters.pop(key) for key in ("$defs", "definitions") if key in parameters}
         return {"type": "object",
                 "properties": {"name": {"type": "string", "const": tool.name}, self.arguments_key: parameters},
-                "required": ["name", self.arguments_key], "additionalProperties": False}
+                "required": ["name", self.arguments_key], "additionalProperties": False, **definitions}
 
     def forced_calls(self, tools: Sequence[Tool], *, max_items: int | None) -> StructuredOutput:
         """One or more calls (at most ``max_items``) of the given tools, in this format."""

@@ -195,6 +195,21 @@ def test_required_and_named_calls_are_forced_in_the_models_format(template: str)
     assert required.skip_special_tokens is (template != "internlm2-chat")
 
 
+def test_forced_call_schema_keeps_nested_definitions() -> None:
+    """Pydantic-made parameters (langchain's bind_tools) refer to "#/$defs/...": still valid in the call schema."""
+    parameters = {"type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}}, "required": ["place"],
+                  "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}},
+                                      "required": ["city"]}}}
+    tool = {"type": "function", "function": {"name": "visit", "parameters": parameters}}
+    plan = plan_tools(FORMATS["Hermes-2"], [tool], "required")
+    assert plan is not None and plan.constraint is not None and plan.constraint.tagged_json is not None
+    schema = plan.constraint.tagged_json.schemas[0]
+    jsonschema.validate({"name": "visit", "arguments": {"place": {"city": "Kyoto"}}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "visit", "arguments": {"place": {"town": "Kyoto"}}}, schema)
+    assert "$defs" in parameters                 # the caller's tool is not changed
+
+
 def test_parse_tool_call_from_openai_shapes() -> None:
     call = parse_tool_call({"id": "c9", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}})
     assert call == ToolCall("c9", "f", '{"a": 1}')
