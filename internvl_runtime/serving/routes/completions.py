@@ -32,7 +32,7 @@ async def completions(request: Request) -> Response:
         processor, prompts = state.processor, req.prompts
         prepared = await state.run_in_worker(lambda: [processor.prepare_prompt(p, []) for p in prompts])
         return [(p, params) for p in prepared
-                for params in sampling_params(state, engine, req, len(p.prompt_token_ids))]
+                for params in sampling_params(state, engine, req, p)]
 
     return await generate(request, state, engine, stream=req.stream, request_id=new_id("cmpl"), prepare=prepare,
                           full=lambda rid, jobs: _full(state, engine, rid, req, jobs),

@@ -68,7 +68,7 @@ async def create_response(request: Request) -> Response:
         # The context rule under this API's name for the limit (sampling_params asks it again, as max_tokens).
         engine.max_new_tokens_for(num_prompt_tokens, req.max_output_tokens, default=state.config.default_max_tokens,
                                   name="max_output_tokens")
-        [params] = sampling_params(state, engine, chat_req, num_prompt_tokens)
+        [params] = sampling_params(state, engine, chat_req, prepared)
         return [(prepared, params)]
 
     start = partial(ResponseObject.start, req=req)
