@@ -126,8 +126,9 @@ def _snapshot(repo_id: str, options: HubOptions, patterns: tuple[str, ...]) -> P
 
     env_offline = offline_by_environment()
     offline = options.local_files_only or env_offline
-    cache = options.cache_dir or os.environ.get("HF_HUB_CACHE") or None
-    shown_cache = os.fspath(cache or constants.HF_HUB_CACHE)
+    given = options.cache_dir or os.environ.get("HF_HUB_CACHE")
+    cache = os.fspath(given) if given else None
+    shown_cache = cache or constants.HF_HUB_CACHE
     revision = options.revision or "main"
     what = f"{repo_id} (revision {revision!r})"
     try:

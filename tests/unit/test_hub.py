@@ -145,6 +145,9 @@ def test_revision_selects_the_snapshot(hub_cache: Path) -> None:
         assert AutoModel.from_pretrained(REPO_ID, revision=revision).config.llm.architecture == \
             "InternLM2ForCausalLM"
         assert type(AutoTokenizer.from_pretrained(REPO_ID, revision=revision)).__name__ == "InternLM2Tokenizer"
+    # the engine, and the pipeline through it, take the same options as one HubOptions
+    pipe = pipeline(REPO_ID, dtype=torch.float32, num_blocks=64, hub=HubOptions(revision="v2"))
+    assert pipe.engine.model.config.llm.architecture == "InternLM2ForCausalLM"
 
 
 # ---------------------------------------------------------------------------------------------------
