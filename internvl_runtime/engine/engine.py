@@ -21,7 +21,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 
@@ -29,6 +29,7 @@ import torch
 
 from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed
 from ..hardware import available_memory
+from ..hub import HubOptions
 from ..loading import load_model
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
@@ -191,9 +192,10 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
                         config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
                         allow_pickle: bool = False, build: Any = None,
-                        runner_factory: Callable[..., Any] = ModelRunner,
+                        runner_factory: Callable[..., Any] = ModelRunner, hub: HubOptions | None = None,
                         **config_kwargs: Any) -> LLMEngine:
-        """Load a checkpoint folder and build the engine: the model through the one loader
+        """Load a checkpoint folder (or a Hugging Face Hub id, fetched with ``hub``'s revision, cache and
+        token) and build the engine: the model through the one loader
         (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
         a tqdm bar over the weights when ``progress``), its tokenizer, and the KV cache.
 
@@ -201,8 +203,8 @@ class LLMEngine:
         ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
         the other ranks); both come from ``distributed``, which this layer never imports."""
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
-                           progress=progress, build=build)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+                           progress=progress, build=build, hub=hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **asdict(hub or HubOptions()))
         return cls(model, tokenizer, config or EngineConfig(**config_kwargs), runner_factory=runner_factory)
 
     # -- requests --------------------------------------------------------------------------------
