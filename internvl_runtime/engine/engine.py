@@ -27,7 +27,7 @@ from typing import Any, TypedDict, TypeVar
 
 import torch
 
-from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed
+from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed, UnsupportedFeature
 from ..hardware import available_memory
 from ..hub import HubOptions
 from ..loading import load_model
@@ -224,6 +224,8 @@ class LLMEngine:
         try:
             if request_id in self._states:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
+            if params.num_beams != 1:  # beam search runs in engine.beam_search (api.chat's generate)
+                raise UnsupportedFeature(f"num_beams={params.num_beams}: the engine does not run beam search")
             seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
                            eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
             self.scheduler.add(seq)   # raises ContextLengthExceeded (max_new_tokens_for)

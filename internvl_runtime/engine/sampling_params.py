@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+from internvl_runtime.errors import InvalidGenerationConfig
 
 MAX_LOGPROBS = 20
 """The largest number of top logprobs a request may ask for."""
@@ -52,6 +52,9 @@ _GENERATION_CONFIG_KEYS = frozenset(
         "top_k",
         "repetition_penalty",
         "num_beams",
+        "length_penalty",
+        "early_stopping",
+        "num_return_sequences",
         "eos_token_id",
         "pad_token_id",
         "streamer",
@@ -112,6 +115,11 @@ class SamplingParams:
             like Hugging Face's fast tokenizers, which never put spaces between special tokens, so the text is
             the same either way.
         include_stop_str_in_output: keep the stop string that ended the output at its end.
+        num_beams: beam search with this many beams when > 1 (transformers' ``BeamSearchScorer``); only
+            ``api.chat``'s ``generate`` runs it (``engine.beam_search``), the engine refuses it.
+        length_penalty: beam search ranks a hypothesis by its summed logprobs / length ** length_penalty.
+        early_stopping: beam search stop rule, as transformers: True, False (heuristic) or ``"never"``.
+        num_return_sequences: hypotheses returned per prompt (beam search; at most ``num_beams``).
 
     Example::
 
@@ -136,6 +144,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -174,6 +186,14 @@ class SamplingParams:
             self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
         if self.logprobs is not None:
             self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        self.num_beams = _check_int("num_beams", self.num_beams, 1)
+        self.length_penalty = _check_float("length_penalty", self.length_penalty, "a finite number")
+        if self.early_stopping not in (True, False, "never"):
+            raise _fail("early_stopping", 'true, false or "never"', self.early_stopping)
+        self.num_return_sequences = _check_int("num_return_sequences", self.num_return_sequences, 1, self.num_beams)
 
     @staticmethod
     def _check_stop(stop: object) -> list[str]:
@@ -206,10 +226,11 @@ class SamplingParams:
         """Build params from the reference ``chat(generation_config=...)`` dict (transformers keys).
 
         Accepted keys: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
-        repetition_penalty, num_beams (only 1), eos_token_id (int or list -> ``stop_token_ids``),
+        repetition_penalty, num_beams, eos_token_id (int or list -> ``stop_token_ids``),
         pad_token_id (accepted, unused) and streamer (returned, not interpreted), plus the metadata keys
         of a generation_config.json file (``_from_model_config``, ``transformers_version``,
-        ``bos_token_id``), which are ignored. A value of None means "not given".
+        ``bos_token_id``), which are ignored. A value of None means "not given". Beam search also takes
+        length_penalty, early_stopping and num_return_sequences (see the attributes).
 
         transformers' defaults apply to keys not given, so the same dict means the same thing here
         and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50. Two more
@@ -224,7 +245,6 @@ class SamplingParams:
 
         Raises:
             InvalidGenerationConfig: an unknown key, or a value out of range.
-            UnsupportedFeature: ``num_beams`` other than 1 (beam search).
         """
         if not isinstance(config, Mapping):
             raise _fail("generation_config", "a dict", config)
@@ -235,9 +255,6 @@ class SamplingParams:
             )
         given = {k: v for k, v in config.items() if v is not None and k in _GENERATION_CONFIG_KEYS}
 
-        num_beams = given.pop("num_beams", 1)
-        if _check_int("num_beams", num_beams, 1) != 1:
-            raise UnsupportedFeature(f"num_beams={num_beams}: beam search is not supported, only num_beams=1")
         streamer = given.pop("streamer", None)
         pad = given.pop("pad_token_id", None)
         if pad is not None:

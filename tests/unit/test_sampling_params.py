@@ -7,7 +7,7 @@ import math
 import pytest
 
 from internvl_runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+from internvl_runtime.errors import InvalidGenerationConfig
 
 
 def test_defaults() -> None:
@@ -160,15 +160,30 @@ def test_from_generation_config_file_metadata_is_ignored() -> None:
 
 
 def test_from_generation_config_unknown_key() -> None:
-    with pytest.raises(InvalidGenerationConfig, match="length_penalty"):
-        SamplingParams.from_generation_config({"max_new_tokens": 4, "length_penalty": 1.0})
+    with pytest.raises(InvalidGenerationConfig, match="typo_top_p"):
+        SamplingParams.from_generation_config({"max_new_tokens": 4, "typo_top_p": 1.0})
 
 
-def test_from_generation_config_beams_unsupported() -> None:
-    with pytest.raises(UnsupportedFeature, match="num_beams"):
-        SamplingParams.from_generation_config({"num_beams": 4})
-    with pytest.raises(InvalidGenerationConfig, match="num_beams"):
-        SamplingParams.from_generation_config({"num_beams": 0})
+def test_from_generation_config_beam_search_keys() -> None:
+    params, _ = SamplingParams.from_generation_config(
+        {"num_beams": 4, "length_penalty": 0.5, "early_stopping": "never", "num_return_sequences": 3})
+    assert (params.num_beams, params.length_penalty, params.early_stopping, params.num_return_sequences) == (
+        4, 0.5, "never", 3)
+    default, _ = SamplingParams.from_generation_config({})
+    assert (default.num_beams, default.length_penalty, default.early_stopping, default.num_return_sequences) == (
+        1, 1.0, False, 1)  # transformers' GenerationConfig defaults
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"num_beams": 0}, "num_beams"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+    ({"num_return_sequences": 2}, "num_return_sequences"),
+    ({"num_beams": 2, "early_stopping": "always"}, "early_stopping"),
+    ({"num_beams": 2, "length_penalty": float("nan")}, "length_penalty"),
+])
+def test_from_generation_config_beam_search_values(config: dict, field: str) -> None:
+    with pytest.raises(InvalidGenerationConfig, match=field):
+        SamplingParams.from_generation_config(config)
 
 
 @pytest.mark.parametrize(
