@@ -118,10 +118,8 @@ def _tagged_json_lark(tagged: TaggedJSON) -> str:
     """``begin`` JSON ``end``, ``min_items`` to ``max_items`` times, ``separator`` between: a Lark grammar
     whose JSON values are llguidance's ``%json`` (one alternative per schema)."""
     values = " | ".join(f"%json {json.dumps(_json_with_options(schema))}" for schema in tagged.schemas)
-    if tagged.max_items is None:
-        more = "*"
-    else:
-        more = f"{{{max(tagged.min_items, 1) - 1},{tagged.max_items - 1}}}"
+    lo = max(tagged.min_items, 1) - 1
+    more = "*" if tagged.max_items is None else f"{{{lo},{tagged.max_items - 1}}}"
     items = f"item ({_lark_literal(tagged.separator)} item){more}" if tagged.separator else f"item{more}"
     start = f"({items})?" if tagged.min_items == 0 else items
     return (f"start: {start}\n"

@@ -121,8 +121,9 @@ def test_response_format_in_lmdeploys_shapes(pipe) -> None:
                       "type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}))
     jsonschema.validate(json.loads(answer.text), schema)
     assert answer.finish_reason == "stop"
+    code = {"type": "regex_schema", "regex_schema": "[A-F]{3}-\\d"}
     sampled = pipe("A code?", GenerationConfig(max_new_tokens=32, do_sample=True, temperature=1.2, random_seed=3,
-                                               response_format={"type": "regex_schema", "regex_schema": "[A-F]{3}-\\d"}))
+                                               response_format=code))
     assert re.fullmatch(r"[A-F]{3}-\d", sampled.text)
     obj = pipe("Any JSON object.", GenerationConfig(max_new_tokens=256, response_format={"type": "json_object"}))
     assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text), dict)

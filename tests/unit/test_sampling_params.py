@@ -7,8 +7,8 @@ import math
 import pytest
 
 from internvl_runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from internvl_runtime.processing.structured_output import StructuredOutput
 from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+from internvl_runtime.processing.structured_output import StructuredOutput
 
 
 def test_defaults() -> None:

@@ -180,7 +180,8 @@ def test_each_constraint_kind_holds_for_greedy_and_sampled_rows(kind: str) -> No
 
 def test_a_batch_mixing_constrained_and_unconstrained_rows_leaves_the_free_rows_alone() -> None:
     engine = _engine()
-    free = [SamplingParams(max_new_tokens=12, temperature=0), SamplingParams(max_new_tokens=12, temperature=0.9, seed=5),
+    free = [SamplingParams(max_new_tokens=12, temperature=0),
+            SamplingParams(max_new_tokens=12, temperature=0.9, seed=5),
             SamplingParams(max_new_tokens=12, temperature=0, presence_penalty=1.0, logit_bias={9: 3.0})]
     alone = [engine.generate([_prompt(engine)], p)[0].token_ids for p in free]
     constrained = [SamplingParams(max_new_tokens=256, temperature=0, structured_output=CONSTRAINTS["json_schema"]),
