@@ -23,9 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from internvl_runtime.errors import InvalidGenerationConfig
+from internvl_runtime.processing.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 """The largest number of top logprobs a request may ask for."""
+
+MAX_ABS_PENALTY = 2.0
+"""``presence_penalty`` and ``frequency_penalty`` lie in [-2, 2] (OpenAI's range)."""
+
+MAX_ABS_LOGIT_BIAS = 100.0
+"""A ``logit_bias`` value lies in [-100, 100] (OpenAI's range)."""
 
 REPETITION_PENALTY_SCOPES = ("all", "generated")
 """Values of ``SamplingParams.repetition_penalty_scope``."""
@@ -120,6 +127,18 @@ class SamplingParams:
         length_penalty: beam search ranks a hypothesis by its summed logprobs / length ** length_penalty.
         early_stopping: beam search stop rule, as transformers: True, False (heuristic) or ``"never"``.
         num_return_sequences: hypotheses returned per prompt (beam search; at most ``num_beams``).
+        presence_penalty: OpenAI's: subtracted once from the logit of every token generated so far
+            (in [-2, 2]; 0 = off; the prompt does not count, as in OpenAI and vLLM).
+        frequency_penalty: OpenAI's: subtracted from each token's logit times the number of times it was
+            generated so far (in [-2, 2]; 0 = off).
+        logit_bias: token id -> bias in [-100, 100], added to that token's logit before anything else.
+            Keys may be ints or decimal strings (OpenAI's JSON keys); an id outside the model's vocabulary
+            is refused by ``LLMEngine.add_request`` (InvalidRequest), as vLLM does.
+        min_p: vLLM's min-p: after temperature, drop the tokens whose probability is below
+            ``min_p`` times the most likely token's (in [0, 1]; 0 = off; no effect on greedy rows).
+        structured_output: the output must match this constraint (a JSON schema, a regex, a choice, a
+            grammar...); the engine masks the logits with the grammar engine, and the request finishes
+            (reason "stop") when the constraint is complete.
 
     Example::
 
@@ -148,6 +167,11 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -186,6 +210,18 @@ class SamplingParams:
             self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
         if self.logprobs is not None:
             self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name in ("presence_penalty", "frequency_penalty"):
+            allowed = f"a number in [{-MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}]"
+            value = _check_float(name, getattr(self, name), allowed)
+            if abs(value) > MAX_ABS_PENALTY:
+                raise _fail(name, allowed, value)
+            setattr(self, name, value)
+        self.logit_bias = self._check_logit_bias(self.logit_bias)
+        self.min_p = _check_float("min_p", self.min_p, "a number in [0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise _fail("min_p", "a number in [0, 1]", self.min_p)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise _fail("structured_output", "a StructuredOutput or None", self.structured_output)
         self._check_beam_search()
 
     def _check_beam_search(self) -> None:
@@ -205,6 +241,23 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise _fail("stop", allowed, stop)
         return list(stop)
+
+    @staticmethod
+    def _check_logit_bias(bias: object) -> dict[int, float]:
+        allowed = f"a mapping of token ids (>= 0) to numbers in [{-MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"
+        if bias is None:
+            return {}
+        if not isinstance(bias, Mapping):
+            raise _fail("logit_bias", allowed, bias)
+        checked: dict[int, float] = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.strip().isdecimal() else key
+            token = _check_int("logit_bias token id", token, 0)
+            number = _check_float(f"logit_bias[{token}]", value, allowed)
+            if abs(number) > MAX_ABS_LOGIT_BIAS:
+                raise _fail(f"logit_bias[{token}]", f"in [{-MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]", number)
+            checked[token] = number
+        return checked
 
     @staticmethod
     def _check_stop_token_ids(ids: object) -> list[int]:

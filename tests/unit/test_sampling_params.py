@@ -8,6 +8,7 @@ import pytest
 
 from internvl_runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from internvl_runtime.errors import InvalidGenerationConfig
+from internvl_runtime.processing.structured_output import StructuredOutput
 
 
 def test_defaults() -> None:
@@ -74,6 +75,19 @@ def test_is_greedy(kwargs: dict[str, object], greedy: bool) -> None:
         ({"seed": 1.0}, "seed"),
         ({"logprobs": -1}, "logprobs"),
         ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ({"presence_penalty": 2.01}, "presence_penalty"),
+        ({"presence_penalty": math.nan}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: -101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"structured_output": {"json_object": True}}, "structured_output"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -200,3 +214,15 @@ def test_from_generation_config_beam_search_values(config: dict, field: str) -> 
 def test_from_generation_config_bad_values(config: object, field: str) -> None:
     with pytest.raises(InvalidGenerationConfig, match=field):
         SamplingParams.from_generation_config(config)  # type: ignore[arg-type]
+
+
+def test_openai_penalties_logit_bias_min_p_and_structured_output() -> None:
+    p = SamplingParams(presence_penalty=-2, frequency_penalty=2, logit_bias={"50256": -100, 7: 100}, min_p=1)
+    assert (p.presence_penalty, p.frequency_penalty, p.min_p) == (-2.0, 2.0, 1.0)
+    assert p.logit_bias == {50256: -100.0, 7: 100.0}   # OpenAI's JSON keys are strings
+    assert SamplingParams(logit_bias=None).logit_bias == {}  # type: ignore[arg-type]
+    defaults = SamplingParams()
+    assert (defaults.presence_penalty, defaults.frequency_penalty, defaults.logit_bias, defaults.min_p,
+            defaults.structured_output) == (0.0, 0.0, {}, 0.0, None)
+    constraint = StructuredOutput(regex="[a-z]+")
+    assert SamplingParams(structured_output=constraint).structured_output is constraint
