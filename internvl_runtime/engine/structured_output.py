@@ -118,9 +118,16 @@ def _tagged_json_lark(tagged: TaggedJSON) -> str:
     """``begin`` JSON ``end``, ``min_items`` to ``max_items`` times, ``separator`` between: a Lark grammar
     whose JSON values are llguidance's ``%json`` (one alternative per schema)."""
     values = " | ".join(f"%json {json.dumps(_json_with_options(schema))}" for schema in tagged.schemas)
-    lo = max(tagged.min_items, 1) - 1
-    more = "*" if tagged.max_items is None else f"{{{lo},{tagged.max_items - 1}}}"
-    items = f"item ({_lark_literal(tagged.separator)} item){more}" if tagged.separator else f"item{more}"
+    lo = max(tagged.min_items, 1) - 1                  # further items after the first: lo .. hi
+    hi = None if tagged.max_items is None else tagged.max_items - 1
+    next_item = f"({_lark_literal(tagged.separator)} item)" if tagged.separator else "item"
+    if hi is None:
+        more = f" {next_item}" * lo + f" {next_item}*"
+    elif hi == 0:
+        more = ""
+    else:
+        more = f" {next_item}{{{lo},{hi}}}"
+    items = "item" + more
     start = f"({items})?" if tagged.min_items == 0 else items
     return (f"start: {start}\n"
             f"item: {_lark_literal(tagged.begin)} value {_lark_literal(tagged.end)}\n"

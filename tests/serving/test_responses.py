@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -226,3 +227,16 @@ def test_demo_answers_are_labelled_in_both_shapes(tiny_1b):
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert whole.output_text.startswith(DEMO_LABEL)
     assert deltas == events[-1].response.output_text == whole.output_text
+
+
+def test_text_format_json_schema_holds(client):
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "size": {"type": "integer",
+                                                                                          "minimum": 1, "maximum": 9}},
+              "required": ["color", "size"], "additionalProperties": False}
+    response = client.responses.create(model=MODEL, input="Describe it as JSON.", max_output_tokens=64, temperature=1.0,
+                                       text={"format": {"type": "json_schema", "name": "thing", "schema": schema,
+                                                        "strict": True}})
+    jsonschema.validate(json.loads(response.output_text), schema)
+    anything = client.responses.create(model=MODEL, input="JSON please.", max_output_tokens=128,
+                                       text={"format": {"type": "json_object"}})
+    assert anything.status == "completed" and isinstance(json.loads(anything.output_text), dict)

@@ -4,7 +4,10 @@ assistant's text, and the answer's calls come back in OpenAI's shape."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import jsonschema
 import pytest
 
 from internvl_runtime.serving.config import ServerConfig
@@ -69,3 +72,49 @@ def test_a_named_function_that_is_not_offered_is_a_400(http):
     bad = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HISTORY[:1], "tools": TOOLS,
                                                    "tool_choice": {"type": "function", "function": {"name": "nope"}}})
     assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+
+
+BOUNDED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                     "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_calls_always_parse_and_validate(http, tool_choice):
+    body = {"model": MODEL, "messages": HISTORY[:1], "tools": BOUNDED_TOOLS, "tool_choice": tool_choice,
+            "max_tokens": 200, "temperature": 1.0, "seed": 7, "parallel_tool_calls": False}
+    answer = http.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), BOUNDED_TOOLS[0]["function"]["parameters"])
+
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
+    assert deltas and deltas[0]["id"] and deltas[0]["function"]["name"] == "get_weather"
+    arguments = "".join(d["function"].get("arguments", "") for d in deltas)
+    assert arguments == call["function"]["arguments"]       # the same seed: the same call, streamed
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_structured_output_fields_hold_through_the_server(http):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    for extra in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+                  {"guided_json": schema}, {"structured_outputs": {"json": schema}}):
+        answer = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HISTORY[:1], "max_tokens": 64,
+                                                          "temperature": 1.0, "seed": 3, **extra})
+        assert answer.status_code == 200, answer.text
+        jsonschema.validate(json.loads(answer.json()["choices"][0]["message"]["content"]), schema)
+    choice = http.post("/v1/completions", json={"model": MODEL, "prompt": "Pick:", "max_tokens": 8,
+                                                "guided_choice": ["red", "green"]})
+    assert choice.status_code == 200 and choice.json()["choices"][0]["text"] in ("red", "green"), choice.text
+    both = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HISTORY[:1], "tools": BOUNDED_TOOLS,
+                                                    "tool_choice": "required", "guided_regex": "a+"})
+    assert both.status_code == 400 and "tool_choice" in both.json()["error"]["message"]

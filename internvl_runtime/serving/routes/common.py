@@ -54,6 +54,11 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
     made of special tokens (InternLM2's) keep special tokens in the text, to be parsed."""
     plan = prepared.tool_plan
     skip_special_tokens = req.skip_special_tokens and (plan is None or plan.skip_special_tokens)
+    constraint = req.structured_output()
+    forced_calls = plan.constraint if plan is not None else None
+    if constraint is not None and forced_calls is not None:
+        raise InvalidRequest("tool_choice forces a tool call, and the request also constrains the output "
+                             f"({constraint.kind}); send one of them")
     max_tokens = engine.max_new_tokens_for(len(prepared.prompt_token_ids), req.requested_max_tokens,
                                            default=state.config.default_max_tokens, name="max_tokens")
     params = []
@@ -71,6 +76,11 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
             seed=None if req.seed is None else (req.seed + i) % 2**64,   # choice i: seed + i, reproducible
             logprobs=req.num_logprobs,
             skip_special_tokens=skip_special_tokens,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.logit_bias_ids,
+            min_p=req.min_p or 0.0,
+            structured_output=constraint or forced_calls,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
         ))

@@ -18,6 +18,7 @@ does (an ``{"error": ...}`` event, which the SDK raises as ``APIError``), and ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from functools import partial
@@ -28,7 +29,6 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
-from ...errors import UnsupportedFeature
 from ..protocol import ChatCompletionRequest
 from ..responses_protocol import (
     IncompleteDetails,
@@ -54,10 +54,7 @@ async def create_response(request: Request) -> Response:
     state = serving_state(request)
     req: ResponsesRequest = parse(state, ResponsesRequest, await request.body())
     check_model(state, req.model)
-    constraint = req.structured_output()
-    if constraint is not None:
-        # TODO(lead): pass `constraint` as SamplingParams.structured_output once the engine has that field.
-        raise UnsupportedFeature(f"text.format {constraint.kind} is not supported on /v1/responses yet")
+    constraint = req.structured_output()            # text.format: json_schema / json_object
     chat_req: ChatCompletionRequest = parse(state, ChatCompletionRequest, json.dumps(req.chat_body()).encode())
     engine = state.require_engine()
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in chat_req.messages))
@@ -69,6 +66,8 @@ async def create_response(request: Request) -> Response:
         engine.max_new_tokens_for(num_prompt_tokens, req.max_output_tokens, default=state.config.default_max_tokens,
                                   name="max_output_tokens")
         [params] = sampling_params(state, engine, chat_req, prepared)
+        if constraint is not None:
+            params = dataclasses.replace(params, structured_output=constraint)
         return [(prepared, params)]
 
     start = partial(ResponseObject.start, req=req)
