@@ -225,8 +225,9 @@ class LLMEngine:
             seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
                            eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
             self.scheduler.add(seq)   # raises ContextLengthExceeded (max_new_tokens_for)
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, skip_special_tokens=True,
-                                           stop=params.stop)
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                           skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                                           include_stop_str=params.include_stop_str_in_output)
         except Exception:
             self.stats["requests_refused"] += 1
             raise

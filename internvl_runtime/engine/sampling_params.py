@@ -107,6 +107,11 @@ class SamplingParams:
         seed: seeds this request's own random generator, so its samples do not depend on the batch.
         logprobs: return the log-probability of each chosen token and of the ``logprobs`` most likely
             tokens (0 = the chosen token's only; at most 20).
+        skip_special_tokens: leave special tokens out of the text (default, as vLLM and LMDeploy).
+        spaces_between_special_tokens: accepted for vLLM's and LMDeploy's clients; the tokenizers here decode
+            like Hugging Face's fast tokenizers, which never put spaces between special tokens, so the text is
+            the same either way.
+        include_stop_str_in_output: keep the stop string that ended the output at its end.
 
     Example::
 
@@ -128,6 +133,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -156,8 +164,10 @@ class SamplingParams:
             raise _fail("do_sample", "true, false or null", self.do_sample)
         if self.do_sample is True and self.temperature == 0:
             raise _fail("temperature", "> 0 when do_sample is true", self.temperature)
-        if not isinstance(self.ignore_eos, bool):
-            raise _fail("ignore_eos", "true or false", self.ignore_eos)
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, "true or false", getattr(self, name))
         self.stop = self._check_stop(self.stop)
         self.stop_token_ids = self._check_stop_token_ids(self.stop_token_ids)
         if self.seed is not None:

@@ -127,12 +127,13 @@ class ServerConfig:
     default_max_tokens: int = field(default=512, metadata=_opt(
         "tokens generated when a request gives no max_tokens (capped by the context)"))
     max_n: int = field(default=8, metadata=_opt("largest n (choices per request)"))
-    max_images_per_request: int = field(default=8, metadata=_opt("images in one request, all turns together"))
+    max_images_per_request: int = field(default=32, metadata=_opt(
+        "images in one request, all turns together (their tiles share --max-tiles-per-request)"))
     max_image_bytes: int = field(default=16 * 2**20, metadata=_opt("largest encoded image in bytes"))
     max_image_pixels: int = field(default=25_000_000, metadata=_opt(
         "largest decoded image in pixels (width x height), checked from the header before decoding"))
     max_video_bytes: int = field(default=64 * 2**20, metadata=_opt("largest encoded video in bytes"))
-    max_video_frames: int = field(default=32, metadata=_opt("most frames sampled from one video (num_segments)"))
+    max_video_frames: int = field(default=64, metadata=_opt("most frames sampled from one video (num_segments)"))
     max_video_seconds: float = field(default=600.0, metadata=_opt(
         "longest video accepted, in seconds, measured on the decoded frames' timestamps (not the header)"))
     max_video_decoded_bytes: int = field(default=16 * 2**30, metadata=_opt(
@@ -141,6 +142,10 @@ class ServerConfig:
         "memory (frames are not all kept)"))
     max_tiles_per_image: int = field(default=12, metadata=_opt(
         "upper bound for max_dynamic_patch (tiles per image, thumbnail excluded)"))
+    max_tiles_per_request: int = field(default=64, metadata=_opt(
+        "448x448 tiles of one request, all images (thumbnails included) and video frames together: the vision "
+        "work and memory bound. Images without an explicit max_dynamic_patch share what the frames leave "
+        "(each at least one tile); explicit tile counts over it are refused"))
     media_fetch_timeout_s: float = field(default=10.0, metadata=_opt("seconds an http(s) image fetch may take"))
     max_redirects: int = field(default=3, metadata=_opt("redirects followed for an image URL, each re-checked"))
     allowed_local_media_path: str | None = field(default=None, metadata=_opt(
@@ -152,6 +157,9 @@ class ServerConfig:
         "allow image and video URLs resolving to link-local addresses (169.254.0.0/16, fe80::/10; unsafe: "
         "cloud metadata services live there); the known metadata addresses stay refused"))
 
+    strict_protocol: bool = field(default=False, metadata=_opt(
+        "refuse unknown request fields (400) instead of accepting and logging them"))
+
     def __post_init__(self) -> None:
         if self.api_key is None:
             self.api_key = os.environ.get("INTERNVL_API_KEY") or None
@@ -160,7 +168,7 @@ class ServerConfig:
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len",
                      "max_concurrent_requests", "max_connections", "max_body_bytes", "default_max_tokens", "max_n",
                      "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_tiles_per_image",
-                     "max_video_bytes", "max_video_frames", "max_video_decoded_bytes"):
+                     "max_tiles_per_request", "max_video_bytes", "max_video_frames", "max_video_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")

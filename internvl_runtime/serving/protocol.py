@@ -1,10 +1,13 @@
 """Pydantic models of the OpenAI requests and responses this server speaks.
 
-Requests are parsed strictly (``strict=True``: ``"5"`` is not an integer, ``1`` is not ``true``) and
-unknown fields are refused (``extra="forbid"``), so a typo is a 400 naming the field rather than a setting
-silently ignored. A few fields clients commonly send are accepted only with their neutral value
-(``presence_penalty: 0``, ``response_format: {"type": "text"}``); anything else there is a 400 saying it
-is not supported.
+Requests are :class:`~internvl_runtime.processing.lenient_model.LenientModel` s, as vLLM parses them:
+``null`` means the default, unknown fields are accepted and logged once per name (``--strict-protocol``
+refuses them), and types and ranges stay strict (``"5"`` is not an integer, ``1`` is not ``true``), so a wrong
+value is a 400 naming the field. Besides OpenAI's fields, the extensions vLLM's and LMDeploy's clients send
+are understood (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens`` / ``min_new_tokens``,
+``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``, ``spaces_between_special_tokens``,
+``include_stop_str_in_output``, assistant prefill, ``chat_template_kwargs``, ``guided_*`` and
+``structured_outputs``, ``max_dynamic_patch``).
 
 Example::
 
@@ -15,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -28,6 +32,7 @@ from ..errors import (
     EngineOverloaded,
     HostNotAllowed,
     InternVLError,
+    InvalidRequest,
     ModelLoading,
     ModelNotFound,
     PayloadTooLarge,
@@ -39,10 +44,8 @@ from ..errors import (
     http_status,
 )
 from ..processing.chat_messages import ChatMessage
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+from ..processing.lenient_model import LenientModel
+from ..processing.structured_output import StructuredOutput
 
 
 class _Out(BaseModel):
@@ -54,15 +57,86 @@ class _Out(BaseModel):
 # ---------------------------------------------------------------------------------------------------
 
 
-class StreamOptions(_Strict):
+class StreamOptions(LenientModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text"]
+class JsonSchemaFormat(LenientModel):
+    """OpenAI's ``response_format.json_schema``: ``{"name", "schema", "strict", "description"}``."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
-class _SamplingFields(_Strict):
+class ResponseFormat(LenientModel):
+    """``{"type": "text" | "json_object" | "json_schema" | "regex_schema"}`` (``regex_schema``: LMDeploy's)."""
+
+    type: Literal["text", "json_object", "json_schema", "regex_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    regex_schema: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format type "json_schema" needs a json_schema object')
+        if self.type == "regex_schema" and not self.regex_schema:
+            raise ValueError('response_format type "regex_schema" needs a regex_schema string')
+        return self
+
+
+class StructuredOutputsParams(LenientModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json``, ``regex``, ``choice``, ``grammar``,
+    ``json_object``."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(LenientModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(LenientModel):
+    """``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(LenientModel):
+    name: str
+
+
+class NamedToolChoice(LenientModel):
+    """``{"type": "function", "function": {"name": ...}}``: call this function."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+def _schema_of(value: dict[str, Any] | str, field: str) -> dict[str, Any]:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{field}: not a JSON schema ({exc})") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{field}: a JSON schema must be an object")
+    return schema
+
+
+class _SamplingFields(LenientModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
@@ -70,26 +144,51 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     min_tokens: int | None = Field(default=None, ge=0)
+    min_new_tokens: int | None = Field(default=None, ge=0)     # LMDeploy's name of min_tokens
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # accepted and ignored: they change nothing in what a self-hosted model answers
     user: str | None = None
-    # Accepted only with their neutral value, so clients that always send them keep working.
-    presence_penalty: float | None = Field(default=None, ge=0, le=0)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    # structured output (OpenAI's response_format; vLLM's structured_outputs and guided_* fields)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None        # accepted: this server has one backend
+    guided_whitespace_pattern: str | None = None      # accepted: JSON is generated compact
 
     @model_validator(mode="after")
     def _check_common(self) -> _SamplingFields:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of at most 8 non-empty strings")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of at most 16 non-empty strings")
+        if self.min_tokens is not None and self.min_new_tokens is not None and self.min_tokens != self.min_new_tokens:
+            raise ValueError("min_tokens and min_new_tokens disagree; send one of them")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.lstrip("-").isdigit() or int(token) < 0:
+                raise ValueError(f"logit_bias: keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: a bias is in [-100, 100], got {bias} for token {token}")
+        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids: token ids are >= 0")
         return self
 
     @property
@@ -98,7 +197,55 @@ class _SamplingFields(_Strict):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def requested_min_tokens(self) -> int:
+        return self.min_tokens if self.min_tokens is not None else (self.min_new_tokens or 0)
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one output constraint the request asks for, if any; two different ones are a 400."""
+        found: list[tuple[str, StructuredOutput]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", StructuredOutput(json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+            found.append(("response_format", StructuredOutput(json_schema=fmt.json_schema.schema_ or {})))
+        elif fmt is not None and fmt.type == "regex_schema" and fmt.regex_schema:
+            found.append(("response_format", StructuredOutput(regex=fmt.regex_schema)))
+        so = self.structured_outputs
+        if so is not None:
+            kinds = [k for k in ("json_", "regex", "choice", "grammar") if getattr(so, k) is not None]
+            kinds += ["json_object"] if so.json_object else []
+            if len(kinds) != 1:
+                raise InvalidRequest("structured_outputs: give exactly one of json, regex, choice, grammar, "
+                                     "json_object")
+            if so.json_ is not None:
+                found.append(("structured_outputs", StructuredOutput(
+                    json_schema=_schema_of(so.json_, "structured_outputs.json"))))
+            elif so.regex is not None:
+                found.append(("structured_outputs", StructuredOutput(regex=so.regex)))
+            elif so.choice is not None:
+                found.append(("structured_outputs", StructuredOutput(choice=tuple(so.choice))))
+            elif so.grammar is not None:
+                found.append(("structured_outputs", StructuredOutput(grammar=so.grammar)))
+            else:
+                found.append(("structured_outputs", StructuredOutput(json_object=True)))
+        if self.guided_json is not None:
+            found.append(("guided_json", StructuredOutput(json_schema=_schema_of(self.guided_json, "guided_json"))))
+        if self.guided_regex is not None:
+            found.append(("guided_regex", StructuredOutput(regex=self.guided_regex)))
+        if self.guided_choice is not None:
+            found.append(("guided_choice", StructuredOutput(choice=tuple(self.guided_choice))))
+        if self.guided_grammar is not None:
+            found.append(("guided_grammar", StructuredOutput(grammar=self.guided_grammar)))
+        if len(found) > 1:
+            raise InvalidRequest(f"{found[0][0]} and {found[1][0]} both constrain the output; send one of them")
+        return found[0][1] if found else None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -109,15 +256,37 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_dynamic_patch: int | None = Field(default=None, ge=1)
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # assistant prefill and the template (vLLM's names)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's media options; ``media_io_kwargs.video.num_frames`` sets the frames sampled from a video
+    media_io_kwargs: dict[str, dict[str, Any]] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        if self.continue_final_message and self.add_generation_prompt:
+            if "add_generation_prompt" in self.model_fields_set:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            self.add_generation_prompt = False      # vLLM's clients send only continue_final_message
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs a final assistant message to continue")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which "
+                                 f"tools does not define (defined: {names})")
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError('tool_choice "required" needs tools')
         return self
 
     @property
@@ -130,15 +299,43 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         return self.top_logprobs or 0
 
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when tools are given, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def video_frames(self) -> int | None:
+        """``media_io_kwargs.video.num_frames`` if given."""
+        frames = ((self.media_io_kwargs or {}).get("video") or {}).get("num_frames")
+        if frames is None:
+            return None
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise InvalidRequest(f"media_io_kwargs.video.num_frames must be an integer >= 1, got {frames!r}")
+        return frames
+
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions: plain text in, text out (no chat template)."""
 
     prompt: str | list[str] = Field(min_length=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
-    suffix: None = None
-    best_of: int | None = Field(default=None, ge=1, le=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    add_special_tokens: bool = False
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix (fill in the middle) is not supported by these models")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n ({self.n}) on this server: choices are not ranked")
+        if self.echo:
+            raise ValueError("echo is not supported on /v1/completions")
+        return self
 
     @property
     def prompts(self) -> list[str]:

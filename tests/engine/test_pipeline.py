@@ -101,7 +101,8 @@ def test_chat_messages_parse_with_the_servers_models() -> None:
     assert [m.role for m in messages] == ["system", "user"]
     assert messages[1].text == "Compare" and messages[1].images == [buffer.getvalue(), picture]
     for bad, words in [({"role": "user", "content": [{"type": "audio", "audio": "x"}]}, "content"),
-                       ({"role": "user", "content": "hi", "temperature": 1}, "temperature"),
+                       ({"role": "user", "content": 5}, "content"),
                        ({"role": "robot", "content": "hi"}, "role")]:
         with pytest.raises(InvalidRequest, match=words):
             to_messages([bad])
+    assert to_messages([{"role": "user", "content": "hi", "cache_control": {}}])[0].text == "hi"   # extras ignored

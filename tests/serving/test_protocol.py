@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -35,6 +36,8 @@ from internvl_runtime.errors import (
     http_status,
 )
 from internvl_runtime.processing.chat_messages import ImagePart, TextPart
+from internvl_runtime.processing.lenient_model import reset_logged_unknown_fields
+from internvl_runtime.processing.structured_output import StructuredOutput
 from internvl_runtime.serving.config import ServerConfig
 from internvl_runtime.serving.protocol import (
     ChatCompletionChunk,
@@ -75,9 +78,13 @@ def test_roles():
     req = parse(base(messages=[{"role": "developer", "content": "sys"}, {"role": "user", "content": "u"},
                                {"role": "assistant", "content": None}, {"role": "user", "content": "v"}]))
     assert [m.role for m in req.messages] == ["developer", "user", "assistant", "user"]
-    for role in ("tool", "function", "robot", ""):
+    for role in ("function", "robot", ""):
         with pytest.raises(ValidationError):
             parse(base(messages=[{"role": role, "content": "x"}]))
+    with pytest.raises(ValidationError, match="needs content"):
+        parse(base(messages=[{"role": "tool", "tool_call_id": "c1"}]))
+    with pytest.raises(ValidationError, match="only assistant messages may carry tool_calls"):
+        parse(base(messages=[{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}]))
     with pytest.raises(ValidationError, match="needs content"):
         parse(base(messages=[{"role": "user", "content": None}]))
     with pytest.raises(ValidationError, match="only user messages"):
@@ -89,13 +96,100 @@ def test_roles():
     ("max_tokens", "5"), ("max_tokens", 5.0), ("max_tokens", True), ("max_tokens", 0), ("n", 0),
     ("temperature", "0.5"), ("temperature", 2.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.01),
     ("top_k", -2), ("repetition_penalty", 0), ("seed", -1), ("stream", 1), ("stream", "true"),
-    ("logprobs", "yes"), ("top_logprobs", 21), ("stop", 5), ("stop", [""]), ("stop", ["a"] * 9),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"1": 2.0}),
-    ("response_format", {"type": "json_object"}), ("max_dynamic_patch", 0), ("unknown", 1),
+    ("logprobs", "yes"), ("top_logprobs", 21), ("stop", 5), ("stop", [""]), ("stop", ["a"] * 17),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {"x": 2.0}), ("logit_bias", {"1": 101}),
+    ("response_format", {"type": "xml"}), ("response_format", {"type": "json_schema"}), ("max_dynamic_patch", 0),
+    ("min_p", 1.5), ("ignore_eos", "yes"), ("stop_token_ids", [-1]), ("skip_special_tokens", 0),
+    ("tool_choice", "sometimes"), ("tools", [{"type": "function", "function": {"name": "has space"}}]),
+    ("chat_template_kwargs", [1]), ("min_tokens", 2.5), ("structured_outputs", {"regex": 5}),
 ])
-def test_strict_fields(field, value):
+def test_strict_types_and_ranges(field, value):
     with pytest.raises(ValidationError):
         parse(base(**{field: value}))
+
+
+def test_null_means_default_and_unknown_fields_are_accepted(caplog):
+    reset_logged_unknown_fields()
+    with caplog.at_level(logging.WARNING, logger="internvl_runtime.processing.lenient_model"):
+        req = parse(base(n=None, stream=None, stream_options=None, top_logprobs=None, min_new_tokens=None,
+                         frobnicate=1, messages=[{"role": "user", "content": [
+                             {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]))
+        parse(base(frobnicate=2))
+    assert req.n == 1 and req.stream is False and req.requested_min_tokens == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("frobnicate" in line for line in logged) == 1, logged       # once per name
+    assert any("cache_control" in line for line in logged)
+
+
+def test_strict_protocol_refuses_unknown_fields():
+    strict = {"strict_protocol": True}
+    with pytest.raises(ValidationError, match="frobnicate"):
+        ChatCompletionRequest.model_validate(base(frobnicate=1), context=strict)
+    with pytest.raises(ValidationError, match="cache_control"):
+        ChatCompletionRequest.model_validate(base(messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi", "cache_control": {}}]}]), context=strict)
+    assert ChatCompletionRequest.model_validate(base(n=None), context=strict).n == 1      # null is still the default
+
+
+def test_openai_sdk_history_and_extensions():
+    answer = {"content": "yes", "refusal": None, "role": "assistant", "annotations": None, "audio": None,
+              "function_call": None, "tool_calls": None}
+    req = parse(base(messages=[{"role": "user", "content": "a"}, answer, {"role": "user", "content": "b"}],
+                     presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"5": -100}, metadata={"k": "v"},
+                     store=False, user="u", ignore_eos=True, skip_special_tokens=False, min_p=0.1,
+                     spaces_between_special_tokens=False, include_stop_str_in_output=True, stop_token_ids=[2],
+                     top_logprobs=0, min_new_tokens=3))
+    assert req.messages[1].text() == "yes" and req.logit_bias_ids == {5: -100.0} and req.requested_min_tokens == 3
+    calls = parse(base(messages=[
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]))
+    assert calls.messages[1].tool_calls[0].function.arguments == '{"x": 1}'
+    bare = parse(base(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "http://h/i.png"},
+                                                              {"type": "image_url", "image_url": {
+                                                                  "url": "http://h/j.png", "max_dynamic_patch": 2}}]}]))
+    assert [(i.url, i.max_dynamic_patch) for i in bare.messages[0].image_parts()] == [("http://h/i.png", None),
+                                                                                       ("http://h/j.png", 2)]
+
+
+def test_structured_output_fields():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert parse(base(response_format={"type": "json_object"})).structured_output() == \
+        StructuredOutput(json_object=True)
+    assert parse(base(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                              "strict": True}})
+                 ).structured_output() == StructuredOutput(json_schema=schema)
+    assert parse(base(guided_json=json.dumps(schema))).structured_output() == StructuredOutput(json_schema=schema)
+    assert parse(base(guided_choice=["a", "b"])).structured_output() == StructuredOutput(choice=("a", "b"))
+    assert parse(base(structured_outputs={"regex": "[0-9]+"})).structured_output() == StructuredOutput(regex="[0-9]+")
+    assert parse(base(response_format={"type": "text"})).structured_output() is None
+    with pytest.raises(InvalidRequest, match="both constrain"):
+        parse(base(guided_regex="a", guided_choice=["a"])).structured_output()
+    with pytest.raises(InvalidRequest, match="not a JSON schema"):
+        parse(base(guided_json="{not json")).structured_output()
+
+
+def test_tool_fields():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    req = parse(base(tools=tools))
+    assert req.effective_tool_choice == "auto" and parse(base()).effective_tool_choice == "none"
+    named = parse(base(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    assert named.effective_tool_choice.function.name == "get_weather"
+    with pytest.raises(ValidationError, match="does not define"):
+        parse(base(tools=tools, tool_choice={"type": "function", "function": {"name": "other"}}))
+    with pytest.raises(ValidationError, match="needs tools"):
+        parse(base(tool_choice="required"))
+
+
+def test_prefill_fields():
+    prefill = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "The answer is"}]
+    req = parse(base(messages=prefill, continue_final_message=True))
+    assert req.add_generation_prompt is False
+    with pytest.raises(ValidationError, match="cannot both be true"):
+        parse(base(messages=prefill, continue_final_message=True, add_generation_prompt=True))
+    with pytest.raises(ValidationError, match="final assistant message"):
+        parse(base(continue_final_message=True))
 
 
 def test_accepted_neutral_values():
@@ -109,8 +203,7 @@ def test_cross_field_rules():
         parse(base(top_logprobs=2))
     assert parse(base(logprobs=True, top_logprobs=2)).num_logprobs == 2
     assert parse(base(logprobs=True)).num_logprobs == 0
-    with pytest.raises(ValidationError, match="stream_options"):
-        parse(base(stream_options={"include_usage": True}))
+    assert not parse(base(stream_options={"include_usage": True})).include_usage     # ignored without stream
     assert parse(base(stream=True, stream_options={"include_usage": True})).include_usage
     with pytest.raises(ValidationError, match="disagree"):
         parse(base(max_tokens=3, max_completion_tokens=4))

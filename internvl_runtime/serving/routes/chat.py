@@ -14,6 +14,7 @@ from PIL import Image
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
+from ...processing.chat_messages import ImageURL
 from ...processing.inputs import Message, PreparedRequest
 from ..config import ServerConfig
 from ..media import decode_image, decode_video
@@ -28,11 +29,11 @@ from ..protocol import (
     DeltaMessage,
     Usage,
     dump,
-    new_id,
 )
 from ..state import ServingState
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
-from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
+from .generation import generate
+from .streaming import Jobs, merged, sse
 
 T = TypeVar("T")
 
@@ -42,51 +43,44 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     state = serving_state(request)
-    req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
+    req: ChatCompletionRequest = parse(state, ChatCompletionRequest, await request.body())
     check_model(state, req.model)
     check_n(state, req.n)
     engine = state.require_engine()
     # The byte bound before any work (images, template, tokens): the messages' text alone must fit.
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
-    slot = state.admit()
-    handed_over = False
-    try:
+
+    async def prepare() -> Jobs:
         prepared = await _prepare(state, req)
-        params = sampling_params(state, engine, req, len(prepared.prompt_token_ids))
-        engine.check_room(req.n)
-        request_id = new_id("chatcmpl")
-        jobs = [(prepared, p) for p in params]
-        if req.stream:
-            handed_over = True
-            return streaming_response(state, slot, _events(state, engine, request_id, req, jobs))
-        return await until_disconnected(request, _full(state, engine, request_id, req, jobs))
-    finally:
-        if not handed_over:
-            slot.release()
+        return [(prepared, p) for p in sampling_params(state, engine, req, len(prepared.prompt_token_ids))]
+
+    return await generate(request, state, engine, stream=req.stream, id_prefix="chatcmpl", prepare=prepare,
+                          full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
+                          events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
 
 async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
     """Fetch, decode and tile the images, sample the video frames, render the template, tokenize."""
     config, processor = state.config, state.processor
-    urls = [url for m in req.messages for url in m.image_urls()]
-    if len(urls) > config.max_images_per_request:
-        raise InvalidRequest(f"{len(urls)} images in one request; the limit is {config.max_images_per_request}")
-    if req.max_dynamic_patch is not None and req.max_dynamic_patch > config.max_tiles_per_image:
-        raise InvalidRequest(f"max_dynamic_patch: at most {config.max_tiles_per_image} tiles per image on this "
-                             f"server, got {req.max_dynamic_patch}")
-    max_num = req.max_dynamic_patch or min(processor.max_dynamic_patch, config.max_tiles_per_image)
+    images = [image for m in req.messages for image in m.image_parts()]
+    if len(images) > config.max_images_per_request:
+        raise InvalidRequest(f"{len(images)} images in one request; the limit is {config.max_images_per_request}")
     videos = [v for m in req.messages if (v := m.video()) is not None]
+    default_frames = req.video_frames or 8
     for video in videos:
-        if (video.num_segments or 8) > config.max_video_frames:
+        if (video.num_segments or default_frames) > config.max_video_frames:
             raise InvalidRequest(f"num_segments: at most {config.max_video_frames} frames per video on this "
-                                 f"server, got {video.num_segments}")
-    datas = await _gather([state.fetcher.fetch(url) for url in urls])
+                                 f"server, got {video.num_segments or default_frames}")
+    frames = sum(video.num_segments or default_frames for video in videos)
+    tiles = image_tile_limits(images, req.max_dynamic_patch, processor.max_dynamic_patch, frames, config)
+    datas = await _gather([state.fetcher.fetch(image.url) for image in images])
     video_datas = await _gather([state.video_fetcher.fetch(v.url) for v in videos])
 
     def work() -> PreparedRequest:
-        images = iter([decode_image(d, max_pixels=config.max_image_pixels) for d in datas])
+        tiled = iter([processor.image_input(decode_image(d, max_pixels=config.max_image_pixels), max_num=limit)
+                      for d, limit in zip(datas, tiles, strict=True)])
         share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
-        clips = iter([video_frames(d, v.num_segments or 8, config, max_decoded_bytes=share)
+        clips = iter([video_frames(d, v.num_segments or default_frames, config, max_decoded_bytes=share)
                       for d, v in zip(video_datas, videos, strict=True)])
         messages = []
         for m in req.messages:
@@ -94,10 +88,40 @@ async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedR
             if m.video() is not None:
                 messages.append(Message(role, m.text(), next(clips), is_video=True))
             else:
-                messages.append(Message(role, m.text(), [next(images) for _ in m.image_urls()]))
-        return processor.prepare(messages, max_num=max_num)
+                messages.append(Message(role, m.text(), [next(tiled) for _ in m.image_parts()]))
+        return processor.prepare(messages)
 
     return await state.run_in_worker(work)
+
+
+def image_tile_limits(images: list[ImageURL], request_max: int | None, model_max: int, frames: int,
+                      config: ServerConfig) -> list[int]:
+    """Each image's tile limit (``max_dynamic_patch``) within the request's tile budget.
+
+    An image's own ``max_dynamic_patch`` wins, then the request's; both are refused above
+    ``max_tiles_per_image``. The others share what the budget (``max_tiles_per_request``) leaves after the video
+    frames (one tile each) and the explicit limits, capped by the model's default: 32 images get one tile each
+    rather than a 400. A limit above 1 may add a thumbnail tile, which the budget counts."""
+    for limit in [request_max, *(image.max_dynamic_patch for image in images)]:
+        if limit is not None and limit > config.max_tiles_per_image:
+            raise InvalidRequest(f"max_dynamic_patch: at most {config.max_tiles_per_image} tiles per image on this "
+                                 f"server, got {limit}")
+    explicit = [image.max_dynamic_patch or request_max for image in images]
+    worst = sum(_with_thumbnail(limit) for limit in explicit if limit is not None)
+    left = config.max_tiles_per_request - frames - worst
+    shared = sum(limit is None for limit in explicit)
+    if left < shared:
+        raise InvalidRequest(f"this request needs up to {frames + worst + shared} tiles ({frames} video frames, "
+                             f"{len(images)} images); the limit is {config.max_tiles_per_request} "
+                             "(max_tiles_per_request): lower max_dynamic_patch or send fewer frames or images")
+    share = left // shared if shared else 0
+    fair = min(model_max, config.max_tiles_per_image, max(1, share - 1) if share > 1 else 1)
+    return [fair if limit is None else limit for limit in explicit]
+
+
+def _with_thumbnail(limit: int) -> int:
+    """The most tiles an image limited to ``limit`` can make (a thumbnail is added to several tiles)."""
+    return limit + 1 if limit > 1 else 1
 
 
 def video_frames(data: bytes, num_segments: int, config: ServerConfig, *, max_decoded_bytes: int | None = None

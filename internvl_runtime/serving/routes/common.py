@@ -15,6 +15,7 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
+from ...processing.lenient_model import STRICT_PROTOCOL
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
 from ..state import ServingState
 
@@ -28,10 +29,11 @@ def serving_state(request: Request) -> ServingState:
     return state
 
 
-def parse(model: type[ModelT], body: bytes) -> ModelT:
+def parse(state: ServingState, model: type[ModelT], body: bytes) -> ModelT:
+    """The request body as ``model``: lenient (unknown fields logged once) unless ``--strict-protocol``."""
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    return model.model_validate_json(body)
+    return model.model_validate_json(body, context={STRICT_PROTOCOL: state.config.strict_protocol})
 
 
 def check_model(state: ServingState, model: str) -> None:
@@ -54,14 +56,19 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
     for i in range(req.n):
         params.append(SamplingParams(
             max_new_tokens=max_tokens,
-            min_new_tokens=req.min_tokens or 0,
+            min_new_tokens=req.requested_min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=0 if req.top_k is None else req.top_k,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            ignore_eos=req.ignore_eos,
             stop=req.stop_list,
+            stop_token_ids=list(req.stop_token_ids or []),
             seed=None if req.seed is None else (req.seed + i) % 2**64,   # choice i: seed + i, reproducible
             logprobs=req.num_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
         ))
     return params
 

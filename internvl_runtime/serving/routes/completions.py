@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
-from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump, new_id
+from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump
 from ..state import ServingState
 from .common import check_model, check_n, completion_logprobs, parse, sampling_params, serving_state
-from .streaming import Jobs, merged, sse, streaming_response, until_disconnected
+from .generation import generate
+from .streaming import Jobs, merged, sse
 
 router = APIRouter()
 
@@ -20,30 +21,22 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     state = serving_state(request)
-    req: CompletionRequest = parse(CompletionRequest, await request.body())
+    req: CompletionRequest = parse(state, CompletionRequest, await request.body())
     check_model(state, req.model)
     check_n(state, req.n * len(req.prompts))
     engine = state.require_engine()
     for prompt in req.prompts:
         state.prompt_encoder.check_bytes(len(prompt.encode("utf-8")))
-    slot = state.admit()
-    handed_over = False
-    try:
-        processor = state.processor
-        prompts = req.prompts
+
+    async def prepare() -> Jobs:
+        processor, prompts = state.processor, req.prompts
         prepared = await state.run_in_worker(lambda: [processor.prepare_prompt(p, []) for p in prompts])
-        jobs: Jobs = []
-        for p in prepared:
-            jobs.extend((p, params) for params in sampling_params(state, engine, req, len(p.prompt_token_ids)))
-        engine.check_room(len(jobs))
-        request_id = new_id("cmpl")
-        if req.stream:
-            handed_over = True
-            return streaming_response(state, slot, _events(state, engine, request_id, req, jobs))
-        return await until_disconnected(request, _full(state, engine, request_id, req, jobs))
-    finally:
-        if not handed_over:
-            slot.release()
+        return [(p, params) for p in prepared
+                for params in sampling_params(state, engine, req, len(p.prompt_token_ids))]
+
+    return await generate(request, state, engine, stream=req.stream, id_prefix="cmpl", prepare=prepare,
+                          full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
+                          events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
 
 def _usage(jobs: Jobs, n: int, completion_tokens: int) -> Usage:
