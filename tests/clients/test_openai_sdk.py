@@ -12,7 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from serving.helpers import data_url, png_bytes
 
@@ -64,8 +64,6 @@ class Pet(BaseModel):
 
 class Alarm(BaseModel):
     """The arguments of a strict function tool (``openai.pydantic_function_tool``)."""
-
-    model_config = ConfigDict(title="set_alarm")
 
     hour: int = Field(ge=0, le=23)
     label: Literal["wake", "meeting", "tea"]
@@ -220,7 +218,7 @@ def test_tool_choice_none_answers_in_text(client, model):
 
 
 def test_streamed_tool_calls_with_the_sdk_helper(client, model):
-    tool = openai.pydantic_function_tool(Alarm)
+    tool = openai.pydantic_function_tool(Alarm, name="set_alarm")
     with client.chat.completions.stream(
             model=model, max_tokens=200, tools=[tool],
             tool_choice={"type": "function", "function": {"name": "set_alarm"}},
