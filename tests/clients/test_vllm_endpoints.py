@@ -97,3 +97,13 @@ def test_metrics_count_a_request(server, model, client):
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert (sample(after, histogram, "histogram", "_count")
                 - sample(before, histogram, "histogram", "_count")) == 1
+
+
+def test_models_list_the_context_length(client, model):
+    [entry] = client.models.list().data
+    assert entry.id == model
+    assert entry.model_extra["max_model_len"] == BASE_OPTIONS["max_model_len"]
+
+
+def test_head_health(server):
+    assert httpx.head(server.base_url + "/health", timeout=10).status_code == 200
