@@ -65,17 +65,18 @@ class PromptEncoder:
                 f"the prompt is {num_bytes} bytes; the model's context of {self.max_tokens} tokens holds at most "
                 f"{self.max_bytes} bytes (no token of this vocabulary is longer than {self.token_bytes} bytes)")
 
-    def encode(self, text: str) -> list[int]:
-        """The token ids of ``text``, after the byte bound; blocks (call it from a worker thread)."""
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of ``text``, after the byte bound; blocks (call it from a worker thread).
+        ``add_special_tokens``: the tokenizer's own (bos/eos as the checkpoint's flags say), as ``encode``."""
         num_bytes = len(text.encode("utf-8"))
         self.check_bytes(num_bytes)
         if num_bytes <= self.large_bytes:
-            return list(self.tokenizer.encode(text))
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         if not self._slots.acquire(blocking=False):
             raise EngineOverloaded(f"{self.max_large} prompts of more than {self.large_bytes // 1024} KiB are being "
                                    "tokenized; retry later")
         try:
-            return self._encode_in_worker(text)
+            return self._encode_in_worker(text, add_special_tokens)
         finally:
             self._slots.release()
 
@@ -98,10 +99,10 @@ class PromptEncoder:
                     initializer=_load_tokenizer, initargs=(pickle.dumps(self.tokenizer),))
             return self._pool
 
-    def _encode_in_worker(self, text: str) -> list[int]:
+    def _encode_in_worker(self, text: str, add_special_tokens: bool) -> list[int]:
         pool = self._worker_pool()
         try:
-            return pool.submit(_encode, text, self.max_tokens).result()
+            return pool.submit(_encode, text, self.max_tokens, add_special_tokens).result()
         except BrokenProcessPool:
             with self._lock:                 # the worker died (killed, out of memory): the next call starts one
                 if self._pool is pool:
@@ -117,9 +118,9 @@ def _load_tokenizer(data: bytes) -> None:
     _tokenizer = pickle.loads(data)
 
 
-def _encode(text: str, max_tokens: int) -> list[int]:
+def _encode(text: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
     assert _tokenizer is not None, "the worker process loads its tokenizer first"
-    ids = list(_tokenizer.encode(text))
+    ids = list(_tokenizer.encode(text, add_special_tokens=add_special_tokens))
     if len(ids) > max_tokens:       # no use sending back what cannot be served
         raise ContextLengthExceeded(f"the prompt is {len(ids)} tokens; the model's context is {max_tokens} tokens")
     return ids

@@ -13,7 +13,7 @@ Two pieces, one per layer:
      API key check: browsers send preflights without credentials), and their responses carry
      ``Access-Control-Allow-Origin``. Otherwise no CORS header is ever sent, and browsers keep pages from
      other sites from reading answers.
-  3. **API key** (401) on ``/v1/*`` and ``/metrics``, before a byte of the body is read.
+  3. **API key** (401) on ``/v1/*``, ``/metrics``, ``/tokenize`` and ``/detokenize``, before a byte of the body is read.
   4. **JSON only** (415) on POST/PUT/PATCH: a page can send ``text/plain`` or a form to any address without
      a CORS preflight; ``application/json`` always needs one.
   5. **Body size** (413): a declared ``Content-Length`` over ``max_body_bytes`` is refused without reading.
@@ -54,7 +54,7 @@ from .protocol import error_payload
 
 logger = logging.getLogger(__name__)
 
-_PROTECTED_PREFIXES = ("/v1/", "/metrics")
+_PROTECTED_PREFIXES = ("/v1/", "/metrics", "/tokenize", "/detokenize")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 
 

@@ -4,6 +4,8 @@
 - ``models``: ``/v1/models`` and ``/v1/models/{id}``
 - ``chat``: ``/v1/chat/completions`` (parse, prepare images and video, stream or answer whole)
 - ``completions``: ``/v1/completions``
+- ``responses``: ``/v1/responses`` (OpenAI's Responses API, run as a one-choice chat completion)
+- ``tokenize``: ``/tokenize``, ``/detokenize`` (vLLM's) and ``/version``
 - shared: ``common`` (the model and ``n`` checks, SamplingParams from a request, logprobs in OpenAI's
   shapes) and ``streaming`` (SSE, choices merged from several engine requests, client disconnects)
 
@@ -26,8 +28,8 @@ Trace of one streamed chat request::
 
 from __future__ import annotations
 
-from . import chat, completions, health, models
+from . import chat, completions, health, models, responses, tokenize
 
-ROUTERS = (health.router, models.router, chat.router, completions.router)
+ROUTERS = (health.router, models.router, chat.router, completions.router, responses.router, tokenize.router)
 
 __all__ = ["ROUTERS"]
