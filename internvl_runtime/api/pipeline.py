@@ -12,7 +12,16 @@ Example::
         print(piece.text, end="")
 
 A prompt is a string, a ``(text, image)`` or ``(text, [images])`` tuple (images: paths, URLs, bytes,
-PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list.
+PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list. As in LMDeploy, ``<IMAGE_TOKEN>``
+(or ``<image>``) in the text places the images there instead of before the text, and an ``image_url`` part
+may carry its own tile limit::
+
+    pipe([{"role": "user", "content": [
+        {"type": "text", "text": "Compare <IMAGE_TOKEN> with <IMAGE_TOKEN>"},
+        {"type": "image_url", "image_url": {"url": "a.png", "max_dynamic_patch": 1}},
+        {"type": "image_url", "image_url": {"url": "b.png"}}]}])
+
+Message lists may also hold assistant ``tool_calls`` and ``tool`` results (rendered in the model's tool format).
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ from ..errors import InvalidRequest
 from ..processing.chat_messages import PipelineMessage
 from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
-from ..processing.inputs import Message, PreparedRequest
+from ..processing.inputs import ImageWithTiles, Message, PreparedRequest
+from ..processing.tool_calls import parse_tool_call
 from ..processing.video import sample_frames
 from ..processing.video_io import VideoSource
 
@@ -115,8 +125,60 @@ def _image(source: Any) -> Any:
     return source
 
 
+def _text_content(content: Any, what: str) -> str:
+    """A tool message's content: a string or text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise InvalidRequest(f"invalid message: {what} content must be a string or text parts")
+
+
+def _tool_message(raw: dict[str, Any]) -> Message:
+    unknown = set(raw) - {"role", "content", "tool_call_id", "name"}
+    if unknown:
+        raise InvalidRequest(f"invalid message: tool messages take content, tool_call_id and name, not "
+                             f"{', '.join(sorted(unknown))}")
+    call_id, name = raw.get("tool_call_id"), raw.get("name")
+    if (call_id is not None and not isinstance(call_id, str)) or (name is not None and not isinstance(name, str)):
+        raise InvalidRequest("invalid message: a tool message's tool_call_id and name must be strings")
+    return Message("tool", _text_content(raw.get("content"), "a tool message's"), tool_call_id=call_id, name=name)
+
+
+def _pop_tile_limits(raw: dict[str, Any]) -> tuple[dict[str, Any], list[int | None]]:
+    """LMDeploy's per-image ``image_url.max_dynamic_patch``, taken out of a copy of the message (read here
+    whether or not the message models know the field), one entry per image in order."""
+    content = raw.get("content")
+    if not isinstance(content, list):
+        return raw, []
+    parts, limits = [], []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image_url" and isinstance(part.get("image_url"), dict):
+            image_url = dict(part["image_url"])
+            limit = image_url.pop("max_dynamic_patch", None)
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise InvalidRequest(f"invalid message: image_url.max_dynamic_patch must be an integer >= 1, "
+                                     f"got {limit!r}")
+            part = {**part, "image_url": image_url}
+            limits.append(limit)
+        elif isinstance(part, dict) and part.get("type") == "image":
+            limits.append(None)
+        parts.append(part)
+    return {**raw, "content": parts}, limits
+
+
 def _from_chat_message(raw: dict[str, Any]) -> Message:
-    """One OpenAI-style message dict, parsed by the server's models (``processing.chat_messages``)."""
+    """One OpenAI-style message dict, parsed by the server's models (``processing.chat_messages``); tool
+    results, assistant tool calls and per-image tile limits are read here."""
+    if raw.get("role") == "tool":
+        return _tool_message(raw)
+    raw = dict(raw)
+    raw_calls = raw.pop("tool_calls", None) if raw.get("role") == "assistant" else None
+    if raw_calls is not None and not isinstance(raw_calls, list):
+        raise InvalidRequest("invalid message: tool_calls must be a list")
+    tool_calls = [parse_tool_call(c) for c in raw_calls or []]
+    raw, limits = _pop_tile_limits(raw)
     try:
         message = PipelineMessage.model_validate(raw)
     except ValidationError as exc:
@@ -127,7 +189,10 @@ def _from_chat_message(raw: dict[str, Any]) -> Message:
     if video is not None:
         frames = Video(_image(video.url), num_segments=video.num_segments or 8).frames()
         return Message(role, message.text(), frames, is_video=True)
-    return Message(role, message.text(), [_image(image) for image in message.images()])
+    images: list[Any] = [_image(image) for image in message.images()]
+    images = [img if limit is None else ImageWithTiles(img, limit)
+              for img, limit in zip(images, limits or [None] * len(images), strict=True)]
+    return Message(role, message.text(), images, tool_calls=tool_calls)
 
 
 def to_messages(prompt: Any) -> list[Message]:

@@ -328,7 +328,10 @@ class LLMEngine:
         if state.first_token_time is None:
             state.first_token_time = now
             self.ttft_seconds.append(now - seq.arrival_time)
-        delta = state.detokenizer.add([token])
+        # The stop token that ended the output is not part of its text (as vLLM), unless asked for.
+        stopped_by_token = seq.request_id in finished and seq.finish_reason == "stop" and seq.stop_reason == token
+        keep = not stopped_by_token or seq.sampling_params.include_stop_str_in_output
+        delta = state.detokenizer.add([token] if keep else [])
         if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
             self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
             finished.add(seq.request_id)

@@ -7,7 +7,12 @@ Conversation rules (the official ones, extended to several images and messages):
 - a user message with images and no ``<image>`` in its text gets ``<image>\\n`` before its text for one
   image, or ``Image-1: <image>\\nImage-2: <image>\\n...`` for several (the model card's multi-image form);
   video frames get ``Frame1: <image>\\n...``;
+- ``<IMAGE_TOKEN>`` (LMDeploy's placeholder) in a message with images marks where they go, as ``<image>`` does;
 - a system message replaces the template's default system message;
+- tools, assistant tool calls and tool results are written in the template's tool format
+  (``tool_calls.py``); a final assistant message can be continued (prefill);
+- a Jinja chat template (``chat_template.py``), when given, renders instead of the official template;
+- an image may carry its own tile limit (``ImageWithTiles``: LMDeploy's per-image ``max_dynamic_patch``);
 - every ``<image>`` of the rendered prompt is replaced in order by ``<img>`` + 256 x tiles ``<IMG_CONTEXT>``
   + ``</img>``; the run of ``<IMG_CONTEXT>`` tokens of each image is one :class:`MultiModalSpan`, hashed by
   the content of its pixel tiles so prefix caching never confuses two images.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -26,10 +31,19 @@ from PIL import Image
 
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch
+from .chat_template import ChatTemplate
 from .image import ImageSource, build_transform, dynamic_preprocess, open_image
 from .spans import MultiModalSpan
-from .template import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, build_prompt, expand_image_placeholders, get_template
+from .template import (
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    LMDEPLOY_IMAGE_TOKEN,
+    expand_image_placeholders,
+    get_template,
+    render_turns,
+)
 from .tokenization import Tokenizer
+from .tool_calls import FORMATS, ToolCall, ToolCallFormat, ToolPlan, ToolResult, plan_tools
 
 
 @dataclass
@@ -55,15 +69,36 @@ class ImageInput:
 MessageImage: TypeAlias = ImageSource | torch.Tensor | ImageInput
 
 
+@dataclass(frozen=True)
+class ImageWithTiles:
+    """An image with its own tile limit (LMDeploy's per-image ``max_dynamic_patch``), which wins over the
+    request's."""
+
+    image: ImageSource | torch.Tensor | ImageInput
+    max_dynamic_patch: int
+
+
 @dataclass
 class Message:
-    """One chat message: role ('system' | 'user' | 'assistant'), text, images, and whether the images
-    are video frames (which changes the automatic prefix)."""
+    """One chat message.
+
+    Attributes:
+        role: 'system', 'user', 'assistant' or 'tool' (a tool result).
+        text: the message's text (a tool result's content).
+        images: the user's images (``ImageWithTiles`` for a per-image tile limit).
+        is_video: the images are video frames (which changes the automatic prefix; one tile each).
+        tool_calls: an assistant message's calls (its text may then be empty).
+        tool_call_id: the call a tool result answers.
+        name: a tool result's function name.
+    """
 
     role: str
     text: str
-    images: Sequence[MessageImage] = field(default_factory=list)
+    images: Sequence[MessageImage | ImageWithTiles] = field(default_factory=list)
     is_video: bool = False
+    tool_calls: Sequence[ToolCall] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -74,6 +109,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     images: list[ImageInput]
     mm_spans: list[MultiModalSpan]
+    tool_plan: ToolPlan | None = None      # the request's tools: how to parse the answer, what to force
 
 
 class HasInternVLConfig(Protocol):
@@ -88,8 +124,11 @@ class InputProcessor:
 
     def __init__(self, tokenizer: Tokenizer, *, template: str, image_size: int, num_image_token: int,
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
-                 max_images: int = 16, encode: Callable[[str], list[int]] | None = None) -> None:
+                 max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
+        """``chat_template``: a Jinja template used instead of the official one (``--chat-template``)."""
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.encode = encode or tokenizer.encode      # the server passes a PromptEncoder's (bounded, off-thread)
         self.template = template
         self.image_size = image_size
@@ -118,6 +157,17 @@ class InputProcessor:
         clone = copy.copy(self)
         clone.encode = encode
         return clone
+
+    def with_chat_template(self, chat_template: ChatTemplate | None) -> InputProcessor:
+        """A copy of this processor that renders with ``chat_template`` (None: the official template)."""
+        clone = copy.copy(self)
+        clone.chat_template = chat_template
+        return clone
+
+    @property
+    def tool_format(self) -> ToolCallFormat | None:
+        """The checkpoint template's tool-call format (None for a template without one)."""
+        return FORMATS.get(self.template)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -149,42 +199,156 @@ class InputProcessor:
         return ImageInput.from_tiles(torch.stack([self.transform(t) for t in tiles]))
 
     # -- conversation ----------------------------------------------------------------------------
-    def prepare(self, messages: Sequence[Message], *, max_num: int | None = None) -> PreparedRequest:
-        """Render, tile, tokenize. The last message must be the user's."""
+    def prepare(self, messages: Sequence[Message], *, max_num: int | None = None, tools: Sequence[Any] | None = None,
+                tool_choice: Any = "auto", parallel_tool_calls: bool = True, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, template_kwargs: Mapping[str, Any] | None = None
+                ) -> PreparedRequest:
+        """Render, tile, tokenize (the names of the options are vLLM's request fields).
+
+        Args:
+            max_num: tiles per image (``max_dynamic_patch``) unless an image says otherwise (``ImageWithTiles``).
+            tools, tool_choice, parallel_tool_calls: OpenAI's; the tools are offered in the template's tool
+                format (``tool_calls``), and ``PreparedRequest.tool_plan`` says how to parse the answer and,
+                for "required" or a named function, the constraint that forces the calls.
+            add_generation_prompt: end with the assistant's header (the last message must then be the user's
+                or a tool result); False: end after the last message.
+            continue_final_message: the last message is the assistant's and its text is the start of the
+                answer (prefill: no separator after it); it wins over ``add_generation_prompt``.
+            template_kwargs: ``chat_template_kwargs``, passed to a Jinja template; the official template
+                takes none, so it accepts and ignores them.
+        """
         if not messages:
             raise InvalidRequest("the conversation is empty")
-        system = self.system_message
-        turns: list[Message] = []
         for m in messages:
-            if m.role == "system":
-                if m.images:
-                    raise InvalidRequest("a system message cannot carry images")
-                system = m.text
-            elif m.role in ("user", "assistant"):
-                turns.append(m)
-            else:
-                raise InvalidRequest(f"unknown message role {m.role!r}; use system, user or assistant")
-        if not turns or turns[-1].role != "user":
-            raise InvalidRequest("the last message must come from the user")
+            if m.role not in ("system", "user", "assistant", "tool"):
+                raise InvalidRequest(f"unknown message role {m.role!r}; use system, user, assistant or tool")
+            if m.images and m.role != "user":
+                raise InvalidRequest(f"{m.role} messages cannot carry images")
+            if m.tool_calls and m.role != "assistant":
+                raise InvalidRequest("only assistant messages carry tool_calls")
+        last = messages[-1]
+        if continue_final_message:
+            if last.role != "assistant" or last.tool_calls:
+                raise InvalidRequest("continue_final_message needs a final assistant message (with text, no "
+                                     "tool_calls) to continue")
+        elif add_generation_prompt and last.role not in ("user", "tool"):
+            raise InvalidRequest("the last message must come from the user (or be a tool result); to continue "
+                                 "an assistant message, set continue_final_message")
+        plan = plan_tools(self.tool_format, tools, tool_choice, parallel_tool_calls=parallel_tool_calls)
         images: list[ImageInput] = []
         num_still_images = 0   # video frames are limited by the caller's frame limit, not max_images
-        history: list[tuple[str, str]] = []
-        pending_user: str | None = None
-        for m in turns:
+        for m in messages:
             if m.role == "user":
-                text = self._user_text(m)
-                images.extend(self.image_input(img, max_num=1 if m.is_video else max_num) for img in m.images)
+                images.extend(self._message_image(img, max_num, m.is_video) for img in m.images)
                 num_still_images += 0 if m.is_video else len(m.images)
-                pending_user = text if pending_user is None else pending_user + "\n" + text
-            else:
-                if m.images:
-                    raise InvalidRequest("assistant messages cannot carry images")
-                history.append((pending_user or "", m.text))
-                pending_user = None
         if num_still_images > self.max_images:
             raise InvalidRequest(f"{num_still_images} images in one request; the limit is {self.max_images}")
-        prompt = build_prompt(self.template, pending_user or "", history, system)
-        return self.prepare_prompt(prompt, images)
+        if self.chat_template is not None:
+            prompt = self._render_jinja(messages, plan, add_generation_prompt, continue_final_message,
+                                        template_kwargs)
+        else:
+            prompt = self._render_official(messages, plan, add_generation_prompt, continue_final_message)
+        prepared = self.prepare_prompt(prompt, images)
+        prepared.tool_plan = plan
+        return prepared
+
+    def _message_image(self, image: MessageImage | ImageWithTiles, max_num: int | None, is_video: bool
+                       ) -> ImageInput:
+        if isinstance(image, ImageWithTiles):
+            return self.image_input(image.image, max_num=1 if is_video else image.max_dynamic_patch)
+        return self.image_input(image, max_num=1 if is_video else max_num)
+
+    def _history_format(self) -> ToolCallFormat:
+        fmt = FORMATS.get(self.template)
+        if fmt is None:
+            raise InvalidRequest(f"the {self.template!r} conversation template has no tool-call format, so it "
+                                 "cannot show tool calls or tool results")
+        return fmt
+
+    def _render_official(self, messages: Sequence[Message], plan: ToolPlan | None, add_generation_prompt: bool,
+                         continue_final_message: bool) -> str:
+        """The official template, extended: consecutive user messages are joined by a newline (as one turn),
+        an answer without a question gets an empty user turn (the official history pairs), tools and tool
+        results in the template's tool format. Without tools, tool messages and prefill this is the official
+        prompt, byte for byte."""
+        user_role, bot_role = get_template(self.template).roles
+        system = self.system_message
+        for m in messages:
+            if m.role == "system":
+                system = m.text
+        turns: list[tuple[str, str | None]] = []
+        if plan is not None:
+            base = system if system is not None else get_template(self.template).system_message
+            system = plan.format.system_message(base, plan.tools)
+            turns.extend(plan.format.tool_turns(plan.tools))
+        pending_user: str | None = None
+        results: list[ToolResult] = []
+        after_results = False
+
+        def flush() -> None:
+            nonlocal pending_user
+            if pending_user is not None:
+                turns.append((user_role, pending_user))
+                pending_user = None
+            if results:
+                turns.extend(self._history_format().result_turns(results, user_role))
+                results.clear()
+
+        for m in messages:
+            if m.role == "user":
+                if results:
+                    flush()
+                text = self._user_text(m)
+                pending_user = text if pending_user is None else pending_user + "\n" + text
+                after_results = False
+            elif m.role == "tool":
+                if pending_user is not None:
+                    flush()
+                results.append(ToolResult(m.text or "", m.tool_call_id, m.name))
+                after_results = True
+            elif m.role == "assistant":
+                if pending_user is None and not after_results:
+                    pending_user = ""         # the official history pairs: an answer without a question
+                flush()
+                text = self._history_format().assistant_text(m.text, m.tool_calls) if m.tool_calls else m.text
+                turns.append((bot_role, text))
+                after_results = False
+        flush()
+        if continue_final_message:
+            return render_turns(self.template, turns, system, open_last=True)
+        if add_generation_prompt:
+            turns.append((bot_role, None))
+        return render_turns(self.template, turns, system)
+
+    def _render_jinja(self, messages: Sequence[Message], plan: ToolPlan | None, add_generation_prompt: bool,
+                      continue_final_message: bool, template_kwargs: Mapping[str, Any] | None) -> str:
+        """The Jinja template (see ``processing.chat_template`` for what it sees); a prefill is the rendered
+        conversation cut right after the final message's text (as vLLM)."""
+        assert self.chat_template is not None
+        dicts: list[dict[str, Any]] = []
+        for m in messages:
+            entry: dict[str, Any] = {"role": m.role, "content": self._user_text(m) if m.role == "user" else m.text}
+            if m.tool_calls:
+                entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                        "function": {"name": c.name, "arguments": c.arguments_object()}}
+                                       for c in m.tool_calls]
+            if m.role == "tool":
+                entry["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    entry["name"] = m.name
+            dicts.append(entry)
+        prompt = self.chat_template.render(
+            dicts, tools=[t.to_openai() for t in plan.tools] if plan is not None else None,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token, template_kwargs=template_kwargs)
+        if continue_final_message:
+            final = messages[-1].text
+            cut = prompt.rfind(final)
+            if not final or cut < 0:
+                raise InvalidRequest("continue_final_message: the chat template does not show the final "
+                                     "assistant message's text")
+            prompt = prompt[:cut + len(final)]
+        return prompt
 
     def prepare_prompt(self, prompt: str, images: Sequence[ImageInput]) -> PreparedRequest:
         """A rendered prompt with ``<image>`` placeholders plus its images, in order."""
@@ -194,8 +358,13 @@ class InputProcessor:
         return PreparedRequest(expanded, ids, list(images), spans)
 
     def _user_text(self, m: Message) -> str:
+        """The text with its images' ``<image>`` placeholders: where the text has ``<image>`` (or LMDeploy's
+        ``<IMAGE_TOKEN>``), else the official prefix."""
         text = m.text or ""
-        if not m.images or IMAGE_PLACEHOLDER in text:
+        if not m.images:
+            return text
+        text = text.replace(LMDEPLOY_IMAGE_TOKEN, IMAGE_PLACEHOLDER)
+        if IMAGE_PLACEHOLDER in text:
             return text
         if m.is_video:
             prefix = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(m.images)))

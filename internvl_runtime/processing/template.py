@@ -16,6 +16,8 @@ IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
+#: LMDeploy's image placeholder: in a message that carries images it marks where they go, as ``<image>`` does.
+LMDEPLOY_IMAGE_TOKEN = "<IMAGE_TOKEN>"
 
 # The InternVL 2.0 system message (the reference keeps it for every template to preserve benchmarks).
 INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -43,17 +45,25 @@ class Template:
     def append_message(self, role: str, message: str | None) -> None:
         self.messages.append((role, message))
 
-    def get_prompt(self) -> str:
+    def get_prompt(self, *, open_last: bool = False) -> str:
+        """The prompt; ``open_last``: the last message is the start of the answer (prefill), written without
+        the separator that would close it."""
         if self.style == "mpt":
             out = self.system_template.format(system_message=self.system_message) + self.sep
-            for role, message in self.messages:
-                out += role + message + self.sep if message else role
+            for i, (role, message) in enumerate(self.messages):
+                if open_last and i == len(self.messages) - 1:
+                    out += role + (message or "")
+                else:
+                    out += role + message + self.sep if message else role
             return out
         # internvl_zh: system, then "role: message" separated by sep2 (after user) / sep (after bot)
         seps = (self.sep2, self.sep)
         out = self.system_message + seps[0]
         for i, (role, message) in enumerate(self.messages):
-            out += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+            if open_last and i == len(self.messages) - 1:
+                out += f"{role}: {message}" if message else f"{role}:"
+            else:
+                out += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
         return out
 
 
@@ -90,6 +100,19 @@ def build_prompt(template_name: str, question: str, history: Sequence[tuple[str,
     template.append_message(template.roles[0], question)
     template.append_message(template.roles[1], None)
     return template.get_prompt()
+
+
+def render_turns(template_name: str, turns: Sequence[tuple[str, str | None]], system_message: str | None = None,
+                 *, open_last: bool = False) -> str:
+    """The prompt for ``turns`` of (role header, text): the template's own roles (``Template.roles``) or the
+    extra turns of a tool-call format; a text of None is a bare header (the answer's prompt). With only
+    (user, assistant) pairs and a final (user, None) this is :func:`build_prompt`, byte for byte."""
+    template = get_template(template_name)
+    if system_message is not None:
+        template.system_message = system_message
+    for role, text in turns:
+        template.append_message(role, text)
+    return template.get_prompt(open_last=open_last)
 
 
 def image_tokens(num_tiles: int, num_image_token: int) -> str:

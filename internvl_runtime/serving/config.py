@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest
+from ..processing.chat_template import ChatTemplate
 from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label lives with the demo checkpoints
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -156,6 +157,10 @@ class ServerConfig:
     allow_link_local_media_urls: bool = field(default=False, metadata=_opt(
         "allow image and video URLs resolving to link-local addresses (169.254.0.0/16, fe80::/10; unsafe: "
         "cloud metadata services live there); the known metadata addresses stay refused"))
+    chat_template: str | None = field(default=None, metadata=_opt(
+        "a Jinja chat template file (Hugging Face style: messages, tools, add_generation_prompt, bos_token, "
+        "eos_token, chat_template_kwargs) rendered instead of the checkpoint's official template; images are "
+        "<image> placeholders in the user messages' content"))
 
     strict_protocol: bool = field(default=False, metadata=_opt(
         "refuse unknown request fields (400) instead of accepting and logging them"))
@@ -191,6 +196,8 @@ class ServerConfig:
             if not folder.is_dir():
                 raise InvalidRequest(f"ServerConfig.allowed_local_media_path {str(folder)!r} is not a folder")
             self.allowed_local_media_path = str(folder.resolve())
+        if self.chat_template is not None:
+            ChatTemplate.from_file(self.chat_template)      # a missing or broken template stops the start here
 
     @property
     def model_name(self) -> str:

@@ -415,6 +415,7 @@ class ChoiceLogprobs(_Out):
 class ChatMessageOut(_Out):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ChatChoice(_Out):
@@ -437,6 +438,7 @@ class ChatCompletion(_Out):
 class DeltaMessage(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(_Out):

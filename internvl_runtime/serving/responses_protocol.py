@@ -25,11 +25,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from ..processing.lenient_model import LenientModel
 from ..processing.structured_output import StructuredOutput
 
-
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+_Request = LenientModel        # null is the default, unknown fields logged once (--strict-protocol refuses them)
 
 
 class _Out(BaseModel):
@@ -161,7 +160,7 @@ class TextFormatJSONSchema(_Request):
     """``{"type": "json_schema", "name", "schema", "description"?, "strict"?}`` (the schema is always
     enforced in full, strict or not)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
     type: Literal["json_schema"]
     name: str = Field(min_length=1, max_length=64)

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from ..engine.async_engine import AsyncEngine
 from ..errors import EngineDead, InternVLError, ModelLoading, TooManyRequests
+from ..processing.chat_template import ChatTemplate
 from ..processing.inputs import InputProcessor
 from ..processing.prompt_encoder import PromptEncoder
 from ..processing.tokenization import Tokenizer
@@ -72,12 +73,16 @@ class ServingState:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._token_texts: dict[int, str] = {}
         self.fingerprint = "demo-random-weights" if config.demo else f"internvl-runtime-{__version__}"
+        # --chat-template is read now, so that a bad file stops the server at start (ConfigError)
+        self.chat_template = ChatTemplate.from_file(config.chat_template) if config.chat_template else None
 
     # -- engine ----------------------------------------------------------------------------------
     def set_engine(self, engine: AsyncEngine) -> None:
         self._prompt_encoder = PromptEncoder(engine.tokenizer, max_tokens=engine.max_model_len,
                                              max_large=LARGE_PROMPTS_IN_FLIGHT)
         self._processor = engine.processor.with_encoder(self._prompt_encoder.encode)
+        if self.chat_template is not None:
+            self._processor = self._processor.with_chat_template(self.chat_template)
         self._tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.engine = engine

@@ -15,16 +15,13 @@ Example::
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from ..processing.lenient_model import LenientModel
 from .protocol import ChatCompletionRequest
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class TokenizeCompletionRequest(_Strict):
+class TokenizeCompletionRequest(LenientModel):
     """``{"model", "prompt"}``: ``add_special_tokens`` (default true) adds the tokenizer's bos/eos as the
     checkpoint says; ``return_token_strs`` also answers each token's string."""
 
@@ -49,7 +46,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(LenientModel):
     """``{"model", "tokens"}``: an id outside the vocabulary is a 400."""
 
     model: str

@@ -106,3 +106,50 @@ def test_chat_messages_parse_with_the_servers_models() -> None:
         with pytest.raises(InvalidRequest, match=words):
             to_messages([bad])
     assert to_messages([{"role": "user", "content": "hi", "cache_control": {}}])[0].text == "hi"   # extras ignored
+
+
+def test_per_image_max_dynamic_patch_and_image_token(pipe) -> None:
+    """LMDeploy's InternVL requests: ``image_url.max_dynamic_patch`` per image (1 tile vs 12 changes the prompt
+    tokens) and ``<IMAGE_TOKEN>`` placing the images in the text (not as a prefix)."""
+    url = "data:image/png;base64," + base64.b64encode(IMAGE1.read_bytes()).decode()
+
+    def ask(text: str, *limits: int | None) -> object:
+        parts: list[dict] = [{"type": "text", "text": text}]
+        for limit in limits:
+            image_url = {"url": url} if limit is None else {"url": url, "max_dynamic_patch": limit}
+            parts.append({"type": "image_url", "image_url": image_url})
+        return pipe([{"role": "user", "content": parts}], GenerationConfig(max_new_tokens=1))
+
+    one, twelve, default = ask("describe", 1), ask("describe", 12), ask("describe", None)
+    # 800x600 with 12 tiles: 4 x 3 + the thumbnail; with 1 tile: one, no thumbnail
+    assert twelve.input_token_len - one.input_token_len == 12 * 256
+    assert default.input_token_len == twelve.input_token_len
+    assert ask("Compare <IMAGE_TOKEN> with <IMAGE_TOKEN>.", 1, None).generate_token_len == 1
+    parts = [{"type": "text", "text": "Compare <IMAGE_TOKEN> with <IMAGE_TOKEN>."},
+             {"type": "image_url", "image_url": {"url": url, "max_dynamic_patch": 1}},
+             {"type": "image_url", "image_url": {"url": url}}]
+    prepared = pipe.engine.processor.prepare(to_messages([{"role": "user", "content": parts}]))
+    assert "user\nCompare <img>" in prepared.prompt and "</img> with <img>" in prepared.prompt
+    assert "Image-1" not in prepared.prompt and "<IMAGE_TOKEN>" not in prepared.prompt
+    assert [span.length for span in prepared.mm_spans] == [256, 13 * 256]
+    # the same through the request-wide GenerationConfig.max_dynamic_patch and a tuple prompt with the token
+    tuple_prompt = pipe(("<IMAGE_TOKEN>\ndescribe", IMAGE1), GenerationConfig(max_new_tokens=1, max_dynamic_patch=1))
+    assert tuple_prompt.input_token_len == one.input_token_len
+    with pytest.raises(InvalidRequest, match="max_dynamic_patch"):
+        ask("describe", 0)
+
+
+def test_tool_messages_in_the_pipeline(pipe) -> None:
+    """Assistant tool calls and tool results render in the model's format (Hermes-2 for the 1B)."""
+    messages = [{"role": "user", "content": "Weather in Rome?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Rome"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    prepared = pipe.engine.processor.prepare(to_messages(messages))
+    assert prepared.prompt.endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+        "<|im_end|><|im_start|>tool\n<tool_response>\nsunny\n</tool_response><|im_end|><|im_start|>assistant\n")
+    assert pipe(messages, GREEDY).generate_token_len >= 1
+    with pytest.raises(InvalidRequest, match="tool"):
+        to_messages([{"role": "tool", "content": "x", "extra": 1}])

@@ -98,7 +98,8 @@ def test_detokenize_refuses_ids_outside_the_vocabulary(http, tokenizer):
 
 @pytest.mark.parametrize(("path", "body", "status", "needle"), [
     ("/tokenize", {"model": "other", "prompt": "x"}, 404, "does not exist"),
-    ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "model_x": 1}, 400, "model_x"),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_dynamic_patch": "1"}, 400,
+     "max_dynamic_patch"),
     ("/tokenize", {"model": MODEL}, 400, "prompt"),
     ("/tokenize", {"model": MODEL, "prompt": 5}, 400, "prompt"),
     ("/detokenize", {"model": "other", "tokens": [1]}, 404, "does not exist"),

@@ -174,3 +174,107 @@ def test_placeholder_count_mismatch(placeholders: int, tiles: list[int]) -> None
 def test_no_images_no_placeholders() -> None:
     prompt = build_prompt("phi3-chat", "Hello")
     assert expand_image_placeholders(prompt, [], 256) == prompt
+
+
+# --------------------------------------------------------------------------------------------------
+# InputProcessor.prepare: the official prompt unchanged, prefill, <IMAGE_TOKEN>, per-image tiles
+# --------------------------------------------------------------------------------------------------
+
+def _processor(variant: str):
+    from internvl_runtime.processing.inputs import InputProcessor
+    from internvl_runtime.processing.tokenization import AutoTokenizer
+
+    golden = _golden(variant)
+    return InputProcessor(AutoTokenizer.from_pretrained(FIXTURES / "ckpt" / variant), template=golden["template"],
+                          image_size=448, num_image_token=golden["num_image_token"])
+
+
+def _tiles(n: int):
+    import torch
+
+    return torch.zeros(n, 3, 448, 448)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prepare_renders_the_golden_prompts_byte_for_byte(variant: str) -> None:
+    """Messages through InputProcessor.prepare (no tools, no prefill, no Jinja) give the official prompts:
+    a two-round text chat and a multi-round chat with an image (tiles as the golden counts)."""
+    from internvl_runtime.processing.inputs import Message
+
+    processor = _processor(variant)
+    rounds = _golden(variant)["rounds"]
+    messages = [Message("user", rounds[0]["question"]), Message("assistant", rounds[0]["response"]),
+                Message("user", rounds[1]["question"])]
+    assert processor.prepare(messages).prompt == rounds[1]["prompt"]
+    image_case = _golden(variant, "multi_round_image")
+    tiles = _tiles(sum(image_case["image_tile_counts"]))
+    history: list = []
+    for index, record in enumerate(image_case["rounds"]):
+        question = record["question"].replace(IMAGE_PLACEHOLDER + "\n", "") if index == 0 else record["question"]
+        history.append(Message("user", question, [tiles] if index == 0 else []))
+        assert processor.prepare(history).prompt == record["prompt"]
+        history.append(Message("assistant", record["response"]))
+
+
+def test_prefill_and_no_generation_prompt() -> None:
+    from internvl_runtime.processing.inputs import Message
+
+    for variant, head in [("tiny-1B", "<|im_start|>assistant\n"), ("tiny-4B", "<|assistant|>\n")]:
+        processor = _processor(variant)
+        sep = processor.sep
+        base = processor.prepare([Message("user", "Hi")]).prompt
+        assert base.endswith(head)
+        prefilled = processor.prepare([Message("user", "Hi"), Message("assistant", "Sure, here is")],
+                                      continue_final_message=True)
+        assert prefilled.prompt == base + "Sure, here is"          # no separator: the answer goes on
+        # continue_final_message wins over add_generation_prompt (which defaults to True)
+        assert processor.prepare([Message("user", "Hi"), Message("assistant", "Sure, here is")],
+                                 continue_final_message=True, add_generation_prompt=True).prompt == prefilled.prompt
+        closed = processor.prepare([Message("user", "Hi")], add_generation_prompt=False)
+        assert closed.prompt == base[:-len(head)] and closed.prompt.endswith("Hi" + sep)
+        done = processor.prepare([Message("user", "Hi"), Message("assistant", "Hello")], add_generation_prompt=False)
+        assert done.prompt == base + "Hello" + sep
+        with pytest.raises(InvalidRequest, match="continue_final_message"):
+            processor.prepare([Message("user", "Hi")], continue_final_message=True)
+        with pytest.raises(InvalidRequest, match="last message"):
+            processor.prepare([Message("user", "Hi"), Message("assistant", "Hello")])
+    zh = _processor("tiny-1B")
+    zh.template = "internvl_zh"
+    assert zh.prepare([Message("user", "Q"), Message("assistant", "A")], continue_final_message=True).prompt == (
+        " <human>: Q <bot>: A")
+
+
+def test_image_token_places_the_images() -> None:
+    """LMDeploy's <IMAGE_TOKEN> marks where the images go (no automatic prefix), as <image> does."""
+    from internvl_runtime.processing.inputs import Message
+
+    processor = _processor("tiny-1B")
+    marked = processor.prepare([Message("user", "Left <IMAGE_TOKEN> right <IMAGE_TOKEN> end", [_tiles(1), _tiles(2)])])
+    same = processor.prepare([Message("user", "Left <image> right <image> end", [_tiles(1), _tiles(2)])])
+    assert marked.prompt == same.prompt and marked.prompt_token_ids == same.prompt_token_ids
+    assert "<IMAGE_TOKEN>" not in marked.prompt and "Image-1" not in marked.prompt
+    assert "user\nLeft <img>" in marked.prompt and [s.length for s in marked.mm_spans] == [256, 512]
+    prefixed = processor.prepare([Message("user", "Left right end", [_tiles(1), _tiles(2)])])
+    assert "Image-1: <img>" in prefixed.prompt
+    with pytest.raises(PlaceholderMismatch):
+        processor.prepare([Message("user", "Only <IMAGE_TOKEN>", [_tiles(1), _tiles(1)])])
+    # without images the text is left as it is
+    assert "<IMAGE_TOKEN>" in processor.prepare([Message("user", "literal <IMAGE_TOKEN>")]).prompt
+
+
+def test_per_image_max_dynamic_patch() -> None:
+    from PIL import Image
+
+    from internvl_runtime.processing.inputs import ImageWithTiles, Message
+
+    processor = _processor("tiny-1B")
+    picture = Image.new("RGB", (1600, 900), "green")
+    default = processor.prepare([Message("user", "x", [picture, picture])])
+    mixed = processor.prepare([Message("user", "x", [ImageWithTiles(picture, 1), picture])])
+    capped = processor.prepare([Message("user", "x", [ImageWithTiles(picture, 1), picture])], max_num=2)
+    assert [im.num_tiles for im in default.images] == [9, 9]           # 4 x 2 tiles, plus the thumbnail
+    assert [im.num_tiles for im in mixed.images] == [1, 9]
+    assert [im.num_tiles for im in capped.images] == [1, 3]            # the image's own limit wins over max_num
+    assert len(mixed.prompt_token_ids) == len(default.prompt_token_ids) - 8 * 256
+    with pytest.raises(InvalidRequest, match="max_dynamic_patch"):
+        processor.prepare([Message("user", "x", [ImageWithTiles(picture, 0)])])

@@ -16,6 +16,7 @@ from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
 from ...processing.chat_messages import ImageURL
 from ...processing.inputs import Message, PreparedRequest
+from ...processing.tool_calls import ToolCallStreamParser, parse_tool_call
 from ..config import ServerConfig
 from ..media import decode_image, decode_video
 from ..protocol import (
@@ -29,6 +30,7 @@ from ..protocol import (
     DeltaMessage,
     Usage,
     dump,
+    new_id,
 )
 from ..state import ServingState
 from .common import chat_logprobs, check_model, check_n, parse, sampling_params, serving_state
@@ -52,9 +54,9 @@ async def chat_completions(request: Request) -> Response:
 
     async def prepare() -> Jobs:
         prepared = await _prepare(state, req)
-        return [(prepared, p) for p in sampling_params(state, engine, req, len(prepared.prompt_token_ids))]
+        return [(prepared, p) for p in sampling_params(state, engine, req, prepared)]
 
-    return await generate(request, state, engine, stream=req.stream, id_prefix="chatcmpl", prepare=prepare,
+    return await generate(request, state, engine, stream=req.stream, request_id=new_id("chatcmpl"), prepare=prepare,
                           full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
                           events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
@@ -85,11 +87,17 @@ async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedR
         messages = []
         for m in req.messages:
             role = "system" if m.role == "developer" else m.role
+            calls = [parse_tool_call(call) for call in m.tool_calls or []]
             if m.video() is not None:
                 messages.append(Message(role, m.text(), next(clips), is_video=True))
             else:
-                messages.append(Message(role, m.text(), [next(tiled) for _ in m.image_parts()]))
-        return processor.prepare(messages)
+                messages.append(Message(role, m.text(), [next(tiled) for _ in m.image_parts()], tool_calls=calls,
+                                        tool_call_id=m.tool_call_id, name=m.name))
+        return processor.prepare(messages, tools=req.tools, tool_choice=req.effective_tool_choice,
+                                 parallel_tool_calls=req.parallel_tool_calls,
+                                 add_generation_prompt=req.add_generation_prompt,
+                                 continue_final_message=req.continue_final_message,
+                                 template_kwargs=req.chat_template_kwargs)
 
     return await state.run_in_worker(work)
 
@@ -151,12 +159,19 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
         if out.finished:
             finals[index] = out
     choices, completion_tokens = [], 0
+    plan = jobs[0][0].tool_plan
     for index in range(len(jobs)):
         out = finals[index]
         completion_tokens += len(out.token_ids)
         logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, state.token_text)) if req.logprobs else None
-        choices.append(ChatChoice(index=index, message=ChatMessageOut(content=state.label(out.text)),
-                                  finish_reason=out.finish_reason, logprobs=logprobs))
+        message, finish_reason = ChatMessageOut(content=state.label(out.text)), out.finish_reason
+        if plan is not None:
+            parsed = plan.parse(out.text)
+            if parsed.tool_calls:
+                message = ChatMessageOut(content=state.label(parsed.content) if parsed.content else None,
+                                         tool_calls=[call.to_openai() for call in parsed.tool_calls])
+                finish_reason = _tool_finish(finish_reason)
+        choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason, logprobs=logprobs))
     prompt_tokens = len(jobs[0][0].prompt_token_ids)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                   total_tokens=prompt_tokens + completion_tokens)
@@ -182,9 +197,15 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
         yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
     sent_logprobs = [0] * len(jobs)
     labelled = [False] * len(jobs)
+    plan = jobs[0][0].tool_plan
+    parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None else None for _ in jobs]
     completion_tokens = 0
     async for index, out in merged(engine, request_id, jobs):
         text = out.delta
+        calls: list[dict[str, Any]] = []
+        parser = parsers[index]
+        if parser is not None:
+            text, calls = parser.feed(text, finished=out.finished)
         if (text or out.finished) and not labelled[index]:     # a demo answer says so, even an empty one
             text, labelled[index] = state.label(text), True
         logprobs = None
@@ -194,11 +215,13 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
             logprobs = ChoiceLogprobs(content=chat_logprobs(new, state.token_text))
         if out.finished:
             completion_tokens += len(out.token_ids)
-        if not text and not out.finished and not (logprobs and logprobs.content):
+        if not text and not calls and not out.finished and not (logprobs and logprobs.content):
             continue           # the detokenizer holds text back (a possible stop string, a partial character)
-        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text or None),
-                                     finish_reason=out.finish_reason if out.finished else None,
-                                     logprobs=logprobs)])
+        finish_reason = out.finish_reason if out.finished else None
+        if finish_reason is not None and parser is not None and parser.called:
+            finish_reason = _tool_finish(finish_reason)
+        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
+                                     finish_reason=finish_reason, logprobs=logprobs)])
     if include_usage:
         prompt_tokens = len(jobs[0][0].prompt_token_ids)
         payload = dump(ChatCompletionChunk(id=request_id, model=req.model, choices=[],
@@ -207,3 +230,25 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
                                                        completion_tokens=completion_tokens,
                                                        total_tokens=prompt_tokens + completion_tokens)))
         yield sse(payload)
+
+
+def _tool_finish(finish_reason: str | None) -> str | None:
+    """An answer that made calls ends with "tool_calls" (as OpenAI), unless it was cut off ("length")."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+class _StreamedCalls:
+    """One choice's tool-call parser in a stream: text in, (content, OpenAI call deltas) out."""
+
+    def __init__(self, parser: ToolCallStreamParser) -> None:
+        self.parser = parser
+        self.called = False
+
+    def feed(self, text: str, *, finished: bool) -> tuple[str, list[dict[str, Any]]]:
+        pieces = [self.parser.feed(text)] if text else []
+        if finished:
+            pieces.append(self.parser.finish())
+        content = "".join(piece.content for piece in pieces)
+        calls = [call.to_openai() for piece in pieces for call in piece.tool_calls]
+        self.called = self.called or bool(calls)
+        return content, calls

@@ -15,6 +15,7 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
+from ...processing.inputs import PreparedRequest
 from ...processing.lenient_model import STRICT_PROTOCOL
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
 from ..state import ServingState
@@ -47,10 +48,13 @@ def check_n(state: ServingState, n: int) -> None:
 
 
 def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletionRequest | CompletionRequest,
-                    num_prompt_tokens: int) -> list[SamplingParams]:
+                    prepared: PreparedRequest) -> list[SamplingParams]:
     """One SamplingParams per choice. The engine's context rule says how many tokens fit (or refuses):
-    ``max_tokens`` as asked, else the server's default cut to what the context leaves."""
-    max_tokens = engine.max_new_tokens_for(num_prompt_tokens, req.requested_max_tokens,
+    ``max_tokens`` as asked, else the server's default cut to what the context leaves. Tool calls in a format
+    made of special tokens (InternLM2's) keep special tokens in the text, to be parsed."""
+    plan = prepared.tool_plan
+    skip_special_tokens = req.skip_special_tokens and (plan is None or plan.skip_special_tokens)
+    max_tokens = engine.max_new_tokens_for(len(prepared.prompt_token_ids), req.requested_max_tokens,
                                            default=state.config.default_max_tokens, name="max_tokens")
     params = []
     for i in range(req.n):
@@ -66,7 +70,7 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
             stop_token_ids=list(req.stop_token_ids or []),
             seed=None if req.seed is None else (req.seed + i) % 2**64,   # choice i: seed + i, reproducible
             logprobs=req.num_logprobs,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
         ))

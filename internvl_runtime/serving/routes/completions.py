@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
-from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump
+from ..protocol import Completion, CompletionChoice, CompletionRequest, Usage, dump, new_id
 from ..state import ServingState
 from .common import check_model, check_n, completion_logprobs, parse, sampling_params, serving_state
 from .generation import generate
@@ -32,9 +32,9 @@ async def completions(request: Request) -> Response:
         processor, prompts = state.processor, req.prompts
         prepared = await state.run_in_worker(lambda: [processor.prepare_prompt(p, []) for p in prompts])
         return [(p, params) for p in prepared
-                for params in sampling_params(state, engine, req, len(p.prompt_token_ids))]
+                for params in sampling_params(state, engine, req, p)]
 
-    return await generate(request, state, engine, stream=req.stream, id_prefix="cmpl", prepare=prepare,
+    return await generate(request, state, engine, stream=req.stream, request_id=new_id("cmpl"), prepare=prepare,
                           full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
                           events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 

@@ -5,7 +5,7 @@ shapes.
 
 Example::
 
-    return await generate(request, state, engine, stream=req.stream, id_prefix="cmpl",
+    return await generate(request, state, engine, stream=req.stream, request_id=new_id("cmpl"),
                           prepare=lambda: my_jobs(...), full=my_full, events=my_events)
 """
 
@@ -18,7 +18,6 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ...engine.async_engine import AsyncEngine
-from ..protocol import new_id
 from ..state import ServingState
 from .streaming import Jobs, streaming_response, until_disconnected
 
@@ -27,7 +26,7 @@ FullAnswer = Callable[[str, Jobs], Coroutine[Any, Any, Response]]
 StreamedAnswer = Callable[[str, Jobs], AsyncIterator[str]]
 
 
-async def generate(request: Request, state: ServingState, engine: AsyncEngine, *, stream: bool, id_prefix: str,
+async def generate(request: Request, state: ServingState, engine: AsyncEngine, *, stream: bool, request_id: str,
                    prepare: Callable[[], Awaitable[Jobs]], full: FullAnswer, events: StreamedAnswer) -> Response:
     """Admit the request, ``prepare`` its jobs (one per choice), check the engine has room for them, and
     answer: ``events`` as SSE when ``stream``, else ``full``. The admission slot is freed when the answer
@@ -37,7 +36,6 @@ async def generate(request: Request, state: ServingState, engine: AsyncEngine, *
     try:
         jobs = await prepare()
         engine.check_room(len(jobs))
-        request_id = new_id(id_prefix)
         if stream:
             handed_over = True
             return streaming_response(state, slot, events(request_id, jobs))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -42,7 +43,8 @@ from ..responses_protocol import (
 from ..state import ServingState
 from .chat import _prepare as prepare_chat
 from .common import check_model, parse, sampling_params, serving_state
-from .streaming import Jobs, merged, streaming_response, until_disconnected
+from .generation import generate
+from .streaming import Jobs, merged
 
 router = APIRouter()
 
@@ -50,34 +52,29 @@ router = APIRouter()
 @router.post("/v1/responses")
 async def create_response(request: Request) -> Response:
     state = serving_state(request)
-    req: ResponsesRequest = parse(ResponsesRequest, await request.body())
+    req: ResponsesRequest = parse(state, ResponsesRequest, await request.body())
     check_model(state, req.model)
     constraint = req.structured_output()
     if constraint is not None:
         # TODO(lead): pass `constraint` as SamplingParams.structured_output once the engine has that field.
         raise UnsupportedFeature(f"text.format {constraint.kind} is not supported on /v1/responses yet")
-    chat_req: ChatCompletionRequest = parse(ChatCompletionRequest, json.dumps(req.chat_body()).encode())
+    chat_req: ChatCompletionRequest = parse(state, ChatCompletionRequest, json.dumps(req.chat_body()).encode())
     engine = state.require_engine()
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in chat_req.messages))
-    slot = state.admit()
-    handed_over = False
-    try:
+
+    async def prepare() -> Jobs:
         prepared = await prepare_chat(state, chat_req)
         num_prompt_tokens = len(prepared.prompt_token_ids)
         # The context rule under this API's name for the limit (sampling_params asks it again, as max_tokens).
         engine.max_new_tokens_for(num_prompt_tokens, req.max_output_tokens, default=state.config.default_max_tokens,
                                   name="max_output_tokens")
-        [params] = sampling_params(state, engine, chat_req, num_prompt_tokens)
-        engine.check_room(1)
-        start = ResponseObject.start(new_response_id("resp"), req)
-        jobs: Jobs = [(prepared, params)]
-        if req.stream:
-            handed_over = True
-            return streaming_response(state, slot, _events(state, engine, start, jobs))
-        return await until_disconnected(request, _full(state, engine, start, jobs))
-    finally:
-        if not handed_over:
-            slot.release()
+        [params] = sampling_params(state, engine, chat_req, prepared)
+        return [(prepared, params)]
+
+    start = partial(ResponseObject.start, req=req)
+    return await generate(request, state, engine, stream=bool(req.stream), request_id=new_response_id("resp"),
+                          prepare=prepare, full=lambda rid, jobs: _full(state, engine, start(rid), jobs),
+                          events=lambda rid, jobs: _events(state, engine, start(rid), jobs))
 
 
 def _finished(start: ResponseObject, message: OutputMessage, out: RequestOutput, num_prompt_tokens: int

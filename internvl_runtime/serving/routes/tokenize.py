@@ -44,7 +44,8 @@ async def tokenize(request: Request) -> JSONResponse:
     state = serving_state(request)
     body = await request.body()
     req: TokenizeChatRequest | TokenizeCompletionRequest = (
-        parse(TokenizeChatRequest, body) if _has_messages(body) else parse(TokenizeCompletionRequest, body))
+        parse(state, TokenizeChatRequest, body) if _has_messages(body)
+        else parse(state, TokenizeCompletionRequest, body))
     check_model(state, req.model)
     state.require_engine()
     tokenizer, encoder = state.tokenizer, state.prompt_encoder
@@ -74,7 +75,7 @@ async def tokenize(request: Request) -> JSONResponse:
 @router.post("/detokenize")
 async def detokenize(request: Request) -> JSONResponse:
     state = serving_state(request)
-    req: DetokenizeRequest = parse(DetokenizeRequest, await request.body())
+    req: DetokenizeRequest = parse(state, DetokenizeRequest, await request.body())
     check_model(state, req.model)
     state.require_engine()
     tokenizer, tokens = state.tokenizer, req.tokens
