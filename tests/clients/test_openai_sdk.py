@@ -253,8 +253,8 @@ def test_streamed_tool_call_deltas_as_openai_sends_them(client, model):
                     assert delta.id and delta.type == "function" and delta.function.name == "get_weather"
                     calls[delta.index] = {"name": delta.function.name, "arguments": ""}
                 else:
-                    assert delta.id is None and not delta.function.name
-                calls[delta.index]["arguments"] += delta.function.arguments or ""
+                    assert delta.id is None and not (delta.function and delta.function.name)
+                calls[delta.index]["arguments"] += (delta.function and delta.function.arguments) or ""
     assert finish == "tool_calls"
     assert list(calls) == [0]
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
