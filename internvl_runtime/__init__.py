@@ -14,6 +14,7 @@ from .engine.engine import EngineConfig, LLMEngine, RequestOutput
 from .engine.sampling_params import SamplingParams
 from .errors import (
     CheckpointError,
+    CheckpointNotFound,
     ConfigError,
     ContextLengthExceeded,
     EngineDead,
@@ -43,6 +44,7 @@ from .errors import (
     VideoDecodeError,
     WeightMismatchError,
 )
+from .hub import HubOptions
 from .processing.image import build_transform, dynamic_preprocess, load_image
 from .processing.tokenization import AutoTokenizer, Tokenizer
 from .processing.video import load_video
@@ -51,9 +53,10 @@ from .version import __version__
 __all__ = [
     "AsyncEngine", "EngineConfig", "GenerationConfig", "LLMEngine", "Pipeline", "RequestOutput", "Response",
     "SamplingParams", "Session", "Video", "pipeline",
-    "AutoModel", "AutoTokenizer", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer", "TextStreamer",
-    "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
-    "CheckpointError", "ConfigError", "ContextLengthExceeded", "EngineDead", "EngineOverloaded", "HostNotAllowed",
+    "AutoModel", "AutoTokenizer", "HubOptions", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer",
+    "TextStreamer", "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
+    "CheckpointError", "CheckpointNotFound", "ConfigError", "ContextLengthExceeded", "EngineDead", "EngineOverloaded",
+    "HostNotAllowed",
     "ImageDecodeError", "InternVLError", "InvalidGenerationConfig", "InvalidRequest", "MediaFetchError",
     "MediaNotAllowed", "MethodNotAllowed", "ModelLoading", "ModelNotFound", "PayloadTooLarge",
     "PlaceholderMismatch", "RequestFailed", "RequestShapeError", "RequestTimeout", "RouteNotFound",

@@ -6,6 +6,7 @@ Examples::
     internvl serve pretrained/InternVL2-1B --port 8000 --api-key secret
     internvl chat pretrained/InternVL2-1B --image examples/image1.jpg
     internvl generate pretrained/InternVL2-1B --image examples/image1.jpg --prompt "Describe the image."
+    internvl generate OpenGVLab/InternVL2-1B --prompt "Hello"      # a hub id: fetched into the hub's cache
     internvl download OpenGVLab/InternVL2-1B --local-dir pretrained/InternVL2-1B
     internvl bench
 
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .hub import is_hub_id
 from .testing.checkpoints import DEMO_LABEL
 
 if TYPE_CHECKING:     # the commands import the engine and the server when they run (a fast --help)
@@ -77,7 +79,9 @@ def demo_checkpoint() -> Path:
     return folder
 
 
-def _model_path(args: argparse.Namespace) -> Path:
+def _model_path(args: argparse.Namespace) -> Path | str:
+    """The checkpoint the command loads: the demo's, a folder, or a Hugging Face Hub id (fetched into the hub's
+    cache when the engine loads: ``hub.resolve_checkpoint``); a folder wins over a same-named id."""
     if args.demo:
         if args.path:
             raise CLIError("--demo builds its own random-weight checkpoint: give either PATH or --demo, not both")
@@ -86,13 +90,16 @@ def _model_path(args: argparse.Namespace) -> Path:
               file=sys.stderr)
         return folder
     if not args.path:
-        raise CLIError("give a checkpoint folder (download one with `internvl download OpenGVLab/InternVL2-1B "
-                       "--local-dir pretrained/InternVL2-1B`), or --demo to try a random-weight model")
+        raise CLIError("give a checkpoint folder or a Hugging Face Hub id such as OpenGVLab/InternVL2-1B, or --demo "
+                       "to try a random-weight model")
     folder = Path(args.path).expanduser()
-    if not folder.is_dir():
-        raise CLIError(f"checkpoint folder {str(folder)!r} does not exist (download it with `internvl download "
-                       f"OpenGVLab/InternVL2-1B --local-dir {folder}`, or try --demo)")
-    return folder
+    if folder.is_dir():
+        return folder
+    if not folder.exists() and is_hub_id(args.path):
+        return str(args.path)
+    raise CLIError(f"checkpoint folder {str(folder)!r} does not exist (give a folder or a Hugging Face Hub id such "
+                   f"as OpenGVLab/InternVL2-1B; download one with `internvl download OpenGVLab/InternVL2-1B "
+                   f"--local-dir {folder}`, or try --demo)")
 
 
 def _flag_type(annotation: str) -> type[int | float | str]:
@@ -126,6 +133,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: Any) -> Non
                            f.name.upper(), help=help_text)
 
 
+def _hub_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None,
+                        help="for a Hugging Face Hub id: the branch, tag or commit (default: main)")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens to generate at most (default: 512)")
     parser.add_argument("--temperature", type=float, default=0.0,
@@ -142,7 +154,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder (official InternVL2 layout)")
+    parser.add_argument("path", nargs="?", metavar="PATH", help="checkpoint folder (official InternVL2 layout), or a "
+                        "Hugging Face Hub id such as OpenGVLab/InternVL2-1B (fetched into the hub's cache; "
+                        "HF_HUB_OFFLINE=1 uses only the cache)")
     parser.add_argument("--demo", action="store_true",
                         help="no weights? build and use a tiny RANDOM-weight checkpoint (answers are labelled)")
 
@@ -227,6 +241,7 @@ def _load(args: argparse.Namespace) -> LLMEngine:
     """The engine for chat / generate: ``LLMEngine.from_pretrained`` with a progress bar; no web stack."""
     from .engine.engine import EngineConfig, LLMEngine
     from .errors import InternVLError
+    from .hub import HubOptions
 
     folder = _model_path(args)
     kwargs: dict[str, Any] = {"max_num_seqs": 1}
@@ -234,7 +249,7 @@ def _load(args: argparse.Namespace) -> LLMEngine:
         kwargs["max_model_len"] = args.max_model_len
     try:
         return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=args.device, progress=True,
-                                         config=EngineConfig(**kwargs))
+                                         config=EngineConfig(**kwargs), hub=HubOptions(revision=args.revision))
     except InternVLError as exc:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 
@@ -468,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], metavar="FILE",
                       help="image for the first message (repeatable)")
     _sampling_flags(chat)
+    _hub_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
     generate = sub.add_parser("generate", help="one answer to one prompt (with images), streamed",
@@ -476,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", action="append", default=[], metavar="FILE", help="image file (repeatable)")
     generate.add_argument("--prompt", required=True, help="the question")
     _sampling_flags(generate)
+    _hub_flags(generate)
     generate.set_defaults(func=cmd_generate)
 
     download = sub.add_parser("download", help="download a checkpoint from the Hugging Face Hub (resumable)",

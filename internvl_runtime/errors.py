@@ -6,7 +6,8 @@ these, and ``http_status`` maps them to HTTP status codes in one place (the most
 
     InternVLError                                                                                   (500)
     ├── ConfigError                 config.json missing, malformed or with an unknown value
-    │   └── UnknownArchitectureError  llm_config.architectures[0] is not in the registry
+    │   ├── UnknownArchitectureError  llm_config.architectures[0] is not in the registry
+    │   └── CheckpointNotFound        neither a folder nor a hub id we could fetch (also a CheckpointError)
     ├── CheckpointError             folder lacks weights/tokenizer, or tensors do not match
     │   └── WeightMismatchError       missing / unexpected / misshaped tensors, named
     ├── InvalidRequest (ValueError) bad input from the caller                                      (400)
@@ -57,6 +58,15 @@ class UnknownArchitectureError(ConfigError):
 
 class CheckpointError(InternVLError):
     """The checkpoint folder is incomplete: no weights, no tokenizer, a broken index."""
+
+
+class CheckpointNotFound(ConfigError, CheckpointError):
+    """The checkpoint reference is neither an existing folder nor a Hugging Face Hub id that could be fetched:
+    no such folder, an unknown repository or revision, a gated repository without access, or offline
+    (``HF_HUB_OFFLINE``, ``local_files_only``, no network) with no copy in the cache.
+
+    Both a ``ConfigError`` (what a missing folder raised when loading the model) and a ``CheckpointError``
+    (what it raised when loading the tokenizer), so that callers catching either still catch it."""
 
 
 class WeightMismatchError(CheckpointError):

@@ -1,10 +1,11 @@
-"""The one loader: a checkpoint folder -> a model ready to run, below the engine.
+"""The one loader: a checkpoint folder (or a Hugging Face Hub id: ``hub``) -> a model ready to run, below the engine.
 
 ``load_model`` is what ``LLMEngine.from_pretrained`` (and through it the server, the CLI, the pipeline
 and every tensor-parallel rank) and ``AutoModel.from_pretrained`` call. In order:
 
 1. ``plan_load`` decides everything before any weight is read, and checks it: the quantization
-   (``quantization.resolve_quantization``), the folder and its ``config.json``, where each part goes
+   (``quantization.resolve_quantization``), the folder (a hub id is fetched into its cache:
+   ``hub.resolve_checkpoint``) and its ``config.json``, where each part goes
    (one device, ``"auto"``, or a dict such as the official ``split_model``'s: ``placement``), the dtype
    (``"auto"`` follows the checkpoint, or float32 on a CPU without fast bf16: ``hardware.auto_dtype``),
    that every device used can compute in it, and that a 4-bit kernel exists wherever 4-bit goes.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -35,8 +36,9 @@ import torch
 
 from .compute_plan import apply_plan, choose_plan
 from .config import InternVLConfig
-from .errors import ConfigError, InvalidRequest, UnsupportedFeature
+from .errors import InvalidRequest, UnsupportedFeature
 from .hardware import auto_dtype, available_memory
+from .hub import HubOptions, resolve_checkpoint
 from .models.internvl import InternVLModel, meta_model
 from .placement import (
     EMBED,
@@ -152,17 +154,17 @@ def _auto_map(config: InternVLConfig, dtype: torch.dtype,
 
 def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
               quantization: QuantizationSpec = None,
-              load_in_8bit: bool = False, load_in_4bit: bool = False) -> LoadPlan:
+              load_in_8bit: bool = False, load_in_4bit: bool = False, hub: HubOptions | None = None) -> LoadPlan:
     """Decide and check everything ``load_model`` does, reading only ``config.json``.
+
+    ``path``: a checkpoint folder, or a Hugging Face Hub id fetched into its cache first (``hub.resolve_checkpoint``,
+    with ``hub``'s revision, cache and token); a missing folder that is no hub id raises ``CheckpointNotFound``.
 
     ``dtype``: a ``torch.dtype``, its name, "auto", or None (float32, transformers' default).
     ``device_map``: None (CPU), a device, "auto", or {module name: device}. ``quantization``: "int8", "int4",
     "int4:g64", a dict or a ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit``: the official spellings)."""
     quant = resolve_quantization(quantization, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    folder = Path(path)
-    if not folder.exists():
-        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist (download it first, e.g. "
-                          f"`internvl download OpenGVLab/InternVL2-1B --local-dir {folder}`)")
+    folder = resolve_checkpoint(path, hub, files="config")
     config = InternVLConfig.from_pretrained(folder)
     unit_devices: dict[str, torch.device] | None = None
     if isinstance(device_map, Mapping):
@@ -255,12 +257,16 @@ def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceM
                quantization: QuantizationSpec = None,
                load_in_8bit: bool = False, load_in_4bit: bool = False, allow_pickle: bool = False,
                model_class: type[InternVLModel] = InternVLModel, progress: bool = False,
-               build: ModelBuilder | None = None) -> InternVLModel:
-    """Load a checkpoint folder (arguments as ``plan_load``; ``allow_pickle`` reads ``pytorch_model*.bin``
-    with ``weights_only=True``). ``progress``: a tqdm bar counting the checkpoint's bytes as they are read.
-    ``build``: a builder of its own (see the module docstring); it takes one device and no quantization."""
+               build: ModelBuilder | None = None, hub: HubOptions | None = None) -> InternVLModel:
+    """Load a checkpoint folder or hub id (arguments as ``plan_load``; ``allow_pickle`` reads
+    ``pytorch_model*.bin`` with ``weights_only=True``, and fetches them from the hub when a revision has no
+    safetensors). ``progress``: a tqdm bar counting the checkpoint's bytes as they are read (the hub's
+    download has its own bars). ``build``: a builder of its own (see the module docstring); it takes one
+    device and no quantization."""
     plan = plan_load(path, dtype=dtype, device_map=device_map, quantization=quantization,
-                     load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+                     load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, hub=hub)
+    if plan.folder != Path(path):   # a hub id, checked on its config.json: now the rest, at the same commit
+        resolve_checkpoint(path, replace(hub or HubOptions(), revision=plan.folder.name), allow_pickle=allow_pickle)
     if build is not None and (plan.quantization is not None or plan.unit_devices is not None):
         raise UnsupportedFeature("tensor parallelism loads onto one device per rank, unquantized; "
                                  "drop quantization / a multi-device device_map")

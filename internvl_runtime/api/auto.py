@@ -3,7 +3,8 @@
 A thin facade over the one loader (``internvl_runtime.loading.load_model``), which the engine, the
 server, the pipeline and tensor-parallel ranks use too; only the official spelling lives here.
 
-Every keyword of the official snippets is accepted. Those with nothing to do here are documented
+``path`` is a checkpoint folder or a Hugging Face Hub id (``internvl_runtime.hub``). Every keyword of the
+official snippets is accepted. Those with nothing to do here are documented
 no-ops (``trust_remote_code``: we never run code from the checkpoint; ``low_cpu_mem_usage``: loading
 is always tensor-by-tensor; ``use_flash_attn``: attention always goes through SDPA, which picks the
 flash kernel where the device has one). Those we cannot honour raise ``UnsupportedFeature``; an
@@ -18,9 +19,11 @@ placed, a kernel for the dtype and the quantization on each device) runs before 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from ..hub import HubOptions
 from ..loading import DeviceMapSpec, DTypeSpec, QuantizationSpec, load_model
 from ..models.internvl import InternVLModel
 from .chat import OfficialChatMixin
@@ -45,14 +48,19 @@ class AutoModel:
                         use_flash_attn: bool = True, trust_remote_code: bool = False,
                         device_map: DeviceMapSpec = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
                         quantization: QuantizationSpec = None,
-                        allow_pickle: bool = False, **kwargs: Any) -> InternVLChatModel:
-        """Load a checkpoint folder. ``quantization``: "int8", "int4", "int4:g64", a dict or a
-        ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit`` are the official spellings of the
+                        allow_pickle: bool = False, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, **kwargs: Any) -> InternVLChatModel:
+        """Load a checkpoint folder, or a Hugging Face Hub id (``"OpenGVLab/InternVL2-1B"``) fetched into the
+        hub's cache with transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only`` (and
+        ``HF_HUB_OFFLINE``); a folder of that name wins. ``quantization``: "int8", "int4", "int4:g64", a dict
+        or a ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit`` are the official spellings of the
         first two). ``device_map``: None (CPU), a device, "auto", or {module name: device}."""
         if kwargs:
             raise TypeError(f"AutoModel.from_pretrained() got unsupported keyword(s): {', '.join(sorted(kwargs))}")
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         model = load_model(path, dtype=torch_dtype, device_map=device_map, quantization=quantization,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, allow_pickle=allow_pickle,
-                           model_class=InternVLChatModel)
+                           model_class=InternVLChatModel, hub=hub)
         assert isinstance(model, InternVLChatModel)
         return model

@@ -18,6 +18,11 @@ only at ``eos_token_id``, ``min_new_tokens`` counted as its ``MinNewTokensLength
 the repetition penalty over the bos and the generated ids only. The engine refuses a prompt plus
 ``max_new_tokens`` longer than the LLM's context (``ContextLengthExceeded``), where the reference would
 run past it.
+
+``num_beams > 1`` runs transformers' beam search instead (``engine.beam_search``, on a runner with its own
+KV cache that this object keeps): the same hypotheses, scores and returned rows as the
+reference's ``generate``, with ``length_penalty``, ``early_stopping`` and ``num_return_sequences``
+(``chat`` answers with the first, ``batch_chat`` returns them all, as the reference).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from typing import Any
 import torch
 
 from ..config import InternVLConfig
+from ..engine.beam_search import BeamRequest, beam_search, blocks_needed, check_beam_params
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
+from ..engine.model_runner import ModelRunner
 from ..engine.sampling_params import SamplingParams
-from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
+from ..errors import ContextLengthExceeded, InvalidRequest, PlaceholderMismatch, UnsupportedFeature
 from ..models.decoders.base import DecoderForCausalLM
 from ..processing.inputs import PreparedRequest
 from ..processing.spans import MultiModalSpan
@@ -130,6 +137,7 @@ class OfficialChatMixin:
     """
 
     _generation_engine: LLMEngine | None = None
+    _beam_runner: ModelRunner | None = None
     # What the model class this is mixed into (InternVLModel) provides.
     config: InternVLConfig
     language_model: DecoderForCausalLM
@@ -216,12 +224,56 @@ class OfficialChatMixin:
             encoded = self.extract_feature(pixel_values)
             features = encoded.reshape(-1, encoded.shape[-1])
         requests = engine_requests(rows, features, self.img_context_token_id)
+        if params.num_beams > 1:
+            check_beam_params(params, streaming=streamer is not None)
+            return self._beam_search(requests, params, bos, pad)
         outputs = self._run_engine(requests, params, streamer, bos, pad)
         width = max(len(o) for o in outputs)
         result = torch.full((len(rows), 1 + width), pad, dtype=torch.long)
         result[:, 0] = bos
         for i, out in enumerate(outputs):
             result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
+        return result
+
+    def _beam_runner_for(self, num_blocks: int) -> ModelRunner:
+        """The runner beam search drives, with a KV cache of at least ``num_blocks`` blocks (kept, grown
+        when a call needs more, rebuilt when the model moved or ``img_context_token_id`` changed)."""
+        embed = self.language_model.get_input_embeddings().weight
+        runner = self._beam_runner
+        if (runner is None or runner.kv_cache.num_blocks < num_blocks or runner.dtype != embed.dtype
+                or runner.device != embed.device or runner.image_token_id != self.img_context_token_id):
+            self._beam_runner = None  # free the old KV cache before allocating the new one
+            runner = ModelRunner(self, num_blocks=num_blocks, block_size=_BLOCK_SIZE,  # type: ignore[arg-type]
+                                 image_token_id=self.img_context_token_id)
+            self._beam_runner = runner
+        return runner
+
+    def _beam_search(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]], params: SamplingParams,
+                     bos: int, pad: int) -> torch.Tensor:
+        """transformers' beam search (``engine.beam_search``); returns what its ``finalize`` returns: per
+        prompt the ``num_return_sequences`` best, best first, each the bos, the new ids, then the eos
+        where the width leaves room, rows padded with ``pad`` when their lengths differ."""
+        beams = []
+        for request, by_hash in requests:
+            rows = [by_hash[span.content_hash] for span in request.mm_spans]
+            beams.append(BeamRequest(list(request.prompt_token_ids), torch.cat(rows) if rows else None))
+        context = self.config.llm.max_position_embeddings
+        longest = max(len(b.prompt_token_ids) for b in beams) + params.max_new_tokens
+        if longest > context:
+            raise ContextLengthExceeded(f"prompt plus max_new_tokens is {longest} tokens, more than the "
+                                        f"model's context of {context}")
+        num_blocks = blocks_needed([len(b.prompt_token_ids) for b in beams], params.num_beams,
+                                   params.max_new_tokens, _BLOCK_SIZE)
+        found = beam_search(self._beam_runner_for(num_blocks), beams, params)
+        hypotheses = [h for per_prompt in found for h in per_prompt]
+        lengths = [1 + len(h.token_ids) for h in hypotheses]
+        width = min(max(lengths) + 1, 1 + params.max_new_tokens)
+        result = torch.full((len(hypotheses), width), pad, dtype=torch.long)
+        result[:, 0] = bos
+        for i, (h, length) in enumerate(zip(hypotheses, lengths, strict=True)):
+            result[i, 1:length] = torch.tensor(h.token_ids, dtype=torch.long)
+            if length < width:
+                result[i, length] = params.stop_token_ids[0]
         return result
 
     def _run_engine(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]], params: SamplingParams,

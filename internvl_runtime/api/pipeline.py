@@ -47,6 +47,7 @@ from ..processing.chat_messages import PipelineMessage
 from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
 from ..processing.inputs import ImageWithTiles, Message, PreparedRequest
+from ..processing.structured_output import StructuredOutput
 from ..processing.tool_calls import parse_tool_call
 from ..processing.video import sample_frames
 from ..processing.video_io import VideoSource
@@ -68,13 +69,17 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     logprobs: int | None = None
     max_dynamic_patch: int | None = None
+    # LMDeploy's: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}},
+    # {"type": "regex_schema", "regex_schema": "..."} or {"type": "json_object"}; enforced by token masks.
+    response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or 0,
                               do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, repetition_penalty=self.repetition_penalty,
                               ignore_eos=self.ignore_eos, seed=self.random_seed, stop=list(self.stop_words or []),
-                              logprobs=self.logprobs)
+                              logprobs=self.logprobs,
+                              structured_output=StructuredOutput.from_response_format(self.response_format))
 
 
 @dataclass

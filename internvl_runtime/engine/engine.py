@@ -21,14 +21,15 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 
 import torch
 
-from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed
+from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed, UnsupportedFeature
 from ..hardware import available_memory
+from ..hub import HubOptions
 from ..loading import load_model
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
@@ -38,6 +39,7 @@ from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
+from .structured_output import GrammarMatcher, StructuredOutputBackend, apply_token_bitmask
 from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class _RequestState:
     images: list[ImageInput]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
+    matcher: GrammarMatcher | None = None            # the request's structured-output state, if constrained
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # held until the prompt is computed
@@ -146,11 +149,14 @@ def one_by_one_on_failure(items: list[T], run: Callable[[list[T]], R], failed: d
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
                  processor: InputProcessor | None = None, sampler: Sampler | None = None,
-                 runner_factory: Callable[..., Any] = ModelRunner) -> None:
+                 runner_factory: Callable[..., Any] = ModelRunner,
+                 structured_output: StructuredOutputBackend | None = None) -> None:
         """``sampler``: the logits -> token step (default ``Sampler()``); pass another to observe or
         replace it, e.g. one that records the logits it is given. ``runner_factory``: called like
         ``ModelRunner(model, num_blocks=, block_size=, image_token_id=)`` to build the runner (tensor
-        parallelism passes one whose runner drives the other ranks)."""
+        parallelism passes one whose runner drives the other ranks). ``structured_output``: the grammar
+        engine set up for this tokenizer; default: built at the first constrained request (reading the
+        token bytes of a 151k vocabulary takes about a second), with the template's stop ids as its EOS."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
@@ -167,6 +173,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = sampler if sampler is not None else Sampler()
+        self.vocab_size: int = llm.vocab_size
+        self._structured_output = structured_output
         # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).
         self._decodable = len(tokenizer) if len(tokenizer) < llm.vocab_size else None
         self._states: dict[str, _RequestState] = {}
@@ -191,9 +199,10 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
                         config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
                         allow_pickle: bool = False, build: Any = None,
-                        runner_factory: Callable[..., Any] = ModelRunner,
+                        runner_factory: Callable[..., Any] = ModelRunner, hub: HubOptions | None = None,
                         **config_kwargs: Any) -> LLMEngine:
-        """Load a checkpoint folder and build the engine: the model through the one loader
+        """Load a checkpoint folder (or a Hugging Face Hub id, fetched with ``hub``'s revision, cache and
+        token) and build the engine: the model through the one loader
         (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
         a tqdm bar over the weights when ``progress``), its tokenizer, and the KV cache.
 
@@ -201,8 +210,8 @@ class LLMEngine:
         ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
         the other ranks); both come from ``distributed``, which this layer never imports."""
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
-                           progress=progress, build=build)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+                           progress=progress, build=build, hub=hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **asdict(hub or HubOptions()))
         return cls(model, tokenizer, config or EngineConfig(**config_kwargs), runner_factory=runner_factory)
 
     # -- requests --------------------------------------------------------------------------------
@@ -222,6 +231,14 @@ class LLMEngine:
         try:
             if request_id in self._states:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
+            if params.num_beams != 1:  # beam search runs in engine.beam_search (api.chat's generate)
+                raise UnsupportedFeature(f"num_beams={params.num_beams}: the engine does not run beam search")
+            out_of_vocab = sorted(t for t in params.logit_bias if t >= self.vocab_size)
+            if out_of_vocab:
+                raise InvalidRequest(f"logit_bias has token ids outside the vocabulary (0..{self.vocab_size - 1}): "
+                                     f"{out_of_vocab[:10]}")
+            matcher = (self.structured_output_backend.matcher(params.structured_output)
+                       if params.structured_output is not None else None)    # InvalidRequest if it won't compile
             seq = Sequence(request_id, request.prompt_token_ids, params, mm_spans=request.mm_spans,
                            eos_token_ids=self.processor.stop_token_ids, arrival_time=arrival_time)
             self.scheduler.add(seq)   # raises ContextLengthExceeded (max_new_tokens_for)
@@ -231,11 +248,19 @@ class LLMEngine:
         except Exception:
             self.stats["requests_refused"] += 1
             raise
-        self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params))
+        self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params), matcher)
         for content_hash, features in given.items():
             self._states[request_id].features[content_hash] = features
             self.vision_cache.put(content_hash, features)
         self.stats["requests_added"] += 1
+
+    @property
+    def structured_output_backend(self) -> StructuredOutputBackend:
+        """The grammar engine for this tokenizer (built on first use)."""
+        if self._structured_output is None:
+            self._structured_output = StructuredOutputBackend(self.tokenizer, self.processor.stop_token_ids,
+                                                              self.vocab_size)
+        return self._structured_output
 
     def abort_all(self) -> int:
         """Cancel every live request (their KV blocks are freed); returns how many there were."""
@@ -297,10 +322,15 @@ class LLMEngine:
             logits = torch.stack([rows[seq.request_id] for seq in sampling_seqs])
             if self._decodable is not None:
                 logits[:, self._decodable:] = float("-inf")
+            self._apply_grammar(logits, sampling_seqs, failed)
+            if any(seq.request_id in failed for seq in sampling_seqs):     # a matcher failed: drop its row
+                keep = [i for i, seq in enumerate(sampling_seqs) if seq.request_id not in failed]
+                logits, sampling_seqs = logits[keep], [sampling_seqs[i] for i in keep]
             for seq, token, record in self._sample_isolated(logits, sampling_seqs, failed):
                 sampled[seq.request_id] = token
                 if record is not None:
                     self._states[seq.request_id].logprobs.append(record)
+            self._advance_grammar(sampled, failed)
             sampling_seqs = [seq for seq in sampling_seqs if seq.request_id in sampled]
         outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
         prompt_done = {seq.request_id for seq, n, _ in entries
@@ -316,6 +346,9 @@ class LLMEngine:
             state = self._states.get(seq.request_id)
             if state is None:
                 continue
+            if state.matcher is not None and state.matcher.is_terminated and seq.request_id not in finished:
+                self.scheduler.finish(seq, "stop")     # the constrained output is complete (its last token is text)
+                finished.add(seq.request_id)
             try:
                 outputs.append(self._output(seq, state, sampled[seq.request_id], finished, now))
             except Exception as exc:  # noqa: BLE001 - this request's text failed: end it alone
@@ -361,6 +394,40 @@ class LLMEngine:
             token_ids=list(seq.output_token_ids) if seq else [], finished=True, finish_reason="error",
             num_prompt_tokens=seq.num_prompt_tokens if seq else 0, arrival_time=seq.arrival_time if seq else 0.0,
             error=error)
+
+    def _apply_grammar(self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, BaseException]) -> None:
+        """Mask the logits rows of the constrained sequences with their grammars' next allowed tokens: one
+        batched bitmask fill, one masked update of those rows. A matcher that fails here fails its request."""
+        constrained = [(i, matcher) for i, seq in enumerate(seqs)
+                       if (matcher := self._states[seq.request_id].matcher) is not None]
+        if not constrained:
+            return
+        try:
+            bitmask = self.structured_output_backend.fill_bitmask([matcher for _, matcher in constrained])
+        except Exception as exc:  # noqa: BLE001 - the grammar engine failed: the constrained requests end, not the step
+            for i, _ in constrained:
+                failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {type(exc).__name__}: {exc}")
+            return
+        for i, matcher in constrained:
+            if matcher.error is not None:
+                failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {matcher.error}")
+        if len(constrained) == len(seqs):
+            apply_token_bitmask(logits, bitmask)
+        else:
+            index = torch.tensor([i for i, _ in constrained], device=logits.device)
+            rows = logits.index_select(0, index)
+            apply_token_bitmask(rows, bitmask)
+            logits.index_copy_(0, index, rows)
+
+    def _advance_grammar(self, sampled: dict[str, int], failed: dict[str, BaseException]) -> None:
+        """Advance each constrained request's matcher by its sampled token; a token the grammar rejects
+        (it cannot be sampled after the mask, short of a failure elsewhere) fails that request alone."""
+        for request_id in list(sampled):
+            matcher = self._states[request_id].matcher
+            if matcher is not None and not matcher.accept(sampled[request_id]):
+                failed[request_id] = RequestFailed(
+                    f"structured output: the grammar rejected token {sampled[request_id]}: {matcher.error}")
+                del sampled[request_id]
 
     def _execute_isolated(self, entries: list[tuple[Sequence, int, bool]], failed: dict[str, BaseException]
                           ) -> dict[str, torch.Tensor]:

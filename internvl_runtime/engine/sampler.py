@@ -71,15 +71,22 @@ def _penalty_history(row: SamplingRow) -> SequenceABC[int]:
     p = row.params
     if p.repetition_penalty_scope == "all":
         return row.token_ids
+    return [*p.repetition_penalty_prefix_ids, *_generated(row)]
+
+
+def _generated(row: SamplingRow) -> SequenceABC[int]:
+    """The tokens generated so far in ``row`` (the last ``num_output_tokens`` of ``token_ids``)."""
     assert 0 <= row.num_output_tokens <= len(row.token_ids), (row.num_output_tokens, len(row.token_ids))
-    generated = row.token_ids[len(row.token_ids) - row.num_output_tokens:]
-    return [*p.repetition_penalty_prefix_ids, *generated]
+    return row.token_ids[len(row.token_ids) - row.num_output_tokens:]
 
 
 def _needs_processing(row: SamplingRow) -> bool:
     p = row.params
     return (
         p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or bool(p.logit_bias)
         or row.num_output_tokens < p.min_new_tokens
         or p.logprobs is not None
         or not p.is_greedy
@@ -89,31 +96,40 @@ def _needs_processing(row: SamplingRow) -> bool:
 class Sampler:
     """Turns logits (B, V) into one token id per row.
 
-    Order of operations (as transformers' logits processors, then warpers):
+    Order of operations (vLLM's: logit bias and min-tokens, penalties, greedy choice, temperature, min-p,
+    top-k/top-p, sample). A structured-output mask, if any, was applied to the logits before (the engine
+    does it: ``engine.structured_output``), so every step below sees the disallowed tokens at -inf.
 
-    1. Repetition penalty (transformers' ``RepetitionPenaltyLogitsProcessor``): a logit of a token seen
+    1. ``logit_bias``: each listed token's bias is added to its logit (ids past the logits' width are
+       ignored; the engine refuses them at ``add_request``).
+    2. ``min_new_tokens``: while fewer tokens have been generated, the stop ids (``stop_token_ids``,
+       and ``eos_token_ids`` unless ``ignore_eos``) get -inf.
+    3. Repetition penalty (transformers' ``RepetitionPenaltyLogitsProcessor``): a logit of a token seen
        before is divided by the penalty if positive, multiplied if negative. "Seen" is the row's
        ``token_ids`` (prompt and output) with ``repetition_penalty_scope="all"``, or the prefix ids and
        the output alone with ``"generated"`` (the official InternVL ``generate()``, see ``SamplingParams``).
-    2. ``min_new_tokens``: while fewer tokens have been generated, the stop ids (``stop_token_ids``,
-       and ``eos_token_ids`` unless ``ignore_eos``) get -inf.
-    3. Greedy rows (``params.is_greedy``) take the argmax of these logits; steps 4-7 do not apply.
-    4. Temperature: divide by ``temperature``.
-    5. Top-k: keep logits >= the k-th largest (ties kept, as ``TopKLogitsWarper``); 0 or -1 = off.
-    6. Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always
+    4. Frequency and presence penalties (OpenAI's, as vLLM): with ``count`` the times a token was
+       generated so far (the prompt does not count), ``logit -= frequency_penalty * count +
+       presence_penalty * (count > 0)``. One scatter-add over the batch, no per-token Python.
+    5. Greedy rows (``params.is_greedy``) take the argmax of these logits; steps 6-9 do not apply.
+    6. Temperature: divide by ``temperature``.
+    7. Min-p (vLLM's): drop the tokens whose probability (after temperature) is below ``min_p`` times
+       the largest probability of the row; 0 = off.
+    8. Top-k: keep logits >= the k-th largest (ties kept, as ``TopKLogitsWarper``); 0 or -1 = off.
+    9. Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always
        keeping the most likely one (``TopPLogitsWarper``); the kept set is the smallest whose
        probability sums to at least ``top_p``.
-    7. Sample from the softmax by inverting its cumulative sum at one uniform draw per row (a
+    10. Sample from the softmax by inverting its cumulative sum at one uniform draw per row (a
        multinomial draw, with no sync), the draw taken from the row's own generator when it has one,
        so a seeded request is reproducible whatever else is in the batch. One number per row instead
        of a vocabulary-sized noise tensor: drawing Exp(1) noise for 151655 logits cost ~3 ms a row.
 
-    Logprobs (rows with ``params.logprobs`` set) are the log-softmax of the logits after steps 1-2 and
-    before 4-6: the model's penalised distribution, not the temperature-warped one, so a greedy choice is
-    always the top entry. ``top`` lists the ``params.logprobs`` most likely tokens.
+    Logprobs (rows with ``params.logprobs`` set) are the log-softmax of the logits after steps 1-4 and
+    before 6-9: the model's biased and penalised distribution, not the temperature-warped one, so a greedy
+    choice is always the top entry. ``top`` lists the ``params.logprobs`` most likely tokens.
 
-    A batch whose rows are all greedy without penalty, min_new_tokens or logprobs takes a fast path: one
-    argmax over the batch, no per-row Python work.
+    A batch whose rows are all greedy without bias, penalties, min_new_tokens or logprobs takes a fast
+    path: one argmax over the batch, no per-row Python work.
     """
 
     def __call__(self, logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> SamplerOutput:
@@ -122,17 +138,17 @@ class Sampler:
         if not any(_needs_processing(row) for row in rows):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
-        processed = self.penalize(logits, rows)  # (B, V) float32, steps 1-2
-        tokens = processed.argmax(dim=-1)  # (B,) step 3
+        processed = self.penalize(logits, rows)  # (B, V) float32, steps 1-4
+        tokens = processed.argmax(dim=-1)  # (B,) step 5
         sample_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if sample_rows:
             index = torch.tensor(sample_rows, device=logits.device)
-            warped = self.warp(processed[index], [rows[i] for i in sample_rows])  # (S, V) steps 4-6
+            warped = self.warp(processed[index], [rows[i] for i in sample_rows])  # (S, V) steps 6-9
             probs = torch.softmax(warped, dim=-1)
             uniform = self._uniform([rows[i] for i in sample_rows], probs.device)  # (S, 1) in [0, 1)
             cdf = probs.cumsum_(dim=-1)
             chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-            tokens = tokens.index_copy(0, index, chosen.squeeze(1))  # step 7
+            tokens = tokens.index_copy(0, index, chosen.squeeze(1))  # step 10
 
         logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         records: list[TokenLogprobs | None] = [None] * len(rows)
@@ -152,8 +168,10 @@ class Sampler:
 
     @staticmethod
     def penalize(logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> torch.Tensor:
-        """Steps 1-2 on a float32 copy of ``logits`` (B, V)."""
+        """Steps 1-4 on a float32 copy of ``logits`` (B, V)."""
         out = logits.to(torch.float32, copy=True)
+        Sampler._add_logit_bias(out, rows)
+        Sampler._mask_stop_ids(out, rows)
         histories = {i: _penalty_history(row) for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0}
         penalized = [i for i, history in histories.items() if len(history)]
         if penalized:
@@ -168,6 +186,24 @@ class Sampler:
             seen = sub.gather(1, history)
             seen = torch.where(seen < 0, seen * penalty, seen / penalty)
             out[index] = sub.scatter_(1, history, seen)
+        Sampler._apply_frequency_presence(out, rows)
+        return out
+
+    @staticmethod
+    def _add_logit_bias(out: torch.Tensor, rows: SequenceABC[SamplingRow]) -> None:
+        """Step 1: ``out[i, token] += bias`` for every (row, token, bias), in one ``index_put_``."""
+        vocab = out.shape[-1]
+        entries = [(i, token, bias) for i, row in enumerate(rows)
+                   for token, bias in row.params.logit_bias.items() if token < vocab]
+        if not entries:
+            return
+        row_index, token_index, values = zip(*entries, strict=True)
+        out.index_put_((torch.tensor(row_index, device=out.device), torch.tensor(token_index, device=out.device)),
+                       torch.tensor(values, dtype=out.dtype, device=out.device), accumulate=True)
+
+    @staticmethod
+    def _mask_stop_ids(out: torch.Tensor, rows: SequenceABC[SamplingRow]) -> None:
+        """Step 2: the stop ids of rows short of ``min_new_tokens`` get -inf."""
         for i, row in enumerate(rows):
             p = row.params
             if row.num_output_tokens < p.min_new_tokens:
@@ -175,15 +211,42 @@ class Sampler:
                 in_vocab = sorted(t for t in stop_ids if t < out.shape[-1])  # a stop id past the vocab never comes
                 if in_vocab:
                     out[i, in_vocab] = float("-inf")
-        return out
+
+    @staticmethod
+    def _apply_frequency_presence(out: torch.Tensor, rows: SequenceABC[SamplingRow]) -> None:
+        """Step 4: count each row's generated tokens with one scatter-add over the penalised rows (padded
+        with an extra column that is dropped), then ``out -= frequency * count + presence * (count > 0)``."""
+        penalized = [i for i, row in enumerate(rows)
+                     if (row.params.presence_penalty != 0.0 or row.params.frequency_penalty != 0.0)
+                     and row.num_output_tokens > 0]
+        if not penalized:
+            return
+        vocab = out.shape[-1]
+        generated = [_generated(rows[i]) for i in penalized]
+        width = max(len(g) for g in generated)
+        ids = torch.tensor([[min(t, vocab) for t in g] + [vocab] * (width - len(g)) for g in generated],
+                           device=out.device)  # (P, width); an id past the logits counts in the pad column
+        counts = torch.zeros(len(penalized), vocab + 1, dtype=out.dtype, device=out.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=out.dtype))
+        counts = counts[:, :vocab]
+        frequency = torch.tensor([rows[i].params.frequency_penalty for i in penalized], device=out.device)
+        presence = torch.tensor([rows[i].params.presence_penalty for i in penalized], device=out.device)
+        index = torch.tensor(penalized, device=out.device)
+        out[index] -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0).to(out.dtype)
 
     @staticmethod
     def warp(logits: torch.Tensor, rows: SequenceABC[SamplingRow]) -> torch.Tensor:
-        """Steps 4-6 (temperature, top-k, top-p) on penalised logits (S, V) of sampling rows, in place."""
+        """Steps 6-9 (temperature, min-p, top-k, top-p) on penalised logits (S, V) of sampling rows, in place."""
         device = logits.device
         vocab = logits.shape[-1]
         temperature = torch.tensor([row.params.temperature for row in rows], device=device).unsqueeze(1)
         logits.div_(temperature)
+
+        if any(row.params.min_p > 0.0 for row in rows):
+            min_p = torch.tensor([row.params.min_p for row in rows], device=device).unsqueeze(1)
+            probs = logits.softmax(dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p
+            logits.masked_fill_(probs < threshold, float("-inf"))
 
         top_k = [min(row.params.top_k, vocab) if row.params.top_k > 0 else 0 for row in rows]
         if any(0 < k < vocab for k in top_k):

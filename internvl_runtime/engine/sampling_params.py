@@ -22,10 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+from internvl_runtime.errors import InvalidGenerationConfig
+from internvl_runtime.processing.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 """The largest number of top logprobs a request may ask for."""
+
+MAX_ABS_PENALTY = 2.0
+"""``presence_penalty`` and ``frequency_penalty`` lie in [-2, 2] (OpenAI's range)."""
+
+MAX_ABS_LOGIT_BIAS = 100.0
+"""A ``logit_bias`` value lies in [-100, 100] (OpenAI's range)."""
 
 REPETITION_PENALTY_SCOPES = ("all", "generated")
 """Values of ``SamplingParams.repetition_penalty_scope``."""
@@ -52,6 +59,9 @@ _GENERATION_CONFIG_KEYS = frozenset(
         "top_k",
         "repetition_penalty",
         "num_beams",
+        "length_penalty",
+        "early_stopping",
+        "num_return_sequences",
         "eos_token_id",
         "pad_token_id",
         "streamer",
@@ -112,6 +122,23 @@ class SamplingParams:
             like Hugging Face's fast tokenizers, which never put spaces between special tokens, so the text is
             the same either way.
         include_stop_str_in_output: keep the stop string that ended the output at its end.
+        num_beams: beam search with this many beams when > 1 (transformers' ``BeamSearchScorer``); only
+            ``api.chat``'s ``generate`` runs it (``engine.beam_search``), the engine refuses it.
+        length_penalty: beam search ranks a hypothesis by its summed logprobs / length ** length_penalty.
+        early_stopping: beam search stop rule, as transformers: True, False (heuristic) or ``"never"``.
+        num_return_sequences: hypotheses returned per prompt (beam search; at most ``num_beams``).
+        presence_penalty: OpenAI's: subtracted once from the logit of every token generated so far
+            (in [-2, 2]; 0 = off; the prompt does not count, as in OpenAI and vLLM).
+        frequency_penalty: OpenAI's: subtracted from each token's logit times the number of times it was
+            generated so far (in [-2, 2]; 0 = off).
+        logit_bias: token id -> bias in [-100, 100], added to that token's logit before anything else.
+            Keys may be ints or decimal strings (OpenAI's JSON keys); an id outside the model's vocabulary
+            is refused by ``LLMEngine.add_request`` (InvalidRequest), as vLLM does.
+        min_p: vLLM's min-p: after temperature, drop the tokens whose probability is below
+            ``min_p`` times the most likely token's (in [0, 1]; 0 = off; no effect on greedy rows).
+        structured_output: the output must match this constraint (a JSON schema, a regex, a choice, a
+            grammar...); the engine masks the logits with the grammar engine, and the request finishes
+            (reason "stop") when the constraint is complete.
 
     Example::
 
@@ -136,6 +163,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1)
@@ -174,6 +210,26 @@ class SamplingParams:
             self.seed = _check_int("seed", self.seed, 0, _MAX_SEED)
         if self.logprobs is not None:
             self.logprobs = _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name in ("presence_penalty", "frequency_penalty"):
+            allowed = f"a number in [{-MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}]"
+            value = _check_float(name, getattr(self, name), allowed)
+            if abs(value) > MAX_ABS_PENALTY:
+                raise _fail(name, allowed, value)
+            setattr(self, name, value)
+        self.logit_bias = self._check_logit_bias(self.logit_bias)
+        self.min_p = _check_float("min_p", self.min_p, "a number in [0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise _fail("min_p", "a number in [0, 1]", self.min_p)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise _fail("structured_output", "a StructuredOutput or None", self.structured_output)
+        self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        self.num_beams = _check_int("num_beams", self.num_beams, 1)
+        self.length_penalty = _check_float("length_penalty", self.length_penalty, "a finite number")
+        if self.early_stopping not in (True, False, "never"):
+            raise _fail("early_stopping", 'true, false or "never"', self.early_stopping)
+        self.num_return_sequences = _check_int("num_return_sequences", self.num_return_sequences, 1, self.num_beams)
 
     @staticmethod
     def _check_stop(stop: object) -> list[str]:
@@ -185,6 +241,23 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise _fail("stop", allowed, stop)
         return list(stop)
+
+    @staticmethod
+    def _check_logit_bias(bias: object) -> dict[int, float]:
+        allowed = f"a mapping of token ids (>= 0) to numbers in [{-MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]"
+        if bias is None:
+            return {}
+        if not isinstance(bias, Mapping):
+            raise _fail("logit_bias", allowed, bias)
+        checked: dict[int, float] = {}
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.strip().isdecimal() else key
+            token = _check_int("logit_bias token id", token, 0)
+            number = _check_float(f"logit_bias[{token}]", value, allowed)
+            if abs(number) > MAX_ABS_LOGIT_BIAS:
+                raise _fail(f"logit_bias[{token}]", f"in [{-MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]", number)
+            checked[token] = number
+        return checked
 
     @staticmethod
     def _check_stop_token_ids(ids: object) -> list[int]:
@@ -206,10 +279,11 @@ class SamplingParams:
         """Build params from the reference ``chat(generation_config=...)`` dict (transformers keys).
 
         Accepted keys: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
-        repetition_penalty, num_beams (only 1), eos_token_id (int or list -> ``stop_token_ids``),
+        repetition_penalty, num_beams, eos_token_id (int or list -> ``stop_token_ids``),
         pad_token_id (accepted, unused) and streamer (returned, not interpreted), plus the metadata keys
         of a generation_config.json file (``_from_model_config``, ``transformers_version``,
-        ``bos_token_id``), which are ignored. A value of None means "not given".
+        ``bos_token_id``), which are ignored. A value of None means "not given". Beam search also takes
+        length_penalty, early_stopping and num_return_sequences (see the attributes).
 
         transformers' defaults apply to keys not given, so the same dict means the same thing here
         and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50. Two more
@@ -224,7 +298,6 @@ class SamplingParams:
 
         Raises:
             InvalidGenerationConfig: an unknown key, or a value out of range.
-            UnsupportedFeature: ``num_beams`` other than 1 (beam search).
         """
         if not isinstance(config, Mapping):
             raise _fail("generation_config", "a dict", config)
@@ -235,9 +308,6 @@ class SamplingParams:
             )
         given = {k: v for k, v in config.items() if v is not None and k in _GENERATION_CONFIG_KEYS}
 
-        num_beams = given.pop("num_beams", 1)
-        if _check_int("num_beams", num_beams, 1) != 1:
-            raise UnsupportedFeature(f"num_beams={num_beams}: beam search is not supported, only num_beams=1")
         streamer = given.pop("streamer", None)
         pad = given.pop("pad_token_id", None)
         if pad is not None:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,41 @@ class StructuredOutput:
                                  f"regex, choice, grammar or tagged_json), got {chosen or 'none'}")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise InvalidRequest("choice must be a non-empty list of strings")
+
+    @classmethod
+    def from_response_format(cls, response_format: Mapping[str, Any] | None) -> StructuredOutput | None:
+        """The constraint of an OpenAI / LMDeploy ``response_format``, or None for ``{"type": "text"}``.
+
+        Accepted shapes: ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
+        "strict": ...}}`` (OpenAI and LMDeploy; the schema is enforced whatever ``strict`` says),
+        ``{"type": "json_object"}``, ``{"type": "regex_schema", "regex_schema": "..."}`` (LMDeploy) and
+        ``{"type": "text"}``.
+
+        Raises:
+            InvalidRequest: another type, or a missing / mistyped schema or regex.
+        """
+        if response_format is None:
+            return None
+        if not isinstance(response_format, Mapping):
+            raise InvalidRequest(f"response_format must be an object, got {type(response_format).__name__}")
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema", spec.get("json_schema")) if isinstance(spec, Mapping) else None
+            if not isinstance(schema, Mapping):
+                raise InvalidRequest('response_format "json_schema" needs json_schema.schema, a JSON schema object')
+            return cls(json_schema=dict(schema))
+        if kind == "regex_schema":
+            regex = response_format.get("regex_schema")
+            if not isinstance(regex, str):
+                raise InvalidRequest('response_format "regex_schema" needs regex_schema, a string')
+            return cls(regex=regex)
+        raise InvalidRequest(f"response_format type must be text, json_object, json_schema or regex_schema, "
+                             f"got {kind!r}")
 
     @property
     def kind(self) -> str:

@@ -153,3 +153,27 @@ def test_tool_messages_in_the_pipeline(pipe) -> None:
     assert pipe(messages, GREEDY).generate_token_len >= 1
     with pytest.raises(InvalidRequest, match="tool"):
         to_messages([{"role": "tool", "content": "x", "extra": 1}])
+
+
+def test_response_format_in_lmdeploys_shapes(pipe) -> None:
+    import json
+    import re
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "rain": {"type": "boolean"}},
+              "required": ["city", "rain"], "additionalProperties": False}
+    answer = pipe(("What is the weather here? Answer in JSON.", IMAGE1),
+                  GenerationConfig(max_new_tokens=128, response_format={
+                      "type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}))
+    jsonschema.validate(json.loads(answer.text), schema)
+    assert answer.finish_reason == "stop"
+    code = {"type": "regex_schema", "regex_schema": "[A-F]{3}-\\d"}
+    sampled = pipe("A code?", GenerationConfig(max_new_tokens=32, do_sample=True, temperature=1.2, random_seed=3,
+                                               response_format=code))
+    assert re.fullmatch(r"[A-F]{3}-\d", sampled.text)
+    obj = pipe("Any JSON object.", GenerationConfig(max_new_tokens=256, response_format={"type": "json_object"}))
+    assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text), dict)
+    with pytest.raises(InvalidRequest):
+        pipe("x", GenerationConfig(response_format={"type": "regex_schema", "regex_schema": "(oops"}))

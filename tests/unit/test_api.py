@@ -22,6 +22,8 @@ from internvl_runtime import (
     TextIteratorStreamer,
     UnsupportedFeature,
 )
+from internvl_runtime.engine.sampling_params import SamplingParams
+from internvl_runtime.processing.inputs import PreparedRequest
 from internvl_runtime.testing.checkpoints import write_checkpoint
 from paths import FIXTURES
 
@@ -97,7 +99,7 @@ def test_from_pretrained_accepts_str_path() -> None:
     assert AutoModel.from_pretrained(str(CKPT)).config.template == "Hermes-2"
 
 
-@pytest.mark.parametrize("name", ["foo_bar", "revision", "attn_implementation"])
+@pytest.mark.parametrize("name", ["foo_bar", "attn_implementation"])
 def test_unknown_keyword(name: str) -> None:
     with pytest.raises(TypeError, match=name):
         AutoModel.from_pretrained(CKPT, **{name: 1})
@@ -177,16 +179,39 @@ def test_tiles_of_wrong_size(model, tokenizer) -> None:
         model.chat(tokenizer, tiles(1, size=224), "Describe", dict(max_new_tokens=2))
 
 
-@pytest.mark.parametrize("key", ["max_length", "num_return_sequences", "typo_top_p"])
+@pytest.mark.parametrize("key", ["max_length", "typo_top_p"])
 def test_unknown_generation_key(model, tokenizer, key: str) -> None:
     with pytest.raises(InvalidGenerationConfig, match=key):
         model.chat(tokenizer, None, "Hello", {"max_new_tokens": 2, key: 1})
 
 
-def test_beam_search_unsupported(model, tokenizer) -> None:
-    with pytest.raises(UnsupportedFeature, match="num_beams"):
-        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2))
+def test_beam_search_options(model, tokenizer) -> None:
+    """Beam search runs (its answers are checked against the official ones in tests/golden); what
+    transformers refuses with beams is refused, and the serving engine refuses beams itself."""
+    assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2)), str)
     assert isinstance(model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=1)), str)
+    ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=3, num_beams=3, num_return_sequences=2, eos_token_id=2)
+    assert out.shape[0] == 2 and out.shape[1] <= 4
+    with pytest.raises(InvalidGenerationConfig, match="do_sample"):
+        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2, do_sample=True))
+    with pytest.raises(InvalidGenerationConfig, match="streamer"):
+        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2, streamer=_NullStreamer()))
+    with pytest.raises(InvalidGenerationConfig, match="num_return_sequences"):
+        model.chat(tokenizer, None, "Hello", dict(max_new_tokens=2, num_beams=2, num_return_sequences=3))
+    engine = model.generation_engine
+    assert engine is not None
+    request = PreparedRequest(prompt="", prompt_token_ids=ids[0].tolist(), images=[], mm_spans=[])
+    with pytest.raises(UnsupportedFeature, match="num_beams"):
+        engine.add_request("beams", request, SamplingParams(max_new_tokens=2, num_beams=2))
+
+
+class _NullStreamer:
+    def put(self, value) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("config", [dict(max_new_tokens=0), dict(temperature=-1.0, do_sample=True),

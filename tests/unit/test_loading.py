@@ -72,7 +72,8 @@ def test_automodel_is_the_loader_with_the_chat_class() -> None:
 def test_automodel_keeps_the_official_signature() -> None:
     params = inspect.signature(AutoModel.from_pretrained).parameters
     assert list(params) == ["path", "torch_dtype", "low_cpu_mem_usage", "use_flash_attn", "trust_remote_code",
-                            "device_map", "load_in_8bit", "load_in_4bit", "quantization", "allow_pickle", "kwargs"]
+                            "device_map", "load_in_8bit", "load_in_4bit", "quantization", "allow_pickle",
+                            "revision", "cache_dir", "token", "local_files_only", "kwargs"]
     with pytest.raises(TypeError, match="progress"):
         AutoModel.from_pretrained(CKPT, progress=True)
 

@@ -241,3 +241,83 @@ def test_stop_ids_outside_the_vocabulary_are_ignored() -> None:
     logits = torch.zeros(1, 8)
     logits[0, 3] = 1.0
     assert Sampler()(logits, rows).token_ids == [0]
+
+
+def test_logit_bias_is_added_before_everything_and_ignores_ids_past_the_vocabulary() -> None:
+    logits = torch.zeros(2, V)
+    logits[:, 3] = 5.0
+    rows = rows_for([SamplingParams(temperature=0, logit_bias={7: 10.0, 3: -2.5, V + 4: 50.0}),
+                     SamplingParams(temperature=0)])
+    out = Sampler.penalize(logits, rows)
+    expected = torch.zeros(V)
+    expected[3], expected[7] = 2.5, 10.0
+    torch.testing.assert_close(out[0], expected)
+    torch.testing.assert_close(out[1], logits[1])
+    assert Sampler()(logits, rows).token_ids == [7, 3]
+    # -100 makes a token practically impossible, even the argmax of a sampling row
+    sampled = Sampler()(logits[:1].expand(20, V).contiguous(),
+                        rows_for([SamplingParams(logit_bias={3: -100.0}, seed=s) for s in range(20)]))
+    assert 3 not in sampled.token_ids
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only() -> None:
+    # prompt [9, 9, 4], generated [4, 4, 6, 4]: token 4 generated 3 times, 6 once; 9 is prompt only
+    history = [9, 9, 4, 4, 4, 6, 4]
+    logits = torch.randn(3, V)
+    params = [SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=1.5),
+              SamplingParams(temperature=0, frequency_penalty=-1.0),
+              SamplingParams(temperature=0)]
+    rows = [SamplingRow(p, history, 4) for p in params]
+    out = Sampler.penalize(logits, rows)
+    expected = logits.clone()
+    expected[0, 4] -= 0.5 * 3 + 1.5
+    expected[0, 6] -= 0.5 * 1 + 1.5
+    expected[1, 4] += 3.0
+    expected[1, 6] += 1.0
+    torch.testing.assert_close(out, expected)
+    # nothing generated yet: no penalty at all
+    torch.testing.assert_close(Sampler.penalize(logits, [SamplingRow(params[0], [9, 4], 0)] * 3), logits)
+
+
+def test_penalties_follow_logit_bias_then_repetition_penalty_in_vllm_order() -> None:
+    logits = torch.tensor([[2.0, 1.0, -1.0] + [0.0] * (V - 3)])
+    params = SamplingParams(temperature=0, logit_bias={0: 2.0, 2: 1.0}, repetition_penalty=2.0,
+                            presence_penalty=0.5)
+    out = Sampler.penalize(logits, [SamplingRow(params, [5, 0, 2], 2)])   # generated: [0, 2]
+    # token 0: (2 + 2) / 2 - 0.5 = 1.5; token 2: (-1 + 1) * 2 - 0.5 = -0.5; token 5 (prompt): 0 / 2
+    assert out[0, :3].tolist() == [1.5, 1.0, -0.5] and out[0, 5].item() == 0.0
+
+
+def test_min_p_drops_tokens_below_min_p_times_the_top_probability_after_temperature() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.12, 0.08] + [0.0] * (V - 4))
+    logits = probs.clamp_min(1e-12).log().unsqueeze(0)
+    # temperature 1: threshold 0.2 * 0.5 = 0.1 -> tokens 0, 1, 2 kept
+    kept = Sampler.warp(logits.clone(), rows_for([SamplingParams(min_p=0.2)]))
+    assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == [0, 1, 2]
+    # temperature 0.5 sharpens first (probs ~ p^2): 0.25, 0.09, 0.0144, 0.0064 -> threshold 0.05 keeps 0, 1
+    sharp = Sampler.warp(logits.clone(), rows_for([SamplingParams(min_p=0.2, temperature=0.5)]))
+    assert torch.isfinite(sharp[0]).nonzero().flatten().tolist() == [0, 1]
+    # min_p = 1 keeps only the top; 0 keeps all
+    assert torch.isfinite(Sampler.warp(logits.clone(), rows_for([SamplingParams(min_p=1.0)]))[0]).sum() == 1
+    off = Sampler.warp(logits.clone(), rows_for([SamplingParams(min_p=0.0)]))
+    assert torch.isfinite(off[0]).sum() == V
+    tokens = Sampler()(logits.expand(300, V).contiguous(),
+                       rows_for([SamplingParams(min_p=0.2, seed=s) for s in range(300)])).token_ids
+    assert set(tokens) == {0, 1, 2}
+
+
+def test_greedy_fast_path_is_left_only_for_bias_and_penalties(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = Sampler.penalize
+
+    def spy(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        calls.append(len(rows))
+        return original(logits, rows)
+
+    monkeypatch.setattr(Sampler, "penalize", staticmethod(spy))
+    logits = torch.randn(2, V)
+    Sampler()(logits, rows_for([SamplingParams(temperature=0, min_p=0.5)] * 2, [[1], [2]], outputs=1))
+    assert calls == []    # min_p does not change a greedy choice: still the fast path
+    for extra in ({"presence_penalty": 0.1}, {"frequency_penalty": 0.1}, {"logit_bias": {1: 1.0}}):
+        Sampler()(logits, rows_for([SamplingParams(temperature=0, **extra)] * 2, [[1], [2]], outputs=1))
+    assert calls == [2, 2, 2]

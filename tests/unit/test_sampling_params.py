@@ -7,7 +7,8 @@ import math
 import pytest
 
 from internvl_runtime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
-from internvl_runtime.errors import InvalidGenerationConfig, UnsupportedFeature
+from internvl_runtime.errors import InvalidGenerationConfig
+from internvl_runtime.processing.structured_output import StructuredOutput
 
 
 def test_defaults() -> None:
@@ -74,6 +75,19 @@ def test_is_greedy(kwargs: dict[str, object], greedy: bool) -> None:
         ({"seed": 1.0}, "seed"),
         ({"logprobs": -1}, "logprobs"),
         ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ({"presence_penalty": 2.01}, "presence_penalty"),
+        ({"presence_penalty": math.nan}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: -101}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"structured_output": {"json_object": True}}, "structured_output"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -160,15 +174,30 @@ def test_from_generation_config_file_metadata_is_ignored() -> None:
 
 
 def test_from_generation_config_unknown_key() -> None:
-    with pytest.raises(InvalidGenerationConfig, match="length_penalty"):
-        SamplingParams.from_generation_config({"max_new_tokens": 4, "length_penalty": 1.0})
+    with pytest.raises(InvalidGenerationConfig, match="typo_top_p"):
+        SamplingParams.from_generation_config({"max_new_tokens": 4, "typo_top_p": 1.0})
 
 
-def test_from_generation_config_beams_unsupported() -> None:
-    with pytest.raises(UnsupportedFeature, match="num_beams"):
-        SamplingParams.from_generation_config({"num_beams": 4})
-    with pytest.raises(InvalidGenerationConfig, match="num_beams"):
-        SamplingParams.from_generation_config({"num_beams": 0})
+def test_from_generation_config_beam_search_keys() -> None:
+    params, _ = SamplingParams.from_generation_config(
+        {"num_beams": 4, "length_penalty": 0.5, "early_stopping": "never", "num_return_sequences": 3})
+    assert (params.num_beams, params.length_penalty, params.early_stopping, params.num_return_sequences) == (
+        4, 0.5, "never", 3)
+    default, _ = SamplingParams.from_generation_config({})
+    assert (default.num_beams, default.length_penalty, default.early_stopping, default.num_return_sequences) == (
+        1, 1.0, False, 1)  # transformers' GenerationConfig defaults
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    ({"num_beams": 0}, "num_beams"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+    ({"num_return_sequences": 2}, "num_return_sequences"),
+    ({"num_beams": 2, "early_stopping": "always"}, "early_stopping"),
+    ({"num_beams": 2, "length_penalty": float("nan")}, "length_penalty"),
+])
+def test_from_generation_config_beam_search_values(config: dict, field: str) -> None:
+    with pytest.raises(InvalidGenerationConfig, match=field):
+        SamplingParams.from_generation_config(config)
 
 
 @pytest.mark.parametrize(
@@ -185,3 +214,15 @@ def test_from_generation_config_beams_unsupported() -> None:
 def test_from_generation_config_bad_values(config: object, field: str) -> None:
     with pytest.raises(InvalidGenerationConfig, match=field):
         SamplingParams.from_generation_config(config)  # type: ignore[arg-type]
+
+
+def test_openai_penalties_logit_bias_min_p_and_structured_output() -> None:
+    p = SamplingParams(presence_penalty=-2, frequency_penalty=2, logit_bias={"50256": -100, 7: 100}, min_p=1)
+    assert (p.presence_penalty, p.frequency_penalty, p.min_p) == (-2.0, 2.0, 1.0)
+    assert p.logit_bias == {50256: -100.0, 7: 100.0}   # OpenAI's JSON keys are strings
+    assert SamplingParams(logit_bias=None).logit_bias == {}  # type: ignore[arg-type]
+    defaults = SamplingParams()
+    assert (defaults.presence_penalty, defaults.frequency_penalty, defaults.logit_bias, defaults.min_p,
+            defaults.structured_output) == (0.0, 0.0, {}, 0.0, None)
+    constraint = StructuredOutput(regex="[a-z]+")
+    assert SamplingParams(structured_output=constraint).structured_output is constraint

@@ -61,7 +61,8 @@ __all__ = [
 
 
 def load_tokenizer(path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
-    """Build the tokenizer of a checkpoint folder from its ``tokenizer_config.json``'s ``tokenizer_class``."""
+    """Build the tokenizer of a checkpoint folder (or hub id) from its ``tokenizer_config.json``'s
+    ``tokenizer_class``."""
     return Tokenizer.from_pretrained(path, **kwargs)
 
 
@@ -75,9 +76,12 @@ class AutoTokenizer:
     def from_pretrained(
         path: str | os.PathLike[str], trust_remote_code: bool = False, use_fast: bool = False, **kwargs: Any
     ) -> Tokenizer:
-        """Load the tokenizer of a checkpoint folder; ``trust_remote_code``/``use_fast`` are ignored.
+        """Load the tokenizer of a checkpoint folder or Hugging Face Hub id; ``trust_remote_code``/``use_fast``
+        are ignored.
 
-        No code of the folder is ever run, and the behaviour is always the official ``use_fast=False`` one.
+        A hub id fetches only the tokenizer's files, with transformers' keywords ``revision``, ``cache_dir``,
+        ``token``, ``local_files_only`` (``Tokenizer.from_pretrained``). No code of the folder is ever run, and
+        the behaviour is always the official ``use_fast=False`` one.
         """
         del trust_remote_code, use_fast
         return load_tokenizer(path, **kwargs)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeAlias, overload
 import torch
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
+from internvl_runtime.hub import HubOptions, resolve_checkpoint
 
 from .config import SPECIAL_TOKEN_ATTRIBUTES, AddedToken, TokenizerConfig, _token_content
 
@@ -110,14 +111,20 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, **kwargs: Any) -> Tokenizer:
         """Load the tokenizer of a checkpoint folder (class chosen by ``tokenizer_config.json``).
 
+        ``path`` may be a Hugging Face Hub id: only its tokenizer files are fetched into the hub's cache
+        (``revision``, ``cache_dir``, ``token``, ``local_files_only`` as in transformers; ``hub.HubOptions``).
         ``trust_remote_code`` and ``use_fast`` are accepted and ignored (the behaviour is always the one of
         the official ``use_fast=False`` load); other keyword arguments override the config's keys, as in
         transformers (``padding_side='left'``, ``add_bos_token=False``...).
         """
-        config = TokenizerConfig.from_folder(path, kwargs)
+        options = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        folder = resolve_checkpoint(path, options, files="tokenizer")
+        config = TokenizerConfig.from_folder(folder, kwargs)
         return tokenizer_class_for(config)(config)
 
     def _finish_init(self) -> None:

@@ -1,0 +1,303 @@
+"""Structured output: a :class:`StructuredOutput` compiled by llguidance into token masks.
+
+The grammar engine is llguidance (chosen by measuring against xgrammar: ``benchmarks/structured_output.py``
+and the "Structured output" section of ``benchmarks/RESULTS.md``; it has no Python dependency, where
+xgrammar pulls transformers and triton). This module is the only one that imports it.
+
+* :func:`token_bytes` reads each token's bytes from OUR tokenizer (byte-level BPE or sentencepiece), so the
+  grammar engine sees exactly the vocabulary the model samples from; added tokens are special (a grammar
+  never produces them) and the template's stop ids are the grammar's EOS.
+* :class:`StructuredOutputBackend` compiles a constraint into a grammar (JSON compact: no free whitespace,
+  ``,`` and ``:`` separators, so that even a random model's output ends and parses), keeps a bounded LRU
+  cache of compiled matchers (a new request copies one), and fills the bitmasks of a batch's constrained
+  rows in one call (llguidance's thread pool, GIL released).
+* :class:`GrammarMatcher` is one request's parser state: created at ``add_request``, advanced with each
+  sampled token, freed with the request.
+* :func:`apply_token_bitmask` sets the disallowed logits of the constrained rows to -inf (torch ops, on the
+  logits' device).
+
+Example::
+
+    backend = StructuredOutputBackend(tokenizer, stop_token_ids=[151645], vocab_size=151655)
+    matcher = backend.matcher(StructuredOutput(choice=("yes", "no")))    # InvalidRequest if it does not compile
+    bitmask = backend.fill_bitmask([matcher])                            # (1, ceil(V / 32)) int32
+    apply_token_bitmask(logits[:1], bitmask)
+    matcher.accept(token)                                                # False: the grammar rejects it
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import llguidance.torch
+import numpy as np
+import torch
+
+from ..errors import InvalidRequest
+from ..processing.structured_output import StructuredOutput, TaggedJSON
+from ..processing.tokenization import SentencePieceTokenizer, Tokenizer
+from ..processing.tokenization.bpe import bytes_to_unicode
+
+__all__ = ["GrammarMatcher", "StructuredOutputBackend", "apply_token_bitmask", "compile_grammar", "token_bytes",
+           "unpack_bitmask"]
+
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+"""llguidance's JSON options for every schema: compact separators and no free whitespace (vLLM's
+``any_whitespace=False``): a random model would otherwise fill the output with whitespace runs."""
+
+DEFAULT_CACHE_SIZE = 256
+"""Compiled constraints kept (least recently used dropped first)."""
+
+_BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
+    """Every token id's bytes, and the ids of the special (added) tokens, read from ``tokenizer``.
+
+    Byte-level BPE tokens (Qwen2, Llama-3) map each character back through GPT-2's byte alphabet;
+    sentencepiece tokens (InternLM2, Phi-3, Yi) turn ``▁`` into a space and ``<0xAB>`` into that byte.
+    Added tokens (``<|im_end|>``, ``<IMG_CONTEXT>``...) are special: a grammar never emits them (except
+    the EOS ids given to :class:`StructuredOutputBackend`).
+    """
+    added = tokenizer.added_tokens_decoder
+    sentencepiece = isinstance(tokenizer, SentencePieceTokenizer)
+    tokens: list[bytes] = []
+    for index in range(len(tokenizer)):
+        if index in added:
+            tokens.append(added[index].content.encode("utf-8"))
+            continue
+        try:
+            piece = tokenizer.convert_ids_to_tokens(index)
+        except InvalidRequest:  # a hole in the vocabulary: a token no text is made of
+            tokens.append(b"")
+            continue
+        assert isinstance(piece, str)
+        if sentencepiece:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
+        else:
+            data = bytearray()
+            for char in piece:
+                byte = _BYTE_DECODER.get(char)
+                data.extend(char.encode("utf-8") if byte is None else (byte,))
+            tokens.append(bytes(data))
+    return tokens, sorted(added)
+
+
+class _TokenizerAdapter:
+    """What ``llguidance.TokenizerWrapper`` reads: the token bytes, the EOS and special ids, and a callable
+    that tokenizes text (llguidance uses it for the forced text of a grammar)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_id: int) -> None:
+        self._tokenizer = tokenizer
+        self.tokens, self.special_token_ids = token_bytes(tokenizer)
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+def _lark_literal(text: str) -> str:
+    """A Lark string literal for ``text`` (JSON's escapes are Lark's)."""
+    return json.dumps(text)
+
+
+def _json_with_options(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+
+
+def _tagged_json_lark(tagged: TaggedJSON) -> str:
+    """``begin`` JSON ``end``, ``min_items`` to ``max_items`` times, ``separator`` between: a Lark grammar
+    whose JSON values are llguidance's ``%json`` (one alternative per schema)."""
+    values = " | ".join(f"%json {json.dumps(_json_with_options(schema))}" for schema in tagged.schemas)
+    lo = max(tagged.min_items, 1) - 1
+    more = "*" if tagged.max_items is None else f"{{{lo},{tagged.max_items - 1}}}"
+    items = f"item ({_lark_literal(tagged.separator)} item){more}" if tagged.separator else f"item{more}"
+    start = f"({items})?" if tagged.min_items == 0 else items
+    return (f"start: {start}\n"
+            f"item: {_lark_literal(tagged.begin)} value {_lark_literal(tagged.end)}\n"
+            f"value: {values}\n")
+
+
+def compile_grammar(constraint: StructuredOutput) -> str:
+    """The llguidance grammar of ``constraint`` (not yet checked: see ``StructuredOutputBackend.matcher``).
+
+    Raises:
+        InvalidRequest: the constraint cannot even be turned into a grammar (a grammar that is neither
+            Lark nor GBNF, a schema that is not a JSON object).
+    """
+    try:
+        if constraint.json_schema is not None:
+            if not isinstance(constraint.json_schema, dict):
+                raise InvalidRequest("json_schema must be a JSON object")
+            return str(llguidance.LLMatcher.grammar_from_json_schema(_json_with_options(constraint.json_schema)))
+        if constraint.json_object:
+            return str(llguidance.LLMatcher.grammar_from_json_schema(_json_with_options({"type": "object"})))
+        if constraint.regex is not None:
+            return str(llguidance.LLMatcher.grammar_from_regex(constraint.regex))
+        if constraint.choice is not None:
+            return str(llguidance.grammar_from("lark", "start: " + " | ".join(map(_lark_literal, constraint.choice))))
+        if constraint.grammar is not None:
+            # llguidance reads Lark, and converts GBNF/EBNF (``::=`` rules, llama.cpp's and vLLM's form).
+            return str(llguidance.grammar_from("grammar", constraint.grammar))
+        assert constraint.tagged_json is not None
+        return str(llguidance.grammar_from("lark", _tagged_json_lark(constraint.tagged_json)))
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid {constraint.kind}: {exc}") from exc
+
+
+def _cache_key(constraint: StructuredOutput) -> str:
+    tagged = constraint.tagged_json
+    return json.dumps([constraint.kind, constraint.json_schema, constraint.json_object, constraint.regex,
+                       constraint.choice, constraint.grammar,
+                       None if tagged is None else [tagged.begin, tagged.end, tagged.schemas, tagged.min_items,
+                                                    tagged.max_items, tagged.separator]],
+                      sort_keys=True, default=str)
+
+
+class GrammarMatcher:
+    """One request's position in its grammar. ``accept`` each sampled token in order; ``is_terminated``
+    once the grammar is complete and allows nothing more (the request then finishes, reason "stop").
+
+    Its state depends only on the tokens accepted, so a preempted request (recomputed, its output kept)
+    resumes where it was."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self._matcher = matcher
+        self.num_accepted = 0
+
+    @property
+    def llmatcher(self) -> llguidance.LLMatcher:
+        """The llguidance matcher (for the batched bitmask fill)."""
+        return self._matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False (and the matcher is dead) if the grammar rejects it."""
+        if not self._matcher.consume_token(token_id):
+            return False
+        self.num_accepted += 1
+        return True
+
+    @property
+    def is_terminated(self) -> bool:
+        """True when the grammar accepts no further token but EOS: the constrained output is complete."""
+        return bool(self._matcher.is_stopped()) and not self._matcher.is_error()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a rejected token, a resource limit), or None."""
+        return str(self._matcher.get_error()) if self._matcher.is_error() else None
+
+
+class StructuredOutputBackend:
+    """llguidance set up for one tokenizer: compiles constraints (cached) and fills bitmasks.
+
+    Args:
+        tokenizer: the engine's tokenizer (the token bytes are read once, here).
+        stop_token_ids: the ids that end a constrained output (the template's stop ids,
+            ``InputProcessor.stop_token_ids``): allowed once the grammar is complete.
+        vocab_size: the logits' width (rows past the tokenizer are never allowed).
+        cache_size: compiled constraints kept.
+        num_threads: llguidance's mask threads (None: its default, 80% of the CPUs).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_token_ids: Sequence[int], vocab_size: int, *,
+                 cache_size: int = DEFAULT_CACHE_SIZE, num_threads: int | None = None) -> None:
+        if not stop_token_ids:
+            raise InvalidRequest("structured output needs at least one stop token id")
+        adapter = _TokenizerAdapter(tokenizer, stop_token_ids[0])
+        self.vocab_size = max(vocab_size, len(adapter.tokens))
+        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(adapter), n_vocab=len(adapter.tokens),
+                                                 eos_token=list(stop_token_ids))
+        self._executor = llguidance.LLExecutor(num_threads)
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()   # add_request may run on a server thread while step() runs
+
+    @property
+    def words(self) -> int:
+        """int32 words in one bitmask row."""
+        return (self.vocab_size + 31) // 32
+
+    def matcher(self, constraint: StructuredOutput) -> GrammarMatcher:
+        """A fresh matcher for ``constraint``, compiled once and copied from the cache afterwards.
+
+        Raises:
+            InvalidRequest: the schema, regex or grammar does not compile (the message says why).
+        """
+        key = _cache_key(constraint)
+        with self._lock:
+            template = self._cache.get(key)
+            if template is not None:
+                self._cache.move_to_end(key)
+        if template is None:
+            grammar = compile_grammar(constraint)
+            template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+            if template.is_error():
+                raise InvalidRequest(f"invalid {constraint.kind}: {template.get_error().strip()}")
+            with self._lock:
+                self._cache[key] = template
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return GrammarMatcher(template.deep_copy())
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        """A (rows, words) int32 bitmask, all tokens allowed."""
+        return torch.full((rows, self.words), -1, dtype=torch.int32)
+
+    def fill_bitmask(self, matchers: Sequence[GrammarMatcher], bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        """The allowed tokens of each matcher's next step, row ``i`` for ``matchers[i]``, in one batched
+        call. A matcher that fails here is left in its error state (check ``GrammarMatcher.error``)."""
+        out = self.allocate_bitmask(len(matchers)) if bitmask is None else bitmask
+        assert out.shape == (len(matchers), self.words) and out.dtype == torch.int32 and out.is_contiguous()
+        if matchers:
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], out)
+        return out
+
+
+_BIT_POSITIONS: dict[torch.device, torch.Tensor] = {}
+_NEAR_MAX = 3e38   # subtracted twice from a disallowed logit: it overflows to -inf in float32, bf16 and fp16
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """(R, words) int32 bitmask -> (R, vocab) uint8 on ``device``, 1 where the token is allowed; tokens past
+    ``32 * words`` are 0. On the CPU numpy's ``unpackbits`` (little-endian words: bit ``t`` of word ``w`` is
+    token ``32 w + t``), elsewhere shifts on the device."""
+    rows, words = bitmask.shape
+    width = min(vocab, 32 * words)
+    if device.type == "cpu":
+        data = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
+        bits = torch.from_numpy(np.unpackbits(data, axis=1, count=width, bitorder="little"))
+    else:
+        shifts = _BIT_POSITIONS.get(device)
+        if shifts is None:
+            shifts = _BIT_POSITIONS.setdefault(device, torch.arange(32, dtype=torch.int32, device=device))
+        on_device = bitmask.to(device, non_blocking=True)
+        bits = ((on_device.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(rows, -1)[:, :width]
+    if width < vocab:
+        bits = torch.cat([bits, bits.new_zeros(rows, vocab - width)], dim=1)
+    return bits
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set ``logits[i, t]`` to -inf where bit ``t`` of ``bitmask[i]`` is 0, in place. ``logits`` (R, V) of any
+    float dtype and device, ``bitmask`` (R, ceil(V' / 32)) int32 on the CPU; tokens past ``32 * words`` are
+    disallowed.
+
+    Two subtractions of a near-maximal float instead of ``masked_fill_``: the same result (an allowed logit
+    minus 0 is itself, a disallowed one overflows to -inf) at a fraction of the cost on the CPU, where
+    ``masked_fill_``/``where`` over 151k logits took ~0.5 ms a row against ~0.08 ms."""
+    rows, vocab = logits.shape
+    assert bitmask.shape[0] == rows, (tuple(bitmask.shape), rows)
+    allowed = unpack_bitmask(bitmask, vocab, logits.device)
+    penalty = allowed.to(torch.float32).sub_(1.0).mul_(-_NEAR_MAX)   # 0 where allowed, 3e38 where not
+    logits.sub_(penalty).sub_(penalty)
