@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..engine.sampling_params import MAX_LOGPROBS
 from ..errors import (
@@ -266,6 +266,12 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's media options; ``media_io_kwargs.video.num_frames`` sets the frames sampled from a video
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _prompt_as_messages(cls, value: Any) -> Any:
+        """A plain string is one user message (LMDeploy's ``chat_completions_v1`` sends one)."""
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
