@@ -207,16 +207,15 @@ def load_async_engine(config: ServerConfig, *, progress: bool = False) -> AsyncE
 
 
 def log_loaded(llm: LLMEngine) -> None:
-    """One line on what runs: dtype, device, quantization, compute plan, context, KV cache."""
+    """One line on what runs: dtype, device, quantization, context, KV cache (the loader logs the compute plan
+    as it applies it: ``compute_plan.apply_plan``)."""
     model = llm.model
     weight = model.language_model.get_input_embeddings().weight
     quantization = getattr(model, "quantization", None)
-    plan = getattr(model, "compute_plan", None)
-    describe = getattr(plan, "describe", None)
     logger.info("engine: dtype %s, device %s, quantization %s, context %d tokens, KV cache %d blocks of %d tokens "
-                "(%d tokens); %s", str(weight.dtype).removeprefix("torch."), weight.device,
+                "(%d tokens)", str(weight.dtype).removeprefix("torch."), weight.device,
                 getattr(quantization, "mode", None) or "none", llm.max_model_len, llm.num_blocks,
-                llm.config.block_size, llm.kv_capacity, describe() if callable(describe) else "compute plan: -")
+                llm.config.block_size, llm.kv_capacity)
 
 
 class StatsLogger:
