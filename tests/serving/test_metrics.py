@@ -42,8 +42,9 @@ def value(samples, name: str, **labels: str) -> float:
 
 
 def chat(client: httpx.Client, text: str, max_tokens: int, **extra) -> dict:
-    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": text}],
-                                                         "max_tokens": max_tokens, "temperature": 0, **extra})
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+    response = client.post("/v1/chat/completions", json=body)
     response.raise_for_status()
     return response.json()
 
@@ -53,7 +54,7 @@ def test_names_types_and_labels_are_vllms(server):
         chat(client, "names", 2)
     text = httpx.get(server.base_url + "/metrics").text
     kinds = {family.name: family.type for family in text_string_to_metric_families(text)}
-    for name in HISTOGRAMS + ("vllm:inter_token_latency_seconds",):
+    for name in (*HISTOGRAMS, "vllm:inter_token_latency_seconds"):
         assert kinds[name] == "histogram", name
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert kinds[name] == "gauge", name
@@ -85,7 +86,8 @@ def test_histograms_count_each_request_served_and_counters_only_go_up(server):
     assert value(after, "vllm:request_generation_tokens_sum") - value(
         before, "vllm:request_generation_tokens_sum") == sum(tokens)
     # one inter-token gap per token after a request's first
-    gaps = value(after, "vllm:inter_token_latency_seconds_count") - value(before, "vllm:inter_token_latency_seconds_count")
+    itl = "vllm:inter_token_latency_seconds_count"
+    gaps = value(after, itl) - value(before, itl)
     assert gaps == sum(tokens) - served
     finished = sum(value(after, "vllm:request_success_total", finished_reason=r)
                    - value(before, "vllm:request_success_total", finished_reason=r) for r in ("stop", "length"))

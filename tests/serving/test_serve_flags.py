@@ -49,9 +49,9 @@ def test_any_key_and_any_name_is_accepted(server, key, name):
 
 
 def test_unknown_names_and_keys_are_refused(server):
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEYS[0], max_retries=0) as client:
-        with pytest.raises(openai.NotFoundError) as refused:
-            client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with (openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEYS[0], max_retries=0) as client,
+          pytest.raises(openai.NotFoundError) as refused):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     message = refused.value.body["message"]
     assert all(name in message for name in NAMES)
     for key in ("wrong", "first-key,second", KEYS[0] + "x"):
