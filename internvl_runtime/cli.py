@@ -196,14 +196,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        "`pip install 'internvl-runtime[serve]'`") from None
     from .errors import InternVLError
 
-    log_config = logging_config(args.log_level)
-    logging.config.dictConfig(log_config)
     folder = _model_path(args)
     values = {f.name: getattr(args, f.name) for f in ServerConfig.cli_fields()}
     try:
         config = ServerConfig(model=str(folder), demo=args.demo, **values)
     except InternVLError as exc:
         raise CLIError(str(exc)) from None
+    # The process's logging, once the flags are known good (a refused command leaves it as it was).
+    log_config = logging_config(config.log_level)
+    logging.config.dictConfig(log_config)
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
     loader: Callable[[], AsyncEngine] = lambda: load_async_engine(config, progress=True)  # noqa: E731
