@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
+import logging.config
 import os
 import subprocess
 import sys
@@ -41,6 +43,8 @@ if TYPE_CHECKING:     # the commands import the engine and the server when they 
     from .processing.inputs import Message, PreparedRequest
 
 DEMO_VARIANT = "1B"
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,8 +126,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: Any) -> Non
             group.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=help_text)
             continue
         if f.type == "list[str]":
-            group.add_argument(flag, dest=f.name, action="extend", type=_comma_list, default=f.default_factory(),
-                               metavar=f.name.upper(), help=f"{help_text} (default: none)")
+            # nargs "+": values taken whole, space-separated (keys and names may hold commas); else comma-separated
+            whole = f.metadata.get("nargs") == "+"
+            group.add_argument(flag, dest=f.name, action="extend", nargs="+" if whole else None,
+                               type=str if whole else _comma_list, default=f.default_factory(),
+                               metavar=f.name.upper(), help=help_text if "(default" in help_text
+                               else f"{help_text} (default: none)")
             continue
         default = f.default
         if "(default" not in help_text:
@@ -149,8 +157,24 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system message replacing the model's default")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (default: auto, the config's)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--quantization", default=None, metavar="MODE", type=_quantization,
+                        help="weight-only quantization of the language model as it loads: int8, int4 or int4:gN "
+                        "(group size N: 32, 64, 128 or 256) (default: none)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+
+
+def _quantization(text: str) -> str:
+    """``--quantization``'s value, checked by the one parser (``QuantizationConfig.parse``)."""
+    from .errors import InternVLError
+    from .quantization import QuantizationConfig
+
+    try:
+        QuantizationConfig.parse(text)
+    except InternVLError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +216,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = ServerConfig(model=str(folder), demo=args.demo, **values)
     except InternVLError as exc:
         raise CLIError(str(exc)) from None
+    # The process's logging, once the flags are known good (a refused command leaves it as it was).
+    log_config = logging_config(config.log_level)
+    logging.config.dictConfig(log_config)
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
     loader: Callable[[], AsyncEngine] = lambda: load_async_engine(config, progress=True)  # noqa: E731
@@ -212,7 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(loader, config, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn_config(app, config))
+    server = uvicorn.Server(uvicorn_config(app, config, log_config=log_config))
     shown_host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"internvl: serving {config.model_name!r} on http://{shown_host}:{config.port}  (web chat at /, "
           f"OpenAI API at /v1; loading weights...)", file=sys.stderr)
@@ -221,6 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "list it with --allowed-hosts NAME", file=sys.stderr)
     if config.api_key:
         print("internvl: an API key is required (Authorization: Bearer KEY)", file=sys.stderr)
+    log_start(config)
     with contextlib.suppress(KeyboardInterrupt):     # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
         server.run()
     if failed:
@@ -230,6 +258,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{failed[0]}; exiting so that a supervisor restarts the server")
         raise CLIError(f"loading the model failed: {failed[0]}")
     return 0
+
+
+#: The log line format of ``internvl serve``: time, level, logger, message.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_TRACE = 5            # uvicorn's "trace" level
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """The ``logging.config.dictConfig`` of ``internvl serve``: the package's loggers and uvicorn's at ``level``,
+    one format (``LOG_FORMAT``) on stderr; other libraries' loggers at warning."""
+    numeric = _TRACE if level == "trace" else level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
+        "loggers": {name: {"handlers": [], "level": numeric, "propagate": True}
+                    for name in ("internvl_runtime", "uvicorn", "uvicorn.error", "uvicorn.access")},
+    }
+
+
+def log_start(config: Any) -> None:
+    """The start lines: what is served under which names, how it loads, the limits, the address."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    logger.info("model %s served as %s on http://%s:%d", config.model, ", ".join(map(repr, config.model_names)),
+                host, config.port)
+    logger.info("loading: dtype %s, device %s, quantization %s, tensor parallel size %d%s", config.dtype,
+                config.device, config.quantization or "none", config.tensor_parallel_size,
+                " (random-weight demo)" if config.demo else "")
+    logger.info("limits: context %s tokens, %d sequences and %d tokens per step, %d requests in the engine, %d "
+                "generation requests at once, max_tokens %d by default, n <= %d, %d images and %d video frames per "
+                "request, %d bytes per body", config.max_model_len or "the model's", config.max_num_seqs,
+                config.max_num_batched_tokens, config.max_queue_len, config.max_concurrent_requests,
+                config.default_max_tokens, config.max_n, config.max_images_per_request, config.max_video_frames,
+                config.max_body_bytes)
+    logger.info("API keys: %d; strict protocol: %s; CORS origins: %s", len(config.api_key),
+                "on" if config.strict_protocol else "off", ", ".join(config.allowed_origins) or "none")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,9 +313,12 @@ def _load(args: argparse.Namespace) -> LLMEngine:
     kwargs: dict[str, Any] = {"max_num_seqs": 1}
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
+    from .serving.config import resolve_device
+
     try:
-        return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=args.device, progress=True,
-                                         config=EngineConfig(**kwargs), hub=HubOptions(revision=args.revision))
+        return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=resolve_device(args.device), progress=True,
+                                         quantization=args.quantization, config=EngineConfig(**kwargs),
+                                         hub=HubOptions(revision=args.revision))
     except InternVLError as exc:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from ..errors import EngineDead, EngineOverloaded, InternVLError, InvalidRequest, RequestFailed
 from ..processing.inputs import InputProcessor, PreparedRequest
@@ -57,6 +57,17 @@ class _Stop:
     pass
 
 
+class OutputObserver(Protocol):
+    """Told of each request's outputs as its handler receives them, on the handler's event loop (the server's
+    metrics: latencies are measured where the client is served). Must be quick and must not raise."""
+
+    def output(self, output: RequestOutput) -> None:
+        """An output of a running request (the last one has ``finished``)."""
+
+    def ended(self, request_id: str, reason: str) -> None:
+        """The request ended without a finished output: ``"abort"`` (its handler left) or ``"error"``."""
+
+
 _Command: TypeAlias = _Add | _Abort | _Stop
 #: What the engine thread hands a request's handler: accepted, an output, or the error that ends it.
 _Answer: TypeAlias = _Accepted | RequestOutput | BaseException
@@ -75,17 +86,24 @@ class AsyncEngine:
     It owns the queue limit (``max_queue_len`` requests in flight: :meth:`check_room`, which ``generate``
     applies too), and answers for the engine what other threads may ask without waiting for its thread:
     the context rule (:meth:`max_new_tokens_for`), the tokenizer, processor and limits, the counters
-    (:attr:`stats`) and the KV block counts the engine thread publishes after each step."""
+    (:attr:`stats`), the KV block counts and the scheduler's queue sizes the engine thread publishes after
+    each step. ``observers`` (:class:`OutputObserver`, more with :meth:`add_observer`) hear of every output
+    as its handler receives it."""
 
-    def __init__(self, engine: LLMEngine, *, max_queue_len: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, *, max_queue_len: int = 256,
+                 observers: tuple[OutputObserver, ...] = ()) -> None:
         self.engine = engine
         self.max_queue_len = max_queue_len
+        self._observers: list[OutputObserver] = list(observers)
         self._commands: queue.Queue[_Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Answer]]] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._death: str | None = None
-        self.kv_blocks_free = engine.num_free_blocks         # published by the engine thread after each step
+        # Published by the engine thread after each step (read by anyone, never waited for).
+        self.kv_blocks_free = engine.num_free_blocks
+        self.num_running = 0          # sequences the scheduler runs
+        self.num_waiting = 0          # sequences the scheduler has not admitted yet (new or preempted)
         self._thread = threading.Thread(target=self._run, name="internvl-engine", daemon=True)
         self._thread.start()
 
@@ -139,10 +157,13 @@ class AsyncEngine:
         """A copy of the engine's counters (``LLMEngine.stats``)."""
         return self.engine.stats.copy()
 
-    @property
-    def ttft_seconds(self) -> list[float]:
-        """Seconds from arrival to the first token of the last 1000 requests."""
-        return list(self.engine.ttft_seconds)
+    def add_observer(self, observer: OutputObserver) -> None:
+        """Tell ``observer`` of every output from now on (the server's metrics, wired by the app)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: OutputObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
 
     def check_room(self, count: int = 1) -> None:
         """Raise EngineOverloaded unless ``count`` more requests fit under ``max_queue_len`` now (EngineDead
@@ -170,18 +191,21 @@ class AsyncEngine:
                 raise InvalidRequest(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (loop, outputs)
         self._commands.put(_Add(request_id, request, params, time.monotonic()))
-        finished = False
+        finished = started = False
         try:
             accepted = await outputs.get()      # _ACCEPTED, or the engine's validation error
             if isinstance(accepted, BaseException):
                 finished = True
                 raise accepted
+            started = True
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     finished = True
+                    self._tell_ended(request_id, "error")
                     raise item
                 assert isinstance(item, RequestOutput), item        # accepted comes once, first
+                self._tell_output(item)
                 yield item
                 if item.finished:
                     finished = True
@@ -191,6 +215,22 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(_Abort(request_id))
+                if started:
+                    self._tell_ended(request_id, "abort")
+
+    def _tell_output(self, output: RequestOutput) -> None:
+        for observer in self._observers:
+            try:
+                observer.output(output)
+            except Exception:  # an observer's bug must not end the request
+                logger.exception("output observer %r failed", observer)
+
+    def _tell_ended(self, request_id: str, reason: str) -> None:
+        for observer in self._observers:
+            try:
+                observer.ended(request_id, reason)
+            except Exception:  # an observer's bug must not end the request
+                logger.exception("output observer %r failed", observer)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
@@ -256,7 +296,14 @@ class AsyncEngine:
                     command = None
             if self.engine.has_unfinished_requests():
                 self._step()
-            self.kv_blocks_free = self.engine.num_free_blocks
+            self._publish()
+
+    def _publish(self) -> None:
+        """What other threads read without waiting for this one: KV blocks free, the scheduler's queues."""
+        scheduler = self.engine.scheduler
+        self.kv_blocks_free = self.engine.num_free_blocks
+        self.num_running = scheduler.num_running
+        self.num_waiting = scheduler.num_waiting
 
     def _step(self) -> None:
         try:

@@ -10,6 +10,9 @@ What lives here (and nowhere else):
   and read deadline (413, 408; the body is never buffered there), and the per-status response counters.
 - **uvicorn_config**: the uvicorn settings the server runs with (request-head deadline, connection cap).
 - **the routes** (``routes/``, one module per endpoint), included as routers.
+- **metrics and stats lines**: the app's ``ServerMetrics`` (``serving/metrics.py``, at ``app.state.metrics``)
+  observes every engine output; ``StatsLogger`` logs throughput, queues and KV use every
+  ``stats_log_interval_s`` while the server is busy, from what the engine publishes.
 - **error handlers**: every error, wherever raised, becomes OpenAI's ``{"error": {...}}`` with the status of
   ``protocol.error_status`` (which defers to ``errors.http_status``): the one mapping.
 - **the web chat page** at ``/`` (``static/index.html``, no build step, nothing from a CDN).
@@ -32,6 +35,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -48,11 +52,13 @@ from ..version import __version__
 from . import routes
 from .config import ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response
+from .metrics import ServerMetrics
 from .state import ServingState
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_WATCH_S = 0.5
+_TOKEN_BUCKETS_UP_TO = 32768       # token-count histogram buckets without --max-model-len (1, 2, 5, ... 20000)
 _PAGE_HEADERS = {
     # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
@@ -78,11 +84,18 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerCo
     The CLI stops the server and exits non-zero.
     """
     state = ServingState(config)
-    loader = None
+    metrics = ServerMetrics(state, max_model_len=config.max_model_len or _TOKEN_BUCKETS_UP_TO)
+    loader: Callable[[], AsyncEngine] | None = None
     if isinstance(engine, AsyncEngine):
+        engine.add_observer(metrics)
         state.set_engine(engine)
     elif callable(engine):
-        loader = engine
+        load_engine = engine
+
+        def loader() -> AsyncEngine:
+            loaded = load_engine()
+            loaded.add_observer(metrics)
+            return loaded
     else:
         raise TypeError(f"create_app needs an AsyncEngine or a callable returning one, got {type(engine).__name__}")
 
@@ -103,30 +116,39 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerCo
             threading.Thread(target=state.load, args=(loader, on_fatal), name="internvl-load",
                              daemon=True).start()
         watcher = asyncio.ensure_future(watch_engine())
+        stats = (asyncio.ensure_future(StatsLogger(state).run(config.stats_log_interval_s))
+                 if config.stats_log_interval_s > 0 else None)
         try:
             yield
         finally:
             watcher.cancel()
+            if stats is not None:
+                stats.cancel()
             state.close()
+            if state.engine is not None:
+                state.engine.remove_observer(metrics)
             if own_engine and state.engine is not None:
                 await asyncio.to_thread(state.engine.shutdown)
 
     app = FastAPI(title="internvl-runtime", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
+    app.state.metrics = metrics
     app.state.started = time.time()
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, where=f"{request.method} {request.url.path}")
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        where = f"{request.method} {request.url.path}"
         if exc.status_code == 404:
-            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"), where=where)
         if exc.status_code == 405:
-            return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}"))
+            return error_response(MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}"),
+                                  where=where)
         # The router raises only 404 and 405; anything else is a 400 or a 500.
-        return error_response(InvalidRequest(str(exc.detail)) if exc.status_code < 500 else exc)
+        return error_response(InvalidRequest(str(exc.detail)) if exc.status_code < 500 else exc, where=where)
 
     app.add_exception_handler(InternVLError, on_error)
     app.add_exception_handler(ValidationError, on_error)
@@ -134,7 +156,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerCo
     async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         message = "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request"
-        return error_response(RequestShapeError(message))
+        return error_response(RequestShapeError(message), where=f"{request.method} {request.url.path}")
 
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
@@ -157,13 +179,17 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerCo
     return app
 
 
-def uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI, config: ServerConfig, *,
+                   log_config: dict[str, Any] | None = None) -> uvicorn.Config:
     """The ``uvicorn.Config`` that runs ``app`` (``internvl serve`` and the tests both use it): address and
     log level from ``config``, the h11 protocol with the request-head deadline, and the connection cap
-    (uvicorn answers 503 once ``limit_concurrency`` connections, this one included, are open)."""
+    (uvicorn answers 503 once ``limit_concurrency`` connections, this one included, are open).
+    ``log_config``: a ``logging.config.dictConfig`` for uvicorn to apply (``internvl serve``'s own); without
+    it, uvicorn's default."""
+    extra: dict[str, Any] = {} if log_config is None else {"log_config": log_config}
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level, lifespan="on",
                           http=deadline_protocol(config.header_timeout_s),
-                          limit_concurrency=config.max_connections + 1)
+                          limit_concurrency=config.max_connections + 1, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,8 +198,62 @@ def uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
 
 
 def load_async_engine(config: ServerConfig, *, progress: bool = False) -> AsyncEngine:
-    """Load ``config.model`` (``LLMEngine.from_pretrained``; a tqdm bar over the weights when ``progress``)
-    and start its engine loop."""
+    """Load ``config.model`` (``LLMEngine.from_pretrained`` with ``config``'s dtype, device and quantization;
+    a tqdm bar over the weights when ``progress``), log what was loaded, and start its engine loop."""
     llm = LLMEngine.from_pretrained(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
-                                    config=EngineConfig(**config.engine_kwargs()))
+                                    quantization=config.quantization, config=EngineConfig(**config.engine_kwargs()))
+    log_loaded(llm)
     return AsyncEngine(llm, max_queue_len=config.max_queue_len)
+
+
+def log_loaded(llm: LLMEngine) -> None:
+    """One line on what runs: dtype, device, quantization, context, KV cache (the loader logs the compute plan
+    as it applies it: ``compute_plan.apply_plan``)."""
+    model = llm.model
+    weight = model.language_model.get_input_embeddings().weight
+    quantization = getattr(model, "quantization", None)
+    logger.info("engine: dtype %s, device %s, quantization %s, context %d tokens, KV cache %d blocks of %d tokens "
+                "(%d tokens)", str(weight.dtype).removeprefix("torch."), weight.device,
+                getattr(quantization, "mode", None) or "none", llm.max_model_len, llm.num_blocks,
+                llm.config.block_size, llm.kv_capacity)
+
+
+class StatsLogger:
+    """Every ``interval`` seconds while the server is busy, one line as vLLM's: prompt and generation
+    throughput over the interval, requests running and waiting, KV cache use, prefix cache hit rate. It reads
+    only what the engine publishes (``AsyncEngine.stats``, the queue sizes, the free blocks), never waiting on
+    the engine thread; an idle server stays quiet."""
+
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+        # time, prompt tokens, generated tokens, cached prompt tokens, requests added: at the last line
+        self._last: tuple[float, int, int, int, int] = (time.monotonic(), 0, 0, 0, 0)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            line = self.line()
+            if line is not None:
+                logger.info("%s", line)
+
+    def line(self) -> str | None:
+        """The line for the interval since the last call; None when nothing happened in it and nothing waits."""
+        engine = self.state.engine
+        if engine is None:
+            return None
+        stats = engine.stats
+        now = time.monotonic()
+        current = (now, stats["prompt_tokens"], stats["generated_tokens"], stats["cached_prompt_tokens"],
+                   stats["requests_added"])
+        last, self._last = self._last, current
+        running, waiting = engine.num_running, engine.num_waiting
+        if current[1:] == last[1:] and not running and not waiting:
+            return None
+        seconds = max(1e-9, now - last[0])
+        prompt, generated = current[1] - last[1], current[2] - last[2]
+        hits = (current[3] - last[3]) / prompt if prompt else 0.0
+        total, free = engine.kv_blocks_total, engine.kv_blocks_free
+        usage = (total - free) / total if total else 0.0
+        return (f"Avg prompt throughput: {prompt / seconds:.1f} tokens/s, Avg generation throughput: "
+                f"{generated / seconds:.1f} tokens/s, Running: {running} reqs, Waiting: {waiting} reqs, "
+                f"KV cache usage: {usage:.1%}, Prefix cache hit rate: {hits:.1%}")

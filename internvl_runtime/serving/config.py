@@ -10,9 +10,12 @@ fetch time are all bounded. On the network side (``serving/http_guard.py``): the
 address, ``localhost``, the ``host`` name or one of ``allowed_hosts``; POST bodies must be JSON; CORS is off
 unless ``allowed_origins`` names origins; request heads and bodies have read deadlines; connections are capped.
 
+Several names and keys: ``served_model_name`` and ``api_key`` are lists (``--served-model-name a b``); a request
+may name any of the models, and any key is accepted. A single string is taken as a list of one.
+
 Example::
 
-    config = ServerConfig(model="pretrained/InternVL2-1B", port=8000, api_key="secret")
+    config = ServerConfig(model="pretrained/InternVL2-1B", port=8000, api_key=["secret"], quantization="int8")
     app = create_app(async_engine, config)
 """
 
@@ -28,6 +31,7 @@ from ..processing.chat_template import ChatTemplate
 from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label lives with the demo checkpoints
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -40,6 +44,26 @@ def _entries(name: str, value: Any) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
         raise InvalidRequest(f"ServerConfig.{name} must be a list of strings, got {value!r}")
     return [item.strip() for item in items if item.strip()]
+
+
+def _names(name: str, value: Any) -> list[str]:
+    """A field of one or more strings taken whole (API keys and model names may hold commas): a list, or one
+    string as a list of one; None as none."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise InvalidRequest(f"ServerConfig.{name} must be a list of strings, got {value!r}")
+    return [item.strip() for item in items if item.strip()]
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` when torch sees a CUDA device, else ``cpu``; any other value as given."""
+    if device != "auto":
+        return device
+    import torch  # here, not at the top: `internvl --help` stays fast
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def host_name(value: str) -> str:
@@ -80,11 +104,17 @@ class ServerConfig:
 
     # -- model -------------------------------------------------------------------------------------
     model: str = field(default="", metadata=_opt("checkpoint folder (official InternVL2 layout)", cli=False))
-    served_model_name: str | None = field(default=None, metadata=_opt(
-        "model id clients must send (default: the checkpoint folder's name)"))
+    served_model_name: list[str] = field(default_factory=list, metadata=_opt(
+        "model ids clients may send in 'model', one or more (--served-model-name a b); any is accepted and the "
+        "answer carries the one the request sent; /v1/models lists them all; the first labels the metrics "
+        "(default: the checkpoint folder's name)", nargs="+"))
     dtype: str = field(default="auto", metadata=_opt("weights dtype: auto (the config's), float32, bfloat16, "
                                                      "float16", choices=_DTYPES))
-    device: str = field(default="cpu", metadata=_opt("device for the model: cpu, cuda or cuda:N"))
+    device: str = field(default="auto", metadata=_opt(
+        "device for the model: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N"))
+    quantization: str | None = field(default=None, metadata=_opt(
+        "weight-only quantization of the language model as it loads: int8, int4 (groups of 128 input "
+        "columns) or int4:gN (groups of N: 32, 64, 128 or 256); none by default"))
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "split the decoder over N ranks (launch with torchrun --nproc-per-node N; see docs/scaling.md)"))
     demo: bool = field(default=False, metadata=_opt(
@@ -93,10 +123,16 @@ class ServerConfig:
     # -- network -----------------------------------------------------------------------------------
     host: str = field(default="127.0.0.1", metadata=_opt("address to listen on (loopback by default)"))
     port: int = field(default=23333, metadata=_opt("TCP port to listen on"))
-    api_key: str | None = field(default=None, metadata=_opt(
-        "require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: env INTERNVL_API_KEY, else none)"))
+    api_key: list[str] = field(default_factory=list, metadata=_opt(
+        "require 'Authorization: Bearer KEY' on /v1/* and /metrics; several keys may be given (--api-key K1 K2), "
+        "any is accepted (default: env INTERNVL_API_KEY, else none)", nargs="+"))
     log_level: str = field(default="info", metadata=_opt(
-        "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace")))
+        "log level of the server's own loggers and uvicorn's", choices=_LOG_LEVELS))
+    stats_log_interval_s: float = field(default=10.0, metadata=_opt(
+        "seconds between the log lines on throughput, queues and KV cache use while the server is busy; "
+        "0 turns them off"))
+    strict_protocol: bool = field(default=False, metadata=_opt(
+        "refuse unknown request fields (400) instead of accepting and logging them"))
     allowed_hosts: list[str] = field(default_factory=list, metadata=_opt(
         "host names the server answers to, comma-separated; '*' allows any (a check against DNS rebinding: "
         "IP addresses, localhost and the --host name are always allowed, other names only when listed)"))
@@ -162,12 +198,21 @@ class ServerConfig:
         "eos_token, chat_template_kwargs) rendered instead of the checkpoint's official template; images are "
         "<image> placeholders in the user messages' content"))
 
-    strict_protocol: bool = field(default=False, metadata=_opt(
-        "refuse unknown request fields (400) instead of accepting and logging them"))
-
     def __post_init__(self) -> None:
-        if self.api_key is None:
-            self.api_key = os.environ.get("INTERNVL_API_KEY") or None
+        self.api_key = _names("api_key", self.api_key)
+        if not self.api_key:
+            self.api_key = _names("api_key", os.environ.get("INTERNVL_API_KEY"))
+        self.served_model_name = _names("served_model_name", self.served_model_name)
+        if self.quantization is not None:       # a bad value is refused now, not after the server started
+            from ..quantization import QuantizationConfig  # here: it imports torch, and `--help` stays fast
+
+            QuantizationConfig.parse(self.quantization)
+        if not isinstance(self.device, str) or not self.device:
+            raise InvalidRequest(f"ServerConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.device = resolve_device(self.device)
+        if self.log_level not in _LOG_LEVELS:
+            raise InvalidRequest(f"ServerConfig.log_level must be one of {', '.join(_LOG_LEVELS)}, "
+                                 f"got {self.log_level!r}")
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len",
@@ -185,6 +230,9 @@ class ServerConfig:
             raise InvalidRequest(f"ServerConfig.max_redirects must be an integer >= 0, got {self.max_redirects!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidRequest(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        interval = self.stats_log_interval_s
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+            raise InvalidRequest(f"ServerConfig.stats_log_interval_s must be >= 0, got {interval!r}")
         for name in ("media_fetch_timeout_s", "header_timeout_s", "body_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -200,12 +248,17 @@ class ServerConfig:
             ChatTemplate.from_file(self.chat_template)      # a missing or broken template stops the start here
 
     @property
-    def model_name(self) -> str:
-        """The model id served on /v1/models and required in requests."""
+    def model_names(self) -> list[str]:
+        """The model ids a request may send (``served_model_name``, else the folder's name); /v1/models lists them."""
         if self.served_model_name:
-            return self.served_model_name
+            return list(self.served_model_name)
         name = Path(self.model).name if self.model else "internvl"
-        return name or "internvl"
+        return [name or "internvl"]
+
+    @property
+    def model_name(self) -> str:
+        """The first served model id: the metrics' label, and the answer's ``model`` where no request named one."""
+        return self.model_names[0]
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The ``EngineConfig`` fields this config sets."""

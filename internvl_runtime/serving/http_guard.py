@@ -28,7 +28,8 @@ Two pieces, one per layer:
   a client sending a header byte a second would otherwise hold its connection forever. uvicorn's
   ``limit_concurrency`` caps the open connections (503 beyond).
 
-``error_response`` is the one place an exception becomes an HTTP response.
+``error_response`` is the one place an exception becomes an HTTP response; it logs one line per 4xx with the
+status and the reason sent to the client (never the request body).
 """
 
 from __future__ import annotations
@@ -58,15 +59,29 @@ _PROTECTED_PREFIXES = ("/v1/", "/metrics", "/tokenize", "/detokenize")
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def error_response(error: BaseException) -> JSONResponse:
-    """The JSON error response of any exception (the one place errors become HTTP)."""
+_LOGGED_REASON_CHARS = 500
+
+
+def error_response(error: BaseException, *, where: str = "") -> JSONResponse:
+    """The JSON error response of any exception (the one place errors become HTTP). ``where``: the request's
+    method and path, for the log line a 4xx gets (its status and the message the client is sent)."""
     status, payload = error_payload(error)
     if status >= 500 and not isinstance(error, InternVLError):
         logger.error("internal error: %r", error, exc_info=error)
+    elif 400 <= status < 500:
+        reason = " ".join(str(payload["error"]["message"]).split())      # one line, whatever the message holds
+        if len(reason) > _LOGGED_REASON_CHARS:
+            reason = reason[:_LOGGED_REASON_CHARS] + "..."
+        logger.info("%s%d %s: %s", f"{where} -> " if where else "", status, type(error).__name__, reason)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _where(scope: Scope) -> str:
+    """``METHOD /path`` of a request (for log lines)."""
+    return f"{scope.get('method', '')} {scope.get('path', '')}"
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -157,7 +172,7 @@ class HTTPGuard:
         self.config = config
         self.counts = counts
         self.hosts = HostPolicy(config)
-        self.key = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self.keys = [f"Bearer {key}".encode() for key in config.api_key]     # any of them is accepted
         self.inner: ASGIApp = self._checked
         if config.allowed_origins:
             self.inner = CORSMiddleware(self._checked, allow_origins=config.allowed_origins,
@@ -179,22 +194,24 @@ class HTTPGuard:
 
         refusal = self.hosts.refusal(_header(scope, b"host"))
         if refusal is not None:
-            await error_response(refusal)(scope, body.receive, guarded_send)
+            await error_response(refusal, where=_where(scope))(scope, body.receive, guarded_send)
             return
         await self.inner(scope, body.receive, guarded_send)
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope)
         if refusal is not None:
-            await error_response(refusal)(scope, receive, send)
+            await error_response(refusal, where=_where(scope))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> InternVLError | None:
         path = scope.get("path", "")
-        if self.key is not None and (path.startswith(_PROTECTED_PREFIXES) or path == "/v1"):
+        if self.keys and (path.startswith(_PROTECTED_PREFIXES) or path == "/v1"):
             given = _header(scope, b"authorization") or b""
-            if not hmac.compare_digest(given, self.key):
+            # every key compared (no early exit): the time taken says nothing about which key is close
+            matches = [hmac.compare_digest(given, key) for key in self.keys]
+            if not any(matches):
                 return Unauthorized("missing API key: send 'Authorization: Bearer KEY'" if not given
                                     else "wrong API key")
         if scope.get("method") in _BODY_METHODS:

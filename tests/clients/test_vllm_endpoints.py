@@ -77,10 +77,11 @@ def scrape(server) -> dict:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def sample(families: dict, suffix: str, kind: str, sample_suffix: str) -> float:
-    """The unlabelled-sum of the one ``kind`` family whose name ends with ``suffix`` (vLLM's names, under
-    whatever prefix), over its samples named ``<family><sample_suffix>``."""
-    [family] = [f for name, f in families.items() if name.endswith(suffix) and f.type == kind]
+def sample(families: dict, name: str, kind: str, sample_suffix: str) -> float:
+    """The sum over labels of vLLM's metric ``vllm:<name>`` (a ``kind`` family), over its samples named
+    ``<family><sample_suffix>``: vLLM's dashboards read these names."""
+    family = families["vllm:" + name]
+    assert family.type == kind, family
     return sum(s.value for s in family.samples if s.name == family.name + sample_suffix)
 
 

@@ -45,7 +45,7 @@ class RunningServer:
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples without labels, as floats."""
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        headers = {"Authorization": f"Bearer {self.config.api_key[0]}"} if self.config.api_key else {}
         text = httpx.get(self.base_url + "/metrics", headers=headers, timeout=10).text
         values = {}
         for line in text.splitlines():

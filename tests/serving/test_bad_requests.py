@@ -89,7 +89,7 @@ CASES: list[tuple[str, object, int, str | None]] = [
     ("empty-body", b"", 400, None),
     ("missing-model", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ("missing-messages", {"model": MODEL}, 400, "messages"),
-    ("messages-not-a-list", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("messages-not-a-list", {"model": MODEL, "messages": {"role": "user", "content": "hi"}}, 400, "messages"),
     ("empty-messages", {"model": MODEL, "messages": []}, 400, "messages"),
     ("unknown-role", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
     ("function-role", {"model": MODEL, "messages": [{"role": "function", "content": "hi"}]}, 400, "messages.0.role"),

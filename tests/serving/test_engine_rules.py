@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import types
 
 import httpx
 import pytest
@@ -114,6 +115,7 @@ class _IdleEngine:
     """Just enough of an LLMEngine for AsyncEngine: it accepts requests and never steps them."""
 
     num_blocks = num_free_blocks = 8
+    scheduler = types.SimpleNamespace(num_running=0, num_waiting=0)    # the queue sizes AsyncEngine publishes
 
     def add_request(self, request_id: str, request: object, params: object, arrival_time: float) -> None:
         pass
@@ -236,7 +238,8 @@ def test_metrics_are_the_engine_counters(small):
     assert metrics["internvl_requests_aborted_total"] == stats["requests_aborted"]
     assert metrics["internvl_prompt_tokens_total"] == stats["prompt_tokens"] > 0
     assert metrics["internvl_generation_tokens_total"] == stats["generated_tokens"] >= 3
-    assert metrics["internvl_time_to_first_token_seconds_count"] == len(llm.ttft_seconds) > 0
+    label = f'{{model_name="{server.config.model_name}"}}'
+    assert metrics[f"vllm:time_to_first_token_seconds_count{label}"] == len(llm.ttft_seconds) > 0
     assert server.engine.stats == stats and server.engine.stats is not llm.stats
 
 

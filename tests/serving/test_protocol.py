@@ -324,7 +324,7 @@ def test_chunk_dump_shape():
 def test_server_config_defaults_are_safe(monkeypatch):
     monkeypatch.delenv("INTERNVL_API_KEY", raising=False)
     config = ServerConfig(model="/x/InternVL2-1B")
-    assert config.host == "127.0.0.1" and config.port == 23333 and config.api_key is None
+    assert config.host == "127.0.0.1" and config.port == 23333 and config.api_key == []
     assert config.allow_private_media_urls is False and config.allowed_local_media_path is None
     assert config.model_name == "InternVL2-1B"
     assert config.max_body_bytes <= 64 * 2**20 and config.max_image_pixels <= 50_000_000
@@ -333,8 +333,8 @@ def test_server_config_defaults_are_safe(monkeypatch):
 
 def test_server_config_api_key_from_env(monkeypatch):
     monkeypatch.setenv("INTERNVL_API_KEY", "from-env")
-    assert ServerConfig().api_key == "from-env"
-    assert ServerConfig(api_key="given").api_key == "given"
+    assert ServerConfig().api_key == ["from-env"]
+    assert ServerConfig(api_key="given").api_key == ["given"]
 
 
 @pytest.mark.parametrize("field, value", [

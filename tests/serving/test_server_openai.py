@@ -246,7 +246,8 @@ def test_metrics(server, client):
     assert after["internvl_requests_total"] == before["internvl_requests_total"] + 1
     assert after["internvl_prompt_tokens_total"] > before["internvl_prompt_tokens_total"]
     assert after["internvl_generation_tokens_total"] >= before["internvl_generation_tokens_total"] + 1
-    assert after['internvl_time_to_first_token_seconds{quantile="0.5"}'] > 0
+    ttft = f'vllm:time_to_first_token_seconds_count{{model_name="{MODEL}"}}'
+    assert after[ttft] == before[ttft] + 1
     assert after["internvl_queue_length"] == 0
     assert after["internvl_http_requests_in_progress"] == 0
     assert after['internvl_http_responses_total{code="200"}'] > before['internvl_http_responses_total{code="200"}']

@@ -38,8 +38,11 @@ def parse(state: ServingState, model: type[ModelT], body: bytes) -> ModelT:
 
 
 def check_model(state: ServingState, model: str) -> None:
-    if model != state.config.model_name:
-        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {state.config.model_name!r}")
+    """``model`` must be one of the served names (``--served-model-name``, any of them)."""
+    names = state.config.model_names
+    if model not in names:
+        served = " or ".join(repr(name) for name in names)
+        raise ModelNotFound(f"the model {model!r} does not exist; this server serves {served}")
 
 
 def check_n(state: ServingState, n: int) -> None:
