@@ -356,7 +356,11 @@ class LLMEngine:
         if state.first_token_time is None:
             state.first_token_time = now
             self.ttft_seconds.append(now - seq.arrival_time)
-        delta = state.detokenizer.add([token])
+        # A constrained output's closing stop token is no part of its text (a template whose stop token the
+        # decoder does not skip, Phi-3's <|end|>, would otherwise append it to the JSON).
+        ends_constraint = (state.matcher is not None and seq.request_id in finished and seq.finish_reason == "stop"
+                           and token in self.structured_output_backend.stop_token_ids)
+        delta = "" if ends_constraint else state.detokenizer.add([token])
         if state.detokenizer.stopped_by is not None and seq.request_id not in finished:
             self.scheduler.finish(seq, "stop", state.detokenizer.stopped_by)
             finished.add(seq.request_id)
@@ -400,9 +404,11 @@ class LLMEngine:
             for i, _ in constrained:
                 failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {type(exc).__name__}: {exc}")
             return
-        for i, matcher in constrained:
+        for row, (i, matcher) in enumerate(constrained):
             if matcher.error is not None:
                 failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {matcher.error}")
+            elif seqs[i].sampling_params.max_new_tokens - seqs[i].num_output_tokens <= matcher.endgame_tokens:
+                self.structured_output_backend.narrow(bitmask[row])   # finish within the budget
         if len(constrained) == len(seqs):
             apply_token_bitmask(logits, bitmask)
         else:
