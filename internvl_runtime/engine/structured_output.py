@@ -342,8 +342,12 @@ class StructuredOutputBackend:
             self.narrow(row[0])
             if bool((row[0] & self._tiers[0]).any()) or matcher.is_stopped():
                 return count
-            allowed = unpack_bitmask(row, len(self._token_bytes), torch.device("cpu"))[0].nonzero()
-            if allowed.numel() == 0 or not matcher.consume_token(int(allowed[0])):
+            nonzero = row[0].nonzero()
+            if nonzero.numel() == 0:
+                break
+            word = int(nonzero[0])
+            bits = int(row[0, word]) & 0xFFFFFFFF
+            if not matcher.consume_token(32 * word + (bits & -bits).bit_length() - 1):   # the lowest allowed id
                 break
         return MAX_SIMULATED_TOKENS
 
