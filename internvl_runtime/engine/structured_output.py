@@ -252,7 +252,7 @@ class StructuredOutputBackend:
         tokenizer: the engine's tokenizer (the token bytes are read once, here).
         stop_token_ids: the ids that end a constrained output (the template's stop ids,
             ``InputProcessor.stop_token_ids``): allowed once the grammar is complete.
-        vocab_size: the logits' width (rows past the tokenizer are never allowed).
+        vocab_size: the logits' width (``logits_width``); ids past the tokenizer's are never allowed.
         cache_size: compiled constraints kept.
         num_threads: llguidance's mask threads (None: its default, 80% of the CPUs).
     """
@@ -265,9 +265,12 @@ class StructuredOutputBackend:
         self.stop_token_ids = frozenset(stop_token_ids)
         self._token_bytes = adapter.tokens
         special = set(adapter.special_token_ids)
-        self.vocab_size = max(vocab_size, len(adapter.tokens))
         self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(adapter), n_vocab=len(adapter.tokens),
                                                  eos_token=list(stop_token_ids))
+        # The bitmask covers the grammar's vocabulary (the tokenizer's); logits past it (embedding rows no
+        # token has) are disallowed by apply_token_bitmask.
+        self.vocab_size: int = self._tokenizer.vocab_size
+        self.logits_width = vocab_size
         self._executor = llguidance.LLExecutor(num_threads)
         self._cache: OrderedDict[str, tuple[llguidance.LLMatcher, int]] = OrderedDict()
         self._tiers = [

@@ -362,3 +362,14 @@ def test_response_format_shapes() -> None:
                 {"type": "regex_schema"}, "json"):
         with pytest.raises(InvalidRequest):
             StructuredOutput.from_response_format(bad)  # type: ignore[arg-type]
+
+
+def test_logits_wider_than_the_tokenizer_are_masked_past_it() -> None:
+    """Some checkpoints have more embedding rows than tokens: the rows past the tokenizer are never allowed."""
+    _, tokenizer = _loaded()
+    backend = StructuredOutputBackend(tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(tokenizer) + 90)
+    matcher = backend.matcher(StructuredOutput(regex=".{0,4}"))
+    logits = torch.zeros(1, len(tokenizer) + 90)
+    apply_token_bitmask(logits, backend.fill_bitmask([matcher]))
+    assert torch.isfinite(logits[0, :len(tokenizer)]).sum() > 100
+    assert not torch.isfinite(logits[0, len(tokenizer):]).any()
