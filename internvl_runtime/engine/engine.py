@@ -408,9 +408,11 @@ class LLMEngine:
             for i, _ in constrained:
                 failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {type(exc).__name__}: {exc}")
             return
-        for i, matcher in constrained:
+        for row, (i, matcher) in enumerate(constrained):
             if matcher.error is not None:
                 failed[seqs[i].request_id] = RequestFailed(f"structured output failed: {matcher.error}")
+            elif seqs[i].sampling_params.max_new_tokens - seqs[i].num_output_tokens <= matcher.endgame_tokens:
+                self.structured_output_backend.narrow(bitmask[row])   # finish within the budget
         if len(constrained) == len(seqs):
             apply_token_bitmask(logits, bitmask)
         else:

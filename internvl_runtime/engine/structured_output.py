@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import llguidance
@@ -52,6 +52,15 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": 
 
 DEFAULT_CACHE_SIZE = 256
 """Compiled constraints kept (least recently used dropped first)."""
+
+CLOSING_BYTES = frozenset(b"}]")
+"""Bytes that close a JSON object or array: with a leading ``"`` (which closes a string), the end game's choice."""
+
+ENDGAME_MARGIN = 16
+"""Tokens added to a constraint's shortest completion to decide when its end game starts."""
+
+MAX_SIMULATED_TOKENS = 256
+"""The longest shortest-completion the end game is sized from; longer (or endless) ones use this."""
 
 _BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
 
@@ -93,16 +102,50 @@ def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
 
 class _TokenizerAdapter:
     """What ``llguidance.TokenizerWrapper`` reads: the token bytes, the EOS and special ids, and a callable
-    that tokenizes text (llguidance uses it for the forced text of a grammar)."""
+    that tokenizes text. llguidance allows exactly that tokenization of the text a grammar forces (the
+    ``{`` a JSON value starts with), so its tokens' bytes must be the text's and nothing more: sentencepiece
+    encodes a text with a dummy-prefix space (``▁{``), which is dropped here, and any other mismatch falls
+    back to a greedy longest-match over the vocabulary."""
 
     def __init__(self, tokenizer: Tokenizer, eos_token_id: int) -> None:
         self._tokenizer = tokenizer
         self.tokens, self.special_token_ids = token_bytes(tokenizer)
         self.eos_token_id = eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
+        special = set(self.special_token_ids)
+        self._ids: dict[bytes, int] = {}
+        for index, data in enumerate(self.tokens):
+            if data and index not in special:
+                self._ids.setdefault(data, index)
+        self._longest = max(map(len, self._ids), default=1)
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        data = text.encode("utf-8")
+        ids = self._tokenizer.encode(text, add_special_tokens=False)
+        produced = b"".join(self.tokens[i] for i in ids)
+        if produced == data:
+            return ids
+        if ids and produced == b" " + data:        # sentencepiece's dummy prefix
+            rest = self.tokens[ids[0]][1:]
+            if not rest:
+                return ids[1:]
+            if rest in self._ids:
+                return [self._ids[rest], *ids[1:]]
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        while start < len(data):
+            for end in range(min(len(data), start + self._longest), start, -1):
+                index = self._ids.get(data[start:end])
+                if index is not None:
+                    ids.append(index)
+                    start = end
+                    break
+            else:
+                raise InvalidRequest(f"the vocabulary cannot spell {data[start:start + 8]!r}")
+        return ids
 
 
 def _lark_literal(text: str) -> str:
@@ -174,12 +217,17 @@ class GrammarMatcher:
     """One request's position in its grammar. ``accept`` each sampled token in order; ``is_terminated``
     once the grammar is complete and allows nothing more (the request then finishes, reason "stop").
 
+    ``endgame_tokens``: when no more than this many tokens are left of the request's budget, the engine
+    narrows the mask to the tokens that finish the output soonest (see ``StructuredOutputBackend.narrow``),
+    so that a model that would run on (a random one in a string) still ends with text that parses.
+
     Its state depends only on the tokens accepted, so a preempted request (recomputed, its output kept)
     resumes where it was."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, endgame_tokens: int = ENDGAME_MARGIN) -> None:
         self._matcher = matcher
         self.num_accepted = 0
+        self.endgame_tokens = endgame_tokens
 
     @property
     def llmatcher(self) -> llguidance.LLMatcher:
@@ -211,7 +259,7 @@ class StructuredOutputBackend:
         tokenizer: the engine's tokenizer (the token bytes are read once, here).
         stop_token_ids: the ids that end a constrained output (the template's stop ids,
             ``InputProcessor.stop_token_ids``): allowed once the grammar is complete.
-        vocab_size: the logits' width (rows past the tokenizer are never allowed).
+        vocab_size: the logits' width (``logits_width``); ids past the tokenizer's are never allowed.
         cache_size: compiled constraints kept.
         num_threads: llguidance's mask threads (None: its default, 80% of the CPUs).
     """
@@ -221,11 +269,26 @@ class StructuredOutputBackend:
         if not stop_token_ids:
             raise InvalidRequest("structured output needs at least one stop token id")
         adapter = _TokenizerAdapter(tokenizer, stop_token_ids[0])
-        self.vocab_size = max(vocab_size, len(adapter.tokens))
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self._token_bytes = adapter.tokens
+        special = set(adapter.special_token_ids)
         self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(adapter), n_vocab=len(adapter.tokens),
                                                  eos_token=list(stop_token_ids))
+        # The bitmask covers the grammar's vocabulary (the tokenizer's); logits past it (embedding rows no
+        # token has) are disallowed by apply_token_bitmask.
+        self.vocab_size: int = self._tokenizer.vocab_size
+        self.logits_width = vocab_size
         self._executor = llguidance.LLExecutor(num_threads)
-        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[llguidance.LLMatcher, int]] = OrderedDict()
+        self._tiers = [
+            self._mask_of(lambda index, data: index in set(stop_token_ids)),
+            # inside a string, `"` (then closers) ends it; elsewhere `"` opens an empty key or string
+            self._mask_of(lambda index, data: data[:1] == b'"' and set(data[1:]) <= CLOSING_BYTES
+                          and index not in special),
+            self._mask_of(lambda index, data: bool(data) and set(data) <= CLOSING_BYTES and index not in special),
+            self._mask_of(lambda index, data: bool(data) and set(data) <= CLOSING_BYTES | set(b',"')
+                          and index not in special),
+        ]
         self._cache_size = cache_size
         self._lock = threading.Lock()   # add_request may run on a server thread while step() runs
 
@@ -242,19 +305,61 @@ class StructuredOutputBackend:
         """
         key = _cache_key(constraint)
         with self._lock:
-            template = self._cache.get(key)
-            if template is not None:
+            cached = self._cache.get(key)
+            if cached is not None:
                 self._cache.move_to_end(key)
-        if template is None:
+        if cached is None:
             grammar = compile_grammar(constraint)
             template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
             if template.is_error():
                 raise InvalidRequest(f"invalid {constraint.kind}: {template.get_error().strip()}")
+            cached = (template, self._shortest_completion(template) + ENDGAME_MARGIN)
             with self._lock:
-                self._cache[key] = template
+                self._cache[key] = cached
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return GrammarMatcher(template.deep_copy())
+        template, endgame = cached
+        return GrammarMatcher(template.deep_copy(), endgame)
+
+    def _mask_of(self, wanted: Callable[[int, bytes], bool]) -> torch.Tensor:
+        """A (words,) int32 bitmask of the tokens ``wanted(id, bytes)`` selects."""
+        bits = np.zeros(32 * self.words, dtype=np.uint8)
+        bits[[i for i, data in enumerate(self._token_bytes) if wanted(i, data)]] = 1
+        return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").astype(np.int32))
+
+    def narrow(self, row: torch.Tensor) -> None:
+        """The end game, on one bitmask row (words,) in place: keep the first non-empty of (the stop ids:
+        the output is complete, end it), (``"`` then ``}``/``]``s: end a string, and what encloses it),
+        (``}``/``]``s: close objects and arrays), (those with ``,`` and ``"``: on to the next required key),
+        else leave the row as it is (a number's first digit, ``true``...). A random model in a string or an
+        open array then ends within a few tokens, where it would otherwise run to ``max_new_tokens``."""
+        for tier in self._tiers:
+            narrowed = row & tier
+            if bool(narrowed.any()):
+                row.copy_(narrowed)
+                return
+
+    def _shortest_completion(self, template: llguidance.LLMatcher) -> int:
+        """How many tokens the end-game policy takes to finish the constraint from its start (lowest
+        allowed id when no tier applies), at most ``MAX_SIMULATED_TOKENS``: the end game starts when the
+        budget left is this plus ``ENDGAME_MARGIN``."""
+        matcher = template.deep_copy()
+        row = self.allocate_bitmask(1)
+        for count in range(MAX_SIMULATED_TOKENS):
+            llguidance.torch.fill_next_token_bitmask(matcher, row)
+            if matcher.is_error():
+                break
+            self.narrow(row[0])
+            if bool((row[0] & self._tiers[0]).any()) or matcher.is_stopped():
+                return count
+            nonzero = row[0].nonzero()
+            if nonzero.numel() == 0:
+                break
+            word = int(nonzero[0])
+            bits = int(row[0, word]) & 0xFFFFFFFF
+            if not matcher.consume_token(32 * word + (bits & -bits).bit_length() - 1):   # the lowest allowed id
+                break
+        return MAX_SIMULATED_TOKENS
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         """A (rows, words) int32 bitmask, all tokens allowed."""

@@ -178,6 +178,44 @@ def test_each_constraint_kind_holds_for_greedy_and_sampled_rows(kind: str) -> No
     assert engine.num_free_blocks == engine.num_blocks
 
 
+UNBOUNDED = {   # what a pydantic model gives: no length bounds anywhere
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "temperature": {"type": "integer"},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "source": {"type": "object", "properties": {"name": {"type": "string"}, "url": {"type": "string"}},
+                   "required": ["name", "url"]},
+    },
+    "required": ["city", "temperature", "notes", "source"],
+}
+
+
+@pytest.mark.parametrize("variant", ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-76B"])
+def test_unbounded_schemas_still_end_within_the_budget_on_every_tokenizer(variant: str) -> None:
+    """A random model in an unbounded string runs on; the end game (the last tokens of the budget keep
+    only the tokens that finish the output) makes it end with text that parses and validates."""
+    model, tokenizer = AutoModel.from_pretrained(FIXTURES / "ckpt" / variant), \
+        AutoTokenizer.from_pretrained(FIXTURES / "ckpt" / variant)
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=1024))
+    tool = TaggedJSON(begin="<tool_call>\n", end="\n</tool_call>", schemas=(
+        {"type": "object", "properties": {"name": {"const": "lookup"}, "arguments": {"type": "object"}},
+         "required": ["name", "arguments"]},))
+    constraints = [StructuredOutput(json_schema=UNBOUNDED), StructuredOutput(json_object=True),
+                   StructuredOutput(tagged_json=tool)]
+    params = [SamplingParams(max_new_tokens=96, temperature=0, structured_output=c) for c in constraints]
+    params += [SamplingParams(max_new_tokens=96, temperature=1.0, seed=seed, structured_output=c)
+               for seed, c in enumerate(constraints)]
+    for question in ("What is the weather in Paris?", "Describe."):
+        outputs = engine.generate([engine.processor.prepare([Message("user", question)])] * len(params), params)
+        for out, p in zip(outputs, params, strict=True):
+            assert p.structured_output is not None
+            assert out.finish_reason == "stop", (variant, out.text)
+            # Phi-3's slow decode puts a space after the prompt's last special token (its
+            # spaces_between_special_tokens), before the output's text: whitespace the grammar never made
+            _check(p.structured_output, out.text.lstrip(" ") if variant == "tiny-4B" else out.text)
+
+
 def test_a_batch_mixing_constrained_and_unconstrained_rows_leaves_the_free_rows_alone() -> None:
     engine = _engine()
     free = [SamplingParams(max_new_tokens=12, temperature=0),
@@ -324,3 +362,14 @@ def test_response_format_shapes() -> None:
                 {"type": "regex_schema"}, "json"):
         with pytest.raises(InvalidRequest):
             StructuredOutput.from_response_format(bad)  # type: ignore[arg-type]
+
+
+def test_logits_wider_than_the_tokenizer_are_masked_past_it() -> None:
+    """Some checkpoints have more embedding rows than tokens: the rows past the tokenizer are never allowed."""
+    _, tokenizer = _loaded()
+    backend = StructuredOutputBackend(tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")], len(tokenizer) + 90)
+    matcher = backend.matcher(StructuredOutput(regex=".{0,4}"))
+    logits = torch.zeros(1, len(tokenizer) + 90)
+    apply_token_bitmask(logits, backend.fill_bitmask([matcher]))
+    assert torch.isfinite(logits[0, :len(tokenizer)]).sum() > 100
+    assert not torch.isfinite(logits[0, len(tokenizer):]).any()
