@@ -31,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Sequence as SequenceABC
 from typing import Protocol
 
@@ -59,6 +59,10 @@ class IncrementalDetokenizer:
         tokenizer: anything with ``decode(ids, skip_special_tokens=...)``.
         prompt_token_ids: the prompt; only its last few tokens are kept, as decoding context.
         skip_special_tokens: passed to ``decode``.
+        special_tokens: the text of each special token id. With ``skip_special_tokens=False`` they are given
+            verbatim, and the text between them is decoded run by run, as Hugging Face's fast tokenizers do:
+            a slow-tokenizer decode puts spaces around special tokens that depend on where a window starts,
+            which would break the window arithmetic (InternLM2's tool-call tags are special tokens).
         stop: stop strings; the output ends before the earliest occurrence of any of them.
         include_stop_str: keep the stop string at the end of the output.
 
@@ -81,9 +85,11 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Iterable[str] = (),
         include_stop_str: bool = False,
+        special_tokens: Mapping[int, str] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._special = dict(special_tokens or {}) if not skip_special_tokens else {}
         self._stop = [s for s in stop if s]
         self._include_stop_str = include_stop_str
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
@@ -130,7 +136,22 @@ class IncrementalDetokenizer:
         return self._release(final=True)
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special_tokens)
+        ids = self._ids[start:end]
+        if not self._special or not any(i in self._special for i in ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in [*ids, -1]:
+            text = self._special.get(token_id)
+            if text is None and token_id != -1:
+                run.append(token_id)
+                continue
+            if run:
+                parts.append(self._tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            if text is not None:
+                parts.append(text)
+        return "".join(parts)
 
     def _decode_window(self, *, final: bool) -> None:
         if self._read_offset == len(self._ids):

@@ -178,6 +178,8 @@ class LLMEngine:
         # Never sample an id the tokenizer cannot decode (embedding rows past the tokenizer's end).
         self._decodable = len(tokenizer) if len(tokenizer) < llm.vocab_size else None
         self._states: dict[str, _RequestState] = {}
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._special_tokens: dict[int, str] = {i: getattr(t, "content", str(t)) for i, t in added.items()}
         self.stats = EngineStats(requests_added=0, requests_refused=0, requests_failed=0, requests_aborted=0,
                                  requests_finished=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0,
                                  vision_tiles_encoded=0)
@@ -244,7 +246,8 @@ class LLMEngine:
             self.scheduler.add(seq)   # raises ContextLengthExceeded (max_new_tokens_for)
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                            skip_special_tokens=params.skip_special_tokens, stop=params.stop,
-                                           include_stop_str=params.include_stop_str_in_output)
+                                           include_stop_str=params.include_stop_str_in_output,
+                                           special_tokens=self._special_tokens)
         except Exception:
             self.stats["requests_refused"] += 1
             raise

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import llguidance
@@ -157,28 +157,54 @@ def _json_with_options(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
 
 
-def _tagged_json_lark(tagged: TaggedJSON) -> str:
+def _lark_sequence(text: str, special_tokens: Mapping[str, int]) -> str:
+    """A Lark sequence spelling ``text``, where each special token's text (InternLM2's
+    ``<|action_start|>``...) is that token (``<[id]>``): a grammar emits special tokens only by id."""
+    if not text:
+        return '""'
+    names = sorted((name for name in special_tokens if name and name in text), key=len, reverse=True)
+    if not names:
+        return _lark_literal(text)
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        found = min(((text.find(name, start), -len(name), name) for name in names if text.find(name, start) >= 0),
+                    default=None)
+        if found is None:
+            pieces.append(_lark_literal(text[start:]))
+            break
+        at, _, name = found
+        if at > start:
+            pieces.append(_lark_literal(text[start:at]))
+        pieces.append(f"<[{special_tokens[name]}]>")
+        start = at + len(name)
+    return " ".join(pieces)
+
+
+def _tagged_json_lark(tagged: TaggedJSON, special_tokens: Mapping[str, int]) -> str:
     """``begin`` JSON ``end``, ``min_items`` to ``max_items`` times, ``separator`` between: a Lark grammar
-    whose JSON values are llguidance's ``%json`` (one alternative per schema)."""
+    whose JSON values are llguidance's ``%json`` (one alternative per schema). Special tokens in ``begin``,
+    ``end`` and ``separator`` are emitted as those tokens."""
     values = " | ".join(f"%json {json.dumps(_json_with_options(schema))}" for schema in tagged.schemas)
     lo = max(tagged.min_items, 1) - 1                  # further items after the first: lo .. hi
     hi = None if tagged.max_items is None else tagged.max_items - 1
-    next_item = f"({_lark_literal(tagged.separator)} item)" if tagged.separator else "item"
+    next_item = f"({_lark_sequence(tagged.separator, special_tokens)} item)" if tagged.separator else "item"
     if hi is None:
         more = f" {next_item}" * lo + f" {next_item}*"
     elif hi == 0:
-        more = ""
+        more = ""                                      # Lark refuses a {0,0} repetition
     else:
         more = f" {next_item}{{{lo},{hi}}}"
     items = "item" + more
     start = f"({items})?" if tagged.min_items == 0 else items
     return (f"start: {start}\n"
-            f"item: {_lark_literal(tagged.begin)} value {_lark_literal(tagged.end)}\n"
+            f"item: {_lark_sequence(tagged.begin, special_tokens)} value {_lark_sequence(tagged.end, special_tokens)}\n"
             f"value: {values}\n")
 
 
-def compile_grammar(constraint: StructuredOutput) -> str:
+def compile_grammar(constraint: StructuredOutput, special_tokens: Mapping[str, int] | None = None) -> str:
     """The llguidance grammar of ``constraint`` (not yet checked: see ``StructuredOutputBackend.matcher``).
+    ``special_tokens``: the tokenizer's special tokens by text, which tagged JSON's tags may contain.
 
     Raises:
         InvalidRequest: the constraint cannot even be turned into a grammar (a grammar that is neither
@@ -199,7 +225,7 @@ def compile_grammar(constraint: StructuredOutput) -> str:
             # llguidance reads Lark, and converts GBNF/EBNF (``::=`` rules, llama.cpp's and vLLM's form).
             return str(llguidance.grammar_from("grammar", constraint.grammar))
         assert constraint.tagged_json is not None
-        return str(llguidance.grammar_from("lark", _tagged_json_lark(constraint.tagged_json)))
+        return str(llguidance.grammar_from("lark", _tagged_json_lark(constraint.tagged_json, special_tokens or {})))
     except ValueError as exc:
         raise InvalidRequest(f"invalid {constraint.kind}: {exc}") from exc
 
@@ -271,6 +297,7 @@ class StructuredOutputBackend:
         adapter = _TokenizerAdapter(tokenizer, stop_token_ids[0])
         self.stop_token_ids = frozenset(stop_token_ids)
         self._token_bytes = adapter.tokens
+        self._special_tokens = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
         special = set(adapter.special_token_ids)
         self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(adapter), n_vocab=len(adapter.tokens),
                                                  eos_token=list(stop_token_ids))
@@ -309,7 +336,7 @@ class StructuredOutputBackend:
             if cached is not None:
                 self._cache.move_to_end(key)
         if cached is None:
-            grammar = compile_grammar(constraint)
+            grammar = compile_grammar(constraint, self._special_tokens)
             template = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
             if template.is_error():
                 raise InvalidRequest(f"invalid {constraint.kind}: {template.get_error().strip()}")

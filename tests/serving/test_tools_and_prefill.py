@@ -118,3 +118,24 @@ def test_structured_output_fields_hold_through_the_server(http):
     both = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HISTORY[:1], "tools": BOUNDED_TOOLS,
                                                     "tool_choice": "required", "guided_regex": "a+"})
     assert both.status_code == 400 and "tool_choice" in both.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("variant", ["tiny-2B", "tiny-4B", "tiny-76B"])   # InternLM2 actions, Phi-3, Llama-3 Hermes
+def test_forced_calls_in_every_tool_format(tiny_1b, variant):
+    folder = tiny_1b.parent / variant
+    body = {"model": variant, "messages": HISTORY[:1], "tools": BOUNDED_TOOLS, "tool_choice": "required",
+            "max_tokens": 120, "seed": 1}
+    with run_server(ServerConfig(model=str(folder), max_model_len=2048, num_blocks=256)) as running, \
+            httpx.Client(base_url=running.base_url, timeout=120) as client:
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and not choice["message"]["content"], choice
+        [call] = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), BOUNDED_TOOLS[0]["function"]["parameters"])
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            events = [json.loads(line[6:]) for line in stream.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
+    assert "".join(d["function"].get("arguments", "") for d in deltas) == call["function"]["arguments"]
+    assert not "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])   # no tag leaked

@@ -369,3 +369,21 @@ def test_fixture_tokenizers(name: str, load: Callable[[str], Adapter]) -> None:
         stop = full[start : start + rng.randrange(1, 4)]
         detok = IncrementalDetokenizer(tok, [], stop=[stop])
         assert "".join(stream(detok, ids, rng)) == full[: full.find(stop)], (text, stop)
+
+
+def test_special_tokens_kept_verbatim_with_any_window() -> None:
+    """InternLM2's slow decode puts window-dependent spaces before special tokens; kept special tokens are
+    given verbatim and the text between them decoded run by run, so every split adds up (tool-call tags)."""
+    from internvl_runtime.processing.tokenization import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(CKPT / "tiny-2B")
+    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|action_start|>", "<|plugin|>", "<|action_end|>")}
+    body = tokenizer.encode('\n{"name":"f","parameters":{"a":"b c"}}', add_special_tokens=False)
+    output = [ids["<|action_start|>"], ids["<|plugin|>"], *body, ids["<|action_end|>"]]
+    expected = '<|action_start|><|plugin|>\n{"name":"f","parameters":{"a":"b c"}}<|action_end|>'
+    for seed in range(5):
+        detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hi"), skip_special_tokens=False,
+                                       special_tokens=special)
+        deltas = stream(detok, output, random.Random(seed))
+        assert "".join(deltas) == detok.text == expected

@@ -373,3 +373,25 @@ def test_logits_wider_than_the_tokenizer_are_masked_past_it() -> None:
     apply_token_bitmask(logits, backend.fill_bitmask([matcher]))
     assert torch.isfinite(logits[0, :len(tokenizer)]).sum() > 100
     assert not torch.isfinite(logits[0, len(tokenizer):]).any()
+
+
+def test_tagged_json_tags_made_of_special_tokens_are_emitted_as_those_tokens() -> None:
+    """InternLM2's action format: <|action_start|><|plugin|>\\n{...}<|action_end|>\\n, its tags special tokens."""
+    path = FIXTURES / "ckpt" / "tiny-2B"
+    model, tokenizer = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=512))
+    call = {"type": "object", "properties": {"name": {"const": "search"}, "parameters": {"type": "object"}},
+            "required": ["name", "parameters"], "additionalProperties": False}
+    tagged = TaggedJSON(begin="<|action_start|><|plugin|>\n", end="<|action_end|>\n", schemas=(call,), max_items=1)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|action_start|>", "<|plugin|>",
+                                                                   "<|action_end|>")}
+    params = [SamplingParams(max_new_tokens=96, temperature=0, structured_output=StructuredOutput(tagged_json=tagged)),
+              SamplingParams(max_new_tokens=96, temperature=1.0, seed=2,
+                             structured_output=StructuredOutput(tagged_json=tagged))]
+    for out in engine.generate([_prompt(engine)] * 2, params):
+        assert out.finish_reason == "stop"
+        assert out.token_ids[:2] == [ids["<|action_start|>"], ids["<|plugin|>"]]
+        assert ids["<|action_end|>"] in out.token_ids
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=False)
+        body = text.split("<|plugin|>", 1)[1].split("<|action_end|>", 1)[0]
+        jsonschema.validate(json.loads(body), call)
