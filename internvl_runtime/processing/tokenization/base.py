@@ -13,10 +13,12 @@ from typing import Any, ClassVar, TypeAlias, overload
 
 import torch
 
-from internvl_runtime.errors import CheckpointError, InvalidRequest
+from internvl_runtime.errors import CheckpointError, InvalidRequest, UnsupportedFeature
 from internvl_runtime.hub import HubOptions, resolve_checkpoint
 
 from .config import SPECIAL_TOKEN_ATTRIBUTES, AddedToken, TokenizerConfig, _token_content
+from .saving import save_tokenizer
+from .templating import is_batch, render_chat, template_from_config
 
 Ids: TypeAlias = int | Sequence[int] | torch.Tensor
 
@@ -74,6 +76,10 @@ class Tokenizer:
     decode_spaces_between_special_tokens: ClassVar[bool] = True
     #: When not None, ``decode``'s default ``clean_up_tokenization_spaces`` regardless of the config (Qwen2).
     decode_clean_up_default: ClassVar[bool | None] = None
+    #: The model's own files in a checkpoint folder, copied by :meth:`save_pretrained`.
+    vocab_files: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`save_pretrained` writes ``added_tokens.json`` (the slow classes do, the fast one not).
+    saves_added_tokens_file: ClassVar[bool] = True
 
     padding_side: str
     model_max_length: int | None
@@ -107,6 +113,8 @@ class Tokenizer:
         self._added_decoder: dict[int, AddedToken] = dict(config.added_tokens)
         self._added_encoder: dict[str, int] = {tok.content: idx for idx, tok in self._added_decoder.items()}
         self._split_pattern: re.Pattern[str] | None = None
+        #: ``tokenizer_config.json``'s ``chat_template`` (named templates as a dict), settable as in transformers.
+        self.chat_template: str | dict[str, str] | None = template_from_config(kwargs.get("chat_template"))
 
     # -- construction -------------------------------------------------------------------------------------
 
@@ -248,6 +256,16 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self._token_to_id_or_none(self.pad_token)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str | list[str]]:
+        """The special tokens that are set, by attribute name (and ``additional_special_tokens``), as in
+        transformers."""
+        out: dict[str, str | list[str]] = {key: value for key in SPECIAL_TOKEN_ATTRIBUTES
+                                           if (value := self._special.get(key)) is not None}
+        if self.additional_special_tokens:
+            out["additional_special_tokens"] = list(self.additional_special_tokens)
+        return out
 
     @property
     def added_tokens_decoder(self) -> dict[int, AddedToken]:
@@ -496,6 +514,65 @@ class Tokenizer:
                 raise InvalidRequest(f"batch_decode expects a 2-D tensor, got shape {tuple(sequences.shape)}")
             sequences = sequences.tolist()
         return [self.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in sequences]
+
+    # -- chat template and saving ---------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        conversation: Any,
+        tools: Sequence[Any] | None = None,
+        documents: Sequence[Any] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' ``apply_chat_template`` with the checkpoint's ``chat_template`` (``templating``).
+
+        ``conversation`` is a list of ``{"role", "content"}`` dicts, or a list of such lists (a batch: a list
+        of results). Returns the prompt text when ``tokenize=False``; else its ids (``add_special_tokens=False``:
+        the template writes the bos token), as a ``(batch, length)`` tensor with ``return_tensors='pt'``, or the
+        whole :class:`BatchEncoding` with ``return_dict``. ``tools``/``documents`` and every other keyword reach
+        the template as variables. ``truncation``/``max_length`` are not supported (the prompt is never cut).
+        """
+        if truncation or max_length is not None:
+            raise UnsupportedFeature("apply_chat_template does not truncate: drop truncation/max_length")
+        template_kwargs = dict(kwargs)
+        if documents is not None:
+            template_kwargs["documents"] = list(documents)
+        batched = is_batch(conversation)
+        conversations = list(conversation) if batched else [conversation]
+        rendered = [
+            render_chat(self, chat, tools=tools, chat_template=chat_template,
+                        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                        template_kwargs=template_kwargs)
+            for chat in conversations
+        ]
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        encoded = self(rendered if batched else rendered[0], return_tensors=return_tensors, padding=padding,
+                       add_special_tokens=False, **(tokenizer_kwargs or {}))
+        return encoded if return_dict else encoded["input_ids"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], legacy_format: bool | None = None,
+                        filename_prefix: str | None = None, push_to_hub: bool = False,
+                        **kwargs: Any) -> tuple[str, ...]:
+        """Write the tokenizer's files into a folder that :meth:`from_pretrained` (ours or transformers')
+        loads back into the same tokenizer; returns the paths written (``saving``).
+
+        ``legacy_format`` is accepted (both formats are written); ``push_to_hub`` is not supported.
+        """
+        del legacy_format, kwargs
+        if push_to_hub:
+            raise UnsupportedFeature("save_pretrained(push_to_hub=True) is not supported: upload the folder")
+        return save_tokenizer(self, save_directory, filename_prefix)
 
 
 def _as_id_list(ids: Any) -> list[int]:

@@ -41,6 +41,7 @@ class BPETokenizer(Tokenizer):
     """
 
     reproduces: ClassVar[str | None] = "Qwen2Tokenizer"
+    vocab_files: ClassVar[tuple[str, ...]] = ("vocab.json", "merges.txt")
 
     #: Qwen2Tokenizer's PRETOKENIZE_REGEX (single digits; Llama-3's tokenizer.json groups 1-3 digits).
     PRETOKENIZE_REGEX = (

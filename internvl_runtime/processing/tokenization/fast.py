@@ -21,6 +21,8 @@ class FastJsonTokenizer(Tokenizer):
     """
 
     reproduces: ClassVar[str | None] = "PreTrainedTokenizerFast"
+    vocab_files: ClassVar[tuple[str, ...]] = ("tokenizer.json",)
+    saves_added_tokens_file: ClassVar[bool] = False
 
     class_defaults: ClassVar[dict[str, Any]] = {"clean_up_tokenization_spaces": True}
 

@@ -37,6 +37,7 @@ class SentencePieceTokenizer(Tokenizer):
     """
 
     #: Which official ``convert_tokens_to_string`` to follow: ``"internlm2"`` or ``"llama"``.
+    vocab_files: ClassVar[tuple[str, ...]] = ("tokenizer.model",)
     decode_style: ClassVar[str] = "llama"
     #: bos/eos ids from the sentencepiece model (InternLM2Tokenizer's properties) instead of the vocabulary.
     special_ids_from_model: ClassVar[bool] = False
