@@ -10,7 +10,9 @@ with the original tokenizer and with the official encodings of ``tests/data/toke
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -25,6 +27,7 @@ from paths import FIXTURES
 
 VARIANTS = ["tiny-1B", "tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"]
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @cache
@@ -215,6 +218,26 @@ def test_save_pretrained_keeps_changed_settings(tmp_path: Path) -> None:
     assert reloaded.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "a!"
 
 
+@pytest.mark.parametrize("variant_name", ["tiny-1B", "tiny-4B", "tiny-76B"])
+def test_save_pretrained_keeps_added_token_flags(variant_name: str, tmp_path: Path) -> None:
+    """An added token that is not special, with lstrip/single_word flags, survives the round trip."""
+    folder = copy_tokenizer_files(variant_name, tmp_path / "src")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    index = len(_load(str(FIXTURES / "ckpt" / variant_name)))
+    config["added_tokens_decoder"][str(index)] = {"content": "<extra>", "special": False, "lstrip": True,
+                                                  "rstrip": False, "single_word": True, "normalized": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.added_tokens_decoder[index].special is False
+    reloaded = AutoTokenizer.from_pretrained(Path(tok.save_pretrained(tmp_path / "saved")[0]).parent)
+    assert reloaded.added_tokens_decoder == tok.added_tokens_decoder
+    for text in ["a <extra> b", "a<extra>b", "x  <extra>", "<extra>"]:
+        ids = tok.encode(text)
+        assert reloaded.encode(text) == ids, text
+        assert reloaded.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    assert "<extra>" in reloaded.decode(tok.encode("a <extra> b"), skip_special_tokens=True)
+
+
 def test_save_pretrained_copies_remote_code_and_edge_cases(tmp_path: Path) -> None:
     folder = copy_tokenizer_files("tiny-2B", tmp_path / "src")
     (folder / "tokenization_internlm2.py").write_text("# the checkpoint's code, copied, never run\n")
@@ -307,3 +330,44 @@ def test_chat_with_a_transformers_style_tokenizer(variant_name: str) -> None:
     answers = model.batch_chat(theirs, pixels, ["one?", "two?"], config, num_patches_list=[1, 1])
     assert answers == model.batch_chat(ours, pixels, ["one?", "two?"], config, num_patches_list=[1, 1])
     assert theirs.padding_side == ours.padding_side  # batch_chat restores it
+
+
+#: A Python with transformers installed (e.g. 4.37.2, in a virtual environment outside the repository) runs
+#: ``chat`` with the real transformers tokenizer; unset, the test is skipped (the stand-in above still runs).
+TRANSFORMERS_PYTHON = os.environ.get("INTERNVL_TRANSFORMERS_PYTHON")
+
+_CHAT_WITH_TRANSFORMERS = """
+import json, sys, torch
+from transformers import AutoTokenizer as OfficialAutoTokenizer
+from internvl_runtime import AutoModel
+from internvl_runtime.processing.tokenization import AutoTokenizer
+folder = sys.argv[1]
+theirs = OfficialAutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=False)
+ours = AutoTokenizer.from_pretrained(folder)
+model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+size = model.config.force_image_size
+pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+config = {"max_new_tokens": 6, "do_sample": False}
+out = {}
+for name, tok in (("theirs", theirs), ("ours", ours)):
+    answer = model.chat(tok, pixels[:1], "<image>\\nDescribe it.", config)
+    answers = model.batch_chat(tok, pixels, ["one?", "two?"], config, num_patches_list=[1, 1])
+    out[name] = [answer, answers, tok.padding_side]
+out["class"] = type(theirs).__module__
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS_PYTHON, reason="set INTERNVL_TRANSFORMERS_PYTHON to a Python with transformers")
+@pytest.mark.parametrize("variant_name", ["tiny-1B", "tiny-4B", "tiny-40B", "tiny-76B"])
+def test_chat_with_transformers(variant_name: str) -> None:
+    """``chat``/``batch_chat`` handed transformers' own tokenizer answer as with ours (no remote code needed for
+    these kinds; InternLM2's tokenizer is remote code the tiny folders do not carry)."""
+    assert TRANSFORMERS_PYTHON is not None
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([TRANSFORMERS_PYTHON, "-c", _CHAT_WITH_TRANSFORMERS, str(FIXTURES / "ckpt" / variant_name)],
+                            capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["class"].startswith("transformers.")
+    assert out["theirs"] == out["ours"]

@@ -31,6 +31,11 @@ with ``use_fast=False``; so do we. The three slow classes are reproduced rule by
 Every flag is read from ``tokenizer_config.json`` (or ``special_tokens_map.json``/``added_tokens.json`` for
 checkpoints saved without ``added_tokens_decoder``), falling back to the official class's constructor
 defaults; nothing depends on the folder's name, and no code from the checkpoint folder is run.
+
+Beyond encoding and decoding, every tokenizer has transformers' ``apply_chat_template`` (the checkpoint's
+``chat_template``, rendered in the same sandbox as ``--chat-template``: ``templating``) and ``save_pretrained``
+(a folder that ours and transformers' ``AutoTokenizer`` load back into the same tokenizer: ``saving``). The
+InternVL chat API takes a tokenizer by duck typing, so transformers' own tokenizer works there too.
 """
 
 from __future__ import annotations

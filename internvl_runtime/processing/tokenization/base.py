@@ -258,6 +258,11 @@ class Tokenizer:
         return self._token_to_id_or_none(self.pad_token)
 
     @property
+    def special_token_values(self) -> dict[str, str | None]:
+        """Every special-token attribute (``bos_token``... ``mask_token``) with its value, None when unset."""
+        return dict(self._special)
+
+    @property
     def special_tokens_map(self) -> dict[str, str | list[str]]:
         """The special tokens that are set, by attribute name (and ``additional_special_tokens``), as in
         transformers."""

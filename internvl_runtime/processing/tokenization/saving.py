@@ -18,15 +18,38 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 from internvl_runtime.errors import CheckpointError, InvalidRequest
 
-from .config import SPECIAL_TOKEN_ATTRIBUTES
+from .config import SPECIAL_TOKEN_ATTRIBUTES, AddedToken, TokenizerConfig
 
-if TYPE_CHECKING:
-    from .base import Tokenizer
+
+class SavableTokenizer(Protocol):
+    """What saving needs from a tokenizer (``base.Tokenizer``, which imports this module)."""
+
+    config: TokenizerConfig
+    tokenizer_class: str
+    additional_special_tokens: list[str]
+    vocab_files: ClassVar[tuple[str, ...]]
+    saves_added_tokens_file: ClassVar[bool]
+
+    @property
+    def special_token_values(self) -> Mapping[str, str | None]: ...
+
+    @property
+    def special_tokens_map(self) -> dict[str, str | list[str]]: ...
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, AddedToken]: ...
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None: ...
+
+    @property
+    def vocab_size(self) -> int: ...
 
 #: Attributes transformers saves with their current value (besides the config's own keys that are attributes).
 _ALWAYS_SAVED = ("model_max_length", "clean_up_tokenization_spaces", "padding_side")
@@ -34,14 +57,14 @@ _ALWAYS_SAVED = ("model_max_length", "clean_up_tokenization_spaces", "padding_si
 _ATTRIBUTE_KEYS = (*_ALWAYS_SAVED, "add_bos_token", "add_eos_token", "legacy", "split_special_tokens", "errors")
 
 
-def tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
+def tokenizer_config(tokenizer: SavableTokenizer) -> dict[str, Any]:
     """The ``tokenizer_config.json`` that reloads into ``tokenizer`` (see the module docstring)."""
     config: dict[str, Any] = dict(tokenizer.config.init_kwargs)
     for key in _ATTRIBUTE_KEYS:
         if (key in config or key in _ALWAYS_SAVED) and getattr(tokenizer, key, None) is not None:
             config[key] = getattr(tokenizer, key)
     for key in SPECIAL_TOKEN_ATTRIBUTES:
-        value = tokenizer._special.get(key)
+        value = tokenizer.special_token_values.get(key)
         # A token the config set to null stays null; a class default that is not None is written out.
         if value is not None or key in tokenizer.config.special_tokens:
             config[key] = value
@@ -75,7 +98,7 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def save_tokenizer(tokenizer: Tokenizer, save_directory: str | os.PathLike[str],
+def save_tokenizer(tokenizer: SavableTokenizer, save_directory: str | os.PathLike[str],
                    filename_prefix: str | None = None) -> tuple[str, ...]:
     """Write the tokenizer's files into ``save_directory`` (created if needed); the paths written.
 

@@ -17,14 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from internvl_runtime.errors import InvalidRequest, UnsupportedFeature
 
 from ..chat_template import ChatTemplate
 
-if TYPE_CHECKING:
-    from .base import Tokenizer
+
+class TemplateTokens(Protocol):
+    """What rendering needs from a tokenizer (``base.Tokenizer``, which imports this module)."""
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None: ...
+
+    @property
+    def special_tokens_map(self) -> dict[str, str | list[str]]: ...
+
+    @property
+    def bos_token(self) -> str | None: ...
+
+    @property
+    def eos_token(self) -> str | None: ...
 
 #: transformers' error when there is no template to use (same text, a ValueError as there).
 NO_TEMPLATE_MESSAGE = (
@@ -124,7 +137,7 @@ def _continue_final_message(rendered: str, messages: list[dict[str, Any]]) -> st
 
 
 def render_chat(
-    tokenizer: Tokenizer,
+    tokenizer: TemplateTokens,
     conversation: Any,
     *,
     tools: Sequence[Any] | None = None,
