@@ -5,7 +5,9 @@ for named templates) is compiled by :class:`~internvl_runtime.processing.chat_te
 same sandboxed Jinja environment as ``--chat-template`` (``trim_blocks``, ``lstrip_blocks``,
 ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII text), and sees what transformers
 passes: ``messages``, ``tools``, ``add_generation_prompt``, the tokenizer's special tokens (``bos_token``,
-``eos_token``, ``unk_token``, ``pad_token``..., ``additional_special_tokens``) and every extra keyword.
+``eos_token``, ``unk_token``, ``pad_token``..., ``additional_special_tokens``) and every extra keyword. One
+difference: an unset ``bos_token``/``eos_token`` (Qwen2 has no bos) is the empty string here and undefined
+there; both print nothing and are false, only a template testing ``is defined`` could tell them apart.
 
 The rest follows transformers' ``apply_chat_template``: a list of conversations is a batch;
 ``continue_final_message`` cuts the prompt right after the last message's text (and refuses
