@@ -4,11 +4,12 @@
 ``stop_words`` -> ``stop``, ``random_seed`` -> ``seed``, ``bad_words`` / ``bad_token_ids`` -> those tokens
 banned (a logit bias of -100, which no other token's lead can overcome in practice), and the rest by name
 (``n``, ``min_p``, ``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``,
-``response_format``, ``logprobs``, ...). ``n`` answers per prompt are separate requests; with a
+``response_format``, ``logprobs``, ...). ``output_logits`` (``"generation"`` or ``"all"``) puts the logits on
+the finished ``Response.logits`` (``api.scoring.answer_logits``). ``n`` answers per prompt are separate requests; with a
 ``random_seed`` the k-th uses ``random_seed + k`` so that sampled answers differ, as separate seeds would.
 
 Fields this runtime cannot honour raise :class:`~internvl_runtime.errors.UnsupportedFeature` when set:
-``logits_processors`` (Python callbacks on the engine loop), ``output_logits`` / ``output_last_hidden_state``,
+``logits_processors`` (Python callbacks on the engine loop), ``output_last_hidden_state``,
 ``logprob_start_len`` (prompt logprobs) and ``return_ppl`` (use ``Pipeline.get_ppl``), the disaggregation
 fields and the n-gram early stop.
 """
@@ -25,7 +26,6 @@ from ..processing.structured_output import StructuredOutput
 #: Fields that must keep their default here: (name, default, why).
 _UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
     ("logits_processors", None, "Python logits processors do not run on this engine"),
-    ("output_logits", None, "logits are not returned; Pipeline.get_ppl gives a sequence's loss"),
     ("output_last_hidden_state", None, "hidden states are not returned"),
     ("logprob_start_len", -1, "prompt logprobs are not returned; Pipeline.get_ppl gives a sequence's loss"),
     ("return_ppl", False, "use Pipeline.get_ppl"),
@@ -84,6 +84,9 @@ class GenerationConfig:
         for name, default, why in _UNSUPPORTED:
             if getattr(self, name) != default:
                 raise UnsupportedFeature(f"GenerationConfig.{name}={getattr(self, name)!r} cannot be honoured: {why}")
+        if self.output_logits not in (None, "all", "generation"):
+            raise InvalidGenerationConfig(
+                f'output_logits must be None, "all" or "generation", got {self.output_logits!r}')
         for name in ("bad_words", "stop_words"):
             words = getattr(self, name)
             if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) and w for w in words)):

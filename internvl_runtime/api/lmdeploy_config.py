@@ -58,7 +58,7 @@ _NO_EFFECT = frozenset({
     "logprobs_mode", "num_cpu_blocks",
 })
 
-_DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES: dict[str, torch.dtype | str] = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -324,6 +324,6 @@ def engine_settings(model_path: str | Path, backend_config: Any, *, device: str,
 
 def set_log_level(level: str | int) -> None:
     """LMDeploy's ``log_level``: the level of this package's loggers (``"WARNING"``, ``"INFO"``...)."""
-    if isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping():
+    if isinstance(level, str) and not isinstance(logging.getLevelName(level.upper()), int):
         raise InvalidRequest(f"log_level must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG, got {level!r}")
     logging.getLogger("internvl_runtime").setLevel(level.upper() if isinstance(level, str) else level)

@@ -58,7 +58,7 @@ from .lmdeploy_config import (
     engine_settings,
     set_log_level,
 )
-from .perplexity import check_ids, mean_cross_entropy
+from .scoring import answer_logits, check_ids, mean_cross_entropy
 
 __all__ = ["GenerationConfig", "Pipeline", "Response", "Session", "Video", "pipeline", "to_messages"]
 
@@ -89,6 +89,7 @@ class Response:
     logprobs: list[TokenLogprobs] | None = None
     index: int = 0
     cached_tokens: int = 0
+    logits: torch.Tensor | None = None      # GenerationConfig.output_logits, on the finished response
 
     def extend(self, other: Response) -> Response:
         """Append a streamed piece to this response (LMDeploy's ``Response.extend``); returns self."""
@@ -101,6 +102,8 @@ class Response:
         self.token_ids = self.token_ids + other.token_ids
         if other.logprobs is not None:
             self.logprobs = (self.logprobs or []) + other.logprobs
+        if other.logits is not None:
+            self.logits = other.logits
         return self
 
 
@@ -233,6 +236,8 @@ class _Submitted:
     request_id: str
     index: int
     session: Session | None = None
+    request: PreparedRequest | None = None        # kept when its logits are asked for
+    output_logits: str | None = None
 
 
 class Pipeline:
@@ -285,15 +290,18 @@ class Pipeline:
         sessions = list(sessions) if sessions is not None else [None] * len(prompts)
         messages = [p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p) for p in prompts]
         tokenizer = self.engine.tokenizer
+        if any(c.output_logits for c in configs) and (self.tp_workers or self._closer is not None):
+            raise UnsupportedFeature("output_logits is not supported with tensor parallelism")
         work = [(self._prepare(m, c), [c.to_sampling_params(tokenizer, copy=k) for k in range(c.n)])
                 for m, c in zip(messages, configs, strict=True)]
         submitted: list[_Submitted] = []
         try:
-            for index, ((request, params), session) in enumerate(zip(work, sessions, strict=True)):
+            for index, ((request, params), session, config) in enumerate(zip(work, sessions, configs, strict=True)):
                 for param in params:
                     rid = f"pipe-{next(self._ids)}"
                     self.engine.add_request(rid, request, param)
-                    submitted.append(_Submitted(rid, index, session))
+                    submitted.append(_Submitted(rid, index, session, request if config.output_logits else None,
+                                                config.output_logits))
         except BaseException:
             for item in submitted:
                 self.engine.abort_request(item.request_id)
@@ -330,12 +338,17 @@ class Pipeline:
                         done.add(out.request_id)
                     if stream:
                         # new_token_ids: pieces add up to the answer (a piece's log-probs are its tokens')
-                        piece = self._response(out, item.index, text=out.delta, token_ids=out.new_token_ids)
+                        response = self._response(out, item.index, text=out.delta, token_ids=out.new_token_ids)
                         if out.logprobs:
-                            piece.logprobs = out.logprobs[-len(out.new_token_ids):]
-                        yield item, piece
+                            response.logprobs = out.logprobs[-len(out.new_token_ids):]
                     elif out.finished:
-                        yield item, self._response(out, item.index)
+                        response = self._response(out, item.index)
+                    else:
+                        continue
+                    if out.finished and item.request is not None and item.output_logits is not None:
+                        response.logits = answer_logits(self.engine.model, item.request, out.token_ids,
+                                                        item.output_logits, self.engine.processor.img_context_id)
+                    yield item, response
         finally:
             for rid in by_id:
                 if rid not in done:

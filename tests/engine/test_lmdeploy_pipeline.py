@@ -11,6 +11,7 @@ import base64
 import io
 
 import pytest
+import torch
 from PIL import Image
 
 from internvl_runtime import (
@@ -242,14 +243,35 @@ def test_generation_config_fields(pipe) -> None:
         assert kept.text.endswith(stop_word) and not dropped.text.endswith(stop_word)
     special = pipe.infer("hello", GenerationConfig(max_new_tokens=4, stop_token_ids=[], skip_special_tokens=False))
     assert isinstance(special.text, str)
-    for field, value in [("output_logits", "all"), ("output_last_hidden_state", "generation"),
+    for field, value in [("output_last_hidden_state", "generation"),
                          ("logits_processors", [lambda ids, logits: logits]), ("logprob_start_len", 0),
                          ("return_ppl", True), ("repetition_ngram_size", 3)]:
         with pytest.raises(UnsupportedFeature, match=field):
             GenerationConfig(**{field: value})
-    for bad in (dict(n=0), dict(min_p=1.5), dict(top_p=0.0), dict(temperature=-1.0), dict(bad_words="x")):
+    for bad in (dict(n=0), dict(output_logits="some"), dict(min_p=1.5), dict(top_p=0.0), dict(temperature=-1.0),
+                dict(bad_words="x")):
         with pytest.raises(InvalidGenerationConfig):
             GenerationConfig(**bad)
+
+
+def test_output_logits(pipe) -> None:
+    """The logits an answer's tokens were chosen from: greedy picks each row's argmax, and the rows give the
+    sampler's log-probabilities; "all" adds the prompt's rows (an image prompt: its features are in them)."""
+    prompt = ("describe this image", TIGER)
+    answer = pipe(prompt, GenerationConfig(max_new_tokens=5, ignore_eos=True, logprobs=0, output_logits="generation"))
+    assert answer.logits is not None and tuple(answer.logits.shape) == (5, pipe.engine.vocab_size)
+    assert answer.logits.argmax(-1).tolist() == answer.token_ids
+    assert answer.logprobs is not None
+    chosen = answer.logits.log_softmax(-1)[range(5), answer.token_ids]
+    assert chosen.tolist() == pytest.approx([lp.logprob for lp in answer.logprobs], abs=1e-3)
+    everything = pipe(prompt, GenerationConfig(max_new_tokens=5, ignore_eos=True, output_logits="all"))
+    assert everything.logits is not None
+    assert everything.logits.shape[0] == everything.input_token_len + 5 - 1
+    assert torch.allclose(everything.logits[-5:], answer.logits, atol=1e-4)
+    streamed = list(pipe.stream_infer(prompt, gen_config=GenerationConfig(max_new_tokens=5, ignore_eos=True,
+                                                                           output_logits="generation")))
+    assert streamed[-1].logits is not None and torch.allclose(streamed[-1].logits, answer.logits, atol=1e-4)
+    assert pipe(prompt, GenerationConfig(max_new_tokens=5)).logits is None
 
 
 # -- configuration mapping (no model needed) ----------------------------------------------------------------
