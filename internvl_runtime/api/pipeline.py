@@ -29,7 +29,7 @@ from __future__ import annotations
 import atexit
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -483,10 +483,10 @@ def _check_lmdeploy_options(do_preprocess: bool, adapter_name: str | None) -> No
 
 def pipeline(model_path: str | Path, backend_config: EngineConfig | TurbomindEngineConfig | PytorchEngineConfig
              | None = None, chat_template_config: ChatTemplateConfig | None = None, log_level: str | None = None,
-             max_log_len: int | None = None, trust_remote_code: bool = False, *,
-             vision_config: VisionConfig | None = None, session_len: int | None = None,
-             dtype: torch.dtype | str | None = "auto", device: str = "cpu", tensor_parallel_size: int = 1,
-             **engine_kwargs: Any) -> Pipeline:
+             max_log_len: int | None = None, trust_remote_code: bool = False, speculative_config: Any = None,
+             allowed_media_domains: list[str] | None = None, *, vision_config: VisionConfig | None = None,
+             session_len: int | None = None, dtype: torch.dtype | str | None = "auto", device: str | None = None,
+             tensor_parallel_size: int = 1, **engine_kwargs: Any) -> Pipeline:
     """Load a checkpoint folder and return a :class:`Pipeline` (``dtype='auto'`` uses the checkpoint's,
     except on a CPU without native bf16, where float32 is chosen).
 
@@ -496,20 +496,33 @@ def pipeline(model_path: str | Path, backend_config: EngineConfig | TurbomindEng
     ``UnsupportedFeature``) or this runtime's ``EngineConfig``; ``chat_template_config`` (its
     ``meta_instruction`` is the system message), ``vision_config``, ``session_len``, ``log_level`` (this
     package's loggers). ``max_log_len`` and ``trust_remote_code`` are accepted: no prompt is logged and no
-    remote code is ever run.
+    remote code is ever run. ``speculative_config`` and ``allowed_media_domains`` cannot be honoured (an error).
 
-    ``tensor_parallel_size=N`` (or ``tp=N``) splits the decoder over N ranks (``internvl_runtime.distributed``):
-    under torchrun this process is one of them (the workers never return from this call); otherwise N-1
-    worker processes are spawned. ``close()`` (or the end of the program) stops them."""
+    ``device``: default the CPU, except with LMDeploy's configs (LMDeploy runs on CUDA): then CUDA when there is
+    one. Other keywords are ``EngineConfig`` fields (not with LMDeploy's configs, which set those) or
+    ``LLMEngine.from_pretrained``'s (``hub``, ``quantization``...).
+
+    ``tensor_parallel_size=N`` (or an LMDeploy config's ``tp=N``) splits the decoder over N ranks
+    (``internvl_runtime.distributed``): under torchrun this process is one of them (the workers never return
+    from this call); otherwise N-1 worker processes are spawned. ``close()`` (or the end of the program) stops
+    them."""
+    if speculative_config is not None:
+        raise UnsupportedFeature("speculative_config: speculative decoding is not supported")
+    if allowed_media_domains is not None:
+        raise UnsupportedFeature("allowed_media_domains is not supported: the pipeline fetches any http(s) image "
+                                 "URL it is given; fetch the images yourself to restrict them")
     if log_level is not None:
         set_log_level(log_level)
+    lmdeploy_style = isinstance(backend_config, (TurbomindEngineConfig, PytorchEngineConfig))
+    if device is None:
+        device = "cuda" if lmdeploy_style and torch.cuda.is_available() else "cpu"
     settings = engine_settings(model_path, backend_config, device=device, vision_config=vision_config,
                                chat_template_config=chat_template_config, session_len=session_len)
     system_message = None
     if settings is not None:
-        if engine_kwargs:
-            raise InvalidRequest(f"engine options {sorted(engine_kwargs)} cannot be combined with LMDeploy's "
-                                 "configs: set them there")
+        clash = sorted(set(engine_kwargs) & {f.name for f in fields(EngineConfig)})
+        if clash:
+            raise InvalidRequest(f"engine options {clash} cannot be combined with LMDeploy's configs: set them there")
         backend_config = settings.engine_config
         system_message = settings.system_message
         if settings.dtype != "auto":

@@ -334,6 +334,12 @@ def test_invalid_and_unsupported_configs() -> None:
         engine_settings(MODEL, {"session_len": 5}, device="cpu")
     with pytest.raises(InvalidRequest, match="log_level"):
         pipeline(MODEL, log_level="LOUD")
+    with pytest.raises(UnsupportedFeature, match="speculative"):
+        pipeline(MODEL, speculative_config=object())
+    with pytest.raises(UnsupportedFeature, match="allowed_media_domains"):
+        pipeline(MODEL, allowed_media_domains=["example.com"])
+    with pytest.raises(InvalidRequest, match="max_num_seqs"):
+        pipeline(MODEL, backend_config=TurbomindEngineConfig(), max_num_seqs=3)
 
 
 def test_chat_template_config_sets_the_system_message(pipe) -> None:
