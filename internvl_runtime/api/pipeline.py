@@ -11,6 +11,17 @@ Example::
     for piece in pipe.stream_infer(("describe this image", "cat.jpg")):
         print(piece.text, end="")
 
+LMDeploy's code runs unchanged but for its import (``api.lmdeploy_config`` maps its configs)::
+
+    from internvl_runtime import pipeline, TurbomindEngineConfig, GenerationConfig
+    from internvl_runtime.vl import load_image
+    with pipeline("pretrained/InternVL2-1B", backend_config=TurbomindEngineConfig(session_len=8192)) as pipe:
+        sess = pipe.session()
+        for piece in pipe.chat(("describe this image", load_image("cat.jpg")), session=sess,
+                               gen_config=GenerationConfig(top_k=1), stream_response=True):
+            print(piece.text, end="")
+        print(pipe.get_ppl(pipe.engine.tokenizer.encode("a cat on a mat")))
+
 A prompt is a string, a ``(text, image)`` or ``(text, [images])`` tuple (images: paths, URLs, bytes,
 PIL images, or ``Video(...)`` for frames), or an OpenAI-style message list. As in LMDeploy, ``<IMAGE_TOKEN>``
 (or ``<image>``) in the text places the images there instead of before the text, and an ``image_url`` part
