@@ -52,6 +52,7 @@ from pydantic import ValidationError
 from ..distributed.launch import tensor_parallel_engine
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampler import TokenLogprobs
+from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest, UnsupportedFeature
 from ..processing.chat_messages import PipelineMessage
 from ..processing.data_url import decode_data_url, is_data_url
@@ -251,6 +252,16 @@ class _Submitted:
     output_logits: str | None = None
 
 
+@dataclass
+class _Work:
+    """One prompt ready to add: its prepared request, the params of its ``n`` answers, its session."""
+
+    request: PreparedRequest
+    params: list[SamplingParams]
+    session: Session | None
+    output_logits: str | None
+
+
 class Pipeline:
     """LMDeploy's ``Pipeline`` on this runtime's engine: ``infer`` (also ``pipe(...)``, ``batch_infer``),
     ``stream_infer``, ``chat``, ``session``, ``get_ppl``, ``close`` and ``with pipeline(...) as pipe``.
@@ -294,28 +305,32 @@ class Pipeline:
             raise InvalidRequest("gen_config must be a GenerationConfig or a list of them")
         return configs
 
-    def _submit(self, prompts: Sequence[Any], gen_config: GenerationConfig | Sequence[GenerationConfig] | None,
-                sessions: Sequence[Session | None] | None = None) -> list[_Submitted]:
-        """Add every prompt's ``n`` requests (all checked and prepared before the first is added)."""
+    def _prepare_all(self, prompts: Sequence[Any], gen_config: GenerationConfig | Sequence[GenerationConfig] | None,
+                     sessions: Sequence[Session | None] | None = None) -> list[_Work]:
+        """Check and prepare every prompt (rendered, tiled, tokenized) and its ``n`` params; nothing is added."""
         configs = self._configs(len(prompts), gen_config)
         sessions = list(sessions) if sessions is not None else [None] * len(prompts)
         messages = [p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p) for p in prompts]
         tokenizer = self.engine.tokenizer
         if any(c.output_logits for c in configs) and (self.tp_workers or self._closer is not None):
             raise UnsupportedFeature("output_logits is not supported with tensor parallelism")
-        work = [(self._prepare(m, c), [c.to_sampling_params(tokenizer, copy=k) for k in range(c.n)])
-                for m, c in zip(messages, configs, strict=True)]
+        return [_Work(self._prepare(m, c), [c.to_sampling_params(tokenizer, copy=k) for k in range(c.n)], session,
+                      c.output_logits)
+                for m, c, session in zip(messages, configs, sessions, strict=True)]
+
+    def _add(self, work: list[_Work]) -> list[_Submitted]:
+        """Add the prepared requests to the engine (all or, when one is refused, none)."""
         submitted: list[_Submitted] = []
         try:
-            for index, ((request, params), session, config) in enumerate(zip(work, sessions, configs, strict=True)):
-                for param in params:
+            for index, item in enumerate(work):
+                for param in item.params:
                     rid = f"pipe-{next(self._ids)}"
-                    self.engine.add_request(rid, request, param)
-                    submitted.append(_Submitted(rid, index, session, request if config.output_logits else None,
-                                                config.output_logits))
+                    self.engine.add_request(rid, item.request, param)
+                    submitted.append(_Submitted(rid, index, item.session,
+                                                item.request if item.output_logits else None, item.output_logits))
         except BaseException:
-            for item in submitted:
-                self.engine.abort_request(item.request_id)
+            for added in submitted:
+                self.engine.abort_request(added.request_id)
             raise
         return submitted
 
@@ -375,7 +390,7 @@ class Pipeline:
         _check_lmdeploy_options(do_preprocess, adapter_name)
         batch = self._is_batch(prompts)
         items = prompts if batch else [prompts]
-        submitted = self._submit(items, gen_config)
+        submitted = self._add(self._prepare_all(items, gen_config))
         order = {item.request_id: i for i, item in enumerate(submitted)}
         final: list[Response | None] = [None] * len(submitted)
         progress = None
@@ -420,11 +435,12 @@ class Pipeline:
                                      "config as gen_config=")
             if len(sessions) != len(items):
                 raise InvalidRequest(f"{len(items)} prompts but {len(sessions)} sessions")
-        return self._stream(self._submit(items, gen_config, sessions), stream_response)
+        return self._stream(self._prepare_all(items, gen_config, sessions), stream_response)
 
-    def _stream(self, submitted: list[_Submitted], stream_response: bool) -> Iterator[Response]:
+    def _stream(self, work: list[_Work], stream_response: bool) -> Iterator[Response]:
+        """The requests are added at the first ``next()`` (an iterator never started leaves none behind)."""
         whole: dict[str, Response] = {}
-        for item, piece in self._run(submitted, stream=stream_response):
+        for item, piece in self._run(self._add(work), stream=stream_response):
             if item.session is not None:
                 so_far = whole.get(item.request_id)
                 whole[item.request_id] = so_far.extend(piece) if so_far else _copy(piece)
@@ -441,9 +457,9 @@ class Pipeline:
         if gen_config is not None and gen_config.n != 1:
             raise InvalidRequest("chat answers one turn: n must be 1")
         messages = session.messages + to_messages(prompt)
-        submitted = self._submit([messages], gen_config, [session])
+        work = self._prepare_all([messages], gen_config, [session])
         session.prompt = prompt
-        pieces = self._stream(submitted, stream_response=True)
+        pieces = self._stream(work, stream_response=True)
 
         def turn() -> Iterator[Response]:
             yield from pieces

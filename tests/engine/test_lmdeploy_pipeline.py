@@ -188,6 +188,9 @@ def test_stream_infer_with_sessions(pipe) -> None:
         pipe.stream_infer(["a", "b"], sessions=[pipe.session()], gen_config=SHORT)
     with pytest.raises(InvalidRequest, match="gen_config"):
         pipe.stream_infer("a", SHORT)                 # LMDeploy's second argument is sessions
+    never_started = pipe.stream_infer(["a", "b"], gen_config=SHORT)
+    assert not pipe.engine.has_unfinished_requests()      # added at the first next(), so none is left behind
+    del never_started
 
 
 def test_chat_stream_response_streams(pipe) -> None:
