@@ -3,9 +3,15 @@
 The official quick start works with only its import line changed::
 
     from internvl_runtime import AutoModel, AutoTokenizer, load_image
+
+and so do LMDeploy's InternVL2 snippets::
+
+    from internvl_runtime import pipeline, TurbomindEngineConfig, GenerationConfig
+    from internvl_runtime.vl import load_image
 """
 
 from .api.auto import AutoModel, InternVLChatModel
+from .api.lmdeploy_config import ChatTemplateConfig, PytorchEngineConfig, TurbomindEngineConfig, VisionConfig
 from .api.pipeline import GenerationConfig, Pipeline, Response, Session, Video, pipeline
 from .api.streamer import TextIteratorStreamer, TextStreamer
 from .config import InternVLConfig
@@ -53,6 +59,7 @@ from .version import __version__
 __all__ = [
     "AsyncEngine", "EngineConfig", "GenerationConfig", "LLMEngine", "Pipeline", "RequestOutput", "Response",
     "SamplingParams", "Session", "Video", "pipeline",
+    "ChatTemplateConfig", "PytorchEngineConfig", "TurbomindEngineConfig", "VisionConfig",
     "AutoModel", "AutoTokenizer", "HubOptions", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer",
     "TextStreamer", "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
     "CheckpointError", "CheckpointNotFound", "ConfigError", "ContextLengthExceeded", "EngineDead", "EngineOverloaded",

@@ -70,7 +70,7 @@ def test_multi_image_batch_video_and_messages(pipe) -> None:
 
 def test_stream_infer_pieces_add_up(pipe) -> None:
     full = pipe(("describe this image", IMAGE1), GREEDY)
-    pieces = list(pipe.stream_infer(("describe this image", IMAGE1), GREEDY))
+    pieces = list(pipe.stream_infer(("describe this image", IMAGE1), gen_config=GREEDY))
     assert "".join(p.text for p in pieces) == full.text
     assert pieces[-1].finish_reason is not None
 

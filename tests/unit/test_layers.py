@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "internvl_runtime"
 #: Lowest first. A module belongs to the first entry that is its dotted name or a prefix of it.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version", "hardware", "config", "hub", "testing"),
-    ("weights", "processing", "kernels"),
+    ("weights", "processing", "kernels", "vl"),
     ("models", "quantization"),
     ("compute_plan", "decode_stack", "placement"),
     ("loading",),
