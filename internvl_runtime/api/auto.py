@@ -29,8 +29,8 @@ placed, a kernel for the dtype and the quantization on each device) runs before 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import UnsupportedFeature

@@ -42,7 +42,13 @@ from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.model_runner import ModelRunner
 from ..engine.sampler import Sampler, SamplerOutput, SamplingRow
 from ..engine.sampling_params import SamplingParams
-from ..errors import ContextLengthExceeded, InvalidGenerationConfig, InvalidRequest, PlaceholderMismatch, UnsupportedFeature
+from ..errors import (
+    ContextLengthExceeded,
+    InvalidGenerationConfig,
+    InvalidRequest,
+    PlaceholderMismatch,
+    UnsupportedFeature,
+)
 from ..models.decoders.base import DecoderForCausalLM
 from ..processing.inputs import PreparedRequest
 from ..processing.spans import MultiModalSpan

@@ -18,13 +18,12 @@ from torch import nn
 
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
-from .layers.attention import AttentionMetadata, KVCache
 from ..weights.loader import Transform, checkpoint_files, load_weights
 from .decoders.base import DecoderForCausalLM
+from .layers.attention import AttentionMetadata, KVCache
 from .projector import Projector, pixel_shuffle
 from .registry import decoder_class
 from .vision.intern_vit import InternVisionModel
-
 
 _FORWARD_BLOCK = 16  # KV block size of forward()'s one-off cache
 

@@ -178,8 +178,8 @@ def test_forward_left_padded_batch_equals_the_goldens(model, tokenizer):
     ref = np.load(GOLDENS / record["logits0_file"]).reshape(len(items), -1)
     assert rel_err(out.logits[:, -1], ref) <= 1e-5
     assert not out.logits[mask == 0].any()  # masked positions hold zeros
-    loss_out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
-                     return_dict=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss_out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
     assert loss_out[0].dim() == 0 and torch.isfinite(loss_out[0])
 
 
@@ -287,7 +287,7 @@ def _eval_config(script: str, num_beams: int, temperature: float = 0.0) -> dict:
                     eos_token_id=None)
     max_new, min_new = {"mmbench": (100, 1), "vqa": (10, 1), "caption": (30, 8), "mvbench": (1000, 1)}[script]
     return dict(num_beams=num_beams, max_new_tokens=max_new, min_new_tokens=min_new,
-                do_sample=True if temperature > 0 else False, temperature=temperature)
+                do_sample=temperature > 0, temperature=temperature)   # the scripts: True if ... else False
 
 
 @pytest.mark.parametrize("num_beams", [1, 5])
