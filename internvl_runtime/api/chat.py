@@ -232,6 +232,33 @@ class OfficialChatMixin:
             raise InvalidRequest(f"system_message must be a string, got {type(value).__name__}")
         self._system_message = value
 
+    def _refuse_cast_if_quantized(self, dtype: torch.dtype | None) -> None:
+        if dtype is not None and getattr(self, "quantization", None) is not None:
+            raise UnsupportedFeature(f"casting a quantized model to {dtype} is not supported (its int8/int4 "
+                                     f"weights and their scales keep their formats); load it with torch_dtype={dtype}")
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.to``; a dtype cast of a quantized model raises ``UnsupportedFeature`` (as transformers
+        refuses it for bitsandbytes models), a move is fine."""
+        self._refuse_cast_if_quantized(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    def half(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float16)
+        return super().half()  # type: ignore[misc]
+
+    def float(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float32)
+        return super().float()  # type: ignore[misc]
+
+    def bfloat16(self) -> Any:
+        self._refuse_cast_if_quantized(torch.bfloat16)
+        return super().bfloat16()  # type: ignore[misc]
+
+    def double(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float64)
+        return super().double()  # type: ignore[misc]
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """``to()``, ``cuda()``, ``cpu()``, ``half()``... move or cast every parameter and buffer (nn.Module's
         work), then drop what was built for the old device or dtype: the engine behind ``generate`` and the

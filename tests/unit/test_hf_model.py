@@ -130,6 +130,32 @@ def test_bitsandbytes_quantization_config_maps_to_ours():
     assert model4.quantization.mode == "int4"
 
 
+class BitsAndBytesConfigShaped:
+    """What transformers' ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_compute_dtype=torch.bfloat16)`` gives: fields read through ``to_dict()``."""
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "bitsandbytes", "_load_in_8bit": False, "_load_in_4bit": True,
+                "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False,
+                "llm_int8_has_fp16_weight": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False,
+                "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+                "load_in_4bit": True, "load_in_8bit": False}
+
+
+def test_bitsandbytes_config_object(tokenizer):
+    # VLMEvalKit's call: quantization_config, device_map, low_cpu_mem_usage, use_flash_attn, trust_remote_code
+    model = AutoModel.from_pretrained(CKPT, torch_dtype=torch.bfloat16, quantization_config=BitsAndBytesConfigShaped(),
+                                      device_map="cpu", low_cpu_mem_usage=True, use_flash_attn=True,
+                                      trust_remote_code=True).eval()
+    assert model.quantization.mode == "int4" and model.dtype == torch.bfloat16
+    assert isinstance(model.chat(tokenizer, None, "Hi", dict(max_new_tokens=3)), str)
+    with pytest.raises(UnsupportedFeature, match="quantized"):
+        model.to(torch.float32)
+    with pytest.raises(UnsupportedFeature, match="quantized"):
+        model.half()
+    assert model.to("cpu") is model and model.cpu() is model
+
+
 @pytest.mark.parametrize("config", [
     {"load_in_8bit": True, "llm_int8_threshold": 3.0},
     {"load_in_8bit": True, "llm_int8_skip_modules": ["language_model.model.layers.0"]},
