@@ -23,6 +23,14 @@ run past it.
 KV cache that this object keeps): the same hypotheses, scores and returned rows as the
 reference's ``generate``, with ``length_penalty``, ``early_stopping`` and ``num_return_sequences``
 (``chat`` answers with the first, ``batch_chat`` returns them all, as the reference).
+
+transformers' other generation keys: ``max_length`` (the bos plus the new tokens, as transformers counts
+for the reference, whose prompt is embeddings), ``no_repeat_ngram_size`` (in ``Sampler.penalize``, so in
+beam search too), ``use_cache`` (accepted), and ``return_dict_in_generate`` / ``output_scores``
+(``GenerateOutput``: ``sequences``, per-step ``scores`` recorded by ``ScoreRecorder``, beam search's
+``sequences_scores``). The object also carries the official model's attributes: a settable
+``system_message`` (VLMEvalKit and the streamlit worker set it), ``conv_template``; ``to()``/``cuda()``/
+``cpu()`` drop the engines built for the old device or dtype (``_apply``).
 """
 
 from __future__ import annotations

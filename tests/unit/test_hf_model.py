@@ -192,6 +192,15 @@ def test_forward_logits_equal_the_goldens_text_and_image(model, tokenizer):
         model(pixel_values=pixel_values, input_ids=ids, image_flags=torch.zeros(pixel_values.shape[0], 1))
 
 
+@pytest.mark.parametrize("variant", ["tiny-2B", "tiny-4B", "tiny-8B", "tiny-26B", "tiny-40B", "tiny-76B"])
+def test_forward_every_decoder_family_equals_the_goldens(variant):
+    """InternLM2, Phi-3 (its su rope), Yi/Llama, Llama-3: the text prompt's logits at every decoder."""
+    record = json.loads((FIXTURES / "goldens" / variant / "text_chat.json").read_text(encoding="utf-8"))["rounds"][0]
+    model = AutoModel.from_pretrained(FIXTURES / "ckpt" / variant, torch_dtype=torch.float32)
+    out = model(input_ids=torch.tensor(record["input_ids"]))
+    assert rel_err(out.logits[0, -1], np.load(FIXTURES / "goldens" / variant / record["logits0_file"])) <= 1e-5
+
+
 def test_forward_left_padded_batch_equals_the_goldens(model, tokenizer):
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     record = golden("batch_chat_2_text_len")
