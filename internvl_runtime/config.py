@@ -8,6 +8,7 @@ folder names.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -192,9 +193,38 @@ class LLMConfig:
         return cfg
 
 
+class ConfigView:
+    """Attribute access to one section of ``config.json`` as the file has it (``vision_config``,
+    ``llm_config``), what code written for transformers' ``PretrainedConfig`` reads (the official
+    ``split_model`` reads ``config.llm_config.num_hidden_layers``). A read-only copy: changing it does
+    not change the loaded model."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = copy.deepcopy(data)
+
+    def __getattr__(self, name: str) -> Any:
+        data = self.__dict__.get("_data", {})
+        if name not in data:
+            raise AttributeError(f"config has no field {name!r}")
+        value = data[name]
+        return ConfigView(value) if isinstance(value, dict) else copy.deepcopy(value)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._data
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._data!r})"
+
+
 @dataclass(frozen=True)
 class InternVLConfig:
-    """The whole checkpoint: vision encoder, projector settings, LLM, template and tiling defaults."""
+    """The whole checkpoint: vision encoder, projector settings, LLM, template and tiling defaults.
+
+    ``vision_config``, ``llm_config`` and ``to_dict()`` give the file's own fields, as transformers'
+    ``InternVLChatConfig`` does, for code that reads them by their file names."""
 
     vision: VisionConfig
     llm: LLMConfig
@@ -211,6 +241,20 @@ class InternVLConfig:
     system_message: str | None = None
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def vision_config(self) -> ConfigView:
+        """The file's ``vision_config`` section (``num_hidden_layers``, ``image_size``, ...)."""
+        return ConfigView(self.raw.get("vision_config", {}))
+
+    @property
+    def llm_config(self) -> ConfigView:
+        """The file's ``llm_config`` section (``num_hidden_layers``, ``architectures``, ...)."""
+        return ConfigView(self.raw.get("llm_config", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A copy of the whole ``config.json`` as read."""
+        return copy.deepcopy(self.raw)
 
     @property
     def image_size(self) -> int:

@@ -23,6 +23,14 @@ run past it.
 KV cache that this object keeps): the same hypotheses, scores and returned rows as the
 reference's ``generate``, with ``length_penalty``, ``early_stopping`` and ``num_return_sequences``
 (``chat`` answers with the first, ``batch_chat`` returns them all, as the reference).
+
+transformers' other generation keys: ``max_length`` (the bos plus the new tokens, as transformers counts
+for the reference, whose prompt is embeddings), ``no_repeat_ngram_size`` (in ``Sampler.penalize``, so in
+beam search too), ``use_cache`` (accepted), and ``return_dict_in_generate`` / ``output_scores``
+(``GenerateOutput``: ``sequences``, per-step ``scores`` recorded by ``ScoreRecorder``, beam search's
+``sequences_scores``). The object also carries the official model's attributes: a settable
+``system_message`` (VLMEvalKit and the streamlit worker set it), ``conv_template``; ``to()``/``cuda()``/
+``cpu()`` drop the engines built for the old device or dtype (``_apply``).
 """
 
 from __future__ import annotations
@@ -35,12 +43,20 @@ from typing import Any
 
 import torch
 
+from ..compute_plan import apply_plan, choose_plan
 from ..config import InternVLConfig
 from ..engine.beam_search import BeamRequest, beam_search, blocks_needed, check_beam_params
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.model_runner import ModelRunner
+from ..engine.sampler import Sampler, SamplerOutput, SamplingRow
 from ..engine.sampling_params import SamplingParams
-from ..errors import ContextLengthExceeded, InvalidRequest, PlaceholderMismatch, UnsupportedFeature
+from ..errors import (
+    ContextLengthExceeded,
+    InvalidGenerationConfig,
+    InvalidRequest,
+    PlaceholderMismatch,
+    UnsupportedFeature,
+)
 from ..models.decoders.base import DecoderForCausalLM
 from ..processing.inputs import PreparedRequest
 from ..processing.spans import MultiModalSpan
@@ -83,6 +99,61 @@ class IdsOnlyVocabulary:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return ""
+
+
+class ScoreRecorder(Sampler):
+    """The sampler of the engine behind ``generate()``: samples as ``Sampler``, and for the requests whose
+    params are watched (``output_scores``) keeps every step's scores as transformers' ``generate``
+    records them: the logits after the logits processors (repetition penalty, ``min_new_tokens``,
+    ``no_repeat_ngram_size``: ``Sampler.penalize``), and for sampled rows after the warpers too
+    (temperature, top-k, top-p: ``Sampler.warp``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, list[torch.Tensor]] = {}  # id(params) -> the request's scores, step by step
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        picked = [i for i, row in enumerate(rows) if id(row.params) in self.watched]
+        if picked:
+            chosen = [rows[i] for i in picked]
+            scores = self.penalize(logits[picked], chosen)
+            for j, row in enumerate(chosen):
+                kept = scores[j:j + 1]
+                if not row.params.is_greedy:
+                    kept = self.warp(kept.clone(), [row])
+                self.watched[id(row.params)].append(kept[0].cpu())
+        return super().__call__(logits, rows)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """``generate(..., return_dict_in_generate=True)``: transformers' ``GenerateDecoderOnlyOutput`` /
+    ``GenerateBeamDecoderOnlyOutput`` fields we fill. ``sequences``: what ``generate`` returns otherwise.
+    ``scores`` (``output_scores``, greedy and sampling): one (rows, vocab) float32 tensor per step, the
+    processed scores transformers records (``ScoreRecorder``); a row that has already finished holds -inf
+    there (transformers runs it on its pad token; those values mean nothing). Beam search:
+    ``sequences_scores`` (each returned hypothesis's score, ``beam_search.Hypothesis.score``) and no
+    per-step ``scores``. Read by attribute, key or position, as a ``ModelOutput``."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
 def image_runs(ids: Sequence[int], img_context_token_id: int) -> list[tuple[int, int]]:
@@ -145,14 +216,69 @@ class OfficialChatMixin:
     img_context_token_id: int | None
     extract_feature: Callable[[torch.Tensor], torch.Tensor]
 
+    _system_message: str | None = None
+    _score_recorder: ScoreRecorder | None = None
+    template: str
+    compute_plan: object | None
+
     # -- helpers ---------------------------------------------------------------------------------
     @property
     def conv_template(self):  # the official streaming snippet reads model.conv_template.sep
-        return get_template(self.config.template)
+        return get_template(self.template)
 
     @property
     def system_message(self) -> str:
-        return self.config.system_message or get_template(self.config.template).system_message
+        """The system prompt ``chat``/``batch_chat`` build with: the config's ``system_message``, else the
+        template's. Settable, as the official attribute (VLMEvalKit and the streamlit worker set it)."""
+        if self._system_message is not None:
+            return self._system_message
+        return self.config.system_message or get_template(self.template).system_message
+
+    @system_message.setter
+    def system_message(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise InvalidRequest(f"system_message must be a string, got {type(value).__name__}")
+        self._system_message = value
+
+    def _refuse_cast_if_quantized(self, dtype: torch.dtype | None) -> None:
+        if dtype is not None and getattr(self, "quantization", None) is not None:
+            raise UnsupportedFeature(f"casting a quantized model to {dtype} is not supported (its int8/int4 "
+                                     f"weights and their scales keep their formats); load it with torch_dtype={dtype}")
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.to``; a dtype cast of a quantized model raises ``UnsupportedFeature`` (as transformers
+        refuses it for bitsandbytes models), a move is fine."""
+        self._refuse_cast_if_quantized(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return super().to(*args, **kwargs)  # type: ignore[misc]
+
+    def half(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float16)
+        return super().half()  # type: ignore[misc]
+
+    def float(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float32)
+        return super().float()  # type: ignore[misc]
+
+    def bfloat16(self) -> Any:
+        self._refuse_cast_if_quantized(torch.bfloat16)
+        return super().bfloat16()  # type: ignore[misc]
+
+    def double(self) -> Any:
+        self._refuse_cast_if_quantized(torch.float64)
+        return super().double()  # type: ignore[misc]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``to()``, ``cuda()``, ``cpu()``, ``half()``... move or cast every parameter and buffer (nn.Module's
+        work), then drop what was built for the old device or dtype: the engine behind ``generate`` and the
+        beam-search runner with their KV caches (rebuilt at the next call), and the compute plan is chosen
+        again for where the model now is. Returns ``self``, as ``nn.Module``'s."""
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        self._generation_engine = None
+        self._beam_runner = None
+        if self.compute_plan is not None:  # a loaded model (not the meta skeleton being allocated)
+            weight = self.language_model.get_input_embeddings().weight
+            apply_plan(self, choose_plan(weight.dtype, weight.device))  # type: ignore[arg-type]
+        return result
 
     @property
     def generation_engine(self) -> LLMEngine | None:
@@ -182,21 +308,31 @@ class OfficialChatMixin:
         assert self.img_context_token_id is not None      # generate() checks it before it asks for an engine
         vocabulary = IdsOnlyVocabulary(self.config.llm.vocab_size, self.img_context_token_id)
         config = EngineConfig(block_size=_BLOCK_SIZE, enable_prefix_caching=False, image_cache_bytes=0, **wanted)
-        self._generation_engine = LLMEngine(self, vocabulary, config)
+        self._score_recorder = ScoreRecorder()
+        self._generation_engine = LLMEngine(self, vocabulary, config, sampler=self._score_recorder)
         return self._generation_engine
 
     # -- generate --------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, visual_features: torch.Tensor | None = None,
-                 **generation_config: Any) -> torch.Tensor:
+                 **generation_config: Any) -> torch.Tensor | GenerateOutput:
         """As the reference ``generate``: embeddings with image features merged, then decoding.
-        Returns (B, 1 + new tokens): the LLM bos id, then the generated ids (pad id after a row ends)."""
+        Returns (B, 1 + new tokens): the LLM bos id, then the generated ids (pad id after a row ends);
+        with ``return_dict_in_generate`` a ``GenerateOutput`` holding them (and the scores with
+        ``output_scores``). ``max_length`` counts the bos and the new tokens, as transformers does for the
+        reference (its prompt arrives as embeddings)."""
         if input_ids is None:
             raise InvalidRequest("generate() needs input_ids")
         if self.img_context_token_id is None:
             raise InvalidRequest("img_context_token_id is not set: call chat()/batch_chat() or set it")
-        generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        return_dict = generation_config.pop("return_dict_in_generate", None)
+        output_scores = generation_config.pop("output_scores", None)
+        for name, flag in (("return_dict_in_generate", return_dict), ("output_scores", output_scores)):
+            if flag is not None and not isinstance(flag, bool):
+                raise InvalidGenerationConfig(f"{name} must be true or false, got {flag!r}")
+        if generation_config.get("max_length") is None:
+            generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         params, streamer = SamplingParams.from_generation_config(generation_config)
         llm = self.config.llm
         bos = llm.bos_token_id if llm.bos_token_id is not None else 0
@@ -226,14 +362,26 @@ class OfficialChatMixin:
         requests = engine_requests(rows, features, self.img_context_token_id)
         if params.num_beams > 1:
             check_beam_params(params, streaming=streamer is not None)
-            return self._beam_search(requests, params, bos, pad)
-        outputs = self._run_engine(requests, params, streamer, bos, pad)
+            sequences, sequence_scores = self._beam_search(requests, params, bos, pad)
+            if not return_dict:
+                return sequences
+            return GenerateOutput(sequences, sequences_scores=sequence_scores if output_scores else None)
+        # One params object per row: the score recorder knows a row by its params.
+        params_list = [dataclasses.replace(params) for _ in requests] if output_scores else [params] * len(requests)
+        outputs, steps = self._run_engine(requests, params_list, streamer, bos, pad, bool(output_scores))
         width = max(len(o) for o in outputs)
         result = torch.full((len(rows), 1 + width), pad, dtype=torch.long)
         result[:, 0] = bos
         for i, out in enumerate(outputs):
             result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
-        return result
+        if not return_dict:
+            return result
+        scores = None
+        if output_scores:
+            vocab = self.config.llm.vocab_size
+            scores = tuple(torch.stack([row[s] if s < len(row) else torch.full((vocab,), float("-inf"))
+                                        for row in steps]) for s in range(width))
+        return GenerateOutput(result, scores=scores)
 
     def _beam_runner_for(self, num_blocks: int) -> ModelRunner:
         """The runner beam search drives, with a KV cache of at least ``num_blocks`` blocks (kept, grown
@@ -249,7 +397,7 @@ class OfficialChatMixin:
         return runner
 
     def _beam_search(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]], params: SamplingParams,
-                     bos: int, pad: int) -> torch.Tensor:
+                     bos: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' beam search (``engine.beam_search``); returns what its ``finalize`` returns: per
         prompt the ``num_return_sequences`` best, best first, each the bos, the new ids, then the eos
         where the width leaves room, rows padded with ``pad`` when their lengths differ."""
@@ -274,14 +422,20 @@ class OfficialChatMixin:
             result[i, 1:length] = torch.tensor(h.token_ids, dtype=torch.long)
             if length < width:
                 result[i, length] = params.stop_token_ids[0]
-        return result
+        return result, torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
 
-    def _run_engine(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]], params: SamplingParams,
-                    streamer: Any, bos: int, pad: int) -> list[list[int]]:
-        """Every row to its end on the engine; returns the generated ids of each row. A streamer gets what
-        transformers' ``generate`` gives it: the bos column, then one (B,) column of ids per step, finished
-        rows padded, then ``end()``."""
-        engine = self._engine_for([len(r.prompt_token_ids) for r, _ in requests], params.max_new_tokens)
+    def _run_engine(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]],
+                    params: list[SamplingParams], streamer: Any, bos: int, pad: int, record_scores: bool = False
+                    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """Every row to its end on the engine (row i with ``params[i]``); returns the generated ids of each
+        row, and with ``record_scores`` each row's per-step scores (``ScoreRecorder``; the params must be
+        distinct objects). A streamer gets what transformers' ``generate`` gives it: the bos column, then
+        one (B,) column of ids per step, finished rows padded, then ``end()``."""
+        engine = self._engine_for([len(r.prompt_token_ids) for r, _ in requests], params[0].max_new_tokens)
+        recorder = self._score_recorder
+        assert recorder is not None  # built with the engine
+        if record_scores:
+            recorder.watched = {id(p): [] for p in params}
         num_rows = len(requests)
         streamed: list[list[int]] = [[] for _ in requests]
         done = [False] * num_rows
@@ -305,14 +459,17 @@ class OfficialChatMixin:
         try:
             finals = engine.generate([r for r, _ in requests], params, image_features=[f for _, f in requests],
                                      on_output=on_output if streamer is not None else None)
+            scores = [recorder.watched.get(id(p), []) for p in params] if record_scores else []
         except BaseException:
             if engine.has_unfinished_requests():  # stopped inside a step: do not reuse it
                 self._generation_engine = None
             raise
+        finally:
+            recorder.watched = {}
         if streamer is not None:
             put_columns()
             streamer.end()
-        return [out.token_ids for out in finals]
+        return [out.token_ids for out in finals], scores
 
     # -- chat ------------------------------------------------------------------------------------
     def build_chat_query(self, pixel_values: torch.Tensor | None, question: str,
@@ -330,7 +487,7 @@ class OfficialChatMixin:
         if sum(num_patches_list) != num_tiles:
             raise PlaceholderMismatch(f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} "
                                       f"but pixel_values holds {num_tiles} tiles")
-        query = build_prompt(self.config.template, question, list(history or ()), self.system_message)
+        query = build_prompt(self.template, question, list(history or ()), self.system_message)
         return question, expand_image_placeholders(query, num_patches_list, self.num_image_token)
 
     def chat(self, tokenizer, pixel_values: torch.Tensor | None, question: str, generation_config: dict,
@@ -339,7 +496,7 @@ class OfficialChatMixin:
              IMG_END_TOKEN: str = "</img>", IMG_CONTEXT_TOKEN: str = IMG_CONTEXT_TOKEN, verbose: bool = False):
         """One turn of conversation; with ``return_history`` returns (response, history)."""
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        template = get_template(self.config.template)
+        template = get_template(self.template)
         question, query = self.build_chat_query(pixel_values, question, history, num_patches_list)
         history = [] if history is None else [(str(h[0]), str(h[1])) for h in history]
         if verbose and pixel_values is not None:
@@ -349,6 +506,8 @@ class OfficialChatMixin:
         config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
+        if isinstance(output, GenerateOutput):
+            output = output.sequences
         response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
         response = response.split(template.sep)[0].strip()
         history.append((question, response))
@@ -380,12 +539,12 @@ class OfficialChatMixin:
             raise PlaceholderMismatch(f"num_patches_list {num_patches_list} sums to {sum(num_patches_list)} "
                                       f"but pixel_values holds {num_tiles} tiles")
         self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        template = get_template(self.config.template)
+        template = get_template(self.template)
         queries = []
         for question, num_patches in zip(questions, num_patches_list, strict=True):
             if pixel_values is not None and IMAGE_PLACEHOLDER not in question:
                 question = IMAGE_PLACEHOLDER + "\n" + question
-            query = build_prompt(self.config.template, question, (), self.system_message)
+            query = build_prompt(self.template, question, (), self.system_message)
             queries.append(expand_image_placeholders(query, [num_patches] if pixel_values is not None else [],
                                                      self.num_image_token))
         previous_side = tokenizer.padding_side
@@ -398,5 +557,7 @@ class OfficialChatMixin:
         config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
+        if isinstance(output, GenerateOutput):
+            output = output.sequences
         responses = tokenizer.batch_decode(output, skip_special_tokens=True)
         return [r.split(template.sep)[0].strip() for r in responses]

@@ -89,8 +89,20 @@ def _needs_processing(row: SamplingRow) -> bool:
         or bool(p.logit_bias)
         or row.num_output_tokens < p.min_new_tokens
         or p.logprobs is not None
+        or p.no_repeat_ngram_size > 0
         or not p.is_greedy
     )
+
+
+def banned_ngram_tokens(history: SequenceABC[int], n: int) -> list[int]:
+    """transformers' ``NoRepeatNGramLogitsProcessor`` for one row: the tokens that would complete an
+    ``n``-gram already in ``history`` (the ids that follow an earlier occurrence of its last ``n - 1``)."""
+    if n <= 0 or len(history) + 1 < n:
+        return []
+    ids = list(history)
+    prefix = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+    return sorted({ids[start + n - 1] for start in range(len(ids) - n + 1)
+                   if tuple(ids[start:start + n - 1]) == prefix})
 
 
 class Sampler:
@@ -110,7 +122,10 @@ class Sampler:
        the output alone with ``"generated"`` (the official InternVL ``generate()``, see ``SamplingParams``).
     4. Frequency and presence penalties (OpenAI's, as vLLM): with ``count`` the times a token was
        generated so far (the prompt does not count), ``logit -= frequency_penalty * count +
-       presence_penalty * (count > 0)``. One scatter-add over the batch, no per-token Python.
+       presence_penalty * (count > 0)``. One scatter-add over the batch, no per-token Python. Then
+       ``no_repeat_ngram_size`` (transformers' ``NoRepeatNGramLogitsProcessor``, over the ids the
+       repetition penalty counts as seen): a token completing an n-gram seen before gets -inf. Beam search
+       runs this step too (``engine.beam_search`` calls ``penalize``).
     5. Greedy rows (``params.is_greedy``) take the argmax of these logits; steps 6-9 do not apply.
     6. Temperature: divide by ``temperature``.
     7. Min-p (vLLM's): drop the tokens whose probability (after temperature) is below ``min_p`` times
@@ -187,7 +202,18 @@ class Sampler:
             seen = torch.where(seen < 0, seen * penalty, seen / penalty)
             out[index] = sub.scatter_(1, history, seen)
         Sampler._apply_frequency_presence(out, rows)
+        Sampler._ban_repeated_ngrams(out, rows)
         return out
+
+    @staticmethod
+    def _ban_repeated_ngrams(out: torch.Tensor, rows: SequenceABC[SamplingRow]) -> None:
+        """Step 4, last: -inf for the tokens ``banned_ngram_tokens`` names in each row that asks for it."""
+        for i, row in enumerate(rows):
+            n = row.params.no_repeat_ngram_size
+            if n > 0:
+                banned = [t for t in banned_ngram_tokens(_penalty_history(row), n) if t < out.shape[-1]]
+                if banned:
+                    out[i, banned] = float("-inf")
 
     @staticmethod
     def _add_logit_bias(out: torch.Tensor, rows: SequenceABC[SamplingRow]) -> None:

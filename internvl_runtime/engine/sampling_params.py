@@ -62,6 +62,9 @@ _GENERATION_CONFIG_KEYS = frozenset(
         "length_penalty",
         "early_stopping",
         "num_return_sequences",
+        "no_repeat_ngram_size",
+        "max_length",
+        "use_cache",
         "eos_token_id",
         "pad_token_id",
         "streamer",
@@ -127,6 +130,9 @@ class SamplingParams:
         length_penalty: beam search ranks a hypothesis by its summed logprobs / length ** length_penalty.
         early_stopping: beam search stop rule, as transformers: True, False (heuristic) or ``"never"``.
         num_return_sequences: hypotheses returned per prompt (beam search; at most ``num_beams``).
+        no_repeat_ngram_size: transformers' ``NoRepeatNGramLogitsProcessor``: a token that would complete an
+            n-gram of this size already present in the penalty history (the ids the repetition penalty counts
+            as seen, see ``repetition_penalty_scope``) gets -inf; 0 = off.
         presence_penalty: OpenAI's: subtracted once from the logit of every token generated so far
             (in [-2, 2]; 0 = off; the prompt does not count, as in OpenAI and vLLM).
         frequency_penalty: OpenAI's: subtracted from each token's logit times the number of times it was
@@ -167,6 +173,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    no_repeat_ngram_size: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
@@ -230,6 +237,7 @@ class SamplingParams:
         if self.early_stopping not in (True, False, "never"):
             raise _fail("early_stopping", 'true, false or "never"', self.early_stopping)
         self.num_return_sequences = _check_int("num_return_sequences", self.num_return_sequences, 1, self.num_beams)
+        self.no_repeat_ngram_size = _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
 
     @staticmethod
     def _check_stop(stop: object) -> list[str]:
@@ -275,7 +283,8 @@ class SamplingParams:
         return not self.do_sample
 
     @classmethod
-    def from_generation_config(cls, config: Mapping[str, Any]) -> tuple[SamplingParams, Any]:
+    def from_generation_config(cls, config: Mapping[str, Any], *, input_ids_length: int = 1
+                               ) -> tuple[SamplingParams, Any]:
         """Build params from the reference ``chat(generation_config=...)`` dict (transformers keys).
 
         Accepted keys: max_new_tokens, min_new_tokens, do_sample, temperature, top_p, top_k,
@@ -283,7 +292,13 @@ class SamplingParams:
         pad_token_id (accepted, unused) and streamer (returned, not interpreted), plus the metadata keys
         of a generation_config.json file (``_from_model_config``, ``transformers_version``,
         ``bos_token_id``), which are ignored. A value of None means "not given". Beam search also takes
-        length_penalty, early_stopping and num_return_sequences (see the attributes).
+        length_penalty, early_stopping and num_return_sequences (see the attributes); every mode takes
+        no_repeat_ngram_size. ``use_cache`` is accepted and changes nothing (the KV cache is always used).
+        ``max_length`` is transformers' total length: when ``max_new_tokens`` is not given (which wins, as
+        in transformers), ``max_new_tokens = max_length - input_ids_length``. ``input_ids_length`` is the
+        length transformers counts: 1 for the official ``generate()``, which hands the prompt to
+        transformers as embeddings, so its ``input_ids`` are only the bos it starts from (the streamlit
+        worker's ``max_length=8192`` allows 8191 new tokens there, and here).
 
         transformers' defaults apply to keys not given, so the same dict means the same thing here
         and in the reference: ``do_sample`` defaults to False (greedy) and ``top_k`` to 50. Two more
@@ -309,6 +324,13 @@ class SamplingParams:
         given = {k: v for k, v in config.items() if v is not None and k in _GENERATION_CONFIG_KEYS}
 
         streamer = given.pop("streamer", None)
+        use_cache = given.pop("use_cache", None)
+        if use_cache is not None and not isinstance(use_cache, bool):
+            raise _fail("use_cache", "true or false", use_cache)
+        max_length = given.pop("max_length", None)
+        if max_length is not None:
+            max_length = _check_int("max_length", max_length, input_ids_length + 1)
+            given.setdefault("max_new_tokens", max_length - input_ids_length)
         pad = given.pop("pad_token_id", None)
         if pad is not None:
             _check_int("pad_token_id", pad, 0)

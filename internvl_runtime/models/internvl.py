@@ -8,23 +8,64 @@ family's declared tables handle the rest. The official user-facing methods (``ch
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import InternVLConfig
-from ..errors import PlaceholderMismatch
+from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
 from ..weights.loader import Transform, checkpoint_files, load_weights
 from .decoders.base import DecoderForCausalLM
+from .layers.attention import AttentionMetadata, KVCache
 from .projector import Projector, pixel_shuffle
 from .registry import decoder_class
 from .vision.intern_vit import InternVisionModel
 
+_FORWARD_BLOCK = 16  # KV block size of forward()'s one-off cache
+
+
+@dataclass
+class CausalLMOutput:
+    """What the official ``forward`` returns (transformers' ``CausalLMOutputWithPast``): ``logits``
+    (B, T, vocab) float32, and ``loss`` when labels were given. Read by attribute, by key
+    (``out["logits"]``) or by position over the fields that are set (``out[0]``), as a ``ModelOutput``."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: Any = None
+    attentions: Any = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys())
+
 
 class InternVLModel(nn.Module):
     """The network. ``extract_feature`` maps tiles to LLM embeddings; ``embed`` merges them into a
-    prompt's token embeddings at the ``<IMG_CONTEXT>`` positions."""
+    prompt's token embeddings at the ``<IMG_CONTEXT>`` positions; ``forward`` is the official
+    ``InternVLChatModel.forward`` (all positions' logits, for scoring).
+
+    The official model's attributes are here too: ``device`` and ``dtype`` (transformers': the first
+    parameter's device; the LLM embeddings' dtype, never quantized), ``template`` (settable, as the
+    official attribute: ``chat`` uses it), ``ps_version``, ``downsample_ratio``, ``select_layer`` (read
+    from the config), ``num_image_token``."""
 
     def __init__(self, config: InternVLConfig) -> None:
         super().__init__()
@@ -37,6 +78,37 @@ class InternVLModel(nn.Module):
         # nothing here reads it: the runner is given the image token id.
         self.img_context_token_id: int | None = None
         self.compute_plan: object | None = None      # set_compute_plan
+        self._template = config.template
+
+    # ---- the official model's attributes --------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.get_input_embeddings().weight.dtype
+
+    @property
+    def template(self) -> str:
+        """The conversation template's name; setting it changes the prompts ``chat`` builds."""
+        return self._template
+
+    @template.setter
+    def template(self, name: str) -> None:
+        self._template = name
+
+    @property
+    def ps_version(self) -> str:
+        return self.config.ps_version
+
+    @property
+    def downsample_ratio(self) -> float:
+        return self.config.downsample_ratio
+
+    @property
+    def select_layer(self) -> int:
+        return self.config.select_layer
 
     def set_compute_plan(self, plan: object) -> None:
         """Record the host's compute plan (``compute_plan.ComputePlan``, chosen by the loader) for
@@ -106,6 +178,81 @@ class InternVLModel(nn.Module):
                 f"feature rows ({rows.shape[0] // max(self.num_image_token, 1)} tiles x {self.num_image_token})")
         embeds[selected] = rows.to(device=embeds.device, dtype=embeds.dtype)
         return embeds
+
+
+    # ---- the official forward --------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                image_flags: torch.Tensor | None = None, past_key_values: Any = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None) -> CausalLMOutput | tuple[Any, ...]:
+        """The official ``InternVLChatModel.forward``: logits (B, T, vocab) float32 for every position.
+
+        The tiles of ``pixel_values`` whose ``image_flags`` is 1 (all when None) are encoded, and their
+        rows fill the ``<IMG_CONTEXT>`` ids (``img_context_token_id``, set by ``chat`` or by hand) of the
+        flattened batch in order. Each row runs on its own over its ``attention_mask`` ones, at positions
+        ``position_ids`` (default 0..T-1, as transformers' decoders when none are given); a masked
+        position's logits are 0 (the reference's mean nothing there). ``labels``: the loss is
+        transformers' shifted cross-entropy (-100 ignored). Inference only (no gradients); no KV cache is
+        returned (``use_cache`` accepted); ``past_key_values``, ``output_attentions`` and
+        ``output_hidden_states`` raise ``UnsupportedFeature``. ``return_dict=False`` gives the tuple."""
+        if input_ids is None:
+            raise InvalidRequest("forward() needs input_ids")
+        if past_key_values is not None or output_attentions or output_hidden_states:
+            raise UnsupportedFeature("forward() returns logits (and the loss) only: past_key_values, "
+                                     "output_attentions and output_hidden_states are not supported")
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).reshape(ids.shape).bool()
+        positions = (position_ids.reshape(ids.shape) if position_ids is not None
+                     else torch.arange(ids.shape[1]).expand(ids.shape))
+        features = None
+        if pixel_values is not None:
+            vit = self.extract_feature(pixel_values)
+            if image_flags is not None:
+                vit = vit[image_flags.reshape(-1).to(vit.device) == 1]
+            features = vit.reshape(-1, vit.shape[-1])
+        token_id = self.img_context_token_id
+        counts = [int((row == token_id).sum()) if token_id is not None else 0 for row in ids.cpu()]
+        if features is not None and sum(counts) != features.shape[0]:
+            raise PlaceholderMismatch(f"input_ids hold {sum(counts)} <IMG_CONTEXT> tokens (img_context_token_id="
+                                      f"{token_id}) but the flagged tiles give {features.shape[0]} feature rows")
+        lm = self.language_model
+        logits = torch.zeros(*ids.shape, self.config.llm.vocab_size, dtype=torch.float32,
+                             device=lm.get_input_embeddings().weight.device)
+        longest = int(mask.sum(dim=1).max()) if ids.numel() else 0
+        cache = self._forward_cache(longest)
+        start = 0
+        for b in range(ids.shape[0]):
+            row_features = features[start:start + counts[b]] if features is not None and counts[b] else None
+            start += counts[b]
+            keep = mask[b].cpu()
+            n = int(keep.sum())
+            if n == 0:
+                continue
+            embeds = self.embed(ids[b], row_features, image_token_id=token_id)[keep.to(logits.device)]
+            meta = AttentionMetadata(query_lens=[n], seq_lens=[n], slot_mapping=torch.arange(n, device=logits.device),
+                                     context_slots=[None], context_ranges=[(0, n)])
+            hidden = lm(embeds, positions[b][keep].to(logits.device), meta, cache)
+            logits[b, keep.to(logits.device)] = lm.compute_logits(hidden).to(logits.device)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+            shift_labels = labels[..., 1:].reshape(-1).to(logits.device)
+            loss = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        output = CausalLMOutput(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _forward_cache(self, num_tokens: int) -> KVCache:
+        """A KV cache for one ``forward`` row of ``num_tokens``, each layer's pool on its layer's device."""
+        llm = self.config.llm
+        lm = self.language_model
+        devices = lm.layer_devices or lm.get_input_embeddings().weight.device
+        layer = lm.model.decoder_layers[0].self_attn
+        return KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=max(1, -(-num_tokens // _FORWARD_BLOCK)),
+                                block_size=_FORWARD_BLOCK, num_kv_heads=layer.num_kv_heads, head_dim=llm.head_dim,
+                                dtype=lm.get_input_embeddings().weight.dtype, device=devices)
 
 
 def meta_model(config: InternVLConfig, dtype: torch.dtype,

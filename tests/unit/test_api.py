@@ -99,7 +99,7 @@ def test_from_pretrained_accepts_str_path() -> None:
     assert AutoModel.from_pretrained(str(CKPT)).config.template == "Hermes-2"
 
 
-@pytest.mark.parametrize("name", ["foo_bar", "attn_implementation"])
+@pytest.mark.parametrize("name", ["foo_bar", "attn_implementations"])  # attn_implementation: test_hf_model.py
 def test_unknown_keyword(name: str) -> None:
     with pytest.raises(TypeError, match=name):
         AutoModel.from_pretrained(CKPT, **{name: 1})

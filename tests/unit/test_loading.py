@@ -73,7 +73,8 @@ def test_automodel_keeps_the_official_signature() -> None:
     params = inspect.signature(AutoModel.from_pretrained).parameters
     assert list(params) == ["path", "torch_dtype", "low_cpu_mem_usage", "use_flash_attn", "trust_remote_code",
                             "device_map", "load_in_8bit", "load_in_4bit", "quantization", "allow_pickle",
-                            "revision", "cache_dir", "token", "local_files_only", "kwargs"]
+                            "revision", "cache_dir", "token", "local_files_only", "dtype", "attn_implementation",
+                            "use_safetensors", "quantization_config", "kwargs"]
     with pytest.raises(TypeError, match="progress"):
         AutoModel.from_pretrained(CKPT, progress=True)
 
