@@ -174,6 +174,10 @@ class _SamplingFields(LenientModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None        # accepted: this server has one backend
     guided_whitespace_pattern: str | None = None      # accepted: JSON is generated compact
+    # vLLM options that would change the answer and are not served here: refused, never silently ignored
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+    best_of: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_common(self) -> _SamplingFields:
@@ -189,6 +193,13 @@ class _SamplingFields(LenientModel):
                 raise ValueError(f"logit_bias: a bias is in [-100, 100], got {bias} for token {token}")
         if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids: token ids are >= 0")
+        if self.use_beam_search:
+            raise ValueError("use_beam_search: beam search is not served (the Python API's num_beams has it); "
+                             "use n for several sampled answers")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt's logprobs are not returned by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n ({self.n}) on this server: choices are not ranked")
         return self
 
     @property
@@ -330,15 +341,12 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
     add_special_tokens: bool = False
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         if self.suffix:
             raise ValueError("suffix (fill in the middle) is not supported by these models")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of must equal n ({self.n}) on this server: choices are not ranked")
         if self.echo:
             raise ValueError("echo is not supported on /v1/completions")
         return self

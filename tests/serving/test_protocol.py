@@ -351,3 +351,10 @@ def test_server_config_engine_kwargs(tmp_path):
     config = ServerConfig(model="m", max_model_len=100, num_blocks=7, allowed_local_media_path=str(tmp_path))
     assert config.engine_kwargs()["max_model_len"] == 100 and config.engine_kwargs()["num_blocks"] == 7
     assert config.allowed_local_media_path == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("field, value", [("use_beam_search", True), ("prompt_logprobs", 1), ("best_of", 2)])
+def test_vllm_options_that_would_change_the_answer_are_refused_not_ignored(field, value):
+    with pytest.raises(ValidationError, match=field):
+        parse(base(**{field: value}))
+    assert parse(base(use_beam_search=False, best_of=1)).n == 1
