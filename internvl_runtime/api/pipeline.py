@@ -281,6 +281,11 @@ class Pipeline:
         self._ids = itertools.count()
 
     # -- LMDeploy's context manager ----------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (LMDeploy's ``pipe.tokenizer``)."""
+        return self.engine.tokenizer
     def __enter__(self) -> Pipeline:
         return self
 

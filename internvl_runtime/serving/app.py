@@ -48,6 +48,7 @@ from starlette.requests import ClientDisconnect
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import EngineConfig, LLMEngine
 from ..errors import EngineDead, InternVLError, InvalidRequest, MethodNotAllowed, RequestShapeError, RouteNotFound
+from ..hub import HubOptions
 from ..version import __version__
 from . import routes
 from .config import ServerConfig
@@ -201,7 +202,8 @@ def load_async_engine(config: ServerConfig, *, progress: bool = False) -> AsyncE
     """Load ``config.model`` (``LLMEngine.from_pretrained`` with ``config``'s dtype, device and quantization;
     a tqdm bar over the weights when ``progress``), log what was loaded, and start its engine loop."""
     llm = LLMEngine.from_pretrained(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
-                                    quantization=config.quantization, config=EngineConfig(**config.engine_kwargs()))
+                                    quantization=config.quantization, config=EngineConfig(**config.engine_kwargs()),
+                                    hub=HubOptions(revision=config.revision))
     log_loaded(llm)
     # The grammar engine's view of the vocabulary (~1 s on 151k tokens) is built here, not on the engine loop.
     logger.info("structured output: llguidance over %d tokens", llm.structured_output_backend.logits_width)

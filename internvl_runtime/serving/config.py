@@ -112,6 +112,8 @@ class ServerConfig:
                                                      "float16", choices=_DTYPES))
     device: str = field(default="auto", metadata=_opt(
         "device for the model: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N"))
+    revision: str | None = field(default=None, metadata=_opt(
+        "for a Hugging Face Hub id: the branch, tag or commit (default: main)"))
     quantization: str | None = field(default=None, metadata=_opt(
         "weight-only quantization of the language model as it loads: int8, int4 (groups of 128 input "
         "columns) or int4:gN (groups of N: 32, 64, 128 or 256); none by default"))

@@ -232,7 +232,7 @@ def test_generation_config_fields(pipe) -> None:
     assert stopped.finish_reason == "stop" and stopped.text == ""
     banned = pipe.infer("hello", GenerationConfig(max_new_tokens=4, ignore_eos=True, bad_token_ids=[first]))
     assert banned.token_ids[0] != first
-    word = pipe.engine.tokenizer.decode([first])
+    word = pipe.tokenizer.decode([first])
     if len(pipe.engine.tokenizer.encode(word, add_special_tokens=False)) == 1:
         by_word = pipe.infer("hello", GenerationConfig(max_new_tokens=4, ignore_eos=True, bad_words=[word]))
         assert by_word.token_ids[0] != first

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import httpx
 
-from hub_cache import CKPT, REPO_ID, make_hub_cache
+from hub_cache import CKPT, REPO_ID, REVISION, make_hub_cache
 
 from .helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _serve(model: str, cache: Path, cwd: Path) -> tuple[subprocess.Popen[str], str]:
+def _serve(model: str, cache: Path, cwd: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "internvl_runtime", "serve", model, "--port", str(port),
-                                "--dtype", "float32"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                "--dtype", "float32", *extra], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     return process, f"http://127.0.0.1:{port}"
 
@@ -87,3 +87,16 @@ def test_serve_an_uncached_id_fails_with_a_clear_line(tmp_path: Path) -> None:
             process.communicate(timeout=30)
     assert process.returncode == 1, output
     assert "OpenGVLab/InternVL2-2B" in output and "HF_HUB_OFFLINE" in output and "Traceback" not in output
+
+
+def test_serve_a_revision(tmp_path: Path) -> None:
+    cache = tmp_path / "hf-cache"
+    make_hub_cache(cache)
+    process, base = _serve(REPO_ID, cache, tmp_path, "--revision", REVISION)
+    try:
+        assert _answer(base, process)[1]
+    finally:
+        _stop(process)
+    process, _ = _serve(REPO_ID, cache, tmp_path, "--revision", "no-such-branch")
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1 and "no-such-branch" in output and "Traceback" not in output, output
