@@ -76,7 +76,7 @@ EXPECTED = [
 
 @pytest.mark.parametrize("index", range(len(blocks())))
 def test_doc_snippet_runs(index: int, tiny_1b: Path, request: pytest.FixtureRequest,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+                          capsys: pytest.CaptureFixture[str], restored_logging: None) -> None:
     code = blocks()[index]
     code = code.replace("pretrained/InternVL2-1B", str(tiny_1b)).replace("cat.jpg", str(IMAGE))
     if SERVER in code:

@@ -186,7 +186,7 @@ class DyingEngine(LLMEngine):
         return super().has_unfinished_requests()
 
 
-def test_a_dead_engine_loop_is_reported_and_the_server_exits(tiny_1b, monkeypatch, capsys):
+def test_a_dead_engine_loop_is_reported_and_the_server_exits(tiny_1b, monkeypatch, capsys, restored_logging):
     def dying_loader(config, *, progress=False):
         llm = load_async_engine(config).engine
         llm_engine = DyingEngine(llm.model, llm.tokenizer, EngineConfig(num_blocks=128))
