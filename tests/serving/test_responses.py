@@ -204,18 +204,24 @@ def test_the_sdk_stream_helper_accumulates_the_events(client):
 
 def test_a_stream_left_early_frees_its_slot_and_engine_request(server):
     state, engine = server.app.state.serving, server.engine
-    aborted = engine.engine.stats["requests_aborted"]
+    stats = engine.engine.stats
+
+    def ended() -> int:
+        return stats["requests_aborted"] + stats["requests_finished"]
+
+    before, aborted = ended(), stats["requests_aborted"]
     body = {"model": MODEL, "input": "Tell me a long story.", "max_output_tokens": 1500, "stream": True}
     with httpx.stream("POST", server.base_url + "/v1/responses", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("event: response.output_text.delta"):
                 break
     deadline = time.monotonic() + 30
-    while (state.active or engine.num_pending or engine.engine.stats["requests_aborted"] == aborted) \
-            and time.monotonic() < deadline:
+    while (state.active or engine.num_pending or ended() == before) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state.active == 0 and engine.num_pending == 0
-    assert engine.engine.stats["requests_aborted"] == aborted + 1
+    # Aborted when the client left, unless the random model's answer had already ended (a sampled EOS; on a
+    # loaded machine the whole answer can be out before the client reads its first delta).
+    assert ended() == before + 1 and stats["requests_aborted"] in (aborted, aborted + 1)
 
 
 def test_demo_answers_are_labelled_in_both_shapes(tiny_1b):
