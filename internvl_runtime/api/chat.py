@@ -58,6 +58,7 @@ from ..errors import (
     UnsupportedFeature,
 )
 from ..models.decoders.base import DecoderForCausalLM
+from ..models.outputs import ModelOutput
 from ..processing.inputs import PreparedRequest
 from ..processing.spans import MultiModalSpan
 from ..processing.template import (
@@ -126,7 +127,7 @@ class ScoreRecorder(Sampler):
 
 
 @dataclasses.dataclass
-class GenerateOutput:
+class GenerateOutput(ModelOutput):
     """``generate(..., return_dict_in_generate=True)``: transformers' ``GenerateDecoderOnlyOutput`` /
     ``GenerateBeamDecoderOnlyOutput`` fields we fill. ``sequences``: what ``generate`` returns otherwise.
     ``scores`` (``output_scores``, greedy and sampling): one (rows, vocab) float32 tensor per step, the
@@ -138,22 +139,6 @@ class GenerateOutput:
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
     sequences_scores: torch.Tensor | None = None
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
 
 
 def image_runs(ids: Sequence[int], img_context_token_id: int) -> list[tuple[int, int]]:

@@ -8,8 +8,7 @@ family's declared tables handle the rest. The official user-facing methods (``ch
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
 from ..weights.loader import Transform, checkpoint_files, load_weights
 from .decoders.base import DecoderForCausalLM
 from .layers.attention import AttentionMetadata, KVCache
+from .outputs import ModelOutput
 from .projector import Projector, pixel_shuffle
 from .registry import decoder_class
 from .vision.intern_vit import InternVisionModel
@@ -29,7 +29,7 @@ _FORWARD_BLOCK = 16  # KV block size of forward()'s one-off cache
 
 
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(ModelOutput):
     """What the official ``forward`` returns (transformers' ``CausalLMOutputWithPast``): ``logits``
     (B, T, vocab) float32, and ``loss`` when labels were given. Read by attribute, by key
     (``out["logits"]``) or by position over the fields that are set (``out[0]``), as a ``ModelOutput``."""
@@ -39,22 +39,6 @@ class CausalLMOutput:
     past_key_values: Any = None
     hidden_states: Any = None
     attentions: Any = None
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.keys())
 
 
 class InternVLModel(nn.Module):
