@@ -222,12 +222,10 @@ class _SamplingFields(LenientModel):
         """The one output constraint the request asks for, if any; two different ones are a 400."""
         found: list[tuple[str, StructuredOutput]] = []
         fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
-            found.append(("response_format", StructuredOutput(json_object=True)))
-        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
-            found.append(("response_format", StructuredOutput(json_schema=fmt.json_schema.schema_ or {})))
-        elif fmt is not None and fmt.type == "regex_schema" and fmt.regex_schema:
-            found.append(("response_format", StructuredOutput(regex=fmt.regex_schema)))
+        constraint = (StructuredOutput.from_response_format(fmt.model_dump(by_alias=True, exclude_none=True))
+                      if fmt is not None else None)       # the one mapping of response_format (the pipeline's too)
+        if constraint is not None:
+            found.append(("response_format", constraint))
         so = self.structured_outputs
         if so is not None:
             kinds = [k for k in ("json_", "regex", "choice", "grammar") if getattr(so, k) is not None]

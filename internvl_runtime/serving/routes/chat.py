@@ -53,7 +53,7 @@ async def chat_completions(request: Request) -> Response:
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
 
     async def prepare() -> Jobs:
-        prepared = await _prepare(state, req)
+        prepared = await prepare_chat(state, req)
         return [(prepared, p) for p in sampling_params(state, engine, req, prepared)]
 
     return await generate(request, state, engine, stream=req.stream, request_id=new_id("chatcmpl"), prepare=prepare,
@@ -61,7 +61,7 @@ async def chat_completions(request: Request) -> Response:
                           events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
 
 
-async def _prepare(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
+async def prepare_chat(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
     """Fetch, decode and tile the images, sample the video frames, render the template, tokenize."""
     config, processor = state.config, state.processor
     images = [image for m in req.messages for image in m.image_parts()]

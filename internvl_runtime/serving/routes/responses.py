@@ -1,7 +1,7 @@
 """``/v1/responses``: OpenAI's Responses API, run exactly as a chat completion with one choice.
 
 The request becomes the equivalent chat completion request (``responses_protocol``), which goes through the
-chat route's own steps: ``chat._prepare`` (media, template, tiles, tokens), ``common.sampling_params`` (the
+chat route's own steps: ``chat.prepare_chat`` (media, template, tiles, tokens), ``common.sampling_params`` (the
 engine's context rule), the admission slot, ``streaming.merged`` (client disconnects abort the engine
 request) and the same error shapes. Only the answer's shape differs: a Response object, or the SSE event
 sequence the openai SDK parses::
@@ -41,7 +41,7 @@ from ..responses_protocol import (
     new_response_id,
 )
 from ..state import ServingState
-from .chat import _prepare as prepare_chat
+from .chat import prepare_chat
 from .common import check_model, parse, sampling_params, serving_state
 from .generation import generate
 from .streaming import Jobs, merged

@@ -3,7 +3,7 @@
 Both token routes check the model name as the generation routes do and sit behind the same HTTP guard (API
 key, body limits). ``/tokenize`` holds an admission slot while it works (the messages form fetches and tiles
 images like a chat request) and tokenizes through the server's bounded prompt encoder; the chat form runs
-the chat route's own preparation (``chat._prepare``), so its tokens are the ones a chat completion would
+the chat route's own preparation (``chat.prepare_chat``), so its tokens are the ones a chat completion would
 generate from.
 """
 
@@ -23,7 +23,7 @@ from ..tokenize_protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from .chat import _prepare as prepare_chat
+from .chat import prepare_chat
 from .common import check_model, parse, serving_state
 
 router = APIRouter()
