@@ -51,6 +51,7 @@ from .errors import (
     WeightMismatchError,
 )
 from .hub import HubOptions
+from .processing.grounding import Grounding, parse_grounding
 from .processing.image import build_transform, dynamic_preprocess, load_image
 from .processing.tokenization import AutoTokenizer, Tokenizer
 from .processing.video import load_video
@@ -62,6 +63,7 @@ __all__ = [
     "ChatTemplateConfig", "PytorchEngineConfig", "TurbomindEngineConfig", "VisionConfig",
     "AutoModel", "AutoTokenizer", "HubOptions", "InternVLChatModel", "InternVLConfig", "TextIteratorStreamer",
     "TextStreamer", "Tokenizer", "build_transform", "dynamic_preprocess", "load_image", "load_video",
+    "Grounding", "parse_grounding",
     "CheckpointError", "CheckpointNotFound", "ConfigError", "ContextLengthExceeded", "EngineDead", "EngineOverloaded",
     "HostNotAllowed",
     "ImageDecodeError", "InternVLError", "InvalidGenerationConfig", "InvalidRequest", "MediaFetchError",
