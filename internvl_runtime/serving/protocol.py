@@ -7,7 +7,7 @@ value is a 400 naming the field. Besides OpenAI's fields, the extensions vLLM's 
 are understood (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens`` / ``min_new_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``, ``spaces_between_special_tokens``,
 ``include_stop_str_in_output``, assistant prefill, ``chat_template_kwargs``, ``guided_*`` and
-``structured_outputs``, ``max_dynamic_patch``).
+``structured_outputs``, ``max_dynamic_patch``), and this server's own ``grounding`` (docs/compatibility.md).
 
 Example::
 
@@ -275,6 +275,8 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM's media options; ``media_io_kwargs.video.num_frames`` sets the frames sampled from a video
     media_io_kwargs: dict[str, dict[str, Any]] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    # an extension: each choice carries the <ref>/<box> regions of its answer (processing/grounding.py)
+    grounding: bool = False
 
     @field_validator("messages", mode="before")
     @classmethod

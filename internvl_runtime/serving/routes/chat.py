@@ -4,7 +4,7 @@ SSE chunks or answer once they are all done."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -15,7 +15,9 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
 from ...processing.chat_messages import ImageURL
-from ...processing.inputs import Message, PreparedRequest
+from ...processing.grounding import parse_grounding
+from ...processing.inputs import ImageInput, Message, PreparedRequest
+from ...processing.tokenization import Tokenizer
 from ...processing.tool_calls import ToolCallStreamParser, parse_tool_call
 from ..config import ServerConfig
 from ..media import decode_image, decode_video
@@ -39,6 +41,9 @@ from .streaming import Jobs, merged, sse
 
 T = TypeVar("T")
 
+#: The ``grounding`` extension of a choice: an answer's token ids -> its regions as JSON (``Grounding.to_json``).
+Grounder = Callable[[list[int]], list[dict[str, Any]]]
+
 router = APIRouter()
 
 
@@ -52,17 +57,45 @@ async def chat_completions(request: Request) -> Response:
     # The byte bound before any work (images, template, tokens): the messages' text alone must fit.
     state.prompt_encoder.check_bytes(sum(len(m.text().encode("utf-8")) for m in req.messages))
 
+    grounder: Grounder | None = None
+
     async def prepare() -> Jobs:
-        prepared = await prepare_chat(state, req)
+        nonlocal grounder
+        prepared, image_sizes = await prepare_chat_with_sizes(state, req)
+        grounder = _grounder(state.tokenizer, image_sizes) if req.grounding else None
         return [(prepared, p) for p in sampling_params(state, engine, req, prepared)]
 
     return await generate(request, state, engine, stream=req.stream, request_id=new_id("chatcmpl"), prepare=prepare,
-                          full=lambda rid, jobs: _full(state, engine, rid, req, jobs),
-                          events=lambda rid, jobs: _events(state, engine, rid, req, jobs))
+                          full=lambda rid, jobs: _full(state, engine, rid, req, jobs, grounder),
+                          events=lambda rid, jobs: _events(state, engine, rid, req, jobs, grounder))
 
 
 async def prepare_chat(state: ServingState, req: ChatCompletionRequest) -> PreparedRequest:
     """Fetch, decode and tile the images, sample the video frames, render the template, tokenize."""
+    return (await prepare_chat_with_sizes(state, req))[0]
+
+
+def _grounder(tokenizer: Tokenizer, image_sizes: list[tuple[int, int]]) -> Grounder:
+    """The ``grounding`` extension: the regions of an answer in pixels of the request's last image (the one the
+    official demo draws them on), or in the model's 0-1000 coordinates with ``image_index`` null when the
+    request has no image.
+
+    The answer is read from its token ids with the special tokens kept: ``<ref>``, ``<box>``... are special
+    tokens of the InternVL2 checkpoints, which the content drops under ``skip_special_tokens`` (the default,
+    as the official ``chat``); the official demo keeps them to find the boxes."""
+    size = image_sizes[-1] if image_sizes else None
+    index = len(image_sizes) - 1 if image_sizes else None
+
+    def grounding(token_ids: list[int]) -> list[dict[str, Any]]:
+        text = tokenizer.decode(token_ids, skip_special_tokens=False, spaces_between_special_tokens=False)
+        return [region.to_json() for region in parse_grounding(text, size, image_index=index)]
+    return grounding
+
+
+async def prepare_chat_with_sizes(state: ServingState, req: ChatCompletionRequest
+                                  ) -> tuple[PreparedRequest, list[tuple[int, int]]]:
+    """:func:`prepare_chat`, and the ``(width, height)`` of each image of the request as sent (before
+    tiling), in the order of its ``image_url`` parts."""
     config, processor = state.config, state.processor
     images = [image for m in req.messages for image in m.image_parts()]
     if len(images) > config.max_images_per_request:
@@ -78,9 +111,15 @@ async def prepare_chat(state: ServingState, req: ChatCompletionRequest) -> Prepa
     datas = await _gather([state.fetcher.fetch(image.url) for image in images])
     video_datas = await _gather([state.video_fetcher.fetch(v.url) for v in videos])
 
+    sizes: list[tuple[int, int]] = []
+
+    def tile(data: bytes, limit: int) -> ImageInput:
+        image = decode_image(data, max_pixels=config.max_image_pixels)
+        sizes.append(image.size)
+        return processor.image_input(image, max_num=limit)
+
     def work() -> PreparedRequest:
-        tiled = iter([processor.image_input(decode_image(d, max_pixels=config.max_image_pixels), max_num=limit)
-                      for d, limit in zip(datas, tiles, strict=True)])
+        tiled = iter([tile(d, limit) for d, limit in zip(datas, tiles, strict=True)])
         share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
         clips = iter([video_frames(d, v.num_segments or default_frames, config, max_decoded_bytes=share)
                       for d, v in zip(video_datas, videos, strict=True)])
@@ -99,7 +138,7 @@ async def prepare_chat(state: ServingState, req: ChatCompletionRequest) -> Prepa
                                  continue_final_message=req.continue_final_message,
                                  template_kwargs=req.chat_template_kwargs)
 
-    return await state.run_in_worker(work)
+    return await state.run_in_worker(work), sizes
 
 
 def image_tile_limits(images: list[ImageURL], request_max: int | None, model_max: int, frames: int,
@@ -152,8 +191,8 @@ async def _gather(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs
-                ) -> JSONResponse:
+async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs,
+                grounder: Grounder | None) -> JSONResponse:
     finals: dict[int, RequestOutput] = {}
     async for index, out in merged(engine, request_id, jobs):
         if out.finished:
@@ -171,7 +210,9 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
                 message = ChatMessageOut(content=state.label(parsed.content) if parsed.content else None,
                                          tool_calls=[call.to_openai() for call in parsed.tool_calls])
                 finish_reason = _tool_finish(finish_reason)
-        choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason, logprobs=logprobs))
+        extension = {"grounding": grounder(out.token_ids)} if grounder is not None else {}
+        choices.append(ChatChoice(index=index, message=message, finish_reason=finish_reason, logprobs=logprobs,
+                                  **extension))
     prompt_tokens = len(jobs[0][0].prompt_token_ids)
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                   total_tokens=prompt_tokens + completion_tokens)
@@ -180,8 +221,8 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
     return JSONResponse(dump(result))
 
 
-async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs
-                  ) -> AsyncIterator[str]:
+async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req: ChatCompletionRequest, jobs: Jobs,
+                  grounder: Grounder | None) -> AsyncIterator[str]:
     include_usage = req.include_usage
 
     def chunk(choices: list[ChatChunkChoice]) -> str:
@@ -220,8 +261,9 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
         finish_reason = out.finish_reason if out.finished else None
         if finish_reason is not None and parser is not None and parser.called:
             finish_reason = _tool_finish(finish_reason)
+        extension = {"grounding": grounder(out.token_ids)} if grounder is not None and out.finished else {}
         yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
-                                     finish_reason=finish_reason, logprobs=logprobs)])
+                                     finish_reason=finish_reason, logprobs=logprobs, **extension)])
     if include_usage:
         prompt_tokens = len(jobs[0][0].prompt_token_ids)
         payload = dump(ChatCompletionChunk(id=request_id, model=req.model, choices=[],
