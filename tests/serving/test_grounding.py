@@ -8,13 +8,16 @@ Everything else (the route, the engine, the detokenizer) runs as served."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from internvl_runtime import AutoTokenizer
+from internvl_runtime import AutoTokenizer, Grounding
 from internvl_runtime.engine.async_engine import AsyncEngine
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampler import Sampler, SamplerOutput, SamplingRow
@@ -23,6 +26,7 @@ from internvl_runtime.serving.config import ServerConfig
 
 from .helpers import MODEL, data_url, png_bytes, run_server
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 ANSWER = ("<ref>two dogs</ref><box>[[100, 200, 300, 400], [500, 0, 1000, 1000]]</box> and "
           "<ref>a cat</ref><box>[[0, 500, 250, 750]]</box>")
 #: The content with the special tokens skipped (the default, as the official ``chat``).
@@ -138,3 +142,16 @@ def test_grounding_must_be_a_boolean(server) -> None:
     response = _post(server, _body(grounding="yes"))
     assert response.status_code == 400
     assert "grounding" in response.text
+
+
+def test_readme_grounding_example_runs(server, capsys) -> None:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Grounding")
+    code = re.search(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)], re.DOTALL).group(1)
+    assert "http://127.0.0.1:23333/v1" in code
+    exec(compile(code.replace("http://127.0.0.1:23333", server.base_url), "README.md", "exec"), {})
+    content, field, parsed = capsys.readouterr().out.splitlines()
+    assert content == ANSWER
+    pixels = [{**region, "image_index": 0} for region in PIXELS]      # the snippet's one image is 640 x 480
+    assert ast.literal_eval(field) == pixels
+    assert parsed == repr([Grounding(ref=r["ref"], boxes=r["boxes"]) for r in pixels])
