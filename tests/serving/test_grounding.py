@@ -112,15 +112,19 @@ def test_absent_unless_asked(server) -> None:
         assert "grounding" not in choice
 
 
-def test_streamed_final_chunk_carries_it(server) -> None:
+def _streamed_choices(server, body: dict) -> list[dict]:
     chunks = []
-    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=_body(grounding=True, stream=True),
-                      timeout=300) as response:
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=300) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[len("data: "):]))
-    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    return [choice for chunk in chunks for choice in chunk["choices"]]
+
+
+def test_streamed_final_chunk_carries_it(server) -> None:
+    assert all("grounding" not in c for c in _streamed_choices(server, _body(stream=True)))
+    choices = _streamed_choices(server, _body(grounding=True, stream=True))
     assert "".join(c["delta"].get("content") or "" for c in choices) == PLAIN
     assert choices[-1]["finish_reason"] is not None
     assert choices[-1]["grounding"] == PIXELS
