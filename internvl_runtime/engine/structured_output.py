@@ -103,7 +103,8 @@ def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
 class _TokenizerAdapter:
     """What ``llguidance.TokenizerWrapper`` reads: the token bytes, the EOS and special ids, and a callable
     that tokenizes text. llguidance allows exactly that tokenization of the text a grammar forces (the
-    ``{`` a JSON value starts with), so its tokens' bytes must be the text's and nothing more: sentencepiece
+    ``{`` a JSON value starts with), so its tokens' bytes must be the text's and nothing more, and none of them
+    special (the text ``<ref>`` is not the special token ``<ref>``): sentencepiece
     encodes a text with a dummy-prefix space (``▁{``), which is dropped here, and any other mismatch falls
     back to a greedy longest-match over the vocabulary."""
 
@@ -112,7 +113,7 @@ class _TokenizerAdapter:
         self.tokens, self.special_token_ids = token_bytes(tokenizer)
         self.eos_token_id = eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
-        special = set(self.special_token_ids)
+        special = self._special = frozenset(self.special_token_ids)
         self._ids: dict[bytes, int] = {}
         for index, data in enumerate(self.tokens):
             if data and index not in special:
@@ -122,6 +123,8 @@ class _TokenizerAdapter:
     def __call__(self, text: str) -> list[int]:
         data = text.encode("utf-8")
         ids = self._tokenizer.encode(text, add_special_tokens=False)
+        if any(i in self._special for i in ids):   # text spelling a special token ("<ref>") is text to
+            return self._greedy(data)                 # the grammar, which sees special tokens only as tags
         produced = b"".join(self.tokens[i] for i in ids)
         if produced == data:
             return ids

@@ -395,3 +395,15 @@ def test_tagged_json_tags_made_of_special_tokens_are_emitted_as_those_tokens() -
         text = tokenizer.decode(out.token_ids, skip_special_tokens=False)
         body = text.split("<|plugin|>", 1)[1].split("<|action_end|>", 1)[0]
         jsonschema.validate(json.loads(body), call)
+
+
+def test_forced_text_that_spells_a_special_token_is_written_with_plain_tokens() -> None:
+    """A literal in a grammar (``<ref>`` here, a special token of the InternVL tokenizers) is text: the grammar
+    engine sees special tokens only as ``<[id]>`` tags, so forcing the text must not hand it the special id."""
+    engine = _engine()
+    answer = "<ref>the red car</ref><box>[[1, 2, 3, 4]]</box>"
+    out = engine.generate([_prompt(engine)], SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True,
+                                                            structured_output=StructuredOutput(choice=(answer,))))[0]
+    assert out.error is None and out.finish_reason == "stop"
+    _, tokenizer = _loaded()
+    assert tokenizer.decode(out.token_ids, skip_special_tokens=False) == answer
