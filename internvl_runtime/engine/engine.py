@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -146,6 +147,14 @@ def one_by_one_on_failure(items: list[T], run: Callable[[list[T]], R], failed: d
     return results
 
 
+def logits_device(model: Any) -> torch.device:
+    """The device ``compute_logits`` leaves the logits on: the LM head's (the last unit of a spread model;
+    a quantized head holds buffers, not parameters)."""
+    head = model.language_model.lm_head
+    first = next(itertools.chain(head.parameters(), head.buffers()), None)
+    return first.device if first is not None else model.language_model.get_input_embeddings().weight.device
+
+
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
                  processor: InputProcessor | None = None, sampler: Sampler | None = None,
@@ -170,6 +179,9 @@ class LLMEngine:
         num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
         self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                      image_token_id=self.processor.img_context_id)
+        #: Where the runner leaves the logits: seeded requests' generators are made there (sampling never
+        #: moves a row to another device, and torch draws with a generator only on its own device).
+        self.logits_device = logits_device(model)
         self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = sampler if sampler is not None else Sampler()
@@ -251,7 +263,8 @@ class LLMEngine:
         except Exception:
             self.stats["requests_refused"] += 1
             raise
-        self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params), matcher)
+        self._states[request_id] = _RequestState(seq, list(request.images), detok,
+                                                 make_generator(params, self.logits_device), matcher)
         for content_hash, features in given.items():
             self._states[request_id].features[content_hash] = features
             self.vision_cache.put(content_hash, features)
