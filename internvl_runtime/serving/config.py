@@ -57,13 +57,19 @@ def _names(name: str, value: Any) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: ``cuda`` when torch sees a CUDA device, else ``cpu``; any other value as given."""
+def resolve_device(device: str, cuda_available: bool | None = None) -> str:
+    """``auto``: ``hardware.default_device`` (``cuda`` when torch sees a CUDA device, else ``cpu``); any other
+    value as given. ``cuda_available``: default ``torch.cuda.is_available()``. ``internvl serve``, ``chat`` and
+    ``generate`` all resolve their ``--device`` here."""
     if device != "auto":
         return device
-    import torch  # here, not at the top: `internvl --help` stays fast
+    from ..hardware import default_device  # here, not at the top: it imports torch, `internvl --help` stays fast
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return default_device(cuda_available)
 
 
 def host_name(value: str) -> str:
