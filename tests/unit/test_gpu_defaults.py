@@ -45,7 +45,7 @@ def test_auto_dtype_on_cuda_is_bf16_from_sm80_and_fp16_below(capability: tuple[i
 def test_check_dtype_runs_accepts_what_auto_picks(capability: tuple[int, int], checkpoint_dtype: str) -> None:
     check_dtype_runs(cuda_auto_dtype(checkpoint_dtype, capability), CUDA0, capability)   # never raises
     if capability < (8, 0):
-        with pytest.raises(InvalidRequest, match="compute capability 8.0"):
+        with pytest.raises(InvalidRequest, match=r"compute capability 8\.0"):
             check_dtype_runs(torch.bfloat16, CUDA0, capability)
     else:
         check_dtype_runs(torch.bfloat16, CUDA0, capability)
