@@ -145,16 +145,16 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device, capability: tuple
 
 def _auto_map(config: InternVLConfig, dtype: torch.dtype,
               quantization: QuantizationConfig | None) -> dict[str, torch.device] | None:
-    """``device_map="auto"`` with CUDA: fill the GPUs in order (90% of their free memory), then the CPU;
-    None when the whole model fits on GPU 0."""
+    """``device_map="auto"`` with CUDA: None (GPU 0 alone) when the whole model fits in 90% of GPU 0's free
+    memory; else ``placement.auto_device_map`` over every GPU (budgets: 90% of each one's free memory, so
+    the layers spread in proportion to it), with the CPU for what fits on no GPU."""
     skeleton = meta_model(config, dtype)
     sizes = estimate_unit_bytes(skeleton, dtype, quantization.bits if quantization else None)
     budgets = [(torch.device("cuda", i), int(torch.cuda.mem_get_info(i)[0] * 0.9))
                for i in range(torch.cuda.device_count())]
     if sum(sizes.values()) <= budgets[0][1]:
         return None
-    available = available_memory()
-    return auto_device_map(sizes, [*budgets, (torch.device("cpu"), int(available * 0.9))])
+    return auto_device_map(sizes, budgets, overflow=(torch.device("cpu"), int(available_memory() * 0.9)))
 
 
 def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
