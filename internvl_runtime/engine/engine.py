@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +36,7 @@ from ..placement import layer_devices, physical
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
 from .detokenizer import IncrementalDetokenizer
-from .memory import DeviceMemory, cpu_kv_budget, kv_blocks_for_memory, measure_memory, profile_worst_step
+from .memory import cpu_kv_budget, measure_memory, placement_blocks, profile_worst_step
 from .model_runner import ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
@@ -172,8 +172,9 @@ def logits_device(model: Any) -> torch.device:
     """The device ``compute_logits`` leaves the logits on: the LM head's (the last unit of a spread model;
     a quantized head holds buffers, not parameters)."""
     head = model.language_model.lm_head
-    first = next(itertools.chain(head.parameters(), head.buffers()), None)
-    return first.device if first is not None else model.language_model.get_input_embeddings().weight.device
+    first: torch.Tensor | None = next(itertools.chain(head.parameters(), head.buffers()), None)
+    embed: torch.Tensor = model.language_model.get_input_embeddings().weight
+    return first.device if first is not None else embed.device
 
 
 class LLMEngine:
@@ -241,22 +242,19 @@ class LLMEngine:
         profiled worst-case step, layers on the CPU (a spill) within the CPU's rule."""
         cfg, model = self.config, self.model
         assert cfg.max_num_seqs is not None
-        layers = Counter(physical(d) for d in layer_devices(model.language_model))
-        per_layer_block = per_block // sum(layers.values())
+        layers = [physical(d) for d in layer_devices(model.language_model)]
         vision = physical(next(model.mlp1.parameters()).device)
         cuda = sorted({d for d in (*layers, vision, self.logits_device) if d.type == "cuda"}, key=str)
         tokens = min(cfg.max_num_batched_tokens, self.max_model_len)
+        rows = min(cfg.max_num_seqs, tokens)
         measured = measure_memory(cuda, lambda: profile_worst_step(
             model, vision_batch_tiles=cfg.vision_batch_tiles, num_tokens=tokens,
-            num_rows=min(cfg.max_num_seqs, tokens), block_size=cfg.block_size,
+            num_rows=rows, block_size=cfg.block_size,
             image_token_id=self.processor.img_context_id, logits_device=self.logits_device))
-        devices = [DeviceMemory(str(d), m.total, m.used_after_load, m.profile_peak, layers.get(d, 0),
-                                cfg.image_cache_bytes if d == vision else 0) for d, m in measured.items()]
-        blocks = kv_blocks_for_memory(devices, utilization=cfg.gpu_memory_utilization,
-                                      bytes_per_layer_block=per_layer_block)
-        cpu_layers = sum(n for d, n in layers.items() if d.type != "cuda")
-        if cpu_layers:
-            blocks = min(blocks, cpu_kv_budget() // (cpu_layers * per_layer_block))
+        blocks, devices = placement_blocks(layers, vision, measured, utilization=cfg.gpu_memory_utilization,
+                                           image_cache_bytes=cfg.image_cache_bytes,
+                                           bytes_per_layer_block=per_block // len(layers),
+                                           host_budget=cpu_kv_budget())
         for device in devices:
             logger.info("KV cache plan on %s: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB step "
                         "peak, %.2f GiB image cache, %d layers", device.name, device.total / 2**30,

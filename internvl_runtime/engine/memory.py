@@ -18,7 +18,8 @@ figures from the devices around a profile run (CUDA only). The CPU keeps its rul
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,22 @@ def kv_blocks_for_memory(devices: Sequence[DeviceMemory], *, utilization: float,
     if blocks is None:
         raise InvalidRequest("no device of the placement holds a decoder layer")
     return blocks
+
+
+def placement_blocks(layer_devices: Sequence[torch.device], vision_device: torch.device,
+                     measured: Mapping[torch.device, Measured], *, utilization: float, image_cache_bytes: int,
+                     bytes_per_layer_block: int, host_budget: int) -> tuple[int, list[DeviceMemory]]:
+    """The pool size of a placement: ``kv_blocks_for_memory`` over the ``measured`` (CUDA) devices, each
+    with the layers ``layer_devices`` puts there and the image cache on ``vision_device``; layers on a device
+    not measured (the CPU of a spill) share ``host_budget`` bytes. Returns (blocks, the devices' figures)."""
+    layers = Counter(layer_devices)
+    devices = [DeviceMemory(str(device), m.total, m.used_after_load, m.profile_peak, layers.get(device, 0),
+                            image_cache_bytes if device == vision_device else 0) for device, m in measured.items()]
+    blocks = kv_blocks_for_memory(devices, utilization=utilization, bytes_per_layer_block=bytes_per_layer_block)
+    host_layers = sum(n for device, n in layers.items() if device not in measured)
+    if host_layers:
+        blocks = min(blocks, host_budget // (host_layers * bytes_per_layer_block))
+    return blocks, devices
 
 
 def cpu_kv_budget() -> int:

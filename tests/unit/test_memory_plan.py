@@ -11,7 +11,14 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer
 from internvl_runtime.cli import build_parser
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
-from internvl_runtime.engine.memory import DeviceMemory, kv_blocks_for_memory, kv_budget, profile_worst_step
+from internvl_runtime.engine.memory import (
+    DeviceMemory,
+    Measured,
+    kv_blocks_for_memory,
+    kv_budget,
+    placement_blocks,
+    profile_worst_step,
+)
 from internvl_runtime.engine.model_runner import ModelRunner
 from internvl_runtime.errors import InvalidRequest
 from internvl_runtime.serving.config import ServerConfig
@@ -61,6 +68,23 @@ def test_no_room_for_one_block_names_the_device() -> None:
     for bad in (0, 1.5, -0.1):
         with pytest.raises(InvalidRequest, match="gpu_memory_utilization"):
             kv_blocks_for_memory([full], utilization=bad, bytes_per_layer_block=PER_LAYER_BLOCK_8B)
+
+
+def test_a_placement_counts_each_gpus_layers_the_cache_on_the_vision_gpu_and_a_cpu_spill() -> None:
+    gpu0, gpu1, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
+    layers = [gpu0] * 10 + [gpu1] * 14 + [cpu] * 2
+    measured = {gpu0: Measured(total=24 * GiB, used_after_load=12 * GiB, profile_peak=2 * GiB),
+                gpu1: Measured(total=24 * GiB, used_after_load=14 * GiB, profile_peak=GiB)}
+    per = PER_LAYER_BLOCK_8B
+    blocks, devices = placement_blocks(layers, gpu0, measured, utilization=0.9, image_cache_bytes=GiB,
+                                       bytes_per_layer_block=per, host_budget=100 * GiB)
+    assert [(d.name, d.num_layers, d.cache_bytes) for d in devices] == [("cuda:0", 10, GiB), ("cuda:1", 14, 0)]
+    gpu_bound = min((int(0.9 * 24 * GiB) - 15 * GiB) // (10 * per), (int(0.9 * 24 * GiB) - 15 * GiB) // (14 * per))
+    assert blocks == gpu_bound == (int(0.9 * 24 * GiB) - 15 * GiB) // (14 * per)
+    # the two layers spilled to the CPU bound the pool by the host's budget when it is the smaller
+    small_host, _ = placement_blocks(layers, gpu0, measured, utilization=0.9, image_cache_bytes=GiB,
+                                     bytes_per_layer_block=per, host_budget=GiB // 2)
+    assert small_host == (GiB // 2) // (2 * per) < gpu_bound
 
 
 def test_engine_config_memory_knobs_and_device_default_max_num_seqs() -> None:
