@@ -288,9 +288,10 @@ def log_start(config: Any) -> None:
     logger.info("loading: dtype %s, device %s, quantization %s, tensor parallel size %d%s", config.dtype,
                 config.device, config.quantization or "none", config.tensor_parallel_size,
                 " (random-weight demo)" if config.demo else "")
-    logger.info("limits: context %s tokens, %d sequences and %d tokens per step, %d requests in the engine, %d "
+    logger.info("limits: context %s tokens, %s sequences and %d tokens per step, %d requests in the engine, %d "
                 "generation requests at once, max_tokens %d by default, n <= %d, %d images and %d video frames per "
-                "request, %d bytes per body", config.max_model_len or "the model's", config.max_num_seqs,
+                "request, %d bytes per body", config.max_model_len or "the model's",
+                config.max_num_seqs or "256 (GPU) or 16 (CPU)",
                 config.max_num_batched_tokens, config.max_queue_len, config.max_concurrent_requests,
                 config.default_max_tokens, config.max_n, config.max_images_per_request, config.max_video_frames,
                 config.max_body_bytes)

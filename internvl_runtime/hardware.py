@@ -1,4 +1,6 @@
-"""What the host can compute fast: CPU instruction sets, CUDA, and the dtype to use for "auto".
+"""What the host can compute fast: CPU instruction sets, CUDA, and the defaults that follow from it (the
+dtype and device "auto" resolve to, ``max_num_seqs``). Decisions are pure functions of the facts passed in
+(a compute capability, whether CUDA is available), so they are tested without a GPU.
 
 On x86 CPUs without avx512_bf16/AMX, torch's bfloat16 matrix products run far slower than float32
 (``benchmarks/upcast_plan.py`` measures it), so "auto" picks float32 there.
@@ -66,10 +68,55 @@ def describe_host() -> str:
             f"{torch.backends.cpu.get_cpu_capability()} | threads {torch.get_num_threads()}")
 
 
-def auto_dtype(checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """The dtype "auto" resolves to: the checkpoint's, unless the device cannot compute it fast."""
-    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    wanted = names.get(checkpoint_dtype or "float32", torch.float32)
+#: The first CUDA compute capability with bfloat16 arithmetic (Ampere, sm80).
+CUDA_BF16_CAPABILITY = (8, 0)
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def cuda_supports_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA device of compute ``capability`` (major, minor) computes in bfloat16 (sm80+)."""
+    return tuple(capability) >= CUDA_BF16_CAPABILITY
+
+
+def cuda_auto_dtype(checkpoint_dtype: str | None, capability: tuple[int, int]) -> torch.dtype:
+    """The dtype "auto" resolves to on a CUDA device of compute ``capability``: the checkpoint's (bfloat16
+    for InternVL2), except bfloat16 below sm80, which becomes float16 (vLLM's fallback too: Volta and Turing
+    GPUs compute fp16 natively; its narrower range can overflow where bf16 would not, so float32 stays the
+    choice to ask for if a model's answers break in fp16)."""
+    wanted = _DTYPE_NAMES.get(checkpoint_dtype or "float32", torch.float32)
+    if wanted == torch.bfloat16 and not cuda_supports_bf16(capability):
+        return torch.float16
+    return wanted
+
+
+def auto_dtype(checkpoint_dtype: str | None, device: torch.device,
+               capability: tuple[int, int] | None = None) -> torch.dtype:
+    """The dtype "auto" resolves to: the checkpoint's, unless the device cannot compute it (fast).
+
+    CUDA: ``cuda_auto_dtype`` with the device's compute ``capability`` (read from the device when not
+    given). CPU: float32 instead of 16-bit without avx512_bf16/AMX (or arm bf16)."""
+    if device.type == "cuda":
+        return cuda_auto_dtype(checkpoint_dtype, capability or torch.cuda.get_device_capability(device))
+    wanted = _DTYPE_NAMES.get(checkpoint_dtype or "float32", torch.float32)
     if device.type == "cpu" and wanted in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
         return torch.float32
     return wanted
+
+
+def default_device(cuda_available: bool) -> str:
+    """The device "auto" (or no device) means for ``internvl serve``, ``internvl chat`` / ``generate`` and
+    LMDeploy's ``pipeline``: ``cuda`` when torch sees a CUDA device, else ``cpu``. (``AutoModel`` keeps the
+    official semantics instead: the CPU until ``.cuda()`` or a ``device_map``.) Callers pass
+    ``torch.cuda.is_available()``."""
+    return "cuda" if cuda_available else "cpu"
+
+
+#: ``max_num_seqs`` when none is given, by device type: a GPU step costs about the same for 1 or 256
+#: sequences (memory-bound decode), a CPU step grows with every row.
+DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 16}
+
+
+def default_max_num_seqs(device_type: str) -> int:
+    """Sequences decoded together when ``max_num_seqs`` is not given: 256 on a GPU (vLLM's default), 16
+    elsewhere (the CPU)."""
+    return DEFAULT_MAX_NUM_SEQS.get(device_type, DEFAULT_MAX_NUM_SEQS["cpu"])

@@ -7,7 +7,8 @@ and every tensor-parallel rank) and ``AutoModel.from_pretrained`` call. In order
    (``quantization.resolve_quantization``), the folder (a hub id is fetched into its cache:
    ``hub.resolve_checkpoint``) and its ``config.json``, where each part goes
    (one device, ``"auto"``, or a dict such as the official ``split_model``'s: ``placement``), the dtype
-   (``"auto"`` follows the checkpoint, or float32 on a CPU without fast bf16: ``hardware.auto_dtype``),
+   (``"auto"`` follows the checkpoint, but float16 for bfloat16 on a GPU before sm80 and float32 on a CPU
+   without fast bf16: ``hardware.auto_dtype``),
    that every device used can compute in it, and that a 4-bit kernel exists wherever 4-bit goes.
 2. The weights are read tensor by tensor (``weights.loader.load_weights``), with a tqdm bar over the
    checkpoint's bytes when ``progress`` is on. Quantized or spread models are read on the CPU, then each
@@ -37,7 +38,7 @@ import torch
 from .compute_plan import apply_plan, choose_plan
 from .config import InternVLConfig
 from .errors import InvalidRequest, UnsupportedFeature
-from .hardware import auto_dtype, available_memory
+from .hardware import auto_dtype, available_memory, cuda_supports_bf16
 from .hub import HubOptions, resolve_checkpoint
 from .models.internvl import InternVLModel, meta_model
 from .placement import (
@@ -96,8 +97,9 @@ QuantizationSpec: TypeAlias = "str | Mapping[str, Any] | QuantizationConfig | No
 
 
 def resolve_dtype(torch_dtype: DTypeSpec, config: InternVLConfig, device: torch.device | None = None) -> torch.dtype:
-    """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's, or float32
-    on a CPU without fast bf16 instructions; see ``hardware.auto_dtype``)."""
+    """``torch_dtype`` as transformers takes it: a dtype, its name, or "auto" (the config's, but float16
+    for bfloat16 on a GPU before sm80, float32 on a CPU without fast bf16 instructions; see
+    ``hardware.auto_dtype``)."""
     if torch_dtype is None:
         return torch.float32  # transformers' default when no dtype is given
     if torch_dtype == "auto":
@@ -128,28 +130,31 @@ def resolve_device(device_map: DeviceMapSpec) -> torch.device:
     raise InvalidRequest(f"device_map must be None, 'auto', a device or a dict, got {device_map!r}")
 
 
-def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
+def check_dtype_runs(dtype: torch.dtype, device: torch.device, capability: tuple[int, int] | None = None) -> None:
     """``InvalidRequest`` for a dtype the device cannot compute in (bfloat16 before CUDA compute
-    capability 8.0). CPUs run all three; without avx512_bf16/AMX, 16-bit is slow (see ``hardware``)."""
+    capability 8.0: ``hardware.cuda_supports_bf16``, the rule "auto" follows too, so "auto" always passes).
+    ``capability``: the CUDA device's, read from it when not given. CPUs run all three; without
+    avx512_bf16/AMX, 16-bit is slow (see ``hardware``)."""
     if device.type == "cuda" and dtype == torch.bfloat16:
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
+        major, minor = capability or torch.cuda.get_device_capability(device)
+        if not cuda_supports_bf16((major, minor)):
             raise InvalidRequest(f"bfloat16 on {device} needs CUDA compute capability 8.0+, this GPU is "
-                                 f"{major}.{minor}; use torch_dtype=torch.float16 or torch.float32")
+                                 f"{major}.{minor}; use torch_dtype=torch.float16 (what 'auto' picks there) or "
+                                 "torch.float32")
 
 
 def _auto_map(config: InternVLConfig, dtype: torch.dtype,
               quantization: QuantizationConfig | None) -> dict[str, torch.device] | None:
-    """``device_map="auto"`` with CUDA: fill the GPUs in order (90% of their free memory), then the CPU;
-    None when the whole model fits on GPU 0."""
+    """``device_map="auto"`` with CUDA: None (GPU 0 alone) when the whole model fits in 90% of GPU 0's free
+    memory; else ``placement.auto_device_map`` over every GPU (budgets: 90% of each one's free memory, so
+    the layers spread in proportion to it), with the CPU for what fits on no GPU."""
     skeleton = meta_model(config, dtype)
     sizes = estimate_unit_bytes(skeleton, dtype, quantization.bits if quantization else None)
     budgets = [(torch.device("cuda", i), int(torch.cuda.mem_get_info(i)[0] * 0.9))
                for i in range(torch.cuda.device_count())]
     if sum(sizes.values()) <= budgets[0][1]:
         return None
-    available = available_memory()
-    return auto_device_map(sizes, [*budgets, (torch.device("cpu"), int(available * 0.9))])
+    return auto_device_map(sizes, budgets, overflow=(torch.device("cpu"), int(available_memory() * 0.9)))
 
 
 def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
@@ -179,6 +184,10 @@ def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMa
     resolved = resolve_dtype(dtype, config, device)
     if device_map == "auto" and device.type == "cuda":
         unit_devices = _auto_map(config, resolved, quant)
+    if dtype == "auto" and resolved == torch.bfloat16 and any(
+            used.type == "cuda" and not cuda_supports_bf16(torch.cuda.get_device_capability(used))
+            for used in (unit_devices or {}).values()):
+        resolved = torch.float16      # "auto" over a split: one pre-sm80 GPU makes it fp16 for all (as on it alone)
     plan = LoadPlan(folder, config, resolved, device, unit_devices, quant,
                     record_map=isinstance(device_map, Mapping) or unit_devices is not None)
     for used in set(plan.units.values()):

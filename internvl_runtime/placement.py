@@ -21,6 +21,7 @@ encoder and ``compute_logits`` run unchanged; each layer's KV pool is allocated 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -163,27 +164,72 @@ def resolve_device_map(device_map: Mapping[str, Any], num_layers: int) -> dict[s
     return placed
 
 
-def auto_device_map(unit_bytes: Mapping[str, int],
-                    budgets: Sequence[tuple[torch.device, int]]) -> dict[str, torch.device]:
-    """``device_map="auto"``: fill devices in order. Device 0 first takes the vision encoder, projector,
-    embeddings, final norm, LM head and the last decoder layer (the official note: the first and last
-    LLM steps on one device); then decoder layers 0, 1, ... fill device 0, then the next device, each
-    up to its budget in bytes. ``InvalidRequest`` when the model does not fit."""
+def auto_device_map(unit_bytes: Mapping[str, int], budgets: Sequence[tuple[torch.device, int]],
+                    overflow: tuple[torch.device, int] | None = None) -> dict[str, torch.device]:
+    """``device_map="auto"`` over the GPUs of ``budgets`` ((device, bytes it may hold), in order), balanced.
+
+    The units before the decoder layers (vision encoder, projector, embeddings) go on the first GPU, the
+    ones after (final norm, LM head) on the last, as a pipeline runs; the decoder layers, in order, are
+    spread in proportion to the budgets: each layer goes to the GPU whose share of the model (its budget's
+    share of all budgets) holds the layer's middle byte. Every GPU then ends about equally full, so each keeps
+    about the same share of its memory for its layers' KV pools (the pool size is set by the fullest).
+    When rounding or the pinned units put a GPU over its budget, the layers fill the GPUs in order instead,
+    and what fits on none goes to ``overflow`` (the CPU: device, bytes) when given. ``InvalidRequest`` when the
+    model does not fit."""
     units = list(unit_bytes)
     layers = [u for u in units if u.startswith(LAYER)]
-    pinned = [u for u in units if not u.startswith(LAYER)] + layers[-1:]
-    placed = {u: budgets[0][0] for u in pinned}
-    used = [0] * len(budgets)
-    used[0] = sum(unit_bytes[u] for u in pinned)
-    index = 0
-    for unit in layers[:-1]:
-        while used[index] + unit_bytes[unit] > budgets[index][1] and index + 1 < len(budgets):
+    head = units[:units.index(layers[0])] if layers else units
+    tail = units[units.index(layers[-1]) + 1:] if layers else []
+    devices = [device for device, _ in budgets]
+    caps = [budget for _, budget in budgets]
+    pinned = {**dict.fromkeys(head, devices[0]), **dict.fromkeys(tail, devices[-1])}
+    fixed = [0] * len(budgets)
+    fixed[0] += sum(unit_bytes[u] for u in head)
+    fixed[-1] += sum(unit_bytes[u] for u in tail)
+    total = sum(unit_bytes.values())
+    if total <= sum(caps):
+        placed = _spread(layers, unit_bytes, caps, start=fixed[0], total=total)
+        used = list(fixed)
+        for unit in layers:
+            used[placed[unit]] += unit_bytes[unit]
+        if all(u <= c for u, c in zip(used, caps, strict=True)):
+            return {u: pinned[u] if u in pinned else devices[placed[u]] for u in units}
+    return _fill(units, layers, unit_bytes, budgets, overflow, pinned, fixed)
+
+
+def _spread(layers: Sequence[str], unit_bytes: Mapping[str, int], caps: Sequence[int], *, start: int,
+            total: int) -> dict[str, int]:
+    """Each layer's GPU index: the GPU whose proportional share of ``total`` holds the layer's middle byte
+    (``start``: the bytes before the first layer, on GPU 0)."""
+    scale = total / sum(caps)
+    ends = list(itertools.accumulate(c * scale for c in caps))        # where each GPU's share ends
+    placed = {}
+    position, index = start, 0
+    for unit in layers:
+        middle = position + unit_bytes[unit] / 2
+        while index + 1 < len(caps) and middle > ends[index]:
             index += 1
-        placed[unit] = budgets[index][0]
+        placed[unit] = index
+        position += unit_bytes[unit]
+    return placed
+
+
+def _fill(units: Sequence[str], layers: Sequence[str], unit_bytes: Mapping[str, int],
+          budgets: Sequence[tuple[torch.device, int]], overflow: tuple[torch.device, int] | None,
+          pinned: Mapping[str, torch.device], fixed: Sequence[int]) -> dict[str, torch.device]:
+    """The layers fill the GPUs in order (each up to its budget), then ``overflow``; the pinned units stay."""
+    slots = [*budgets, *([overflow] if overflow is not None else [])]
+    used = [*fixed, *([0] if overflow is not None else [])]
+    placed = dict(pinned)
+    index = 0
+    for unit in layers:
+        while used[index] + unit_bytes[unit] > slots[index][1] and index + 1 < len(slots):
+            index += 1
+        placed[unit] = slots[index][0]
         used[index] += unit_bytes[unit]
-    if any(u > b for u, (_, b) in zip(used, budgets, strict=True)):
+    if any(u > b for u, (_, b) in zip(used, slots, strict=True)):
         need = sum(unit_bytes.values()) / 2**30
-        have = ", ".join(f"{d}: {b / 2**30:.1f} GiB" for d, b in budgets)
+        have = ", ".join(f"{d}: {b / 2**30:.1f} GiB" for d, b in slots)
         raise InvalidRequest(f"device_map='auto': the model needs {need:.1f} GiB but the devices offer {have}; "
                              f"quantize it (load_in_8bit / load_in_4bit) or add devices")
     return {u: placed[u] for u in units}

@@ -54,6 +54,7 @@ from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
 from ..engine.sampler import TokenLogprobs
 from ..engine.sampling_params import SamplingParams
 from ..errors import InvalidRequest, UnsupportedFeature
+from ..hardware import default_device
 from ..processing.chat_messages import PipelineMessage
 from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
@@ -530,8 +531,8 @@ def pipeline(model_path: str | Path, backend_config: EngineConfig | TurbomindEng
     package's loggers). ``max_log_len`` and ``trust_remote_code`` are accepted: no prompt is logged and no
     remote code is ever run. ``speculative_config`` and ``allowed_media_domains`` cannot be honoured (an error).
 
-    ``device``: default the CPU, except with LMDeploy's configs (LMDeploy runs on CUDA): then CUDA when there is
-    one. Other keywords are ``EngineConfig`` fields (not with LMDeploy's configs, which set those) or
+    ``device``: default ``hardware.default_device``: CUDA when torch sees a GPU (as LMDeploy runs), else the CPU.
+    Other keywords are ``EngineConfig`` fields (not with LMDeploy's configs, which set those) or
     ``LLMEngine.from_pretrained``'s (``hub``, ``quantization``...).
 
     ``tensor_parallel_size=N`` (or an LMDeploy config's ``tp=N``) splits the decoder over N ranks
@@ -545,9 +546,8 @@ def pipeline(model_path: str | Path, backend_config: EngineConfig | TurbomindEng
                                  "URL it is given; fetch the images yourself to restrict them")
     if log_level is not None:
         set_log_level(log_level)
-    lmdeploy_style = isinstance(backend_config, (TurbomindEngineConfig, PytorchEngineConfig))
     if device is None:
-        device = "cuda" if lmdeploy_style and torch.cuda.is_available() else "cpu"
+        device = default_device(torch.cuda.is_available())
     settings = engine_settings(model_path, backend_config, device=device, vision_config=vision_config,
                                chat_template_config=chat_template_config, session_len=session_len)
     system_message = None

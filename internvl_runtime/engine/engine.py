@@ -16,24 +16,27 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
 
 import torch
 
 from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, RequestFailed, UnsupportedFeature
-from ..hardware import available_memory
+from ..hardware import default_max_num_seqs
 from ..hub import HubOptions
 from ..loading import load_model
+from ..placement import layer_devices, physical
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
 from .detokenizer import IncrementalDetokenizer
+from .memory import cpu_kv_budget, measure_memory, placement_blocks, profile_worst_step
 from .model_runner import ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
@@ -48,14 +51,21 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     """Engine knobs. The scheduling ones are ``SchedulerConfig``'s (its defaults, its checks: this class
-    only passes them on); ``num_blocks=None`` sizes the KV cache from ``kv_cache_bytes`` (default: a
-    quarter of the memory available at start-up, at most enough for max_num_seqs full contexts)."""
+    only passes them on), except ``max_num_seqs``: None takes ``hardware.default_max_num_seqs`` of the
+    model's device (256 on a GPU, 16 on the CPU; at most ``max_num_batched_tokens``) when the engine starts.
 
-    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    KV cache size: ``num_blocks`` if given; else ``kv_cache_bytes`` if given; else on CUDA vLLM's planning
+    over every GPU of the placement (``engine.memory``: ``gpu_memory_utilization`` of each GPU's memory,
+    less what the weights and a profiled worst-case step use, less ``image_cache_bytes`` on the vision
+    GPU), on the CPU a quarter of the memory available at start-up; in every case at most enough for
+    ``max_num_seqs`` full contexts (of up to 16k tokens)."""
+
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     block_size: int = SchedulerConfig.block_size
     num_blocks: int | None = None
     kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
     image_cache_bytes: int = 512 * 2**20
     max_images_per_request: int = 16
@@ -66,11 +76,23 @@ class EngineConfig:
         for name in ("max_images_per_request", "vision_batch_tiles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidRequest(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise InvalidRequest(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {utilization!r}")
         self.scheduler_config(num_blocks=self.num_blocks or 1, max_model_len=self.max_model_len)  # its checks, now
 
+    def for_device(self, device_type: str) -> EngineConfig:
+        """This config with ``max_num_seqs`` set: as given, else the device's default (at most
+        ``max_num_batched_tokens``, which every running sequence's decode must fit in)."""
+        if self.max_num_seqs is not None:
+            return self
+        return replace(self, max_num_seqs=min(default_max_num_seqs(device_type), self.max_num_batched_tokens))
+
     def scheduler_config(self, *, num_blocks: int, max_model_len: int | None) -> SchedulerConfig:
-        """The scheduler's config for a pool of ``num_blocks`` and a context of ``max_model_len``."""
-        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+        """The scheduler's config for a pool of ``num_blocks`` and a context of ``max_model_len`` (an unset
+        ``max_num_seqs`` is checked as 1: the engine sets it, ``for_device``, before it schedules)."""
+        return SchedulerConfig(max_num_seqs=1 if self.max_num_seqs is None else self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
                                block_size=self.block_size, num_blocks=num_blocks,
                                enable_prefix_caching=self.enable_prefix_caching, max_model_len=max_model_len)
 
@@ -146,6 +168,15 @@ def one_by_one_on_failure(items: list[T], run: Callable[[list[T]], R], failed: d
     return results
 
 
+def logits_device(model: Any) -> torch.device:
+    """The device ``compute_logits`` leaves the logits on: the LM head's (the last unit of a spread model;
+    a quantized head holds buffers, not parameters)."""
+    head = model.language_model.lm_head
+    first: torch.Tensor | None = next(itertools.chain(head.parameters(), head.buffers()), None)
+    embed: torch.Tensor = model.language_model.get_input_embeddings().weight
+    return first.device if first is not None else embed.device
+
+
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
                  processor: InputProcessor | None = None, sampler: Sampler | None = None,
@@ -159,15 +190,21 @@ class LLMEngine:
         token bytes of a 151k vocabulary takes about a second), with the template's stop ids as its EOS."""
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        embed = model.language_model.get_input_embeddings().weight
+        self.config = (config or EngineConfig()).for_device(embed.device.type)
         cfg = self.config
         self.processor = processor or InputProcessor.for_model(model, tokenizer,
                                                                max_images=cfg.max_images_per_request)
         llm = model.config.llm
         self.max_model_len: int = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
-        embed = model.language_model.get_input_embeddings().weight
         per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype)
-        num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device)
+        #: Where the runner leaves the logits: seeded requests' generators are made there (sampling never
+        #: moves a row to another device, and torch draws with a generator only on its own device).
+        self.logits_device = logits_device(model)
+        # A runner of another kind (tensor parallelism: its steps are collectives of every rank) is not
+        # profiled here; it gets the unprofiled rule.
+        num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device,
+                                                             profile=runner_factory is ModelRunner)
         self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                      image_token_id=self.processor.img_context_id)
         self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
@@ -185,17 +222,47 @@ class LLMEngine:
                                  vision_tiles_encoded=0)
         self.ttft_seconds: deque[float] = deque(maxlen=1000)   # arrival to first token, the last 1000 requests
 
-    def _auto_num_blocks(self, per_block: int, device: torch.device) -> int:
+    def _auto_num_blocks(self, per_block: int, device: torch.device, *, profile: bool) -> int:
+        """KV blocks when ``num_blocks`` is not given (see ``EngineConfig``); ``profile``: plan a CUDA
+        placement from a profiled step (else 80% of the embedding GPU's free memory, the old rule)."""
         cfg = self.config
-        if cfg.kv_cache_bytes is not None:
-            budget = cfg.kv_cache_bytes
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * 0.8)
-        else:
-            budget = available_memory() // 4
+        assert cfg.max_num_seqs is not None
         wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
-        return int(max(16, min(budget // per_block, wanted)))
+        if cfg.kv_cache_bytes is not None:
+            return int(max(16, min(cfg.kv_cache_bytes // per_block, wanted)))
+        if device.type == "cuda" and profile:
+            return min(self._planned_gpu_blocks(per_block), wanted)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(max(16, min(int(free * 0.8) // per_block, wanted)))
+        return int(max(16, min(cpu_kv_budget() // per_block, wanted)))
+
+    def _planned_gpu_blocks(self, per_block: int) -> int:
+        """``engine.memory``'s plan over every device of the placement: the CUDA ones measured around a
+        profiled worst-case step, layers on the CPU (a spill) within the CPU's rule."""
+        cfg, model = self.config, self.model
+        assert cfg.max_num_seqs is not None
+        layers = [physical(d) for d in layer_devices(model.language_model)]
+        vision = physical(next(model.mlp1.parameters()).device)
+        cuda = sorted({d for d in (*layers, vision, self.logits_device) if d.type == "cuda"}, key=str)
+        tokens = min(cfg.max_num_batched_tokens, self.max_model_len)
+        rows = min(cfg.max_num_seqs, tokens)
+        measured = measure_memory(cuda, lambda: profile_worst_step(
+            model, vision_batch_tiles=cfg.vision_batch_tiles, num_tokens=tokens,
+            num_rows=rows, block_size=cfg.block_size,
+            image_token_id=self.processor.img_context_id, logits_device=self.logits_device))
+        blocks, devices = placement_blocks(layers, vision, measured, utilization=cfg.gpu_memory_utilization,
+                                           image_cache_bytes=cfg.image_cache_bytes,
+                                           bytes_per_layer_block=per_block // len(layers),
+                                           host_budget=cpu_kv_budget())
+        for device in devices:
+            logger.info("KV cache plan on %s: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB step "
+                        "peak, %.2f GiB image cache, %d layers", device.name, device.total / 2**30,
+                        device.used_after_load / 2**30, device.profile_peak / 2**30, device.cache_bytes / 2**30,
+                        device.num_layers)
+        logger.info("KV cache: %d blocks of %d tokens (gpu_memory_utilization %g)", blocks, cfg.block_size,
+                    cfg.gpu_memory_utilization)
+        return max(1, blocks)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
@@ -251,7 +318,8 @@ class LLMEngine:
         except Exception:
             self.stats["requests_refused"] += 1
             raise
-        self._states[request_id] = _RequestState(seq, list(request.images), detok, make_generator(params), matcher)
+        self._states[request_id] = _RequestState(seq, list(request.images), detok,
+                                                 make_generator(params, self.logits_device), matcher)
         for content_hash, features in given.items():
             self._states[request_id].features[content_hash] = features
             self.vision_cache.put(content_hash, features)

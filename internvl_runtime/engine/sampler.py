@@ -24,7 +24,8 @@ class SamplingRow(NamedTuple):
             The repetition penalty looks at all of them, or at the generated ones only, after
             ``params.repetition_penalty_prefix_ids``, per ``params.repetition_penalty_scope``.
         num_output_tokens: tokens generated before this one (for ``min_new_tokens`` and the penalty scope).
-        generator: the request's own generator (see :func:`make_generator`); None uses torch's global RNG.
+        generator: the request's own generator (see :func:`make_generator`), best on the logits' device
+            (another device works: see :func:`draw_uniform`); None uses torch's global RNG.
         eos_token_ids: end tokens masked with ``stop_token_ids`` while ``min_new_tokens`` is not reached
             (unless ``params.ignore_eos``).
     """
@@ -56,8 +57,10 @@ class SamplerOutput:
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A generator seeded with ``params.seed`` on ``device``, or None when the request has no seed.
 
-    Create it once per request and pass it on every step: a request's samples then depend only on its
-    seed and its logits, not on the other rows of the batch.
+    Create it once per request, on the device the logits will be on (the engine passes its
+    ``logits_device``), and pass it on every step: a request's samples then depend only on its seed and
+    its logits, not on the other rows of the batch. (CPU and CUDA generators give different numbers for
+    one seed: a seed reproduces its answers on the same kind of device.)
     """
     if params.seed is None:
         return None
@@ -294,10 +297,26 @@ class Sampler:
 
     @staticmethod
     def _uniform(rows: SequenceABC[SamplingRow], device: torch.device) -> torch.Tensor:
-        """One U[0, 1) draw per row (S, 1): each seeded row from its own generator, the others from the
-        global RNG."""
+        """One U[0, 1) draw per row (S, 1) on ``device``: each seeded row from its own generator (see
+        ``draw_uniform``), the others from the global RNG of ``device``."""
         draws = torch.rand(len(rows), 1, device=device)
-        for i, row in enumerate(rows):
-            if row.generator is not None:
-                draws[i] = torch.rand(1, generator=row.generator, device=device)
+        seeded = [(i, row.generator) for i, row in enumerate(rows) if row.generator is not None]
+        if seeded:
+            values = torch.cat([draw_uniform(generator, device) for _, generator in seeded])  # (G,)
+            index = torch.tensor([i for i, _ in seeded], device=device)
+            draws.index_copy_(0, index, values.unsqueeze(1))
         return draws
+
+
+def draw_uniform(generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One U[0, 1) number (shape (1,)) from ``generator``, on ``device``.
+
+    torch draws with a generator only on the generator's own device (``torch.rand(..., generator=cpu_gen,
+    device=cuda)`` raises), so the draw is taken there and moved: the engine makes each generator on the
+    logits' device (no copy), and a generator made elsewhere (a caller's CPU generator with CUDA logits)
+    still samples, at the cost of one tiny host-to-device copy. Either way the number depends only on the
+    generator's state, so a seeded request draws the same sequence wherever its logits are."""
+    value = torch.rand(1, generator=generator, device=generator.device)
+    if value.device == device:
+        return value
+    return value.to(device, non_blocking=value.device.type == "cpu" and device.type == "cuda")

@@ -57,13 +57,19 @@ def _names(name: str, value: Any) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: ``cuda`` when torch sees a CUDA device, else ``cpu``; any other value as given."""
+def resolve_device(device: str, cuda_available: bool | None = None) -> str:
+    """``auto``: ``hardware.default_device`` (``cuda`` when torch sees a CUDA device, else ``cpu``); any other
+    value as given. ``cuda_available``: default ``torch.cuda.is_available()``. ``internvl serve``, ``chat`` and
+    ``generate`` all resolve their ``--device`` here."""
     if device != "auto":
         return device
-    import torch  # here, not at the top: `internvl --help` stays fast
+    from ..hardware import default_device  # here, not at the top: it imports torch, `internvl --help` stays fast
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return default_device(cuda_available)
 
 
 def host_name(value: str) -> str:
@@ -152,10 +158,16 @@ class ServerConfig:
     # -- engine ------------------------------------------------------------------------------------
     max_model_len: int | None = field(default=None, metadata=_opt(
         "context length in tokens (default: the model's)"))
-    max_num_seqs: int = field(default=16, metadata=_opt("sequences decoded together in one step"))
+    max_num_seqs: int | None = field(default=None, metadata=_opt(
+        "sequences decoded together in one step (default: 256 on a GPU, 16 on the CPU)"))
     max_num_batched_tokens: int = field(default=4096, metadata=_opt("tokens computed in one step"))
     num_blocks: int | None = field(default=None, metadata=_opt(
-        "KV-cache blocks of 16 tokens (default: sized from free memory)"))
+        "KV-cache blocks of 16 tokens (default: sized from memory: on GPUs by --gpu-memory-utilization, on the "
+        "CPU a quarter of the available memory)"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_opt(
+        "share of each GPU's memory this server may use (as vLLM's): the KV cache gets what is left of it after "
+        "the weights, a profiled worst-case step and the image feature cache; lower it to leave room for other "
+        "processes"))
     max_queue_len: int = field(default=256, metadata=_opt(
         "requests in the engine at once (running + waiting); more get 503"))
     max_concurrent_requests: int = field(default=512, metadata=_opt(
@@ -217,14 +229,14 @@ class ServerConfig:
                                  f"got {self.log_level!r}")
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_len",
+        for name in ("tensor_parallel_size", "max_num_batched_tokens", "max_queue_len",
                      "max_concurrent_requests", "max_connections", "max_body_bytes", "default_max_tokens", "max_n",
                      "max_images_per_request", "max_image_bytes", "max_image_pixels", "max_tiles_per_image",
                      "max_tiles_per_request", "max_video_bytes", "max_video_frames", "max_video_decoded_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_model_len", "num_blocks"):
+        for name in ("max_model_len", "num_blocks", "max_num_seqs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidRequest(f"ServerConfig.{name} must be an integer >= 1 or None, got {value!r}")
@@ -232,6 +244,9 @@ class ServerConfig:
             raise InvalidRequest(f"ServerConfig.max_redirects must be an integer >= 0, got {self.max_redirects!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidRequest(f"ServerConfig.port must be in [0, 65535], got {self.port!r}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise InvalidRequest(f"ServerConfig.gpu_memory_utilization must be in (0, 1], got {utilization!r}")
         interval = self.stats_log_interval_s
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
             raise InvalidRequest(f"ServerConfig.stats_log_interval_s must be >= 0, got {interval!r}")
@@ -264,9 +279,11 @@ class ServerConfig:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The ``EngineConfig`` fields this config sets."""
-        kwargs: dict[str, Any] = {"max_num_seqs": self.max_num_seqs,
-                                  "max_num_batched_tokens": self.max_num_batched_tokens,
-                                  "max_images_per_request": self.max_images_per_request}
+        kwargs: dict[str, Any] = {"max_num_batched_tokens": self.max_num_batched_tokens,
+                                  "max_images_per_request": self.max_images_per_request,
+                                  "gpu_memory_utilization": self.gpu_memory_utilization}
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         if self.num_blocks is not None:

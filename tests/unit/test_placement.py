@@ -109,25 +109,75 @@ def test_bad_maps_fail_before_loading(monkeypatch, device_map: dict, error: type
         AutoModel.from_pretrained(CKPT / "tiny-1B", device_map=device_map)
 
 
-def test_auto_device_map_fills_in_order() -> None:
-    units = placement.placement_units(4)
-    sizes = dict.fromkeys(units, 10)
-    sizes["vision_model"] = 30
-    budgets = [(torch.device("cuda", 0), 85), (torch.device("cuda", 1), 10), (torch.device("cpu"), 100)]
-    placed = auto_device_map(sizes, budgets)
-    # device 0 first takes vision (30) + mlp1, embeddings, norm, head and the last layer (10 each): 80 of 85
-    last = "language_model.model.layers.3"
-    assert placed["vision_model"] == placed[LM_HEAD] == placed[last] == torch.device("cuda", 0)
-    assert [placed[f"language_model.model.layers.{i}"] for i in range(3)] == [
-        torch.device("cuda", 1), torch.device("cpu"), torch.device("cpu")]
+GPU0, GPU1, GPU2, CPU = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 2), torch.device("cpu")
 
 
-def test_auto_device_map_fills_device_0_first_and_says_when_it_does_not_fit() -> None:
-    units = placement.placement_units(4)
-    placed = auto_device_map(dict.fromkeys(units, 10), [(torch.device("cuda", 0), 90), (torch.device("cuda", 1), 90)])
-    assert [placed[f"language_model.model.layers.{i}"].index for i in range(4)] == [0, 0, 0, 0]
+def layer_sizes(num_layers: int, layer: int = 10, *, vision: int = 30, head: int = 19) -> dict[str, int]:
+    sizes = dict.fromkeys(placement.placement_units(num_layers), layer)
+    sizes.update({"vision_model": vision, NORM: 1, LM_HEAD: head})
+    return sizes
+
+
+def per_device(placed: dict[str, torch.device], sizes: dict[str, int]) -> dict[torch.device, int]:
+    used: dict[torch.device, int] = {}
+    for unit, device in placed.items():
+        used[device] = used.get(device, 0) + sizes[unit]
+    return used
+
+
+def test_auto_device_map_balances_equal_gpus_with_vision_first_and_head_last() -> None:
+    sizes = layer_sizes(8)       # 50 before the layers (vision 30, mlp1, embeddings), 80 of layers, 20 after
+    placed = auto_device_map(sizes, [(GPU0, 100), (GPU1, 100)])
+    assert placed["vision_model"] == placed["mlp1"] == placed[EMBED] == GPU0
+    assert placed[NORM] == placed[LM_HEAD] == GPU1
+    # shares of 75 each: layers 0-2 (middles at 55, 65, 75) on GPU 0, the rest on GPU 1
+    assert [placed[f"language_model.model.layers.{i}"] for i in range(8)] == [GPU0] * 3 + [GPU1] * 5
+    assert per_device(placed, sizes) == {GPU0: 80, GPU1: 70}    # the old rule filled GPU 0 to its budget first
+
+
+@pytest.mark.parametrize(("budgets", "expected_layers"), [
+    ([300, 100], [18, 6]),            # in proportion to the budgets (each GPU's free memory)
+    ([100, 100, 100], [8, 8, 8]),
+    ([200, 100, 100], [12, 6, 6]),
+])
+def test_auto_device_map_spreads_layers_in_proportion_to_the_budgets(budgets: list[int],
+                                                                    expected_layers: list[int]) -> None:
+    sizes = layer_sizes(24, layer=10, vision=0, head=0)
+    sizes.update(dict.fromkeys(["mlp1", EMBED, NORM], 0))
+    devices = [torch.device("cuda", i) for i in range(len(budgets))]
+    placed = auto_device_map(sizes, list(zip(devices, budgets, strict=True)))
+    counts = [sum(1 for u, d in placed.items() if u.startswith("language_model.model.layers.") and d == device)
+              for device in devices]
+    assert counts == expected_layers
+    order = [devices.index(placed[f"language_model.model.layers.{i}"]) for i in range(24)]
+    assert order == sorted(order)                                # in execution order: a pipeline
+
+
+def test_auto_device_map_moves_layers_off_a_gpu_its_pinned_units_fill() -> None:
+    # the first GPU's share (68 of 140) is taken by the vision encoder and embeddings: every layer goes on
+    sizes = layer_sizes(4, vision=60)       # 80 before the layers, 40 of layers, 20 after: 140
+    placed = auto_device_map(sizes, [(GPU0, 85), (GPU1, 90)])
+    assert per_device(placed, sizes)[GPU0] <= 85 and per_device(placed, sizes)[GPU1] <= 90
+    assert [placed[f"language_model.model.layers.{i}"] for i in range(4)] == [GPU1] * 4
+    assert placed["vision_model"] == GPU0 and placed[LM_HEAD] == GPU1
+
+
+def test_auto_device_map_spills_layers_to_the_cpu_and_says_when_nothing_fits() -> None:
+    sizes = layer_sizes(6)                  # 50 + 60 + 20 = 130
+    placed = auto_device_map(sizes, [(GPU0, 60), (GPU1, 40)], overflow=(CPU, 100))
+    assert placed["vision_model"] == GPU0 and placed[LM_HEAD] == GPU1
+    assert [placed[f"language_model.model.layers.{i}"] for i in range(6)] == [GPU0, GPU1, GPU1, CPU, CPU, CPU]
+    used = per_device(placed, sizes)
+    assert used[GPU0] <= 60 and used[GPU1] <= 40
     with pytest.raises(InvalidRequest, match="needs"):
-        auto_device_map(dict.fromkeys(units, 10), [(torch.device("cuda", 0), 50), (torch.device("cuda", 1), 20)])
+        auto_device_map(sizes, [(GPU0, 60), (GPU1, 40)])
+    with pytest.raises(InvalidRequest, match="needs"):
+        auto_device_map(sizes, [(GPU0, 60), (GPU1, 40)], overflow=(CPU, 20))
+
+
+def test_auto_device_map_on_one_gpu_places_everything_there() -> None:
+    sizes = layer_sizes(4)
+    assert set(auto_device_map(sizes, [(GPU2, 1000)]).values()) == {GPU2}
 
 
 def test_estimate_unit_bytes_counts_quantized_linears() -> None:

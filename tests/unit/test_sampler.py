@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from internvl_runtime.engine.sampler import Sampler, SamplingRow, make_generator
+from internvl_runtime.engine.sampler import Sampler, SamplingRow, draw_uniform, make_generator
 from internvl_runtime.engine.sampling_params import SamplingParams
 
 V = 32
@@ -233,7 +233,23 @@ def test_extreme_top_p_keeps_the_most_likely_token() -> None:
 def test_make_generator() -> None:
     assert make_generator(SamplingParams()) is None
     g = make_generator(SamplingParams(seed=5))
-    assert g is not None and g.initial_seed() == 5
+    assert g is not None and g.initial_seed() == 5 and g.device == torch.device("cpu")
+    on = make_generator(SamplingParams(seed=5), torch.device("cpu"))
+    assert on is not None and on.device == torch.device("cpu")
+
+
+def test_draw_uniform_draws_on_the_generators_device_and_moves_the_number() -> None:
+    """A generator on another device than the logits (a CPU generator with CUDA logits) draws on its own
+    device and the number is moved: the draw is the generator's, whatever the target. (The CUDA case itself
+    needs a GPU; the meta device stands in for "another device" here.)"""
+    g, reference = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    expected = torch.rand(1, generator=reference)
+    same = draw_uniform(g, torch.device("cpu"))
+    assert same.device == torch.device("cpu") and torch.equal(same, expected)
+    moved = draw_uniform(g, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (1,)
+    torch.rand(1, generator=reference)                     # the moved draw took one number of the generator
+    assert torch.equal(draw_uniform(g, torch.device("cpu")), torch.rand(1, generator=reference))
 
 
 def test_stop_ids_outside_the_vocabulary_are_ignored() -> None:
