@@ -23,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 # A closed network makes Chromium hang on its background services unless they are switched off.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PAGE = Path(__file__).resolve().parents[2] / "internvl_runtime" / "serving" / "static" / "index.html"
+STATIC = Path(__file__).resolve().parents[2] / "internvl_runtime" / "serving" / "static"
+PAGE = STATIC / "index.html"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -35,20 +36,41 @@ class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.refs: list[str] = []
+        self.inline_scripts = 0
 
     def handle_starttag(self, tag, attrs):
+        values = dict(attrs)
+        if tag == "script" and not values.get("src"):
+            self.inline_scripts += 1
         for name, value in attrs:
             if name in ("src", "href", "action") and value:
                 self.refs.append(value)
 
 
 def test_page_is_self_contained():
+    """Everything the page loads is one of the package's own static files: no CDN, no inline script."""
     html = PAGE.read_text(encoding="utf-8")
     parser = _Refs()
     parser.feed(html)
-    assert parser.refs == []                                  # no script, style, font or image from anywhere
-    assert "http://" not in html and "https://" not in html and "//cdn" not in html.lower()
-    assert not re.search(r"\bimport\s*\(|@import", html)
+    assert parser.refs and parser.inline_scripts == 0
+    for ref in parser.refs:
+        assert ref.startswith("/static/") and (STATIC / ref.removeprefix("/static/")).is_file(), ref
+    own = [PAGE, STATIC / "style.css", *sorted((STATIC / "js").glob("*.js"))]
+    for path in own:
+        text = path.read_text(encoding="utf-8").replace('"http://www.w3.org/2000/svg"', "")   # a name, not a load
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text.lower(), path
+        assert not re.search(r"\bimport\s*\(|@import|\beval\(|new Function", text), path
+    for path in (STATIC / "js").glob("*.js"):                       # module imports stay in the folder
+        for target in re.findall(r'from "(\./[^"]+)"', path.read_text(encoding="utf-8")):
+            assert (path.parent / target).is_file(), (path, target)
+    # KaTeX's fonts: the first (woff2) source of each face is shipped
+    css = (STATIC / "vendor" / "katex" / "katex.min.css").read_text(encoding="utf-8")
+    fonts = set(re.findall(r"url\((fonts/[^)]+\.woff2)\)", css))
+    assert fonts and all((STATIC / "vendor" / "katex" / font).is_file() for font in fonts)
+    assert "@import" not in css and "url(http" not in css
+    for folder in ("marked", "dompurify", "katex", "highlight"):
+        assert (STATIC / "vendor" / folder / "LICENSE").is_file(), folder
+        assert folder in (STATIC / "vendor" / "README.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,7 +103,29 @@ def browser_context(tmp_path_factory):
 def test_page_served_with_csp(server):
     response = httpx.get(server.base_url + "/")
     assert response.status_code == 200 and "<title>InternVL chat</title>" in response.text
-    assert "default-src 'self'" in response.headers["content-security-policy"]
+    policy = response.headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'self'" and directives["script-src"] == "'self'"     # no inline script
+    assert directives["style-src"] == "'self'" and directives["connect-src"] == "'self'"
+    assert directives["object-src"] == "'none'" and "unsafe-eval" not in policy
+
+
+def test_static_files_only_from_the_package(server):
+    """/static/ serves the page's own files with fixed types and the page's CSP; nothing else (no path
+    tricks, no other suffixes)."""
+    script = httpx.get(server.base_url + "/static/js/app.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "default-src 'self'" in script.headers["content-security-policy"]
+    assert script.headers["x-content-type-options"] == "nosniff"
+    font = httpx.get(server.base_url + "/static/vendor/katex/fonts/KaTeX_Main-Regular.woff2")
+    assert font.status_code == 200 and font.headers["content-type"] == "font/woff2"
+    assert font.content == (STATIC / "vendor/katex/fonts/KaTeX_Main-Regular.woff2").read_bytes()
+    assert httpx.get(server.base_url + "/static/style.css").headers["content-type"].startswith("text/css")
+    for path in ("/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/index.html",
+                 "/static/js", "/static/nothing.js", "/static//etc/passwd", "/static/vendor/katex/fonts/x.ttf"):
+        response = httpx.get(server.base_url + path)
+        assert response.status_code == 404, (path, response.status_code)
+        assert "error" in response.json()
 
 
 def wait_idle(server, before: dict) -> dict:
@@ -128,7 +172,7 @@ def test_chat_in_the_browser(server, browser_context, tmp_path):
     page.wait_for_selector(".msg.assistant.done", timeout=30_000)
     assert page.locator(".msg.user .images img").count() == 1
     assert page.locator("#attachments img").count() == 0                    # attachments moved to the message
-    first_answer = page.text_content(".msg.assistant .text")
+    first_answer = page.text_content(".msg.assistant .raw")
     assert first_answer
     assert re.search(r"done|max tokens", page.text_content(".msg.assistant .meta"))
     user_parts = sent[0]["messages"][0]["content"]
@@ -202,4 +246,163 @@ def test_errors_are_shown(server, browser_context):
     page.wait_for_selector(".msg.assistant.error", timeout=20_000)
     assert "temperature" in page.text_content(".msg.assistant.error .meta")
     assert page.is_enabled("#send")
+    page.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers with fixed content: the page against a test double of the engine's output (Playwright fulfils
+# /v1/chat/completions with an SSE body; the page, /health and /v1/models come from the real server)
+# ---------------------------------------------------------------------------------------------------
+
+DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+
+
+def sse_body(text: str, piece: int = 5) -> str:
+    """``text`` as OpenAI chat.completion.chunk events, a few characters each (so the page renders partial
+    markdown on the way), then the usage and [DONE]."""
+    chunks = [{"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "tiny-1B",
+               "choices": [{"index": 0, "delta": {"content": text[i:i + piece]}, "finish_reason": None}]}
+              for i in range(0, len(text), piece)]
+    chunks.append({"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "tiny-1B",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def fake_answers(page, answers: list[str]) -> list[dict]:
+    """Answer the page's chat requests with ``answers`` in turn; returns the list the request bodies go to."""
+    sent: list[dict] = []
+
+    def fulfil(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"},
+                      body=sse_body(answers[min(len(sent), len(answers)) - 1]))
+
+    page.route("**/v1/chat/completions", fulfil)
+    return sent
+
+
+def open_page(server, browser_context, *, fresh: bool = True):
+    page = browser_context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#status.ready", timeout=20_000)
+    page.wait_for_selector("body[data-restored]")
+    if fresh:
+        page.click("#new-chat")
+    return page
+
+
+def ask(page, text: str, count: int, files: list[Path] = ()) -> None:
+    """Send ``text`` (with ``files`` attached) and wait for the ``count``-th finished answer."""
+    from playwright.sync_api import expect
+
+    for file in files:
+        page.set_input_files("#file", str(file))
+    if files:
+        expect(page.locator("#attachments .thumb")).to_have_count(len(files))
+    page.fill("#input", text)
+    page.click("#send")
+    expect(page.locator(".msg.assistant.done")).to_have_count(count, timeout=30_000)
+
+
+MARKDOWN = """Here is **a summary**:
+
+1. first item
+2. second item with `inline code`
+
+| name | count |
+|------|------:|
+| cats | 2 |
+| dogs | 3 |
+
+```python
+def area(r):
+    return 3.14159 * r ** 2
+```
+
+The area is $A = \\pi r^2$, and in display:
+
+$$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$
+"""
+
+
+def test_markdown_table_code_and_math_render(server, browser_context):
+    page = open_page(server, browser_context)
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1100, "height": 760})
+    page.screenshot(path=str(DOCS_IMAGES / "chat-empty.png"))
+    fake_answers(page, [MARKDOWN])
+    ask(page, "Summarize, with a table, code and a formula.", 1)
+    answer = page.locator(".msg.assistant > .text")
+    assert answer.locator("strong").inner_text() == "a summary"
+    assert answer.locator("ol > li").count() == 2 and answer.locator("li code").inner_text() == "inline code"
+    rows = answer.locator("table tr")
+    assert rows.count() == 3
+    assert [c.strip() for c in rows.nth(2).locator("td").all_inner_texts()] == ["dogs", "3"]
+    code = answer.locator(".code pre code.language-python")
+    assert "return 3.14159 * r ** 2" in code.inner_text()
+    assert code.locator("span.hljs-keyword").first.inner_text() == "def"              # highlighted
+    assert answer.locator(".code button.copy").get_attribute("aria-label") == "Copy code"
+    assert answer.locator(".katex").count() == 2 and answer.locator(".katex-display").count() == 1
+    assert answer.locator(".katex-display .mfrac").count() == 1                          # \frac typeset
+    assert "π" in answer.locator(".katex").first.locator(".katex-html").inner_text()      # \pi typeset
+    # the raw text is one toggle away, and back
+    toggle = page.locator(".msg.assistant .raw-toggle")
+    toggle.click()
+    assert page.locator(".msg.assistant .raw").is_visible() and not answer.is_visible()
+    assert page.locator(".msg.assistant .raw").inner_text().startswith("Here is **a summary**")
+    toggle.click()
+    assert answer.is_visible()
+    page.screenshot(path=str(DOCS_IMAGES / "chat-rendered.png"))
+    page.close()
+
+
+XSS = """Try these: <img src=x onerror="console.log('PWNED img'); window.pwned = 1"> inline,
+
+<img src=x onerror="console.log('PWNED block'); window.pwned = 1">
+
+<script>console.log('PWNED script'); window.pwned = 2</script>
+
+<svg onload="console.log('PWNED svg')"><circle r="5"/></svg> <iframe src="http://tracker.invalid/frame"></iframe>
+
+An <a href="javascript:console.log('PWNED link')">click me</a> and a [markdown link](javascript:console.log('PWNED md'))
+and a [fine link](http://example.invalid/page).
+
+![pixel](http://tracker.invalid/pixel.png?user=1) ![local](/health?tracked=1)
+
+<style>body { background: url(http://tracker.invalid/bg.png) }</style>
+
+<div style="background-image: url(http://tracker.invalid/css.png)">styled</div>
+
+$\\href{javascript:console.log('PWNED tex')}{tex link}$ and $\\includegraphics{http://tracker.invalid/tex.png}$
+"""
+
+
+def test_model_output_executes_and_loads_nothing(server, browser_context):
+    page = open_page(server, browser_context)
+    console: list[str] = []
+    requests: list[str] = []
+    dialogs: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    fake_answers(page, [XSS])
+    ask(page, "Say something dangerous.", 1)
+    answer = page.locator(".msg.assistant > .text")
+    assert "click me" in answer.inner_text() and "fine link" in answer.inner_text()
+    for tag in ("img", "script", "iframe", "style", "image", "object", "embed"):
+        assert answer.locator(tag).count() == 0, tag
+    assert answer.locator("[onerror], [onload], [style*=url]").count() == 0
+    hrefs = answer.locator("a[href]").evaluate_all("(links) => links.map((a) => [a.getAttribute('href'), a.rel])")
+    assert hrefs == [["http://example.invalid/page", "noopener noreferrer"]], hrefs
+    assert "[image: pixel (http://tracker.invalid/pixel.png?user=1)]" in answer.inner_text()
+    answer.get_by_text("markdown link").click()
+    answer.get_by_text("click me").click()
+    page.wait_for_timeout(300)                    # what a click could have run has run by now
+    assert page.evaluate("() => window.pwned") is None
+    assert not [line for line in console if "PWNED" in line or line.startswith(("error", "pageerror"))], console
+    assert not dialogs
+    assert all(url.startswith(server.base_url) for url in requests), requests
+    assert not [url for url in requests if "tracked" in url or "tracker" in url]
     page.close()

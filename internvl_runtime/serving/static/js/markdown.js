@@ -98,7 +98,7 @@ const PURIFY = {
 };
 
 DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
-  if (data.attrName === "style" && /url\s*\(|@import|expression\s*\(|image-set|\\/i.test(data.attrValue)) {
+  if (data.attrName === "style" && /url\s*\(|expression\s*\(|image-set|\\/i.test(data.attrValue)) {
     data.keepAttr = false;
   }
 });

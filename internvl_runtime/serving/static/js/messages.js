@@ -118,7 +118,7 @@ export function startEditing(div, message, onSave, onCancel) {
   actions.className = "actions";
   actions.append(save, cancel);
   box.append(area, actions);
-  div.querySelector(".text").replaceWith(box);
+  div.querySelector(":scope > .text").replaceWith(box);
   div.querySelector(".actions:not(.edit .actions)")?.remove();
   area.focus();
 }
@@ -146,7 +146,7 @@ export function assistantElement(message, index, { image = null, onRegenerate = 
 
 /** Re-renders an assistant message's text (while it streams and once done); the grounding figure once final. */
 export function updateAssistant(div, content, { image = null, final = false } = {}) {
-  div.querySelector(".text").replaceChildren(renderMarkdown(content));
+  div.querySelector(":scope > .text").replaceChildren(renderMarkdown(content));
   div.querySelector(".raw").textContent = content;
   if (!final) return;
   div.querySelector(".grounding")?.remove();
@@ -162,7 +162,7 @@ export function addAssistantActions(div, onRegenerate) {
     const showRaw = toggle.getAttribute("aria-pressed") !== "true";
     toggle.setAttribute("aria-pressed", String(showRaw));
     div.querySelector(".raw").hidden = !showRaw;
-    div.querySelector(".text").hidden = showRaw;
+    div.querySelector(":scope > .text").hidden = showRaw;
   });
   toggle.classList.add("raw-toggle");
   toggle.setAttribute("aria-pressed", "false");
