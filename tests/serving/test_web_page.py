@@ -406,3 +406,213 @@ def test_model_output_executes_and_loads_nothing(server, browser_context):
     assert all(url.startswith(server.base_url) for url in requests), requests
     assert not [url for url in requests if "tracked" in url or "tracker" in url]
     page.close()
+
+
+def _scene_png(path: Path) -> None:
+    """400x300: two red squares and a blue one (what the grounding answer below points at)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (400, 300), (236, 240, 244))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((40, 60, 160, 180), fill=(210, 40, 40))
+    draw.rectangle((200, 150, 280, 270), fill=(210, 40, 40))
+    draw.ellipse((300, 30, 380, 110), fill=(40, 80, 210))
+    image.save(path)
+
+
+GROUNDING = ("There are <ref>two red squares</ref><box>[[100, 200, 400, 600], [500, 500, 700, 900]]</box> "
+             "and <ref>a blue circle</ref><box>[[750, 100, 950, 367]]</box> in the image.")
+
+
+def test_grounding_boxes_drawn_over_the_last_image(server, browser_context, tmp_path):
+    first, scene = tmp_path / "first.png", tmp_path / "scene.png"
+    first.write_bytes(png_bytes(64, 48, (20, 160, 20)))
+    _scene_png(scene)
+    page = open_page(server, browser_context)
+    page.set_viewport_size({"width": 1100, "height": 1000})
+    fake_answers(page, ["A green image.", GROUNDING])
+    ask(page, "What is this?", 1, [first])
+    ask(page, "Please provide the bounding box coordinates of the red squares and the blue circle.", 2, [scene])
+    answer = page.locator(".msg.assistant").nth(1)
+    # the text: refs as coloured phrases, no tags
+    text = answer.locator(":scope > .text")
+    assert text.inner_text().strip() == "There are two red squares and a blue circle in the image."
+    refs = text.locator("mark.ref")
+    assert refs.all_inner_texts() == ["two red squares", "a blue circle"]
+    # the boxes: over the second image (the last one before the answer), none on the first answer
+    assert page.locator(".msg.assistant").nth(0).locator(".gbox").count() == 0
+    figure_img = answer.locator(".grounding .gframe img")
+    assert figure_img.get_attribute("src") == page.locator(".msg.user .images img").nth(1).get_attribute("src")
+    assert figure_img.evaluate("(img) => img.complete && img.naturalWidth") == 400
+    image_box = figure_img.bounding_box()
+    boxes = answer.locator(".gbox")
+    assert boxes.count() == 3
+    expected = [("two red squares", (100, 200, 400, 600)), ("two red squares", (500, 500, 700, 900)),
+                ("a blue circle", (750, 100, 950, 367))]
+    colours = []
+    for i, (label, (x1, y1, x2, y2)) in enumerate(expected):
+        box = boxes.nth(i)
+        assert box.get_attribute("data-ref") == label and box.locator(".glabel").inner_text() == label
+        drawn = box.bounding_box()
+        want = {"x": image_box["x"] + x1 / 1000 * image_box["width"], "y": image_box["y"] + y1 / 1000 * image_box["height"],
+                "width": (x2 - x1) / 1000 * image_box["width"], "height": (y2 - y1) / 1000 * image_box["height"]}
+        for key, value in want.items():
+            assert abs(drawn[key] - value) <= 1.0, (i, key, drawn, want)
+        colours.append(box.evaluate("(el) => getComputedStyle(el).borderTopColor"))
+    assert colours[0] == colours[1] != colours[2]                 # one colour per ref
+    assert refs.nth(0).evaluate("(el) => getComputedStyle(el).color") == colours[0]
+    page.locator("#scroller").evaluate("(el) => { el.scrollTop = el.scrollHeight; }")
+    page.screenshot(path=str(DOCS_IMAGES / "chat-grounding.png"))
+    # the raw text, tags and all, is one toggle away
+    answer.locator(".raw-toggle").click()
+    assert answer.locator(".raw").inner_text() == GROUNDING
+    page.close()
+
+
+
+def test_conversation_survives_reload_and_export_import_round_trips(server, browser_context, tmp_path):
+    image = tmp_path / "blue.png"
+    image.write_bytes(png_bytes(40, 30, (20, 20, 200)))
+    page = open_page(server, browser_context)
+    sent = fake_answers(page, ["First **answer**.", "Second answer."])
+    ask(page, "Remember this picture.", 1, [image])
+    ask(page, "And now?", 2)
+    conversation = [*sent[1]["messages"], {"role": "assistant", "content": "Second answer."}]
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    assert conversation[0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+    # a reload brings the conversation back (IndexedDB), images and rendering included
+    page.reload()
+    page.wait_for_selector("body[data-restored]")
+    assert page.locator(".msg").count() == 4
+    assert page.locator(".msg.user .images img").get_attribute("src") == conversation[0]["content"][1]["image_url"]["url"]
+    assert page.locator(".msg.assistant > .text strong").inner_text() == "answer"
+    chats = page.locator("#chats li")
+    assert chats.count() >= 1 and page.locator("#chats li.active .open").inner_text() == "Remember this picture."
+
+    # continue it: the history goes with the next question
+    ask(page, "Third question", 3)
+    assert sent[-1]["messages"][:4] == conversation
+    conversation = [*sent[-1]["messages"], {"role": "assistant", "content": "Second answer."}]
+
+    # rename from the side list
+    page.locator("#chats li.active .rename").click()
+    page.fill("#chats li.active input", "Blue picture")
+    page.press("#chats li.active input", "Enter")
+    page.wait_for_selector("#chats li.active .open:text('Blue picture')")
+
+    # export: the OpenAI messages, exactly what was sent and answered
+    with page.expect_download() as download:
+        page.click("#export")
+    exported = json.loads(Path(download.value.path()).read_text(encoding="utf-8"))
+    assert exported["messages"] == conversation and exported["title"] == "Blue picture"
+
+    # import it back as a new conversation: the same messages, on screen and in a second export
+    page.click("#new-chat")
+    before = page.locator("#chats li").count()
+    saved = tmp_path / "conversation.json"
+    saved.write_text(json.dumps(exported), encoding="utf-8")
+    page.set_input_files("#import-file", str(saved))
+    page.wait_for_selector("#store-note:text('Imported 6 messages')")
+    assert page.locator("#chats li").count() == before + 1
+    assert page.locator(".msg").count() == 6
+    with page.expect_download() as download:
+        page.click("#export")
+    assert json.loads(Path(download.value.path()).read_text(encoding="utf-8"))["messages"] == conversation
+
+    # a file that is not a conversation is refused with a reason
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}), encoding="utf-8")
+    page.set_input_files("#import-file", str(bad))
+    page.wait_for_selector("#store-note:text('Import failed')")
+
+    # delete: gone from the list, and after a reload too
+    count = page.locator("#chats li").count()
+    page.locator("#chats li.active .delete").click()
+    expect_count(page, "#chats li", count - 1)
+    assert page.locator(".msg").count() == 0
+    page.reload()
+    page.wait_for_selector("body[data-restored]")
+    expect_count(page, "#chats li", count - 1)
+    assert page.locator(".msg").count() == 0
+    page.close()
+
+
+def expect_count(page, selector: str, count: int) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_have_count(count)
+
+
+def test_edit_a_question_and_regenerate_an_answer(server, browser_context):
+    from playwright.sync_api import expect
+
+    page = open_page(server, browser_context)
+    sent = fake_answers(page, ["one", "two", "three", "four"])
+    ask(page, "First question", 1)
+    ask(page, "Second question", 2)
+    # regenerate the last answer: the same conversation is sent again, the answer replaced
+    assert page.locator(".msg.assistant").nth(0).locator(".regenerate").count() == 0      # only the last one
+    page.locator(".msg.assistant").nth(1).locator(".regenerate").click()
+    expect(page.locator(".msg.assistant.done > .text")).to_have_text(["one", "three"])
+    expect_count(page, ".msg", 4)
+    assert sent[2]["messages"] == sent[1]["messages"]
+    # edit the first question: everything after it goes, the edited question is answered
+    page.locator(".msg.user").nth(0).get_by_role("button", name="Edit this message and answer again").click()
+    page.fill(".msg.user .edit textarea", "First question, edited")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator(".msg.assistant.done > .text")).to_have_text(["four"])
+    expect_count(page, ".msg", 2)
+    assert [m["content"][0]["text"] for m in sent[3]["messages"]] == ["First question, edited"]
+    assert page.locator(".msg.user > .text").inner_text() == "First question, edited"
+    page.close()
+
+
+def test_themes_and_labels(server, browser_context):
+    page = open_page(server, browser_context, fresh=False)
+    page.emulate_media(color_scheme="light")
+    light = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    page.emulate_media(color_scheme="dark")
+    dark = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert light == "rgb(246, 247, 249)" and dark == "rgb(20, 23, 28)"
+    page.emulate_media(color_scheme=None)
+    # every control has a name a screen reader can say
+    unnamed = page.evaluate("""() => [...document.querySelectorAll('button, input, textarea, select')]
+        .filter((el) => !(el.getAttribute('aria-label') || el.closest('label') || el.textContent.trim()))
+        .map((el) => el.outerHTML)""")
+    assert unnamed == []
+    # the keyboard reaches the composer and sends with Enter
+    page.focus("#input")
+    assert page.evaluate("() => document.activeElement.id") == "input"
+    page.close()
+
+
+def test_video_upload_is_sent_as_video_url_and_answered(server, browser_context):
+    """A video file becomes a video_url part (data: URL) with the frames setting as media_io_kwargs; the real
+    tiny model answers it, and the message shows a poster frame."""
+    video = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "video.mp4"
+    page = open_page(server, browser_context)
+    sent: list[dict] = []
+
+    def capture(route):
+        sent.append(json.loads(route.request.post_data))
+        route.continue_()
+
+    page.route("**/v1/chat/completions", capture)
+    page.click("#settings-toggle")
+    page.fill("#max-tiles", "1")
+    page.fill("#max-tokens", "4")
+    page.fill("#num-frames", "2")
+    page.press("#num-frames", "Tab")
+    ask(page, "What happens in this video?", 1, [video])
+    assert page.locator(".msg.error").count() == 0
+    assert re.search(r"done|max tokens", page.locator(".msg.assistant .meta").inner_text())
+    parts = sent[0]["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["text", "video_url"]
+    assert parts[1]["video_url"]["url"] == "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    assert sent[0]["media_io_kwargs"] == {"video": {"num_frames": 2}}
+    poster = page.locator(".msg.user .videos img.poster")
+    assert poster.get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert poster.evaluate("(img) => img.naturalWidth") == 320
+    assert "2 frames" in page.locator(".msg.user .videos figcaption").inner_text()
+    page.close()
