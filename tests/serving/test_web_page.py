@@ -328,6 +328,10 @@ $$\\int_0^1 x^2\\,dx = \\frac{1}{3}$$
 
 def test_markdown_table_code_and_math_render(server, browser_context):
     page = open_page(server, browser_context)
+    # "Delete all" (after a confirmation) empties the list kept by the earlier tests
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-all")
+    expect_count(page, "#chats li", 0)
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
     page.set_viewport_size({"width": 1100, "height": 760})
     page.screenshot(path=str(DOCS_IMAGES / "chat-empty.png"))
