@@ -458,8 +458,9 @@ def test_grounding_boxes_drawn_over_the_last_image(server, browser_context, tmp_
         box = boxes.nth(i)
         assert box.get_attribute("data-ref") == label and box.locator(".glabel").inner_text() == label
         drawn = box.bounding_box()
-        want = {"x": image_box["x"] + x1 / 1000 * image_box["width"], "y": image_box["y"] + y1 / 1000 * image_box["height"],
-                "width": (x2 - x1) / 1000 * image_box["width"], "height": (y2 - y1) / 1000 * image_box["height"]}
+        width, height = image_box["width"], image_box["height"]
+        want = {"x": image_box["x"] + x1 / 1000 * width, "y": image_box["y"] + y1 / 1000 * height,
+                "width": (x2 - x1) / 1000 * width, "height": (y2 - y1) / 1000 * height}
         for key, value in want.items():
             assert abs(drawn[key] - value) <= 1.0, (i, key, drawn, want)
         colours.append(box.evaluate("(el) => getComputedStyle(el).borderTopColor"))
@@ -489,7 +490,8 @@ def test_conversation_survives_reload_and_export_import_round_trips(server, brow
     page.reload()
     page.wait_for_selector("body[data-restored]")
     assert page.locator(".msg").count() == 4
-    assert page.locator(".msg.user .images img").get_attribute("src") == conversation[0]["content"][1]["image_url"]["url"]
+    first_image = conversation[0]["content"][1]["image_url"]["url"]
+    assert page.locator(".msg.user .images img").get_attribute("src") == first_image
     assert page.locator(".msg.assistant > .text strong").inner_text() == "answer"
     chats = page.locator("#chats li")
     assert chats.count() >= 1 and page.locator("#chats li.active .open").inner_text() == "Remember this picture."
@@ -619,4 +621,47 @@ def test_video_upload_is_sent_as_video_url_and_answered(server, browser_context)
     assert poster.get_attribute("src").startswith("data:image/jpeg;base64,")
     assert poster.evaluate("(img) => img.naturalWidth") == 320
     assert "2 frames" in page.locator(".msg.user .videos figcaption").inner_text()
+    page.close()
+
+
+def test_grounding_parser_and_storage_cap(server, browser_context):
+    """The page's own modules, called in the page: the grounding parser on the forms the models write, and the
+    store's size cap (a scratch database with a small cap)."""
+    page = open_page(server, browser_context, fresh=False)
+    parsed = page.evaluate("""async () => {
+        const { parseGrounding } = await import('/static/js/grounding.js');
+        return [
+            parseGrounding('<ref>a</ref><box>[[1, 2, 3, 4], [5, 6, 7, 8]]</box> and ' +
+                           '<ref>b</ref> <box>[[0,0,1000,1000]]</box>'),
+            parseGrounding('<ref>sign</ref><quad>[[10, 20, 30, 20, 30, 40, 10, 40]]</quad>'),
+            parseGrounding('<box>[[-5, 10, 1200, 990.5]]</box> then <ref>nothing drawn</ref> text ' +
+                           '<box>[9,9,19,19]</box>'),
+            parseGrounding('<ref>half</ref><box>[[1, 2, 3'),
+        ];
+    }""")
+    assert parsed[0] == [{"ref": "a", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "quads": []},
+                         {"ref": "b", "boxes": [[0, 0, 1000, 1000]], "quads": []}]
+    assert parsed[1] == [{"ref": "sign", "boxes": [], "quads": [[10, 20, 30, 20, 30, 40, 10, 40]]}]
+    assert parsed[2] == [{"ref": None, "boxes": [[0, 10, 1000, 990.5]], "quads": []},
+                         {"ref": None, "boxes": [[9, 9, 19, 19]], "quads": []}]     # text between: not that ref's
+    assert parsed[3] == []                                                            # still streaming
+    capped = page.evaluate("""async () => {
+        const { ConversationStore } = await import('/static/js/store.js');
+        const store = await ConversationStore.open({ name: 'internvl-chat-test-cap', maxBytes: 1000 });
+        await store.clear();
+        const message = (n) => [{ role: 'user', content: 'x'.repeat(n) }];
+        const pause = () => new Promise((resolve) => setTimeout(resolve, 5));
+        const results = [];
+        for (const id of ['old', 'middle', 'new']) {
+            results.push(await store.put({ id, title: id, messages: message(350) }));
+            await pause();
+        }
+        results.push(await store.put({ id: 'huge', title: 'huge', messages: message(2000) }));
+        const kept = (await store.list()).map((m) => m.id);
+        await store.clear();
+        return { results, kept };
+    }""")
+    assert capped["results"] == [{"saved": True, "evicted": []}, {"saved": True, "evicted": []},
+                                 {"saved": True, "evicted": ["old"]}, {"saved": False, "evicted": []}]
+    assert capped["kept"] == ["new", "middle"]
     page.close()

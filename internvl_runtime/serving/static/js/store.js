@@ -25,16 +25,17 @@ function done(tx) {
 }
 
 export class ConversationStore {
-  constructor(db) { this.db = db; }
+  constructor(db, maxBytes) { this.db = db; this.maxBytes = maxBytes; }
 
-  static async open() {
-    const req = indexedDB.open(DB_NAME, DB_VERSION);
+  /** The page's store; ``name`` and ``maxBytes`` are there for tests (a scratch database, a small cap). */
+  static async open({ name = DB_NAME, maxBytes = MAX_BYTES } = {}) {
+    const req = indexedDB.open(name, DB_VERSION);
     req.onupgradeneeded = () => {
       const db = req.result;
       if (!db.objectStoreNames.contains("meta")) db.createObjectStore("meta", { keyPath: "id" });
       if (!db.objectStoreNames.contains("conversations")) db.createObjectStore("conversations", { keyPath: "id" });
     };
-    return new ConversationStore(await request(req));
+    return new ConversationStore(await request(req), maxBytes);
   }
 
   /** [{id, title, updated, bytes}], the most recently updated first. */
@@ -55,11 +56,11 @@ export class ConversationStore {
   /** Saves {id, title, messages}. Returns {saved, evicted: [titles of the conversations deleted to make room]}. */
   async put(conversation) {
     const bytes = new Blob([JSON.stringify(conversation.messages)]).size;
-    if (bytes > MAX_BYTES) return { saved: false, evicted: [] };
+    if (bytes > this.maxBytes) return { saved: false, evicted: [] };
     const others = (await this.list()).filter((m) => m.id !== conversation.id);
     let total = bytes + others.reduce((sum, m) => sum + (m.bytes || 0), 0);
     const evicted = [];
-    while (total > MAX_BYTES && others.length) {
+    while (total > this.maxBytes && others.length) {
       const oldest = others.pop();
       total -= oldest.bytes || 0;
       evicted.push(oldest);
