@@ -10,13 +10,18 @@ can neither run nor fetch anything (the page sanitizes it too; the policy is the
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
-from importlib.abc import Traversable
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from ...errors import RouteNotFound
+
+if sys.version_info >= (3, 11):
+    from importlib.resources.abc import Traversable
+else:                                   # importlib.abc's name is deprecated from 3.12
+    from importlib.abc import Traversable
 
 #: The page's policy: its own scripts, styles and fonts only; images and videos also from ``data:`` and ``blob:``
 #: (what the user attaches); style attributes allowed (KaTeX positions its glyphs with them), style elements and
