@@ -346,7 +346,12 @@ def test_markdown_table_code_and_math_render(server, browser_context):
     code = answer.locator(".code pre code.language-python")
     assert "return 3.14159 * r ** 2" in code.inner_text()
     assert code.locator("span.hljs-keyword").first.inner_text() == "def"              # highlighted
-    assert answer.locator(".code button.copy").get_attribute("aria-label") == "Copy code"
+    copy = answer.locator(".code button.copy")
+    assert copy.get_attribute("aria-label") == "Copy code"
+    browser_context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
+    copy.click()
+    expect_text(copy, "Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == "def area(r):\n    return 3.14159 * r ** 2"
     assert answer.locator(".katex").count() == 2 and answer.locator(".katex-display").count() == 1
     assert answer.locator(".katex-display .mfrac").count() == 1                          # \frac typeset
     assert "π" in answer.locator(".katex").first.locator(".katex-html").inner_text()      # \pi typeset
@@ -544,6 +549,12 @@ def test_conversation_survives_reload_and_export_import_round_trips(server, brow
     page.close()
 
 
+def expect_text(locator, text: str) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_have_text(text)
+
+
 def expect_count(page, selector: str, count: int) -> None:
     from playwright.sync_api import expect
 
@@ -645,6 +656,16 @@ def test_grounding_parser_and_storage_cap(server, browser_context):
     assert parsed[2] == [{"ref": None, "boxes": [[0, 10, 1000, 990.5]], "quads": []},
                          {"ref": None, "boxes": [[9, 9, 19, 19]], "quads": []}]     # text between: not that ref's
     assert parsed[3] == []                                                            # still streaming
+    rendered = page.evaluate("""async () => {
+        const { renderMarkdown } = await import('/static/js/markdown.js');
+        const html = (text) => { const div = document.createElement('div');
+                                 div.append(renderMarkdown(text)); return div.innerHTML; };
+        return [html('<ref>the car</ref><box>[[1, 2, 3, 4]]</box>'),
+                html('<ref>a</ref>\\n<box>[[1, 2, 3, 4]]</box>\\n\\n- <ref>b</ref><quad>[[1,2,3,4,5,6,7,8]]</quad>')];
+    }""")
+    assert rendered[0] == '<p><mark class="ref c0">the car</mark></p>\n'
+    assert '<mark class="ref c0">a</mark>' in rendered[1] and '<li><mark class="ref c1">b</mark></li>' in rendered[1]
+    assert "&lt;" not in "".join(rendered) and "[[" not in "".join(rendered)
     capped = page.evaluate("""async () => {
         const { ConversationStore } = await import('/static/js/store.js');
         const store = await ConversationStore.open({ name: 'internvl-chat-test-cap', maxBytes: 1000 });
