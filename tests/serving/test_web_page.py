@@ -348,10 +348,6 @@ def test_markdown_table_code_and_math_render(server, browser_context):
     assert code.locator("span.hljs-keyword").first.inner_text() == "def"              # highlighted
     copy = answer.locator(".code button.copy")
     assert copy.get_attribute("aria-label") == "Copy code"
-    browser_context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
-    copy.click()
-    expect_text(copy, "Copied")
-    assert page.evaluate("() => navigator.clipboard.readText()") == "def area(r):\n    return 3.14159 * r ** 2"
     assert answer.locator(".katex").count() == 2 and answer.locator(".katex-display").count() == 1
     assert answer.locator(".katex-display .mfrac").count() == 1                          # \frac typeset
     assert "π" in answer.locator(".katex").first.locator(".katex-html").inner_text()      # \pi typeset
@@ -363,6 +359,10 @@ def test_markdown_table_code_and_math_render(server, browser_context):
     toggle.click()
     assert answer.is_visible()
     page.screenshot(path=str(DOCS_IMAGES / "chat-rendered.png"))
+    browser_context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base_url)
+    copy.click()
+    expect_text(copy, "Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == "def area(r):\n    return 3.14159 * r ** 2"
     page.close()
 
 
