@@ -15,7 +15,8 @@ What lives here (and nowhere else):
   ``stats_log_interval_s`` while the server is busy, from what the engine publishes.
 - **error handlers**: every error, wherever raised, becomes OpenAI's ``{"error": {...}}`` with the status of
   ``protocol.error_status`` (which defers to ``errors.http_status``): the one mapping.
-- **the web chat page** at ``/`` (``static/index.html``, no build step, nothing from a CDN).
+- **the web chat page** at ``/`` and its files at ``/static/`` (``routes/page.py``: no build step, nothing from a
+  CDN, the page's Content-Security-Policy).
 
 Example::
 
@@ -33,14 +34,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -54,26 +54,13 @@ from . import routes
 from .config import ServerConfig
 from .http_guard import HTTPGuard, deadline_protocol, error_response
 from .metrics import ServerMetrics
+from .routes.page import page_router
 from .state import ServingState
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_WATCH_S = 0.5
 _TOKEN_BUCKETS_UP_TO = 32768       # token-count histogram buckets without --max-model-len (1, 2, 5, ... 20000)
-_PAGE_HEADERS = {
-    # The page must work offline: nothing may come from elsewhere, and the CSP says so to the browser.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
-                               "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
-
-
-def _page() -> str:
-    return resources.files("internvl_runtime.serving").joinpath("static/index.html").read_text(encoding="utf-8")
-
-
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerConfig, *, own_engine: bool = True,
                on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     """Build the server.
@@ -170,12 +157,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], config: ServerCo
     for router in routes.ROUTERS:
         app.include_router(router)
 
-    page = _page()
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers=_PAGE_HEADERS)
-
+    app.include_router(page_router())
     app.add_middleware(HTTPGuard, config=config, counts=state.http_responses)
     return app
 

@@ -6,6 +6,7 @@
 - ``completions``: ``/v1/completions``
 - ``responses``: ``/v1/responses`` (OpenAI's Responses API, run as a one-choice chat completion)
 - ``tokenize``: ``/tokenize``, ``/detokenize`` (vLLM's) and ``/version``
+- ``page``: the web chat page at ``/`` and its files at ``/static/`` (``page_router()``, included by the app)
 - shared: ``common`` (the model and ``n`` checks, SamplingParams from a request, logprobs in OpenAI's
   shapes) and ``streaming`` (SSE, choices merged from several engine requests, client disconnects)
 
