@@ -29,39 +29,21 @@ Use::
 
 from __future__ import annotations
 
-import functools
-import importlib
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
+from . import _triton_support
+from ._triton_support import triton_available
 
-@functools.lru_cache(maxsize=1)
-def _triton() -> ModuleType | None:
-    try:
-        return importlib.import_module("triton")
-    except ImportError:
-        return None
-
-
-def triton_available() -> bool:
-    """Whether triton can be imported (checked once, on the first call)."""
-    return _triton() is not None
-
-
-@functools.lru_cache(maxsize=1)
-def _kernel_module() -> ModuleType:
-    return importlib.import_module("._triton_attention_kernel", __package__)
+_KERNELS = "_triton_attention_kernel"
 
 
 def kernel_runs_on(device: torch.device) -> bool:
     """Whether ``unified_attention`` runs the Triton kernel for tensors on ``device`` (else the reference):
     triton is installed and either ``device`` is a GPU or triton interprets kernels (``TRITON_INTERPRET=1``
     when the kernel was first loaded)."""
-    if not triton_available():
-        return False
-    return device.type == "cuda" or bool(_kernel_module().INTERPRETED)
+    return _triton_support.runs_on(device, _KERNELS)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -136,7 +118,7 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         return out
     group = num_heads // num_kv_heads
     config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim)
-    kernel = _kernel_module()
+    kernel = _triton_support.load(_KERNELS)
     widen = bool(kernel.INTERPRETED) and q.dtype == torch.bfloat16
     grid = (num_seqs, -(-max_query_len // config.block_q), num_kv_heads)
     kernel.unified_attention_kernel[grid](
