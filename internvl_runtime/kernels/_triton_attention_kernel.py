@@ -27,9 +27,6 @@ from triton import knobs
 #: True when ``triton.jit`` below made an interpreted (CPU, numpy) function rather than a device kernel.
 INTERPRETED: bool = bool(knobs.runtime.interpret)
 
-#: exp(x) == exp2(x * LOG2_E): the host folds it into the scale.
-LOG2_E = 1.4426950408889634
-
 
 @triton.jit
 def unified_attention_kernel(
@@ -124,4 +121,4 @@ def unified_attention_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-__all__ = ["INTERPRETED", "LOG2_E", "unified_attention_kernel"]
+__all__ = ["INTERPRETED", "unified_attention_kernel"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -40,3 +42,19 @@ def runs_on(device: torch.device, name: str) -> bool:
     if not triton_available():
         return False
     return device.type == "cuda" or bool(load(name).INTERPRETED)
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One launch of a ``@triton.jit`` function, built from host values only: the grid, the positional
+    arguments and the compile-time constants. Kept as data so that the tests can compile exactly what a
+    launch would for a GPU target, on a machine without one."""
+
+    grid: tuple[int, ...]
+    args: tuple[object, ...]
+    constants: dict[str, object]
+
+    def launch(self, kernel: Any) -> None:
+        """Run ``kernel`` (a ``@triton.jit`` function) with this grid and these arguments."""
+        # fused multiply-adds: triton's default, stated (left unset, triton 3.9 warns at the first compile)
+        kernel[self.grid](*self.args, **self.constants, enable_fp_fusion=True)

@@ -29,14 +29,16 @@ Use::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import _triton_support
-from ._triton_support import triton_available
+from ._triton_support import KernelCall, triton_available
 
 _KERNELS = "_triton_attention_kernel"
+_LOG2_E = math.log2(math.e)                             # exp(x) == exp2(x * log2(e))
 
 
 def kernel_runs_on(device: torch.device) -> bool:
@@ -113,33 +115,42 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         return unified_attention_reference(q, key_cache, value_cache, out, block_tables=block_tables,
                                            seq_lens=seq_lens, query_start_loc=query_start_loc,
                                            max_query_len=max_query_len, block_size=block_size, scale=scale)
-    num_seqs, (_, num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape, key_cache.shape[1]
-    if num_seqs == 0 or max_query_len <= 0:
+    if seq_lens.shape[0] == 0 or max_query_len <= 0:
         return out
+    kernel = _triton_support.load(_KERNELS)
+    attention_kernel_call(q, key_cache, value_cache, out, block_tables=block_tables, seq_lens=seq_lens,
+                          query_start_loc=query_start_loc, max_query_len=max_query_len, block_size=block_size,
+                          scale=scale, interpreted=kernel.INTERPRETED).launch(kernel.unified_attention_kernel)
+    return out
+
+
+def attention_kernel_call(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
+                          *, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                          max_query_len: int, block_size: int, scale: float, interpreted: bool) -> KernelCall:
+    """The kernel launch ``unified_attention`` makes (same arguments; ``max_query_len`` >= 1), as data.
+    ``interpreted``: for triton's interpreter, whose bf16 ``tl.dot`` needs its operands widened."""
+    num_seqs, (_, num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape, key_cache.shape[1]
     group = num_heads // num_kv_heads
     config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim)
-    kernel = _triton_support.load(_KERNELS)
-    widen = bool(kernel.INTERPRETED) and q.dtype == torch.bfloat16
-    grid = (num_seqs, -(-max_query_len // config.block_q), num_kv_heads)
-    kernel.unified_attention_kernel[grid](
-        out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        scale * kernel.LOG2_E,
-        q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1),
-        value_cache.stride(0), value_cache.stride(1),
-        block_tables.stride(0),
-        block_size,
-        NUM_QUERIES_PER_KV=group,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=config.head_dim_padded,
-        BLOCK_M=config.block_m,
-        BLOCK_Q=config.block_q,
-        TILE_N=config.tile_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or widen else None,
-        DOT_IN_FP32=widen,
-    )
-    return out
+    widen = interpreted and q.dtype == torch.bfloat16
+    return KernelCall(
+        grid=(num_seqs, -(-max_query_len // config.block_q), num_kv_heads),
+        args=(out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+              scale * _LOG2_E,                            # the kernel exponentiates with exp2
+              q.stride(0), q.stride(1),
+              out.stride(0), out.stride(1),
+              key_cache.stride(0), key_cache.stride(1),
+              value_cache.stride(0), value_cache.stride(1),
+              block_tables.stride(0),
+              block_size),
+        constants=dict(NUM_QUERIES_PER_KV=group,
+                       HEAD_DIM=head_dim,
+                       HEAD_DIM_PAD=config.head_dim_padded,
+                       BLOCK_M=config.block_m,
+                       BLOCK_Q=config.block_q,
+                       TILE_N=config.tile_n,
+                       DOT_PRECISION="ieee" if q.dtype == torch.float32 or widen else None,
+                       DOT_IN_FP32=widen))
 
 
 def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -170,7 +181,9 @@ def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_
 
 
 __all__ = [
+    "KernelCall",
     "LaunchConfig",
+    "attention_kernel_call",
     "kernel_runs_on",
     "launch_config",
     "triton_available",

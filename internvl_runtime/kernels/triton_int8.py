@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton_support
-from ._triton_support import triton_available
+from ._triton_support import KernelCall, triton_available
 
 _KERNELS = "_triton_int8_kernel"
 
@@ -69,7 +69,7 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     (the reference fallback does, where the kernel cannot run).
     """
     _check(x, weight, scales, bias)
-    if not kernel_runs_on(x.device):
+    if not kernel_runs_on(x.device) or x.numel() == 0 or weight.numel() == 0:     # (empty: nothing to launch)
         return int8_weight_matmul_reference(x, weight, scales, bias)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
@@ -79,28 +79,32 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
         weight = weight.contiguous()
     scales = scales.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out.reshape(*x.shape[:-1], n)
-    if k == 0:
-        return (out.zero_() + (bias.to(x.dtype) if bias is not None else 0)).reshape(*x.shape[:-1], n)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     kernel = _triton_support.load(_KERNELS)
-    widen = bool(kernel.INTERPRETED) and x.dtype != torch.float32
-    blocks = matmul_blocks(m)
-    grid = (-(-m // blocks.block_m), -(-n // blocks.block_n))
-    kernel.int8_weight_matmul_kernel[grid](
-        out, x2, weight, scales, bias if bias is not None else scales,
-        m, n, k,
-        x2.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n,
-        BLOCK_K=blocks.block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 or widen else None,
-        DOT_IN_FP32=widen,
-    )
+    int8_matmul_kernel_call(out, x2, weight, scales, bias,
+                            interpreted=kernel.INTERPRETED).launch(kernel.int8_weight_matmul_kernel)
     return out.reshape(*x.shape[:-1], n)
+
+
+def int8_matmul_kernel_call(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                            bias: torch.Tensor | None, *, interpreted: bool) -> KernelCall:
+    """The kernel launch ``int8_weight_matmul`` makes for ``out`` (M, N) = ``x`` (M, K) @ W.T (rows with a
+    contiguous last dimension; M, N, K >= 1), as data. ``interpreted``: for triton's interpreter, whose
+    ``tl.dot`` needs bf16 / fp16 operands widened."""
+    (m, k), n = x.shape, weight.shape[0]
+    widen = interpreted and x.dtype != torch.float32
+    blocks = matmul_blocks(m)
+    return KernelCall(
+        grid=(-(-m // blocks.block_m), -(-n // blocks.block_n)),
+        args=(out, x, weight, scales, bias if bias is not None else scales,   # any pointer when no bias
+              m, n, k,
+              x.stride(0), weight.stride(0), out.stride(0)),
+        constants=dict(HAS_BIAS=bias is not None,
+                       BLOCK_M=blocks.block_m,
+                       BLOCK_N=blocks.block_n,
+                       BLOCK_K=blocks.block_k,
+                       DOT_PRECISION="ieee" if x.dtype == torch.float32 or widen else None,
+                       DOT_IN_FP32=widen))
 
 
 def int8_weight_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
@@ -114,7 +118,9 @@ def int8_weight_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scales: 
 
 
 __all__ = [
+    "KernelCall",
     "MatmulBlocks",
+    "int8_matmul_kernel_call",
     "int8_weight_matmul",
     "int8_weight_matmul_reference",
     "kernel_runs_on",
