@@ -16,6 +16,11 @@ NUM_QUERIES_PER_KV query heads that share that KV head (GQA): its BLOCK_M rows a
 so one K/V tile read from the pool serves the whole group. The program walks the sequence's context in
 tiles of TILE_N positions, looking each position's slot up in the block table on the device, and keeps
 an online softmax (running max, running sum, fp32 accumulator) as flash attention does.
+
+Split context (flash-decoding), for decode batches too small to fill the GPU (B x KV programs, e.g. 2 for
+one sequence of the 1B model): with NUM_SEGMENTS > 1 each program takes one of NUM_SEGMENTS equal runs of
+its sequence's tiles and writes its unnormalised partial result (max, sum, accumulator; fp32) instead of
+the output; ``reduce_segments_kernel`` then merges the segments of each (token, head) into the output.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 @triton.jit
 def unified_attention_kernel(
     out_ptr,                      # (T, H, D)
+    segment_max_ptr,              # (T, H, NUM_SEGMENTS) fp32, when NUM_SEGMENTS > 1 (else unused)
+    segment_sum_ptr,              # (T, H, NUM_SEGMENTS) fp32
+    segment_acc_ptr,              # (T, H, NUM_SEGMENTS, HEAD_DIM_PAD) fp32
     q_ptr,                        # (T, H, D)
     key_cache_ptr,                # (num_slots, KV, D)
     value_cache_ptr,              # (num_slots, KV, D)
@@ -44,6 +52,8 @@ def unified_attention_kernel(
     stride_v_s, stride_v_h,
     stride_bt,
     block_size,
+    num_heads,
+    NUM_SEGMENTS: tl.constexpr,   # 1: write the output; > 1 (a power of two): write partials per segment
     NUM_QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,   # power of two >= 16 (tl.dot's smallest K); columns >= HEAD_DIM masked
@@ -55,7 +65,8 @@ def unified_attention_kernel(
 ):
     seq = tl.program_id(0)
     q_block = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2) // NUM_SEGMENTS
+    segment = tl.program_id(2) % NUM_SEGMENTS
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -86,8 +97,11 @@ def unified_attention_kernel(
     # Causal: the last query of this block sees positions < kv_end; no tile past it is read. kv_end <=
     # seq_len always, and <= 0 for a padded row (seq_len 0): then no tile is read and the row is zeros.
     kv_end = context_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
-    for tile_start in range(0, kv_end, TILE_N):
-        offs_n = tile_start + tl.arange(0, TILE_N)
+    num_tiles = tl.cdiv(tl.maximum(kv_end, 0), TILE_N)
+    tiles_per_segment = tl.cdiv(num_tiles, NUM_SEGMENTS)
+    first_tile = segment * tiles_per_segment
+    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_segment, num_tiles)):
+        offs_n = tile * TILE_N + tl.arange(0, TILE_N)
         n_ok = offs_n < kv_end
         block = tl.load(block_tables_ptr + seq * stride_bt + offs_n // block_size, mask=n_ok, other=0)
         slot = block.to(tl.int64) * block_size + offs_n % block_size
@@ -116,9 +130,49 @@ def unified_attention_kernel(
         acc += tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if NUM_SEGMENTS == 1:
+        acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # every segment writes, an empty one too (max -inf, sum 0): the merge reads them all
+        partial = (token * num_heads + head) * NUM_SEGMENTS + segment                   # (BLOCK_M,)
+        tl.store(segment_max_ptr + partial, m_i, mask=row_ok)
+        tl.store(segment_sum_ptr + partial, l_i, mask=row_ok)
+        tl.store(segment_acc_ptr + partial[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc,
+                 mask=row_ok[:, None])
 
 
-__all__ = ["INTERPRETED", "unified_attention_kernel"]
+@triton.jit
+def reduce_segments_kernel(
+    out_ptr,                      # (T, H, D)
+    segment_max_ptr,              # (T, H, NUM_SEGMENTS) fp32, in the kernel's log2 units
+    segment_sum_ptr,              # (T, H, NUM_SEGMENTS) fp32
+    segment_acc_ptr,              # (T, H, NUM_SEGMENTS, HEAD_DIM_PAD) fp32
+    query_start_loc_ptr,          # (B + 1,) int32: rows past query_start_loc[B] belong to no sequence
+    num_seqs,
+    num_heads,
+    stride_o_t, stride_o_h,
+    NUM_SEGMENTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """One (token, head) per program: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_seqs):     # partials never written: leave the row alone
+        return
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    partial = (token.to(tl.int64) * num_heads + head) * NUM_SEGMENTS + offs_s
+    m = tl.load(segment_max_ptr + partial)
+    m_all = tl.max(m, axis=0)
+    weight = tl.math.exp2(m - tl.where(m_all > float("-inf"), m_all, 0.0))       # empty segments: 0
+    total = tl.sum(weight * tl.load(segment_sum_ptr + partial), axis=0)
+    acc = tl.load(segment_acc_ptr + partial[:, None] * HEAD_DIM_PAD + offs_d[None, :])
+    o = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + offs_d,
+             o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+__all__ = ["INTERPRETED", "reduce_segments_kernel", "unified_attention_kernel"]

@@ -12,7 +12,6 @@ import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -46,15 +45,16 @@ def runs_on(device: torch.device, name: str) -> bool:
 
 @dataclass(frozen=True)
 class KernelCall:
-    """One launch of a ``@triton.jit`` function, built from host values only: the grid, the positional
-    arguments and the compile-time constants. Kept as data so that the tests can compile exactly what a
-    launch would for a GPU target, on a machine without one."""
+    """One launch of a ``@triton.jit`` function, built from host values only: the function's name in its
+    kernel module, the grid, the positional arguments and the compile-time constants. Kept as data so
+    that the tests can compile exactly what a launch would for a GPU target, on a machine without one."""
 
+    kernel: str
     grid: tuple[int, ...]
     args: tuple[object, ...]
     constants: dict[str, object]
 
-    def launch(self, kernel: Any) -> None:
-        """Run ``kernel`` (a ``@triton.jit`` function) with this grid and these arguments."""
+    def launch(self, module: ModuleType) -> None:
+        """Run the kernel of that name in ``module`` (a loaded kernel module) with this grid and arguments."""
         # fused multiply-adds: triton's default, stated (left unset, triton 3.9 warns at the first compile)
-        kernel[self.grid](*self.args, **self.constants, enable_fp_fusion=True)
+        getattr(module, self.kernel)[self.grid](*self.args, **self.constants, enable_fp_fusion=True)

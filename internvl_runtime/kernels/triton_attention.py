@@ -59,24 +59,36 @@ class LaunchConfig:
     ``block_m`` rows per program = ``block_q`` query tokens x the query heads sharing one KV head (rows
     past ``block_q * group`` are masked, e.g. for a group of 7); ``tile_n`` context positions per step of
     the online softmax; ``head_dim_padded`` >= 16 (``tl.dot``'s smallest inner size) with the columns past
-    the head dimension masked.
+    the head dimension masked; ``num_segments`` runs of the context computed by separate programs and
+    merged by a second kernel (1: none).
     """
 
     block_m: int
     block_q: int
     tile_n: int
     head_dim_padded: int
+    num_segments: int
 
 
-def launch_config(*, num_queries_per_kv: int, max_query_len: int, head_dim: int) -> LaunchConfig:
+#: A decode launch of fewer programs (sequences x KV heads) than this splits each context in
+#: ``SPLIT_SEGMENTS`` runs: one program per KV head leaves most of a GPU idle (an H100 has 132 SMs).
+SPLIT_BELOW_PROGRAMS = 128
+SPLIT_SEGMENTS = 16
+
+
+def launch_config(*, num_queries_per_kv: int, max_query_len: int, head_dim: int, num_seqs: int,
+                  num_kv_heads: int) -> LaunchConfig:
     """Block sizes from host integers only. Decode (one query per sequence) takes the smallest tile of
     rows (16: the group, padded); a prefill up to 64 rows, so that a long prompt is not split into
-    thousands of programs nor a short chunk padded to a large one."""
+    thousands of programs nor a short chunk padded to a large one. Small decode batches split their
+    contexts (flash-decoding); prefills have programs enough."""
     group_rows = _next_power_of_2(num_queries_per_kv)
     block_m = max(16, group_rows, min(64, _next_power_of_2(max(max_query_len, 1) * num_queries_per_kv)))
+    split = max_query_len <= 1 and num_seqs * num_kv_heads < SPLIT_BELOW_PROGRAMS
     return LaunchConfig(block_m=block_m, block_q=block_m // num_queries_per_kv,
                         tile_n=32 if max_query_len <= 1 else 64,
-                        head_dim_padded=max(16, _next_power_of_2(head_dim)))
+                        head_dim_padded=max(16, _next_power_of_2(head_dim)),
+                        num_segments=SPLIT_SEGMENTS if split else 1)
 
 
 def _check_shapes(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
@@ -115,42 +127,68 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         return unified_attention_reference(q, key_cache, value_cache, out, block_tables=block_tables,
                                            seq_lens=seq_lens, query_start_loc=query_start_loc,
                                            max_query_len=max_query_len, block_size=block_size, scale=scale)
-    if seq_lens.shape[0] == 0 or max_query_len <= 0:
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0 or max_query_len <= 0:      # nothing to launch
         return out
     kernel = _triton_support.load(_KERNELS)
-    attention_kernel_call(q, key_cache, value_cache, out, block_tables=block_tables, seq_lens=seq_lens,
-                          query_start_loc=query_start_loc, max_query_len=max_query_len, block_size=block_size,
-                          scale=scale, interpreted=kernel.INTERPRETED).launch(kernel.unified_attention_kernel)
+    for call in attention_kernel_calls(q, key_cache, value_cache, out, block_tables=block_tables,
+                                       seq_lens=seq_lens, query_start_loc=query_start_loc,
+                                       max_query_len=max_query_len, block_size=block_size, scale=scale,
+                                       interpreted=kernel.INTERPRETED):
+        call.launch(kernel)
     return out
 
 
-def attention_kernel_call(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
-                          *, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                          max_query_len: int, block_size: int, scale: float, interpreted: bool) -> KernelCall:
-    """The kernel launch ``unified_attention`` makes (same arguments; ``max_query_len`` >= 1), as data.
-    ``interpreted``: for triton's interpreter, whose bf16 ``tl.dot`` needs its operands widened."""
-    num_seqs, (_, num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape, key_cache.shape[1]
+def attention_kernel_calls(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           out: torch.Tensor, *, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor, max_query_len: int, block_size: int, scale: float,
+                           interpreted: bool) -> list[KernelCall]:
+    """The kernel launches ``unified_attention`` makes (same arguments; ``max_query_len`` >= 1), as data:
+    the attention kernel, then, where the context is split, the merge of the segments (with its fp32
+    scratch tensors allocated here, on q's device). ``interpreted``: for triton's interpreter, whose bf16
+    ``tl.dot`` needs its operands widened."""
+    num_seqs, (num_tokens, num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape, key_cache.shape[1]
     group = num_heads // num_kv_heads
-    config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim)
+    config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim,
+                           num_seqs=num_seqs, num_kv_heads=num_kv_heads)
+    segments = config.num_segments
+    if segments > 1:
+        partial_shape = (num_tokens, num_heads, segments)
+        segment_max = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+        segment_sum = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+        segment_acc = torch.empty((*partial_shape, config.head_dim_padded), dtype=torch.float32, device=q.device)
+    else:
+        segment_max = segment_sum = segment_acc = out                      # not read by the kernel
     widen = interpreted and q.dtype == torch.bfloat16
-    return KernelCall(
-        grid=(num_seqs, -(-max_query_len // config.block_q), num_kv_heads),
-        args=(out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+    calls = [KernelCall(
+        kernel="unified_attention_kernel",
+        grid=(num_seqs, -(-max_query_len // config.block_q), num_kv_heads * segments),
+        args=(out, segment_max, segment_sum, segment_acc, q, key_cache, value_cache, block_tables, seq_lens,
+              query_start_loc,
               scale * _LOG2_E,                            # the kernel exponentiates with exp2
               q.stride(0), q.stride(1),
               out.stride(0), out.stride(1),
               key_cache.stride(0), key_cache.stride(1),
               value_cache.stride(0), value_cache.stride(1),
               block_tables.stride(0),
-              block_size),
-        constants=dict(NUM_QUERIES_PER_KV=group,
+              block_size,
+              num_heads),
+        constants=dict(NUM_SEGMENTS=segments,
+                       NUM_QUERIES_PER_KV=group,
                        HEAD_DIM=head_dim,
                        HEAD_DIM_PAD=config.head_dim_padded,
                        BLOCK_M=config.block_m,
                        BLOCK_Q=config.block_q,
                        TILE_N=config.tile_n,
                        DOT_PRECISION="ieee" if q.dtype == torch.float32 or widen else None,
-                       DOT_IN_FP32=widen))
+                       DOT_IN_FP32=widen))]
+    if segments > 1:
+        calls.append(KernelCall(
+            kernel="reduce_segments_kernel",
+            grid=(num_tokens, num_heads),
+            args=(out, segment_max, segment_sum, segment_acc, query_start_loc, num_seqs, num_heads,
+                  out.stride(0), out.stride(1)),
+            constants=dict(NUM_SEGMENTS=segments, HEAD_DIM=head_dim, HEAD_DIM_PAD=config.head_dim_padded)))
+    return calls
 
 
 def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -183,7 +221,9 @@ def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_
 __all__ = [
     "KernelCall",
     "LaunchConfig",
-    "attention_kernel_call",
+    "SPLIT_BELOW_PROGRAMS",
+    "SPLIT_SEGMENTS",
+    "attention_kernel_calls",
     "kernel_runs_on",
     "launch_config",
     "triton_available",

@@ -81,8 +81,7 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tens
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     kernel = _triton_support.load(_KERNELS)
-    int8_matmul_kernel_call(out, x2, weight, scales, bias,
-                            interpreted=kernel.INTERPRETED).launch(kernel.int8_weight_matmul_kernel)
+    int8_matmul_kernel_call(out, x2, weight, scales, bias, interpreted=kernel.INTERPRETED).launch(kernel)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -95,6 +94,7 @@ def int8_matmul_kernel_call(out: torch.Tensor, x: torch.Tensor, weight: torch.Te
     widen = interpreted and x.dtype != torch.float32
     blocks = matmul_blocks(m)
     return KernelCall(
+        kernel="int8_weight_matmul_kernel",
         grid=(-(-m // blocks.block_m), -(-n // blocks.block_n)),
         args=(out, x, weight, scales, bias if bias is not None else scales,   # any pointer when no bias
               m, n, k,

@@ -5,7 +5,8 @@ triton's interpreter, against its torch reference and against the model's own at
 Cases: decode batches over shuffled, non-contiguous block tables of different lengths; a fresh prefill;
 a prefill over a cached prefix (a chunk); a mixed decode + prefill batch; GQA groups of 1, 2 and 7 (the
 1B's 14 heads over 2 KV heads); head dims 8 and 16 (the tiny fixtures), 64 and 128 (the real models);
-a padded row with seq_len 0 (a CUDA-graph bucket); q read in place from a fused qkv view.
+a padded row with seq_len 0 (a CUDA-graph bucket); q read in place from a fused qkv view. Small decode
+batches run the split-context path (16 segments and a merge), larger ones and prefills the direct one.
 
 Every slot of the pool that holds no token of a sequence (spare blocks, the tail of a sequence's last
 block, the block the tables are padded with) is NaN: a read of any of them that reached the output
@@ -133,11 +134,12 @@ def run(step: Step, fn=unified_attention, *, q: torch.Tensor | None = None,
 
 
 def model_attention(step: Step) -> torch.Tensor:
-    """The decoder's attention today, over the same pools and slots."""
+    """The decoder's attention today, over the same pools and slots. Its pools get zeros for the NaN: its
+    batched decode pads every context with slot 0 under a -inf mask, which relies on the pool's zeros."""
     meta = AttentionMetadata(query_lens=step.query_lens, seq_lens=step.seq_lens, slot_mapping=step.slot_mapping(),
                              context_slots=[step.slots(i) for i in range(len(step.seq_lens))])
-    return paged_attention(step.q, step.k, step.v, key_cache=step.key_cache.clone(),
-                           value_cache=step.value_cache.clone(), meta=meta)
+    return paged_attention(step.q, step.k, step.v, key_cache=step.key_cache.nan_to_num(0.0),
+                           value_cache=step.value_cache.nan_to_num(0.0), meta=meta)
 
 
 def check(step: Step) -> torch.Tensor:
@@ -225,16 +227,29 @@ def test_q_read_in_place_from_a_fused_qkv_view() -> None:
     torch.testing.assert_close(run(step, q=q_view), run(step), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize(("group", "max_query_len", "head_dim", "expected"), [
-    (1, 1, 16, (16, 16, 32, 16)),       # decode: the smallest row block, 16 tokens of one head
-    (7, 1, 64, (16, 2, 32, 64)),        # 1B decode: 2 tokens x 7 heads in 16 rows (2 masked)
-    (32, 1, 128, (32, 1, 32, 128)),     # a group wider than 16 rows
-    (2, 500, 8, (64, 32, 64, 16)),      # prefill: 64 rows; head dim 8 padded to tl.dot's 16
-    (7, 3, 16, (32, 4, 64, 16)),        # a short chunk: rows for 3 tokens x 7 heads
+def test_a_decode_batch_too_large_to_split() -> None:
+    # 16 sequences x 8 KV heads: programs enough, one segment (the other decode tests split in 16)
+    lengths = [1 + (7 * i) % 40 for i in range(16)]
+    step = make_step(lengths, [1] * 16, heads=8, kv_heads=8, head_dim=16)
+    assert launch_config(num_queries_per_kv=1, max_query_len=1, head_dim=16, num_seqs=16,
+                         num_kv_heads=8).num_segments == 1
+    check(step)
+
+
+@pytest.mark.parametrize(("group", "max_query_len", "head_dim", "num_seqs", "expected"), [
+    (1, 1, 16, 200, (16, 16, 32, 16, 1)),     # decode: the smallest row block, 16 tokens of one head
+    (7, 1, 64, 1, (16, 2, 32, 64, 16)),       # 1B decode, one sequence: 2 tokens x 7 heads in 16 rows; split
+    (7, 1, 64, 63, (16, 2, 32, 64, 16)),      # 63 x 2 programs: still split
+    (7, 1, 64, 64, (16, 2, 32, 64, 1)),       # 64 x 2: programs enough
+    (32, 1, 128, 4, (32, 1, 32, 128, 16)),    # a group wider than 16 rows
+    (2, 500, 8, 1, (64, 32, 64, 16, 1)),      # prefill: 64 rows, never split; head dim 8 padded to 16
+    (7, 3, 16, 1, (32, 4, 64, 16, 1)),        # a short chunk: rows for 3 tokens x 7 heads
 ])
-def test_launch_config(group: int, max_query_len: int, head_dim: int, expected: tuple[int, int, int, int]) -> None:
-    config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim)
-    assert (config.block_m, config.block_q, config.tile_n, config.head_dim_padded) == expected
+def test_launch_config(group: int, max_query_len: int, head_dim: int, num_seqs: int,
+                       expected: tuple[int, int, int, int, int]) -> None:
+    config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim,
+                           num_seqs=num_seqs, num_kv_heads=2)
+    assert (config.block_m, config.block_q, config.tile_n, config.head_dim_padded, config.num_segments) == expected
     assert config.block_q * group <= config.block_m
 
 

@@ -3,7 +3,7 @@
 The interpreter tests (``test_triton_attention.py``, ``test_triton_int8.py``) check the numbers but not
 what only the compiler checks (types across branches and loop iterations, ``tl.dot`` shapes and
 precisions, register and shared-memory limits). Here the exact launches the package makes
-(``attention_kernel_call``, ``int8_matmul_kernel_call``: grid, arguments, constants) are compiled by
+(``attention_kernel_calls``, ``int8_matmul_kernel_call``: grid, arguments, constants) are compiled by
 triton down to a cubin for sm_90 (H100 / H200) and sm_80 (A100) with the ptxas triton ships; no driver
 and no device are needed. This does not run them: what has run on a GPU is said in the kernels' commits.
 
@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from internvl_runtime.kernels import _triton_attention_kernel, _triton_int8_kernel
-from internvl_runtime.kernels.triton_attention import attention_kernel_call
+from internvl_runtime.kernels.triton_attention import attention_kernel_calls
 from internvl_runtime.kernels.triton_int8 import int8_matmul_kernel_call
 
 assert not _triton_attention_kernel.INTERPRETED
@@ -43,7 +43,8 @@ def kind(arg):
     return {bool: "i1", int: "i32", float: "fp32"}[type(arg)]
 
 
-def compile_call(fn, call, arch):
+def compile_call(module, call, arch):
+    fn = getattr(module, call.kernel)
     signature = {name: kind(arg) for name, arg in zip(fn.arg_names, call.args)}
     signature.update({name: "constexpr" for name in call.constants})
     assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
@@ -57,13 +58,15 @@ def attention(dtype, heads, kv_heads, head_dim, query_lens, arch):
     t = sum(query_lens)
     q = torch.empty(t, heads, head_dim, dtype=dtype)
     cache = torch.empty(64 * 16, kv_heads, head_dim, dtype=dtype)
-    call = attention_kernel_call(
+    calls = attention_kernel_calls(
         q, cache, cache, torch.empty_like(q), block_tables=torch.zeros(len(query_lens), 8, dtype=torch.int32),
         seq_lens=torch.tensor(query_lens, dtype=torch.int32),
         query_start_loc=torch.zeros(len(query_lens) + 1, dtype=torch.int32), max_query_len=max(query_lens),
         block_size=16, scale=head_dim ** -0.5, interpreted=False)
-    compiled = compile_call(_triton_attention_kernel.unified_attention_kernel, call, arch)
-    print("attention", dtype, heads, kv_heads, head_dim, max(query_lens), arch, "shared", compiled.metadata.shared)
+    for call in calls:
+        compiled = compile_call(_triton_attention_kernel, call, arch)
+        print(call.kernel, dtype, heads, kv_heads, head_dim, max(query_lens), arch, "shared", compiled.metadata.shared)
+    return len(calls)
 
 
 def int8(dtype, m, n, k, bias, arch):
@@ -71,13 +74,13 @@ def int8(dtype, m, n, k, bias, arch):
     scales = torch.empty(n, dtype=dtype)
     call = int8_matmul_kernel_call(torch.empty(m, n, dtype=dtype), x, weight, scales,
                                    scales if bias else None, interpreted=False)
-    compile_call(_triton_int8_kernel.int8_weight_matmul_kernel, call, arch)
+    compile_call(_triton_int8_kernel, call, arch)
     print("int8", dtype, m, arch)
 
 
-attention(torch.bfloat16, 14, 2, 64, [1, 1, 1], 90)       # InternVL2-1B decode
-attention(torch.bfloat16, 32, 8, 128, [1, 300], 90)       # a mixed batch, head dim 128 (2B and up)
-attention(torch.float16, 4, 2, 16, [1, 7], 80)            # the tiny fixtures' head dim, fp16, A100
+assert attention(torch.bfloat16, 14, 2, 64, [1, 1, 1], 90) == 2      # InternVL2-1B decode: split, merged
+assert attention(torch.bfloat16, 32, 8, 128, [1, 300], 90) == 1      # a mixed batch, head dim 128 (2B and up)
+assert attention(torch.float16, 4, 2, 16, [1] * 64, 80) == 1         # the fixtures' head dim, fp16, A100
 int8(torch.bfloat16, 1, 4096, 4096, False, 90)            # decode
 int8(torch.float16, 300, 4096, 4096, True, 80)            # prefill
 print("ok")
