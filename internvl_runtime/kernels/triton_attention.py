@@ -4,8 +4,10 @@ Why: the decoder's torch attention (``models.layers.attention.paged_attention``)
 keys and values into a padded tensor for decode, and runs SDPA with an explicit mask (the math backend on
 a GPU) for a prefill over a cached prefix. This kernel does both, and mixed batches, in one launch: each
 program looks its sequence's slots up in the block table itself, so nothing is gathered, nothing is
-padded, and the host computes no per-step index tensors. The design follows vLLM's "unified" Triton
-attention (``triton_unified_attention.py``); the code is ours.
+padded, and the host computes no per-step index tensors. A decode batch too small to fill the GPU splits
+each context in segments and merges them in a second, small kernel (flash-decoding). The design follows
+vLLM's "unified" Triton attention (``triton_unified_attention.py``, its 2D and 3D kernels); the code is
+ours.
 
 Layout (the one ``models.layers.attention`` documents)::
 
@@ -13,8 +15,9 @@ Layout (the one ``models.layers.attention`` documents)::
     key_cache, value_cache  (num_slots, KV, D), num_slots = num_blocks * block_size
     slot of position p of sequence i = block_tables[i, p // block_size] * block_size + p % block_size
 
-The launch reads only host integers (tensor shapes, ``max_query_len``, ``block_size``): no ``.item()``,
-no host sync, so it can be captured in a CUDA graph for a fixed ``max_query_len``.
+The launches read only host integers (tensor shapes, ``max_query_len``, ``block_size``): no ``.item()``,
+no host sync, so they can be captured in a CUDA graph for fixed shapes and ``max_query_len`` (run the
+call once before capturing: triton compiles a kernel on its first launch with new constants).
 
 Triton is optional: importing this module never imports it. ``unified_attention`` runs the kernel where
 it can (a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``, which is how the tests run it on the
