@@ -1,0 +1,84 @@
+"""Host -> device copies of checkpoint tensors through one reused host buffer, pinned for CUDA.
+
+A checkpoint tensor is read into host memory in the checkpoint's dtype; a copy from pageable memory to a
+GPU goes through a driver bounce buffer, synchronously, one chunk at a time. ``StagingBuffer`` casts the
+tensor into one host buffer it keeps (page-locked when the target is CUDA) and starts an asynchronous copy
+from there, so the next tensor's read from disk overlaps this one's transfer; before the buffer is written
+again it waits for that copy (one CUDA event). The buffer grows to the largest tensor seen, so host memory
+for the whole load is about two tensors: the one being read and the one in flight.
+
+Targets on the CPU need no staging: the tensor is cast straight into its destination. ``stage_cpu=True``
+routes CPU targets through the buffer as well (unpinned), which is how the CPU test suite checks the
+staged path's casts and buffer reuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pins_for(device: torch.device) -> bool:
+    """Whether copies to ``device`` stage through page-locked host memory (CUDA only: pinning needs the
+    CUDA driver, and only its copies become asynchronous from it)."""
+    return device.type == "cuda"
+
+
+class StagingBuffer:
+    """``copy(dest, src)``: ``src`` (a host tensor) into ``dest`` (any device), cast to ``dest``'s dtype,
+    bit for bit what ``dest.copy_(src.to(dest.dtype))`` gives. Call ``synchronize()`` before reading the
+    destinations on the host or dropping the buffer early; a CUDA copy is otherwise still in flight.
+
+    Example::
+
+        staging = StagingBuffer()
+        for name, tensor in checkpoint:
+            staging.copy(params[name], tensor)
+        staging.synchronize()
+    """
+
+    def __init__(self, *, stage_cpu: bool = False) -> None:
+        self.stage_cpu = stage_cpu
+        self._buffer: torch.Tensor | None = None    # uint8 bytes, viewed as each tensor's dtype and shape
+        self._pending: torch.cuda.Event | None = None
+        self.staged = 0                              # how many copies went through the buffer
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the host buffer (0 before the first staged copy)."""
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+        if dest.device.type == "meta":
+            return
+        if dest.device.type == "cpu" and not self.stage_cpu:
+            dest.copy_(src.to(dtype=dest.dtype))
+            return
+        self.synchronize()                          # the previous copy out of the buffer is done
+        staged = self._view(src.shape, dest.dtype, pin=pins_for(dest.device))
+        staged.copy_(src)                           # the cast happens here, on the host
+        asynchronous = staged.is_pinned()
+        dest.copy_(staged, non_blocking=asynchronous)
+        if asynchronous:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(dest.device))
+            self._pending = event
+        self.staged += 1
+
+    def synchronize(self) -> None:
+        """Wait for the copy in flight, if any."""
+        if self._pending is not None:
+            self._pending.synchronize()
+            self._pending = None
+
+    def release(self) -> None:
+        """Wait, then drop the host buffer."""
+        self.synchronize()
+        self._buffer = None
+
+    def _view(self, shape: torch.Size, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < nbytes or (pin and not buffer.is_pinned()):
+            self._buffer = None                     # the old one goes before the bigger one is allocated
+            buffer = self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+        return buffer[:nbytes].view(dtype).view(shape)
