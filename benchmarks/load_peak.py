@@ -7,6 +7,8 @@ resident memory (``VmHWM``), its resident memory once loaded, the bytes the load
 checkpoint tensor, and the load time. ``excess`` = peak - (resident after loading): what loading needed on top of
 the model it produced (for int8 on the old path, the whole bf16 model; on the direct path, about one tensor plus
 one linear layer in bf16). The import of torch and the package is in both figures, so it cancels out.
+With the direct loader the child also counts, through its ``watch`` hook, the bytes of the LLM's linear
+weights held in 16 bits at once (all of them on the old path, by construction: "not counted" there).
 
 ``--package DIR`` runs the children on another checkout of the package (e.g. the code before a change: a
 ``git worktree`` of an older commit), so "before" and "after" come from one script on one host.
@@ -51,13 +53,40 @@ def child(path: Path, mode: str) -> None:
     gc.collect()
     before = rss_mib()
     start = time.perf_counter()
-    model = loading.load_model(path, dtype=torch.bfloat16, quantization=MODES[mode])
+    tracker = FloatTracker()
+    if hasattr(loading, "build_on_devices"):       # the direct loader: counted as it allocates
+        plan = loading.plan_load(path, dtype=torch.bfloat16, quantization=MODES[mode])
+        model = loading.build_on_devices(plan, watch=tracker)
+    else:
+        model = loading.load_model(path, dtype=torch.bfloat16, quantization=MODES[mode])
     seconds = time.perf_counter() - start
     gc.collect()
     after = rss_mib()
     print(json.dumps({"mode": mode, "start_mib": before, "peak_mib": rss_mib("VmHWM"), "rss_mib": after,
                       "weights_mib": model_bytes(model) / 2**20, "largest_tensor_mib": largest / 2**20,
+                      "float_linear_peak_mib": tracker.peak / 2**20 if tracker.allocated else None,
+                      "float_linear_total_mib": tracker.allocated / 2**20 if tracker.allocated else None,
                       "load_s": seconds, "package": str(Path(loading.__file__).parent)}))
+
+
+class FloatTracker:
+    """The direct loader's ``watch``: bytes of the LLM's linear weights (what int8 quantizes) alive at once,
+    through weak references to their storage (sampled at each allocation, where the figure can only grow)."""
+
+    def __init__(self) -> None:
+        self.alive: list[tuple[object, int]] = []
+        self.peak = self.allocated = 0
+
+    def __call__(self, name: str, tensor) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        if not (name.startswith("language_model.") and name.endswith("weight")
+                and ("_proj." in name or "lm_head." in name)):
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        self.alive.append((StorageWeakRef(tensor.untyped_storage()), nbytes))
+        self.allocated += nbytes
+        self.peak = max(self.peak, sum(n for ref, n in self.alive if not ref.expired()))
 
 
 def run_child(path: Path, mode: str, package: Path | None) -> dict:
@@ -70,12 +99,15 @@ def run_child(path: Path, mode: str, package: Path | None) -> dict:
 
 
 def table(rows: list[dict], label: str) -> str:
-    lines = ["| code | mode | peak RSS MiB | RSS after MiB | excess MiB | weights MiB | largest tensor MiB | load s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| code | mode | peak RSS MiB | RSS after MiB | excess MiB | weights MiB | largest tensor MiB "
+             "| LLM linear weights in 16 bits alive at once / all, MiB | load s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        floats = ("not counted" if r.get("float_linear_peak_mib") is None
+                  else f"{r['float_linear_peak_mib']:.0f} / {r['float_linear_total_mib']:.0f}")
         lines.append(f"| {label} | {r['mode']} | {r['peak_mib']:.0f} | {r['rss_mib']:.0f} | "
                      f"{r['peak_mib'] - r['rss_mib']:.0f} | {r['weights_mib']:.0f} | {r['largest_tensor_mib']:.0f} | "
-                     f"{r['load_s']:.1f} |")
+                     f"{floats} | {r['load_s']:.1f} |")
     return "\n".join(lines)
 
 

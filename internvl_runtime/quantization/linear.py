@@ -349,7 +349,7 @@ class Int4Linear(nn.Module):
             if backend == "cpu":
                 packed_rows.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1))
             else:                                               # tinygemm takes (N, K/2) uint8, even k high
-                packed_rows.append(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).cpu())
+                packed_rows.append(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8))   # stays on the weight's device
             del q
         packed = torch.cat(packed_rows) if len(packed_rows) > 1 else packed_rows[0]
         if backend == "cuda":

@@ -116,6 +116,15 @@ class _FileRegion:
         buffer = torch.frombuffer(data, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         return buffer.view(self.dtype).reshape(shape)
 
+    def read_into(self, out: torch.Tensor) -> None:
+        """The whole tensor straight into ``out`` (contiguous, on the CPU, this dtype and shape): no buffer
+        of its own, so a load into place or into a staging buffer holds the tensor once."""
+        flat = out.reshape(-1).view(torch.uint8)   # a view: ``out`` is contiguous
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            if flat.numel() and f.readinto(memoryview(flat.numpy())) != flat.numel():
+                raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
+
     def __getitem__(self, index: object) -> torch.Tensor:
         if isinstance(index, slice) and index.step in (None, 1) and self.shape:
             start, stop, _ = index.indices(self.shape[0])
@@ -229,6 +238,19 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         return self[...] if isinstance(self._source, (torch.Tensor, _FileRegion)) else self[:]
 
+    def read_into(self, out: torch.Tensor) -> bool:
+        """Read the whole tensor straight into ``out`` when it can be (a safetensors tensor; ``out`` a
+        contiguous CPU tensor of the same dtype and shape); False, with nothing read, otherwise."""
+        src = self._source
+        if not (isinstance(src, _FileRegion) and out.device.type == "cpu" and out.dtype == src.dtype
+                and tuple(out.shape) == tuple(src.shape) and out.is_contiguous()):
+            return False
+        try:
+            src.read_into(out)
+        except OSError as exc:
+            raise CheckpointError(f"{self.file}: cannot read {self.name} ({exc})") from exc
+        return True
+
 
 def iter_checkpoint_lazy(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
     """Like :func:`iter_checkpoint`, but yields unread :class:`LazyTensor` s that read only what is asked
@@ -270,9 +292,14 @@ class WeightSink:
         """The tensor to fill for ``param_name`` (the whole parameter; the loader narrows it to a shard)."""
         return self.model.get_parameter(param_name).data
 
-    def write(self, dest: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Copy ``tensor`` (on the CPU, the checkpoint's dtype) into ``dest``, cast to ``dest``'s dtype."""
-        dest.copy_(tensor.to(dtype=dest.dtype))
+    def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
+        """Copy ``source`` (a tensor on the CPU in the checkpoint's dtype, or a checkpoint tensor not read
+        yet) into ``dest``, cast to ``dest``'s dtype; an unread one of ``dest``'s dtype is read in place."""
+        if isinstance(source, LazyTensor):
+            if source.read_into(dest):
+                return
+            source = source.load()
+        dest.copy_(source.to(dtype=dest.dtype))
 
     def completed(self, param_name: str) -> None:
         """Every shard of ``param_name`` is in (called once per parameter, as soon as it is)."""
@@ -332,20 +359,21 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
                     continue
                 start, size = spec.offsets[shard_id]
                 shape = (size, *shape[1:])
+            source: torch.Tensor | LazyTensor
             if transform is None:
-                tensor = lazy.load()
+                source = lazy                  # read by the sink, into place where it can be
             elif isinstance(transform, LazyTransform):
-                tensor = transform.read(lazy)
+                source = transform.read(lazy)
             else:
-                tensor = transform(lazy.load())
-            if tuple(tensor.shape) != shape:
-                misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {shape}")
+                source = transform(lazy.load())
+            if tuple(source.shape) != shape:
+                misshaped.append(f"{name}: checkpoint {tuple(source.shape)} vs model {shape}")
                 continue
             dest = sink.destination(param_name)
             if shard_id is not None:
                 dest = dest.narrow(0, start, size)
-            sink.write(dest, tensor)
-            del tensor, dest                   # nothing of the parameter stays referenced here
+            sink.write(dest, source)
+            del source, dest                   # nothing of the tensor or the parameter stays referenced here
             got = filled.setdefault(param_name, set())
             was_complete = spec.complete(got)
             got.add(shard_id)

@@ -1,13 +1,13 @@
 """Host -> device copies of checkpoint tensors through one reused host buffer, pinned for CUDA.
 
-A checkpoint tensor is read into host memory in the checkpoint's dtype; a copy from pageable memory to a
-GPU goes through a driver bounce buffer, synchronously, one chunk at a time. ``StagingBuffer`` casts the
-tensor into one host buffer it keeps (page-locked when the target is CUDA) and starts an asynchronous copy
-from there, so the next tensor's read from disk overlaps this one's transfer; before the buffer is written
+A copy from pageable memory to a GPU goes through a driver bounce buffer, synchronously, one chunk at a
+time. ``StagingBuffer`` reads each checkpoint tensor straight from the file into one host buffer it keeps
+(page-locked when the target is CUDA; when the checkpoint's dtype differs from the target's, the tensor is
+read, then cast into the buffer) and starts an asynchronous copy from there; before the buffer is written
 again it waits for that copy (one CUDA event). The buffer grows to the largest tensor seen, so host memory
-for the whole load is about two tensors: the one being read and the one in flight.
+for the whole load is about one tensor (two when a cast is needed).
 
-Targets on the CPU need no staging: the tensor is cast straight into its destination. ``stage_cpu=True``
+Targets on the CPU need no staging: the tensor is read (or cast) straight into its destination. ``stage_cpu=True``
 routes CPU targets through the buffer as well (unpinned), which is how the CPU test suite checks the
 staged path's casts and buffer reuse.
 """
@@ -15,6 +15,12 @@ staged path's casts and buffer reuse.
 from __future__ import annotations
 
 import torch
+
+from .loader import LazyTensor
+
+
+def _loaded(src: torch.Tensor | LazyTensor) -> torch.Tensor:
+    return src.load() if isinstance(src, LazyTensor) else src
 
 
 def pins_for(device: torch.device) -> bool:
@@ -47,15 +53,20 @@ class StagingBuffer:
         """Bytes of the host buffer (0 before the first staged copy)."""
         return 0 if self._buffer is None else self._buffer.numel()
 
-    def copy(self, dest: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, dest: torch.Tensor, src: torch.Tensor | LazyTensor) -> None:
+        """``src``: a host tensor, or a checkpoint tensor not read yet (then read straight into ``dest`` or
+        the buffer when the dtypes agree: the tensor is in host memory once)."""
         if dest.device.type == "meta":
             return
         if dest.device.type == "cpu" and not self.stage_cpu:
-            dest.copy_(src.to(dtype=dest.dtype))
+            if isinstance(src, LazyTensor) and src.read_into(dest):
+                return
+            dest.copy_(_loaded(src).to(dtype=dest.dtype))
             return
         self.synchronize()                          # the previous copy out of the buffer is done
-        staged = self._view(src.shape, dest.dtype, pin=pins_for(dest.device))
-        staged.copy_(src)                           # the cast happens here, on the host
+        staged = self._view(torch.Size(src.shape), dest.dtype, pin=pins_for(dest.device))
+        if not (isinstance(src, LazyTensor) and src.read_into(staged)):
+            staged.copy_(_loaded(src))              # the cast happens here, on the host
         asynchronous = staged.is_pinned()
         dest.copy_(staged, non_blocking=asynchronous)
         if asynchronous:

@@ -160,3 +160,26 @@ def test_cpu_targets_skip_the_buffer() -> None:
     dest = torch.empty(4, dtype=torch.float16)
     staging.copy(dest, torch.arange(4, dtype=torch.float32))
     assert dest.tolist() == [0, 1, 2, 3] and staging.staged == 0 and staging.capacity == 0
+
+
+def test_checkpoint_tensors_read_straight_into_place(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from internvl_runtime.weights.loader import iter_checkpoint_lazy
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=generator).to(torch.bfloat16), "b": torch.randn(3, generator=generator),
+               "c": torch.randn((), generator=generator).to(torch.float16), "d": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    staging = StagingBuffer(stage_cpu=True)
+    for name, lazy in iter_checkpoint_lazy([tmp_path / "model.safetensors"]):
+        same = torch.full(lazy.shape, 7.0, dtype=tensors[name].dtype)
+        assert lazy.read_into(same) and torch.equal(same, tensors[name])          # the bytes, in place
+        assert not lazy.read_into(torch.empty(lazy.shape, dtype=torch.float64))   # a cast: not read
+        for dtype in (tensors[name].dtype, torch.float32):                        # through the buffer
+            dest = torch.empty(lazy.shape, dtype=dtype)
+            staging.copy(dest, lazy)
+            assert torch.equal(dest, tensors[name].to(dtype))
+            plain = torch.empty(lazy.shape, dtype=dtype)
+            StagingBuffer().copy(plain, lazy)                                     # straight into a CPU target
+            assert torch.equal(plain, tensors[name].to(dtype))
