@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .loader import WeightSink
+from .loader import LazyTensor, WeightSink
 from .staging import StagingBuffer
 
 #: ``finish(module name, module) -> replacement or None``, called once a module's parameters are all in.
@@ -60,8 +60,8 @@ class DirectSink(WeightSink):
                     self.watch(f"{owner}.{name}" if owner else name, param)
         return getattr(module, leaf).data
 
-    def write(self, dest: torch.Tensor, tensor: torch.Tensor) -> None:
-        self.staging.copy(dest, tensor)
+    def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
+        self.staging.copy(dest, source)
 
     def completed(self, param_name: str) -> None:
         self._complete.add(param_name)

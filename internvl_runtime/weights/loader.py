@@ -122,7 +122,7 @@ class _FileRegion:
         flat = out.reshape(-1).view(torch.uint8)   # a view: ``out`` is contiguous
         with open(self.file, "rb") as f:
             f.seek(self.offset)
-            if flat.numel() and f.readinto(memoryview(flat.numpy())) != flat.numel():
+            if flat.numel() and f.readinto(flat.numpy().data) != flat.numel():
                 raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
 
     def __getitem__(self, index: object) -> torch.Tensor:

@@ -13,7 +13,7 @@ from internvl_runtime.quantization.linear import choose_int8_backend, dequantize
 
 pytest.importorskip("triton")
 
-from internvl_runtime.kernels.triton_int8 import int8_weight_matmul  # noqa: E402  (needs triton)
+from internvl_runtime.kernels.triton_int8 import int8_weight_matmul  # after the skip: it needs triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
