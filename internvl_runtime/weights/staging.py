@@ -30,9 +30,10 @@ def pins_for(device: torch.device) -> bool:
 
 
 class StagingBuffer:
-    """``copy(dest, src)``: ``src`` (a host tensor) into ``dest`` (any device), cast to ``dest``'s dtype,
-    bit for bit what ``dest.copy_(src.to(dest.dtype))`` gives. Call ``synchronize()`` before reading the
-    destinations on the host or dropping the buffer early; a CUDA copy is otherwise still in flight.
+    """``copy(dest, src)``: ``src`` (a host tensor, or a checkpoint tensor not read yet) into ``dest`` (any
+    device), cast to ``dest``'s dtype, bit for bit what ``dest.copy_(src.to(dest.dtype))`` gives. Call
+    ``synchronize()`` before reading the destinations on the host or dropping the buffer early; a CUDA copy
+    is otherwise still in flight.
 
     Example::
 
@@ -82,14 +83,22 @@ class StagingBuffer:
             self._pending = None
 
     def release(self) -> None:
-        """Wait, then drop the host buffer."""
+        """Wait, then drop the host buffer (a pinned one back to the OS, not to torch's pinned-memory cache)."""
         self.synchronize()
+        self._drop()
+
+    def _drop(self) -> None:
+        pinned = self._buffer is not None and self._buffer.is_pinned()
         self._buffer = None
+        if pinned:      # torch caches freed pinned blocks for reuse: hand them back, or they stay resident
+            empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            if empty_host_cache is not None:    # torch >= 2.8
+                empty_host_cache()
 
     def _view(self, shape: torch.Size, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
         nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
         buffer = self._buffer
         if buffer is None or buffer.numel() < nbytes or (pin and not buffer.is_pinned()):
-            self._buffer = None                     # the old one goes before the bigger one is allocated
+            self._drop()                            # the old one goes before the bigger one is allocated
             buffer = self._buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
         return buffer[:nbytes].view(dtype).view(shape)
