@@ -70,7 +70,9 @@ def choose_int8_backend(device_type: str, *, cuda_kernel: bool, triton: bool) ->
     per output element in fp32, each thread walking its whole weight row alone (uncoalesced reads of the
     weight, no tensor cores; a real kernel, but a slow one at decode and far slower than a GEMM at prefill),
     so it is the fallback when triton is not installed. Never a dequantized weight per call where a kernel
-    exists; "dequant" only for devices with neither."""
+    exists; "dequant" only for devices with neither. ``torch._int_mm`` (int8 x int8 -> int32) is not a
+    candidate: it needs the activations quantized too (W8A8), which changes the numbers weight-only int8
+    gives everywhere else."""
     if device_type == "cpu":
         return "cpu"
     if device_type == "cuda":
