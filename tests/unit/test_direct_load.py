@@ -183,3 +183,23 @@ def test_checkpoint_tensors_read_straight_into_place(tmp_path: Path) -> None:
             plain = torch.empty(lazy.shape, dtype=dtype)
             StagingBuffer().copy(plain, lazy)                                     # straight into a CPU target
             assert torch.equal(plain, tensors[name].to(dtype))
+
+
+def test_units_on_another_device_cost_the_host_nothing() -> None:
+    """Layers placed on a device other than the CPU (here "meta", which holds no memory, standing in for a GPU)
+    are allocated there, and quantized there: no tensor of theirs is ever allocated on the host."""
+    import dataclasses
+
+    plan = loading.plan_load(CKPT / "tiny-1B", dtype=torch.float32, quantization="int8")
+    meta = torch.device("meta")
+    units = {u: (meta if u.startswith("language_model.model.layers.") else torch.device("cpu")) for u in plan.units}
+    plan = dataclasses.replace(plan, unit_devices=units)
+    seen: dict[str, torch.device] = {}
+    model = loading.build_on_devices(plan, watch=lambda name, tensor: seen.setdefault(name, tensor.device))
+    on_layers = {n: d for n, d in seen.items() if n.startswith("language_model.model.layers.")}
+    assert on_layers and set(on_layers.values()) == {meta}
+    assert {d for n, d in seen.items() if n not in on_layers} == {torch.device("cpu")}
+    layer = model.language_model.model.layers[0]
+    assert all(t.is_meta for t in (*layer.parameters(), *layer.buffers()))
+    assert type(layer.self_attn.qkv_proj).__name__ == "Int8Linear"            # quantized on its device
+    assert not model.vision_model.embeddings.patch_embedding.weight.is_meta
