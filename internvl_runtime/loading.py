@@ -11,8 +11,9 @@ and every tensor-parallel rank) and ``AutoModel.from_pretrained`` call. In order
    without fast bf16: ``hardware.auto_dtype``),
    that every device used can compute in it, and that a 4-bit kernel exists wherever 4-bit goes.
 2. The weights are read tensor by tensor (``weights.loader.load_weights``), with a tqdm bar over the
-   checkpoint's bytes when ``progress`` is on. Quantized or spread models are read on the CPU, then each
-   layer goes to its device, quantized or whole (peak device memory: the placed model plus one layer).
+   checkpoint's bytes when ``progress`` is on, straight onto their devices whatever the layout
+   (``build_on_devices``): each module allocated on its device when its first tensor arrives, each linear layer
+   quantized there as soon as its weights are in. Peak host memory: about one tensor.
 3. The compute plan for the host is set on the model (``compute_plan``).
 
 A tensor-parallel rank passes ``build``: its own builder, which reads only this rank's rows. It gets the
@@ -51,8 +52,9 @@ from .placement import (
     placement_units,
     resolve_device_map,
 )
-from .quantization import QuantizationConfig, int4_backend, quantize_model, resolve_quantization
-from .weights.loader import Progress, Resolver, checkpoint_files, checkpoint_nbytes, load_weights
+from .quantization import LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
+from .weights.direct import DirectSink, Watch
+from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -206,15 +208,16 @@ def plan_load(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMa
 
 def read_checkpoint(model: InternVLModel, folder: Path, *, allow_pickle: bool = False,
                     resolve: Resolver | None = None, skip: Callable[[str], bool] | None = None,
-                    progress: Progress | None = None) -> None:
+                    progress: Progress | None = None, sink: WeightSink | None = None) -> None:
     """Fill ``model`` from ``folder``, strictly (every key accounted for), then tie the LM head.
 
     ``resolve`` defaults to the model's own name tables; a tensor-parallel rank passes one that slices,
-    and ``skip`` for what it does not hold (``weights.loader.load_weights``)."""
+    and ``skip`` for what it does not hold (``weights.loader.load_weights``). ``sink``: where the tensors
+    go (default: the model's parameters as allocated; ``build_on_devices`` passes a ``DirectSink``)."""
     tied = model.config.llm.tie_word_embeddings
     load_weights(model, checkpoint_files(folder, allow_pickle=allow_pickle), resolve or model.resolve_checkpoint_name,
                  optional=lambda name: tied and name == "language_model.lm_head.weight",
-                 skip=skip or (lambda name: False), progress=progress)
+                 skip=skip or (lambda name: False), progress=progress, sink=sink)
     model.language_model.tie_weights()
 
 
@@ -236,29 +239,40 @@ def progress_bar(folder: Path, enabled: bool, *, allow_pickle: bool = False) -> 
         yield advance
 
 
-def _build(plan: LoadPlan, model_class: type[InternVLModel], allow_pickle: bool,
-           progress: Progress | None) -> InternVLModel:
-    """The default builder: allocate once on the meta device's shapes, fill, then place and quantize."""
-    direct = plan.unit_devices is None and plan.quantization is None
+def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
+                model_class: type[InternVLModel] = InternVLModel, allow_pickle: bool = False,
+                watch: Watch | None = None) -> InternVLModel:
+    """The default builder: every layout loaded straight onto its devices (``weights.direct``).
+
+    The model is built on the meta device; each module is allocated on its placement unit's device when its
+    first checkpoint tensor arrives, each tensor is read alone and copied there (through a pinned buffer on
+    CUDA), and with quantization each linear layer is quantized on its device as soon as its weights (every
+    shard of a fused one) are in. Host memory: about one checkpoint tensor; never the whole model in 16 bits.
+    ``watch(name, tensor)`` is told of every parameter allocated (see ``weights.direct``)."""
     model = meta_model(plan.config, plan.dtype, model_class)
-    model.to_empty(device=physical(plan.device) if direct else "cpu")
-    read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=progress)
+    units = plan.units
+
+    def device_for(module_name: str) -> torch.device:
+        unit = max((u for u in units if module_name == u or module_name.startswith(u + ".")), key=len, default=None)
+        return physical(units[unit] if unit is not None else plan.device)
+
+    quantizer = LayerQuantizer(plan.quantization) if plan.quantization is not None else None
+
+    def finish(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
+        if quantizer is None or not quantizer.wants(name, module):
+            return None
+        assert isinstance(module, torch.nn.Linear)
+        return quantizer.quantize(name, module, device_for(name))
+
+    sink = DirectSink(model, device_for, finish=finish, watch=watch)
+    read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=progress, sink=sink)
+    sink.close()                                   # the tied head, if any; the last copy landed
     model.eval().requires_grad_(False)
-    if direct:
-        return model
-    unit_devices, quant = plan.unit_devices, plan.quantization
-    if quant is not None:
-        def device_for(name: str) -> torch.device:
-            if unit_devices is None:
-                return physical(plan.device)
-            unit = max((u for u in unit_devices if name == u or name.startswith(u + ".")), key=len)
-            return physical(unit_devices[unit])
-        quantize_model(model, quant, device_for=device_for)
-        model.quantization = quant  # type: ignore[assignment]
-    if unit_devices is not None:
-        dispatch_model(model, unit_devices)
-    else:
-        model.to(physical(plan.device))
+    if quantizer is not None:
+        quantizer.report()
+        model.quantization = plan.quantization  # type: ignore[assignment]
+    if plan.unit_devices is not None:             # everything is in place already: the hooks and the map
+        dispatch_model(model, plan.unit_devices)
     return model
 
 
@@ -280,7 +294,8 @@ def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceM
         raise UnsupportedFeature("tensor parallelism loads onto one device per rank, unquantized; "
                                  "drop quantization / a multi-device device_map")
     with progress_bar(plan.folder, progress, allow_pickle=allow_pickle) as hook:
-        model = build(plan, hook) if build is not None else _build(plan, model_class, allow_pickle, hook)
+        model = (build(plan, hook) if build is not None
+                 else build_on_devices(plan, hook, model_class=model_class, allow_pickle=allow_pickle))
     if build is None:
         apply_plan(model, choose_plan(plan.dtype, plan.device))
     if plan.record_map:

@@ -1,4 +1,5 @@
-"""``quantize_model``: swap a loaded model's linear layers for int8 / int4 ones, one layer at a time.
+"""``LayerQuantizer``: one linear layer -> its int8 / int4 layer (the loader calls it per layer as the
+layer's weights arrive); ``quantize_model``: the same over a loaded model, one layer at a time.
 
 What is quantized: every ``nn.Linear`` under ``language_model`` (q/k/v, o, gate/up, down and the LM
 head); never the embeddings or norms. The vision encoder and ``mlp1`` only with ``include_vision``
@@ -37,10 +38,46 @@ def _int4_group(in_features: int, wanted: int) -> int | None:
     return None
 
 
-def _target_names(model: nn.Module, include_vision: bool) -> list[str]:
-    prefixes = ("language_model.", "vision_model.", "mlp1.") if include_vision else ("language_model.",)
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(prefixes)]
+class LayerQuantizer:
+    """Quantizes linear layers one at a time: ``quantize_model`` over a loaded model, and the loader
+    (``loading``) for each layer as soon as its weights are in, on the layer's own device.
+
+    ``wants(name, module)``: whether the module is one to quantize (an ``nn.Linear`` under
+    ``language_model``, or under the vision encoder / ``mlp1`` too with ``include_vision``).
+    ``quantize(name, linear, device)``: the int8 / int4 layer for ``device``. ``report()``: the log lines
+    and {module name: what it became}, once all are done; it also hands freed memory back to the OS."""
+
+    def __init__(self, config: QuantizationConfig, include_vision: bool | None = None) -> None:
+        self.config = config
+        self.include_vision = config.include_vision if include_vision is None else include_vision
+        if self.include_vision:
+            warnings.warn(VISION_WARNING, UserWarning, stacklevel=3)
+        self.prefixes = ("language_model.", "vision_model.", "mlp1.") if self.include_vision else ("language_model.",)
+        self.done: dict[str, str] = {}
+        self.fallbacks: list[str] = []
+
+    def wants(self, name: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and name.startswith(self.prefixes)
+
+    def quantize(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
+        group = _int4_group(linear.in_features, self.config.group_size) if self.config.mode == "int4" else None
+        if self.config.mode == "int4" and group is not None:
+            self.done[name] = f"int4 g{group}"
+            return Int4Linear.from_linear(linear, group, device)
+        if self.config.mode == "int4":
+            self.fallbacks.append(f"{name} (in_features {linear.in_features})")
+        self.done[name] = "int8"
+        return Int8Linear.from_linear(linear, device)
+
+    def report(self) -> dict[str, str]:
+        if self.fallbacks:
+            logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s%s",
+                           INT4_GROUP_SIZES, len(self.fallbacks), ", ".join(self.fallbacks[:8]),
+                           " ..." if len(self.fallbacks) > 8 else "")
+        logger.info("quantized %d linear layers (%s%s)", len(self.done), self.config.mode,
+                    ", vision included" if self.include_vision else "")
+        _return_freed_memory()
+        return dict(self.done)
 
 
 def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vision: bool | None = None, *,
@@ -54,11 +91,8 @@ def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vis
     """
     config = QuantizationConfig.parse(mode)
     assert config is not None
-    if include_vision is None:
-        include_vision = config.include_vision
-    if include_vision:
-        warnings.warn(VISION_WARNING, UserWarning, stacklevel=2)
-    names = _target_names(model, include_vision)
+    quantizer = LayerQuantizer(config, include_vision)
+    names = [name for name, module in model.named_modules() if quantizer.wants(name, module)]
 
     def target(name: str) -> torch.device:
         if device_for is not None:
@@ -71,31 +105,14 @@ def quantize_model(model: nn.Module, mode: str | QuantizationConfig, include_vis
         for device in {target(name) for name in names}:
             int4_backend(device)                              # fail before the first layer changes
 
-    done: dict[str, str] = {}
-    fallbacks: list[str] = []
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        device = target(name)
-        group = _int4_group(linear.in_features, config.group_size) if config.mode == "int4" else None
-        if config.mode == "int4" and group is not None:
-            new: nn.Module = Int4Linear.from_linear(linear, group, device)
-            done[name] = f"int4 g{group}"
-        else:
-            if config.mode == "int4":
-                fallbacks.append(f"{name} (in_features {linear.in_features})")
-            new = Int8Linear.from_linear(linear, device)
-            done[name] = "int8"
+        new = quantizer.quantize(name, linear, target(name))
         setattr(parent, child, new)
         del linear, new                                        # the float weight goes now, not at the end
-    if fallbacks:
-        logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s%s",
-                       INT4_GROUP_SIZES, len(fallbacks), ", ".join(fallbacks[:8]), " ..." if len(fallbacks) > 8 else "")
-    logger.info("quantized %d linear layers (%s%s)", len(done), config.mode,
-                ", vision included" if include_vision else "")
-    _return_freed_memory()
-    return done
+    return quantizer.report()
 
 
 def _return_freed_memory() -> None:

@@ -5,7 +5,9 @@ weight-only path ran slower than plain bf16 here and its int4 CPU path needs ano
 (``mslk``); bitsandbytes is CUDA-first. torch itself ships the two kernels we need on CPU:
 ``aten._weight_int8pack_mm`` (int8 weights, one scale per output channel) and
 ``aten._weight_int4pack_mm_for_cpu`` (int4 weights, bf16 scale + zero per group: tinygemm's format),
-plus ``aten._weight_int4pack_mm`` (tinygemm) on CUDA.
+plus ``aten._weight_int4pack_mm`` (tinygemm) on CUDA. int8 on CUDA runs our Triton kernel
+(``kernels.triton_int8``) when triton is installed, else torch's ``_weight_int8pack_mm`` for CUDA
+(``choose_int8_backend`` says why in that order); never a dequantized weight per call.
 
 Formats (W is the float weight, (N, K) = (out_features, in_features)):
 - int8: ``W ~= q * scale[:, None]``, q int8 in [-127, 127], scale = max|W row| / 127.
@@ -15,8 +17,8 @@ Formats (W is the float weight, (N, K) = (out_features, in_features)):
 Kernel limits found on this torch (and worked around, each covered by a unit test):
 - ``_weight_int8pack_mm`` with bf16 activations returns garbage or crashes when K % 16 != 0; with
   fp32 activations it is 10-60x slower than with bf16. So the kernel gets bf16 activations and only
-  layers with K % 32 == 0 use it; others (and every device without the kernel, CUDA included)
-  dequantize the weight into the activation dtype and run one matmul (a temporary of one layer).
+  layers with K % 32 == 0 use it; others (and devices with no int8 kernel at all, neither CUDA nor
+  CPU) dequantize the weight into the activation dtype and run one matmul (a temporary of one layer).
 - Batches of more than ``Int8Linear.KERNEL_MAX_ROWS`` rows (prefill) also take the dequantizing path:
   the kernel is a matrix-vector routine and loses to one GEMM there. On CPUs without bf16
   instructions that GEMM runs in float32 (as the compute plan does for 16-bit layers).
@@ -29,6 +31,7 @@ Kernel limits found on this torch (and worked around, each covered by a unit tes
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +55,50 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
         return True
 
 
+#: The int8 backends: "cpu" (the native GEMV, else torch's ``_weight_int8pack_mm`` for CPU where it
+#: exists; prefill-sized batches dequantize one layer and run one GEMM), "triton" (``kernels.triton_int8``:
+#: dequantizes per K tile in registers), "torch_cuda" (torch's ``_weight_int8pack_mm`` for CUDA), "dequant"
+#: (the weight converted and scaled, then one GEMM: devices with no kernel).
+INT8_BACKENDS = ("cpu", "triton", "torch_cuda", "dequant")
+
+
+def choose_int8_backend(device_type: str, *, cuda_kernel: bool, triton: bool) -> str:
+    """The int8 backend for a device type, from the facts (a pure function: ``int8_backend`` gathers them:
+    whether torch has ``_weight_int8pack_mm`` for CUDA, whether triton imports).
+
+    CUDA prefers Triton over torch's own ``_weight_int8pack_mm``: torch's CUDA kernel (2.13) is one thread
+    per output element in fp32, each thread walking its whole weight row alone (uncoalesced reads of the
+    weight, no tensor cores; a real kernel, but a slow one at decode and far slower than a GEMM at prefill),
+    so it is the fallback when triton is not installed. Never a dequantized weight per call where a kernel
+    exists; "dequant" only for devices with neither. ``torch._int_mm`` (int8 x int8 -> int32) is not a
+    candidate: it needs the activations quantized too (W8A8), which changes the numbers weight-only int8
+    gives everywhere else."""
+    if device_type == "cpu":
+        return "cpu"
+    if device_type == "cuda":
+        if triton:
+            return "triton"
+        return "torch_cuda" if cuda_kernel else "dequant"
+    return "dequant"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported here (it is not a dependency: the package runs without it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def int8_backend(device_type: str) -> str:
-    """"cpu" (torch's int8 GEMV kernel) or "dequant" (convert q, one GEMM, scale: any device)."""
-    if device_type == "cpu" and _has_kernel("_weight_int8pack_mm", "CPU"):
-        return "cpu"
-    return "dequant"
+    """The int8 backend for layers on ``device_type`` on this host (see ``choose_int8_backend``)."""
+    return choose_int8_backend(device_type, cuda_kernel=_has_kernel("_weight_int8pack_mm", "CUDA"),
+                               triton=device_type == "cuda" and triton_available())
+
+
+@functools.cache
+def _cpu_int8pack_kernel() -> bool:
+    """Whether torch has its CPU int8 GEMV (``_weight_int8pack_mm``; the "cpu" backend's second choice)."""
+    return _has_kernel("_weight_int8pack_mm", "CPU")
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,7 +191,11 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
 # ---- modules -------------------------------------------------------------------------------------
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights (one scale per output channel). Buffers: ``weight`` (N, K)
-    int8, ``scales`` (N,), optional ``bias`` (N,) in the model dtype. Output in the input's dtype."""
+    int8, ``scales`` (N,), optional ``bias`` (N,) in the model dtype. Output in the input's dtype.
+
+    ``backend`` (one of ``INT8_BACKENDS``) is chosen once, at construction, from the weight's device
+    (``int8_backend``), or given; a layer moved to another device type afterwards (``model.cuda()``) uses
+    that device's backend."""
 
     #: Rows (tokens) up to which the CPU GEMV kernel is used; above, one dequantized GEMM is faster (the
     #: kernel's cost grows per row, the dequantizing path's is mostly fixed; ``benchmarks/gemv.py`` finds
@@ -161,32 +206,51 @@ class Int8Linear(nn.Module):
     scales: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *,
+                 backend: str | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
         self.kernel_ok = self.in_features % 32 == 0     # see the module docstring (K % 16 bug)
+        if backend is not None and backend not in INT8_BACKENDS:
+            raise ValueError(f"int8 backend must be one of {INT8_BACKENDS}, got {backend!r}")
+        self.backend = backend or int8_backend(weight.device.type)
+        self._backend_device_type = weight.device.type
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, device: torch.device | None = None, *,
+                    backend: str | None = None) -> Int8Linear:
         """Quantize on the weight's current device, then move the result to ``device``."""
-        device = device or linear.weight.device
-        scale_dtype = torch.bfloat16 if int8_backend(device.type) == "cpu" else linear.weight.dtype
+        device = torch.device(device or linear.weight.device)
+        backend = backend or int8_backend(device.type)
+        scale_dtype = torch.bfloat16 if backend == "cpu" and _cpu_int8pack_kernel() else linear.weight.dtype
         q, scales = quantize_int8(linear.weight.detach(), scale_dtype)
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
-        return cls(q.to(device), scales.to(device), bias)
+        return cls(q.to(device), scales.to(device), bias, backend=backend)
+
+    def current_backend(self) -> str:
+        """The backend for where the weight is now: the one chosen at construction, unless moved since."""
+        device_type = self.weight.device.type
+        return self.backend if device_type == self._backend_device_type else int8_backend(device_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu" and _native_kernels():
+        backend = self.current_backend()
+        if backend == "triton":
+            from ..kernels.triton_int8 import int8_weight_matmul  # triton is imported only here
+
+            y = int8_weight_matmul(x2.contiguous(), self.weight, self.scales)
+        elif backend == "torch_cuda":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales).to(x.dtype)
+        elif 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and backend == "cpu" and _native_kernels():
             # the native GEMV: weights streamed as stored, fp32 accumulation, scale and bias applied before
             # the one rounding (the fused decode step computes exactly this)
             return kernels.linear_int8(x2, self.weight, self.scales, self.bias).reshape(
                 *x.shape[:-1], self.out_features)
-        if (self.kernel_ok and 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and x.device.type == "cpu"
-                and int8_backend("cpu") == "cpu"):
+        elif (self.kernel_ok and 0 < x2.shape[0] <= self.KERNEL_MAX_ROWS and backend == "cpu"
+              and _cpu_int8pack_kernel()):
             scales = self.scales if self.scales.dtype == torch.bfloat16 else self.scales.to(torch.bfloat16)
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, scales)
             y = y.to(x.dtype)
@@ -200,7 +264,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8, backend={self.backend}")
 
 
 def _native_kernels() -> bool:
@@ -286,7 +351,7 @@ class Int4Linear(nn.Module):
             if backend == "cpu":
                 packed_rows.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.cpu(), 1))
             else:                                               # tinygemm takes (N, K/2) uint8, even k high
-                packed_rows.append(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).cpu())
+                packed_rows.append(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8))   # stays on the weight's device
             del q
         packed = torch.cat(packed_rows) if len(packed_rows) > 1 else packed_rows[0]
         if backend == "cuda":

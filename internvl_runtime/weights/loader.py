@@ -1,7 +1,11 @@
-"""Generic, strict checkpoint loading: safetensors (single file or sharded index), memory-mapped.
+"""Generic, strict checkpoint loading: safetensors (single file or sharded index), tensor by tensor.
 
-Tensors are read one at a time, cast to the parameter's dtype and copied onto its device, so peak
-memory stays near the model's size in that dtype. Name differences are not handled here: the model
+Tensors are read one at a time (each into its own buffer, no memory map), cast to the parameter's dtype
+and handed to a sink that puts them in place: :class:`WeightSink` copies into the parameters as they are
+allocated; ``weights.direct.DirectSink`` allocates each module on its device when its first tensor
+arrives and can swap a module once complete (quantization), so host memory stays at about one tensor.
+The loader keeps only shapes and shard offsets of the model's parameters, never a reference to their
+tensors, so a module the sink replaces is freed at once. Name differences are not handled here: the model
 supplies a ``resolve(name) -> (param_name, shard_id, transform)`` function built from its declared
 tables (see ``models/decoders/base.py``). Every checkpoint key must resolve, every parameter (and every
 shard of a fused one) must be filled, and shapes must agree; otherwise ``WeightMismatchError`` lists
@@ -111,6 +115,15 @@ class _FileRegion:
         # the tensor shares the bytearray's memory (no copy); frombuffer refuses an empty buffer
         buffer = torch.frombuffer(data, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         return buffer.view(self.dtype).reshape(shape)
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """The whole tensor straight into ``out`` (contiguous, on the CPU, this dtype and shape): no buffer
+        of its own, so a load into place or into a staging buffer holds the tensor once."""
+        flat = out.reshape(-1).view(torch.uint8)   # a view: ``out`` is contiguous
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            if flat.numel() and f.readinto(flat.numpy().data) != flat.numel():
+                raise CheckpointError(f"{self.file}: tensor {self.name!r} is truncated")
 
     def __getitem__(self, index: object) -> torch.Tensor:
         if isinstance(index, slice) and index.step in (None, 1) and self.shape:
@@ -225,6 +238,19 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         return self[...] if isinstance(self._source, (torch.Tensor, _FileRegion)) else self[:]
 
+    def read_into(self, out: torch.Tensor) -> bool:
+        """Read the whole tensor straight into ``out`` when it can be (a safetensors tensor; ``out`` a
+        contiguous CPU tensor of the same dtype and shape); False, with nothing read, otherwise."""
+        src = self._source
+        if not (isinstance(src, _FileRegion) and out.device.type == "cpu" and out.dtype == src.dtype
+                and tuple(out.shape) == tuple(src.shape) and out.is_contiguous()):
+            return False
+        try:
+            src.read_into(out)
+        except OSError as exc:
+            raise CheckpointError(f"{self.file}: cannot read {self.name} ({exc})") from exc
+        return True
+
 
 def iter_checkpoint_lazy(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
     """Like :func:`iter_checkpoint`, but yields unread :class:`LazyTensor` s that read only what is asked
@@ -251,67 +277,117 @@ def _reported(items: Iterator[tuple[str, LazyTensor]], progress: Progress | None
             progress(lazy.nbytes)
 
 
+class WeightSink:
+    """Where :func:`load_weights` puts each checkpoint tensor. This one: straight into the model's parameters,
+    already allocated where they are (a plain copy, cast to the parameter's dtype).
+
+    ``loading``'s default builder passes a :class:`~internvl_runtime.weights.direct.DirectSink` instead, which
+    allocates each module on its own device when its first tensor arrives and swaps a module once it is
+    complete (quantization); tensor-parallel ranks use this one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def destination(self, param_name: str) -> torch.Tensor:
+        """The tensor to fill for ``param_name`` (the whole parameter; the loader narrows it to a shard)."""
+        return self.model.get_parameter(param_name).data
+
+    def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
+        """Copy ``source`` (a tensor on the CPU in the checkpoint's dtype, or a checkpoint tensor not read
+        yet) into ``dest``, cast to ``dest``'s dtype; an unread one of ``dest``'s dtype is read in place."""
+        if isinstance(source, LazyTensor):
+            if source.read_into(dest):
+                return
+            source = source.load()
+        dest.copy_(source.to(dtype=dest.dtype))
+
+    def completed(self, param_name: str) -> None:
+        """Every shard of ``param_name`` is in (called once per parameter, as soon as it is)."""
+
+
+@dataclass(frozen=True)
+class _ParamSpec:
+    shape: tuple[int, ...]
+    offsets: dict[object, tuple[int, int]] | None     # shard id -> (start row, rows) of a fused parameter
+
+    def complete(self, got: set[object]) -> bool:
+        return None in got or (self.offsets is not None and bool(got) and set(self.offsets) <= got)
+
+
+def _param_specs(model: nn.Module) -> dict[str, _ParamSpec]:
+    """Every parameter's shape and shard offsets, read once before loading (the meta model's suffice: the
+    loader never looks at a parameter's tensor again except through the sink)."""
+    specs = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = name.rpartition(".")[0]
+        offsets = getattr(model.get_submodule(owner), "shard_offsets", None) if owner else None
+        specs[name] = _ParamSpec(tuple(param.shape), offsets)
+    return specs
+
+
 def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
                  optional: Callable[[str], bool] = lambda name: False,
-                 skip: Callable[[str], bool] = lambda name: False, progress: Progress | None = None) -> set[str]:
+                 skip: Callable[[str], bool] = lambda name: False, progress: Progress | None = None,
+                 sink: WeightSink | None = None) -> set[str]:
     """Copy every checkpoint tensor into ``model``; raise WeightMismatchError naming all problems.
 
     ``optional(param_name)`` marks parameters that may be absent from the checkpoint (tied heads).
     ``progress(nbytes)`` is called after each checkpoint tensor (see the module docstring).
-    Returns the set of checkpoint names consumed.
+    ``sink``: where the tensors go (default :class:`WeightSink`: the parameters as allocated); shapes are
+    checked against the model before the sink is asked for a destination, so a misshaped tensor allocates
+    nothing. Returns the set of checkpoint names consumed.
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
-
-    def shard_offsets(param_name: str) -> dict[object, tuple[int, int]] | None:
-        owner = param_name.rpartition(".")[0]
-        return getattr(model.get_submodule(owner), "shard_offsets", None) if owner else None
-
+    sink = sink or WeightSink(model)
+    specs = _param_specs(model)
     filled: dict[str, set[object]] = {}
     unexpected, misshaped, consumed = [], [], set()
     with torch.no_grad():
         for name, lazy in _reported(iter_checkpoint_lazy(files), progress):
             target = resolve(name)
-            if target is None or target[0] not in params:
+            if target is None or target[0] not in specs:
                 unexpected.append(name)
                 continue
             param_name, shard_id, transform = target
             if skip(param_name):
                 consumed.add(name)
                 continue
-            param = params[param_name]
-            if transform is None:
-                tensor = lazy.load()
-            elif isinstance(transform, LazyTransform):
-                tensor = transform.read(lazy)
-            else:
-                tensor = transform(lazy.load())
-            dest = param.data
+            spec = specs[param_name]
+            shape = spec.shape
             if shard_id is not None:
-                offsets = shard_offsets(param_name)
-                if offsets is None or shard_id not in offsets:
+                if spec.offsets is None or shard_id not in spec.offsets:
                     unexpected.append(name)
                     continue
-                start, size = offsets[shard_id]
-                dest = dest.narrow(0, start, size)
-            if tuple(tensor.shape) != tuple(dest.shape):
-                misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dest.shape)}")
+                start, size = spec.offsets[shard_id]
+                shape = (size, *shape[1:])
+            source: torch.Tensor | LazyTensor
+            if transform is None:
+                source = lazy                  # read by the sink, into place where it can be
+            elif isinstance(transform, LazyTransform):
+                source = transform.read(lazy)
+            else:
+                source = transform(lazy.load())
+            if tuple(source.shape) != shape:
+                misshaped.append(f"{name}: checkpoint {tuple(source.shape)} vs model {shape}")
                 continue
-            dest.copy_(tensor.to(dtype=dest.dtype))
-            filled.setdefault(param_name, set()).add(shard_id)
+            dest = sink.destination(param_name)
+            if shard_id is not None:
+                dest = dest.narrow(0, start, size)
+            sink.write(dest, source)
+            del source, dest                   # nothing of the tensor or the parameter stays referenced here
+            got = filled.setdefault(param_name, set())
+            was_complete = spec.complete(got)
+            got.add(shard_id)
             consumed.add(name)
+            if not was_complete and spec.complete(got):
+                sink.completed(param_name)
 
     missing = []
-    for param_name in params:
-        offsets = shard_offsets(param_name)
+    for param_name, spec in specs.items():
         got = filled.get(param_name, set())
-        if None in got or skip(param_name):
+        if spec.complete(got) or skip(param_name) or optional(param_name):
             continue
-        if offsets is not None and got and set(offsets) <= got:
-            continue
-        if optional(param_name):
-            continue
-        if offsets is not None and got:
-            missing.append(f"{param_name} (shards {sorted(map(str, set(offsets) - got))})")
+        if spec.offsets is not None and got:
+            missing.append(f"{param_name} (shards {sorted(map(str, set(spec.offsets) - got))})")
         else:
             missing.append(param_name)
     if missing or unexpected or misshaped:

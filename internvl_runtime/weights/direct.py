@@ -1,0 +1,92 @@
+"""Loading straight onto the devices: ``DirectSink``, the sink ``loading``'s default builder hands to
+:func:`~internvl_runtime.weights.loader.load_weights`.
+
+The model is built on the meta device (shapes, no memory). Nothing is allocated up front: when the first
+checkpoint tensor of a module arrives, that module's own parameters are allocated on the module's device
+(``device_for(module name)``: a placement unit's device); each tensor is copied there through a
+``StagingBuffer`` (pinned on CUDA); and once every parameter of the module is complete (the fused
+qkv / gate_up parameters: every shard in), ``finish(name, module)`` may return a module to put in its
+place (a quantized layer, made on that device; the float weights are dropped with the old module).
+
+So host memory holds about one checkpoint tensor at a time whatever the placement, and device memory the
+placed model plus the module being filled; with quantization the float weights alive at once are those
+of the modules being filled (one linear layer in checkpoint order), never the model's.
+
+``watch(name, tensor)``, if given, is told of every parameter allocated (a memory tracker for tests and
+benchmarks: it may keep weak references, never strong ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .loader import LazyTensor, WeightSink
+from .staging import StagingBuffer
+
+#: ``finish(module name, module) -> replacement or None``, called once a module's parameters are all in.
+Finish = Callable[[str, nn.Module], "nn.Module | None"]
+#: ``watch(parameter name, tensor)``: a parameter was just allocated.
+Watch = Callable[[str, torch.Tensor], None]
+
+
+class DirectSink(WeightSink):
+    """Allocate each module on its device on first use, copy through staging, finish modules as they
+    complete (see the module docstring). Call ``close()`` after the checkpoint (and after tying weights):
+    it finishes what no checkpoint tensor completed (a tied LM head) and waits for the last copy."""
+
+    def __init__(self, model: nn.Module, device_for: Callable[[str], torch.device], *,
+                 finish: Finish | None = None, watch: Watch | None = None,
+                 staging: StagingBuffer | None = None) -> None:
+        super().__init__(model)
+        self.device_for = device_for
+        self.finish = finish
+        self.watch = watch
+        self.staging = staging or StagingBuffer()
+        self._complete: set[str] = set()          # parameter names
+        self._finished: set[str] = set()          # module names
+
+    def destination(self, param_name: str) -> torch.Tensor:
+        owner, _, leaf = param_name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        if owner in self._finished:
+            raise AssertionError(f"{param_name}: a checkpoint tensor for a module already finished")
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=self.device_for(owner), recurse=False)
+            if self.watch is not None:
+                for name, param in module.named_parameters(recurse=False):
+                    self.watch(f"{owner}.{name}" if owner else name, param)
+        return getattr(module, leaf).data
+
+    def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
+        self.staging.copy(dest, source)
+
+    def completed(self, param_name: str) -> None:
+        self._complete.add(param_name)
+        owner = param_name.rpartition(".")[0]
+        module = self.model.get_submodule(owner)
+        prefix = f"{owner}." if owner else ""
+        if all(prefix + name in self._complete for name, _ in module.named_parameters(recurse=False)):
+            self._finish(owner, module)
+
+    def close(self) -> None:
+        """Finish every module not finished yet whose parameters are all allocated (a head tied to the
+        embeddings: no tensor of its own), wait for the last copy and drop the staging buffer."""
+        self.staging.synchronize()
+        for name, module in list(self.model.named_modules()):
+            params = list(module.parameters(recurse=False))
+            if name not in self._finished and params and not any(p.is_meta for p in params):
+                self._finish(name, module)
+        self.staging.release()
+
+    def _finish(self, name: str, module: nn.Module) -> None:
+        self._finished.add(name)
+        if self.finish is None:
+            return
+        # no wait for the copy in flight: work on its device queues behind it on the same stream
+        replacement = self.finish(name, module)
+        if replacement is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, replacement)
