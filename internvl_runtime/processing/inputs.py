@@ -197,10 +197,10 @@ class InputProcessor:
             if image.dim() != 4 or tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
                 raise InvalidRequest(f"a tiled image tensor must be (tiles, 3, {self.image_size}, "
                                      f"{self.image_size}), got {tuple(image.shape)}")
-            tiled = ImageInput.from_tiles(image)
+            given = ImageInput.from_tiles(image)
             if self.images.mode == "device":     # beside the device path's images: one batch, one device
-                return ImageInput(tiled.pixel_values.to(self.images.device), tiled.content_hash)
-            return tiled
+                return ImageInput(given.pixel_values.to(self.images.device), given.content_hash)
+            return given
         max_num = self.max_dynamic_patch if max_num is None else max_num
         if not isinstance(max_num, int) or max_num < 1:
             raise InvalidRequest(f"max_dynamic_patch must be an integer >= 1, got {max_num!r}")
