@@ -14,7 +14,8 @@ For JPEGs of 448x448, 1024x768 and 1920x1080 (one image per request, max_num 12,
 - with ``--compare``: the device path's pixel differences to the exact one at each size, and its first-step
   logit differences on the tiny checkpoint (``--checkpoint``, default tests/fixtures/ckpt/tiny-1B).
 
-Every time is the best of ``--rounds`` (a decoded image each time: decode is part of preprocessing).
+Every time is the best of ``--rounds``, the columns timed in turn within each round (a decoded image each
+time: decode is part of preprocessing).
 
     python benchmarks/preprocess.py [--device cpu|cuda] [--rounds 5] [--threads 2,4] [--concurrency 8]
                                     [--encoder-tiles 13] [--skip-encoder] [--compare]
@@ -81,6 +82,20 @@ def best(fn: Callable[[], object], rounds: int, sync: Callable[[], None] = lambd
     return min(times)
 
 
+def interleaved(columns: list[Callable[[], object]], rounds: int, sync: Callable[[], None]) -> list[float]:
+    """Best seconds of each column, the columns timed in turn within each round (so that other work on a
+    shared host slows them alike)."""
+    times = [float("inf")] * len(columns)
+    for round_ in range(rounds + 1):                 # round 0 warms up
+        for i, fn in enumerate(columns):
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                times[i] = min(times[i], time.perf_counter() - start)
+    return times
+
+
 def encoder(device: torch.device, tiles: int, rounds: int) -> float:
     """Seconds per tile of InternVL2-1B's vision encoder + mlp1 (random weights) on ``device``."""
     from internvl_runtime.compute_plan import apply_plan, choose_plan
@@ -135,7 +150,7 @@ def compare(checkpoint: Path, device: torch.device, datas: dict[tuple[int, int],
         dev = device_pixel_values(image, max_num=MAX_NUM, image_size=TILE, device=device).pixel_values.cpu()
         diff = (dev - exact).abs()
         print(f"  {size[0]}x{size[1]}: max {diff.max():.4f}, mean {diff.mean():.5f}, "
-              f"{100 * float((diff > 0).float().mean()):.1f}% of values differ")
+              f"{100 * float((diff > 0).float().mean()):.2f}% of values differ")
     model = AutoModel.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -192,17 +207,17 @@ def main() -> None:
         want = official(data)[0]
         got = tile_pixel_values(open_image(data), max_num=MAX_NUM, image_size=TILE).pixel_values
         assert torch.equal(want, got), "the exact path is not bit-identical"
-        cells = [best(lambda d=data: official(d), args.rounds),
-                 best(lambda d=data: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE), args.rounds)]
-        for n in threads:
-            cells.append(best(lambda d=data, n=n: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE,
-                                                                    executor=pools[n], parts=n), args.rounds))
+        columns: list[Callable[[], object]] = [
+            lambda d=data: official(d),
+            lambda d=data: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE),
+            *[lambda d=data, n=n: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE,
+                                                    executor=pools[n], parts=n) for n in threads],
+            lambda d=data: device_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE, device=device)]
+        *cells, dev = interleaved(columns, args.rounds, sync)
         rate = concurrent_rate([data] * args.concurrency, args.concurrency, shared, args.rounds)
-        dev = best(lambda d=data: device_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE, device=device),
-                   args.rounds, sync)
         row = [f"{w}x{h} JPEG", str(tiles)] + [f"{1 / s:.1f}/s ({s * 1e3:.1f} ms)" for s in cells]
         row += [f"{rate:.1f}/s", f"{1 / dev:.1f}/s ({dev * 1e3:.1f} ms)"]
-        row.append(f"{1 / (per_tile * tiles):.2f}/s" if per_tile else "skipped")
+        row.append(f"{1 / (per_tile * tiles):.3g}/s" if per_tile else "skipped")
         print("| " + " | ".join(row) + " |")
     print("(images/s, and ms per image; 'exact xC' is C requests at once over C worker threads)")
     for pool in [*pools.values(), shared]:
