@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 # ruff: noqa
 # The shared smoke script (../shared/tools/gpu_check.py) kept as written there, so the two stay comparable;
-# changes for running it from the repository: the golden fixtures are found in tests/fixtures.
+# changes for running it from the repository: the golden fixtures are found in tests/fixtures; the feature
+# split per row is a local function (_split_features) and the runner is given the image token id.
 """GPU smoke test and benchmark for internvl-runtime (one GPU, < ~8 minutes on an H200).
 
 Run from the repository root (or pass --repo):
@@ -490,6 +491,17 @@ def _rel(a: torch.Tensor, b) -> float:
     return float((a.float().cpu() - ref).norm() / ref.norm())
 
 
+def _split_features(rows, feats, img_id):
+    """Each row's feature rows (its <IMG_CONTEXT> count, in order); None for a row without any (repo copy:
+    the model no longer has the _split_features this script called)."""
+    out, start = [], 0
+    for row in rows:
+        n = sum(1 for t in row if t == img_id)
+        out.append(None if feats is None or n == 0 else feats[start:start + n])
+        start += n
+    return out
+
+
 def _run_case(model, tokenizer, variant: str, case: dict, dtype: torch.dtype, device: torch.device) -> dict:
     """Greedy ids of every round of a golden case (history from the golden record), and logits0 error."""
     import numpy as np
@@ -523,9 +535,10 @@ def _run_case(model, tokenizer, variant: str, case: dict, dtype: torch.dtype, de
         if i == 0:
             rows = inputs["input_ids"].tolist()
             feats = None if pv is None else model.extract_feature(pv).reshape(-1, model.config.llm.hidden_size)
-            runner = ModelRunner(model, num_blocks=sum(-(-len(r) // 16) for r in rows) + 1)
+            img_id = model.img_context_token_id
+            runner = ModelRunner(model, num_blocks=sum(-(-len(r) // 16) for r in rows) + 1, image_token_id=img_id)
             steps, nb = [], 0
-            for row, f in zip(rows, model._split_features(rows, feats)):
+            for row, f in zip(rows, _split_features(rows, feats, img_id)):
                 n = -(-len(row) // 16)
                 steps.append(SequenceStep(row, 0, list(range(nb, nb + n)), f))
                 nb += n

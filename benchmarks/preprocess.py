@@ -5,9 +5,9 @@ For JPEGs of 448x448, 1024x768 and 1920x1080 (one image per request, max_num 12,
 - ``official``: the path before this change (``dynamic_preprocess`` + ``build_transform`` per tile +
   ``torch.stack``, then the float32 blake2b content hash ``ImageInput.from_tiles`` takes), one thread;
 - ``exact``: ``image_tiles.tile_pixel_values`` (bit-identical pixel values; checked here), serial and with
-  a pool of N threads splitting each resize pass into N bands (``--threads``);
+  a pool of N threads for the thumbnail and the tiles' normalisation (``--threads``);
 - ``exact xC``: C requests at once, each on its own thread as the server's workers are, sharing a 4-thread
-  band pool (``--concurrency``): the host's throughput when requests arrive together;
+  pool (``--concurrency``): the host's throughput when requests arrive together;
 - ``device``: ``image_device.device_pixel_values`` on ``--device`` (torch resize; not bit-identical);
 - ``encoder``: InternVL2-1B's vision encoder + mlp1 (random weights, the real shapes, ``--device``, bf16 on
   CUDA, the loader's compute plan on the CPU) as images/s at each size's tile count;
@@ -135,7 +135,7 @@ def concurrent_rate(datas: list[bytes], concurrency: int, pool: concurrent.futur
     with concurrent.futures.ThreadPoolExecutor(concurrency) as workers:
         def wave() -> None:
             list(workers.map(lambda d: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE,
-                                                         executor=pool, parts=4), datas))
+                                                         executor=pool), datas))
         return len(datas) / best(wave, rounds)
 
 
@@ -175,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the device path and the encoder")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", default="2,4", help="band pool sizes for the exact path (comma list)")
+    parser.add_argument("--threads", default="2,4", help="pool sizes for the exact path (comma list)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests at once for the 'exact xC' row")
     parser.add_argument("--encoder-tiles", type=int, default=None,
                         help="tiles per encoder batch (default 13 on CUDA, 1 on the CPU)")
@@ -211,7 +211,7 @@ def main() -> None:
             lambda d=data: official(d),
             lambda d=data: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE),
             *[lambda d=data, n=n: tile_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE,
-                                                    executor=pools[n], parts=n) for n in threads],
+                                                    executor=pools[n]) for n in threads],
             lambda d=data: device_pixel_values(open_image(d), max_num=MAX_NUM, image_size=TILE, device=device)]
         *cells, dev = interleaved(columns, args.rounds, sync)
         rate = concurrent_rate([data] * args.concurrency, args.concurrency, shared, args.rounds)

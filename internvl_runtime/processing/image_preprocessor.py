@@ -1,12 +1,12 @@
 """Which image path a processor takes: the exact one (default) or the opt-in device one, and its threads.
 
 ``InputProcessor`` holds one :class:`ImagePreprocessor`; the server builds it from ``--image-preprocess``
-with a thread pool of its own for the bands and tiles of each image (``serving/state.py``).
+with a thread pool of its own for the thumbnail and tiles of each image (``serving/state.py``).
 
 Example::
 
     pool = concurrent.futures.ThreadPoolExecutor(4)
-    images = ImagePreprocessor(448, executor=pool)              # exact, 4 bands per resize pass
+    images = ImagePreprocessor(448, executor=pool)              # exact; thumbnail and tiles on the pool
     tiled = images(pil_image, max_num=12)                       # TiledImage
     on_gpu = ImagePreprocessor(448, mode="device", device="cuda")
 """
@@ -22,14 +22,11 @@ from ..errors import InvalidRequest
 from .image_device import device_pixel_values
 from .image_tiles import TiledImage, tile_pixel_values
 
-__all__ = ["DEFAULT_PARTS", "IMAGE_PREPROCESS_MODES", "ImagePreprocessor"]
+__all__ = ["IMAGE_PREPROCESS_MODES", "ImagePreprocessor"]
 
 #: ``exact``: PIL, bit-identical to the official ``load_image`` (default); ``device``: torch's antialiased
 #: bicubic on the given device (faster on a GPU, pixel values differ slightly: docs/image_preprocessing.md).
 IMAGE_PREPROCESS_MODES: tuple[str, ...] = ("exact", "device")
-
-#: Bands per resize pass when an executor is given.
-DEFAULT_PARTS = 4
 
 
 class ImagePreprocessor:
@@ -40,14 +37,12 @@ class ImagePreprocessor:
         use_thumbnail: append the thumbnail tile to images of more than one tile (the config's flag).
         mode: one of :data:`IMAGE_PREPROCESS_MODES`.
         device: where ``mode="device"`` resizes and leaves the pixel values (ignored by ``exact``).
-        executor: threads for the bands and tiles of one image (``exact``); None: the caller's thread alone.
+        executor: threads for the thumbnail and tiles of one image (``exact``); None: the caller's thread alone.
             Never the pool whose threads call this (its tasks would wait on tasks queued behind them).
-        parts: bands per resize pass (default: 1 without an executor, else :data:`DEFAULT_PARTS`).
     """
 
     def __init__(self, image_size: int, *, use_thumbnail: bool = True, mode: str = "exact",
-                 device: torch.device | str | None = None, executor: concurrent.futures.Executor | None = None,
-                 parts: int | None = None) -> None:
+                 device: torch.device | str | None = None, executor: concurrent.futures.Executor | None = None) -> None:
         if mode not in IMAGE_PREPROCESS_MODES:
             raise InvalidRequest(f"image preprocessing mode must be one of {', '.join(IMAGE_PREPROCESS_MODES)}, "
                                  f"got {mode!r}")
@@ -56,15 +51,14 @@ class ImagePreprocessor:
         self.mode = mode
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.executor = executor
-        self.parts = parts if parts is not None else (1 if executor is None else DEFAULT_PARTS)
 
     def __call__(self, image: Image.Image, *, max_num: int) -> TiledImage:
         if self.mode == "device":
             return device_pixel_values(image, max_num=max_num, image_size=self.image_size,
                                        use_thumbnail=self.use_thumbnail, device=self.device)
         return tile_pixel_values(image, max_num=max_num, image_size=self.image_size,
-                                 use_thumbnail=self.use_thumbnail, executor=self.executor, parts=self.parts)
+                                 use_thumbnail=self.use_thumbnail, executor=self.executor)
 
     def describe(self) -> str:
-        where = f" on {self.device}" if self.mode == "device" else f", {self.parts} band(s) per resize pass"
+        where = f" on {self.device}" if self.mode == "device" else (" on a thread pool" if self.executor else "")
         return f"image preprocessing: {self.mode}{where}"

@@ -4,13 +4,9 @@
 stack) is the reference; :func:`tile_pixel_values` returns bit-identical pixel values (the golden sha256
 tests run through it) with three changes, each exact by construction:
 
-1. **Resize in strips, in parallel.** PIL's bicubic resize is two separable passes, horizontal then
-   vertical, with a uint8 image between them; each output pixel of a pass reads one row (or column) of its
-   input through coefficients that depend only on the sizes, never on the other rows. So the horizontal pass
-   of a band of rows is the horizontal-only resize of that band's crop, and the vertical pass of a band of
-   columns the vertical-only resize of its crop: same coefficients (PIL computes them from the full sizes),
-   same pixels. The bands run on a thread pool (PIL's resampling releases the GIL), and the thumbnail's
-   resize beside them.
+1. **The thumbnail's resize runs beside the grid's** on a thread pool (PIL's resampling releases the GIL),
+   and the tiles are normalised there too, one task per tile. (Splitting one resize into bands of rows
+   or columns is not exact with PIL 13, which orders its two passes by the sizes: not done.)
 2. **Normalise through a table.** ``(x / 255 - mean) / std`` in float32 takes 256 values per channel; the
    table holds them, computed by the very torch operations of the official transform, and one gather per
    tile replaces four passes over float32 tensors and the ``torch.stack`` copy.
@@ -23,7 +19,7 @@ differences from this one are measured and documented (``docs/image_preprocessin
 Example::
 
     pool = concurrent.futures.ThreadPoolExecutor(4)
-    tiled = tile_pixel_values(pil_image, max_num=12, image_size=448, executor=pool, parts=4)
+    tiled = tile_pixel_values(pil_image, max_num=12, image_size=448, executor=pool)
     tiled.pixel_values, tiled.content_hash     # (N, 3, 448, 448) float32, a hex digest
 """
 
@@ -32,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,13 +43,10 @@ __all__ = [
     "TiledImage",
     "normalize_tiles",
     "pixel_table",
-    "resize_bicubic",
     "tile_array",
     "tile_pixel_values",
 ]
 
-#: Output pixels below which a resize runs in one piece (splitting costs more than it saves).
-MIN_PARALLEL_PIXELS = 448 * 448
 _BICUBIC = Image.Resampling.BICUBIC
 
 T = TypeVar("T")
@@ -93,33 +85,13 @@ def normalize_tiles(tiles: np.ndarray, *, executor: concurrent.futures.Executor 
     return torch.from_numpy(out)
 
 
-def resize_bicubic(image: Image.Image, size: tuple[int, int], *,
-                   executor: concurrent.futures.Executor | None = None, parts: int = 1) -> np.ndarray:
-    """``image.resize(size, BICUBIC)`` as an ``(h, w, 3)`` uint8 array, bit for bit, in ``parts`` bands per
-    pass run on ``executor`` (see the module docstring for why the bands are exact)."""
-    width, height = size
-    if executor is None or parts < 2 or width * height < MIN_PARALLEL_PIXELS or image.mode != "RGB":
-        return np.asarray(image.resize(size, _BICUBIC))
-    middle = image
-    if width != image.width:        # horizontal pass: bands of rows, each a horizontal-only resize
-        rows = _bounds(image.height, parts)
-        bands = _run_all(executor, lambda span: np.asarray(
-            image.crop((0, span[0], image.width, span[1])).resize((width, span[1] - span[0]), _BICUBIC)), rows)
-        if height == image.height:
-            return np.concatenate(bands)
-        middle = Image.fromarray(np.concatenate(bands))
-    if height == middle.height:
-        return np.asarray(middle)
-    columns = _bounds(width, parts)  # vertical pass: bands of columns, each a vertical-only resize
-    bands = _run_all(executor, lambda span: np.asarray(
-        middle.crop((span[0], 0, span[1], middle.height)).resize((span[1] - span[0], height), _BICUBIC)), columns)
-    return np.concatenate(bands, axis=1)
-
-
 def tile_array(image: Image.Image, *, max_num: int, image_size: int, use_thumbnail: bool, min_num: int = 1,
-               executor: concurrent.futures.Executor | None = None, parts: int = 1) -> np.ndarray:
+               executor: concurrent.futures.Executor | None = None) -> np.ndarray:
     """``dynamic_preprocess``'s tiles as one ``(N, image_size, image_size, 3)`` uint8 array, row-major, the
-    thumbnail last (when asked and more than one tile); the thumbnail resizes beside the grid's bands."""
+    thumbnail last (when asked and more than one tile); the thumbnail resizes on ``executor`` beside the grid.
+
+    Each resize is one PIL call: PIL (13) orders its two passes by the sizes, so a resize split into bands
+    of one pass is not always the same bytes (measured: ~1 in 12 random size pairs differ), and is not used."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     cols, rows = select_grid(image.width, image.height, min_num=min_num, max_num=max_num, image_size=image_size)
@@ -127,7 +99,7 @@ def tile_array(image: Image.Image, *, max_num: int, image_size: int, use_thumbna
     pending = None
     if thumbnail and executor is not None:
         pending = executor.submit(lambda: np.asarray(image.resize((image_size, image_size), _BICUBIC)))
-    grid = resize_bicubic(image, (cols * image_size, rows * image_size), executor=executor, parts=parts)
+    grid = np.asarray(image.resize((cols * image_size, rows * image_size), _BICUBIC))
     # (rows*S, cols*S, 3) -> (rows, S, cols, S, 3) -> (rows, cols, S, S, 3): the tiles, row-major
     tiles = grid.reshape(rows, image_size, cols, image_size, 3).transpose(0, 2, 1, 3, 4)
     tiles = tiles.reshape(rows * cols, image_size, image_size, 3)
@@ -154,19 +126,11 @@ def tiles_digest(tiles: np.ndarray, tag: str) -> str:
 
 
 def tile_pixel_values(image: Image.Image, *, max_num: int, image_size: int, use_thumbnail: bool = True,
-                      min_num: int = 1, executor: concurrent.futures.Executor | None = None,
-                      parts: int = 1) -> TiledImage:
+                      min_num: int = 1, executor: concurrent.futures.Executor | None = None) -> TiledImage:
     """The official ``load_image`` pixel values of an opened image, bit for bit, and their content hash."""
     tiles = tile_array(image, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail,
-                       min_num=min_num, executor=executor, parts=parts)
+                       min_num=min_num, executor=executor)
     return TiledImage(normalize_tiles(tiles, executor=executor), tiles_digest(tiles, "exact"))
-
-
-def _bounds(length: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``[start, stop)`` spans covering ``range(length)``, none empty."""
-    parts = max(1, min(parts, length))
-    edges = [length * i // parts for i in range(parts + 1)]
-    return list(itertools.pairwise(edges))
 
 
 def _run_all(executor: concurrent.futures.Executor | None, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

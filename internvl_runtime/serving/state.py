@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LARGE_PROMPTS_IN_FLIGHT = 4      # prompts over PromptEncoder.large_bytes being tokenized at once
-IMAGE_BAND_THREADS = 8           # at most: threads resizing the bands of images (--image-preprocess exact)
+IMAGE_THREADS = 8                # at most: threads resizing thumbnails and normalising tiles (--image-preprocess exact)
 
 _SLOT_LOCK = threading.Lock()
 
@@ -92,18 +92,18 @@ class ServingState:
         self.engine = engine
 
     def _image_preprocessor(self, processor: InputProcessor) -> ImagePreprocessor:
-        """--image-preprocess: exact, each image's resize split into bands over a pool of its own (never the
-        request workers' pool, whose threads wait on it), or on the model's device."""
+        """--image-preprocess: exact, each image's thumbnail and tiles on a pool of its own (never the request
+        workers' pool, whose threads wait on it), or on the model's device."""
         if self.config.image_preprocess == "device":
             return ImagePreprocessor(processor.image_size, use_thumbnail=processor.use_thumbnail, mode="device",
                                      device=self.config.device)
-        threads = max(1, min(IMAGE_BAND_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        threads = max(1, min(IMAGE_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                              else os.cpu_count() or 1))
         if threads > 1 and self._image_executor is None:
             self._image_executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
                                                                          thread_name_prefix="internvl-image")
         return ImagePreprocessor(processor.image_size, use_thumbnail=processor.use_thumbnail,
-                                 executor=self._image_executor, parts=min(threads, 4))
+                                 executor=self._image_executor)
 
     @property
     def processor(self) -> InputProcessor:
