@@ -12,6 +12,10 @@ The official quick start (OpenGVLab/InternVL README, ``load_image``) does, for e
    (:func:`build_transform`, reproduced here without torchvision, bit for bit);
 4. stack the tiles into ``(N, 3, size, size)``.
 
+:func:`build_transform` and :func:`dynamic_preprocess` are that reference, step by step; :func:`load_image`
+returns the same pixel values, bit for bit, through the faster path of ``image_tiles.py`` (strips resized in
+parallel, normalisation by table). The grid arithmetic lives in ``grid.py`` (re-exported here).
+
 Everything here is pure: no global state is changed (in particular no warning filter and no PIL
 setting). Bad input raises :class:`~internvl_runtime.errors.ImageDecodeError` (a file that cannot be
 read or decoded, or that is too large) or :class:`~internvl_runtime.errors.InvalidRequest` (bad
@@ -25,7 +29,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Union
 
 import numpy as np
@@ -34,6 +38,17 @@ from PIL import Image
 
 from internvl_runtime.errors import ImageDecodeError, InvalidRequest
 from internvl_runtime.processing.data_url import decode_data_url
+from internvl_runtime.processing.grid import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    candidate_grids,
+    check_image_size,
+    check_positive_int,
+    count_tiles,
+    find_closest_aspect_ratio,
+    select_grid,
+)
+from internvl_runtime.processing.image_tiles import tile_pixel_values
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,8 +66,6 @@ __all__ = [
     "load_image",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: Seconds an http(s) image download may take (connect and each read).
 DEFAULT_URL_TIMEOUT_S: float = 30.0
@@ -80,7 +93,7 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
     Returns a function mapping a PIL image to a contiguous float32 tensor ``(3, input_size, input_size)``.
     """
-    _check_positive_int("input_size", input_size)
+    check_positive_int("input_size", input_size)
     # Normalize turns mean/std into tensors of the image's dtype (float32) shaped (C, 1, 1).
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
@@ -106,82 +119,6 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # Tiling
 # --------------------------------------------------------------------------------------------------
-
-
-def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """Every ``(cols, rows)`` grid with ``min_num <= cols * rows <= max_num``, sorted by area.
-
-    Grids of equal area keep the order in which the official code's Python ``set`` yields them (the
-    sort is stable), so the same set is built here, with the same insertion order, and sorted the same way.
-    """
-    _check_positive_int("min_num", min_num)
-    _check_positive_int("max_num", max_num)
-    if min_num > max_num:
-        raise InvalidRequest(f"min_num ({min_num}) must not exceed max_num ({max_num})")
-    grids: set[tuple[int, int]] = set()
-    # Official: set((i, j) for n in [min_num, max_num] for i in [1, n] for j in [1, n] if area in range).
-    for n in range(min_num, max_num + 1):
-        for cols in range(1, n + 1):
-            for rows in range(1, n + 1):
-                if min_num <= cols * rows <= max_num:
-                    grids.add((cols, rows))
-    return sorted(grids, key=lambda grid: grid[0] * grid[1])
-
-
-def find_closest_aspect_ratio(
-    aspect_ratio: float,
-    target_ratios: Sequence[tuple[int, int]],
-    width: int,
-    height: int,
-    image_size: int,
-) -> tuple[int, int]:
-    """The grid of ``target_ratios`` (in order) whose ``cols / rows`` is closest to ``aspect_ratio``.
-
-    Tie rule (official): a later grid with exactly the same distance replaces the current best only when
-    the image's area exceeds half the area the later grid covers (``width * height > 0.5 * image_size**2
-    * cols * rows``), i.e. a large enough image earns more tiles. Defaults to ``(1, 1)`` when
-    ``target_ratios`` is empty.
-    """
-    best_diff = float("inf")
-    best: tuple[int, int] = (1, 1)
-    area = width * height
-    for grid in target_ratios:
-        diff = abs(aspect_ratio - grid[0] / grid[1])
-        if diff < best_diff:
-            best_diff, best = diff, grid
-        elif diff == best_diff and area > 0.5 * image_size * image_size * grid[0] * grid[1]:
-            best = grid  # official tie rule: a big enough image takes the larger grid
-    return best
-
-
-def select_grid(
-    width: int, height: int, *, min_num: int = 1, max_num: int = 12, image_size: int = 448
-) -> tuple[int, int]:
-    """The ``(cols, rows)`` tiling :func:`dynamic_preprocess` uses for a ``width x height`` image."""
-    _check_image_size(width, height, "image")
-    _check_positive_int("image_size", image_size)
-    grids = candidate_grids(min_num, max_num)
-    return find_closest_aspect_ratio(width / height, grids, width, height, image_size)
-
-
-def count_tiles(
-    width: int,
-    height: int,
-    *,
-    min_num: int,
-    max_num: int,
-    use_thumbnail: bool,
-    image_size: int = 448,
-) -> int:
-    """Number of tiles :func:`dynamic_preprocess` yields for a ``width x height`` image, without resizing.
-
-    ``image_size`` is the model's tile size (``force_image_size``, 224 for InternVL2-2B): it matters,
-    because the tie rule of :func:`find_closest_aspect_ratio` compares the image's area with it.
-    """
-    cols, rows = select_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
-    blocks = cols * rows
-    # Official: the thumbnail is appended only when the image was split into more than one tile.
-    return blocks + 1 if use_thumbnail and blocks != 1 else blocks
 
 
 def dynamic_preprocess(
@@ -236,10 +173,10 @@ def open_image(
     ``max_pixels`` (when given). EXIF orientation is not applied (the official code does not either).
     """
     if max_pixels is not None:
-        _check_positive_int("max_pixels", max_pixels)
+        check_positive_int("max_pixels", max_pixels)
     if isinstance(image_file, Image.Image):
         name = f"<PIL image {image_file.mode} {image_file.width}x{image_file.height}>"
-        _check_image_size(image_file.width, image_file.height, name, max_pixels=max_pixels)
+        check_image_size(image_file.width, image_file.height, name, max_pixels=max_pixels)
         try:
             return image_file.convert("RGB")
         except Exception as exc:  # e.g. a lazily loaded image whose file is broken
@@ -285,32 +222,16 @@ def load_image(
     ``count_tiles(w, h, min_num=1, max_num=max_num, use_thumbnail=True, image_size=input_size)``.
     See :func:`open_image` for the accepted inputs, the errors and the keyword-only guards.
     """
-    _check_positive_int("input_size", input_size)
-    _check_positive_int("max_num", max_num)
+    check_positive_int("input_size", input_size)
+    check_positive_int("max_num", max_num)
     image = open_image(image_file, max_pixels=max_pixels, timeout=timeout, max_bytes=max_bytes)
-    transform = build_transform(input_size)
-    tiles = dynamic_preprocess(image, max_num=max_num, image_size=input_size, use_thumbnail=True)
-    return torch.stack([transform(tile) for tile in tiles])
+    # The fast exact path (image_tiles.py): bit-identical to stacking build_transform over dynamic_preprocess.
+    return tile_pixel_values(image, max_num=max_num, image_size=input_size).pixel_values
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InvalidRequest(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_image_size(width: int, height: int, name: str, *, max_pixels: int | None = None) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"image {name} is empty ({width}x{height} pixels)")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image {name} is too large: {width}x{height} = {width * height} pixels, "
-            f"the limit is {max_pixels}"
-        )
 
 
 def _is_url(text: str) -> bool:
@@ -368,7 +289,7 @@ def _decode(source: str | io.BytesIO, name: str, *, max_pixels: int | None) -> I
         image = Image.open(source)      # not `with open() as image`: Pillow's __enter__ -> Self is Any for 3.10
         with image:
             width, height = image.size
-            _check_image_size(width, height, name, max_pixels=max_pixels)
+            check_image_size(width, height, name, max_pixels=max_pixels)
             # Decompression bombs: PIL only warns between MAX_IMAGE_PIXELS and twice that; we refuse
             # (the same rule whatever the warning filters say, so the behaviour is deterministic).
             limit = Image.MAX_IMAGE_PIXELS

@@ -32,7 +32,8 @@ from PIL import Image
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch
 from .chat_template import ChatTemplate
-from .image import ImageSource, build_transform, dynamic_preprocess, open_image
+from .image import ImageSource, open_image
+from .image_preprocessor import ImagePreprocessor
 from .spans import MultiModalSpan
 from .template import (
     IMAGE_PLACEHOLDER,
@@ -50,7 +51,7 @@ from .tool_calls import FORMATS, ToolCall, ToolCallFormat, ToolPlan, ToolResult,
 class ImageInput:
     """One image as the model sees it: its tiles and a content hash of them."""
 
-    pixel_values: torch.Tensor          # (tiles, 3, H, W) float32
+    pixel_values: torch.Tensor          # (tiles, 3, H, W) float32; on the CPU unless --image-preprocess device
     content_hash: str
 
     @property
@@ -125,8 +126,9 @@ class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, *, template: str, image_size: int, num_image_token: int,
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
-                 chat_template: ChatTemplate | None = None) -> None:
-        """``chat_template``: a Jinja template used instead of the official one (``--chat-template``)."""
+                 chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None) -> None:
+        """``chat_template``: a Jinja template used instead of the official one (``--chat-template``);
+        ``images``: how images become tiles (default: the exact path on the calling thread)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.encode = encode or tokenizer.encode      # the server passes a PromptEncoder's (bounded, off-thread)
@@ -137,7 +139,7 @@ class InputProcessor:
         self.use_thumbnail = use_thumbnail
         self.system_message = system_message
         self.max_images = max_images
-        self.transform = build_transform(image_size)
+        self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         self.sep = get_template(template).sep
         self.sep_id = tokenizer.convert_tokens_to_ids(self.sep)
@@ -156,6 +158,14 @@ class InputProcessor:
         """A copy of this processor that tokenizes prompts with ``encode``."""
         clone = copy.copy(self)
         clone.encode = encode
+        return clone
+
+    def with_images(self, images: ImagePreprocessor) -> InputProcessor:
+        """A copy of this processor that tiles images with ``images`` (mode, device, threads)."""
+        assert (images.image_size, images.use_thumbnail) == (self.image_size, self.use_thumbnail), \
+            "the image preprocessor must make this model's tiles"
+        clone = copy.copy(self)
+        clone.images = images
         return clone
 
     def with_chat_template(self, chat_template: ChatTemplate | None) -> InputProcessor:
@@ -187,16 +197,18 @@ class InputProcessor:
             if image.dim() != 4 or tuple(image.shape[1:]) != (3, self.image_size, self.image_size):
                 raise InvalidRequest(f"a tiled image tensor must be (tiles, 3, {self.image_size}, "
                                      f"{self.image_size}), got {tuple(image.shape)}")
-            return ImageInput.from_tiles(image)
+            given = ImageInput.from_tiles(image)
+            if self.images.mode == "device":     # beside the device path's images: one batch, one device
+                return ImageInput(given.pixel_values.to(self.images.device), given.content_hash)
+            return given
         max_num = self.max_dynamic_patch if max_num is None else max_num
         if not isinstance(max_num, int) or max_num < 1:
             raise InvalidRequest(f"max_dynamic_patch must be an integer >= 1, got {max_num!r}")
         pil = image if isinstance(image, Image.Image) else open_image(image)
         if pil.mode != "RGB":
             pil = pil.convert("RGB")
-        tiles = dynamic_preprocess(pil, min_num=1, max_num=max_num, image_size=self.image_size,
-                                   use_thumbnail=self.use_thumbnail)
-        return ImageInput.from_tiles(torch.stack([self.transform(t) for t in tiles]))
+        tiled = self.images(pil, max_num=max_num)
+        return ImageInput(tiled.pixel_values, tiled.content_hash)
 
     # -- conversation ----------------------------------------------------------------------------
     def prepare(self, messages: Sequence[Message], *, max_num: int | None = None, tools: Sequence[Any] | None = None,

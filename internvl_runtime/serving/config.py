@@ -32,6 +32,7 @@ from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label l
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+_IMAGE_PREPROCESS = ("exact", "device")        # processing.image_preprocessor.IMAGE_PREPROCESS_MODES (no torch here)
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -211,6 +212,11 @@ class ServerConfig:
         "a Jinja chat template file (Hugging Face style: messages, tools, add_generation_prompt, bos_token, "
         "eos_token, chat_template_kwargs) rendered instead of the checkpoint's official template; images are "
         "<image> placeholders in the user messages' content"))
+    image_preprocess: str = field(default="exact", metadata=_opt(
+        "how images become tiles: exact (PIL on host threads, the official pixel values bit for bit) or device "
+        "(torch's antialiased bicubic and the normalisation on the model's device: less host work per image, "
+        "values within a uint8 step or so of the official ones; docs/image_preprocessing.md)",
+        choices=_IMAGE_PREPROCESS))
 
     def __post_init__(self) -> None:
         self.api_key = _names("api_key", self.api_key)
@@ -227,6 +233,9 @@ class ServerConfig:
         if self.log_level not in _LOG_LEVELS:
             raise InvalidRequest(f"ServerConfig.log_level must be one of {', '.join(_LOG_LEVELS)}, "
                                  f"got {self.log_level!r}")
+        if self.image_preprocess not in _IMAGE_PREPROCESS:
+            raise InvalidRequest(f"ServerConfig.image_preprocess must be one of {', '.join(_IMAGE_PREPROCESS)}, "
+                                 f"got {self.image_preprocess!r}")
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "max_num_batched_tokens", "max_queue_len",

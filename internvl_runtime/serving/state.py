@@ -20,6 +20,7 @@ from typing import TypeVar
 from ..engine.async_engine import AsyncEngine
 from ..errors import EngineDead, InternVLError, ModelLoading, TooManyRequests
 from ..processing.chat_template import ChatTemplate
+from ..processing.image_preprocessor import ImagePreprocessor
 from ..processing.inputs import InputProcessor
 from ..processing.prompt_encoder import PromptEncoder
 from ..processing.tokenization import Tokenizer
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LARGE_PROMPTS_IN_FLIGHT = 4      # prompts over PromptEncoder.large_bytes being tokenized at once
+IMAGE_THREADS = 8                # at most: threads resizing thumbnails and normalising tiles (--image-preprocess exact)
 
 _SLOT_LOCK = threading.Lock()
 
@@ -71,6 +73,7 @@ class ServingState:
         self.max_model_len: int | None = None
         self.closed = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._image_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._token_texts: dict[int, str] = {}
         self.fingerprint = "demo-random-weights" if config.demo else f"internvl-runtime-{__version__}"
         # --chat-template is read now, so that a bad file stops the server at start (ConfigError)
@@ -80,12 +83,27 @@ class ServingState:
     def set_engine(self, engine: AsyncEngine) -> None:
         self._prompt_encoder = PromptEncoder(engine.tokenizer, max_tokens=engine.max_model_len,
                                              max_large=LARGE_PROMPTS_IN_FLIGHT)
-        self._processor = engine.processor.with_encoder(self._prompt_encoder.encode)
+        self._processor = engine.processor.with_encoder(self._prompt_encoder.encode).with_images(
+            self._image_preprocessor(engine.processor))
         if self.chat_template is not None:
             self._processor = self._processor.with_chat_template(self.chat_template)
         self._tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.engine = engine
+
+    def _image_preprocessor(self, processor: InputProcessor) -> ImagePreprocessor:
+        """--image-preprocess: exact, each image's thumbnail and tiles on a pool of its own (never the request
+        workers' pool, whose threads wait on it), or on the model's device."""
+        if self.config.image_preprocess == "device":
+            return ImagePreprocessor(processor.image_size, use_thumbnail=processor.use_thumbnail, mode="device",
+                                     device=self.config.device)
+        threads = max(1, min(IMAGE_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 1))
+        if threads > 1 and self._image_executor is None:
+            self._image_executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                                         thread_name_prefix="internvl-image")
+        return ImagePreprocessor(processor.image_size, use_thumbnail=processor.use_thumbnail,
+                                 executor=self._image_executor)
 
     @property
     def processor(self) -> InputProcessor:
@@ -165,6 +183,9 @@ class ServingState:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._image_executor is not None:
+            self._image_executor.shutdown(wait=False, cancel_futures=True)
+            self._image_executor = None
 
     # -- answers ---------------------------------------------------------------------------------
     def label(self, text: str) -> str:
