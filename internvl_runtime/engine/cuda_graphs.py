@@ -14,6 +14,7 @@ padding is tested on the CPU.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 
 from ..models.layers.attention import AttentionMetadata
 from .step_inputs import StepPlan, StepTensors
+
+logger = logging.getLogger(__name__)
 
 StepFunction = Callable[[StepTensors, AttentionMetadata], torch.Tensor]
 
@@ -113,7 +116,13 @@ class DecodeGraphs:
             return self.step(view, meta)
         entry = self._graphs.get(bucket)
         if entry is None:
-            entry = self._capture(view, meta)
+            try:
+                entry = self._capture(view, meta)
+            except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured: stay correct, eagerly
+                logger.warning("CUDA graph capture failed for a batch of %d (%r); decode steps run eagerly "
+                               "from now on (enforce_eager=True avoids trying)", bucket, exc)
+                self.capture = False
+                return self.step(view, meta)
             self._graphs[bucket] = entry
         graph, out = entry
         graph.replay()

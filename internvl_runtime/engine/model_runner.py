@@ -109,7 +109,8 @@ class ModelRunner:
                                                image_token_id=self.image_token_id))
                 start += n
             x = torch.cat(pieces, dim=0)
-        return self.model.language_model(x, tensors.positions, meta, self.kv_cache)
+        hidden: torch.Tensor = self.model.language_model(x, tensors.positions, meta, self.kv_cache)
+        return hidden
 
     def _metadata(self, plan: StepPlan, tensors: StepTensors, steps: list[SequenceStep]) -> AttentionMetadata:
         context_slots: list[torch.Tensor | None] = [None] * len(steps)

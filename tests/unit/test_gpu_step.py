@@ -24,7 +24,7 @@ from internvl_runtime.engine.step_inputs import plan_step
 from internvl_runtime.errors import InvalidRequest, UnsupportedFeature
 from internvl_runtime.kernels.triton_attention import triton_available
 from internvl_runtime.models.layers.rotary import RotaryEmbedding
-from internvl_runtime.processing.inputs import Message
+from internvl_runtime.processing.inputs import ImageWithTiles, Message
 from paths import FIXTURES
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -173,9 +173,11 @@ QUESTIONS = ["Hello, who are you?", "Count: one two three four five six seven ei
 
 
 def _run(engine: LLMEngine) -> list[list[int]]:
-    """A mixed batch (prompts of different lengths arriving at once, so prefills and decodes share
-    steps), then a second turn of the first conversation (a prefix-cache hit)."""
+    """A mixed batch (prompts of different lengths, one with an image, arriving at once, so prefills and
+    decodes share steps), then a second turn of the first conversation (a prefix-cache hit)."""
     prepared = [engine.processor.prepare([Message("user", q)]) for q in QUESTIONS]
+    image = ImageWithTiles(FIXTURES / "data" / "frame_000.png", max_dynamic_patch=1)   # a 256-token image span
+    prepared.insert(2, engine.processor.prepare([Message("user", "What is in the image?", [image])]))
     first = [out.token_ids for out in engine.generate(prepared, GREEDY)]
     answer = engine.tokenizer.decode(first[0])
     second = engine.processor.prepare([Message("user", QUESTIONS[0]), Message("assistant", answer),
