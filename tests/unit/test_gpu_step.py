@@ -16,7 +16,7 @@ import torch
 
 from internvl_runtime import AutoModel, AutoTokenizer
 from internvl_runtime.config import InternVLConfig, LLMConfig, RopeScaling
-from internvl_runtime.engine.cuda_graphs import batch_buckets, bucket_for
+from internvl_runtime.engine.cuda_graphs import DecodeGraphs, batch_buckets, bucket_for
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.model_runner import SequenceStep, choose_attention_backend
 from internvl_runtime.engine.sampling_params import SamplingParams
@@ -50,6 +50,11 @@ def test_batch_buckets() -> None:
     assert batch_buckets(16) == [1, 2, 4, 8, 16]
     assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
     assert [bucket_for(n, batch_buckets(48)) for n in (1, 3, 8, 9, 33, 48, 49)] == [1, 4, 8, 16, 48, 48, None]
+    graphs = DecodeGraphs(lambda t, m: t.input_ids, buckets=batch_buckets(8), max_blocks_per_seq=4, block_size=16,
+                          scratch_block=99, device=torch.device("cpu"), capture=False)
+    assert graphs.fits(3, 4) == 4                 # 3 sequences of up to 64 tokens: bucket 4
+    assert graphs.fits(3, 5) is None              # longer than the static block tables: eager
+    assert graphs.fits(9, 1) is None              # more sequences than the largest bucket: eager
 
 
 # ---- the step planned on the host -------------------------------------------------------------------
