@@ -277,10 +277,10 @@ class OfficialChatMixin:
         # The scheduler keeps one free block per running row at admission: one spare block each. A row
         # longer than the context is refused by the engine (its rule): no cache beyond the context for it.
         context = self.config.llm.max_position_embeddings
-        wanted = {"max_num_seqs": len(prompt_lens),
-                  "max_num_batched_tokens": max(sum(prompt_lens), len(prompt_lens)),
-                  "num_blocks": sum(math.ceil(min(n + max_new_tokens, context) / _BLOCK_SIZE) + 1
-                                    for n in prompt_lens)}
+        wanted: dict[str, Any] = {"max_num_seqs": len(prompt_lens),
+                                  "max_num_batched_tokens": max(sum(prompt_lens), len(prompt_lens)),
+                                  "num_blocks": sum(math.ceil(min(n + max_new_tokens, context) / _BLOCK_SIZE) + 1
+                                                    for n in prompt_lens)}
         embed = self.language_model.get_input_embeddings().weight
         engine = self._generation_engine
         if (engine is not None and engine.runner.dtype == embed.dtype and engine.runner.device == embed.device

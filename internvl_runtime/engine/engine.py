@@ -37,7 +37,7 @@ from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
 from .detokenizer import IncrementalDetokenizer
 from .memory import cpu_kv_budget, measure_memory, placement_blocks, profile_worst_step
-from .model_runner import ModelRunner, SequenceStep
+from .model_runner import ATTENTION_BACKENDS, ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -71,8 +71,13 @@ class EngineConfig:
     max_images_per_request: int = 16
     max_model_len: int | None = None
     vision_batch_tiles: int = 32
+    attention_backend: str = "auto"     # "auto" | "torch" | "triton" (model_runner.choose_attention_backend)
+    enforce_eager: bool = False         # True: no CUDA graphs for decode steps (vLLM's name)
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidRequest(f"EngineConfig.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                 f"got {self.attention_backend!r}")
         for name in ("max_images_per_request", "vision_batch_tiles"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidRequest(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -184,7 +189,8 @@ class LLMEngine:
                  structured_output: StructuredOutputBackend | None = None) -> None:
         """``sampler``: the logits -> token step (default ``Sampler()``); pass another to observe or
         replace it, e.g. one that records the logits it is given. ``runner_factory``: called like
-        ``ModelRunner(model, num_blocks=, block_size=, image_token_id=)`` to build the runner (tensor
+        ``ModelRunner(model, num_blocks=, block_size=, image_token_id=, attention_backend=, enforce_eager=,
+        max_model_len=, max_num_seqs=)`` to build the runner (tensor
         parallelism passes one whose runner drives the other ranks). ``structured_output``: the grammar
         engine set up for this tokenizer; default: built at the first constrained request (reading the
         token bytes of a 151k vocabulary takes about a second), with the template's stop ids as its EOS."""
@@ -206,7 +212,9 @@ class LLMEngine:
         num_blocks = cfg.num_blocks or self._auto_num_blocks(per_block, embed.device,
                                                              profile=runner_factory is ModelRunner)
         self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
-                                     image_token_id=self.processor.img_context_id)
+                                     image_token_id=self.processor.img_context_id,
+                                     attention_backend=cfg.attention_backend, enforce_eager=cfg.enforce_eager,
+                                     max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs)
         self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = sampler if sampler is not None else Sampler()
@@ -250,7 +258,8 @@ class LLMEngine:
         measured = measure_memory(cuda, lambda: profile_worst_step(
             model, vision_batch_tiles=cfg.vision_batch_tiles, num_tokens=tokens,
             num_rows=rows, block_size=cfg.block_size,
-            image_token_id=self.processor.img_context_id, logits_device=self.logits_device))
+            image_token_id=self.processor.img_context_id, logits_device=self.logits_device,
+            attention_backend=cfg.attention_backend))
         blocks, devices = placement_blocks(layers, vision, measured, utilization=cfg.gpu_memory_utilization,
                                            image_cache_bytes=cfg.image_cache_bytes,
                                            bytes_per_layer_block=per_block // len(layers),

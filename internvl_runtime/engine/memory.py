@@ -132,11 +132,13 @@ def measure_memory(devices: Sequence[torch.device], profile: Callable[[], None])
 
 
 def profile_worst_step(model: Any, *, vision_batch_tiles: int, num_tokens: int, num_rows: int, block_size: int,
-                       image_token_id: int | None, logits_device: torch.device) -> None:
+                       image_token_id: int | None, logits_device: torch.device,
+                       attention_backend: str = "auto") -> None:
     """Run the largest step the engine can schedule, on dummy inputs, for ``measure_memory``: a vision
     batch of ``vision_batch_tiles`` tiles (its features held through the step, as the engine holds them),
     a prefill of ``num_tokens`` tokens through a runner with a pool just big enough, and the default
-    sampler over ``num_rows`` rows of logits (top-k/top-p sort included)."""
+    sampler over ``num_rows`` rows of logits (top-k/top-p sort included). The prefill runs on the engine's
+    ``attention_backend``, eagerly (decode graphs are captured later, in their own memory pool)."""
     size = model.config.image_size
     vision = model.vision_model.embeddings.patch_embedding.weight
     pixels = torch.zeros(vision_batch_tiles, 3, size, size, dtype=vision.dtype, device=vision.device)
@@ -144,7 +146,8 @@ def profile_worst_step(model: Any, *, vision_batch_tiles: int, num_tokens: int, 
         features = model.extract_feature(pixels)
         del pixels
         num_blocks = -(-num_tokens // block_size)
-        runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, image_token_id=image_token_id)
+        runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, image_token_id=image_token_id,
+                             attention_backend=attention_backend, enforce_eager=True)
         runner.execute([SequenceStep(token_ids=[0] * num_tokens, num_computed=0, block_table=list(range(num_blocks)))])
         del runner
         logits = torch.zeros(num_rows, model.config.llm.vocab_size, device=logits_device)

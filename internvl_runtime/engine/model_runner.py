@@ -4,39 +4,41 @@ The runner knows nothing of scheduling: it is handed, per sequence, the new toke
 many tokens were already computed, the KV block table, and any image feature rows that fill the new
 ``<IMG_CONTEXT>`` tokens. It returns the float32 logits of each sequence's last new token (only for
 the sequences that asked for them: a non-final prefill chunk does not).
+
+Per step it plans every integer on the host and copies them to the device at once (``step_inputs``),
+runs one step function (embedding + decoder) either eagerly or, for decode steps on the "triton"
+attention backend, through the CUDA graph of the batch's bucket (``cuda_graphs``), and computes the
+logits of the rows that want them outside any graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from ..errors import InvalidRequest, UnsupportedFeature
+from ..kernels.triton_attention import triton_available
 from ..models.internvl import InternVLModel
 from ..models.layers.attention import AttentionMetadata, KVCache
 from ..placement import layer_devices
+from .cuda_graphs import DecodeGraphs, batch_buckets
+from .step_inputs import SequenceStep, StepPlan, StepTensors, plan_step
+
+__all__ = ["ATTENTION_BACKENDS", "ModelRunner", "SequenceStep", "choose_attention_backend", "local_kv_heads"]
+
+#: EngineConfig.attention_backend's values: "torch" (SDPA and small matmuls per sequence, the CPU
+#: default), "triton" (one paged-attention kernel per layer for the whole step, the GPU default).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
-@dataclass
-class SequenceStep:
-    """One sequence's share of a step.
-
-    token_ids: the new tokens; num_computed: tokens already in the KV cache (their positions precede);
-    block_table: KV blocks of the sequence, enough for num_computed + len(token_ids) tokens;
-    image_features: (rows, hidden) for the ``<IMG_CONTEXT>`` tokens among token_ids, in order;
-    want_logits: whether this step's last token needs logits.
-    """
-
-    token_ids: list[int]
-    num_computed: int
-    block_table: list[int]
-    image_features: torch.Tensor | None = None
-    want_logits: bool = True
-    positions: list[int] | None = field(default=None)
-
-    @property
-    def seq_len(self) -> int:
-        return self.num_computed + len(self.token_ids)
+def choose_attention_backend(requested: str, *, device_type: str, has_triton: bool) -> str:
+    """The backend a runner uses: "auto" is "triton" on a CUDA device where triton imports, else "torch"."""
+    if requested not in ATTENTION_BACKENDS:
+        raise InvalidRequest(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {requested!r}")
+    if requested == "auto":
+        return "triton" if device_type == "cuda" and has_triton else "torch"
+    if requested == "triton" and not has_triton:
+        raise UnsupportedFeature("attention_backend='triton' needs the triton package (pip install triton)")
+    return requested
 
 
 def local_kv_heads(model: InternVLModel) -> int:
@@ -44,13 +46,24 @@ def local_kv_heads(model: InternVLModel) -> int:
     return model.language_model.model.decoder_layers[0].self_attn.num_kv_heads
 
 
+def _tensor_parallel() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 class ModelRunner:
     """Owns the KV cache for one model and executes steps."""
 
     def __init__(self, model: InternVLModel, *, num_blocks: int, block_size: int = 16,
-                 kv_dtype: torch.dtype | None = None, image_token_id: int | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, image_token_id: int | None = None,
+                 attention_backend: str = "auto", enforce_eager: bool = False, max_model_len: int | None = None,
+                 max_num_seqs: int = 256) -> None:
         """``image_token_id``: the ``<IMG_CONTEXT>`` id whose positions take image features (needed only
-        by steps that carry image features)."""
+        by steps that carry image features). ``attention_backend``: see ``choose_attention_backend``.
+        Decode steps of at most ``max_num_seqs`` sequences of at most ``max_model_len`` tokens run on
+        batch-bucket graphs (``cuda_graphs``) unless ``enforce_eager``, on the triton backend with the
+        model on one device and no tensor parallelism: captured on a GPU, emulated (padding, static
+        buffers) elsewhere. Graphs reserve one extra KV block, past ``num_blocks``, for padded rows."""
         self.model = model
         self.image_token_id = image_token_id
         llm = model.config.llm
@@ -58,10 +71,24 @@ class ModelRunner:
         embed = model.language_model.get_input_embeddings().weight
         self.device = embed.device
         self.dtype = kv_dtype or embed.dtype
+        self.rotary = model.language_model.rotary
+        self.attention_backend = choose_attention_backend(attention_backend, device_type=self.device.type,
+                                                          has_triton=triton_available())
+        devices = layer_devices(model.language_model)
+        one_device = len({str(d) for d in devices}) == 1 and str(devices[0]) == str(self.device)
+        use_graphs = (self.attention_backend == "triton" and not enforce_eager and one_device
+                      and not _tensor_parallel())
         self.kv_cache = KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=num_blocks,
                                          block_size=block_size, num_kv_heads=local_kv_heads(model),
-                                         head_dim=llm.head_dim, dtype=self.dtype,
-                                         device=layer_devices(model.language_model))
+                                         head_dim=llm.head_dim, dtype=self.dtype, device=devices,
+                                         scratch_blocks=1 if use_graphs else 0)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_len = max_model_len or llm.max_position_embeddings
+            self.graphs = DecodeGraphs(self._step, buckets=batch_buckets(max_num_seqs),
+                                       max_blocks_per_seq=-(-max_len // block_size), block_size=block_size,
+                                       scratch_block=num_blocks, device=self.device,
+                                       capture=self.device.type == "cuda")
 
     @staticmethod
     def kv_bytes_per_block(model: InternVLModel, block_size: int, dtype: torch.dtype) -> int:
@@ -69,55 +96,63 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * llm.num_hidden_layers * block_size * local_kv_heads(model) * llm.head_dim * elem
 
-    def _layout(self, step: SequenceStep) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
-        """(slots of the new tokens, slots of the whole context or None, contiguous run or None)."""
-        bs = self.block_size
-        blocks = step.block_table[: -(-step.seq_len // bs)]
-        assert len(blocks) * bs >= step.seq_len, "block table too short for the step"
-        if all(b == blocks[0] + i for i, b in enumerate(blocks)):
-            first = blocks[0] * bs
-            new = torch.arange(first + step.num_computed, first + step.seq_len, dtype=torch.long)
-            return new, None, (first, step.seq_len)
-        table = torch.tensor(blocks, dtype=torch.long)
-        context = (table[:, None] * bs + torch.arange(bs)).flatten()[: step.seq_len]
-        return context[step.num_computed:], context.to(self.device), None
+    def _step(self, tensors: StepTensors, meta: AttentionMetadata,
+              features: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The one step function (eager and graph paths): embed the tokens (image feature rows written
+        per sequence, a prefill matter) and run the decoder -> hidden states (T, hidden)."""
+        if features is None or all(f is None for f in features):
+            x = self.model.embed(tensors.input_ids)
+        else:
+            pieces, start = [], 0
+            for n, rows in zip(meta.query_lens, features, strict=True):
+                pieces.append(self.model.embed(tensors.input_ids[start:start + n], rows,
+                                               image_token_id=self.image_token_id))
+                start += n
+            x = torch.cat(pieces, dim=0)
+        hidden: torch.Tensor = self.model.language_model(x, tensors.positions, meta, self.kv_cache)
+        return hidden
+
+    def _metadata(self, plan: StepPlan, tensors: StepTensors, steps: list[SequenceStep]) -> AttentionMetadata:
+        context_slots: list[torch.Tensor | None] = [None] * len(steps)
+        if self.device.type == "cpu" and self.attention_backend == "torch":
+            # The CPU paths (torch attention, the native decode stack) read a fragmented context's slots.
+            bs = self.block_size
+            for i, step in enumerate(steps):
+                if plan.context_ranges[i] is None:
+                    table = torch.tensor(step.block_table[: -(-step.seq_len // bs)], dtype=torch.long)
+                    context_slots[i] = (table[:, None] * bs + torch.arange(bs)).flatten()[: step.seq_len]
+        return AttentionMetadata(query_lens=plan.query_lens, seq_lens=plan.seq_lens,
+                                 slot_mapping=tensors.slot_mapping, context_slots=context_slots,
+                                 context_ranges=plan.context_ranges, attention_backend=self.attention_backend,
+                                 block_tables=tensors.block_tables, seq_lens_tensor=tensors.seq_lens,
+                                 query_start_loc=tensors.query_start_loc, block_size=self.block_size,
+                                 rope_rows=tensors.rope_rows, rope_extra_bases=plan.rope.extra_bases)
+
+    def _graph_plan(self, steps: list[SequenceStep]) -> StepPlan | None:
+        """The step planned for its graph bucket, or None when it is not a decode step a graph can run."""
+        graphs = self.graphs
+        if graphs is None or any(len(s.token_ids) != 1 or s.image_features is not None for s in steps):
+            return None
+        bucket = graphs.fits(len(steps), max(-(-s.seq_len // self.block_size) for s in steps))
+        if bucket is None:
+            return None
+        plan = plan_step(steps, block_size=self.block_size, rotary=self.rotary, pin=self.device.type == "cuda",
+                         pad_to=bucket, scratch_block=graphs.scratch_block)
+        return None if plan.rope.extra_bases else plan    # a rope row past the static table: eager
 
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
         """Run the step; returns logits (num sequences wanting logits, vocab) float32."""
-        device = self.device
-        ids, positions, new_slots, context_slots, context_ranges, embeds = [], [], [], [], [], []
-        for step in steps:
-            ids.extend(step.token_ids)
-            if step.positions is not None:
-                positions.extend(step.positions)
-            else:
-                positions.extend(range(step.num_computed, step.seq_len))
-            new, context, run = self._layout(step)
-            new_slots.append(new)
-            context_slots.append(context)
-            context_ranges.append(run)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        start = 0
-        for step in steps:
-            n = len(step.token_ids)
-            embeds.append(self.model.embed(input_ids[start:start + n], step.image_features,
-                                           image_token_id=self.image_token_id))
-            start += n
-        x = embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
-        slot_mapping = new_slots[0] if len(new_slots) == 1 else torch.cat(new_slots)
-        meta = AttentionMetadata(query_lens=[len(s.token_ids) for s in steps],
-                                 seq_lens=[s.seq_len for s in steps],
-                                 slot_mapping=slot_mapping.to(device), context_slots=context_slots,
-                                 context_ranges=context_ranges)
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
-        hidden = self.model.language_model(x, pos, meta, self.kv_cache)
-        last_rows = []
-        end = 0
-        for step in steps:
-            end += len(step.token_ids)
-            if step.want_logits:
-                last_rows.append(end - 1)
-        if not last_rows:
+        plan = self._graph_plan(steps) if steps else None
+        if plan is not None:
+            assert self.graphs is not None
+            tensors = plan.to_device(self.device)
+            hidden = self.graphs.run(plan, tensors)
+        else:
+            plan = plan_step(steps, block_size=self.block_size, rotary=self.rotary, pin=self.device.type == "cuda")
+            tensors = plan.to_device(self.device)
+            meta = self._metadata(plan, tensors, steps)
+            hidden = self._step(tensors, meta, [s.image_features for s in steps])
+        if plan.num_logits == 0:
             return torch.empty((0, self.model.config.llm.vocab_size))
-        return self.model.language_model.compute_logits(hidden[last_rows])
+        return self.model.language_model.compute_logits(hidden.index_select(0, tensors.logits_rows))

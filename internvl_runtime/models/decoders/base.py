@@ -171,10 +171,14 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         """embeds: (T, hidden), positions: (T,) -> final hidden states (T, hidden), normed."""
-        cos, sin = self.rotary.cos_sin(positions, meta.query_lens, meta.seq_lens, embeds.dtype)
+        rows, extra = meta.rope_rows, meta.rope_extra_bases
+        if rows is None:    # a caller that did not plan the rope rows on the host (not the model runner)
+            rows, extra = self.rotary.rows_from_positions(positions, meta.query_lens, meta.seq_lens)
+        cos, sin = self.rotary.cos_sin(positions, rows, embeds.dtype, extra)
         stack = self.decode_stack
-        if (stack is not None and meta.is_decode and embeds.shape[0] <= self.decode_stack_rows
-                and embeds.dtype == torch.bfloat16 and stack.applies(kv_cache)):
+        if (stack is not None and meta.attention_backend == "torch" and meta.is_decode
+                and embeds.shape[0] <= self.decode_stack_rows and embeds.dtype == torch.bfloat16
+                and stack.applies(kv_cache)):
             return self.model.norm(stack(embeds, cos, sin, meta, kv_cache))
         x = embeds
         for i, layer in enumerate(self.model.layers):

@@ -12,6 +12,10 @@ Two shapes of step:
   used directly with ``is_causal`` (the fast kernel), else the cached prefix is gathered and a causal
   mask with the prefix offset is applied.
 GQA is handled by SDPA's ``enable_gqa`` (no repeated copies of k/v).
+
+That is the "torch" attention backend. The "triton" backend (``kernels.triton_attention``) serves every
+shape of step in one call from device tensors only (block tables, lengths, query starts), which is what
+a CUDA graph can capture. The model runner chooses the backend once and names it in the metadata.
 """
 
 from __future__ import annotations
@@ -30,22 +34,25 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     block_size: int
+    #: Blocks past ``num_blocks`` that no sequence gets: padded rows of a CUDA-graph batch write there.
+    scratch_blocks: int = 0
 
     @classmethod
     def allocate(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | Sequence[torch.device | str]) -> KVCache:
+                 device: torch.device | str | Sequence[torch.device | str], scratch_blocks: int = 0) -> KVCache:
         """``device``: one for all layers, or one per layer (a model split over devices)."""
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = ((num_blocks + scratch_blocks) * block_size, num_kv_heads, head_dim)
         devices = [device] * num_layers if isinstance(device, (str, torch.device)) else list(device)
         assert len(devices) == num_layers, (len(devices), num_layers)
         return cls(keys=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
                    values=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
-                   block_size=block_size)
+                   block_size=block_size, scratch_blocks=scratch_blocks)
 
     @property
     def num_blocks(self) -> int:
-        return self.keys[0].shape[0] // self.block_size if self.keys else 0
+        """Blocks sequences may use (the scratch blocks not counted)."""
+        return self.keys[0].shape[0] // self.block_size - self.scratch_blocks if self.keys else 0
 
     def bytes_per_block(self) -> int:
         k = self.keys[0]
@@ -56,20 +63,36 @@ class KVCache:
 class AttentionMetadata:
     """What one forward step needs to know about its sequences (built once per step, shared by layers).
 
-    query_lens[i] new tokens of sequence i are rows query_starts[i]:query_starts[i]+query_lens[i] of the
-    flattened batch; seq_lens[i] is its total length once they are added. slot_mapping (T,) holds the
-    pool slot of every new token; context_slots[i] (seq_lens[i],) the slots of all its tokens in order,
-    or None where ``context_ranges[i]`` gives them as one contiguous (start, length) run of the pool (the
-    common case: then attention reads a view, no gather).
+    Host lists (the torch backend's per-sequence plan): query_lens[i] new tokens of sequence i are rows
+    query_starts[i]:query_starts[i]+query_lens[i] of the flattened batch; seq_lens[i] is its total length
+    once they are added. context_slots[i] (seq_lens[i],) holds the slots of all its tokens in order, or
+    None where ``context_ranges[i]`` gives them as one contiguous (start, length) run of the pool (the
+    common case: then attention reads a view, no gather), or where both are None, ``block_tables`` does.
+
+    Device tensors (built by the model runner from one host->device copy per step): slot_mapping (T,)
+    long, the pool slot of every new token; block_tables (B, W) int32 (W: enough blocks for the longest
+    sequence); seq_lens_tensor (B,) int32; query_start_loc (B + 1,) int32; rope_rows (T,) long, each
+    token's inv_freq row (``rotary.RotaryEmbedding.plan``; None: derived in the forward) with
+    ``rope_extra_bases`` completing that table. The triton backend reads only these (and
+    ``max_query_len``, ``block_size``): under a CUDA graph the host lists are the captured step's, not
+    the replayed one's.
     """
 
     query_lens: list[int]
     seq_lens: list[int]
     slot_mapping: torch.Tensor
-    context_slots: list[torch.Tensor | None]
+    context_slots: list[torch.Tensor | None] = field(default_factory=list)
     context_ranges: list[tuple[int, int] | None] = field(default_factory=list)
+    attention_backend: str = "torch"
+    block_tables: torch.Tensor | None = None
+    seq_lens_tensor: torch.Tensor | None = None
+    query_start_loc: torch.Tensor | None = None
+    block_size: int = 0
+    rope_rows: torch.Tensor | None = None
+    rope_extra_bases: tuple[float, ...] = ()
     query_starts: list[int] = field(init=False)
     is_decode: bool = field(init=False)
+    max_query_len: int = field(init=False)
     _decode_gather: torch.Tensor | None = field(default=None, init=False, repr=False)
     _decode_mask: torch.Tensor | None = field(default=None, init=False, repr=False)
 
@@ -79,13 +102,26 @@ class AttentionMetadata:
             starts.append(total)
             total += n
         self.query_starts = starts
+        self.max_query_len = max(self.query_lens, default=0)
         self.is_decode = all(n == 1 for n in self.query_lens)
         if not self.context_ranges:
             self.context_ranges = [None] * len(self.query_lens)
+        if not self.context_slots:
+            self.context_slots = [None] * len(self.query_lens)
+        if self.attention_backend == "triton":
+            assert self.block_tables is not None and self.seq_lens_tensor is not None
+            assert self.query_start_loc is not None and self.block_size > 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    def _block_slots(self, i: int) -> torch.Tensor:
+        """Sequence i's slots in order, from its block table row (device ops only)."""
+        assert self.block_tables is not None, "no context slots, range or block table for a sequence"
+        bs, n = self.block_size, self.seq_lens[i]
+        blocks = self.block_tables[i, : -(-n // bs)].to(torch.long)
+        return (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).flatten()[:n]
 
     def context(self, cache: torch.Tensor, i: int) -> torch.Tensor:
         """Sequence i's keys or values from a pool: (seq_len, KV, D), a view when contiguous."""
@@ -93,24 +129,30 @@ class AttentionMetadata:
         if run is not None:
             return cache.narrow(0, run[0], run[1])
         slots = self.context_slots[i]
-        assert slots is not None
-        return cache.index_select(0, slots)
+        return cache.index_select(0, slots if slots is not None else self._block_slots(i))
 
     def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S_max) slot indices (padded with slot 0) and a (B, 1, 1, S_max) additive float mask."""
+        """(B, S_max) slot indices and a (B, 1, 1, S_max) additive float mask (-inf past each length)."""
         if self._decode_gather is None:
             s_max = max(self.seq_lens)
             device = self.slot_mapping.device
-            gather = torch.zeros((self.num_seqs, s_max), dtype=torch.long, device=device)
-            for i in range(self.num_seqs):
-                run = self.context_ranges[i]
-                if run is not None:
-                    gather[i, : run[1]] = torch.arange(run[0], run[0] + run[1], device=device)
-                else:
-                    slots = self.context_slots[i]
-                    assert slots is not None
-                    gather[i, : slots.shape[0]] = slots
-            lens = torch.tensor(self.seq_lens, device=device)
+            if self.block_tables is not None and self.seq_lens_tensor is not None:
+                bs = self.block_size
+                cols = torch.arange(s_max, device=device)
+                blocks = self.block_tables.to(torch.long)[:, cols // bs]          # (B, S_max)
+                gather = blocks * bs + cols % bs
+                lens = self.seq_lens_tensor
+            else:
+                gather = torch.zeros((self.num_seqs, s_max), dtype=torch.long, device=device)
+                for i in range(self.num_seqs):
+                    run = self.context_ranges[i]
+                    if run is not None:
+                        gather[i, : run[1]] = torch.arange(run[0], run[0] + run[1], device=device)
+                    else:
+                        slots = self.context_slots[i]
+                        assert slots is not None
+                        gather[i, : slots.shape[0]] = slots
+                lens = torch.tensor(self.seq_lens, device=device)
             valid = torch.arange(s_max, device=device)[None, :] < lens[:, None]
             mask = torch.zeros((self.num_seqs, s_max), dtype=torch.float32, device=device)
             self._decode_mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
@@ -150,6 +192,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
     gqa = q.shape[1] != k.shape[1]
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if meta.attention_backend == "triton":
+        # imported here: the kernel module may import triton, which the package does not require
+        from ...kernels.triton_attention import unified_attention
+        assert meta.block_tables is not None and meta.seq_lens_tensor is not None
+        assert meta.query_start_loc is not None
+        return unified_attention(q, key_cache, value_cache, torch.empty_like(q), block_tables=meta.block_tables,
+                                 seq_lens=meta.seq_lens_tensor, query_start_loc=meta.query_start_loc,
+                                 max_query_len=meta.max_query_len, block_size=meta.block_size, scale=scale)
 
     if meta.is_decode:
         if meta.num_seqs == 1:

@@ -10,12 +10,21 @@ Rope variants, all reproducing the reference formulas (float32 angles, cast to t
 - Phi-3 "su": short or long per-dimension factors, chosen from the largest position in the forward
   (``max(position_ids) + 1 > original_max_position_embeddings``), and cos/sin scaled by
   sqrt(1 + ln(max/original) / ln(original)).
+
+What varies between the sequences of a step is only the inv_freq row (Phi-3's short or long factors, a
+dynamic-NTK base). The caller that knows each sequence's length on the host (the model runner) picks
+the rows there (``RotaryEmbedding.plan``) and hands one row index per token, so cos/sin is one
+vectorised computation for the whole step with no host sync: the forward never reads a position
+back. The table of rows always starts with the fixed ones (the default row; Phi-3's short then long),
+a static tensor per device that a CUDA graph can capture; a dynamic-NTK base beyond
+``max_position_embeddings`` adds a row for that step only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +43,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos) + (rotate_half(x) * sin)
 
 
+@dataclass(frozen=True)
+class RopePlan:
+    """A step's choice of inv_freq rows: ``rows[i]`` for sequence i, indexing the table made of the fixed
+    rows followed by one row per ``extra_bases`` entry (dynamic-NTK bases of this step)."""
+
+    rows: list[int]
+    extra_bases: tuple[float, ...] = ()
+
+
 class RotaryEmbedding:
     """Computes (cos, sin) of shape (T, head_dim) for a step's flattened tokens."""
 
@@ -43,79 +61,93 @@ class RotaryEmbedding:
         self.max_positions = config.max_position_embeddings
         self.scaling = config.rope_scaling
         self.original_max = config.original_max_position_embeddings
-        self._inv_freq_cache: dict[tuple, torch.Tensor] = {}
+        s = self.scaling
+        self.divisor = s.factor if s is not None and s.type == "linear" else 1.0
+        self.multiplier = 1.0
+        #: (base, per-dim factors) of the fixed rows of the table: the default, and for Phi-3 the long factors.
+        self.fixed_rows: tuple[tuple[float, tuple[float, ...] | None], ...] = ((self.base, None),)
+        if s is not None and s.type == "su":
+            assert self.original_max is not None
+            self.fixed_rows = ((self.base, s.short_factor), (self.base, s.long_factor))
+            scale = self.max_positions / self.original_max
+            if scale > 1.0:
+                self.multiplier = math.sqrt(1 + math.log(scale) / math.log(self.original_max))
+        self._tables: dict[str, torch.Tensor] = {}    # the fixed rows per device, never evicted
 
     def _inv_freq(self, base: float, factors: tuple[float, ...] | None, device: torch.device) -> torch.Tensor:
-        key = (base, factors, str(device))
-        inv = self._inv_freq_cache.get(key)
-        if inv is None:
-            exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-            if factors is None:
-                inv = 1.0 / (base ** exponent)
-            else:
-                inv = 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * base ** exponent)
-            if len(self._inv_freq_cache) > 64:
-                self._inv_freq_cache.clear()
-            self._inv_freq_cache[key] = inv
-        return inv
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        if factors is None:
+            return 1.0 / (base ** exponent)
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * base ** exponent)
 
-    def _sequence_params(self, seq_len: int) -> tuple[float, tuple[float, ...] | None, float, float]:
-        """(base, per-dim factors, position divisor, cos/sin multiplier) for one sequence."""
+    def table(self, device: torch.device, extra_bases: tuple[float, ...] = ()) -> torch.Tensor:
+        """(rows, head_dim / 2) float32 inv_freq: the fixed rows (one static tensor per device), then one
+        row per extra base."""
+        fixed = self._tables.get(str(device))
+        if fixed is None:
+            fixed = torch.stack([self._inv_freq(base, factors, device) for base, factors in self.fixed_rows])
+            self._tables[str(device)] = fixed
+        if not extra_bases:
+            return fixed
+        return torch.cat([fixed, torch.stack([self._inv_freq(b, None, device) for b in extra_bases])])
+
+    def scaled_length(self, seq_len: int, max_position: int) -> int:
+        """The length that picks a sequence's rope parameters: its total length after the step (dynamic
+        NTK), or, as the Phi-3 reference, the largest position among its tokens in this forward, plus one."""
+        if self.scaling is not None and self.scaling.type == "su":
+            return max_position + 1
+        return seq_len
+
+    def plan(self, lengths: Sequence[int]) -> RopePlan:
+        """Rows for sequences of the given ``scaled_length``s (host only)."""
         s = self.scaling
-        if s is None:
-            return self.base, None, 1.0, 1.0
-        if s.type == "dynamic":
-            base = self.base
-            if seq_len > self.max_positions:
-                base = self.base * ((s.factor * seq_len / self.max_positions) - (s.factor - 1)) ** (
-                    self.dim / (self.dim - 2))
-            return base, None, 1.0, 1.0
-        if s.type == "linear":
-            return self.base, None, s.factor, 1.0
-        # Phi-3 "su"
-        assert self.original_max is not None
-        factors = s.long_factor if seq_len > self.original_max else s.short_factor
-        scale = self.max_positions / self.original_max
-        mult = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(self.original_max))
-        return self.base, factors, 1.0, mult
+        if s is None or s.type == "linear":
+            return RopePlan([0] * len(lengths))
+        if s.type == "su":
+            assert self.original_max is not None
+            return RopePlan([1 if n > self.original_max else 0 for n in lengths])
+        rows, extra = [], []   # dynamic NTK: an enlarged base past max_position_embeddings
+        for n in lengths:
+            if n <= self.max_positions:
+                rows.append(0)
+                continue
+            base = self.base * ((s.factor * n / self.max_positions) - (s.factor - 1)) ** (self.dim / (self.dim - 2))
+            if base not in extra:
+                extra.append(base)
+            rows.append(len(self.fixed_rows) + extra.index(base))
+        return RopePlan(rows, tuple(extra))
 
-    def cos_sin(self, positions: torch.Tensor, query_lens: Sequence[int], seq_lens: Sequence[int],
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (T,) long, the tokens of each sequence contiguous; query_lens[i] tokens of
-        sequence i, whose total length after this step is seq_lens[i]."""
-        device = positions.device
-        pieces = []
-        if self.scaling is None or len(query_lens) == 1:
-            groups = [(0, positions.shape[0], self._group_len(positions, seq_lens))]
+    def cos_sin(self, positions: torch.Tensor, rows: torch.Tensor | None, dtype: torch.dtype,
+                extra_bases: tuple[float, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (T,) long; rows: (T,) long, each token's row of ``table`` (None: all row 0)."""
+        table = self.table(positions.device, extra_bases)
+        t = positions.float()
+        if self.divisor != 1.0:
+            t = t / self.divisor
+        if rows is None or table.shape[0] == 1:
+            freqs = t[:, None] * table[0][None, :]
         else:
-            groups = []
-            start = 0
-            for qlen, slen in zip(query_lens, seq_lens, strict=True):
-                groups.append((start, start + qlen, self._group_len(positions[start:start + qlen], [slen])))
-                start += qlen
-        for start, end, group_len in groups:
-            base, factors, divisor, mult = self._sequence_params(group_len)
-            inv = self._inv_freq(base, factors, device)
-            t = positions[start:end].float()
-            if divisor != 1.0:
-                t = t / divisor
-            freqs = t[:, None] * inv[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos(), emb.sin()
-            if mult != 1.0:
-                cos, sin = cos * mult, sin * mult
-            pieces.append((cos, sin))
-        if len(pieces) == 1:
-            cos, sin = pieces[0]
-        else:
-            cos = torch.cat([p[0] for p in pieces])
-            sin = torch.cat([p[1] for p in pieces])
+            freqs = t[:, None] * table.index_select(0, rows)       # (T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.multiplier != 1.0:
+            cos, sin = cos * self.multiplier, sin * self.multiplier
         return cos.to(dtype), sin.to(dtype)
 
-    def _group_len(self, positions: torch.Tensor, seq_lens: Sequence[int]) -> int:
-        if self.scaling is None:
-            return 0
+    def rows_from_positions(self, positions: torch.Tensor, query_lens: Sequence[int],
+                            seq_lens: Sequence[int]) -> tuple[torch.Tensor | None, tuple[float, ...]]:
+        """Per-token rows for a caller that did not plan them (a forward outside the model runner): Phi-3
+        reads each sequence's largest position back from the device here, once per forward."""
+        if self.scaling is None or self.scaling.type == "linear":
+            return None, ()
         if self.scaling.type == "su":
-            # Reference: seq_len = max(position_ids) + 1 of this forward.
-            return int(positions.max().item()) + 1 if positions.numel() else 0
-        return max(seq_lens)
+            lengths, start = [], 0
+            for qlen in query_lens:
+                piece = positions[start:start + qlen]
+                lengths.append(int(piece.max().item()) + 1 if qlen else 0)
+                start += qlen
+        else:
+            lengths = list(seq_lens)
+        plan = self.plan(lengths)
+        per_token = [row for row, qlen in zip(plan.rows, query_lens, strict=True) for _ in range(qlen)]
+        return torch.tensor(per_token, dtype=torch.long, device=positions.device), plan.extra_bases
