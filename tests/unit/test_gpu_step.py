@@ -218,3 +218,38 @@ def test_padded_bucket_path_equals_eager() -> None:
     padded = {(n, bucket) for n, bucket in graphs.runs if n < bucket}
     assert padded, graphs.runs              # some decode steps ran padded up to their bucket
     assert {bucket for _, bucket in graphs.runs} >= {1, 4}, graphs.runs
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every ATen op called while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# The ops that read a device value back to the host (item, tolist, bool(tensor), data-dependent shapes):
+# each one is a synchronisation, and none may run inside a captured CUDA graph.
+HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+              "aten.unique_consecutive.default", "aten._unique2.default", "aten.equal.default"}
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["tiny-1B", "tiny-4B", "tiny-2B"])   # plain, Phi-3 "su", dynamic NTK rope
+def test_the_graph_step_reads_nothing_back_to_the_host(variant: str) -> None:
+    engine = _engine(variant, attention_backend="triton", max_num_seqs=4)
+    engine.generate([engine.processor.prepare([Message("user", q)]) for q in QUESTIONS[:3]], GREEDY)
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs._metas, "decode steps should have run through the bucket path"
+    for bucket in sorted(graphs._metas):
+        view, meta = graphs._view(bucket)          # the static buffers as the last step of this bucket left them
+        with _RecordOps() as recorded:
+            hidden = graphs.step(view, meta)
+        assert hidden.shape[0] == bucket
+        assert not recorded.ops & HOST_READS, sorted(recorded.ops & HOST_READS)
+        assert "aten.index_copy_.default" in recorded.ops or "aten.index_put_.default" in recorded.ops, \
+            "the recorder should see the step's own ops (the KV writes)"
