@@ -19,7 +19,7 @@ Stages, in order (cheap and diagnostic first, the 16 GB 8B checkpoint last):
   env            torch/CUDA/GPU facts, which int4/int8 CUDA kernels this torch has, TF32 flags
   sdpa_probe     which SDPA backends accept the exact calls the runtime makes (vision, fresh prefill with
                  enable_gqa, prefix/chunked prefill with attn_mask + enable_gqa)
-  attn_decode    the runtime's paged decode attention (gather + 2 matmuls) vs an ideal contiguous SDPA at
+  attn_decode    the runtime's torch paged decode attention (gather + 2 matmuls) and its Triton paged kernel vs an ideal contiguous SDPA at
                  InternVL2-8B shapes, batch 64 x 4k context and batch 1, one layer, x32 for the model
   quant_layers   Int4Linear (tinygemm layout on CUDA) and Int8Linear against their dequantized reference
   fixtures       tiny golden checkpoints (tests/fixtures): greedy ids on the device (fp32, TF32 off)
@@ -240,6 +240,7 @@ from internvl_runtime import AutoModel, AutoTokenizer, load_image  # noqa: E402
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep  # noqa: E402
 from internvl_runtime.engine.sampling_params import SamplingParams  # noqa: E402
+from internvl_runtime.kernels.triton_attention import triton_available, unified_attention  # noqa: E402
 from internvl_runtime.models.layers.attention import AttentionMetadata, paged_attention  # noqa: E402
 from internvl_runtime.processing.inputs import Message  # noqa: E402
 from internvl_runtime.testing import checkpoints as ckpt_mod  # noqa: E402
@@ -363,12 +364,13 @@ def _sdpa_probe(rec):
     rec["new_shape_cost"] = cold
 
 
-def _decode_meta(B: int, S: int, bs: int, interleaved: bool, device) -> tuple[AttentionMetadata, int]:
+def _decode_meta(B: int, S: int, bs: int, interleaved: bool, device) -> tuple[AttentionMetadata, int, list]:
     per = -(-S // bs)
     num_blocks = B * per
-    ctx_slots, ranges, new = [], [], []
+    ctx_slots, ranges, new, tables = [], [], [], []
     for i in range(B):
         table = [j * B + i for j in range(per)] if interleaved else list(range(i * per, (i + 1) * per))
+        tables.append(table)
         if interleaved and B > 1:
             slots = (torch.tensor(table)[:, None] * bs + torch.arange(bs)).flatten()[:S]
             ctx_slots.append(slots.to(device))
@@ -380,7 +382,7 @@ def _decode_meta(B: int, S: int, bs: int, interleaved: bool, device) -> tuple[At
             new.append(table[0] * bs + S - 1)
     meta = AttentionMetadata(query_lens=[1] * B, seq_lens=[S] * B, slot_mapping=torch.tensor(new, device=device),
                              context_slots=ctx_slots, context_ranges=ranges)
-    return meta, num_blocks * bs
+    return meta, num_blocks * bs, tables
 
 
 @stage("attn_decode", min_left_s=20)
@@ -392,7 +394,7 @@ def _attn_decode(rec):
     cases = [(64, 4096, True), (64, 4096, False), (1, 4096, False)] if not QUICK else [(4, 256, True), (1, 256, False)]
     results = {}
     for B, S, interleaved in cases:
-        meta, slots = _decode_meta(B, S, 16, interleaved, DEVICE)
+        meta, slots, tables = _decode_meta(B, S, 16, interleaved, DEVICE)
         kc = torch.randn(slots, KV, D, device=DEVICE, dtype=dt)
         vc = torch.randn_like(kc)
         q = torch.randn(B, H, D, device=DEVICE, dtype=dt)
@@ -410,11 +412,23 @@ def _attn_decode(rec):
         qq = q[:, :, None, :]
         ideal = timed(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True), repeat=3)
         kv_bytes = 2 * B * S * KV * D * kc.element_size()
+        triton_ms = None
+        if ON_GPU and triton_available():
+            # the Triton paged kernel the GPU path runs (block tables read on the device, no gather)
+            bt = torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+            lens = torch.full((B,), S, dtype=torch.int32, device=DEVICE)
+            qsl = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+            out = torch.empty_like(q)
+            run = lambda: unified_attention(q, kc, vc, out, block_tables=bt, seq_lens=lens,  # noqa: E731
+                                            query_start_loc=qsl, max_query_len=1, block_size=16, scale=D ** -0.5)
+            triton_ms = timed(run, repeat=3) * 1e3
         results[f"B={B} S={S} {'interleaved' if interleaved else 'contiguous'} tables"] = {
             "runtime_ms_per_layer": round(per_layer * 1e3, 3),
             "runtime_first_call_ms (builds the gather)": round(first * 1e3, 3),
             "ideal_sdpa_ms_per_layer": round(ideal * 1e3, 3),
             "x_slower": round(per_layer / ideal, 1) if ideal > 0 else None,
+            "triton_paged_ms_per_layer": None if triton_ms is None else round(triton_ms, 3),
+            "effective_gbps_triton": None if not triton_ms else round(kv_bytes / triton_ms / 1e6, 1),
             "runtime_ms_per_step_all_layers": round(per_layer * layers * 1e3, 1),
             "kv_read_gib_per_layer": round(kv_bytes / 2**30, 3),
             "effective_gbps_runtime": round(kv_bytes / per_layer / 1e9, 1),
