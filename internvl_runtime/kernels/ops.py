@@ -178,7 +178,7 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
                   key_cache: list[torch.Tensor], value_cache: list[torch.Tensor],
                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   ctx_slots: torch.Tensor, ctx_offsets: torch.Tensor, *,
-                  num_heads: int, num_kv_heads: int, eps: float, scale: float,
+                  num_heads: int, num_kv_heads: int, eps: float, scale: float, gemm_rows: int = 0,
                   path: str | None = None) -> torch.Tensor:
     """Every Llama-family decoder layer of one decode step, M sequences one new token each -> x (M, hidden).
 
@@ -194,6 +194,9 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
     - ``key_cache``, ``value_cache``: per layer a (num_slots, num_kv_heads, head_dim) bf16 pool.
     - ``ctx_slots`` (flat) and ``ctx_offsets`` (M + 1,): sequence i attends to the slots
       ``ctx_slots[ctx_offsets[i]:ctx_offsets[i + 1]]`` (its new token included).
+    - ``gemm_rows``: from this many rows on (0: never), bf16 products run on torch's GEMM inside the call
+      (oneDNN: compute-efficient at many rows where the CPU has 16-bit instructions) instead of the GEMV
+      kernels, which read each weight row once for all rows but compute at a fraction of the GEMM's rate.
 
     There is no torch fallback: raises ``UnsupportedFeature`` where no native path runs (the caller decides
     beforehand, with ``has_operator("decode_layers")``), and RuntimeError naming a bad argument.
@@ -205,4 +208,4 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
         x.contiguous(), ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s,
         key_cache, value_cache, cos.contiguous(), sin.contiguous(), slots.to(torch.long).contiguous(),
         ctx_slots.to(torch.long).contiguous(), ctx_offsets.to(torch.long).contiguous(), num_heads, num_kv_heads,
-        eps, scale, extension._PATH_ID[chosen])
+        eps, scale, int(gemm_rows), extension._PATH_ID[chosen])
