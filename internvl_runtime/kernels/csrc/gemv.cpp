@@ -242,34 +242,43 @@ void tile_int4_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
 // block b repeated in 8 lanes at xscale[b * 8]); res = sum_b scale_b * sum_k xq * w (K % 32 tail scalar).
 template <int MB, int NB>
 void tile_int8_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(NB == 1, "integer tiles take one weight row");
   const int64_t K = p.K, K32 = K & ~int64_t(31), nb = (K + 31) / 32;
-  const int8_t* w = p.wq + n0 * K;
+  const int8_t* w[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) w[j] = p.wq + (n0 + j) * K;
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256 total[MB];
-  for (int i = 0; i < MB; ++i) total[i] = _mm256_setzero_ps();
+  __m256 total[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) total[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K32; k += 32) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m256i aw = _mm256_sign_epi8(wv, wv);   // |w| (as unsigned: -128 -> 128)
+    __m256i wv[NB], aw[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
+      aw[j] = _mm256_sign_epi8(wv[j], wv[j]);   // |w| (as unsigned: -128 -> 128)
+    }
 #pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) {
-      const int8_t* xq = p.xq + (m0 + i) * K;
-      const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)), wv);
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + k));
       const __m256 sc = _mm256_loadu_ps(p.xscale + ((m0 + i) * nb + k / 32) * 8);
-      total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, total[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j])), ones);
+        total[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, total[i][j]);
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) {
-    float s = hsum256(total[i]);
-    if (K32 < K) {
-      const int8_t* xq = p.xq + (m0 + i) * K;
-      int32_t t = 0;
-      for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[k];
-      s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum256(total[i][j]);
+      if (K32 < K) {
+        const int8_t* xq = p.xq + (m0 + i) * K;
+        int32_t t = 0;
+        for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[j][k];
+        s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+      }
+      res[i * NB + j] = s;
     }
-    res[i] = s;
-  }
 }
 
 // int4 weights: the codes q (0..15) are the unsigned side, x the signed one, pairs <= 2 * 15 * 127. One
@@ -584,54 +593,68 @@ void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 // quantization as the AVX2 tile, so both paths give the same sums.
 template <int MB, int NB>
 void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(NB == 1, "integer tiles take one weight row");
   const int64_t K = p.K, K64 = K & ~int64_t(63), K32 = K & ~int64_t(31), nb = (K + 31) / 32;
-  const int8_t* w = p.wq + n0 * K;
-  __m512 total[MB];
-  __m256 rest[MB];
-  for (int i = 0; i < MB; ++i) {
-    total[i] = _mm512_setzero_ps();
-    rest[i] = _mm256_setzero_ps();
-  }
+  const int8_t* w[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) w[j] = p.wq + (n0 + j) * K;
+  __m512 total[MB][NB];
+  __m256 rest[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      total[i][j] = _mm512_setzero_ps();
+      rest[i][j] = _mm256_setzero_ps();
+    }
   for (int64_t k = 0; k < K64; k += 64) {
-    const __m512i wv = _mm512_loadu_si512(w + k);
-    const __m512i aw = _mm512_abs_epi8(wv);            // -128 -> 0x80 = 128 unsigned: still exact
-    const __mmask64 neg = _mm512_movepi8_mask(wv);
+    __m512i aw[NB];
+    __mmask64 neg[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w[j] + k);
+      aw[j] = _mm512_abs_epi8(wv);            // -128 -> 0x80 = 128 unsigned: still exact
+      neg[j] = _mm512_movepi8_mask(wv);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_loadu_si512(p.xq + (m0 + i) * K + k);
-      const __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
       const __m512 sc = _mm512_loadu_ps(p.xscale + ((m0 + i) * nb + k / 32) * 8);
-      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, total[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m512i sx = _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw[j], sx);
+        total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, total[i][j]);
+      }
     }
   }
   if (K64 < K32) {   // one block of 32 left
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + K64));
-    const __m256i aw = _mm256_abs_epi8(wv);
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + K64));
+      const __m256i aw = _mm256_abs_epi8(wv);
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m256i xv = _mm256_sign_epi8(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + K64)), wv);
-      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, xv);
-      const __m256 sc = _mm256_loadu_ps(p.xscale + ((m0 + i) * nb + K64 / 32) * 8);
-      rest[i] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc), rest[i]);   // (no FMA in this target)
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_sign_epi8(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + K64)), wv);
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, xv);
+        const __m256 sc = _mm256_loadu_ps(p.xscale + ((m0 + i) * nb + K64 / 32) * 8);
+        rest[i][j] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc), rest[i][j]);   // (no FMA in this target)
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) {
-    const __m256 r = rest[i];
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float s = _mm512_reduce_add_ps(total[i]) + _mm_cvtss_f32(h);
-    if (K32 < K) {
-      const int8_t* xq = p.xq + (m0 + i) * K;
-      int32_t t = 0;
-      for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[k];
-      s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const __m256 r = rest[i][j];
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float s = _mm512_reduce_add_ps(total[i][j]) + _mm_cvtss_f32(h);
+      if (K32 < K) {
+        const int8_t* xq = p.xq + (m0 + i) * K;
+        int32_t t = 0;
+        for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[j][k];
+        s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+      }
+      res[i * NB + j] = s;
     }
-    res[i] = s;
-  }
 }
 
 }  // namespace
@@ -662,8 +685,9 @@ const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
 const Kernel kInt4Vnni{ONE4(tile_int4_vnni), NONE};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE};
-const Kernel kInt8DotAvx2{ONE4(tile_int8_dot_avx2), NONE};
-const Kernel kInt8Vnni{ONE8(tile_int8_vnni), NONE};
+// int8 with 8-bit activations: multi-row tiles too, once the int8 activations outgrow L1 (x_elem_bytes 1)
+const Kernel kInt8DotAvx2{ONE4(tile_int8_dot_avx2), MANY42(tile_int8_dot_avx2)};
+const Kernel kInt8Vnni{ONE8(tile_int8_vnni), MANY4(tile_int8_vnni)};
 #undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
@@ -827,6 +851,7 @@ void int8_product(Problem& p, const uint16_t* xb, const float* xf, int64_t path)
     quantize_x(xb, xf, p.M, p.K, 32, 8, xq.data(), xscale.data(), nullptr);
     p.xq = xq.data();
     p.xscale = xscale.data();
+    p.x_elem_bytes = 1;
     run(dot == kIntVnni ? kInt8Vnni : kInt8DotAvx2, p, 8);
     return;
   }
