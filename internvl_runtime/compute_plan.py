@@ -88,7 +88,9 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
-    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(cpu_has_fast_bf16()))
+    # the upcast plan (forced, or a CPU without bf16 instructions) keeps torch's bf16 GEMM out of decode too
+    fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
+    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_16bit))
     model.set_compute_plan(plan)
     logger.info(plan.describe())
 

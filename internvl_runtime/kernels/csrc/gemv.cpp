@@ -719,12 +719,19 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
   if (ker.nb_many > 0 && p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
-    for (; n + ker.nb_many <= n_end; n += ker.nb_many)
-      for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
-        const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
-        ker.many[mb - 1](p, m, n, res);
-        epilogue(p, m, mb, n, ker.nb_many, res);
+    // activation blocks outside, weight tiles inside: one block of rows (a few KiB) stays in L1 while the
+    // chunk's weights (~128 KiB: read from DRAM once, by the first block) come from L2 for the others. The
+    // other order re-read all M activation rows from L2 for every weight tile, which at 16 rows moved as
+    // many bytes from L2 as the FMAs take cycles.
+    const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
+      for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many) {
+        ker.many[mb - 1](p, m, t, res);
+        epilogue(p, m, mb, t, ker.nb_many, res);
       }
+    }
+    n = n_tiles_end;
   }
   for (; n < n_end; ++n)
     for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
@@ -743,7 +750,7 @@ void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   const int64_t chunks = (p.N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1 || p.N * row_bytes < kSerialBytes || at::in_parallel_region()) {
-    run_rows(ker, p, 0, p.N);
+    for (int64_t c = 0; c < chunks; ++c) run_rows(ker, p, c * rows, std::min(p.N, (c + 1) * rows));   // L2-sized
     return;
   }
   std::atomic<int64_t> next{0};
