@@ -80,16 +80,17 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     """Hand the plan to the model's parts through their own setters: the Linear layers (small-row kernel,
     upcast), the vision encoder (upcast patch embedding), the decoder (native decode stack)."""
     _, kernel = _decode_kernel(plan.dtype) if plan.decode_kernel != "torch" else ("torch", None)
+    # the upcast plan (forced, or a CPU without bf16 instructions) keeps torch's bf16 GEMM out of decode
+    # (INTERNVL_COMPUTE=upcast on an avx512_bf16 host thus reproduces an AVX2 host's plan)
+    fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
         # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs, up to 16 elsewhere (torch's
         # bf16 is far slower there): benchmarks/gemv.py measures the crossing, benchmarks/RESULTS.md has runs.
-        rows = 4 if cpu_has_fast_bf16() else 16
+        rows = 4 if fast_16bit else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
-    # the upcast plan (forced, or a CPU without bf16 instructions) keeps torch's bf16 GEMM out of decode too
-    fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
     plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_16bit))
     model.set_compute_plan(plan)
     logger.info(plan.describe())
