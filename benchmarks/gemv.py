@@ -12,6 +12,11 @@ other processes on the machine then slow all columns alike.
     python benchmarks/gemv.py                  # all shapes, M=1 and 8
     python benchmarks/gemv.py --rows 1 --int8 --rounds 7
     python benchmarks/gemv.py --rows 1 16 --int8 --int4 --no-fp32 --shapes gate_up down
+    python benchmarks/gemv.py --rows 1 --no-fp32 --prefetch 0 256 512 1024   # the AVX2 tile's prefetch distance
+
+--prefetch adds "avx2 pfN" columns: the AVX2 bf16 tile with a software prefetch N bytes ahead in each weight
+row (0: the hardware prefetcher alone, the default). On Zen 4 (04:05 UTC 2026-12-05, quiet) 256 B was within 2%
+of none and 512-2048 B 3-15% slower, so the default is none; an AVX2-only host (Zen 3) may differ.
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ def exact(call: Callable[[], object]) -> object:
         torch.ops.internvl_kernels._set_int8_activations(previous)
 
 
+def prefetched(distance: int, call: Callable[[], object]) -> object:
+    """``call()`` with the AVX2 bf16 tile prefetching ``distance`` bytes ahead in each weight row."""
+    previous = torch.ops.internvl_kernels._set_prefetch_bytes(distance)
+    try:
+        return call()
+    finally:
+        torch.ops.internvl_kernels._set_prefetch_bytes(previous)
+
+
 def read_bandwidth(mib: int = 512) -> Callable[[], float]:
     big = torch.ones(mib * 1024 * 1024 // 4)
 
@@ -73,6 +87,8 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also time linear_int8 vs torch _weight_int8pack_mm")
     ap.add_argument("--int4", action="store_true", help="also time linear_int4 (group 128)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the native bf16 columns")
+    ap.add_argument("--prefetch", type=int, nargs="*", default=[],
+                    help="also time the AVX2 bf16 tile with these software prefetch distances (bytes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +105,8 @@ def main() -> None:
     read_bw = [bandwidth()]
 
     columns = ["torch bf16"] + ([] if args.no_fp32 else ["torch fp32"]) + ([] if args.no_bf16 else list(paths))
+    if "avx2" in paths:
+        columns += [f"avx2 pf{d}" for d in args.prefetch]
     if args.int8:
         columns += ["torch int8pack"] + [f"int8 {p}{v}" for p in paths for v in ("", " exact")]
     if args.int4:
@@ -118,6 +136,9 @@ def main() -> None:
                 methods["torch fp32"] = (lambda w, x32=x32: F.linear(x32, w), w32, 4)
             for p in ([] if args.no_bf16 else paths):
                 methods[p] = (lambda w, p=p, x=x: kernels.linear_bf16(x, w, path=p), ws, 2)
+            for d in args.prefetch if "avx2" in paths else []:
+                methods[f"avx2 pf{d}"] = (
+                    lambda w, x=x, d=d: prefetched(d, lambda: kernels.linear_bf16(x, w, path="avx2")), ws, 2)
             if args.int8:
                 methods["torch int8pack"] = (lambda q, x=x, s=scales: torch.ops.aten._weight_int8pack_mm(x, q, s),
                                              qs, 1)

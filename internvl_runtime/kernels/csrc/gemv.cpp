@@ -68,6 +68,12 @@ struct Kernel {
 // U independent accumulator sets hide the FMA / dot-product latency when MB x NB is small.
 // Beyond ~8 rows these kernels are compute-bound and torch's packed GEMM (on avx512_bf16 hosts) wins.
 
+// Software prefetch distance (bytes ahead in each weight row) of the AVX2 bf16 tile; 0: none (the hardware
+// prefetcher alone). Benchmarks set it (_set_prefetch_bytes) to choose the default by measurement.
+namespace {
+std::atomic<int64_t> g_prefetch_bytes{0};
+}  // namespace
+
 #define TILE_SETUP(WT, WPTR, XT, XPTR, XLD)                      \
   const WT* wr[NB];                                              \
   const XT* xr[MB];                                              \
@@ -97,6 +103,7 @@ void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
   constexpr int U = unroll_for<MB, NB>();
   const int64_t K = p.K, K16 = K & ~int64_t(15);
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t pf = g_prefetch_bytes.load(std::memory_order_relaxed) / 2;   // in elements
   TILE_SETUP(uint16_t, p.w, float, p.xf, K)
   __m256 acc[U][MB][NB];
 #pragma GCC unroll 4
@@ -109,6 +116,7 @@ void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
     __m256 we[NB], wo[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
+      if (pf > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
       we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
@@ -1127,12 +1135,16 @@ int64_t set_x_l1_bytes(int64_t bytes) { return g_x_l1_bytes.exchange(bytes); }
 // off: exact activations on the fp32 / bf16 kernels); returns the old value.
 bool set_int8_activations(bool on) { return g_int8_x.exchange(on); }
 
+// Benchmarks only: set the AVX2 bf16 tile's software prefetch distance in bytes (0: none); returns the old value.
+int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
