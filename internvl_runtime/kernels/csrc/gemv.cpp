@@ -330,6 +330,51 @@ void tile_int4_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
 }
 
+// int4, groups of a multiple of 64 columns: 64 columns (32 bytes of codes) per step. One 32-byte load split by
+// nibble gives [block 0 columns 0-15 | block 1 columns 0-15] and [block 0 columns 16-31 | block 1 columns
+// 16-31]; x is stored per 64 columns in that order (the VNNI tile's: 0-15, 32-47, 16-31, 48-63). The two
+// vpmaddubsw results (each pair <= 2 * 15 * 127) are added in 16 bits (<= 7620) before one vpmaddwd: 7
+// instructions per row per 64 columns where the 32-column tile takes 8 per 32.
+template <int MB, int NB>
+void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm256_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xq = p.xq + (m0 + i) * K + k;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const float sx = scale * p.xscale[(m0 + i) * G + g];
+      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(sx), _mm256_cvtepi32_ps(acc[i]), total[i]);
+      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
+}
+
 }  // namespace
 #pragma GCC pop_options
 
@@ -693,6 +738,7 @@ const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
 const Kernel kInt4Vnni{ONE4(tile_int4_vnni), NONE};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE};
+const Kernel kInt4Dot64Avx2{ONE4(tile_int4_dot64_avx2), NONE};
 // int8 with 8-bit activations: multi-row tiles too, once the int8 activations outgrow L1 (x_elem_bytes 1)
 const Kernel kInt8DotAvx2{ONE4(tile_int8_dot_avx2), MANY42(tile_int8_dot_avx2)};
 const Kernel kInt8Vnni{ONE8(tile_int8_vnni), MANY4(tile_int8_vnni)};
@@ -1020,8 +1066,8 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
     }
   p.xsum = xsum.data();
   const IntDot dot = int_dot(path);
-  if (dot == kIntVnni && group % 64 == 0) {
-    // x to int8 per group, columns of each 64 in the order the VNNI tile unpacks the nibbles
+  if (dot != kIntOff && group % 64 == 0) {   // VNNI, or AVX2 64 columns per step: the same x order
+    // x to int8 per group, columns of each 64 in the order the 64-column tiles unpack the nibbles
     std::vector<int8_t> xq(static_cast<size_t>(M * K)), plain(static_cast<size_t>(M * K));
     std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
     quantize_x(x, nullptr, M, K, group, 1, plain.data(), xscale.data(), xqsum.data());
@@ -1034,8 +1080,8 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
     p.xq = xq.data();
     p.xscale = xscale.data();
     p.xqsum = xqsum.data();
-    run(kInt4Vnni, p, 4);
-  } else if (dot != kIntOff) {   // AVX2 integer dot products (also VNNI hosts with groups of 32 mod 64)
+    run(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, p, 4);
+  } else if (dot != kIntOff) {   // AVX2 integer dot products, 32 columns per step (groups of 32 mod 64)
     std::vector<int8_t> xq(static_cast<size_t>(M * K));
     std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
     quantize_x(x, nullptr, M, K, group, 1, xq.data(), xscale.data(), xqsum.data());
