@@ -8,7 +8,7 @@ Prints figures and ratios against ceilings measured in the same run (never a tes
   (d) time to first token of a second turn about the same image, with and without reuse
   (e) peak memory (RSS)
 
-    python benchmarks/bench_engine.py [--checkpoint DIR] [--dtype bfloat16] [--record]
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--dtype bfloat16] [--record] [--parts ac]
 
 The checkpoint is written on the fly (never committed) into ~/.cache/internvl_runtime/bench/ unless given.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import sys
 import time
@@ -57,6 +58,24 @@ def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype) -> float:
     b = torch.randn(k, n).to(dtype)
     seconds = timed(lambda: a @ b, repeat=5)
     return 2 * m * k * n / seconds
+
+
+def vision_matmul_dtype(model) -> torch.dtype:
+    """The dtype the vision encoder's matmuls run in under the model's compute plan (``compute_plan.py``):
+    float32 under the upcast plan (16-bit weights on a CPU without 16-bit instructions), else the weights'.
+    The vision floor must use the matmul rate of THIS dtype: on an AVX2-only host torch's bf16 matmul is
+    ~100x slower than the float32 one the plan actually runs."""
+    plan = getattr(model, "compute_plan", None)
+    if plan is not None and getattr(plan, "upcast_16bit", False):
+        return torch.float32
+    return next(model.vision_model.parameters()).dtype
+
+
+def vision_matmul_rate(model) -> tuple[float, torch.dtype]:
+    """(FLOP/s, dtype) of torch's matmul at the vision encoder's shapes, in the dtype the plan computes in."""
+    v = model.config.vision
+    dtype = vision_matmul_dtype(model)
+    return matmul_rate((v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, v.intermediate_size, dtype), dtype
 
 
 def vit_flops_per_tile(model) -> float:
@@ -100,6 +119,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--parts", default="abcde", help="which measures to run (letters of a-e; default all)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16],
+                        help="(c): concurrent request counts (the first is the baseline of the ratio)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if not (args.checkpoint / "config.json").is_file():
@@ -108,74 +130,85 @@ def main() -> None:
 
     host = describe_host()
     print(host, flush=True)
-    bandwidth = read_bandwidth()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    bandwidth = read_bandwidth() if "a" in args.parts else 0.0
     model = AutoModel.from_pretrained(args.checkpoint, torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    v = model.config.vision
-    vit_rate = matmul_rate(1025, v.hidden_size, v.intermediate_size, dtype)
+    vit_rate, vit_dtype = vision_matmul_rate(model) if "b" in args.parts else (0.0, dtype)
     rows: list[tuple[str, str, str]] = []
 
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=2048, max_num_seqs=max(16, *args.concurrency)))
     # (a) decode at batch 1, ~280-token context
-    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=2048, max_num_seqs=16))
-    prompt = engine.processor.prepare([Message("user", "hello " * 250)])
-    # greedy, as llama.cpp's llama-bench (which samples nothing) is compared with; sampling at temperature
-    # 1 adds a few vocabulary-sized passes (softmax, cumulative sum) per token
-    engine.add_request("decode", prompt, SamplingParams(max_new_tokens=args.decode_steps + 4, ignore_eos=True,
-                                                        temperature=0))
-    engine.step()
-    for _ in range(3):
+    if "a" in args.parts:
+        prompt = engine.processor.prepare([Message("user", "hello " * 250)])
+        # greedy, as llama.cpp's llama-bench (which samples nothing) is compared with; sampling at temperature
+        # 1 adds a few vocabulary-sized passes (softmax, cumulative sum) per token
+        engine.add_request("decode", prompt, SamplingParams(max_new_tokens=args.decode_steps + 4, ignore_eos=True,
+                                                            temperature=0))
         engine.step()
-    start = time.perf_counter()
-    for _ in range(args.decode_steps):
-        engine.step()
-    decode = (time.perf_counter() - start) / args.decode_steps
-    engine.abort_request("decode")
-    floor = decode_weight_bytes(model) / bandwidth
-    rows.append(("(a) decode, batch 1, ~280 ctx", f"{decode * 1e3:.1f} ms/token",
-                 f"floor {floor * 1e3:.1f} ms ({decode_weight_bytes(model) / 1e9:.2f} GB at {bandwidth / 1e9:.1f} GB/s)"
-                 f" -> {floor / decode:.0%} of floor (target >= 70%)"))
+        for _ in range(3):
+            engine.step()
+        start = time.perf_counter()
+        for _ in range(args.decode_steps):
+            engine.step()
+        decode = (time.perf_counter() - start) / args.decode_steps
+        engine.abort_request("decode")
+        floor = decode_weight_bytes(model) / bandwidth
+        rows.append(("(a) decode, batch 1, ~280 ctx", f"{decode * 1e3:.1f} ms/token",
+                     f"floor {floor * 1e3:.1f} ms ({decode_weight_bytes(model) / 1e9:.2f} GB at "
+                     f"{bandwidth / 1e9:.1f} GB/s)"
+                     f" -> {floor / decode:.0%} of floor (target >= 70%)"))
 
     # (b) first token: 1 tile, 6 tiles + thumbnail; vision throughput
-    one = engine.processor.prepare([Message("user", "Describe the image.", [make_image(448, 448, 1)])], max_num=1)
-    ttft1 = run_to_first_token(engine, one, "one")
-    seven = engine.processor.prepare([Message("user", "Describe the image.", [make_image(1344, 896, 2)])], max_num=6)
-    ttft7 = run_to_first_token(engine, seven, "seven")
-    pixels = one.images[0].pixel_values
-    vision = timed(lambda: model.extract_feature(pixels), repeat=2)
-    flops = vit_flops_per_tile(model)
-    rows.append(("(b) first token, 1 tile", f"{ttft1:.2f} s", f"{len(one.prompt_token_ids)} prompt tokens"))
-    rows.append((f"(b) first token, {seven.images[0].num_tiles} tiles", f"{ttft7:.2f} s",
-                 f"{len(seven.prompt_token_ids)} prompt tokens"))
-    rows.append(("(b) vision encoder + mlp1, 1 tile", f"{vision:.2f} s",
-                 f"{flops / vision / 1e9:.0f} GFLOP/s vs matmul {vit_rate / 1e9:.0f} GFLOP/s -> "
-                 f"{flops / vision / vit_rate:.0%} (target >= 60%)"))
+    if "b" in args.parts:
+        one = engine.processor.prepare([Message("user", "Describe the image.", [make_image(448, 448, 1)])],
+                                       max_num=1)
+        ttft1 = run_to_first_token(engine, one, "one")
+        seven = engine.processor.prepare([Message("user", "Describe the image.", [make_image(1344, 896, 2)])],
+                                         max_num=6)
+        ttft7 = run_to_first_token(engine, seven, "seven")
+        pixels = one.images[0].pixel_values
+        vision = timed(lambda: model.extract_feature(pixels), repeat=2)
+        flops = vit_flops_per_tile(model)
+        rows.append(("(b) first token, 1 tile", f"{ttft1:.2f} s", f"{len(one.prompt_token_ids)} prompt tokens"))
+        rows.append((f"(b) first token, {seven.images[0].num_tiles} tiles", f"{ttft7:.2f} s",
+                     f"{len(seven.prompt_token_ids)} prompt tokens"))
+        rows.append(("(b) vision encoder + mlp1, 1 tile", f"{vision:.2f} s",
+                     f"{flops / vision / 1e9:.0f} GFLOP/s vs {str(vit_dtype).removeprefix('torch.')} matmul "
+                     f"{vit_rate / 1e9:.0f} GFLOP/s (the compute plan's) -> "
+                     f"{flops / vision / vit_rate:.0%} (target >= 60%)"))
 
     # (c) throughput with concurrent requests (one untimed warm-up: oneDNN builds its GEMM kernels
     # for each new row count on first use, which would otherwise be charged to whichever n runs first)
-    warm = [engine.processor.prepare([Message("user", f"Warm-up {i}.")]) for i in range(16)]
-    engine.generate(warm, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    rates = {}
-    for n in (1, 4, 8, 16):
-        requests = [engine.processor.prepare([Message("user", f"Request {i}: tell me a story about number {i}.")])
-                    for i in range(n)]
-        params = SamplingParams(max_new_tokens=32, ignore_eos=True)
-        start = time.perf_counter()
-        outs = engine.generate(requests, params)
-        seconds = time.perf_counter() - start
-        rates[n] = sum(len(o.token_ids) for o in outs) / seconds
-    rows.append(("(c) output tokens/s, 1/4/8/16 concurrent", " / ".join(f"{rates[n]:.1f}" for n in (1, 4, 8, 16)),
-                 f"16 vs 1: {rates[16] / rates[1]:.1f}x (target >= 6x)"))
+    if "c" in args.parts:
+        warm = [engine.processor.prepare([Message("user", f"Warm-up {i}.")]) for i in range(16)]
+        engine.generate(warm, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        rates = {}
+        for n in args.concurrency:
+            requests = [engine.processor.prepare([Message("user", f"Request {i}: tell me a story about number {i}.")])
+                        for i in range(n)]
+            params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+            start = time.perf_counter()
+            outs = engine.generate(requests, params)
+            seconds = time.perf_counter() - start
+            rates[n] = sum(len(o.token_ids) for o in outs) / seconds
+        base, top = args.concurrency[0], args.concurrency[-1]
+        rows.append((f"(c) output tokens/s, {'/'.join(map(str, args.concurrency))} concurrent",
+                     " / ".join(f"{rates[n]:.1f}" for n in args.concurrency),
+                     f"{top} vs {base}: {rates[top] / rates[base]:.1f}x (target >= 6x at 16 vs 1)"))
 
     # (d) second turn about the same image, with and without reuse
-    image = make_image(800, 600, 3)
-    first = [Message("user", "Describe the image.", [image])]
-    out = engine.generate([engine.processor.prepare(first, max_num=6)], SamplingParams(max_new_tokens=16))[0]
-    second = [*first, Message("assistant", out.text), Message("user", "What colour dominates?")]
-    with_reuse = run_to_first_token(engine, engine.processor.prepare(second, max_num=6), "turn2")
-    cold = LLMEngine(model, tokenizer, EngineConfig(num_blocks=2048, enable_prefix_caching=False, image_cache_bytes=0))
-    without = run_to_first_token(cold, cold.processor.prepare(second, max_num=6), "turn2-cold")
-    rows.append(("(d) second turn first token, reuse / none", f"{with_reuse:.2f} s / {without:.2f} s",
-                 f"{without / with_reuse:.0f}x faster (target >= 10x)"))
+    if "d" in args.parts:
+        image = make_image(800, 600, 3)
+        first = [Message("user", "Describe the image.", [image])]
+        out = engine.generate([engine.processor.prepare(first, max_num=6)], SamplingParams(max_new_tokens=16))[0]
+        second = [*first, Message("assistant", out.text), Message("user", "What colour dominates?")]
+        with_reuse = run_to_first_token(engine, engine.processor.prepare(second, max_num=6), "turn2")
+        cold = LLMEngine(model, tokenizer,
+                         EngineConfig(num_blocks=2048, enable_prefix_caching=False, image_cache_bytes=0))
+        without = run_to_first_token(cold, cold.processor.prepare(second, max_num=6), "turn2-cold")
+        rows.append(("(d) second turn first token, reuse / none", f"{with_reuse:.2f} s / {without:.2f} s",
+                     f"{without / with_reuse:.0f}x faster (target >= 10x)"))
 
     # (e) peak memory
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

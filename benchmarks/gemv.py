@@ -1,7 +1,9 @@
 """GEMV throughput on the InternVL2-1B decode shapes: torch vs the native kernels (internvl_runtime.kernels).
 
 Prints, for M=1 and M=8 rows, the GB/s of weights streamed by torch's F.linear (bf16 and fp32 weights),
-each native bf16 path this CPU can run, and (with --int8) the int8 kernel against torch's
+each native bf16 path this CPU can run, and (with --int8 / --int4) the int8 / int4 kernels on every path,
+with 8-bit activations (the default: integer dot products, "int8 avx2") and on exact activations (the
+kernels before them: "int8 avx2 exact", fp32 / bf16 arithmetic), int8 also against torch's
 ``_weight_int8pack_mm`` -- next to the DRAM read bandwidth measured in the same run (a large float32 sum)
 and the host line. Weights are rotated over enough copies (--footprint-mb) that every call reads them
 from DRAM, as a decode step does. Every method is timed once per round, rounds interleaved, best kept:
@@ -9,6 +11,12 @@ other processes on the machine then slow all columns alike.
 
     python benchmarks/gemv.py                  # all shapes, M=1 and 8
     python benchmarks/gemv.py --rows 1 --int8 --rounds 7
+    python benchmarks/gemv.py --rows 1 16 --int8 --int4 --no-fp32 --shapes gate_up down
+    python benchmarks/gemv.py --rows 1 --no-fp32 --prefetch 0 256 512 1024   # the AVX2 tile's prefetch distance
+
+--prefetch adds "avx2 pfN" columns: the AVX2 bf16 tile with a software prefetch N bytes ahead in each weight
+row (0: the hardware prefetcher alone, the default). On Zen 4 (04:05 UTC 2026-12-05, quiet) 256 B was within 2%
+of none and 512-2048 B 3-15% slower, so the default is none; an AVX2-only host (Zen 3) may differ.
 """
 
 from __future__ import annotations
@@ -42,6 +50,24 @@ def best_time(fn: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
+def exact(call: Callable[[], object]) -> object:
+    """``call()`` with the integer dot-product kernels switched off (exact activations, the older kernels)."""
+    previous = torch.ops.internvl_kernels._set_int8_activations(False)
+    try:
+        return call()
+    finally:
+        torch.ops.internvl_kernels._set_int8_activations(previous)
+
+
+def prefetched(distance: int, call: Callable[[], object]) -> object:
+    """``call()`` with the AVX2 bf16 tile prefetching ``distance`` bytes ahead in each weight row."""
+    previous = torch.ops.internvl_kernels._set_prefetch_bytes(distance)
+    try:
+        return call()
+    finally:
+        torch.ops.internvl_kernels._set_prefetch_bytes(previous)
+
+
 def read_bandwidth(mib: int = 512) -> Callable[[], float]:
     big = torch.ones(mib * 1024 * 1024 // 4)
 
@@ -59,6 +85,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-fp32", action="store_true", help="skip torch fp32 (needs 2x the memory)")
     ap.add_argument("--int8", action="store_true", help="also time linear_int8 vs torch _weight_int8pack_mm")
+    ap.add_argument("--int4", action="store_true", help="also time linear_int4 (group 128)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the native bf16 columns")
+    ap.add_argument("--prefetch", type=int, nargs="*", default=[],
+                    help="also time the AVX2 bf16 tile with these software prefetch distances (bytes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,9 +104,13 @@ def main() -> None:
     bandwidth = read_bandwidth()
     read_bw = [bandwidth()]
 
-    columns = ["torch bf16"] + ([] if args.no_fp32 else ["torch fp32"]) + [f"{p}" for p in paths]
+    columns = ["torch bf16"] + ([] if args.no_fp32 else ["torch fp32"]) + ([] if args.no_bf16 else list(paths))
+    if "avx2" in paths:
+        columns += [f"avx2 pf{d}" for d in args.prefetch]
     if args.int8:
-        columns += ["torch int8pack"] + [f"int8 {p}" for p in paths]
+        columns += ["torch int8pack"] + [f"int8 {p}{v}" for p in paths for v in ("", " exact")]
+    if args.int4:
+        columns += [f"int4 {p}{v}" for p in paths for v in ("", " exact")]
     results: dict[tuple[str, int], dict[str, float]] = {}
 
     for name in args.shapes:
@@ -89,6 +123,10 @@ def main() -> None:
         if args.int8:
             qs = [torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8) for _ in range(copies)]
             scales = torch.rand(n, generator=gen).to(torch.bfloat16) / 127
+        if args.int4:
+            packed = [kernels.pack_int4(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8))
+                      for _ in range(2 * copies)]
+            sz = (torch.rand(n, k // 128, 2, generator=gen) / 100).to(torch.bfloat16)   # groups of 128
         for m in args.rows:
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
             x32 = x.float()
@@ -96,13 +134,25 @@ def main() -> None:
                 "torch bf16": (lambda w, x=x: F.linear(x, w), ws, 2)}
             if w32:
                 methods["torch fp32"] = (lambda w, x32=x32: F.linear(x32, w), w32, 4)
-            for p in paths:
+            for p in ([] if args.no_bf16 else paths):
                 methods[p] = (lambda w, p=p, x=x: kernels.linear_bf16(x, w, path=p), ws, 2)
+            for d in args.prefetch if "avx2" in paths else []:
+                methods[f"avx2 pf{d}"] = (
+                    lambda w, x=x, d=d: prefetched(d, lambda: kernels.linear_bf16(x, w, path="avx2")), ws, 2)
             if args.int8:
                 methods["torch int8pack"] = (lambda q, x=x, s=scales: torch.ops.aten._weight_int8pack_mm(x, q, s),
                                              qs, 1)
                 for p in paths:
                     methods[f"int8 {p}"] = (lambda q, p=p, x=x, s=scales: kernels.linear_int8(x, q, s, path=p), qs, 1)
+                    methods[f"int8 {p} exact"] = (
+                        lambda q, p=p, x=x, s=scales: exact(lambda: kernels.linear_int8(x, q, s, path=p)), qs, 1)
+            if args.int4:
+                for p in paths:
+                    methods[f"int4 {p}"] = (
+                        lambda q, p=p, x=x, sz=sz: kernels.linear_int4(x, q, sz, 128, path=p), packed, 0.5)
+                    methods[f"int4 {p} exact"] = (
+                        lambda q, p=p, x=x, sz=sz: exact(lambda: kernels.linear_int4(x, q, sz, 128, path=p)),
+                        packed, 0.5)
             best: dict[str, float] = {}
             for _ in range(args.rounds):
                 for label, (fn, weights, _) in methods.items():
@@ -114,14 +164,19 @@ def main() -> None:
                 read_bw.append(bandwidth())
             results[(name, m)] = {label: n * k * methods[label][2] / best[label] / 1e9 for label in best}
             results[(name, m)]["_ms_torch"] = best["torch bf16"] * 1e3
-            if paths:
+            if paths and paths[-1] in best:
                 results[(name, m)]["_ms_best"] = best[paths[-1]] * 1e3
         del ws, w32
+        if args.int8:
+            del qs
+        if args.int4:
+            del packed
 
     dram = max(read_bw)
     print(f"DRAM read bandwidth (float32 sum of 512 MiB, best of {len(read_bw)}): {dram:.1f} GB/s "
           f"(worst {min(read_bw):.1f})")
-    print("GB/s of weights streamed (bf16: 2 B/weight, fp32: 4, int8: 1); % = of the read bandwidth")
+    print("GB/s of weights streamed (bf16: 2 B/weight, fp32: 4, int8: 1, int4: 0.5 + scales); % = of the read "
+          "bandwidth")
     header = ["shape", "N x K", "M", *columns, "ms torch bf16", "ms best native"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

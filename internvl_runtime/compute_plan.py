@@ -80,30 +80,49 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     """Hand the plan to the model's parts through their own setters: the Linear layers (small-row kernel,
     upcast), the vision encoder (upcast patch embedding), the decoder (native decode stack)."""
     _, kernel = _decode_kernel(plan.dtype) if plan.decode_kernel != "torch" else ("torch", None)
+    # the upcast plan (forced, or a CPU without bf16 instructions) keeps torch's bf16 GEMM out of decode
+    # (INTERNVL_COMPUTE=upcast on an avx512_bf16 host thus reproduces an AVX2 host's plan)
+    fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
         # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs, up to 16 elsewhere (torch's
         # bf16 is far slower there): benchmarks/gemv.py measures the crossing, benchmarks/RESULTS.md has runs.
-        rows = 4 if cpu_has_fast_bf16() else 16
+        rows = 4 if fast_16bit else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
-    # The native decode stack pays off to more rows than the bare GEMV kernel: it also removes the Python
-    # layer loop; past 8 rows torch's bf16 GEMMs win where the CPU has them (benchmarks/bench_engine.py (c),
-    # runs in benchmarks/RESULTS.md)
-    plan = _plan_decode_layers(model.language_model, plan, rows=8 if cpu_has_fast_bf16() else 16)
+    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_16bit))
     model.set_compute_plan(plan)
     logger.info(plan.describe())
 
 
-def _plan_decode_layers(lm: DecoderForCausalLM, plan: ComputePlan, rows: int) -> ComputePlan:
+#: Decode steps of up to this many sequences run in the native stack: in practice all of them.
+MAX_NATIVE_DECODE_ROWS = 4096
+
+
+def decode_stack_rows(fast_16bit: bool) -> tuple[int, int]:
+    """(most sequences a native decode step takes, sequences from which its bf16 products run on torch's GEMM
+    instead of the GEMV kernels; 0: never), for a CPU with or without fast 16-bit matmul instructions.
+
+    The native stack takes every decode step: besides the products it removes the Python layer loop
+    (~350 tensor operations per step), so it wins at any row count once its products are as fast as the
+    Python path's. Those are the GEMV kernels (each weight row read once for all rows) up to 4 rows where
+    the CPU has bf16 instructions and torch's GEMM from 5 (at 8 rows the kernels ran at ~60% of torch's
+    oneDNN GEMM, at 16 ~50%: benchmarks/gemv.py, RESULTS.md); without them torch's bf16 is ~100x slower
+    than the kernels, which then take every row count (an AVX2 host: the Python path would convert the
+    weights to float32 per call)."""
+    return MAX_NATIVE_DECODE_ROWS, (5 if fast_16bit else 0)
+
+
+def _plan_decode_layers(lm: DecoderForCausalLM, plan: ComputePlan, rows: int, gemm_rows: int) -> ComputePlan:
     """Give the language model a native decode stack where one applies; the plan records which."""
     lm.set_decode_stack(None)
     if plan.decode_kernel == "torch" or plan.dtype != torch.bfloat16:
         why = "no native kernel" if plan.decode_kernel == "torch" else f"weights are {plan.dtype}"
         return replace(plan, decode_layers=f"python ({why})")
-    stack = DecodeStack.build(lm)
+    stack = DecodeStack.build(lm, gemm_rows)
     if isinstance(stack, str):
         return replace(plan, decode_layers=f"python ({stack})")
     lm.set_decode_stack(stack, rows)
-    return replace(plan, decode_layers=f"native (up to {rows} sequences)")
+    gemm = f"; bf16 products on torch's GEMM from {gemm_rows} sequences" if gemm_rows else ""
+    return replace(plan, decode_layers=f"native (up to {rows} sequences{gemm})")

@@ -67,7 +67,8 @@ def _projection(layers: list[nn.Module], what: str) -> _Projection | str:
 class DecodeStack:
     """Callable ``(x, cos, sin, meta, kv_cache) -> x`` over all decoder layers of ``lm`` (one token per row)."""
 
-    def __init__(self, lm: DecoderForCausalLM, projections: dict[str, _Projection], path: str) -> None:
+    def __init__(self, lm: DecoderForCausalLM, projections: dict[str, _Projection], path: str,
+                 gemm_rows: int = 0) -> None:
         layers = lm.model.decoder_layers
         attn = layers[0].self_attn
         self.num_heads = attn.num_heads
@@ -79,10 +80,14 @@ class DecodeStack:
         self.ln2: list[torch.Tensor] = [layer.post_attention_layernorm.weight for layer in layers]
         self.projections = projections
         self.path = path             # the ISA path, fixed when the plan is made
+        self.gemm_rows = gemm_rows   # from this many rows on, bf16 products on torch's GEMM (0: never)
 
     @classmethod
-    def build(cls, lm: DecoderForCausalLM) -> DecodeStack | str:
-        """The stack for decoder ``lm``, or a sentence saying why the native path does not apply."""
+    def build(cls, lm: DecoderForCausalLM, gemm_rows: int = 0) -> DecodeStack | str:
+        """The stack for decoder ``lm``, or a sentence saying why the native path does not apply.
+
+        ``gemm_rows``: steps of at least this many sequences run their bf16 products on torch's GEMM
+        inside the native call (0: always the GEMV kernels); the compute plan chooses it per host."""
         try:
             path = kernels.selected_path()
         except Exception as exc:  # noqa: BLE001 - an invalid forced path: reported, Python path kept
@@ -110,7 +115,7 @@ class DecodeStack:
             if name != "qkv" and proj.biases:
                 return f"{name} has a bias"
             projections[name] = proj
-        return cls(lm, projections, path)
+        return cls(lm, projections, path, gemm_rows)
 
     def applies(self, kv_cache) -> bool:
         """Whether this step's KV pools are ones the native op can write (bf16 on the CPU)."""
@@ -136,4 +141,4 @@ class DecodeStack:
             kv_cache.keys, kv_cache.values, cos, sin,
             meta.slot_mapping, ctx[0] if len(ctx) == 1 else torch.cat(ctx), torch.tensor(offsets, dtype=torch.long),
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps, scale=self.scale,
-            path=self.path)
+            gemm_rows=self.gemm_rows, path=self.path)

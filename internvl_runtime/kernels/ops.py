@@ -64,7 +64,12 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 
     The same semantics as the weight-only int8 layers (``quantization.Int8Linear``: W ~= q * scale[:, None]).
     ``x`` bf16 or float32 (the result has its dtype); ``scales`` and ``bias`` bf16 or float32. Accumulates in
-    fp32 and rounds once. Falls back to a dequantizing torch expression where no native path runs.
+    fp32 and rounds once. On every native path x meets the weights as int8, quantized once per call per
+    block of 32 columns (scale max|x| / 127, round half to even, as llama.cpp's q8_0 activations), in
+    integer dot products (AVX2 ``vpmaddubsw``/``vpmaddwd``; AVX-512 VNNI ``vpdpbusd`` where the CPU has
+    it): ~0.5% relative error on random data, the size of int8 weights' own error; the sums are exact, so
+    every path gives the same result. Falls back to a dequantizing torch expression where no native path
+    runs.
     """
     chosen = extension._resolve(path)
     if (chosen == "torch" or x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != torch.int8
@@ -107,11 +112,12 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 bias: torch.Tensor | None = None, *, path: str | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for int4 weights in the native layout (``pack_int4``), fp32 accumulation.
 
-    ``x`` (..., K) is taken in bf16 (the result has x's dtype). On CPUs with AVX-512 VNNI and groups of a
-    multiple of 64 columns, the ``(q - 8) * scale`` part meets x quantized to int8 per group (scale
-    max|x| / 127, as llama.cpp's q8_0 activations; ~0.7% of the output's scale on random data, small
-    next to int4's own weight error); the ``zero`` part uses x exactly. Elsewhere the product is exact
-    up to bf16 rounding. Where no native path runs, the weight is dequantized and one matmul runs.
+    ``x`` (..., K) is taken in bf16 (the result has x's dtype). On every native path the ``(q - 8) * scale``
+    part meets x quantized to int8 per weight group (scale max|x| / 127, as llama.cpp's q8_0 activations;
+    ~0.7% of the output's scale on random data, small next to int4's own weight error) in integer dot
+    products (AVX-512 VNNI for groups of a multiple of 64 columns where the CPU has it, else AVX2's
+    ``vpmaddubsw``; the same sums either way); the ``zero`` part uses x exactly. Where no native path
+    runs, the weight is dequantized and one matmul runs (exact up to bf16 rounding).
     """
     chosen = extension._resolve(path)
     if chosen == "torch" or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
@@ -172,7 +178,7 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
                   key_cache: list[torch.Tensor], value_cache: list[torch.Tensor],
                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   ctx_slots: torch.Tensor, ctx_offsets: torch.Tensor, *,
-                  num_heads: int, num_kv_heads: int, eps: float, scale: float,
+                  num_heads: int, num_kv_heads: int, eps: float, scale: float, gemm_rows: int = 0,
                   path: str | None = None) -> torch.Tensor:
     """Every Llama-family decoder layer of one decode step, M sequences one new token each -> x (M, hidden).
 
@@ -188,6 +194,9 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
     - ``key_cache``, ``value_cache``: per layer a (num_slots, num_kv_heads, head_dim) bf16 pool.
     - ``ctx_slots`` (flat) and ``ctx_offsets`` (M + 1,): sequence i attends to the slots
       ``ctx_slots[ctx_offsets[i]:ctx_offsets[i + 1]]`` (its new token included).
+    - ``gemm_rows``: from this many rows on (0: never), bf16 products run on torch's GEMM inside the call
+      (oneDNN: compute-efficient at many rows where the CPU has 16-bit instructions) instead of the GEMV
+      kernels, which read each weight row once for all rows but compute at a fraction of the GEMM's rate.
 
     There is no torch fallback: raises ``UnsupportedFeature`` where no native path runs (the caller decides
     beforehand, with ``has_operator("decode_layers")``), and RuntimeError naming a bad argument.
@@ -199,4 +208,4 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
         x.contiguous(), ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s,
         key_cache, value_cache, cos.contiguous(), sin.contiguous(), slots.to(torch.long).contiguous(),
         ctx_slots.to(torch.long).contiguous(), ctx_offsets.to(torch.long).contiguous(), num_heads, num_kv_heads,
-        eps, scale, extension._PATH_ID[chosen])
+        eps, scale, int(gemm_rows), extension._PATH_ID[chosen])

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from internvl_runtime import AutoModel, kernels
+from internvl_runtime.compute_plan import MAX_NATIVE_DECODE_ROWS, decode_stack_rows
+from internvl_runtime.decode_stack import DecodeStack
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.errors import UnsupportedFeature
 from paths import FIXTURES
@@ -48,11 +50,16 @@ class Counting:
         return self.stack(*args)
 
 
+def tables_for(count: int) -> list[list[int]]:
+    """Block tables for ``count`` sequences: TABLES, then 5 blocks each (80 tokens) from block 64 on."""
+    return TABLES[:count] + [list(range(64 + 5 * i, 69 + 5 * i)) for i in range(max(0, count - len(TABLES)))]
+
+
 def generate(model, stack, prompts: list[list[int]], steps: int = 8) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens and per-step logits with ``stack`` as the decode stack (None: the Python loop)."""
     model.language_model.decode_stack = stack
-    runner = ModelRunner(model, num_blocks=64)
-    tables = TABLES[: len(prompts)]
+    tables = tables_for(len(prompts))
+    runner = ModelRunner(model, num_blocks=max(64, max(max(t) for t in tables) + 1))
     logits = runner.execute([SequenceStep(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
     tokens = [[int(t)] for t in logits.argmax(-1)]
     history = [logits]
@@ -107,6 +114,30 @@ def test_native_decode_every_isa_path(path: str, monkeypatch: pytest.MonkeyPatch
     model = load("tiny-4B")
     assert model.language_model.decode_stack.path == path
     assert_same(model, prompts_for(model))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512bf16"])
+@pytest.mark.parametrize("gemm_rows", [0, 5], ids=["gemv", "gemm"])
+def test_native_decode_many_rows(path: str, gemm_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """18 sequences in one native step (more than the GEMV kernels' row tiles, 4 / 8): weights read once
+    for all rows by the kernels' multi-row tiles (gemm_rows 0), or torch's GEMM inside the native call
+    from 5 rows (the plan's choice where the CPU has bf16 instructions); the same tokens as the Python loop."""
+    if kernels.missing_flags(path):
+        pytest.skip(f"CPU lacks {kernels.missing_flags(path)}")
+    monkeypatch.setenv(kernels.ENV_VAR, path)
+    model = load("tiny-1B")
+    stack = DecodeStack.build(model.language_model, gemm_rows)
+    assert isinstance(stack, DecodeStack) and stack.path == path
+    model.language_model.set_decode_stack(stack, MAX_NATIVE_DECODE_ROWS)
+    assert_same(model, prompts_for(model, lengths=[37, 5, 60] + [3 + 4 * i for i in range(15)]))
+
+
+def test_decode_stack_rows_per_host_kind() -> None:
+    """Every decode step goes native; bf16 products switch to torch's GEMM from 5 rows only where the CPU
+    has fast 16-bit instructions (elsewhere torch's bf16 is far slower than the kernels)."""
+    assert decode_stack_rows(True) == (MAX_NATIVE_DECODE_ROWS, 5)
+    assert decode_stack_rows(False) == (MAX_NATIVE_DECODE_ROWS, 0)
+    assert MAX_NATIVE_DECODE_ROWS >= 256
 
 
 def test_more_rows_than_the_stack_takes_use_the_python_loop() -> None:

@@ -11,13 +11,19 @@
 //   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
 //   x = x + a Wo ; h = rmsnorm(x) ; g,u = h Wgate_up ; x = x + (silu(g) * u) Wdown
 //
-// Products go to the GEMV kernels of gemv.cpp (bf16, or int8 with per-row scales, per matrix); the
-// attention of each (sequence, KV head) pair is one task on torch's thread pool. Anything this op does
+// Products go to the GEMV kernels of gemv.cpp (bf16, int8 with per-row scales, or int4, per matrix), which
+// read each weight row once per step for all M rows; from `gemm_rows` rows on (the caller's choice: where
+// the host has fast 16-bit GEMMs), bf16 products go to torch's GEMM (at::mm / addmm, oneDNN) instead,
+// which is compute-efficient at many rows, still inside this one call. The attention of each
+// (sequence, KV head) pair is one task on torch's thread pool. Anything this op does
 // not cover (other dtypes, other layer types) stays on the Python path, which decides before calling.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -40,6 +46,8 @@ inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 enum Format { kWeightBf16, kWeightInt8, kWeightInt4 };
 
 struct Matrix {
+  const at::Tensor* weight = nullptr;   // the tensor itself, for the GEMM route
+  const at::Tensor* bias_tensor = nullptr;
   const void* w = nullptr;
   Format format = kWeightBf16;
   int64_t group = 0;             // int4: columns per scale/zero group
@@ -75,6 +83,7 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
   m.N = N;
   m.K = K;
   m.w = w.data_ptr();
+  m.weight = &w;
   if (scale != nullptr) {
     if (int4) {
       TORCH_CHECK(scale->scalar_type() == at::kBFloat16 && scale->dim() == 3 && scale->size(0) == N &&
@@ -100,11 +109,24 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
     check_vector(*bias, N, "bias", layer);
     m.bias = bias->data_ptr();
     m.bias_kind = kind_of(*bias, "bias", layer);
+    m.bias_tensor = bias;
   }
   return m;
 }
 
-void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_t path) {
+// out (M, N) bf16 = x (M, K) bf16 . W^T (+ bias). gemm_rows > 0: bf16 weights with M >= gemm_rows go to
+// torch's GEMM (as F.linear does: fp32 accumulation, one rounding), the others to the GEMV kernels.
+void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_t path, int64_t gemm_rows) {
+  if (m.format == kWeightBf16 && gemm_rows > 0 && M >= gemm_rows) {
+    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+    const at::Tensor xt = at::from_blob(const_cast<uint16_t*>(x), {M, m.K}, bf16);
+    at::Tensor ot = at::from_blob(out, {M, m.N}, bf16);
+    if (m.bias_tensor != nullptr)
+      at::addmm_out(ot, m.bias_tensor->to(at::kBFloat16), xt, m.weight->t());
+    else
+      at::mm_out(ot, xt, m.weight->t());
+    return;
+  }
   switch (m.format) {
     case kWeightInt8:
       matvec_int8(x, M, m.K, static_cast<const int8_t*>(m.w), m.scale, m.scale_kind, m.N, m.bias, m.bias_kind, out,
@@ -320,7 +342,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
                          at::TensorList key_cache, at::TensorList value_cache,
                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                          const at::Tensor& ctx_slots, const at::Tensor& ctx_offsets, int64_t num_heads,
-                         int64_t num_kv_heads, double eps, double scale, int64_t path) {
+                         int64_t num_kv_heads, double eps, double scale, int64_t gemm_rows, int64_t path) {
   TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "decode_layers: unknown path ", path);
   const int64_t L = static_cast<int64_t>(ln1.size());
   const auto same = [L](at::TensorList v, bool optional, const char* what) {
@@ -401,7 +423,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
 
   for (int64_t l = 0; l < L; ++l) {
     rms_norm(x, static_cast<const uint16_t*>(ln1[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
-    matvec(qkv[l], h.data(), M, qkv_out.data(), path);
+    matvec(qkv[l], h.data(), M, qkv_out.data(), path, gemm_rows);
     uint16_t* kp = static_cast<uint16_t*>(key_cache[l].data_ptr());
     uint16_t* vp = static_cast<uint16_t*>(value_cache[l].data_ptr());
     for (int64_t m = 0; m < M; ++m) {
@@ -419,12 +441,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
                offs[m + 1] - offs[m], sc, attn.data() + m * QS + kvh * G * D, work.data());
       }
     });
-    matvec(o[l], attn.data(), M, proj.data(), path);
+    matvec(o[l], attn.data(), M, proj.data(), path, gemm_rows);
     add_into(x, proj.data(), M * H);
     rms_norm(x, static_cast<const uint16_t*>(ln2[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
-    matvec(gate_up[l], h.data(), M, gu.data(), path);
-    for (int64_t m = 0; m < M; ++m) silu_mul(gu.data() + m * 2 * I, I, act.data() + m * I);
-    matvec(down[l], act.data(), M, proj.data(), path);
+    matvec(gate_up[l], h.data(), M, gu.data(), path, gemm_rows);
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) silu_mul(gu.data() + m * 2 * I, I, act.data() + m * I);
+    });
+    matvec(down[l], act.data(), M, proj.data(), path, gemm_rows);
     add_into(x, proj.data(), M * H);
   }
   return x_out;
@@ -438,7 +462,7 @@ TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
       "decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_b, "
       "Tensor[] o_w, Tensor[] o_s, Tensor[] gate_up_w, Tensor[] gate_up_s, Tensor[] down_w, Tensor[] down_s, "
       "Tensor(a!)[] key_cache, Tensor(b!)[] value_cache, Tensor cos, Tensor sin, Tensor slots, Tensor ctx_slots, "
-      "Tensor ctx_offsets, int num_heads, int num_kv_heads, float eps, float scale, int path) -> Tensor");
+      "Tensor ctx_offsets, int num_heads, int num_kv_heads, float eps, float scale, int gemm_rows, int path) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) { m.impl("decode_layers", &decode_layers); }

@@ -68,6 +68,12 @@ struct Kernel {
 // U independent accumulator sets hide the FMA / dot-product latency when MB x NB is small.
 // Beyond ~8 rows these kernels are compute-bound and torch's packed GEMM (on avx512_bf16 hosts) wins.
 
+// Software prefetch distance (bytes ahead in each weight row) of the AVX2 bf16 tile; 0: none (the hardware
+// prefetcher alone). Benchmarks set it (_set_prefetch_bytes) to choose the default by measurement.
+namespace {
+std::atomic<int64_t> g_prefetch_bytes{0};
+}  // namespace
+
 #define TILE_SETUP(WT, WPTR, XT, XPTR, XLD)                      \
   const WT* wr[NB];                                              \
   const XT* xr[MB];                                              \
@@ -97,6 +103,7 @@ void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
   constexpr int U = unroll_for<MB, NB>();
   const int64_t K = p.K, K16 = K & ~int64_t(15);
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t pf = g_prefetch_bytes.load(std::memory_order_relaxed) / 2;   // in elements
   TILE_SETUP(uint16_t, p.w, float, p.xf, K)
   __m256 acc[U][MB][NB];
 #pragma GCC unroll 4
@@ -109,6 +116,7 @@ void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
     __m256 we[NB], wo[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
+      if (pf > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
       we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
@@ -226,6 +234,142 @@ void tile_int4_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
       const __m256 acc = _mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), _mm256_add_ps(a2[i], a3[i]));
       total[i] = _mm256_fmadd_ps(vs, acc, total[i]);
       extra[i] += (zero - 8.0f * scale) * p.xsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
+}
+
+
+// ---- 8-bit activations (llama.cpp's q8_0 / q4_0 technique without VNNI) ------------------------------
+// vpmaddubsw multiplies 32 unsigned bytes by 32 signed bytes and adds adjacent pairs into 16-bit lanes;
+// vpmaddwd by ones adds adjacent 16-bit pairs into 32-bit lanes: 32 byte products per two instructions.
+
+// int8 weights: one weight is signed, so its sign moves onto the activation (vpsignb) and its absolute
+// value (<= 128) is the unsigned side: |w| * sign(w) x, pairs <= 2 * 128 * 127 < 2^15 (no saturation).
+// x is quantized per block of 32 columns (int8, scale max|x| / 127: Problem::xq / xscale, the scale of
+// block b repeated in 8 lanes at xscale[b * 8]); res = sum_b scale_b * sum_k xq * w (K % 32 tail scalar).
+template <int MB, int NB>
+void tile_int8_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  const int64_t K = p.K, K32 = K & ~int64_t(31), nb = (K + 31) / 32;
+  const int8_t* w[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) w[j] = p.wq + (n0 + j) * K;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) total[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m256i wv[NB], aw[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
+      aw[j] = _mm256_sign_epi8(wv[j], wv[j]);   // |w| (as unsigned: -128 -> 128)
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + k));
+      const __m256 sc = _mm256_loadu_ps(p.xscale + ((m0 + i) * nb + k / 32) * 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j])), ones);
+        total[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, total[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum256(total[i][j]);
+      if (K32 < K) {
+        const int8_t* xq = p.xq + (m0 + i) * K;
+        int32_t t = 0;
+        for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[j][k];
+        s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+      }
+      res[i * NB + j] = s;
+    }
+}
+
+// int4 weights: the codes q (0..15) are the unsigned side, x the signed one, pairs <= 2 * 15 * 127. One
+// 16-byte load split by nibble is the 32 columns of a block in order (low nibbles 0-15, high 16-31). x is
+// quantized per weight group (Problem::xq in natural order, xscale / xqsum per group); per group, as the
+// VNNI tile: res += scale * sx * (sum q * xq - 8 * sum xq) + zero * sum x.
+template <int MB, int NB>
+void tile_int4_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm256_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + k));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+      }
+    }
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const float sx = scale * p.xscale[(m0 + i) * G + g];
+      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(sx), _mm256_cvtepi32_ps(acc[i]), total[i]);
+      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
+}
+
+// int4, groups of a multiple of 64 columns: 64 columns (32 bytes of codes) per step. One 32-byte load split by
+// nibble gives [block 0 columns 0-15 | block 1 columns 0-15] and [block 0 columns 16-31 | block 1 columns
+// 16-31]; x is stored per 64 columns in that order (the VNNI tile's: 0-15, 32-47, 16-31, 48-63). The two
+// vpmaddubsw results (each pair <= 2 * 15 * 127) are added in 16 bits (<= 7620) before one vpmaddwd: 7
+// instructions per row per 64 columns where the 32-column tile takes 8 per 32.
+template <int MB, int NB>
+void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "int4 tiles take one weight row");
+  const int64_t K = p.K, G = K / p.group;
+  const uint8_t* w = p.w4 + n0 * (K / 2);
+  const uint16_t* sz = p.sz + n0 * G * 2;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[MB];
+  float extra[MB];
+  for (int i = 0; i < MB; ++i) {
+    total[i] = _mm256_setzero_ps();
+    extra[i] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 64) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const int8_t* xq = p.xq + (m0 + i) * K + k;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const float sx = scale * p.xscale[(m0 + i) * G + g];
+      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(sx), _mm256_cvtepi32_ps(acc[i]), total[i]);
+      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
     }
   }
   for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
@@ -494,6 +638,78 @@ void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(total[i]) + extra[i];
 }
 
+
+// int8 weights x int8 activations with VNNI: vpdpbusd takes 64 unsigned-by-signed byte products per
+// instruction, with no 16-bit intermediate. The sign of w moves onto x (a masked negation), |w| is the
+// unsigned side. Per 64 columns the 16 int32 lanes hold two blocks of 32 (lanes 0-7 and 8-15), scaled
+// by the two block scales (Problem::xscale, 8 copies each) before the fp32 accumulation. Same
+// quantization as the AVX2 tile, so both paths give the same sums.
+template <int MB, int NB>
+void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  const int64_t K = p.K, K64 = K & ~int64_t(63), K32 = K & ~int64_t(31), nb = (K + 31) / 32;
+  const int8_t* w[NB];
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) w[j] = p.wq + (n0 + j) * K;
+  __m512 total[MB][NB];
+  __m256 rest[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      total[i][j] = _mm512_setzero_ps();
+      rest[i][j] = _mm256_setzero_ps();
+    }
+  for (int64_t k = 0; k < K64; k += 64) {
+    __m512i aw[NB];
+    __mmask64 neg[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w[j] + k);
+      aw[j] = _mm512_abs_epi8(wv);            // -128 -> 0x80 = 128 unsigned: still exact
+      neg[j] = _mm512_movepi8_mask(wv);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_loadu_si512(p.xq + (m0 + i) * K + k);
+      const __m512 sc = _mm512_loadu_ps(p.xscale + ((m0 + i) * nb + k / 32) * 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m512i sx = _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw[j], sx);
+        total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, total[i][j]);
+      }
+    }
+  }
+  if (K64 < K32) {   // one block of 32 left
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + K64));
+      const __m256i aw = _mm256_abs_epi8(wv);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xv = _mm256_sign_epi8(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xq + (m0 + i) * K + K64)), wv);
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, xv);
+        const __m256 sc = _mm256_loadu_ps(p.xscale + ((m0 + i) * nb + K64 / 32) * 8);
+        rest[i][j] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc), rest[i][j]);   // (no FMA in this target)
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const __m256 r = rest[i][j];
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float s = _mm512_reduce_add_ps(total[i][j]) + _mm_cvtss_f32(h);
+      if (K32 < K) {
+        const int8_t* xq = p.xq + (m0 + i) * K;
+        int32_t t = 0;
+        for (int64_t k = K32; k < K; ++k) t += static_cast<int32_t>(xq[k]) * w[j][k];
+        s += static_cast<float>(t) * p.xscale[((m0 + i) * nb + K32 / 32) * 8];
+      }
+      res[i * NB + j] = s;
+    }
+}
+
 }  // namespace
 #pragma GCC pop_options
 
@@ -507,9 +723,12 @@ namespace {
 #define ONE8(F) {F<1, 1>, F<2, 1>, F<3, 1>, F<4, 1>, F<5, 1>, F<6, 1>, F<7, 1>, F<8, 1>}, 8
 #define MANY2(F) {F<1, 4>, F<2, 4>, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 2, 4
 #define MANY4(F) {F<1, 4>, F<2, 4>, F<3, 4>, F<4, 4>, nullptr, nullptr, nullptr, nullptr}, 4, 4
+#define MANY42(F) {F<1, 2>, F<2, 2>, F<3, 2>, F<4, 2>, nullptr, nullptr, nullptr, nullptr}, 4, 2
 
-// AVX2 has 16 vector registers: a 2 x 4 tile there (8 accumulators + 8 converted weights); AVX-512 has 32.
-const Kernel kBf16Avx2{ONE4(tile_bf16_avx2), MANY2(tile_bf16_avx2)};
+// AVX2 has 16 vector registers: 4 activation rows x 2 weight rows there for bf16 (8 accumulators, 4 converted
+// weights, 2 activations: each converted weight serves 4 rows; 16 rows, 1 thread, CPU time: qkv 47 -> 69,
+// gate_up 37 -> 46, down 45 -> 50 GFLOP/s against the 2 x 4 tile); AVX-512 has 32.
+const Kernel kBf16Avx2{ONE4(tile_bf16_avx2), MANY42(tile_bf16_avx2)};
 const Kernel kBf16Avx512{ONE8(tile_bf16_avx512), MANY4(tile_bf16_avx512)};
 const Kernel kBf16Dp{ONE8(tile_bf16_dp), MANY4(tile_bf16_dp)};
 const Kernel kInt8Avx2{ONE4(tile_int8_avx2), MANY2(tile_int8_avx2)};
@@ -518,11 +737,17 @@ const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
 const Kernel kInt4Vnni{ONE4(tile_int4_vnni), NONE};
+const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE};
+const Kernel kInt4Dot64Avx2{ONE4(tile_int4_dot64_avx2), NONE};
+// int8 with 8-bit activations: multi-row tiles too, once the int8 activations outgrow L1 (x_elem_bytes 1)
+const Kernel kInt8DotAvx2{ONE4(tile_int8_dot_avx2), MANY42(tile_int8_dot_avx2)};
+const Kernel kInt8Vnni{ONE8(tile_int8_vnni), MANY4(tile_int8_vnni)};
 #undef NONE
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
-std::atomic<int64_t> g_chunk_bytes{128 * 1024};
-std::atomic<bool> g_int4_vnni{true};   // tests: off compares the bf16 dot-product int4 path   // weights per work item taken from the shared counter
+std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
+// int8 / int4 products with x quantized to int8 (integer dot products); tests: off gives the fp32 / bf16 paths
+std::atomic<bool> g_int8_x{true};
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
 // With M > 1, one-row tiles are kept while the activations (M x K, as the tiles read them) fit in L1
 // with room to spare; beyond that, 4-row tiles cut the activation traffic from L2 by 4.
@@ -548,12 +773,19 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
   if (ker.nb_many > 0 && p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
-    for (; n + ker.nb_many <= n_end; n += ker.nb_many)
-      for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
-        const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
-        ker.many[mb - 1](p, m, n, res);
-        epilogue(p, m, mb, n, ker.nb_many, res);
+    // activation blocks outside, weight tiles inside: one block of rows (a few KiB) stays in L1 while the
+    // chunk's weights (~128 KiB: read from DRAM once, by the first block) come from L2 for the others. The
+    // other order re-read all M activation rows from L2 for every weight tile, which at 16 rows moved as
+    // many bytes from L2 as the FMAs take cycles.
+    const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
+      for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many) {
+        ker.many[mb - 1](p, m, t, res);
+        epilogue(p, m, mb, t, ker.nb_many, res);
       }
+    }
+    n = n_tiles_end;
   }
   for (; n < n_end; ++n)
     for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
@@ -572,7 +804,7 @@ void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   const int64_t chunks = (p.N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1 || p.N * row_bytes < kSerialBytes || at::in_parallel_region()) {
-    run_rows(ker, p, 0, p.N);
+    for (int64_t c = 0; c < chunks; ++c) run_rows(ker, p, c * rows, std::min(p.N, (c + 1) * rows));   // L2-sized
     return;
   }
   std::atomic<int64_t> next{0};
@@ -583,6 +815,45 @@ void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
       run_rows(ker, p, c * rows, std::min(p.N, (c + 1) * rows));
     }
   });
+}
+
+// Which integer dot-product kernel an int8 / int4 product runs with 8-bit activations: VNNI where the CPU
+// has it and the path is an AVX-512 one, else AVX2 (every host with a native path has it); none when
+// switched off (then the fp32 / bf16 kernels run on exact activations).
+enum IntDot { kIntOff, kIntAvx2, kIntVnni };
+
+IntDot int_dot(int64_t path) {
+  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!g_int8_x.load(std::memory_order_relaxed)) return kIntOff;
+  if (path != kAvx2 && vnni) return kIntVnni;
+  return avx2 ? kIntAvx2 : kIntOff;
+}
+
+// x (M, K), bf16 (xb) or fp32 (xf), quantized to int8 per block of `block` columns (the last block may be
+// shorter): scale = max|x| / 127 (1 for an all-zero block), q = round-half-even(x * (1 / scale)) in fp32,
+// as llama.cpp's q8_0. xq (M, K) in natural order; per block, `copies` copies of the scale at
+// scale[(m * blocks + b) * copies]; qsum (optional): the exact sum of each block's q.
+void quantize_x(const uint16_t* xb, const float* xf, int64_t M, int64_t K, int64_t block, int64_t copies,
+                int8_t* xq, float* scale, float* qsum) {
+  const int64_t blocks = (K + block - 1) / block;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
+      auto at = [&](int64_t k) { return xb ? bf16_to_f32(xb[m * K + k]) : xf[m * K + k]; };
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(at(k)));
+      const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
+      int32_t total = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(at(k) * inv));
+        xq[m * K + k] = v;
+        total += v;
+      }
+      for (int64_t c = 0; c < copies; ++c) scale[(m * blocks + b) * copies + c] = sx;
+      if (qsum) qsum[m * blocks + b] = static_cast<float>(total);
+    }
 }
 
 // fp32 copy of x (M, K); with block > 0, each full block of `block` elements is stored as
@@ -628,6 +899,30 @@ std::vector<float> prepare_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64
     for (; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
   }
   return xf;
+}
+
+// out = (x . q^T) * scale + bias for int8 weights, x bf16 (xb) or fp32 (xf): with 8-bit activations (per
+// 32 columns) on the integer kernels where they run, else fp32 activations on the conversion kernels.
+void int8_product(Problem& p, const uint16_t* xb, const float* xf, int64_t path) {
+  const IntDot dot = int_dot(path);
+  if (dot != kIntOff) {
+    const int64_t blocks = (p.K + 31) / 32;
+    std::vector<int8_t> xq(static_cast<size_t>(p.M * p.K));
+    std::vector<float> xscale(static_cast<size_t>(p.M * blocks * 8));
+    quantize_x(xb, xf, p.M, p.K, 32, 8, xq.data(), xscale.data(), nullptr);
+    p.xq = xq.data();
+    p.xscale = xscale.data();
+    p.x_elem_bytes = 1;
+    run(dot == kIntVnni ? kInt8Vnni : kInt8DotAvx2, p, 8);
+    return;
+  }
+  std::vector<float> copy;
+  if (xb) {
+    copy = prepare_x_bf16(xb, p.M, p.K, 0);
+    xf = copy.data();
+  }
+  p.xf = xf;
+  run(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, p, 8);
 }
 
 int kind_of(const at::Tensor& t, const char* what) {
@@ -697,14 +992,10 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
   at::Tensor out = at::empty({p.M, p.N}, x.options());
   p.wq = w.data_ptr<int8_t>();
   p.out = out.data_ptr();
-  std::vector<float> xf = prepare_x(x, 0);
-  p.xf = xf.data();
-  if (path == kAvx512 || path == kAvx512Bf16) {
-    run(kInt8Avx512, p, 8);
-  } else {
-    TORCH_CHECK(path == kAvx2, "linear_int8: unknown path ", path);
-    run(kInt8Avx2, p, 8);
-  }
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_int8: unknown path ", path);
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  int8_product(p, is_bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr,
+               is_bf16 ? nullptr : x.data_ptr<float>(), path);
   return out;
 }
 
@@ -756,9 +1047,7 @@ void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const
   p.wq = w;
   p.scale = scale;
   p.scale_kind = scale_kind;
-  std::vector<float> xf = prepare_x_bf16(x, M, K, 0);
-  p.xf = xf.data();
-  run(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, p, 8);
+  int8_product(p, x, nullptr, path);
 }
 
 void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, const uint16_t* sz, int64_t group,
@@ -776,35 +1065,30 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
       xsum[m * G + g] = s;
     }
   p.xsum = xsum.data();
-  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-  if (path == kAvx512Bf16 && vnni && group % 64 == 0 && g_int4_vnni.load(std::memory_order_relaxed)) {
-    // x to int8 per group, columns of each 64 in the order the tile unpacks the nibbles
-    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+  const IntDot dot = int_dot(path);
+  if (dot != kIntOff && group % 64 == 0) {   // VNNI, or AVX2 64 columns per step: the same x order
+    // x to int8 per group, columns of each 64 in the order the 64-column tiles unpack the nibbles
+    std::vector<int8_t> xq(static_cast<size_t>(M * K)), plain(static_cast<size_t>(M * K));
     std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
+    quantize_x(x, nullptr, M, K, group, 1, plain.data(), xscale.data(), xqsum.data());
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        const uint16_t* src = x + m * K + g * group;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < group; ++k) amax = std::max(amax, std::fabs(bf16_to_f32(src[k])));
-        const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
-        xscale[m * G + g] = sx;
-        int8_t* dst = xq.data() + m * K + g * group;
-        int64_t total = 0;
-        for (int64_t c = 0; c < group; c += 64)
-          for (int j = 0; j < 16; ++j) {
-            const int64_t order[4] = {c + j, c + 32 + j, c + 16 + j, c + 48 + j};
-            for (int part = 0; part < 4; ++part) {
-              const int8_t v = static_cast<int8_t>(std::nearbyint(bf16_to_f32(src[order[part]]) * inv));
-              dst[c + part * 16 + j] = v;
-              total += v;
-            }
-          }
-        xqsum[m * G + g] = static_cast<float>(total);
-      }
+      for (int64_t c = 0; c < K; c += 64)
+        for (int j = 0; j < 16; ++j) {
+          const int64_t order[4] = {c + j, c + 32 + j, c + 16 + j, c + 48 + j};
+          for (int part = 0; part < 4; ++part) xq[m * K + c + part * 16 + j] = plain[m * K + order[part]];
+        }
     p.xq = xq.data();
     p.xscale = xscale.data();
     p.xqsum = xqsum.data();
-    run(kInt4Vnni, p, 4);
+    run(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, p, 4);
+  } else if (dot != kIntOff) {   // AVX2 integer dot products, 32 columns per step (groups of 32 mod 64)
+    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
+    quantize_x(x, nullptr, M, K, group, 1, xq.data(), xscale.data(), xqsum.data());
+    p.xq = xq.data();
+    p.xscale = xscale.data();
+    p.xqsum = xqsum.data();
+    run(kInt4DotAvx2, p, 4);
   } else if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
@@ -893,8 +1177,12 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t gr
 // Benchmarks only: set the activation size (bytes) up to which M > 1 keeps one-row tiles; returns the old.
 int64_t set_x_l1_bytes(int64_t bytes) { return g_x_l1_bytes.exchange(bytes); }
 
-// Tests and benchmarks: use the VNNI int4 path (8-bit activations) where the CPU has it; returns the old value.
-bool set_int4_vnni(bool on) { return g_int4_vnni.exchange(on); }
+// Tests and benchmarks: int8 / int4 products on integer dot products with 8-bit activations (default on;
+// off: exact activations on the fp32 / bf16 kernels); returns the old value.
+bool set_int8_activations(bool on) { return g_int8_x.exchange(on); }
+
+// Benchmarks only: set the AVX2 bf16 tile's software prefetch distance in bytes (0: none); returns the old value.
+int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
 
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
@@ -902,7 +1190,8 @@ int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
-  m.def("_set_int4_vnni(bool on) -> bool", &set_int4_vnni);
+  m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
+  m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");

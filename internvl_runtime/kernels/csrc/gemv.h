@@ -22,9 +22,9 @@ struct Problem {
   const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
   int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
   const float* xsum = nullptr;   // int4 only: (M, K / group) sums of x over each group
-  const int8_t* xq = nullptr;    // int4 VNNI path: x quantized per group, columns in the tile's order
-  const float* xscale = nullptr; // int4 VNNI path: (M, K / group) scale of each quantized group
-  const float* xqsum = nullptr;  // int4 VNNI path: (M, K / group) sum of the quantized values (exact)
+  const int8_t* xq = nullptr;    // integer paths: x quantized to int8 (M, K); int4 VNNI: each 64 in nibble order
+  const float* xscale = nullptr; // int4: (M, K / group) scales; int8: (M, ceil(K / 32), 8): each block's, 8 times
+  const float* xqsum = nullptr;  // int4 integer paths: (M, K / group) sum of the quantized values (exact)
   const void* scale = nullptr;   // int8 only: per-output-channel scales
   int scale_kind = kNone;
   const void* bias = nullptr;
