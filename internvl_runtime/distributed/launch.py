@@ -132,7 +132,9 @@ def start_rank(folder: str | Path, group: TPGroup, *, dtype: DTypeSpec = "auto",
     runners: list[TensorParallelRunner] = []
 
     def driving_runner(model: InternVLModel, **kwargs: Any) -> TensorParallelRunner:
-        """Rank 0's runner: the local ModelRunner, each step broadcast to the workers first."""
+        """Rank 0's runner: the local ModelRunner, each step broadcast to the workers first; eager, as the
+        workers' (the all-reduces between sliced layers are not captured in CUDA graphs)."""
+        kwargs["enforce_eager"] = True
         runners.append(TensorParallelRunner(ModelRunner(model, **kwargs), group, on_failure=on_failure))
         return runners[-1]
 

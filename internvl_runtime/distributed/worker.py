@@ -203,7 +203,8 @@ def run_worker(model: InternVLModel, group: TPGroup) -> None:
     if not isinstance(setup, Setup):
         raise TensorParallelError(f"rank 0 sent {type(setup).__name__} where Setup comes first")
     runner = ModelRunner(model, num_blocks=setup.num_blocks, block_size=setup.block_size,
-                         kv_dtype=setup.kv_dtype, image_token_id=setup.image_token_id)
+                         kv_dtype=setup.kv_dtype, image_token_id=setup.image_token_id,
+                         enforce_eager=True)      # as rank 0's: the all-reduces are not captured
     with torch.inference_mode():
         while True:
             message = group.broadcast_object()

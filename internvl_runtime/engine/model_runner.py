@@ -46,11 +46,6 @@ def local_kv_heads(model: InternVLModel) -> int:
     return model.language_model.model.decoder_layers[0].self_attn.num_kv_heads
 
 
-def _tensor_parallel() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
 class ModelRunner:
     """Owns the KV cache for one model and executes steps."""
 
@@ -62,8 +57,9 @@ class ModelRunner:
         by steps that carry image features). ``attention_backend``: see ``choose_attention_backend``.
         Decode steps of at most ``max_num_seqs`` sequences of at most ``max_model_len`` tokens run on
         batch-bucket graphs (``cuda_graphs``) unless ``enforce_eager``, on the triton backend with the
-        model on one device and no tensor parallelism: captured on a GPU, emulated (padding, static
-        buffers) elsewhere. Graphs reserve one extra KV block, past ``num_blocks``, for padded rows."""
+        model on one device: captured on a GPU, emulated (padding, static buffers) elsewhere. (Tensor
+        parallelism's runners pass ``enforce_eager``: its all-reduces are not captured.) Graphs reserve one
+        extra KV block, past ``num_blocks``, for padded rows."""
         self.model = model
         self.image_token_id = image_token_id
         llm = model.config.llm
@@ -76,8 +72,7 @@ class ModelRunner:
                                                           has_triton=triton_available())
         devices = layer_devices(model.language_model)
         one_device = len({str(d) for d in devices}) == 1 and str(devices[0]) == str(self.device)
-        use_graphs = (self.attention_backend == "triton" and not enforce_eager and one_device
-                      and not _tensor_parallel())
+        use_graphs = self.attention_backend == "triton" and not enforce_eager and one_device
         self.kv_cache = KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=num_blocks,
                                          block_size=block_size, num_kv_heads=local_kv_heads(model),
                                          head_dim=llm.head_dim, dtype=self.dtype, device=devices,

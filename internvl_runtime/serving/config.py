@@ -32,6 +32,7 @@ from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label l
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton")     # engine.model_runner.ATTENTION_BACKENDS (no torch here)
 _IMAGE_PREPROCESS = ("exact", "device")        # processing.image_preprocessor.IMAGE_PREPROCESS_MODES (no torch here)
 
 
@@ -169,6 +170,11 @@ class ServerConfig:
         "share of each GPU's memory this server may use (as vLLM's): the KV cache gets what is left of it after "
         "the weights, a profiled worst-case step and the image feature cache; lower it to leave room for other "
         "processes"))
+    attention_backend: str = field(default="auto", metadata=_opt(
+        "attention kernels: auto (the Triton paged kernel on CUDA when triton is installed, torch elsewhere), "
+        "torch, or triton", choices=_ATTENTION_BACKENDS))
+    enforce_eager: bool = field(default=False, metadata=_opt(
+        "run every decode step eagerly: no CUDA graphs (as vLLM's flag; graphs need the triton backend)"))
     max_queue_len: int = field(default=256, metadata=_opt(
         "requests in the engine at once (running + waiting); more get 503"))
     max_concurrent_requests: int = field(default=512, metadata=_opt(
@@ -233,6 +239,9 @@ class ServerConfig:
         if self.log_level not in _LOG_LEVELS:
             raise InvalidRequest(f"ServerConfig.log_level must be one of {', '.join(_LOG_LEVELS)}, "
                                  f"got {self.log_level!r}")
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            raise InvalidRequest(f"ServerConfig.attention_backend must be one of {', '.join(_ATTENTION_BACKENDS)}, "
+                                 f"got {self.attention_backend!r}")
         if self.image_preprocess not in _IMAGE_PREPROCESS:
             raise InvalidRequest(f"ServerConfig.image_preprocess must be one of {', '.join(_IMAGE_PREPROCESS)}, "
                                  f"got {self.image_preprocess!r}")
@@ -290,7 +299,8 @@ class ServerConfig:
         """The ``EngineConfig`` fields this config sets."""
         kwargs: dict[str, Any] = {"max_num_batched_tokens": self.max_num_batched_tokens,
                                   "max_images_per_request": self.max_images_per_request,
-                                  "gpu_memory_utilization": self.gpu_memory_utilization}
+                                  "gpu_memory_utilization": self.gpu_memory_utilization,
+                                  "attention_backend": self.attention_backend, "enforce_eager": self.enforce_eager}
         if self.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.max_model_len is not None:

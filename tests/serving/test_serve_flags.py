@@ -132,3 +132,22 @@ def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("INTERNVL_API_KEY", "env-key")
     assert ServerConfig().api_key == ["env-key"]
     assert ServerConfig(api_key=["given"]).api_key == ["given"]
+
+
+def test_attention_backend_and_enforce_eager_reach_the_runner(tiny_1b):
+    """--attention-backend triton runs the Triton paged kernel (here under Triton's interpreter, on CPU tensors);
+    --enforce-eager turns the decode graphs off; a backend that does not exist is refused at once."""
+    pytest.importorskip("triton")
+    args = cli.build_parser().parse_args(["serve", str(tiny_1b), "--attention-backend", "triton", "--enforce-eager",
+                                          "--max-model-len", "512", "--num-blocks", "64"])
+    values = {f.name: getattr(args, f.name) for f in ServerConfig.cli_fields()}
+    config = ServerConfig(model=str(tiny_1b), **values)
+    with run_server(config) as running:
+        runner = running.engine.engine.runner
+        assert runner.attention_backend == "triton" and runner.graphs is None
+        with openai.OpenAI(base_url=running.base_url + "/v1", api_key="none", max_retries=0) as client:
+            answer = client.chat.completions.create(model="tiny-1B", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=3, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+    with pytest.raises(InvalidRequest, match="attention_backend"):
+        ServerConfig(attention_backend="flash")
