@@ -494,6 +494,7 @@ def test_conversation_survives_reload_and_export_import_round_trips(server, brow
     assert conversation[0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
 
     # a reload brings the conversation back (IndexedDB), images and rendering included
+    page.wait_for_selector("body[data-pending-saves='0']")      # the last answer's write has landed
     page.reload()
     page.wait_for_selector("body[data-restored]")
     assert page.locator(".msg").count() == 4

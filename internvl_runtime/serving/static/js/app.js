@@ -164,7 +164,22 @@ function regenerate(index) {
 }
 
 // -- keeping conversations ---------------------------------------------------------------------------------------
+let pendingSaves = 0;
+function countSave(delta) {          // body[data-pending-saves] says when every write has landed (tests wait on it)
+  pendingSaves += delta;
+  document.body.dataset.pendingSaves = String(pendingSaves);
+}
+
 async function save(conversation) {
+  countSave(1);                      // before any await: counted from the moment the answer is kept
+  try {
+    await saveNow(conversation);
+  } finally {
+    countSave(-1);
+  }
+}
+
+async function saveNow(conversation) {
   await storeReady;
   if (!state.store || !conversation.messages.length) return;
   if (!conversation.title) {
