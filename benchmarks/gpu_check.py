@@ -29,6 +29,8 @@ Stages, in order (cheap and diagnostic first, the 16 GB 8B checkpoint last):
                  checkpoint, tokens vs single-device CPU
   sampling       seeded sampling on the device (engine makes CPU generators: expected to fail on CUDA)
   syncs          host<->device synchronisations per decode step (torch.cuda.set_sync_debug_mode)
+  graphs         greedy tokens with CUDA graphs vs eager triton steps vs the torch backend (tiny-1B/4B/2B), the
+                 buckets captured, ms per decode step of 8 sequences each way
   real-1B        write a random InternVL2-1B-shaped checkpoint; load (time, host peak, GPU memory);
                  official chat with one 448x448 image; engine: KV budget, TTFT (1 image), decode tok/s at
                  batch 1, throughput and TTFT at 64 concurrent requests, steady decode step at 64
@@ -75,6 +77,8 @@ def parse_args() -> argparse.Namespace:
 
 
 ARGS = parse_args()
+if ARGS.device == "cpu":      # the dry run: the Triton kernels run under triton's interpreter (read at their import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(ARGS.repo) if ARGS.repo else Path.cwd()
 sys.path.insert(0, str(REPO))
 
@@ -632,6 +636,52 @@ if FIX is not None:
             del engine, m
             cleanup()
         rec["variants"] = out
+
+    @stage("graphs")
+    def _graphs(rec):
+        """The decode step as served on the device: greedy tokens with CUDA graphs (the default on CUDA, the
+        triton backend) against eager triton steps and the torch backend, per rope variant; the buckets
+        captured; ms per decode step with and without graphs (8 sequences). On the CPU: the graph emulation under
+        triton's interpreter (an API check; its times mean nothing)."""
+        out = {}
+        # the CPU dry run interprets every kernel launch in Python: a few tokens of two sequences of one variant
+        small = not ON_GPU
+        greedy = SamplingParams(max_new_tokens=3 if small else 24, temperature=0, ignore_eos=True)
+        for variant in ("tiny-1B",) if small else ("tiny-1B", "tiny-4B", "tiny-2B"):
+            path = FIX / "ckpt" / variant
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=False)
+            m = AutoModel.from_pretrained(path, torch_dtype=torch.float32, device_map=str(DEVICE)).eval()
+            prompts = [f"Hello {i} " * (2 if small else 5 + 9 * i) for i in range(2 if small else 8)]
+            runs = {}
+            for label, kwargs in {"graphs": {"attention_backend": "triton"},
+                                  "eager": {"attention_backend": "triton", "enforce_eager": True},
+                                  "torch": {"attention_backend": "torch"}}.items():
+                try:
+                    engine = LLMEngine(m, tok, EngineConfig(max_num_seqs=8, num_blocks=512, **kwargs))
+                    reqs = [engine.processor.prepare([Message("user", p)]) for p in prompts]
+                    engine.generate(reqs, SamplingParams(max_new_tokens=2, temperature=0))      # warm-up, capture
+                    sync()
+                    t0 = time.perf_counter()
+                    outs = engine.generate(reqs, greedy)
+                    sync()
+                    graphs = engine.runner.graphs
+                    runs[label] = {"tokens": [o.token_ids for o in outs],
+                                   "ms_per_step": round(1e3 * (time.perf_counter() - t0) / greedy.max_new_tokens, 2),
+                                   "backend": engine.runner.attention_backend,
+                                   "captured_buckets": sorted(graphs._graphs) if graphs is not None else None}
+                    del engine
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    runs[label] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            ref = runs.get("torch", {}).get("tokens")
+            out[variant] = {label: {k: v for k, v in r.items() if k != "tokens"}
+                            | ({"same_tokens_as_torch": r["tokens"] == ref} if "tokens" in r and ref else {})
+                            for label, r in runs.items()}
+            del m
+            cleanup()
+        rec["variants"] = out
+        rec["ok"] = all(r.get("same_tokens_as_torch", False) for v in out.values() for k, r in v.items()
+                        if k != "torch")
 
 
 
