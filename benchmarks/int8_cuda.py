@@ -57,8 +57,9 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def layers(device: torch.device) -> list[str]:
+    from internvl_runtime.kernels.triton_int8 import triton_available
     from internvl_runtime.quantization import Int8Linear
-    from internvl_runtime.quantization.linear import _has_kernel, dequantize_int8, int8_backend, triton_available
+    from internvl_runtime.quantization.linear import _has_kernel, dequantize_int8, int8_backend
 
     bandwidth = copy_bandwidth(device)
     lines = [f"device {torch.cuda.get_device_name(device)}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, "

@@ -31,7 +31,6 @@ Kernel limits found on this torch (and worked around, each covered by a unit tes
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from .. import kernels
 from ..errors import UnsupportedFeature
 from ..hardware import cpu_has_fast_bf16
 from ..kernels import pack_int4
+from ..kernels.triton_int8 import triton_available
 
 _ROW_CHUNK_ELEMS = 1 << 22          # float32 temporaries while quantizing: 16 MB per chunk
 
@@ -80,12 +80,6 @@ def choose_int8_backend(device_type: str, *, cuda_kernel: bool, triton: bool) ->
             return "triton"
         return "torch_cuda" if cuda_kernel else "dequant"
     return "dequant"
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether triton can be imported here (it is not a dependency: the package runs without it)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
