@@ -24,6 +24,10 @@ VARIANTS = ("1B", "2B", "4B", "8B", "26B", "40B", "76B")
 #: The successors on the same decoders (issue #20): InternVL2.5-1B (Qwen2.5), InternVL2.5-8B (InternLM2.5),
 #: InternVL3-1B (Qwen2.5); their configs are in ``real_configs_2_5_3.json``.
 VARIANTS_2_5_3 = ("2_5-1B", "2_5-8B", "3-1B")
+#: Every released size of InternVL2.5 and InternVL3 on these decoders (``real_config`` only; InternVL3-9B's
+#: InternLM3 decoder is not supported).
+RELEASED_2_5_3 = ("2_5-1B", "2_5-2B", "2_5-4B", "2_5-8B", "2_5-26B", "2_5-38B", "2_5-78B",
+                  "3-1B", "3-2B", "3-8B", "3-14B", "3-38B", "3-78B")
 ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3
 
 #: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
@@ -40,7 +44,7 @@ _TOKEN_IDS = {
 _TOKENIZER_DIR = {"2_5-8B": "8B", "3-1B": "2_5-1B"}
 # The file of released configs that holds each variant.
 _CONFIG_FILE = {**{v: "real_configs.json" for v in VARIANTS},
-                **{v: "real_configs_2_5_3.json" for v in VARIANTS_2_5_3}}
+                **{v: "real_configs_2_5_3.json" for v in RELEASED_2_5_3}}
 
 
 def real_config(variant: str) -> dict[str, Any]:
