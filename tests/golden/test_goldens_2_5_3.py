@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 import test_goldens as goldens  # the InternVL2 golden checks (same folder), reused as they are
+import test_goldens_bf16 as bf16_goldens
 import torch
 
 from internvl_runtime import AutoModel, AutoTokenizer
@@ -38,6 +39,14 @@ def _cases() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("variant", "case_id"), _cases())
 def test_golden_case(variant: str, case_id: str) -> None:
     goldens.test_golden_case(variant, case_id)
+
+
+@pytest.mark.parametrize("compute", ["native", "upcast"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case_id", ["text_chat", "img_800x600_max1"])
+def test_bf16_first_logits(variant: str, case_id: str, compute: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights (native bf16 math, and the float32-upcast plan) within bf16 tolerance of the float32 goldens."""
+    bf16_goldens.test_bf16_first_logits(variant, case_id, compute, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
