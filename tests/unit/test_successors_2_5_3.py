@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import test_loader as loader_tests  # the InternVL2 loader checks (same folder), reused as they are
+import test_tokenizer as tokenizer_tests
 
 from internvl_runtime.config import InternVLConfig
 from internvl_runtime.models.registry import decoder_class
@@ -69,3 +70,24 @@ def test_stop_token_is_im_end(variant: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS_2_5_3)
 def test_every_parameter_equals_checkpoint(tmp_path: Path, variant: str, num_shards: int) -> None:
     loader_tests.test_every_parameter_equals_checkpoint(tmp_path, variant, num_shards)
+
+
+ORACLE_CHECKS = ["test_oracle_attributes", "test_oracle_tokens", "test_oracle_encode",
+                 "test_oracle_decode_of_encodings", "test_oracle_decode_id_runs", "test_oracle_single_token_decode",
+                 "test_oracle_batches"]
+
+
+@pytest.mark.parametrize("check", ORACLE_CHECKS)
+def test_qwen2_5_tokenizer_against_the_official_one(check: str) -> None:
+    """The Qwen2.5-kind tokenizer (tiny-2_5-1B, shared by tiny-3-1B) against transformers 4.37.2's slow
+    Qwen2Tokenizer on the InternVL2 edge-case corpus plus texts around Qwen2.5's added tokens, special
+    (``<|box_start|>``...) and not (``<tool_call>``, ``<|fim_prefix|>``...): tests/data/tokenizer/tiny-2_5-1B.json,
+    checked by the InternVL2 tokenizer tests' own functions."""
+    folder = FIXTURES / "ckpt" / "tiny-2_5-1B"
+    oracle = json.loads((tokenizer_tests.DATA_DIR / "tiny-2_5-1B.json").read_text(encoding="utf-8"))
+    tok = OwnTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=False)
+    function = getattr(tokenizer_tests, check)
+    if check == "test_oracle_attributes":
+        function(tok, oracle, folder)
+    else:
+        function(tok, oracle)
