@@ -21,6 +21,14 @@ from typing import Any
 import torch
 
 VARIANTS = ("1B", "2B", "4B", "8B", "26B", "40B", "76B")
+#: The successors on the same decoders (issue #20): InternVL2.5-1B (Qwen2.5), InternVL2.5-8B (InternLM2.5),
+#: InternVL3-1B (Qwen2.5); their configs are in ``real_configs_2_5_3.json``.
+VARIANTS_2_5_3 = ("2_5-1B", "2_5-8B", "3-1B")
+#: Every released size of InternVL2.5 and InternVL3 on these decoders (``real_config`` only; InternVL3-9B's
+#: InternLM3 decoder is not supported).
+RELEASED_2_5_3 = ("2_5-1B", "2_5-2B", "2_5-4B", "2_5-8B", "2_5-26B", "2_5-38B", "2_5-78B",
+                  "3-1B", "3-2B", "3-8B", "3-14B", "3-38B", "3-78B")
+ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3
 
 #: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
 DEMO_LABEL = "[random-weight demo model] "
@@ -30,14 +38,21 @@ _HERE = Path(__file__).resolve().parent
 _TOKEN_IDS = {
     "1B": (700, 702, None, 712), "2B": (1, 2, 2, 609), "4B": (1, 600, 600, 620), "8B": (1, 2, 2, 609),
     "26B": (1, 2, 2, 609), "40B": (1, 7, 0, 609), "76B": (700, 703, None, 725),
+    "2_5-1B": (700, 702, None, 731), "2_5-8B": (1, 2, 2, 609), "3-1B": (700, 702, None, 731),
 }
+# The tokenizer folder of a variant, where it shares another's (InternVL2.5-8B: InternLM2.5 as InternVL2-8B).
+_TOKENIZER_DIR = {"2_5-8B": "8B", "3-1B": "2_5-1B"}
+# The file of released configs that holds each variant.
+_CONFIG_FILE = {**{v: "real_configs.json" for v in VARIANTS},
+                **{v: "real_configs_2_5_3.json" for v in RELEASED_2_5_3}}
 
 
 def real_config(variant: str) -> dict[str, Any]:
-    """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    configs = json.loads((_HERE / "real_configs.json").read_text(encoding="utf-8"))
+    """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module), or of
+    InternVL2.5 / InternVL3 for "2_5-*" / "3-*" (``real_configs_2_5_3.json``)."""
+    if variant not in _CONFIG_FILE:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ALL_VARIANTS)}")
+    configs = json.loads((_HERE / _CONFIG_FILE[variant]).read_text(encoding="utf-8"))
     return copy.deepcopy(configs[variant])
 
 
@@ -175,7 +190,7 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
     generation = {"_from_model_config": True, "bos_token_id": llm["bos_token_id"],
                   "eos_token_id": llm["eos_token_id"], "transformers_version": "4.37.2"}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    for file in (_HERE / "tokenizers" / variant).iterdir():
+    for file in (_HERE / "tokenizers" / _TOKENIZER_DIR.get(variant, variant)).iterdir():
         shutil.copyfile(file, folder / file.name)
 
     generator = torch.Generator(device=device).manual_seed(seed)
