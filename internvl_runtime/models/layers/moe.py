@@ -20,7 +20,7 @@ Routing, as each family computes it (``routing``):
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -60,6 +60,12 @@ class StackedExperts(nn.Module):
         return ExpertStack(self.stacked_weight(), self.stacked_bias())
 
 
+class Router(Linear):
+    """The router of a ``SparseMoE`` (``mlp.gate``): a linear layer that stays in the model dtype when the
+    rest is quantized (``quantization.LayerQuantizer`` skips this class: a small layer whose errors would
+    change which experts run)."""
+
+
 class SparseMoE(nn.Module):
     """router (``gate``) -> top-k experts -> weighted sum. Names follow Qwen3-MoE's checkpoint
     (``mlp.gate``, ``mlp.experts``); other families rename to them."""
@@ -73,14 +79,21 @@ class SparseMoE(nn.Module):
         assert moe is not None, "SparseMoE needs llm_config's experts (config.moe)"
         self.num_experts, self.top_k, self.norm_topk_prob = moe.num_experts, moe.experts_per_token, moe.norm_topk_prob
         self.routing, self.activation, self.limit, self.alpha = routing, activation, limit, alpha
+        self.router_bias, self.expert_bias = router_bias, expert_bias
         self.first_expert, self.num_local_experts = expert_range or (0, moe.num_experts)
         assert self.first_expert >= 0 and self.first_expert + self.num_local_experts <= moe.num_experts, expert_range
         width, local = moe.expert_intermediate_size, self.num_local_experts
-        self.gate = Linear(config.hidden_size, moe.num_experts, bias=router_bias)
+        self.gate = Router(config.hidden_size, moe.num_experts, bias=router_bias)
         self.experts = nn.ModuleDict({
             "gate_up_proj": StackedExperts(local, config.hidden_size, (width, width), expert_bias),
             "down_proj": StackedExperts(local, width, (config.hidden_size,), expert_bias),
         })
+
+    def settings(self) -> dict[str, Any]:
+        """The family's choices this layer was built with (keyword arguments of ``__init__``, the expert range
+        aside): what a parallel version of the layer is built with."""
+        return dict(routing=self.routing, activation=self.activation, router_bias=self.router_bias,
+                    expert_bias=self.expert_bias, limit=self.limit, alpha=self.alpha)
 
     @property
     def experts_gate_up(self) -> StackedExperts:
