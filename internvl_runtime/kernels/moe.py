@@ -8,7 +8,8 @@ and their weights (the router's business, not this module's).
 Quantized experts (``quantization.QuantizedExperts``): ``w13`` / ``w2`` int8 (E, N, K) with per-row scales
 ``s13`` / ``s2`` (E, N) (``Int8Linear``'s format, per expert), or int4 in the native packed layout
 (``packing.pack_int4``: (E, N, K / 2) uint8) with ``s13`` / ``s2`` the scales and zeros (E, N, K / group, 2)
-and ``group_size`` > 0 (``Int4Linear``'s "native" format, per expert). This path dequantizes one expert at a
+and the group size ``g13`` / ``g2`` > 0 (``Int4Linear``'s "native" format, per expert; each stack its own,
+as each stack's input width allows; 0 for an int8 or float stack). This path dequantizes one expert at a
 time, into the activations' dtype, just before its matmuls: never the whole stack.
 
 Expert parallelism: ``first_expert`` says which experts the stacks hold (global ids ``first_expert ..
@@ -74,16 +75,17 @@ def expert_weight(w: torch.Tensor, scales: torch.Tensor | None, group_size: int,
 
 def _expert(x: torch.Tensor, e: int, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None,
             b2: torch.Tensor | None, activation: Activation, limit: float | None, alpha: float,
-            s13: torch.Tensor | None = None, s2: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
-    h = F.linear(x, expert_weight(w13, s13, group_size, e, x.dtype), None if b13 is None else b13[e].to(x.dtype))
-    return F.linear(expert_activation(h, activation, limit, alpha), expert_weight(w2, s2, group_size, e, x.dtype),
+            s13: torch.Tensor | None = None, s2: torch.Tensor | None = None, g13: int = 0, g2: int = 0
+            ) -> torch.Tensor:
+    h = F.linear(x, expert_weight(w13, s13, g13, e, x.dtype), None if b13 is None else b13[e].to(x.dtype))
+    return F.linear(expert_activation(h, activation, limit, alpha), expert_weight(w2, s2, g2, e, x.dtype),
                     None if b2 is None else b2[e].to(x.dtype))
 
 
 def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
                     activation: Activation = "silu", limit: float | None = None, alpha: float = 1.702,
-                    s13: torch.Tensor | None = None, s2: torch.Tensor | None = None, group_size: int = 0,
+                    s13: torch.Tensor | None = None, s2: torch.Tensor | None = None, g13: int = 0, g2: int = 0,
                     first_expert: int = 0) -> torch.Tensor:
     """x (T, hidden) -> (T, hidden): sum over each token's k experts of weight * expert(x), in x's dtype."""
     num_experts, k = w13.shape[0], topk_ids.shape[1]
@@ -101,7 +103,7 @@ def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
         pairs = order[start:start + n]
         start += n
         tokens = pairs // k
-        y = _expert(x.index_select(0, tokens), e, w13, w2, b13, b2, activation, limit, alpha, s13, s2, group_size)
+        y = _expert(x.index_select(0, tokens), e, w13, w2, b13, b2, activation, limit, alpha, s13, s2, g13, g2)
         out.index_add_(0, tokens, (y * weights.index_select(0, pairs)[:, None].to(y.dtype)).to(x.dtype))
     return out
 
@@ -111,7 +113,7 @@ def grouped_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weig
                               b2: torch.Tensor | None = None, *, activation: Activation = "silu",
                               limit: float | None = None, alpha: float = 1.702,
                               s13: torch.Tensor | None = None, s2: torch.Tensor | None = None,
-                              group_size: int = 0, first_expert: int = 0) -> torch.Tensor:
+                              g13: int = 0, g2: int = 0, first_expert: int = 0) -> torch.Tensor:
     """The same, token by token and slot by slot (for tests)."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
@@ -119,6 +121,6 @@ def grouped_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weig
             e = int(topk_ids[t, j]) - first_expert
             if not 0 <= e < w13.shape[0]:
                 continue
-            y = _expert(x[t:t + 1], e, w13, w2, b13, b2, activation, limit, alpha, s13, s2, group_size)
+            y = _expert(x[t:t + 1], e, w13, w2, b13, b2, activation, limit, alpha, s13, s2, g13, g2)
             out[t] += (y[0] * topk_weights[t, j].to(y.dtype)).to(x.dtype)
     return out

@@ -123,10 +123,10 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         up, down = self.expert_stacks()
-        if moe_backend(x.device) == "triton" and up.group_size == 0:
+        if moe_backend(x.device) == "triton" and up.group_size == down.group_size == 0:
             return triton_grouped_experts(x, ids, weights, up.weight, down.weight, up.bias, down.bias,
                                           s13=up.scales, s2=down.scales, activation=self.activation,
                                           limit=self.limit, alpha=self.alpha, first_expert=self.first_expert)
         return grouped_experts(x, ids, weights, up.weight, down.weight, up.bias, down.bias, activation=self.activation,
                                limit=self.limit, alpha=self.alpha, s13=up.scales, s2=down.scales,
-                               group_size=up.group_size, first_expert=self.first_expert)
+                               g13=up.group_size, g2=down.group_size, first_expert=self.first_expert)
