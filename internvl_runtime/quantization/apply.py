@@ -41,6 +41,12 @@ def _int4_group(in_features: int, wanted: int) -> int | None:
     return None
 
 
+def quantizable(module: nn.Module) -> bool:
+    """Whether a module is of a kind that quantization replaces (a linear layer other than a mixture-of-
+    experts router, or a stack of experts); where it must sit for that is ``LayerQuantizer.wants``'s."""
+    return isinstance(module, (nn.Linear, StackedExperts)) and not isinstance(module, Router)
+
+
 class LayerQuantizer:
     """Quantizes linear layers one at a time: ``quantize_model`` over a loaded model, and the loader
     (``loading``) for each layer as soon as its weights are in, on the layer's own device.
@@ -61,8 +67,7 @@ class LayerQuantizer:
         self.fallbacks: list[str] = []
 
     def wants(self, name: str, module: nn.Module) -> bool:
-        kind_ok = isinstance(module, (nn.Linear, StackedExperts)) and not isinstance(module, Router)
-        return kind_ok and name.startswith(self.prefixes)
+        return quantizable(module) and name.startswith(self.prefixes)
 
     def quantize(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
         if isinstance(module, StackedExperts):
