@@ -34,6 +34,7 @@ import torch
 
 from ..errors import InvalidRequest
 from ..hardware import available_memory
+from ..models.decoders.base import DecoderForCausalLM
 from ..models.layers.moe import SparseMoE
 from .model_runner import ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow
@@ -120,7 +121,7 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def decoder_weight_counts(language_model: torch.nn.Module) -> WeightCounts:
+def decoder_weight_counts(language_model: DecoderForCausalLM) -> WeightCounts:
     """Count ``language_model``'s weights (parameters and buffers, meta tensors included; a tied head once).
     In each ``SparseMoE`` the experts count in full in ``total`` and as ``top_k / num_experts`` of them in
     ``active`` (the share of the stacks one token uses; the router counts in full)."""
@@ -143,19 +144,19 @@ def decoder_weight_counts(language_model: torch.nn.Module) -> WeightCounts:
     for tensor in unique(_tensors(language_model)):
         total, total_bytes = total + tensor.numel(), total_bytes + tensor.numel() * tensor.element_size()
         active, active_bytes = active + tensor.numel(), active_bytes + tensor.numel() * tensor.element_size()
-    embed = language_model.get_input_embeddings().weight                    # type: ignore[operator]
+    embed = language_model.get_input_embeddings().weight
     return WeightCounts(total=total, active=active, embedding=embed.numel(), total_bytes=total_bytes,
                         active_bytes=active_bytes, embedding_bytes=embed.numel() * embed.element_size())
 
 
-def active_bytes_per_token(language_model: torch.nn.Module) -> int:
+def active_bytes_per_token(language_model: DecoderForCausalLM) -> int:
     """Bytes of weights one decode step reads per sequence when the batch is one token: the active weights
     as stored, the embedding table reduced to the one row a token reads. The memory traffic that bounds
     decode speed on a GPU (divide the bandwidth by it for an upper bound on tokens/s); for a dense decoder
     that is every weight but the embedding table."""
     counts = decoder_weight_counts(language_model)
-    embed = language_model.get_input_embeddings().weight                    # type: ignore[operator]
-    row = embed.shape[1] * embed.element_size()
+    embed = language_model.get_input_embeddings().weight
+    row = int(embed.shape[1]) * embed.element_size()
     return counts.active_bytes - counts.embedding_bytes + row
 
 

@@ -20,7 +20,7 @@ Routing, as each family computes it (``routing``):
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,12 @@ from ...kernels.triton_moe import moe_backend, triton_grouped_experts
 from .linear import Linear
 
 Routing = Literal["softmax_topk", "topk_softmax"]
+
+
+class ExpertWeights(Protocol):
+    """What the experts' modules have (``StackedExperts``, ``quantization.QuantizedExperts``)."""
+
+    def stacked(self) -> ExpertStack: ...
 
 
 class StackedExperts(nn.Module):
@@ -106,7 +112,8 @@ class SparseMoE(nn.Module):
 
     def expert_stacks(self) -> tuple[ExpertStack, ExpertStack]:
         """(gate_up, down) as the operators take them, float or quantized."""
-        return self.experts["gate_up_proj"].stacked(), self.experts["down_proj"].stacked()
+        up, down = (cast(ExpertWeights, self.experts[name]) for name in ("gate_up_proj", "down_proj"))
+        return up.stacked(), down.stacked()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> (topk_weights (T, k) in x's dtype, topk_ids (T, k))."""
