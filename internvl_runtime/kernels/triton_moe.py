@@ -77,7 +77,9 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int, first_ex
     flat = topk_ids.reshape(-1).to(torch.int64) - first_expert
     n = flat.numel()
     bucket = torch.where((flat >= 0) & (flat < num_experts), flat, torch.full_like(flat, num_experts))
-    counts = torch.bincount(bucket, minlength=num_experts + 1)              # the last bucket: dropped pairs
+    # the last bucket: dropped pairs. scatter_add, not bincount: CUDA's bincount reads its input's max back
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, bucket, torch.ones_like(bucket))
     padded = (counts + block_m - 1) // block_m * block_m
     padded[num_experts] = 0
     padded_end = torch.cumsum(padded, 0)
