@@ -114,3 +114,18 @@ def test_quantize_model_swaps_the_stacks(checkpoint, reference_logits) -> None:
     assert not any(isinstance(m, StackedExperts) for m in model.modules())
     assert model_bytes(model) < before
     assert rel(first_logits(model, list(range(3, 45))), reference_logits) < 3e-2
+
+
+def test_only_the_triton_path_is_capturable(checkpoint) -> None:
+    """CUDA graphs need a layer that reads nothing back: the Triton path (float or int8 experts on CUDA with
+    triton), never the per-expert path (int4 experts); the CPU never captures."""
+    pytest.importorskip("triton")
+    layer = float_layer(checkpoint, torch.bfloat16)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert layer.capturable(cpu) and layer.capturable(cuda)
+    layer.experts["gate_up_proj"] = QuantizedExperts.from_stacked(layer.experts_gate_up)
+    layer.experts["down_proj"] = QuantizedExperts.from_stacked(layer.experts_down)
+    assert layer.capturable(cuda)
+    layer.experts["gate_up_proj"] = QuantizedExperts.from_stacked(float_layer(checkpoint, torch.bfloat16)
+                                                                  .experts_gate_up, group_size=32)
+    assert not layer.capturable(cuda) and layer.capturable(cpu)

@@ -115,6 +115,12 @@ class SparseMoE(nn.Module):
         up, down = (cast(ExpertWeights, self.experts[name]) for name in ("gate_up_proj", "down_proj"))
         return up.stacked(), down.stacked()
 
+    def capturable(self, device: torch.device) -> bool:
+        """Whether ``forward`` on ``device`` can be captured in a CUDA graph: the Triton path reads nothing
+        back to the host; the per-expert path (no triton, or int4 experts) reads the expert counts."""
+        up, down = self.expert_stacks()
+        return device.type != "cuda" or (moe_backend(device) == "triton" and up.group_size == down.group_size == 0)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, hidden) -> (topk_weights (T, k) in x's dtype, topk_ids (T, k))."""
         logits = self.gate(x)
