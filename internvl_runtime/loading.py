@@ -261,7 +261,6 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
     def finish(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
         if quantizer is None or not quantizer.wants(name, module):
             return None
-        assert isinstance(module, torch.nn.Linear)
         return quantizer.quantize(name, module, device_for(name))
 
     sink = DirectSink(model, device_for, finish=finish, watch=watch)

@@ -34,6 +34,7 @@ from .errors import InvalidRequest, UnsupportedFeature
 from .models.decoders.base import DecoderForCausalLM
 from .models.internvl import InternVLModel
 from .models.layers.attention import AttentionMetadata
+from .quantization.apply import quantizable
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ def _fill(units: Sequence[str], layers: Sequence[str], unit_bytes: Mapping[str, 
 
 def estimate_unit_bytes(model: InternVLModel, dtype: torch.dtype, bits: int | None = None) -> dict[str, int]:
     """Bytes per unit of ``model`` (built on the meta device) in ``dtype``; with ``bits`` (8 or 4) the
-    LLM's linear weights count as quantized (plus about 3% for scales)."""
+    LLM's linear weights and expert stacks count as quantized (plus about 3% for scales), a mixture-of-experts
+    router as it stays (``quantization.quantizable``). Every expert counts: all are resident."""
     element = torch.empty((), dtype=dtype).element_size()
     sizes = {}
     num_layers = len(model.language_model.model.layers)
@@ -246,7 +248,7 @@ def estimate_unit_bytes(model: InternVLModel, dtype: torch.dtype, bits: int | No
         total = 0
         for sub_name, sub in module.named_modules(prefix=unit):
             for tensor in sub.parameters(recurse=False):
-                quantized = isinstance(sub, nn.Linear) and sub_name.startswith("language_model.")
+                quantized = quantizable(sub) and sub_name.startswith("language_model.")
                 total += int(tensor.numel() * (bits / 8 * 1.03 if bits and quantized else element))
         sizes[unit] = total
     return sizes

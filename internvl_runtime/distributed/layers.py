@@ -14,10 +14,21 @@ model.embed_tokens        vocabulary rows    vocab padded to a multiple of N, th
                                              + all-reduce
 lm_head                   vocabulary rows    the same rows; all-gather, padded entries cut off
 norms, rotary             replicated
+mlp.gate (MoE router)     replicated         the whole router: every rank routes every token
+mlp.experts.*             by expert          experts [rank * E/N, (rank + 1) * E/N), whole; all-reduce
+                                             after (each rank adds its experts' share of every token)
 ========================  =================  ======================================================
 
-Two all-reduces per layer (after o_proj and down_proj) plus one for the embedding; one all-gather of
-the logits. Row-parallel biases (none in these families) are added once, after the sum.
+Two all-reduces per layer (after o_proj and down_proj, or after the experts) plus one for the embedding;
+one all-gather of the logits. Row-parallel biases (none in these families) are added once, after the sum.
+
+Mixture-of-experts layers (``models.layers.moe.SparseMoE``, Qwen3-MoE) use expert parallelism on the same
+ranks instead of splitting each expert's width: a Qwen3-30B-A3B expert is only 768 wide, so a split would
+leave each rank a sliver of every expert (many tiny matmuls), while whole experts keep each rank's grouped
+GEMM as it is, over fewer experts. The router is replicated (it is small) so every rank picks the same
+experts for every token; each rank reads only its own experts' checkpoint tensors (the others resolve to
+``weights.loader.ELSEWHERE``). The layers without experts of such a model (``mlp_only_layers``) split as
+above. The load per rank follows the routing: balanced on average, not per step.
 
 The vision encoder and ``mlp1`` are **not split: rank 0 alone holds and runs them** and sends the image
 features with the step (workers keep them on the meta device and never read their weights). Why:
@@ -39,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +60,8 @@ from ..config import InternVLConfig, LLMConfig
 from ..errors import ConfigError, UnsupportedFeature
 from ..models.decoders.base import Attention, DecoderForCausalLM, GatedMLP, set_shards
 from ..models.decoders.internlm2 import ungroup_wqkv
-from ..weights.loader import LazyTensor, LazyTransform, Resolver, Transform
+from ..models.layers.moe import SparseMoE
+from ..weights.loader import ELSEWHERE, LazyTensor, LazyTransform, Resolver, Transform
 from .parallel_state import TPGroup
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,6 +80,19 @@ class ShardPlan:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    num_experts: int = 0                  # 0: no mixture-of-experts layers
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.tp
+
+    @property
+    def expert_start(self) -> int:
+        return self.rank * self.experts_per_rank
+
+    def expert_range(self) -> tuple[int, int]:
+        """(first global expert id, count) of this rank's experts."""
+        return self.expert_start, self.experts_per_rank
 
     @property
     def heads_per_rank(self) -> int:
@@ -135,14 +161,20 @@ def check_tensor_parallel(config: InternVLConfig | LLMConfig, tp: int) -> None:
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         raise ConfigError(f"tensor_parallel_size {tp} and the {kv} KV heads: the size must divide them, or "
                           "be a multiple of them (KV heads are then replicated)")
-    if llm.intermediate_size % tp:
+    moe = llm.moe
+    dense_layers = [i for i in range(llm.num_hidden_layers) if moe is None or not moe.is_sparse(i)]
+    if dense_layers and llm.intermediate_size % tp:
         raise ConfigError(f"tensor_parallel_size {tp} does not divide intermediate_size {llm.intermediate_size}")
+    if moe is not None and moe.num_experts % tp:
+        raise ConfigError(f"tensor_parallel_size {tp} does not divide the {moe.num_experts} experts of "
+                          f"{llm.architecture} (each rank holds num_experts / tensor_parallel_size whole experts)")
 
 
 def shard_plan(llm: LLMConfig, tp: int, rank: int) -> ShardPlan:
     check_tensor_parallel(llm, tp)
     return ShardPlan(tp=tp, rank=rank, num_heads=llm.num_attention_heads, num_kv_heads=llm.num_key_value_heads,
-                     head_dim=llm.head_dim, intermediate_size=llm.intermediate_size, vocab_size=llm.vocab_size)
+                     head_dim=llm.head_dim, intermediate_size=llm.intermediate_size, vocab_size=llm.vocab_size,
+                     num_experts=llm.moe.num_experts if llm.moe is not None else 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,6 +192,18 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp_group.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+
+class ExpertParallelMoE(SparseMoE):
+    """A ``SparseMoE`` holding this rank's experts only: routes every token over all experts, computes its
+    experts' share, and sums the shares of all ranks (one all-reduce)."""
+
+    def __init__(self, config: LLMConfig, group: TPGroup, expert_range: tuple[int, int], **settings: Any) -> None:
+        super().__init__(config, expert_range=expert_range, **settings)
+        self.tp_group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp_group.all_reduce(super().forward(x))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -197,13 +241,16 @@ def make_tensor_parallel(lm: DecoderForCausalLM, plan: ShardPlan, group: TPGroup
     inter = plan.intermediate_per_rank
     for layer in lm.model.decoder_layers:
         attn, mlp = layer.self_attn, layer.mlp
-        assert isinstance(mlp, GatedMLP), "check_family refuses other feed-forward parts before loading"
         attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size = (plan.heads_per_rank, plan.kv_heads_per_rank,
                                                                         q_size, kv_size)
         qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=attn.qkv_proj.bias is not None)
         set_shards(qkv_proj, {"q": q_size, "k": kv_size, "v": kv_size})
         attn.qkv_proj = qkv_proj
         attn.o_proj = RowParallelLinear(q_size, hidden, attn.o_proj.bias is not None, group)
+        if isinstance(mlp, SparseMoE):
+            layer.mlp = ExpertParallelMoE(lm.config, group, plan.expert_range(), **mlp.settings())
+            continue
+        assert isinstance(mlp, GatedMLP), "check_family refuses other feed-forward parts before loading"
         mlp.intermediate_size = inter
         gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp.gate_up_proj.bias is not None)
         set_shards(gate_up_proj, {0: inter, 1: inter})
@@ -302,14 +349,18 @@ def check_family(lm: DecoderForCausalLM) -> None:
     """Every layer must be one this file splits, and every tensor transform the family declares must have a
     slice reader (checked before loading)."""
     for i, layer in enumerate(lm.model.decoder_layers):
-        if type(layer.self_attn) is not Attention or type(layer.mlp) is not GatedMLP:
+        if type(layer.self_attn) is not Attention or type(layer.mlp) not in (GatedMLP, SparseMoE):
             raise UnsupportedFeature(
                 f"{type(lm).__name__} layer {i} has {type(layer.self_attn).__name__} / {type(layer.mlp).__name__}: "
-                "tensor parallelism splits the Llama attention and gated MLP only")
+                "tensor parallelism splits the Llama attention, the gated MLP and the mixture of experts only")
     for suffix, fn in lm.tensor_transforms.items():
         if fn not in GROUPED_READERS:
             raise UnsupportedFeature(f"{type(lm).__name__} transforms {suffix} at load, and no tensor-parallel "
                                      "reader for that layout is declared in distributed/layers.py GROUPED_READERS")
+
+
+#: Our stacked expert parameters (``SparseMoE``), filled per expert: shard id (expert, part).
+EXPERT_STACKS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def tp_resolver(resolve: Resolver, lm: DecoderForCausalLM, plan: ShardPlan) -> Resolver:
@@ -321,6 +372,10 @@ def tp_resolver(resolve: Resolver, lm: DecoderForCausalLM, plan: ShardPlan) -> R
             return target
         ours, shard, transform = target
         piece, _, kind = ours.removeprefix("language_model.").rpartition(".")
+        if piece.endswith(EXPERT_STACKS) and isinstance(shard, tuple) and transform is None:
+            expert, part = shard
+            local = expert - plan.expert_start
+            return (ours, (local, part), None) if 0 <= local < plan.experts_per_rank else ELSEWHERE
         split = next((s for key, s in SPLITS.items() if piece.endswith(key)), None)
         if transform is not None:
             suffix = next(k for k in lm.tensor_transforms if ours.endswith(k))

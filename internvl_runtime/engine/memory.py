@@ -13,6 +13,13 @@ and, since every decoder layer has a pool of the same number of blocks, that GPU
 ``budget // (its layers x bytes per layer per block)`` blocks: the pool is the smallest of these.
 ``kv_blocks_for_memory`` is that arithmetic (pure, unit-tested with numbers); ``measure_memory`` takes the
 figures from the devices around a profile run (CUDA only). The CPU keeps its rule (``cpu_kv_budget``).
+
+Mixture-of-experts decoders: every expert is a parameter (or, quantized, a buffer) resident on its device,
+so "in use once the weights are loaded" counts all of them, as ``placement.estimate_unit_bytes`` does
+before loading. What differs is the traffic of a step: a token goes through its k experts only.
+``decoder_weight_counts`` / ``active_bytes_per_token`` say how much (pure functions of a decoder, which
+may be on the meta device: the MoE benchmark prints them; the model cards' "activated parameters" are
+``WeightCounts.active``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import torch
 
 from ..errors import InvalidRequest
 from ..hardware import available_memory
+from ..models.decoders.base import DecoderForCausalLM
+from ..models.layers.moe import SparseMoE
 from .model_runner import ModelRunner, SequenceStep
 from .sampler import Sampler, SamplingRow
 from .sampling_params import SamplingParams
@@ -93,6 +102,62 @@ def placement_blocks(layer_devices: Sequence[torch.device], vision_device: torch
     if host_layers:
         blocks = min(blocks, host_budget // (host_layers * bytes_per_layer_block))
     return blocks, devices
+
+
+@dataclass(frozen=True)
+class WeightCounts:
+    """A decoder's weights, as element counts (``total``, ``active``, ``embedding``) and as bytes stored
+    (``*_bytes``: quantized codes and their scales as they are)."""
+
+    total: int              # every weight (all experts)
+    active: int             # what one token goes through: all but the experts it is not routed to
+    embedding: int          # the input embedding table (of which a token reads one row)
+    total_bytes: int
+    active_bytes: int
+    embedding_bytes: int
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def decoder_weight_counts(language_model: DecoderForCausalLM) -> WeightCounts:
+    """Count ``language_model``'s weights (parameters and buffers, meta tensors included; a tied head once).
+    In each ``SparseMoE`` the experts count in full in ``total`` and as ``top_k / num_experts`` of them in
+    ``active`` (the share of the stacks one token uses; the router counts in full)."""
+    seen: set[int] = set()
+    total = active = total_bytes = active_bytes = 0
+
+    def unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        fresh = [t for t in tensors if id(t) not in seen]
+        seen.update(id(t) for t in fresh)
+        return fresh
+
+    for module in language_model.modules():
+        if not isinstance(module, SparseMoE):
+            continue
+        share = module.top_k / module.num_experts
+        experts = unique(_tensors(module.experts))
+        numel, nbytes = sum(t.numel() for t in experts), sum(t.numel() * t.element_size() for t in experts)
+        total, total_bytes = total + numel, total_bytes + nbytes
+        active, active_bytes = active + round(numel * share), active_bytes + round(nbytes * share)
+    for tensor in unique(_tensors(language_model)):
+        total, total_bytes = total + tensor.numel(), total_bytes + tensor.numel() * tensor.element_size()
+        active, active_bytes = active + tensor.numel(), active_bytes + tensor.numel() * tensor.element_size()
+    embed = language_model.get_input_embeddings().weight
+    return WeightCounts(total=total, active=active, embedding=embed.numel(), total_bytes=total_bytes,
+                        active_bytes=active_bytes, embedding_bytes=embed.numel() * embed.element_size())
+
+
+def active_bytes_per_token(language_model: DecoderForCausalLM) -> int:
+    """Bytes of weights one decode step reads per sequence when the batch is one token: the active weights
+    as stored, the embedding table reduced to the one row a token reads. The memory traffic that bounds
+    decode speed on a GPU (divide the bandwidth by it for an upper bound on tokens/s); for a dense decoder
+    that is every weight but the embedding table."""
+    counts = decoder_weight_counts(language_model)
+    embed = language_model.get_input_embeddings().weight
+    row = int(embed.shape[1]) * embed.element_size()
+    return counts.active_bytes - counts.embedding_bytes + row
 
 
 def cpu_kv_budget() -> int:

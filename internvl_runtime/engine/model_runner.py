@@ -19,6 +19,7 @@ from ..errors import InvalidRequest, UnsupportedFeature
 from ..kernels.triton_attention import triton_available
 from ..models.internvl import InternVLModel
 from ..models.layers.attention import AttentionMetadata, KVCache
+from ..models.layers.moe import SparseMoE
 from ..placement import layer_devices
 from .cuda_graphs import DecodeGraphs, batch_buckets
 from .step_inputs import SequenceStep, StepPlan, StepTensors, plan_step
@@ -72,7 +73,9 @@ class ModelRunner:
                                                           has_triton=triton_available())
         devices = layer_devices(model.language_model)
         one_device = len({str(d) for d in devices}) == 1 and str(devices[0]) == str(self.device)
-        use_graphs = self.attention_backend == "triton" and not enforce_eager and one_device
+        # a layer that reads back to the host (a mixture of experts on its per-expert path) cannot be captured
+        capturable = all(m.capturable(self.device) for m in model.modules() if isinstance(m, SparseMoE))
+        use_graphs = self.attention_backend == "triton" and not enforce_eager and one_device and capturable
         self.kv_cache = KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=num_blocks,
                                          block_size=block_size, num_kv_heads=local_kv_heads(model),
                                          head_dim=llm.head_dim, dtype=self.dtype, device=devices,

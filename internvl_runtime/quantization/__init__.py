@@ -8,7 +8,9 @@ quantized.
 
 from .apply import LayerQuantizer, model_bytes, quantize_model
 from .config import QuantizationConfig, resolve_quantization
+from .experts import QuantizedExperts
 from .linear import Int4Linear, Int8Linear, int4_backend, int8_backend
 
-__all__ = ["Int4Linear", "Int8Linear", "LayerQuantizer", "QuantizationConfig", "int4_backend", "int8_backend",
+__all__ = ["Int4Linear", "Int8Linear", "LayerQuantizer", "QuantizationConfig", "QuantizedExperts",
+           "int4_backend", "int8_backend",
            "model_bytes", "quantize_model", "resolve_quantization"]

@@ -2,11 +2,12 @@
 layer's weights arrive); ``quantize_model``: the same over a loaded model, one layer at a time.
 
 What is quantized: every ``nn.Linear`` under ``language_model`` (q/k/v, o, gate/up, down and the LM
-head); never the embeddings or norms. The vision encoder and ``mlp1`` only with ``include_vision``
-(a ``UserWarning`` says why that is risky). Peak memory stays at the loaded model plus one layer's
-temporaries: each layer is quantized, moved to its target device and its float weight dropped before
-the next one starts (only module *names* are collected up front, so no stale reference keeps a float
-weight alive).
+head) and every stack of experts (``StackedExperts`` -> ``QuantizedExperts``, per expert in the same
+format); never the embeddings, the norms or a mixture-of-experts router (``Router``). The vision
+encoder and ``mlp1`` only with ``include_vision`` (a ``UserWarning`` says why that is risky). Peak memory
+stays at the loaded model plus one layer's temporaries: each layer is quantized, moved to its target
+device and its float weight dropped before the next one starts (only module *names* are collected up
+front, so no stale reference keeps a float weight alive).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..models.layers.moe import Router, StackedExperts
 from .config import INT4_GROUP_SIZES, QuantizationConfig
+from .experts import QuantizedExperts
 from .linear import Int4Linear, Int8Linear, int4_backend
 
 logger = logging.getLogger(__name__)
@@ -38,14 +41,21 @@ def _int4_group(in_features: int, wanted: int) -> int | None:
     return None
 
 
+def quantizable(module: nn.Module) -> bool:
+    """Whether a module is of a kind that quantization replaces (a linear layer other than a mixture-of-
+    experts router, or a stack of experts); where it must sit for that is ``LayerQuantizer.wants``'s."""
+    return isinstance(module, (nn.Linear, StackedExperts)) and not isinstance(module, Router)
+
+
 class LayerQuantizer:
     """Quantizes linear layers one at a time: ``quantize_model`` over a loaded model, and the loader
     (``loading``) for each layer as soon as its weights are in, on the layer's own device.
 
-    ``wants(name, module)``: whether the module is one to quantize (an ``nn.Linear`` under
-    ``language_model``, or under the vision encoder / ``mlp1`` too with ``include_vision``).
-    ``quantize(name, linear, device)``: the int8 / int4 layer for ``device``. ``report()``: the log lines
-    and {module name: what it became}, once all are done; it also hands freed memory back to the OS."""
+    ``wants(name, module)``: whether the module is one to quantize (an ``nn.Linear`` other than a router,
+    or a ``StackedExperts``, under ``language_model``, or under the vision encoder / ``mlp1`` too with
+    ``include_vision``). ``quantize(name, module, device)``: the int8 / int4 layer for ``device``.
+    ``report()``: the log lines and {module name: what it became}, once all are done; it also hands freed
+    memory back to the OS."""
 
     def __init__(self, config: QuantizationConfig, include_vision: bool | None = None) -> None:
         self.config = config
@@ -57,9 +67,13 @@ class LayerQuantizer:
         self.fallbacks: list[str] = []
 
     def wants(self, name: str, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and name.startswith(self.prefixes)
+        return quantizable(module) and name.startswith(self.prefixes)
 
-    def quantize(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
+    def quantize(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
+        if isinstance(module, StackedExperts):
+            return self._quantize_experts(name, module, device)
+        assert isinstance(module, nn.Linear), (name, type(module))
+        linear = module
         group = _int4_group(linear.in_features, self.config.group_size) if self.config.mode == "int4" else None
         if self.config.mode == "int4" and group is not None:
             self.done[name] = f"int4 g{group}"
@@ -69,12 +83,22 @@ class LayerQuantizer:
         self.done[name] = "int8"
         return Int8Linear.from_linear(linear, device)
 
+    def _quantize_experts(self, name: str, experts: StackedExperts, device: torch.device) -> nn.Module:
+        group = _int4_group(experts.in_features, self.config.group_size) if self.config.mode == "int4" else None
+        if group is not None and QuantizedExperts.int4_supports(experts.in_features, group):
+            self.done[name] = f"int4 g{group} experts"
+            return QuantizedExperts.from_stacked(experts, device, group_size=group)
+        if self.config.mode == "int4":
+            self.fallbacks.append(f"{name} (in_features {experts.in_features})")
+        self.done[name] = "int8 experts"
+        return QuantizedExperts.from_stacked(experts, device)
+
     def report(self) -> dict[str, str]:
         if self.fallbacks:
             logger.warning("int4: no group size in %s divides the input width of %d layer(s), kept as int8: %s%s",
                            INT4_GROUP_SIZES, len(self.fallbacks), ", ".join(self.fallbacks[:8]),
                            " ..." if len(self.fallbacks) > 8 else "")
-        logger.info("quantized %d linear layers (%s%s)", len(self.done), self.config.mode,
+        logger.info("quantized %d linear layers / expert stacks (%s%s)", len(self.done), self.config.mode,
                     ", vision included" if self.include_vision else "")
         _return_freed_memory()
         return dict(self.done)

@@ -15,7 +15,9 @@ Slicing (tensor parallelism): a :class:`LazyTransform` receives a :class:`LazyTe
 the tensor, and reads only the rows or columns it needs (``lazy[a:b]``, ``lazy[:, a:b]``); for
 safetensors that reads just those bytes from the mapped file, so a rank never materialises a whole
 tensor it keeps a slice of. ``skip(param_name)`` names parameters this process does not hold (their
-checkpoint tensors are consumed without being read).
+checkpoint tensors are consumed without being read); a resolver that knows a single checkpoint tensor is not
+this process's (another rank's expert, stacked into a parameter this rank holds its own experts of) resolves
+it to ``ELSEWHERE``: consumed, never read.
 
 Progress: ``load_weights(..., progress=hook)`` calls ``hook(nbytes)`` once per checkpoint tensor, after it
 is handled, with the bytes it takes in the checkpoint (read whole, sliced or skipped alike), so a bar
@@ -38,6 +40,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Resolver = Callable[[str], "tuple[str, object, Transform | LazyTransform | None] | None"]
+
+#: What a resolver returns for a checkpoint tensor another process holds (see the module docstring).
+ELSEWHERE: tuple[str, object, None] = ("<held by another process>", None, None)
 Progress = Callable[[int], None]
 
 
@@ -344,6 +349,9 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
     with torch.no_grad():
         for name, lazy in _reported(iter_checkpoint_lazy(files), progress):
             target = resolve(name)
+            if target == ELSEWHERE:
+                consumed.add(name)
+                continue
             if target is None or target[0] not in specs:
                 unexpected.append(name)
                 continue
