@@ -359,6 +359,8 @@ class OfficialChatMixin:
         result[:, 0] = bos
         for i, out in enumerate(outputs):
             result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
+        if not get_template(self.template).leading_bos:   # transformers >= 4.55 (the InternVL3.5 code)
+            result = result[:, 1:]
         if not return_dict:
             return result
         scores = None
@@ -488,13 +490,13 @@ class OfficialChatMixin:
             print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
         inputs = tokenizer(query, return_tensors="pt")
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
-        response = response.split(template.sep)[0].strip()
+        response = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)[0]
+        response = response.split(template.stop_str)[0].strip()
         history.append((question, response))
         if return_history:
             return response, history
@@ -539,10 +541,10 @@ class OfficialChatMixin:
         finally:
             tokenizer.padding_side = previous_side
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        responses = tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [r.split(template.sep)[0].strip() for r in responses]
+        responses = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)
+        return [r.split(template.stop_str)[0].strip() for r in responses]
