@@ -107,8 +107,8 @@ TEMPLATES: dict[str, Template] = {
                  ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
         Template("internvl_zh", "", "", ("<human>", "<bot>"), "</s>", style="internvl_zh", sep2=" "),
         Template("internvl3_5_gpt_oss", "<|start|>system<|message|>{system_message}",
-                 INTERNVL3_5_GPT_OSS_SYSTEM_MESSAGE, ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>", style="mpt_two", sep2="<|return|>",
-                 keep_special_tokens=True, leading_bos=False),
+                 INTERNVL3_5_GPT_OSS_SYSTEM_MESSAGE, ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>",
+                 style="mpt_two", sep2="<|return|>", keep_special_tokens=True, leading_bos=False),
     )
 }
 

@@ -289,5 +289,9 @@ def write_gpt_oss_checkpoint(folder: str | Path, variant: str = "3_5-20B-A4B", *
     generator = torch.Generator().manual_seed(seed)
     tensors = {n: _gpt_oss_tensor(n, shape, generator).contiguous()
                for n, shape in official_tensor_shapes(config).items()}
+    # The official InternVLChatModel (internvl_chat_gpt_oss) builds mlp1 in bfloat16 and loads into it whatever
+    # the checkpoint's dtype: values representable in bfloat16 load the same there and here.
+    for name in [n for n in tensors if n.startswith("mlp1.")]:
+        tensors[name] = tensors[name].to(torch.bfloat16).float()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -31,7 +31,7 @@ def _golden(variant: str, case: str = "text_two_round") -> dict:
 
 
 def test_the_four_templates_exist() -> None:
-    assert set(TEMPLATES) == {"Hermes-2", "internlm2-chat", "phi3-chat", "internvl_zh"}
+    assert {"Hermes-2", "internlm2-chat", "phi3-chat", "internvl_zh"} <= set(TEMPLATES)   # and the successors'
     assert INTERNVL2_SYSTEM_MESSAGE == SYSTEM
     assert get_template("Hermes-2").sep == "<|im_end|>"
     assert get_template("internlm2-chat").sep == "<|im_end|>"

@@ -82,6 +82,7 @@ def flat_bias(config: LLMConfig, bias: torch.Tensor) -> torch.Tensor:
 
 class GptOssForCausalLM(DecoderForCausalLM):
     qkv_bias = True
+    triton_attention = False      # sinks and windows: the torch backend's paged_sink_attention only
     renames = (
         (".mlp.router.", ".mlp.gate."),
         # The stacked experts are parameters (no ".weight"); their biases' names extend the weights'
