@@ -106,6 +106,8 @@ class RopeScaling:
     factor: float = 1.0
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    #: YaRN (GPT-OSS): the keys transformers' ``_compute_yarn_parameters`` reads, None where the config has none.
+    yarn: YarnParams | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str) -> RopeScaling | None:
@@ -118,7 +120,27 @@ class RopeScaling:
         if kind in ("su", "longrope"):
             return cls(type="su", short_factor=tuple(float(x) for x in r.get("short_factor", list)),
                        long_factor=tuple(float(x) for x in r.get("long_factor", list)))
-        raise ConfigError(f"{where}.rope_scaling: unknown type {kind!r} (known: dynamic, linear, su)")
+        if kind == "yarn":
+            return cls(type="yarn", factor=r.get("factor", float), yarn=YarnParams(
+                original_max_position_embeddings=r.get("original_max_position_embeddings", int, None),
+                attention_factor=r.get("attention_factor", float, None), beta_fast=r.get("beta_fast", float, None),
+                beta_slow=r.get("beta_slow", float, None), mscale=r.get("mscale", float, None),
+                mscale_all_dim=r.get("mscale_all_dim", float, None), truncate=r.get("truncate", bool, True)))
+        raise ConfigError(f"{where}.rope_scaling: unknown type {kind!r} (known: dynamic, linear, su, yarn)")
+
+
+@dataclass(frozen=True)
+class YarnParams:
+    """The optional keys of a YaRN ``rope_scaling`` (GPT-OSS: beta_fast 32, beta_slow 1, truncate false,
+    original_max_position_embeddings 4096), as the config has them (None: transformers' default)."""
+
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)

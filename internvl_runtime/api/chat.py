@@ -359,6 +359,8 @@ class OfficialChatMixin:
         result[:, 0] = bos
         for i, out in enumerate(outputs):
             result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
+        if not get_template(self.template).leading_bos:   # transformers >= 4.55 (the InternVL3.5 code)
+            result = result[:, 1:]
         if not return_dict:
             return result
         scores = None
@@ -493,7 +495,7 @@ class OfficialChatMixin:
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
+        response = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)[0]
         response = response.split(template.stop_str)[0].strip()
         history.append((question, response))
         if return_history:
@@ -544,5 +546,5 @@ class OfficialChatMixin:
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        responses = tokenizer.batch_decode(output, skip_special_tokens=True)
+        responses = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)
         return [r.split(template.stop_str)[0].strip() for r in responses]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnknownArchitectureError
 from .decoders.base import DecoderForCausalLM
+from .decoders.gpt_oss import GptOssForCausalLM
 from .decoders.internlm2 import InternLM2ForCausalLM
 from .decoders.llama import LlamaForCausalLM
 from .decoders.phi3 import Phi3ForCausalLM
@@ -18,6 +19,7 @@ DECODERS: dict[str, type[DecoderForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

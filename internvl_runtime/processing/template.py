@@ -2,9 +2,9 @@
 
 Reproduces the reference ``conversation.py`` templates (looked up by the exact ``template`` string of
 config.json): Hermes-2 and internlm2-chat (ChatML, "MPT" separator style), phi3-chat and internvl_zh (the
-seven InternVL2 checkpoints), and internvl2_5 (InternVL2.5 and InternVL3: ChatML with a newline after each
-``<|im_end|>`` and its own system message). Generation stops at the separator's token
-(:attr:`Template.stop_str`).
+seven InternVL2 checkpoints); internvl2_5 (InternVL2.5 and InternVL3: ChatML with a newline after each
+``<|im_end|>`` and its own system message); and InternVL3.5-GPT-OSS's internvl3_5_gpt_oss (harmony roles,
+"MPT_TWO": a final assistant message ends with ``<|return|>``). Generation stops at ``Template.stop_str``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科
 INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
                               "联合开发的多模态大语言模型。")
 
+# The system message of the ``internvl3_5_gpt_oss`` template (internvl_chat_gpt_oss's conversation.py at 2410d1d).
+INTERNVL3_5_GPT_OSS_SYSTEM_MESSAGE = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every "
+    "message.")
+
 
 @dataclass
 class Template:
@@ -42,17 +48,23 @@ class Template:
     style: str = "mpt"
     sep2: str = ""
     messages: list[tuple[str, str | None]] = field(default_factory=list)
+    #: The official chat of this template decodes the answer with its special tokens (GPT-OSS's harmony
+    #: ``<|channel|>``..., kept by ``skip_special_tokens=False``) and runs on transformers >= 4.55, whose
+    #: ``generate`` given only embeddings returns the new ids without a leading bos.
+    keep_special_tokens: bool = False
+    leading_bos: bool = True
 
     @property
     def stop_str(self) -> str:
-        """The token text that ends an answer: the separator without surrounding whitespace. The official chat
-        (from InternVL2.5 on) stops at ``convert_tokens_to_ids(template.sep.strip())`` and cuts the response
-        at ``sep.strip()``; for the InternVL2 templates, whose separators carry no whitespace, it is ``sep``."""
-        return self.sep.strip()
+        """The token text that ends an answer, as the official chat picks it: ``sep2.strip()`` for the
+        "mpt_two" style (GPT-OSS: ``<|return|>``), else the separator stripped (the official chat from
+        InternVL2.5 on stops at ``convert_tokens_to_ids(sep.strip())``; the InternVL2 separators carry no
+        whitespace)."""
+        return (self.sep2 if self.style == "mpt_two" else self.sep).strip()
 
     def copy(self) -> Template:
         return Template(self.name, self.system_template, self.system_message, self.roles, self.sep,
-                        self.style, self.sep2, list(self.messages))
+                        self.style, self.sep2, list(self.messages), self.keep_special_tokens, self.leading_bos)
 
     def append_message(self, role: str, message: str | None) -> None:
         self.messages.append((role, message))
@@ -60,6 +72,18 @@ class Template:
     def get_prompt(self, *, open_last: bool = False) -> str:
         """The prompt; ``open_last``: the last message is the start of the answer (prefill), written without
         the separator that would close it."""
+        if self.style == "mpt_two":
+            # internvl_chat_gpt_oss at 2410d1d: every message ends with sep, except a final assistant one (sep2)
+            out = self.system_template.format(system_message=self.system_message) + self.sep
+            for i, (role, message) in enumerate(self.messages):
+                last = i == len(self.messages) - 1
+                if open_last and last:
+                    out += role + (message or "")
+                elif message:
+                    out += role + message + (self.sep2 if last and role == self.roles[1] else self.sep)
+                else:
+                    out += role
+            return out
         if self.style == "mpt":
             out = self.system_template.format(system_message=self.system_message) + self.sep
             for i, (role, message) in enumerate(self.messages):
@@ -90,6 +114,9 @@ TEMPLATES: dict[str, Template] = {
         Template("internvl_zh", "", "", ("<human>", "<bot>"), "</s>", style="internvl_zh", sep2=" "),
         Template("internvl2_5", "<|im_start|>system\n{system_message}", INTERNVL2_5_SYSTEM_MESSAGE,
                  ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n"),
+        Template("internvl3_5_gpt_oss", "<|start|>system<|message|>{system_message}",
+                 INTERNVL3_5_GPT_OSS_SYSTEM_MESSAGE, ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>",
+                 style="mpt_two", sep2="<|return|>", keep_special_tokens=True, leading_bos=False),
     )
 }
 

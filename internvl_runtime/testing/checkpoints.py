@@ -118,6 +118,9 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
                    "mlp1.1.bias": (h,), "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,)})
 
     arch = llm["architectures"][0]
+    if arch == "GptOssForCausalLM":
+        shapes.update(gpt_oss_tensor_shapes(llm))
+        return shapes
     heads, kv, vocab = llm["num_attention_heads"], llm["num_key_value_heads"], llm["vocab_size"]
     hd, ff = h // heads, llm["intermediate_size"]
     lm = "language_model."
@@ -210,4 +213,100 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
     if num_shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return folder
+
+
+# ---- InternVL3.5-GPT-OSS (issue #20) ------------------------------------------------------------------------
+#: The GPT-OSS variant: InternVL3.5-GPT-OSS-20B-A4B-Preview (config in ``real_configs_gpt_oss.json``; tokenizer
+#: of the real kind, o200k pre-tokenizer and the harmony special tokens, in ``tokenizers/3_5-20B-A4B``).
+GPT_OSS_VARIANTS = ("3_5-20B-A4B",)
+# bos, eos, pad ids and vocab size of the tiny tokenizer (the real ones minus 199298: <|startoftext|> 700,
+# <|return|> 704, <|endoftext|> 701); the vocabulary rounded up to 736 as the real one is padded.
+_GPT_OSS_TOKEN_IDS = {"3_5-20B-A4B": (700, 704, 701, 736)}
+
+
+def gpt_oss_tensor_shapes(llm: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """transformers' GptOssForCausalLM names and shapes under ``language_model.`` (experts stacked as
+    parameters: gate_up_proj (E, hidden, 2I) with interleaved gate/up columns, down_proj (E, I, hidden))."""
+    h, heads, kv, hd = llm["hidden_size"], llm["num_attention_heads"], llm["num_key_value_heads"], llm["head_dim"]
+    e, ff, vocab = llm["num_local_experts"], llm["intermediate_size"], llm["vocab_size"]
+    lm = "language_model."
+    shapes: dict[str, tuple[int, ...]] = {lm + "model.embed_tokens.weight": (vocab, h),
+                                          lm + "lm_head.weight": (vocab, h), lm + "model.norm.weight": (h,)}
+    for i in range(llm["num_hidden_layers"]):
+        p = f"{lm}model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.q_proj.bias": (heads * hd,),
+            p + "self_attn.k_proj.weight": (kv * hd, h), p + "self_attn.k_proj.bias": (kv * hd,),
+            p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.v_proj.bias": (kv * hd,),
+            p + "self_attn.o_proj.weight": (h, heads * hd), p + "self_attn.o_proj.bias": (h,),
+            p + "self_attn.sinks": (heads,),
+            p + "mlp.router.weight": (e, h), p + "mlp.router.bias": (e,),
+            p + "mlp.experts.gate_up_proj": (e, h, 2 * ff), p + "mlp.experts.gate_up_proj_bias": (e, 2 * ff),
+            p + "mlp.experts.down_proj": (e, ff, h), p + "mlp.experts.down_proj_bias": (e, h),
+        })
+    return shapes
+
+
+def make_gpt_oss_config(variant: str = "3_5-20B-A4B", scale: str = "tiny") -> dict[str, Any]:
+    """config.json of the GPT-OSS variant: ``'real'`` as released; ``'tiny'``: widths shrunk (heads x head_dim
+    kept unequal to hidden_size, as in the release), 4 experts of which 2 per token, 4 layers alternating
+    sliding / full as released, and a window of 8 so that every test prompt crosses it."""
+    if variant not in GPT_OSS_VARIANTS:
+        raise ValueError(f"unknown GPT-OSS variant {variant!r}; choose one of {', '.join(GPT_OSS_VARIANTS)}")
+    configs = json.loads((_HERE / "real_configs_gpt_oss.json").read_text(encoding="utf-8"))
+    config = copy.deepcopy(configs[variant])
+    llm, vit = config["llm_config"], config["vision_config"]
+    _, eos, pad, vocab = _GPT_OSS_TOKEN_IDS[variant]
+    if scale == "real":
+        return config
+    if scale != "tiny":
+        raise ValueError(f"scale must be 'tiny' or 'real', got {scale!r}")
+    vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    llm.update(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+               num_local_experts=4, num_experts_per_tok=2, experts_per_token=2, num_hidden_layers=4,
+               layer_types=llm["layer_types"][:4], sliding_window=8, vocab_size=vocab, eos_token_id=eos,
+               pad_token_id=pad)
+    config["torch_dtype"] = llm["torch_dtype"] = vit["torch_dtype"] = "float32"
+    return config
+
+
+def _gpt_oss_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random values where GPT-OSS's own parts do something visible: sinks of the size of attention logits,
+    expert gate/up wide enough that the clamp at 7 bites, router biases that move the top-k."""
+    randn = torch.randn(shape, generator=generator)
+    if name.endswith("self_attn.sinks"):
+        return 1.5 * randn
+    if name.endswith("mlp.experts.gate_up_proj"):
+        return 4.0 / shape[1] ** 0.5 * randn
+    if name.endswith("mlp.experts.down_proj"):
+        return randn / shape[1] ** 0.5
+    if name.endswith(("_proj_bias", "router.bias")):
+        return 0.5 * randn
+    return _random_tensor(name, shape, generator, torch.float32)
+
+
+def write_gpt_oss_checkpoint(folder: str | Path, variant: str = "3_5-20B-A4B", *, seed: int = 0) -> Path:
+    """Write the tiny random-weight GPT-OSS checkpoint (float32, one safetensors file); returns its path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = make_gpt_oss_config(variant, "tiny")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    bos, eos, pad, _ = _GPT_OSS_TOKEN_IDS[variant]
+    generation = {"bos_token_id": bos, "eos_token_id": [eos, pad, 714], "pad_token_id": pad,
+                  "transformers_version": "4.55.0"}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    for file in (_HERE / "tokenizers" / variant).iterdir():
+        shutil.copyfile(file, folder / file.name)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {n: _gpt_oss_tensor(n, shape, generator).contiguous()
+               for n, shape in official_tensor_shapes(config).items()}
+    # The official InternVLChatModel (internvl_chat_gpt_oss) builds mlp1 in bfloat16 and loads into it whatever
+    # the checkpoint's dtype: values representable in bfloat16 load the same there and here.
+    for name in [n for n in tensors if n.startswith("mlp1.")]:
+        tensors[name] = tensors[name].to(torch.bfloat16).float()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -300,8 +300,8 @@ def test_su_rope_without_original_max(tmp_path: Path) -> None:
 
 def test_rope_scaling_unknown_type(tmp_path: Path) -> None:
     raw = make_config("8B")
-    raw["llm_config"]["rope_scaling"] = {"type": "yarn", "factor": 2.0}
-    _error(_write(tmp_path, raw), str(tmp_path / "config.json"), "rope_scaling", "yarn")
+    raw["llm_config"]["rope_scaling"] = {"type": "llama3", "factor": 2.0}   # yarn is known since GPT-OSS
+    _error(_write(tmp_path, raw), str(tmp_path / "config.json"), "rope_scaling", "llama3")
 
 
 def test_rope_scaling_missing_factor(tmp_path: Path) -> None:

@@ -232,3 +232,62 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
                                                  enable_gqa=gqa)
         outputs.append(out.squeeze(0).transpose(0, 1))                      # (L, H, D)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+def sink_window_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, scale: float,
+                          first_position: int, key_start: int = 0, sinks: torch.Tensor | None = None,
+                          window: int | None = None) -> torch.Tensor:
+    """Causal attention of one sequence's queries with attention sinks and a sliding window, eagerly, as
+    transformers' GPT-OSS ``eager_attention_forward`` computes it.
+
+    q: (L, H, D), the queries at positions ``first_position`` .. + L - 1; keys/values: (S, KV, D), the keys
+    at positions ``key_start`` .. + S - 1 (the caller may leave out keys no query sees). Query i sees key j
+    when j <= i and, with a ``window``, j > i - window (transformers' sliding-window overlay). ``sinks``
+    (H,): one learned logit per head joins each row's softmax as an extra column and is dropped after it,
+    so the weights of a row sum to less than one. Scores and the softmax are in the activations' dtype
+    (the reference softmax runs in the logits' dtype), max-subtracted first.
+    """
+    L, H, D = q.shape
+    S, KV = keys.shape[0], keys.shape[1]
+    G = H // KV
+    query = q.reshape(L, KV, G, D).permute(1, 2, 0, 3)                       # (KV, G, L, D)
+    scores = torch.matmul(query, keys.permute(1, 2, 0).unsqueeze(1)) * scale  # (KV, G, L, S)
+    rows = torch.arange(L, device=q.device)[:, None] + first_position
+    cols = torch.arange(S, device=q.device)[None, :] + key_start
+    visible = cols <= rows
+    if window is not None:
+        visible &= cols > rows - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        column = sinks.to(scores.dtype).reshape(KV, G, 1, 1).expand(KV, G, L, 1)
+        scores = torch.cat([scores, column], dim=-1)
+    scores = scores - scores.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    out = torch.matmul(probs.to(values.dtype), values.permute(1, 0, 2).unsqueeze(1))  # (KV, G, L, D)
+    return out.permute(2, 0, 1, 3).reshape(L, H, D)
+
+
+def paged_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, meta: AttentionMetadata, sinks: torch.Tensor | None,
+                         window: int | None, scale: float | None = None) -> torch.Tensor:
+    """``paged_attention`` for a layer with attention sinks and/or a sliding window (GPT-OSS), torch backend.
+
+    Writes k/v into the pools, then per sequence attends over its context from the pool; a sliding layer
+    reads only the last ``window - 1`` keys before its first new token (older ones are never visible).
+    """
+    key_cache.index_copy_(0, meta.slot_mapping, k)
+    value_cache.index_copy_(0, meta.slot_mapping, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    outputs = []
+    for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens, strict=True)):
+        first = slen - qlen
+        key_start = max(0, first - window + 1) if window is not None else 0
+        keys = meta.context(key_cache, i)[key_start:]
+        values = meta.context(value_cache, i)[key_start:]
+        outputs.append(sink_window_attention(q[start:start + qlen], keys, values, scale=scale,
+                                             first_position=first, key_start=key_start, sinks=sinks,
+                                             window=window))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -10,6 +10,11 @@ Rope variants, all reproducing the reference formulas (float32 angles, cast to t
 - Phi-3 "su": short or long per-dimension factors, chosen from the largest position in the forward
   (``max(position_ids) + 1 > original_max_position_embeddings``), and cos/sin scaled by
   sqrt(1 + ln(max/original) / ln(original)).
+- YaRN (GPT-OSS): one static inv_freq row blending interpolated (base * factor) and extrapolated
+  frequencies by a linear ramp between the correction dimensions of ``beta_fast`` / ``beta_slow``, and
+  cos/sin scaled by the attention factor (0.1 ln(factor) + 1 unless the config gives it), exactly as
+  transformers' ``_compute_yarn_parameters`` (where ``original_max_position_embeddings`` is in
+  ``rope_scaling``, the factor is max_position_embeddings / it).
 
 What varies between the sequences of a step is only the inv_freq row (Phi-3's short or long factors, a
 dynamic-NTK base). The caller that knows each sequence's length on the host (the model runner) picks
@@ -72,9 +77,58 @@ class RotaryEmbedding:
             scale = self.max_positions / self.original_max
             if scale > 1.0:
                 self.multiplier = math.sqrt(1 + math.log(scale) / math.log(self.original_max))
+        if s is not None and s.type == "yarn":
+            self.multiplier = self._yarn_attention_factor()
         self._tables: dict[str, torch.Tensor] = {}    # the fixed rows per device, never evicted
 
+    def _yarn_factor(self) -> tuple[float, int]:
+        """(factor, original max positions) as transformers reads them."""
+        s = self.scaling
+        assert s is not None and s.yarn is not None
+        original = s.yarn.original_max_position_embeddings
+        if original is not None:
+            return self.max_positions / original, original
+        return s.factor, self.max_positions
+
+    def _yarn_attention_factor(self) -> float:
+        s = self.scaling
+        assert s is not None and s.yarn is not None
+        if s.yarn.attention_factor is not None:
+            return s.yarn.attention_factor
+        factor, _ = self._yarn_factor()
+
+        def get_mscale(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if s.yarn.mscale and s.yarn.mscale_all_dim:
+            return float(get_mscale(factor, s.yarn.mscale) / get_mscale(factor, s.yarn.mscale_all_dim))
+        return get_mscale(factor)
+
+    def _yarn_inv_freq(self, device: torch.device) -> torch.Tensor:
+        s = self.scaling
+        assert s is not None and s.yarn is not None
+        factor, original = self._yarn_factor()
+        dim, base = self.dim, self.base
+        beta_fast, beta_slow = s.yarn.beta_fast or 32, s.yarn.beta_slow or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.yarn.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001                           # as transformers: no division by zero
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+        pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+        extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        extrapolation_factor = 1 - ramp
+        return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+
     def _inv_freq(self, base: float, factors: tuple[float, ...] | None, device: torch.device) -> torch.Tensor:
+        if self.scaling is not None and self.scaling.type == "yarn":
+            return self._yarn_inv_freq(device)
         exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         if factors is None:
             return 1.0 / (base ** exponent)
@@ -101,7 +155,7 @@ class RotaryEmbedding:
     def plan(self, lengths: Sequence[int]) -> RopePlan:
         """Rows for sequences of the given ``scaled_length``s (host only)."""
         s = self.scaling
-        if s is None or s.type == "linear":
+        if s is None or s.type in ("linear", "yarn"):
             return RopePlan([0] * len(lengths))
         if s.type == "su":
             assert self.original_max is not None
@@ -138,7 +192,7 @@ class RotaryEmbedding:
                             seq_lens: Sequence[int]) -> tuple[torch.Tensor | None, tuple[float, ...]]:
         """Per-token rows for a caller that did not plan them (a forward outside the model runner): Phi-3
         reads each sequence's largest position back from the device here, once per forward."""
-        if self.scaling is None or self.scaling.type == "linear":
+        if self.scaling is None or self.scaling.type in ("linear", "yarn"):
             return None, ()
         if self.scaling.type == "su":
             lengths, start = [], 0
