@@ -203,7 +203,7 @@ class OfficialChatMixin:
 
     _system_message: str | None = None
     _score_recorder: ScoreRecorder | None = None
-    template: str
+    template: str | None
     compute_plan: object | None
 
     # -- helpers ---------------------------------------------------------------------------------
