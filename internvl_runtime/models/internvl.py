@@ -61,7 +61,7 @@ class InternVLModel(nn.Module):
         self.num_image_token = config.num_image_token
         # The official model's attribute, set by its chat()/batch_chat() (api/chat.py) for callers that read it;
         # nothing here reads it: the runner is given the image token id.
-        self.img_context_token_id: int | None = None
+        self.img_context_token_id: int | None = config.image_token_id   # the HF format names it in config.json
         self.compute_plan: object | None = None      # set_compute_plan
         self._template = config.template
 
