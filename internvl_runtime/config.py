@@ -129,8 +129,43 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts decoder's routing and expert shapes, read from each family's own config names
+    (Qwen3-MoE: ``num_experts``, ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``,
+    ``mlp_only_layers``; GPT-OSS: ``num_local_experts``, every layer sparse, experts ``intermediate_size`` wide)."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer_index: int) -> bool:
+        """Whether layer ``layer_index`` has experts (else a dense MLP), as Qwen3-MoE decides it."""
+        return (layer_index not in self.mlp_only_layers
+                and (layer_index + 1) % self.decoder_sparse_step == 0)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> MoEConfig | None:
+        r = _Reader(data, where)
+        experts = r.get("num_experts", int, None) or r.get("num_local_experts", int, None)
+        if not experts:
+            return None
+        per_token = r.get("num_experts_per_tok", int, None) or r.get("experts_per_token", int, None)
+        if not per_token or per_token > experts:
+            raise ConfigError(f"{where}: num_experts_per_tok must be in 1..{experts} (got {per_token!r})")
+        width = r.get("moe_intermediate_size", int, None) or r.positive_int("intermediate_size")
+        return cls(num_experts=experts, experts_per_token=per_token, expert_intermediate_size=width,
+                   norm_topk_prob=r.get("norm_topk_prob", bool, False),
+                   decoder_sparse_step=r.get("decoder_sparse_step", int, 1) or 1,
+                   mlp_only_layers=tuple(int(i) for i in r.get("mlp_only_layers", list, None) or ()))
+
+
+@dataclass(frozen=True)
 class LLMConfig:
-    """The language model half (``llm_config``); fields common to the four decoder families."""
+    """The language model half (``llm_config``): fields common to the decoder families, and the optional
+    parts some families add (explicit ``head_dim``, experts, sliding-window layers)."""
 
     architecture: str
     hidden_size: int
@@ -150,10 +185,22 @@ class LLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    #: ``head_dim`` when the config states it (Qwen3, GPT-OSS: heads x head_dim need not be hidden_size).
+    explicit_head_dim: int | None = None
+    moe: MoEConfig | None = None
+    #: Sliding-window attention: the window, and per layer "sliding_attention" / "full_attention" (GPT-OSS).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    #: Every key the config has, for a family that reads a name of its own (``family_value``).
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
+
+    def family_value(self, name: str, kind: type, default: Any) -> Any:
+        """A config key only one family reads (GPT-OSS's ``swiglu_limit``), type-checked as every field is."""
+        return _Reader(self.raw, "llm_config").get(name, kind, default)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> LLMConfig:
@@ -182,8 +229,15 @@ class LLMConfig:
             bos_token_id=r.get("bos_token_id", int, None),
             eos_token_id=r.get("eos_token_id", (int, list), None),
             pad_token_id=r.get("pad_token_id", int, None),
+            explicit_head_dim=r.get("head_dim", int, None),
+            moe=MoEConfig.from_dict(data, where),
+            # A window only where the config says which layers slide (GPT-OSS); Qwen2's and Phi-3's
+            # ``sliding_window`` is not applied by their official eager attention.
+            sliding_window=r.get("sliding_window", int, None) if data.get("layer_types") else None,
+            layer_types=tuple(r.get("layer_types", list, None) or ()) or None,
+            raw=copy.deepcopy(data),
         )
-        if cfg.hidden_size % heads:
+        if cfg.explicit_head_dim is None and cfg.hidden_size % heads:
             raise ConfigError(f"{where}: hidden_size {cfg.hidden_size} not divisible by num_attention_heads {heads}")
         if heads % cfg.num_key_value_heads:
             raise ConfigError(f"{where}: num_attention_heads {heads} not divisible by "

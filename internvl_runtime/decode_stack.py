@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .models.decoders.base import DecoderForCausalLM
+from .models.decoders.base import Attention, DecoderForCausalLM, GatedMLP
 from .models.layers.linear import Linear
 from .quantization.linear import Int4Linear, Int8Linear
 
@@ -97,6 +97,11 @@ class DecodeStack:
         if not kernels.has_operator("decode_layers"):
             return "the native library lacks decode_layers"
         layers = lm.model.decoder_layers
+        for layer in layers:
+            if type(layer.self_attn) is not Attention or layer.self_attn.q_norm is not None:
+                return "the attention is not the Llama one (q/k norms, sinks or a sliding window)"
+            if type(layer.mlp) is not GatedMLP:
+                return f"the feed-forward part is {type(layer.mlp).__name__}, not a gated MLP"
         attn = layers[0].self_attn
         if attn.head_dim % 8:
             return f"head_dim {attn.head_dim} is not a multiple of 8"

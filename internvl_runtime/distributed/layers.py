@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import InternVLConfig, LLMConfig
 from ..errors import ConfigError, UnsupportedFeature
-from ..models.decoders.base import DecoderForCausalLM, set_shards
+from ..models.decoders.base import Attention, DecoderForCausalLM, GatedMLP, set_shards
 from ..models.decoders.internlm2 import ungroup_wqkv
 from ..weights.loader import LazyTensor, LazyTransform, Resolver, Transform
 from .parallel_state import TPGroup
@@ -197,6 +197,7 @@ def make_tensor_parallel(lm: DecoderForCausalLM, plan: ShardPlan, group: TPGroup
     inter = plan.intermediate_per_rank
     for layer in lm.model.decoder_layers:
         attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(mlp, GatedMLP), "check_family refuses other feed-forward parts before loading"
         attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size = (plan.heads_per_rank, plan.kv_heads_per_rank,
                                                                         q_size, kv_size)
         qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=attn.qkv_proj.bias is not None)
@@ -298,7 +299,13 @@ GROUPED_READERS: dict[WholeTransform, SliceReader] = {ungroup_wqkv: read_grouped
 
 
 def check_family(lm: DecoderForCausalLM) -> None:
-    """Every tensor transform the family declares must have a slice reader (checked before loading)."""
+    """Every layer must be one this file splits, and every tensor transform the family declares must have a
+    slice reader (checked before loading)."""
+    for i, layer in enumerate(lm.model.decoder_layers):
+        if type(layer.self_attn) is not Attention or type(layer.mlp) is not GatedMLP:
+            raise UnsupportedFeature(
+                f"{type(lm).__name__} layer {i} has {type(layer.self_attn).__name__} / {type(layer.mlp).__name__}: "
+                "tensor parallelism splits the Llama attention and gated MLP only")
     for suffix, fn in lm.tensor_transforms.items():
         if fn not in GROUPED_READERS:
             raise UnsupportedFeature(f"{type(lm).__name__} transforms {suffix} at load, and no tensor-parallel "

@@ -8,6 +8,7 @@ family's declared tables handle the rest. The official user-facing methods (``ch
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,13 @@ class InternVLModel(nn.Module):
         for ours, theirs, shard_id in lm.stacked_params:
             if f".{theirs}." in name:
                 name, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
+                break
+        for ours, theirs, part in lm.expert_params:
+            head, _, tail = theirs.partition("{e}")
+            match = re.search(rf"\.{re.escape(head)}(\d+){re.escape(tail)}\.", name)
+            if match:
+                name = name[:match.start()] + f".{ours}." + name[match.end():]
+                shard = (int(match.group(1)), part)
                 break
         transform: Transform | None = None
         for suffix, fn in lm.tensor_transforms.items():

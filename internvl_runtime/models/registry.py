@@ -8,12 +8,16 @@ from .decoders.internlm2 import InternLM2ForCausalLM
 from .decoders.llama import LlamaForCausalLM
 from .decoders.phi3 import Phi3ForCausalLM
 from .decoders.qwen2 import Qwen2ForCausalLM
+from .decoders.qwen3 import Qwen3ForCausalLM
+from .decoders.qwen3_moe import Qwen3MoeForCausalLM
 
 DECODERS: dict[str, type[DecoderForCausalLM]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -1,4 +1,4 @@
-"""The decoder skeleton shared by the four InternVL2 LLM families.
+"""The decoder skeleton shared by every LLM family.
 
 Attention -> MLP -> DecoderLayer -> Model -> ForCausalLM, nano-vllm style: tokens of all sequences
 in a step are flattened to (T, hidden); ``forward(embeds, positions, meta, kv_cache)`` returns hidden
@@ -9,8 +9,14 @@ declares, as data, how its checkpoint names differ:
 - ``stacked_params``: checkpoint projections packed into one of our fused parameters
   (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``), with the shard each one fills;
 - ``renames``: (checkpoint substring, our substring) pairs applied to every name first;
+- ``expert_params``: per-expert checkpoint projections stacked into one parameter (Qwen3-MoE's
+  ``mlp.experts.{e}.gate_proj``), the shard id being ``(expert, part)``;
 - ``tensor_transforms``: a function applied to one of our parameter names' tensors before copying
   (InternLM2's grouped ``wqkv`` rows).
+
+A family that departs from the Llama layer says how in ``make_attention`` / ``make_mlp`` (per layer: a
+mixture of experts in some layers only, sliding-window layers) or with ``qk_norm`` (Qwen3's per-head
+RMSNorm on queries and keys before the rotary embedding).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class Attention(nn.Module):
     qkv_proj: nn.Module
     o_proj: nn.Module
 
-    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+    def __init__(self, config: LLMConfig, qkv_bias: bool, qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -57,14 +63,24 @@ class Attention(nn.Module):
         set_shards(qkv_proj, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
         self.qkv_proj = qkv_proj
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        # Qwen3: RMSNorm over each head's vector of q and k (weights of head_dim), before the rotary embedding.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, hidden) -> q (T, H, D), k and v (T, KV, D), rotated."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = q.view(T, self.num_heads, self.head_dim), k.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.view(T, self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)   # (T, H, D)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # (T, KV, D)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x, cos, sin)
         out = paged_attention(q, k, v, key_cache=key_cache, value_cache=value_cache, meta=meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -90,12 +106,17 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the family makes the two parts."""
+
+    self_attn: Attention
+    mlp: nn.Module
+
+    def __init__(self, config: LLMConfig, self_attn: Attention, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, qkv_bias)
+        self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
@@ -104,10 +125,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: LLMConfig, qkv_bias: bool) -> None:
+    def __init__(self, config: LLMConfig, make_layer: Callable[[int], DecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     @property
@@ -130,6 +151,7 @@ class DecoderForCausalLM(nn.Module):
     family departs from the Llama computation (say so in a comment there)."""
 
     qkv_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = False
     # The tables are class-level data shared by every instance: tuples and read-only mappings, never mutated.
     stacked_params: ClassVar[tuple[tuple[str, str, object], ...]] = (
         # (our name piece, checkpoint name piece, shard id)
@@ -140,6 +162,9 @@ class DecoderForCausalLM(nn.Module):
         ("mlp.gate_up_proj", "mlp.up_proj", 1),
     )
     renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: Per-expert checkpoint projections packed into ``layers.moe.StackedExperts``: (our name piece, checkpoint
+    #: name piece with ``{e}`` for the expert index, part); the shard id is ``(expert, part)``.
+    expert_params: ClassVar[tuple[tuple[str, str, int], ...]] = ()
     tensor_transforms: ClassVar[Mapping[str, Callable[[LLMConfig, torch.Tensor], torch.Tensor]]] = MappingProxyType({})
     #: Given by the compute plan (set_decode_stack) where a native kernel runs the whole layer stack of a decode step
     #: (``decode_stack.DecodeStack``) for steps of at most ``decode_stack_rows`` sequences.
@@ -153,9 +178,18 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config, self.qkv_bias or config.attention_bias)
+        self.model = DecoderModel(config, lambda i: DecoderLayer(config, self.make_attention(config, i),
+                                                                 self.make_mlp(config, i)))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+
+    def make_attention(self, config: LLMConfig, layer_index: int) -> Attention:
+        """Layer ``layer_index``'s attention (the Llama one unless the family says otherwise)."""
+        return Attention(config, self.qkv_bias or config.attention_bias, qk_norm=self.qk_norm)
+
+    def make_mlp(self, config: LLMConfig, layer_index: int) -> nn.Module:
+        """Layer ``layer_index``'s feed-forward part (a gated MLP unless the family says otherwise)."""
+        return GatedMLP(config)
 
     def set_decode_stack(self, stack: DecodeStackRunner | None, max_rows: int = 0) -> None:
         """Run decode steps of at most ``max_rows`` sequences through ``stack`` (None: the Python layers)."""

@@ -1,0 +1,82 @@
+"""Mixture-of-experts feed-forward over stacked expert weights: the tokens grouped by expert, one pass per expert.
+
+Operators only (no model class). Weights in ``nn.Linear``'s convention, stacked over experts:
+``w13`` (E, 2I, hidden): each expert's gate rows, then its up rows; ``w2`` (E, hidden, I); optional biases
+``b13`` (E, 2I) and ``b2`` (E, hidden). ``topk_ids`` / ``topk_weights`` (T, k): the experts each token goes to
+and their weights (the router's business, not this module's).
+
+The CPU path sorts the (token, slot) pairs by expert once and runs each expert over its tokens as two
+matmuls (the way the official code loops over experts, so sums come in the same order: experts ascending);
+``grouped_experts_reference`` is the plain per-token loop the tests hold it to.
+
+Activations (``activation``):
+- ``"silu"``: silu(gate) * up (Qwen3-MoE, Llama-style experts);
+- ``"gpt_oss"``: GPT-OSS's clamped SwiGLU: gate clamped above at ``limit``, up clamped to +-``limit``,
+  gate * sigmoid(alpha * gate) * (up + 1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Activation = Literal["silu", "gpt_oss"]
+
+
+def expert_activation(gate_up: torch.Tensor, activation: Activation, limit: float | None = None,
+                      alpha: float = 1.702) -> torch.Tensor:
+    """(n, 2I) [gate | up] -> (n, I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gpt_oss":
+        if limit is not None:
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"unknown expert activation {activation!r}")
+
+
+def _expert(x: torch.Tensor, e: int, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None,
+            b2: torch.Tensor | None, activation: Activation, limit: float | None, alpha: float) -> torch.Tensor:
+    h = F.linear(x, w13[e], None if b13 is None else b13[e])
+    return F.linear(expert_activation(h, activation, limit, alpha), w2[e], None if b2 is None else b2[e])
+
+
+def grouped_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, *,
+                    activation: Activation = "silu", limit: float | None = None, alpha: float = 1.702
+                    ) -> torch.Tensor:
+    """x (T, hidden) -> (T, hidden): sum over each token's k experts of weight * expert(x), in x's dtype."""
+    num_experts, k = w13.shape[0], topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)               # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    weights = topk_weights.reshape(-1)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        tokens = pairs // k
+        y = _expert(x.index_select(0, tokens), e, w13, w2, b13, b2, activation, limit, alpha)
+        out.index_add_(0, tokens, (y * weights.index_select(0, pairs)[:, None].to(y.dtype)).to(x.dtype))
+    return out
+
+
+def grouped_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                              w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None = None,
+                              b2: torch.Tensor | None = None, *, activation: Activation = "silu",
+                              limit: float | None = None, alpha: float = 1.702) -> torch.Tensor:
+    """The same, token by token and slot by slot (for tests)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            y = _expert(x[t:t + 1], e, w13, w2, b13, b2, activation, limit, alpha)
+            out[t] += (y[0] * topk_weights[t, j].to(y.dtype)).to(x.dtype)
+    return out
