@@ -203,10 +203,10 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
 # ---- the "HF format" (transformers' native InternVLForConditionalGeneration) -------------------------------
 
 #: HF-format variants: InternVL3 / InternVL3.5 as released under hub ids ending in ``-hf`` / ``-HF``.
-HF_VARIANTS = ("3-1B-hf",)
+HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF")
 
 #: Per HF variant: bos/eos/pad ids and vocab size of the vendored tokenizer (tokenizers/<v>/, with ``<video>``).
-_HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713)}
+_HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713), "3_5-1B-HF": (700, 702, None, 713)}
 
 
 def real_hf_config(variant: str) -> dict[str, Any]:
@@ -230,10 +230,14 @@ def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
         raise ValueError(f"scale must be 'tiny' or 'real', got {scale!r}")
     text.update(bos_token_id=bos, eos_token_id=eos, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=128, num_hidden_layers=2, max_window_layers=2, vocab_size=vocab)
+    if "head_dim" in text:      # Qwen3 states it: keep heads x head_dim apart from hidden_size, as released
+        text.update(num_attention_heads=4, head_dim=32)
+    if "layer_types" in text:
+        text["layer_types"] = text["layer_types"][:2]
     if pad is not None:
         text["pad_token_id"] = pad
     vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
-    config["image_token_id"] = 705          # <IMG_CONTEXT> of tokenizers/3-1B-hf
+    config["image_token_id"] = 705          # <IMG_CONTEXT> of the vendored tokenizers/<variant>
     config["torch_dtype"] = text["torch_dtype"] = vit["torch_dtype"] = "float32"
     return config
 
@@ -290,6 +294,8 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                        p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
                        p + "mlp.down_proj.weight": (h, ff), p + "input_layernorm.weight": (h,),
                        p + "post_attention_layernorm.weight": (h,)})
+        if text["architectures"][0] == "Qwen3ForCausalLM":
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if text["architectures"][0] == "Qwen2ForCausalLM" or text.get("attention_bias"):
             shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                            p + "self_attn.v_proj.bias": (kv * hd,)})

@@ -1,11 +1,11 @@
 """Golden tests of the HF format: our runtime against transformers' native InternVLForConditionalGeneration.
 
-The tiny InternVL3-1B-hf folder (``tests/fixtures/ckpt/tiny-3-1B-hf``) and what transformers 4.55's own
-model and processor answer on it (``tests/fixtures/goldens/tiny-3-1B-hf``; how they were made: the fixtures
-README). Per case and round, through the engine (``LLMEngine.from_pretrained`` on the folder: its chat
-template renders, its tiling tiles): the prompt (the golden's ``<IMG_CONTEXT>`` placeholders expanded as the
-processor does), the input ids, the pixel values (sha256), the vision features, the first-step logits
-(relative error <= 1e-5), the greedy ids and the decoded response. Through the official-style API
+The tiny InternVL3-1B-hf (Qwen2) and InternVL3.5-1B-HF (Qwen3) folders (``tests/fixtures/ckpt/<variant>``)
+and what transformers 4.55's own model and processor answer on them (``tests/fixtures/goldens/<variant>``; how
+they were made: the fixtures README). Per case and round, through the engine (``LLMEngine.from_pretrained`` on
+the folder: its chat template renders, its tiling tiles): the prompt (the golden's ``<IMG_CONTEXT>``
+placeholders expanded as the processor does), the input ids, the pixel values (sha256), the vision features,
+the first-step logits (relative error <= 1e-5), the greedy ids and the decoded response. Through the official-style API
 (``AutoModel``): ``forward``'s last logits and ``generate`` returning the prompt ids then the new ones, as
 transformers' ``generate`` given ``input_ids`` does.
 """
@@ -27,27 +27,29 @@ from internvl_runtime.processing.inputs import Message, PreparedRequest
 from internvl_runtime.processing.template import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, expand_image_placeholders
 from paths import FIXTURES
 
-VARIANT = "tiny-3-1B-hf"
-CHECKPOINT = FIXTURES / "ckpt" / VARIANT
-GOLDENS = FIXTURES / "goldens" / VARIANT
+VARIANTS = ["tiny-3-1B-hf", "tiny-3_5-1B-HF"]
 
 
-def _case_ids() -> list[str]:
-    return list(json.loads((GOLDENS / "index.json").read_text(encoding="utf-8"))["cases"])
+def _goldens(variant: str):
+    return FIXTURES / "goldens" / variant
 
 
-def _golden(case_id: str) -> dict:
-    return json.loads((GOLDENS / f"{case_id}.json").read_text(encoding="utf-8"))
+def _case_ids(variant: str) -> list[str]:
+    return list(json.loads((_goldens(variant) / "index.json").read_text(encoding="utf-8"))["cases"])
 
 
-@functools.lru_cache(maxsize=1)
-def _engine() -> LLMEngine:
-    return LLMEngine.from_pretrained(CHECKPOINT, num_blocks=512)
+def _golden(variant: str, case_id: str) -> dict:
+    return json.loads((_goldens(variant) / f"{case_id}.json").read_text(encoding="utf-8"))
 
 
 @functools.lru_cache(maxsize=1)
-def _auto_model():
-    return AutoModel.from_pretrained(CHECKPOINT, torch_dtype=torch.float32).eval()
+def _engine(variant: str) -> LLMEngine:
+    return LLMEngine.from_pretrained(FIXTURES / "ckpt" / variant, num_blocks=512)
+
+
+@functools.lru_cache(maxsize=1)
+def _auto_model(variant: str):
+    return AutoModel.from_pretrained(FIXTURES / "ckpt" / variant, torch_dtype=torch.float32).eval()
 
 
 def _image_file(ref: str) -> str:
@@ -84,15 +86,17 @@ def _pixel_values(prepared: list[PreparedRequest]) -> torch.Tensor | None:
     return torch.cat(tiles) if tiles else None
 
 
-def _rounds(case_id: str) -> list[tuple[str, int]]:
-    return [(case_id, r) for r in range(len(_golden(case_id)["rounds"]))]
+def _rounds(variant: str) -> list[tuple[str, str, int]]:
+    return [(variant, case_id, r) for case_id in _case_ids(variant)
+            for r in range(len(_golden(variant, case_id)["rounds"]))]
 
 
-@pytest.mark.parametrize(("case_id", "round_index"), [cr for c in _case_ids() for cr in _rounds(c)])
-def test_hf_golden_through_the_engine(case_id: str, round_index: int) -> None:
-    golden = _golden(case_id)
+@pytest.mark.parametrize(("variant", "case_id", "round_index"), [vcr for v in VARIANTS for vcr in _rounds(v)])
+def test_hf_golden_through_the_engine(variant: str, case_id: str, round_index: int) -> None:
+    golden = _golden(variant, case_id)
     record = golden["rounds"][round_index]
-    engine = _engine()
+    goldens = _goldens(variant)
+    engine = _engine(variant)
     model = engine.model
     max_num = golden["case"].get("max_patches", 12)
     prepared = [engine.processor.prepare(messages, max_num=max_num)
@@ -111,11 +115,11 @@ def test_hf_golden_through_the_engine(case_id: str, round_index: int) -> None:
     features = None
     if pixel_values is not None:
         _check_pixels(record, pixel_values)
-        features = _check_features(model, GOLDENS, record.get("features_file", "-"), pixel_values)
+        features = _check_features(model, goldens, record.get("features_file", "-"), pixel_values)
         assert float(features.double().sum()) == pytest.approx(record["features"]["sum"], rel=1e-4, abs=1e-3)
 
     logits = _first_logits(model, rows, features)
-    assert _rel_err(logits, np.load(GOLDENS / record["logits0_file"])) <= RTOL
+    assert _rel_err(logits, np.load(goldens / record["logits0_file"])) <= RTOL
 
     eos = model.config.llm.eos_token_id
     outputs = engine.generate(prepared, SamplingParams(max_new_tokens=golden["generation_config"]["max_new_tokens"],
@@ -125,26 +129,29 @@ def test_hf_golden_through_the_engine(case_id: str, round_index: int) -> None:
         assert out.text == response
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case_id", ["img_800x600_max1", "batch_2", "text_chat"])
-def test_hf_golden_through_the_official_api(case_id: str) -> None:
+def test_hf_golden_through_the_official_api(variant: str, case_id: str) -> None:
     """``AutoModel`` on the HF folder: ``forward`` gives the golden last-position logits and ``generate``
     returns the prompt ids (left padding included) then the golden greedy ids, as transformers' does."""
-    record = _golden(case_id)["rounds"][0]
-    model = _auto_model()
-    pixel_values = _pixel_values([_engine().processor.prepare(messages, max_num=_golden(case_id)["case"]
-                                                              .get("max_patches", 12))
-                                  for messages in _conversations(_golden(case_id), 0)])
+    golden = _golden(variant, case_id)
+    record = golden["rounds"][0]
+    model = _auto_model(variant)
+    pixel_values = _pixel_values([_engine(variant).processor.prepare(messages,
+                                                                     max_num=golden["case"].get("max_patches", 12))
+                                  for messages in _conversations(golden, 0)])
     input_ids = torch.tensor(record["input_ids"])
     mask = torch.tensor(record["attention_mask"])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)      # transformers' generate: from the attention mask
     logits = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-    assert _rel_err(logits[:, -1], np.load(GOLDENS / record["logits0_file"])) <= RTOL
+    assert _rel_err(logits[:, -1], np.load(_goldens(variant) / record["logits0_file"])) <= RTOL
     generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=mask,
                                max_new_tokens=20, do_sample=False)
     assert generated.tolist() == [ids + new for ids, new in zip(record["input_ids"], record["generated_ids"],
                                                                  strict=True)]
 
 
-def test_hf_goldens_have_cases() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hf_goldens_have_cases(variant: str) -> None:
     """Guard: the parametrisation above must not silently become empty."""
-    assert {"text_chat", "img_800x600_max12", "two_images", "batch_2"} <= set(_case_ids())
+    assert {"text_chat", "img_800x600_max12", "two_images", "batch_2"} <= set(_case_ids(variant))

@@ -51,6 +51,16 @@ def test_config_maps_the_hf_names() -> None:
     assert config.llm_config.num_hidden_layers == 2                                # text_config, by the old name
 
 
+def test_the_qwen3_text_config_keeps_its_head_dim() -> None:
+    """InternVL3.5-1B-HF: Qwen3 with heads x head_dim (4 x 32) apart from hidden_size (64), q/k norms loaded."""
+    config = InternVLConfig.from_pretrained(FIXTURES / "ckpt" / "tiny-3_5-1B-HF")
+    assert (config.llm.architecture, config.llm.head_dim, config.llm.hidden_size) == ("Qwen3ForCausalLM", 32, 64)
+    state = build_model(FIXTURES / "ckpt" / "tiny-3_5-1B-HF").state_dict()
+    tensors = load_file(str(FIXTURES / "ckpt" / "tiny-3_5-1B-HF" / "model.safetensors"))
+    assert torch.equal(state["language_model.model.layers.1.self_attn.k_norm.weight"],
+                       tensors["model.language_model.layers.1.self_attn.k_norm.weight"])
+
+
 def test_every_tensor_name_maps_and_the_older_layout_loads_the_same(tmp_path: Path) -> None:
     tensors = load_file(str(CHECKPOINT / "model.safetensors"))
     mapped = {name: github_name(name) for name in tensors}
