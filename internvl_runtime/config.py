@@ -388,6 +388,7 @@ class InternVLConfig:
         if isinstance(archs, list) and archs and archs[0] == HF_ARCHITECTURE:
             processor_file = folder / "preprocessor_config.json"
             processor = _read_json(processor_file) if processor_file.is_file() else {}
+            _check_hf_image_tokens(folder)
             return cls.from_dict(data, str(file), processor=processor, chat_template=hf_chat_template(folder))
         return cls.from_dict(data, str(file))
 
@@ -435,6 +436,26 @@ def hf_chat_template(folder: Path) -> str | None:
             if isinstance(template, str):
                 return template
     return None
+
+
+#: The image tokens InternVL's prompts are built from (``processing/template.py``), by the names an HF-format
+#: tokenizer_config.json gives them in ``extra_special_tokens`` (read by transformers' ``InternVLProcessor``).
+HF_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+
+
+def _check_hf_image_tokens(folder: Path) -> None:
+    """The folder's image tokens must be InternVL's: the runtime writes ``<img>``, ``<IMG_CONTEXT>``, ``</img>``."""
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    extra = _read_json(file).get("extra_special_tokens")
+    if not isinstance(extra, dict):
+        return
+    for name, ours in HF_IMAGE_TOKENS.items():
+        theirs = extra.get(name, ours)
+        if theirs != ours:
+            raise ConfigError(f"{file}: extra_special_tokens.{name} is {theirs!r}; only InternVL's {ours!r} is "
+                              "supported")
 
 
 def _square(value: Any, key: str, where: str) -> Any:

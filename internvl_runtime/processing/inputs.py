@@ -131,12 +131,13 @@ class InputProcessor:
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
                  chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None,
-                 numbered_images: bool = True) -> None:
+                 numbered_images: bool = True, image_token_id: int | None = None) -> None:
         """``template``: the official template's name (None: an HF-format checkpoint, which needs
         ``chat_template``); ``chat_template``: a Jinja template used instead of the official one
         (``--chat-template``, or an HF-format folder's own); ``images``: how images become tiles (default: the
         exact path on the calling thread); ``numbered_images``: several images of a message get the official
-        ``Image-1: <image>\n`` prefix (False: ``<image>\n`` each, the HF format's)."""
+        ``Image-1: <image>\\n`` prefix (False: ``<image>\\n`` each, the HF format's); ``image_token_id``: the
+        checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's."""
         if template is None and chat_template is None:
             raise ConfigError("a checkpoint without an official conversation template needs a chat template")
         self.tokenizer = tokenizer
@@ -152,6 +153,9 @@ class InputProcessor:
         self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
         self.numbered_images = numbered_images
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if image_token_id is not None and image_token_id != self.img_context_id:
+            raise ConfigError(f"the checkpoint's image_token_id is {image_token_id} but the tokenizer's "
+                              f"{IMG_CONTEXT_TOKEN} is {self.img_context_id}")
         # the official template's separator ends an answer; an HF-format checkpoint's answers end at its eos
         self.sep: str | None = get_template(template).sep if template is not None else None
         self.sep_id: int | None = tokenizer.convert_tokens_to_ids(self.sep) if self.sep is not None else None
@@ -165,7 +169,7 @@ class InputProcessor:
                                       system_message=config.system_message)
         if config.chat_template is not None:        # the HF format: its folder's template, its image prefix
             kwargs.update(chat_template=ChatTemplate(config.chat_template, origin=f"{config.source}'s chat template"),
-                          numbered_images=False)
+                          numbered_images=False, image_token_id=config.image_token_id)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
 

@@ -16,6 +16,7 @@ from internvl_runtime.config import InternVLConfig
 from internvl_runtime.errors import ConfigError, WeightMismatchError
 from internvl_runtime.models.hf_format import github_name
 from internvl_runtime.models.internvl import build_model
+from internvl_runtime.processing.inputs import InputProcessor
 from paths import FIXTURES
 
 CHECKPOINT = FIXTURES / "ckpt" / "tiny-3-1B-hf"
@@ -149,3 +150,21 @@ def test_the_official_chat_needs_an_official_template() -> None:
     tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
     with pytest.raises(ConfigError, match="chat template"):
         model.chat(tokenizer, None, "Hello", {"max_new_tokens": 2})
+
+
+def test_image_tokens_must_be_internvls(tmp_path: Path) -> None:
+    """The folder names its image tokens (tokenizer_config.json's extra_special_tokens) and config.json the
+    image token's id: both must agree with the prompts the runtime writes."""
+    folder = _copy(tmp_path)
+    file = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(file.read_text(encoding="utf-8"))
+    tokenizer_config["extra_special_tokens"]["context_image_token"] = "<IMAGE>"
+    file.write_text(json.dumps(tokenizer_config), encoding="utf-8")
+    with pytest.raises(ConfigError, match="context_image_token"):
+        InternVLConfig.from_pretrained(folder)
+
+    folder = _copy(tmp_path / "second")
+    _edit_config(folder, lambda c: c.update(image_token_id=704))        # </img>'s id, not <IMG_CONTEXT>'s
+    model = build_model(folder)
+    with pytest.raises(ConfigError, match="image_token_id is 704"):
+        InputProcessor.for_model(model, AutoTokenizer.from_pretrained(folder))
