@@ -389,7 +389,9 @@ class InternVLConfig:
             processor_file = folder / "preprocessor_config.json"
             processor = _read_json(processor_file) if processor_file.is_file() else {}
             _check_hf_image_tokens(folder)
-            return cls.from_dict(data, str(file), processor=processor, chat_template=hf_chat_template(folder))
+            config = cls.from_dict(data, str(file), processor=processor, chat_template=hf_chat_template(folder))
+            _check_hf_image_seq_length(folder, config.num_image_token)
+            return config
         return cls.from_dict(data, str(file))
 
 
@@ -456,6 +458,18 @@ def _check_hf_image_tokens(folder: Path) -> None:
         if theirs != ours:
             raise ConfigError(f"{file}: extra_special_tokens.{name} is {theirs!r}; only InternVL's {ours!r} is "
                               "supported")
+
+
+def _check_hf_image_seq_length(folder: Path, num_image_token: int) -> None:
+    """processor_config.json's ``image_seq_length`` (tokens per tile the processor writes) must be what the
+    vision tower gives: (image_size / patch_size)^2 x downsample_ratio^2."""
+    file = folder / "processor_config.json"
+    if not file.is_file():
+        return
+    length = _read_json(file).get("image_seq_length", num_image_token)
+    if length != num_image_token:
+        raise ConfigError(f"{file}: image_seq_length {length} differs from the {num_image_token} tokens a tile "
+                          "gives (config.json's image and patch size, downsample_ratio)")
 
 
 def _square(value: Any, key: str, where: str) -> Any:

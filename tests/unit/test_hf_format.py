@@ -164,6 +164,10 @@ def test_image_tokens_must_be_internvls(tmp_path: Path) -> None:
         InternVLConfig.from_pretrained(folder)
 
     folder = _copy(tmp_path / "second")
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_length": 64}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="image_seq_length 64"):
+        InternVLConfig.from_pretrained(folder)
+    (folder / "processor_config.json").unlink()
     _edit_config(folder, lambda c: c.update(image_token_id=704))        # </img>'s id, not <IMG_CONTEXT>'s
     model = build_model(folder)
     with pytest.raises(ConfigError, match="image_token_id is 704"):
