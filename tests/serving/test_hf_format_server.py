@@ -1,6 +1,6 @@
-"""``internvl serve`` on an HF-format folder (transformers' native InternVL: the tiny InternVL3-1B-hf), with the
-OpenAI client on loopback: the answers are transformers' own (the HF goldens), the prompt is the folder's
-chat template's (its token count), streamed and whole alike."""
+"""``internvl serve`` on an HF-format folder (transformers' native InternVL: the tiny InternVL3-1B-hf and
+InternVL3.5-1B-HF), with the OpenAI client on loopback: the answers are transformers' own (the HF goldens),
+the prompt is the folder's chat template's (its token count), streamed and whole alike."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ from paths import FIXTURES
 
 from .helpers import RunningServer, run_server
 
-CHECKPOINT = FIXTURES / "ckpt" / "tiny-3-1B-hf"
-GOLDENS = FIXTURES / "goldens" / "tiny-3-1B-hf"
+VARIANTS = ["tiny-3-1B-hf", "tiny-3_5-1B-HF"]
 
 
-def _golden(case_id: str) -> dict:
-    return json.loads((GOLDENS / f"{case_id}.json").read_text(encoding="utf-8"))
+def _golden(variant: str, case_id: str) -> dict:
+    return json.loads((FIXTURES / "goldens" / variant / f"{case_id}.json").read_text(encoding="utf-8"))
 
 
 def _image_part(ref: str) -> dict:
@@ -29,9 +28,15 @@ def _image_part(ref: str) -> dict:
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
 
 
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    with run_server(ServerConfig(model=str(CHECKPOINT), max_model_len=8192, num_blocks=512, max_num_seqs=4)) as running:
+def server(variant: str) -> Iterator[RunningServer]:
+    config = ServerConfig(model=str(FIXTURES / "ckpt" / variant), max_model_len=8192, num_blocks=512, max_num_seqs=4)
+    with run_server(config) as running:
         yield running
 
 
@@ -45,9 +50,9 @@ def _model_name(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
 
 
-def test_image_answer_is_transformers_own(client: openai.OpenAI) -> None:
+def test_image_answer_is_transformers_own(client: openai.OpenAI, variant: str) -> None:
     """One image (12 tiles at most: the folder's preprocessor_config.json) and a question: transformers' answer."""
-    record = _golden("img_800x600_max12")["rounds"][0]
+    record = _golden(variant, "img_800x600_max12")["rounds"][0]
     response = client.chat.completions.create(
         model=_model_name(client), temperature=0, max_tokens=20,
         messages=[{"role": "user", "content": [_image_part("img_800x600"),
@@ -56,9 +61,9 @@ def test_image_answer_is_transformers_own(client: openai.OpenAI) -> None:
     assert response.usage.prompt_tokens == len(record["input_ids"][0])
 
 
-def test_two_rounds_streamed(client: openai.OpenAI) -> None:
+def test_two_rounds_streamed(client: openai.OpenAI, variant: str) -> None:
     """A second round after the first answer (no system message: the folder's template has none), streamed."""
-    golden = _golden("text_two_round")
+    golden = _golden(variant, "text_two_round")
     stream = client.chat.completions.create(
         model=_model_name(client), temperature=0, max_tokens=20, stream=True,
         messages=[{"role": "user", "content": "Hello, who are you?"},
