@@ -203,10 +203,11 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
 # ---- the "HF format" (transformers' native InternVLForConditionalGeneration) -------------------------------
 
 #: HF-format variants: InternVL3 / InternVL3.5 as released under hub ids ending in ``-hf`` / ``-HF``.
-HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF")
+HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF", "3_5-30B-A3B-HF")
 
 #: Per HF variant: bos/eos/pad ids and vocab size of the vendored tokenizer (tokenizers/<v>/, with ``<video>``).
-_HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713), "3_5-1B-HF": (700, 702, None, 713)}
+_HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713), "3_5-1B-HF": (700, 702, None, 713),
+                 "3_5-30B-A3B-HF": (700, 702, None, 713)}
 
 
 def real_hf_config(variant: str) -> dict[str, Any]:
@@ -234,6 +235,8 @@ def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
         text.update(num_attention_heads=4, head_dim=32)
     if "layer_types" in text:
         text["layer_types"] = text["layer_types"][:2]
+    if "num_experts" in text:   # Qwen3-MoE: a few narrow experts, still more than are routed to
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     if pad is not None:
         text["pad_token_id"] = pad
     vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
@@ -245,7 +248,7 @@ def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
 def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes in the HF layout (``model.vision_tower.*``,
     ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``; the vision attention's
-    q/k/v as three projections), for a Qwen2/Llama-style text model."""
+    q/k/v as three projections), for a Qwen2/Qwen3/Llama-style text model and Qwen3-MoE's experts."""
     vit, text = config["vision_config"], config["text_config"]
     d, inter = vit["hidden_size"], vit["intermediate_size"]
     patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
@@ -291,10 +294,20 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         p = f"{lm}layers.{i}."
         shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
                        p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
-                       p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
-                       p + "mlp.down_proj.weight": (h, ff), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-        if text["architectures"][0] == "Qwen3ForCausalLM":
+                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        experts = text.get("num_experts", 0)
+        sparse = experts and i not in text.get("mlp_only_layers", []) and (i + 1) % text["decoder_sparse_step"] == 0
+        if sparse:               # Qwen3-MoE: the router, then each expert's gated MLP under its own names
+            e_ff = text["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (experts, h)
+            for e in range(experts):
+                shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (e_ff, h),
+                               f"{p}mlp.experts.{e}.up_proj.weight": (e_ff, h),
+                               f"{p}mlp.experts.{e}.down_proj.weight": (h, e_ff)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                           p + "mlp.down_proj.weight": (h, ff)})
+        if text["architectures"][0] in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if text["architectures"][0] == "Qwen2ForCausalLM" or text.get("attention_bias"):
             shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),

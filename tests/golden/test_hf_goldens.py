@@ -1,6 +1,7 @@
 """Golden tests of the HF format: our runtime against transformers' native InternVLForConditionalGeneration.
 
-The tiny InternVL3-1B-hf (Qwen2) and InternVL3.5-1B-HF (Qwen3) folders (``tests/fixtures/ckpt/<variant>``)
+The tiny InternVL3-1B-hf (Qwen2), InternVL3.5-1B-HF (Qwen3) and InternVL3.5-30B-A3B-HF (Qwen3-MoE) folders
+(``tests/fixtures/ckpt/<variant>``)
 and what transformers 4.55's own model and processor answer on them (``tests/fixtures/goldens/<variant>``; how
 they were made: the fixtures README). Per case and round, through the engine (``LLMEngine.from_pretrained`` on
 the folder: its chat template renders, its tiling tiles): the prompt (the golden's ``<IMG_CONTEXT>``
@@ -27,7 +28,7 @@ from internvl_runtime.processing.inputs import Message, PreparedRequest
 from internvl_runtime.processing.template import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, expand_image_placeholders
 from paths import FIXTURES
 
-VARIANTS = ["tiny-3-1B-hf", "tiny-3_5-1B-HF"]
+VARIANTS = ["tiny-3-1B-hf", "tiny-3_5-1B-HF", "tiny-3_5-30B-A3B-HF"]
 
 
 def _goldens(variant: str):
