@@ -292,21 +292,21 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (vocab, h)
     for i in range(text["num_hidden_layers"]):
         p = f"{lm}layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
-                       p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
-                       p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        attention = {p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
+                     p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd)}
+        norms = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
         experts = text.get("num_experts", 0)
         sparse = experts and i not in text.get("mlp_only_layers", []) and (i + 1) % text["decoder_sparse_step"] == 0
         if sparse:               # Qwen3-MoE: the router, then each expert's gated MLP under its own names
             e_ff = text["moe_intermediate_size"]
-            shapes[p + "mlp.gate.weight"] = (experts, h)
+            shapes.update({**attention, **norms, p + "mlp.gate.weight": (experts, h)})
             for e in range(experts):
                 shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (e_ff, h),
                                f"{p}mlp.experts.{e}.up_proj.weight": (e_ff, h),
                                f"{p}mlp.experts.{e}.down_proj.weight": (h, e_ff)})
-        else:
-            shapes.update({p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
-                           p + "mlp.down_proj.weight": (h, ff)})
+        else:                    # (the order of the names is the order the random values are drawn in)
+            shapes.update({**attention, p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                           p + "mlp.down_proj.weight": (h, ff), **norms})
         if text["architectures"][0] in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if text["architectures"][0] == "Qwen2ForCausalLM" or text.get("attention_bias"):
