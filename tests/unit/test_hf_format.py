@@ -17,6 +17,7 @@ from internvl_runtime.errors import ConfigError, WeightMismatchError
 from internvl_runtime.models.hf_format import github_name
 from internvl_runtime.models.internvl import build_model
 from internvl_runtime.processing.inputs import InputProcessor
+from internvl_runtime.testing.checkpoints import HF_VARIANTS, write_hf_checkpoint
 from paths import FIXTURES
 
 CHECKPOINT = FIXTURES / "ckpt" / "tiny-3-1B-hf"
@@ -172,3 +173,13 @@ def test_image_tokens_must_be_internvls(tmp_path: Path) -> None:
     model = build_model(folder)
     with pytest.raises(ConfigError, match="image_token_id is 704"):
         InputProcessor.for_model(model, AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_the_writer_reproduces_the_committed_tiny_folders(tmp_path: Path, variant: str) -> None:
+    """The goldens belong to these exact files: ``write_hf_checkpoint`` must still write them, byte for byte."""
+    folder = write_hf_checkpoint(tmp_path / variant, variant, seed=7)
+    committed = FIXTURES / "ckpt" / f"tiny-{variant}"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for file in folder.iterdir():
+        assert file.read_bytes() == (committed / file.name).read_bytes(), file.name
