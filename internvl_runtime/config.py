@@ -1,9 +1,16 @@
-"""Typed views of an InternVL2 checkpoint's ``config.json`` (``model_type: internvl_chat``).
+"""Typed views of an InternVL checkpoint's ``config.json``, in either of its two formats.
+
+- The "GitHub format" (``architectures: ["InternVLChatModel"]``, ``model_type: internvl_chat``):
+  ``vision_config`` + ``llm_config`` + the conversation ``template`` name.
+- The "HF format" (``architectures: ["InternVLForConditionalGeneration"]``, ``model_type: internvl``:
+  transformers' native InternVL, hub ids ending in ``-hf`` / ``-HF``): ``vision_config`` and ``text_config``
+  under transformers' names, the tiling in ``preprocessor_config.json`` and the prompt format in the folder's
+  Jinja chat template. :meth:`InternVLConfig.from_dict` maps it onto the same typed view (the one model).
 
 Only the fields the runtime uses are parsed; each is checked where it is read, and a missing or
 malformed field raises :class:`ConfigError` naming it and the file. The LLM class is looked up by the
-exact ``llm_config.architectures[0]`` string (see ``models/registry.py``); nothing is guessed from
-folder names.
+exact ``llm_config.architectures[0]`` (HF format: ``text_config.architectures[0]``, else its
+``model_type``) string (see ``models/registry.py``); nothing is guessed from folder names.
 """
 
 from __future__ import annotations
@@ -304,7 +311,7 @@ class InternVLConfig:
 
     vision: VisionConfig
     llm: LLMConfig
-    template: str
+    template: str | None             # the official template's name; None in the HF format (chat_template)
     downsample_ratio: float = 0.5
     ps_version: str = "v1"
     select_layer: int = -1
@@ -315,6 +322,9 @@ class InternVLConfig:
     max_dynamic_patch: int = 6
     torch_dtype: str | None = None
     system_message: str | None = None
+    checkpoint_format: str = "github"      # "github" (InternVLChatModel) or "hf" (InternVLForConditionalGeneration)
+    image_token_id: int | None = None      # HF format: config.json's image_token_id (<IMG_CONTEXT>)
+    chat_template: str | None = None       # HF format: the folder's Jinja chat template (renders every prompt)
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -325,8 +335,9 @@ class InternVLConfig:
 
     @property
     def llm_config(self) -> ConfigView:
-        """The file's ``llm_config`` section (``num_hidden_layers``, ``architectures``, ...)."""
-        return ConfigView(self.raw.get("llm_config", {}))
+        """The file's ``llm_config`` section (``num_hidden_layers``, ``architectures``, ...); the HF format's
+        ``text_config``."""
+        return ConfigView(self.raw.get("llm_config", self.raw.get("text_config", {})))
 
     def to_dict(self) -> dict[str, Any]:
         """A copy of the whole ``config.json`` as read."""
@@ -343,8 +354,15 @@ class InternVLConfig:
         return int((self.image_size // self.vision.patch_size) ** 2 * (self.downsample_ratio ** 2))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> InternVLConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>",
+                  processor: dict[str, Any] | None = None, chat_template: str | None = None) -> InternVLConfig:
+        """The typed view of a config.json. The HF format (chosen by ``architectures[0] ==
+        "InternVLForConditionalGeneration"``) also reads ``processor`` (preprocessor_config.json, tiling) and
+        ``chat_template`` (the folder's Jinja template); :meth:`from_pretrained` finds both in the folder."""
         r = _Reader(data, source)
+        archs = data.get("architectures")
+        if isinstance(archs, list) and archs and archs[0] == HF_ARCHITECTURE:
+            return _from_hf_dict(data, source, processor or {}, chat_template)
         model_type = r.get("model_type", str, "internvl_chat")
         if model_type != "internvl_chat":
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'internvl_chat'")
@@ -387,8 +405,174 @@ class InternVLConfig:
             raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist")
         if not file.is_file():
             raise ConfigError(f"{str(folder)!r} has no config.json: not a Hugging Face checkpoint folder")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{file}: cannot be parsed as JSON ({exc})") from exc
+        data = _read_json(file)
+        archs = data.get("architectures") if isinstance(data, dict) else None
+        if isinstance(archs, list) and archs and archs[0] == HF_ARCHITECTURE:
+            processor_file = folder / "preprocessor_config.json"
+            processor = _read_json(processor_file) if processor_file.is_file() else {}
+            _check_hf_image_tokens(folder)
+            config = cls.from_dict(data, str(file), processor=processor, chat_template=hf_chat_template(folder))
+            _check_hf_image_seq_length(folder, config.num_image_token)
+            return config
         return cls.from_dict(data, str(file))
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot be parsed as JSON ({exc})") from exc
+
+
+# ---- the HF format ----------------------------------------------------------------------------------------
+
+#: ``architectures[0]`` of the HF format (transformers' native InternVL).
+HF_ARCHITECTURE = "InternVLForConditionalGeneration"
+
+#: ``text_config.model_type`` -> the decoder's architecture string, for a text_config without
+#: ``architectures`` (transformers' config classes do not write it); exact names, as the registry.
+HF_TEXT_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
+
+#: The ImageNet mean/std our tiling normalises with (``processing/image.py``), as preprocessor_config.json has them.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def hf_chat_template(folder: Path) -> str | None:
+    """The HF-format folder's Jinja chat template: chat_template.jinja, else chat_template.json's
+    ``chat_template`` (the processor's), else tokenizer_config.json's ``chat_template`` (as transformers looks)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{jinja}: cannot be read ({exc})") from exc
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            template = _read_json(file).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None
+
+
+#: The image tokens InternVL's prompts are built from (``processing/template.py``), by the names an HF-format
+#: tokenizer_config.json gives them in ``extra_special_tokens`` (read by transformers' ``InternVLProcessor``).
+HF_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+
+
+def _check_hf_image_tokens(folder: Path) -> None:
+    """The folder's image tokens must be InternVL's: the runtime writes ``<img>``, ``<IMG_CONTEXT>``, ``</img>``."""
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    extra = _read_json(file).get("extra_special_tokens")
+    if not isinstance(extra, dict):
+        return
+    for name, ours in HF_IMAGE_TOKENS.items():
+        theirs = extra.get(name, ours)
+        if theirs != ours:
+            raise ConfigError(f"{file}: extra_special_tokens.{name} is {theirs!r}; only InternVL's {ours!r} is "
+                              "supported")
+
+
+def _check_hf_image_seq_length(folder: Path, num_image_token: int) -> None:
+    """processor_config.json's ``image_seq_length`` (tokens per tile the processor writes) must be what the
+    vision tower gives: (image_size / patch_size)^2 x downsample_ratio^2."""
+    file = folder / "processor_config.json"
+    if not file.is_file():
+        return
+    length = _read_json(file).get("image_seq_length", num_image_token)
+    if length != num_image_token:
+        raise ConfigError(f"{file}: image_seq_length {length} differs from the {num_image_token} tokens a tile "
+                          "gives (config.json's image and patch size, downsample_ratio)")
+
+
+def _square(value: Any, key: str, where: str) -> Any:
+    """transformers writes image_size / patch_size as [h, w]; the runtime's tiles are square."""
+    if isinstance(value, list):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{where}: {key} {value} is not square")
+        return value[0]
+    return value
+
+
+def _from_hf_dict(data: dict[str, Any], source: str, processor: dict[str, Any],
+                  chat_template: str | None) -> InternVLConfig:
+    """transformers' ``InternVLConfig`` (+ its processor's settings) -> the runtime's typed view.
+
+    Names mapped (theirs -> ours): vision ``attention_bias`` -> ``qkv_bias``, ``use_qk_norm`` ->
+    ``qk_normalization``; ``text_config`` -> the LLM; ``vision_feature_layer`` -> ``select_layer``; the
+    processor's ``min_patches``/``max_patches`` -> the tile limits. transformers' pixel shuffle is the
+    reference's ``ps_version`` "v2"; ``vision_feature_select_strategy`` "default" drops the class token as
+    the reference does. What transformers' model can do and ours cannot is refused by name.
+    """
+    r = _Reader(data, source)
+    vision_data = dict(r.get("vision_config", dict))
+    where_v = f"{source}: vision_config"
+    rv = _Reader(vision_data, where_v)
+    for flag, expected in (("use_mean_pooling", True), ("use_absolute_position_embeddings", True),
+                           ("use_mask_token", False)):
+        if rv.get(flag, bool, expected) is not expected:
+            raise ConfigError(f"{where_v}: {flag}={not expected} is not supported (InternViT has {flag}={expected})")
+    vision = VisionConfig.from_dict({
+        "hidden_size": vision_data.get("hidden_size"), "intermediate_size": vision_data.get("intermediate_size"),
+        "num_attention_heads": vision_data.get("num_attention_heads"),
+        "num_hidden_layers": vision_data.get("num_hidden_layers"),
+        "image_size": _square(vision_data.get("image_size", 448), "image_size", where_v),
+        "patch_size": _square(vision_data.get("patch_size", 14), "patch_size", where_v),
+        "num_channels": vision_data.get("num_channels", 3), "norm_type": vision_data.get("norm_type", "layer_norm"),
+        "layer_norm_eps": vision_data.get("layer_norm_eps", 1e-6),
+        "qk_normalization": vision_data.get("use_qk_norm", False),
+        "qkv_bias": vision_data.get("attention_bias", False), "hidden_act": vision_data.get("hidden_act", "gelu"),
+    }, where_v)
+    text = dict(r.get("text_config", dict))
+    where_t = f"{source}: text_config"
+    if not text.get("architectures"):
+        model_type = text.get("model_type")
+        if model_type not in HF_TEXT_ARCHITECTURES:
+            raise ConfigError(f"{where_t}: no 'architectures' and model_type {model_type!r} is not one of "
+                              f"{', '.join(sorted(HF_TEXT_ARCHITECTURES))}")
+        text["architectures"] = [HF_TEXT_ARCHITECTURES[model_type]]
+    llm = LLMConfig.from_dict(text, where_t)
+    strategy = r.get("vision_feature_select_strategy", str, "default")
+    if strategy != "default":
+        raise ConfigError(f"{source}: vision_feature_select_strategy {strategy!r} is not supported (only 'default')")
+    layer = r.get("vision_feature_layer", int, -1)
+    if layer != -1:   # transformers' own model reads another layer through a missing attribute: -1 only
+        raise ConfigError(f"{source}: vision_feature_layer {layer} is not supported (only -1)")
+    act = r.get("projector_hidden_act", str, "gelu")
+    if act != "gelu":
+        raise ConfigError(f"{source}: projector_hidden_act {act!r} is not supported (only 'gelu')")
+    where_p = f"{source}: preprocessor_config.json"
+    rp = _Reader(processor, where_p)
+    size = rp.get("size", dict, {"height": vision.image_size, "width": vision.image_size})
+    if (size.get("height"), size.get("width")) != (vision.image_size, vision.image_size):
+        raise ConfigError(f"{where_p}: size {size} differs from the vision tower's {vision.image_size}px tiles")
+    for key, wanted in (("image_mean", _IMAGENET_MEAN), ("image_std", _IMAGENET_STD)):
+        value = rp.get(key, list, list(wanted))
+        if tuple(float(x) for x in value) != wanted:
+            raise ConfigError(f"{where_p}: {key} {value} is not supported (only ImageNet's {list(wanted)})")
+    if chat_template is None:
+        raise ConfigError(f"{source}: an HF-format checkpoint needs its chat template (chat_template.jinja, "
+                          "chat_template.json or tokenizer_config.json's chat_template) beside config.json")
+    cfg = InternVLConfig(
+        vision=vision, llm=llm, template=None,
+        downsample_ratio=r.get("downsample_ratio", float, 0.5), ps_version="v2", select_layer=-1,
+        force_image_size=None, dynamic_image_size=True, use_thumbnail=True,
+        min_dynamic_patch=rp.positive_int("min_patches", 1), max_dynamic_patch=rp.positive_int("max_patches", 12),
+        torch_dtype=r.get("torch_dtype", str, None), system_message=None, checkpoint_format="hf",
+        image_token_id=r.get("image_token_id", int, None), chat_template=chat_template, source=source, raw=data,
+    )
+    if cfg.min_dynamic_patch > cfg.max_dynamic_patch:
+        raise ConfigError(f"{where_p}: min_patches > max_patches")
+    inverse = 1 / cfg.downsample_ratio if cfg.downsample_ratio > 0 else 0.0
+    if inverse < 1 or not math.isclose(inverse, round(inverse)):
+        raise ConfigError(f"{source}: downsample_ratio {cfg.downsample_ratio} must be 1/k for an integer k")
+    return cfg

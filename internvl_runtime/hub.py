@@ -44,9 +44,11 @@ _TOKENIZER = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.
 #: the chat template files newer repositories keep beside it, and the model's config.
 TOKENIZER_FILES: tuple[str, ...] = ("config.json", *_TOKENIZER)
 #: What ``load_model`` and the engine read: config, safetensors weights (single file or index + shards),
-#: the tokenizer and the generation config. No ``*.py``, no pickles.
+#: the tokenizer and the generation config; an HF-format folder's processor settings (tiling, tokens per tile). No
+#: ``*.py``, no pickles.
 MODEL_FILES: tuple[str, ...] = ("config.json", "generation_config.json", "*.safetensors",
-                                "model.safetensors.index.json", *_TOKENIZER)
+                                "model.safetensors.index.json", "preprocessor_config.json", "processor_config.json",
+                                *_TOKENIZER)
 #: Pickled weights, fetched only with ``allow_pickle`` and only when a revision has no safetensors.
 PICKLED_FILES: tuple[str, ...] = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 

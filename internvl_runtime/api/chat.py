@@ -68,6 +68,7 @@ from ..processing.template import (
     expand_image_placeholders,
     get_template,
 )
+from .hf_generation_config import GenerationConfig
 
 # transformers' default max_length (20) counts the bos that generate() starts from.
 DEFAULT_MAX_NEW_TOKENS = 19
@@ -203,8 +204,9 @@ class OfficialChatMixin:
 
     _system_message: str | None = None
     _score_recorder: ScoreRecorder | None = None
-    template: str
+    template: str | None
     compute_plan: object | None
+    generation_config: GenerationConfig | None = None     # generation_config.json (AutoModel.from_pretrained)
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -306,7 +308,12 @@ class OfficialChatMixin:
         Returns (B, 1 + new tokens): the LLM bos id, then the generated ids (pad id after a row ends);
         with ``return_dict_in_generate`` a ``GenerateOutput`` holding them (and the scores with
         ``output_scores``). ``max_length`` counts the bos and the new tokens, as transformers does for the
-        reference (its prompt arrives as embeddings)."""
+        reference (its prompt arrives as embeddings).
+
+        An HF-format checkpoint is transformers' ``InternVLForConditionalGeneration``, given ``input_ids``:
+        it returns (B, prompt + new tokens), the ids as given (left padding included) then the generated ones;
+        its repetition penalty sees the prompt and the generated ids; without ``eos_token_id`` it stops at its
+        generation_config.json's."""
         if input_ids is None:
             raise InvalidRequest("generate() needs input_ids")
         if self.img_context_token_id is None:
@@ -316,13 +323,19 @@ class OfficialChatMixin:
         for name, flag in (("return_dict_in_generate", return_dict), ("output_scores", output_scores)):
             if flag is not None and not isinstance(flag, bool):
                 raise InvalidGenerationConfig(f"{name} must be true or false, got {flag!r}")
+        native = self.config.checkpoint_format == "hf"      # transformers' own model, given input_ids
+        if native and generation_config.get("eos_token_id") is None and self.generation_config is not None:
+            generation_config["eos_token_id"] = self.generation_config.to_dict().get("eos_token_id")
         if generation_config.get("max_length") is None:
             generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        params, streamer = SamplingParams.from_generation_config(generation_config)
+        params, streamer = SamplingParams.from_generation_config(
+            generation_config, input_ids_length=input_ids.shape[-1] if native else 1)
         llm = self.config.llm
         bos = llm.bos_token_id if llm.bos_token_id is not None else 0
-        # transformers' generate given embeddings tracks (and penalises) bos + generated ids.
-        params = dataclasses.replace(params, repetition_penalty_prefix_ids=[bos])
+        if native:   # the prompt's ids are seen by the penalty (transformers given input_ids)
+            params = dataclasses.replace(params, repetition_penalty_scope="all", repetition_penalty_prefix_ids=[])
+        else:        # transformers' generate given embeddings tracks (and penalises) bos + generated ids.
+            params = dataclasses.replace(params, repetition_penalty_prefix_ids=[bos])
         pad = generation_config.get("pad_token_id")
         if pad is None:
             pad = llm.pad_token_id
@@ -355,11 +368,12 @@ class OfficialChatMixin:
         params_list = [dataclasses.replace(params) for _ in requests] if output_scores else [params] * len(requests)
         outputs, steps = self._run_engine(requests, params_list, streamer, bos, pad, bool(output_scores))
         width = max(len(o) for o in outputs)
-        result = torch.full((len(rows), 1 + width), pad, dtype=torch.long)
-        result[:, 0] = bos
+        prefix = input_ids.cpu().long() if native else torch.full((len(rows), 1), bos, dtype=torch.long)
+        result = torch.full((len(rows), prefix.shape[1] + width), pad, dtype=torch.long)
+        result[:, :prefix.shape[1]] = prefix
         for i, out in enumerate(outputs):
-            result[i, 1:1 + len(out)] = torch.tensor(out, dtype=torch.long)
-        if not get_template(self.template).leading_bos:   # transformers >= 4.55 (the InternVL3.5 code)
+            result[i, prefix.shape[1]:prefix.shape[1] + len(out)] = torch.tensor(out, dtype=torch.long)
+        if not native and not get_template(self.template).leading_bos:   # transformers >= 4.55 (InternVL3.5 code)
             result = result[:, 1:]
         if not return_dict:
             return result

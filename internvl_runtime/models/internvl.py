@@ -19,6 +19,7 @@ from torch import nn
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
 from ..weights.loader import Transform, checkpoint_files, load_weights
+from . import hf_format
 from .decoders.base import DecoderForCausalLM
 from .layers.attention import AttentionMetadata, KVCache
 from .outputs import ModelOutput
@@ -61,7 +62,7 @@ class InternVLModel(nn.Module):
         self.num_image_token = config.num_image_token
         # The official model's attribute, set by its chat()/batch_chat() (api/chat.py) for callers that read it;
         # nothing here reads it: the runner is given the image token id.
-        self.img_context_token_id: int | None = None
+        self.img_context_token_id: int | None = config.image_token_id   # the HF format names it in config.json
         self.compute_plan: object | None = None      # set_compute_plan
         self._template = config.template
 
@@ -75,12 +76,13 @@ class InternVLModel(nn.Module):
         return self.language_model.get_input_embeddings().weight.dtype
 
     @property
-    def template(self) -> str:
-        """The conversation template's name; setting it changes the prompts ``chat`` builds."""
+    def template(self) -> str | None:
+        """The conversation template's name (None for an HF-format checkpoint); setting it changes the
+        prompts ``chat`` builds."""
         return self._template
 
     @template.setter
-    def template(self, name: str) -> None:
+    def template(self, name: str | None) -> None:
         self._template = name
 
     @property
@@ -102,13 +104,19 @@ class InternVLModel(nn.Module):
 
     # ---- loading -------------------------------------------------------------------------------
     def resolve_checkpoint_name(self, name: str) -> tuple[str, object, Transform | None] | None:
-        """Checkpoint tensor name -> (our parameter name, shard id, transform) per the family tables."""
+        """Checkpoint tensor name -> (our parameter name, shard id, transform) per the family tables (an
+        HF-format name is first mapped to its GitHub-format name by ``hf_format``'s tables)."""
+        shard: object = None
+        if self.config.checkpoint_format == "hf":
+            mapped = hf_format.github_name(name)
+            if mapped is None:
+                return None
+            name, shard = mapped
         if not name.startswith("language_model."):
-            return name, None, None
+            return name, shard, None
         lm = self.language_model
         for old, new in lm.renames:
             name = name.replace(old, new)
-        shard: object = None
         for ours, theirs, shard_id in lm.stacked_params:
             if f".{theirs}." in name:
                 name, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id

@@ -11,7 +11,11 @@ Conversation rules (the official ones, extended to several images and messages):
 - a system message replaces the template's default system message;
 - tools, assistant tool calls and tool results are written in the template's tool format
   (``tool_calls.py``); a final assistant message can be continued (prefill);
-- a Jinja chat template (``chat_template.py``), when given, renders instead of the official template;
+- a Jinja chat template (``chat_template.py``), when given, renders instead of the official template; an
+  HF-format checkpoint (transformers' native InternVL) has no official template and renders with the chat
+  template of its folder, where several images are each ``<image>\n`` in order, unnumbered (its template
+  writes one ``<IMG_CONTEXT>\n`` per image part; transformers' processor expands each as we expand
+  ``<image>``);
 - an image may carry its own tile limit (``ImageWithTiles``: LMDeploy's per-image ``max_dynamic_patch``);
 - every ``<image>`` of the rendered prompt is replaced in order by ``<img>`` + 256 x tiles ``<IMG_CONTEXT>``
   + ``</img>``; the run of ``<IMG_CONTEXT>`` tokens of each image is one :class:`MultiModalSpan`, hashed by
@@ -30,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..config import InternVLConfig
-from ..errors import InvalidRequest, PlaceholderMismatch
+from ..errors import ConfigError, InvalidRequest, PlaceholderMismatch
 from .chat_template import ChatTemplate
 from .image import ImageSource, open_image
 from .image_preprocessor import ImagePreprocessor
@@ -123,12 +127,19 @@ class HasInternVLConfig(Protocol):
 class InputProcessor:
     """Turns messages (text + images) into a :class:`PreparedRequest` for one model/tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer, *, template: str, image_size: int, num_image_token: int,
+    def __init__(self, tokenizer: Tokenizer, *, template: str | None, image_size: int, num_image_token: int,
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
-                 chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None) -> None:
-        """``chat_template``: a Jinja template used instead of the official one (``--chat-template``);
-        ``images``: how images become tiles (default: the exact path on the calling thread)."""
+                 chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None,
+                 numbered_images: bool = True, image_token_id: int | None = None) -> None:
+        """``template``: the official template's name (None: an HF-format checkpoint, which needs
+        ``chat_template``); ``chat_template``: a Jinja template used instead of the official one
+        (``--chat-template``, or an HF-format folder's own); ``images``: how images become tiles (default: the
+        exact path on the calling thread); ``numbered_images``: several images of a message get the official
+        ``Image-1: <image>\\n`` prefix (False: ``<image>\\n`` each, the HF format's); ``image_token_id``: the
+        checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's."""
+        if template is None and chat_template is None:
+            raise ConfigError("a checkpoint without an official conversation template needs a chat template")
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.encode = encode or tokenizer.encode      # the server passes a PromptEncoder's (bounded, off-thread)
@@ -140,9 +151,14 @@ class InputProcessor:
         self.system_message = system_message
         self.max_images = max_images
         self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
+        self.numbered_images = numbered_images
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        self.sep = get_template(template).stop_str   # the token that ends an answer
-        self.sep_id = tokenizer.convert_tokens_to_ids(self.sep)
+        if image_token_id is not None and image_token_id != self.img_context_id:
+            raise ConfigError(f"the checkpoint's image_token_id is {image_token_id} but the tokenizer's "
+                              f"{IMG_CONTEXT_TOKEN} is {self.img_context_id}")
+        # the official template's separator ends an answer; an HF-format checkpoint's answers end at its eos
+        self.sep: str | None = get_template(template).stop_str if template is not None else None
+        self.sep_id: int | None = tokenizer.convert_tokens_to_ids(self.sep) if self.sep is not None else None
 
     @classmethod
     def for_model(cls, model: HasInternVLConfig, tokenizer: Tokenizer, **overrides: Any) -> InputProcessor:
@@ -151,6 +167,9 @@ class InputProcessor:
                                       num_image_token=config.num_image_token,
                                       max_dynamic_patch=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
                                       system_message=config.system_message)
+        if config.chat_template is not None:        # the HF format: its folder's template, its image prefix
+            kwargs.update(chat_template=ChatTemplate(config.chat_template, origin=f"{config.source}'s chat template"),
+                          numbered_images=False, image_token_id=config.image_token_id)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
 
@@ -170,6 +189,8 @@ class InputProcessor:
 
     def with_chat_template(self, chat_template: ChatTemplate | None) -> InputProcessor:
         """A copy of this processor that renders with ``chat_template`` (None: the official template)."""
+        if chat_template is None and self.template is None:
+            raise ConfigError("this checkpoint has no official conversation template: it needs a chat template")
         clone = copy.copy(self)
         clone.chat_template = chat_template
         return clone
@@ -177,7 +198,7 @@ class InputProcessor:
     @property
     def tool_format(self) -> ToolCallFormat | None:
         """The checkpoint template's tool-call format (None for a template without one)."""
-        return FORMATS.get(self.template)
+        return FORMATS.get(self.template) if self.template is not None else None
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -271,7 +292,7 @@ class InputProcessor:
         return self.image_input(image, max_num=1 if is_video else max_num)
 
     def _history_format(self) -> ToolCallFormat:
-        fmt = FORMATS.get(self.template)
+        fmt = FORMATS.get(self.template) if self.template is not None else None
         if fmt is None:
             raise InvalidRequest(f"the {self.template!r} conversation template has no tool-call format, so it "
                                  "cannot show tool calls or tool results")
@@ -283,14 +304,17 @@ class InputProcessor:
         an answer without a question gets an empty user turn (the official history pairs), tools and tool
         results in the template's tool format. Without tools, tool messages and prefill this is the official
         prompt, byte for byte."""
-        user_role, bot_role = get_template(self.template).roles
+        template = self.template
+        if template is None:
+            raise ConfigError("this checkpoint has no official conversation template: it needs a chat template")
+        user_role, bot_role = get_template(template).roles
         system = self.system_message
         for m in messages:
             if m.role == "system":
                 system = m.text
         turns: list[tuple[str, str | None]] = []
         if plan is not None:
-            base = system if system is not None else get_template(self.template).system_message
+            base = system if system is not None else get_template(template).system_message
             system = plan.format.system_message(base, plan.tools)
             turns.extend(plan.format.tool_turns(plan.tools))
         pending_user: str | None = None
@@ -327,10 +351,10 @@ class InputProcessor:
                 after_results = False
         flush()
         if continue_final_message:
-            return render_turns(self.template, turns, system, open_last=True)
+            return render_turns(template, turns, system, open_last=True)
         if add_generation_prompt:
             turns.append((bot_role, None))
-        return render_turns(self.template, turns, system)
+        return render_turns(template, turns, system)
 
     def _render_jinja(self, messages: Sequence[Message], plan: ToolPlan | None, add_generation_prompt: bool,
                       continue_final_message: bool, template_kwargs: Mapping[str, Any] | None) -> str:
@@ -380,8 +404,8 @@ class InputProcessor:
             return text
         if m.is_video:
             prefix = "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(m.images)))
-        elif len(m.images) == 1:
-            prefix = IMAGE_PLACEHOLDER + "\n"
+        elif len(m.images) == 1 or not self.numbered_images:
+            prefix = (IMAGE_PLACEHOLDER + "\n") * len(m.images)
         else:
             prefix = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(m.images)))
         return prefix + text

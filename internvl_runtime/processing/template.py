@@ -121,15 +121,19 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def get_template(name: str) -> Template:
-    """A fresh copy of the named template; the name comes from config.json's ``template``."""
+def get_template(name: str | None) -> Template:
+    """A fresh copy of the named template; the name comes from config.json's ``template`` (None: an
+    HF-format checkpoint, which has none: its prompts come from its Jinja chat template)."""
+    if name is None:
+        raise ConfigError("this checkpoint (HF format) has no official conversation template: its prompts "
+                          "come from its chat template (the engine, the server and the pipeline render with it)")
     try:
         return TEMPLATES[name].copy()
     except KeyError:
         raise ConfigError(f"conversation template {name!r} is unknown; known: {', '.join(TEMPLATES)}") from None
 
 
-def build_prompt(template_name: str, question: str, history: Sequence[tuple[str, str]] = (),
+def build_prompt(template_name: str | None, question: str, history: Sequence[tuple[str, str]] = (),
                  system_message: str | None = None) -> str:
     """The prompt string for ``question`` after ``history`` (list of (question, answer))."""
     template = get_template(template_name)
@@ -143,7 +147,7 @@ def build_prompt(template_name: str, question: str, history: Sequence[tuple[str,
     return template.get_prompt()
 
 
-def render_turns(template_name: str, turns: Sequence[tuple[str, str | None]], system_message: str | None = None,
+def render_turns(template_name: str | None, turns: Sequence[tuple[str, str | None]], system_message: str | None = None,
                  *, open_last: bool = False) -> str:
     """The prompt for ``turns`` of (role header, text): the template's own roles (``Template.roles``) or the
     extra turns of a tool-call format; a text of None is a bare header (the answer's prompt). With only

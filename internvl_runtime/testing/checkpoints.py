@@ -162,12 +162,14 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
         return torch.randn(shape, generator=generator, device=generator.device)
 
     if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "mlp1.0.weight",
-                      "attention_norm.weight", "ffn_norm.weight")):
+                      "attention_norm.weight", "ffn_norm.weight",
+                      # the HF format's names of the same tensors
+                      "layernorm_before.weight", "layernorm_after.weight", "multi_modal_projector.layer_norm.weight")):
         return (1.0 + 0.1 * randn()).to(dtype).cpu()
-    if name.endswith(("ls1", "ls2")):
+    if name.endswith(("ls1", "ls2", "lambda_1", "lambda_2")):
         return (0.1 + 0.05 * randn()).to(dtype).cpu()
     std = 0.02 if len(shape) < 2 else min(0.5, 1.0 / (shape[-1] ** 0.5))
-    if "embed" in name or "position_embedding" in name or "class_embedding" in name:
+    if "embed" in name or "position_embedding" in name or "class_embedding" in name or "cls_token" in name:
         std = 0.5
     return (std * randn()).to(dtype).cpu()
 
@@ -308,5 +310,147 @@ def write_gpt_oss_checkpoint(folder: str | Path, variant: str = "3_5-20B-A4B", *
     # the checkpoint's dtype: values representable in bfloat16 load the same there and here.
     for name in [n for n in tensors if n.startswith("mlp1.")]:
         tensors[name] = tensors[name].to(torch.bfloat16).float()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+# ---- the "HF format" (transformers' native InternVLForConditionalGeneration) -------------------------------
+
+#: HF-format variants: InternVL3 / InternVL3.5 as released under hub ids ending in ``-hf`` / ``-HF``.
+HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF", "3_5-30B-A3B-HF")
+
+#: Per HF variant: bos/eos/pad ids and vocab size of the vendored tokenizer (tokenizers/<v>/, with ``<video>``).
+_HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713), "3_5-1B-HF": (700, 702, None, 713),
+                 "3_5-30B-A3B-HF": (700, 702, None, 713)}
+
+
+def real_hf_config(variant: str) -> dict[str, Any]:
+    """The config.json of an HF-format variant (``real_configs_hf.json``; see tests/fixtures/README.md for
+    where each came from)."""
+    if variant not in HF_VARIANTS:
+        raise ValueError(f"unknown HF variant {variant!r}; choose one of {', '.join(HF_VARIANTS)}")
+    configs = json.loads((_HERE / "real_configs_hf.json").read_text(encoding="utf-8"))
+    return copy.deepcopy(configs[variant])
+
+
+def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
+    """config.json of an HF-format variant; ``'tiny'`` shrinks widths and depth as :func:`make_config` does
+    (and points ``image_token_id`` at the vendored tokenizer's ``<IMG_CONTEXT>``)."""
+    config = real_hf_config(variant)
+    bos, eos, pad, vocab = _HF_TOKEN_IDS[variant]
+    text, vit = config["text_config"], config["vision_config"]
+    if scale == "real":
+        return config
+    if scale != "tiny":
+        raise ValueError(f"scale must be 'tiny' or 'real', got {scale!r}")
+    text.update(bos_token_id=bos, eos_token_id=eos, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=128, num_hidden_layers=2, max_window_layers=2, vocab_size=vocab)
+    if "head_dim" in text:      # Qwen3 states it: keep heads x head_dim apart from hidden_size, as released
+        text.update(num_attention_heads=4, head_dim=32)
+    if "layer_types" in text:
+        text["layer_types"] = text["layer_types"][:2]
+    if "num_experts" in text:   # Qwen3-MoE: a few narrow experts, still more than are routed to
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if pad is not None:
+        text["pad_token_id"] = pad
+    vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    config["image_token_id"] = 705          # <IMG_CONTEXT> of the vendored tokenizers/<variant>
+    config["torch_dtype"] = text["torch_dtype"] = vit["torch_dtype"] = "float32"
+    return config
+
+
+def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes in the HF layout (``model.vision_tower.*``,
+    ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``; the vision attention's
+    q/k/v as three projections), for a Qwen2/Qwen3/Llama-style text model and Qwen3-MoE's experts."""
+    vit, text = config["vision_config"], config["text_config"]
+    d, inter = vit["hidden_size"], vit["intermediate_size"]
+    patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
+    side = vit["image_size"][0] if isinstance(vit["image_size"], list) else vit["image_size"]
+    grid = side // patch
+    v = "model.vision_tower."
+    shapes: dict[str, tuple[int, ...]] = {
+        v + "embeddings.cls_token": (1, 1, d),
+        v + "embeddings.patch_embeddings.projection.weight": (d, 3, patch, patch),
+        v + "embeddings.patch_embeddings.projection.bias": (d,),
+        v + "embeddings.position_embeddings": (1, grid * grid + 1, d),
+    }
+    for i in range(vit["num_hidden_layers"]):
+        p = f"{v}encoder.layer.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            shapes[f"{p}attention.{proj}.weight"] = (d, d)
+            if vit["attention_bias"]:
+                shapes[f"{p}attention.{proj}.bias"] = (d,)
+        shapes.update({p + "attention.projection_layer.weight": (d, d), p + "attention.projection_layer.bias": (d,),
+                       p + "lambda_1": (d,), p + "lambda_2": (d,), p + "mlp.fc1.weight": (inter, d),
+                       p + "mlp.fc1.bias": (inter,), p + "mlp.fc2.weight": (d, inter), p + "mlp.fc2.bias": (d,),
+                       p + "layernorm_before.weight": (d,), p + "layernorm_after.weight": (d,)})
+        if vit["norm_type"] == "layer_norm":
+            shapes[p + "layernorm_before.bias"] = (d,)
+            shapes[p + "layernorm_after.bias"] = (d,)
+        if vit["use_qk_norm"]:
+            shapes[p + "attention.q_norm.weight"] = (d,)
+            shapes[p + "attention.k_norm.weight"] = (d,)
+    width = d * round(1 / config["downsample_ratio"]) ** 2
+    h = text["hidden_size"]
+    m = "model.multi_modal_projector."
+    shapes.update({m + "layer_norm.weight": (width,), m + "layer_norm.bias": (width,),
+                   m + "linear_1.weight": (h, width), m + "linear_1.bias": (h,),
+                   m + "linear_2.weight": (h, h), m + "linear_2.bias": (h,)})
+    heads, kv, vocab = text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
+    hd, ff = text.get("head_dim") or h // heads, text["intermediate_size"]
+    lm = "model.language_model."
+    shapes[lm + "embed_tokens.weight"] = (vocab, h)
+    shapes[lm + "norm.weight"] = (h,)
+    if not text.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, h)
+    for i in range(text["num_hidden_layers"]):
+        p = f"{lm}layers.{i}."
+        attention = {p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
+                     p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd)}
+        norms = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        experts = text.get("num_experts", 0)
+        sparse = experts and i not in text.get("mlp_only_layers", []) and (i + 1) % text["decoder_sparse_step"] == 0
+        if sparse:               # Qwen3-MoE: the router, then each expert's gated MLP under its own names
+            e_ff = text["moe_intermediate_size"]
+            shapes.update({**attention, **norms, p + "mlp.gate.weight": (experts, h)})
+            for e in range(experts):
+                shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (e_ff, h),
+                               f"{p}mlp.experts.{e}.up_proj.weight": (e_ff, h),
+                               f"{p}mlp.experts.{e}.down_proj.weight": (h, e_ff)})
+        else:                    # (the order of the names is the order the random values are drawn in)
+            shapes.update({**attention, p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                           p + "mlp.down_proj.weight": (h, ff), **norms})
+        if text["architectures"][0] in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if text["architectures"][0] == "Qwen2ForCausalLM" or text.get("attention_bias"):
+            shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
+                           p + "self_attn.v_proj.bias": (kv * hd,)})
+    return shapes
+
+
+def write_hf_checkpoint(folder: str | Path, variant: str = "3-1B-hf", *, scale: str = "tiny", seed: int = 0,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Write a random-weight HF-format checkpoint folder (config.json, generation_config.json,
+    model.safetensors, the tokenizer and the processor files: preprocessor_config.json,
+    processor_config.json, chat_template.jinja); returns its path."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = make_hf_config(variant, scale)
+    dtype = dtype or (torch.float32 if scale == "tiny" else torch.bfloat16)
+    dtype_name = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["text_config"]["torch_dtype"] = config["vision_config"]["torch_dtype"] = dtype_name
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    text = config["text_config"]
+    generation = {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
+                  "transformers_version": "4.52.0.dev0"}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    for file in (_HERE / "tokenizers" / variant).iterdir():
+        shutil.copyfile(file, folder / file.name)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = hf_tensor_shapes(config)
+    tensors = {n: _random_tensor(n, shape, generator, dtype) for n, shape in shapes.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -90,7 +90,7 @@ def test_only_what_the_loader_reads_is_fetched() -> None:
     assert model == {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
                      "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
                      "tokenizer.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     "model.safetensors.index.json"}
+                     "model.safetensors.index.json", "preprocessor_config.json"}   # the HF format's tiling
     assert not any(name.endswith((".py", ".bin")) for name in model)
     tokenizer = set(filter_repo_objects(REPO_FILES, allow_patterns=list(TOKENIZER_FILES)))
     assert tokenizer == {"config.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.json",

@@ -37,6 +37,7 @@ from torch import nn
 
 from ... import kernels
 from ...config import VisionConfig
+from ..decoders.base import set_shards
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 
@@ -164,6 +165,7 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.qkv = Linear(dim, 3 * dim, bias=config.qkv_bias)
+        set_shards(self.qkv, {"q": dim, "k": dim, "v": dim})   # the HF format stores q/k/v apart (hf_format.py)
         self.proj = Linear(dim, dim)
         self.qk_normalization = config.qk_normalization
         if self.qk_normalization:
