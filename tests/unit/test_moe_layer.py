@@ -140,3 +140,26 @@ def test_memory_estimate_counts_every_expert() -> None:
     assert sum(sizes.values()) == sum(t.numel() * 4 for t in stored.values())
     layer0 = sum(t.numel() * 4 for n, t in stored.items() if n.startswith("language_model.model.layers.0."))
     assert sizes["language_model.model.layers.0"] == layer0
+
+
+def test_experts_compute_through_the_compute_plan() -> None:
+    """Under a CPU compute plan the experts' products go through its small-row kernel (decode) like every
+    Linear, and give what F.linear gives; prefill-sized groups stay on F.linear."""
+    from internvl_runtime.models.layers.linear import LinearPlan, set_linear_plan
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append((x.shape[0], tuple(weight.shape)))
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    moe = _random_moe(_config(), torch.bfloat16)
+    x = torch.randn(2, 48).to(torch.bfloat16)
+    plain = moe(x)
+    set_linear_plan(moe, LinearPlan(small_row_kernel=kernel, max_kernel_rows=4))
+    planned = moe(x)
+    expert_calls = [c for c in calls if c[1] in ((48, 48), (48, 24))]
+    assert len(expert_calls) == 2 * len(set(moe.route(x)[1].flatten().tolist()))   # two products per expert hit
+    torch.testing.assert_close(planned, plain, rtol=1.6e-2, atol=1e-2)
+    calls.clear()
+    moe(torch.randn(64, 48).to(torch.bfloat16))
+    assert all(rows <= 4 for rows, _ in calls)

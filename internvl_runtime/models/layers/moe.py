@@ -13,6 +13,7 @@ Routing, as each family computes it (``routing``):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, cast
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from ...config import LLMConfig
 from ...kernels.moe import Activation, grouped_experts
-from .linear import Linear
+from .linear import Linear, planned_linear
 
 Routing = Literal["softmax_topk", "topk_softmax"]
 
@@ -90,5 +91,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
         up, down = self.experts_gate_up, self.experts_down
+        # the experts compute as the router's Linear does under the host's compute plan (the bf16 GEMV kernel
+        # for decode rows on the CPU; float32 on hosts whose 16-bit products are slow), one expert at a time
         return grouped_experts(x, ids, weights, up.stacked_weight(), down.stacked_weight(), up.stacked_bias(),
-                               down.stacked_bias(), activation=self.activation, limit=self.limit, alpha=self.alpha)
+                               down.stacked_bias(), activation=self.activation, limit=self.limit, alpha=self.alpha,
+                               linear=partial(planned_linear, self.gate.plan))
