@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from internvl_runtime.config import LLMConfig
 from internvl_runtime import kernels
+from internvl_runtime.config import LLMConfig
 from internvl_runtime.models.layers.linear import Linear, LinearPlan, set_linear_plan
 from internvl_runtime.models.layers.moe import SparseMoE
 
@@ -174,7 +174,8 @@ def main() -> None:
           f"flags: {' '.join(out['host']['flags'])}")
     print(f"InternVL3.5-30B-A3B LLM: {total / 1e9:.2f} B parameters, {active / 1e9:.2f} B active per token "
           f"({moe.experts_per_token} of {moe.num_experts} experts); {total * BF16 / 1e9:.1f} GB in bf16")
-    print(f"plan: {args.plan}; built {args.layers} of {n_real} layers; per layer {ms_layer:.2f} ms (median of {args.tokens}), "
+    print(f"plan: {args.plan}; built {args.layers} of {n_real} layers; per layer {ms_layer:.2f} ms "
+          f"(median of {args.tokens}), "
           f"lm_head {ms_head:.2f} ms -> {ms_token:.1f} ms/token scaled to {n_real} layers "
           f"({1e3 / ms_token:.2f} tok/s)")
     print(f"bytes read per token: {active_bytes / 1e9:.2f} GB (per layer {active_per_layer * BF16 / 1e6:.1f} MB: "

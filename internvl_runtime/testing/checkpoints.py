@@ -32,7 +32,8 @@ _HERE = Path(__file__).resolve().parent
 _TOKEN_IDS = {
     "1B": (700, 702, None, 712), "2B": (1, 2, 2, 609), "4B": (1, 600, 600, 620), "8B": (1, 2, 2, 609),
     "26B": (1, 2, 2, 609), "40B": (1, 7, 0, 609), "76B": (700, 703, None, 725),
-    "3_5-30B-A3B": (700, 702, None, 735),   # the released vocab is padded past the tokenizer; random weights would pick the padding ids
+    # the released vocab is padded past the tokenizer; random weights would generate the padding ids
+    "3_5-30B-A3B": (700, 702, None, 735),
 }
 
 

@@ -35,7 +35,8 @@ def _case_ids() -> list[str]:
     return [c["id"] for c in index["variants"][VARIANT]["cases"]]
 
 
-def _engine_greedy(model, rows: list[list[int]], features: torch.Tensor | None, eos: int, max_new: int) -> list[list[int]]:
+def _engine_greedy(model, rows: list[list[int]], features: torch.Tensor | None, eos: int,
+                   max_new: int) -> list[list[int]]:
     """Greedy ids of every row, all rows in one engine (batched decode, chunked prefill of 64 tokens)."""
     config = EngineConfig(max_num_seqs=len(rows), max_num_batched_tokens=64,
                           num_blocks=sum(-(-(len(r) + max_new) // 16) + 2 for r in rows),
