@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from golden.test_goldens import _check_features, _check_pixels, _first_logits, _image, _model, _rel_err
+from golden.test_goldens_bf16 import test_bf16_first_logits as _bf16_first_logits
 from internvl_runtime.api.chat import IdsOnlyVocabulary, engine_requests
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampling_params import SamplingParams
@@ -122,6 +123,14 @@ def test_golden_case_moe(case_id: str) -> None:
             assert [list(h) for h in history] == [list(h) for h in record["history"]]
         else:   # carry the official history on (its answer keeps the special tokens)
             history = [tuple(h) for h in record["history"]]
+
+
+@pytest.mark.parametrize("compute", ["native", "upcast"])
+@pytest.mark.parametrize("case_id", ["text_chat", "img_800x600_max1"])
+def test_bf16_first_logits_moe(case_id: str, compute: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights (the native plan: experts through the GEMV kernel at few rows; the upcast plan: float32
+    math) against the float32 goldens, as the InternVL2 variants' bf16 test checks them."""
+    _bf16_first_logits(VARIANT, case_id, compute, monkeypatch)
 
 
 def test_goldens_cover_the_usual_cases() -> None:
