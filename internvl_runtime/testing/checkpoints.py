@@ -28,7 +28,9 @@ VARIANTS_2_5_3 = ("2_5-1B", "2_5-8B", "3-1B")
 #: InternLM3 decoder is not supported).
 RELEASED_2_5_3 = ("2_5-1B", "2_5-2B", "2_5-4B", "2_5-8B", "2_5-26B", "2_5-38B", "2_5-78B",
                   "3-1B", "3-2B", "3-8B", "3-14B", "3-38B", "3-78B")
-ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3
+#: InternVL3.5 with a Qwen3-MoE decoder (issue #20); its released config is in ``real_configs_3_5_moe.json``.
+VARIANTS_3_5_MOE = ("3_5-30B-A3B",)
+ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3 + VARIANTS_3_5_MOE
 
 #: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
 DEMO_LABEL = "[random-weight demo model] "
@@ -39,17 +41,21 @@ _TOKEN_IDS = {
     "1B": (700, 702, None, 712), "2B": (1, 2, 2, 609), "4B": (1, 600, 600, 620), "8B": (1, 2, 2, 609),
     "26B": (1, 2, 2, 609), "40B": (1, 7, 0, 609), "76B": (700, 703, None, 725),
     "2_5-1B": (700, 702, None, 731), "2_5-8B": (1, 2, 2, 609), "3-1B": (700, 702, None, 731),
+    # the released vocab is padded past the tokenizer; random weights would generate the padding ids
+    "3_5-30B-A3B": (700, 702, None, 735),
 }
 # The tokenizer folder of a variant, where it shares another's (InternVL2.5-8B: InternLM2.5 as InternVL2-8B).
 _TOKENIZER_DIR = {"2_5-8B": "8B", "3-1B": "2_5-1B"}
 # The file of released configs that holds each variant.
 _CONFIG_FILE = {**{v: "real_configs.json" for v in VARIANTS},
-                **{v: "real_configs_2_5_3.json" for v in RELEASED_2_5_3}}
+                **{v: "real_configs_2_5_3.json" for v in RELEASED_2_5_3},
+                **{v: "real_configs_3_5_moe.json" for v in VARIANTS_3_5_MOE}}
 
 
 def real_config(variant: str) -> dict[str, Any]:
     """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module), or of
-    InternVL2.5 / InternVL3 for "2_5-*" / "3-*" (``real_configs_2_5_3.json``)."""
+    InternVL2.5 / InternVL3 for "2_5-*" / "3-*" (``real_configs_2_5_3.json``), or of InternVL3.5-<size> with a
+    Qwen3-MoE decoder for "3_5-*-A*B" (``real_configs_3_5_moe.json``)."""
     if variant not in _CONFIG_FILE:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ALL_VARIANTS)}")
     configs = json.loads((_HERE / _CONFIG_FILE[variant]).read_text(encoding="utf-8"))
@@ -76,6 +82,10 @@ def make_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
                num_hidden_layers=2, vocab_size=vocab)
     if "max_window_layers" in llm:
         llm["max_window_layers"] = 2
+    if "head_dim" in llm:   # Qwen3: heads x head_dim is not hidden_size (32 x 128 = 4096 vs 2048 in 30B-A3B)
+        llm["head_dim"] = 2 * 64 // heads
+    if "num_experts" in llm:   # Qwen3-MoE: a few experts, top-2 (decoder_sparse_step / mlp_only_layers as released)
+        llm.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32)
     scaling = llm.get("rope_scaling") or {}
     if scaling.get("type") == "su":
         half = 64 // heads // 2
@@ -122,7 +132,7 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
         shapes.update(gpt_oss_tensor_shapes(llm))
         return shapes
     heads, kv, vocab = llm["num_attention_heads"], llm["num_key_value_heads"], llm["vocab_size"]
-    hd, ff = h // heads, llm["intermediate_size"]
+    hd, ff = llm.get("head_dim") or h // heads, llm["intermediate_size"]
     lm = "language_model."
     if arch == "InternLM2ForCausalLM":
         shapes[lm + "model.tok_embeddings.weight"] = (vocab, h)
@@ -141,6 +151,7 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
     shapes[lm + "model.norm.weight"] = (h,)
     for i in range(llm["num_hidden_layers"]):
         p = f"{lm}model.layers.{i}."
+        sparse = arch == "Qwen3MoeForCausalLM" and _qwen3_moe_sparse(llm, i)
         shapes.update({p + "self_attn.o_proj.weight": (h, heads * hd), p + "mlp.down_proj.weight": (h, ff),
                        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
         if arch == "Phi3ForCausalLM":
@@ -153,7 +164,25 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
         if arch == "Qwen2ForCausalLM" or llm.get("attention_bias"):
             shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                            p + "self_attn.v_proj.bias": (kv * hd,)})
+        if arch == "Qwen3MoeForCausalLM":
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+        if sparse:
+            # no dense MLP: the router, then each expert's gated MLP under its index, as the checkpoint stores them
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                del shapes[f"{p}mlp.{part}.weight"]
+            experts, width = llm["num_experts"], llm["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (experts, h)
+            for e in range(experts):
+                shapes.update({f"{p}mlp.experts.{e}.gate_proj.weight": (width, h),
+                               f"{p}mlp.experts.{e}.up_proj.weight": (width, h),
+                               f"{p}mlp.experts.{e}.down_proj.weight": (h, width)})
     return shapes
+
+
+def _qwen3_moe_sparse(llm: dict[str, Any], i: int) -> bool:
+    """Whether Qwen3-MoE's layer ``i`` has experts (transformers' Qwen3MoeDecoderLayer rule)."""
+    return (i not in (llm.get("mlp_only_layers") or [])
+            and llm["num_experts"] > 0 and (i + 1) % llm["decoder_sparse_step"] == 0)
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:

@@ -29,21 +29,26 @@ class LinearPlan:
     max_kernel_rows: int = 16
 
 
+def planned_linear(plan: LinearPlan | None, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as ``plan`` computes it (``Linear.forward``, and the experts of
+    ``layers.moe.SparseMoE``, whose stacked weights are one (out, in) matrix per expert)."""
+    if plan is None or weight.dtype == torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if plan.small_row_kernel is not None and rows <= plan.max_kernel_rows and x.dtype == weight.dtype:
+        out = plan.small_row_kernel(x.reshape(rows, x.shape[-1]), weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+    if plan.upcast:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     plan: LinearPlan | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        if plan is None or self.weight.dtype == torch.float32 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        if plan.small_row_kernel is not None and rows <= plan.max_kernel_rows and x.dtype == self.weight.dtype:
-            out = plan.small_row_kernel(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        if plan.upcast:
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        return planned_linear(self.plan, x, self.weight, self.bias)
 
 
 def set_linear_plan(module: nn.Module, plan: LinearPlan | None) -> int:

@@ -20,6 +20,7 @@ Routing, as each family computes it (``routing``):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal, Protocol, cast
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from ...config import LLMConfig
 from ...kernels.moe import Activation, ExpertStack, grouped_experts
 from ...kernels.triton_moe import moe_backend, triton_grouped_experts
-from .linear import Linear
+from .linear import Linear, planned_linear
 
 Routing = Literal["softmax_topk", "topk_softmax"]
 
@@ -140,6 +141,9 @@ class SparseMoE(nn.Module):
             return triton_grouped_experts(x, ids, weights, up.weight, down.weight, up.bias, down.bias,
                                           s13=up.scales, s2=down.scales, activation=self.activation,
                                           limit=self.limit, alpha=self.alpha, first_expert=self.first_expert)
+        # the experts compute as the router's Linear does under the host's compute plan (the bf16 GEMV kernel
+        # for decode rows on the CPU; float32 on hosts whose 16-bit products are slow), one expert at a time
         return grouped_experts(x, ids, weights, up.weight, down.weight, up.bias, down.bias, activation=self.activation,
                                limit=self.limit, alpha=self.alpha, s13=up.scales, s2=down.scales,
-                               g13=up.group_size, g2=down.group_size, first_expert=self.first_expert)
+                               g13=up.group_size, g2=down.group_size, first_expert=self.first_expert,
+                               linear=partial(planned_linear, self.gate.plan))
