@@ -72,12 +72,23 @@ def choose_plan(dtype: torch.dtype, device: torch.device | str) -> ComputePlan:
     if forced not in ("auto", "native", "upcast"):
         raise InvalidRequest(f"INTERNVL_COMPUTE={forced!r}: use auto, native or upcast")
     sixteen = dtype in (torch.bfloat16, torch.float16)
-    if device.type != "cpu" or not sixteen:
-        name = _decode_kernel(dtype)[0] if device.type == "cpu" else "torch"
-        return ComputePlan(dtype, str(device), False, name)
-    upcast = forced == "upcast" or (forced == "auto" and not cpu_has_fast_bf16())
+    if device.type != "cpu":
+        return ComputePlan(dtype, str(device), False, "torch")
+    upcast = sixteen and (forced == "upcast" or (forced == "auto" and not cpu_has_fast_bf16()))
     name, _ = _decode_kernel(dtype)
-    return ComputePlan(dtype, str(device), upcast, name)
+    return ComputePlan(dtype, str(device), upcast, name, _expected_decode_layers(dtype, name))
+
+
+def _expected_decode_layers(dtype: torch.dtype, kernel: str) -> str:
+    """What ``apply_plan`` will give a model's decode layers, as far as it is known before the model is
+    (``internvl info``): the native stack needs a native kernel, the operator and bf16 or float32 weights."""
+    if kernel == "torch":
+        return "python (no native kernel)"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"python (weights are {dtype})"
+    if not kernels.has_operator("decode_layers"):
+        return "python (the native library lacks decode_layers)"
+    return "native where the model's layers fit it (decided at load)"
 
 
 def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:

@@ -3,15 +3,16 @@
 At batch 1 a Python layer loop costs ~15 tensor operations per layer (norms, rope, cache writes,
 attention, residuals) on top of the weight streaming: ~13 ms per token for InternVL2-1B's 24 layers,
 a third of the step. ``DecodeStack`` hands the whole stack to C++ instead: the same computation, rounded
-to bfloat16 where the torch modules round, with the products on the GEMV kernels.
+to bfloat16 where the torch modules round (in a bf16 model), with the products on the GEMV kernels.
 
 It covers the shared Llama-family layer (``models/decoders/base.py``: all four families) with bf16
 weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
 backend), a bf16 KV pool; or a float32 model (float32 weights, norms and KV pool: the stack computes in
 fp32 throughout, the products on the fp32 GEMV kernels); head_dim a multiple of 8, all layers on the CPU.
 ``DecodeStack.build`` says why not otherwise, and the model keeps its Python path (tensor-parallel layers,
-models split over devices, float16, quantized layers in a float32 model, int4 on torch's kernels). It sits beside the compute plan, which builds it: it reads
-the model's layer classes, which the operators in ``kernels/`` never see.
+models split over devices, float16, quantized layers in a float32 model, int4 on torch's kernels). It
+sits beside the compute plan, which builds it: it reads the model's layer classes, which the operators in
+``kernels/`` never see.
 """
 
 from __future__ import annotations
