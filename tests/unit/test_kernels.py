@@ -493,20 +493,28 @@ def _check_f32(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.
 
 
 @pytest.mark.parametrize("path", NATIVE)
-def test_linear_f32_matches_reference(native: None, path: str) -> None:
+@pytest.mark.parametrize("rows_per_pass", [1, 2, 4])
+def test_linear_f32_matches_reference(native: None, path: str, rows_per_pass: int) -> None:
     """The fp32 GEMV (float32 models' decode) on every path, the awkward shapes of the bf16 test (K tails
-    below the 16 / 32 columns of a step, 1-16 rows: one-row and multi-row tiles), with and without bias."""
+    below the 16 / 32 columns of a step, 1-16 rows: one-row and multi-row tiles), with and without bias;
+    reading 1 (the default), 2 or 4 weight rows per pass (the benchmarks' knob: N tails of each)."""
     _require(path)
-    for i, (m, n, k) in enumerate(SHAPES):
-        g = torch.Generator().manual_seed(100 + i)
-        x = torch.randn(m, k, generator=g)
-        w = torch.randn(n, k, generator=g) / k ** 0.5
-        for bias in (None, torch.randn(n, generator=g)):
-            out = kernels.linear_f32(x, w, bias, path=path)
-            try:
-                _check_f32(out, x, w, bias)
-            except AssertionError as exc:
-                raise AssertionError(f"path {path}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+    previous = torch.ops.internvl_kernels._set_f32_rows_per_pass(rows_per_pass)
+    try:
+        for i, (m, n, k) in enumerate(SHAPES):
+            g = torch.Generator().manual_seed(100 + i)
+            x = torch.randn(m, k, generator=g)
+            w = torch.randn(n, k, generator=g) / k ** 0.5
+            for bias in (None, torch.randn(n, generator=g)):
+                out = kernels.linear_f32(x, w, bias, path=path)
+                try:
+                    _check_f32(out, x, w, bias)
+                except AssertionError as exc:
+                    raise AssertionError(f"path {path}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+    finally:
+        torch.ops.internvl_kernels._set_f32_rows_per_pass(previous)
+    with pytest.raises(RuntimeError, match="1, 2 or 4"):
+        torch.ops.internvl_kernels._set_f32_rows_per_pass(3)
 
 
 @pytest.mark.parametrize("path", NATIVE)

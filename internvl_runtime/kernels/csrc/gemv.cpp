@@ -53,6 +53,7 @@ struct Kernel {
   TileFn many[kMaxMB];  // NB = nb_many, MB = 1..max_mb_many (M > 1, activations too big for L1)
   int max_mb_many;
   int nb_many;
+  bool many_always = false;  // the nb_many-row tiles at any M (several weight rows per pass even at M = 1)
 };
 
 }  // namespace
@@ -825,8 +826,15 @@ const Kernel kBf16Avx2{ONE4(tile_bf16_avx2), MANY42(tile_bf16_avx2)};
 const Kernel kBf16Avx512{ONE8(tile_bf16_avx512), MANY4(tile_bf16_avx512)};
 const Kernel kBf16Dp{ONE8(tile_bf16_dp), MANY4(tile_bf16_dp)};
 const Kernel kInt8Avx2{ONE4(tile_int8_avx2), MANY2(tile_int8_avx2)};
+// fp32: one weight row per pass at M = 1 (as bf16), or 2 / 4 rows side by side at every M
+// (_set_f32_rows_per_pass; benchmarks/gemv.py --f32-rows measures them, RESULTS.md has the runs).
 const Kernel kF32Avx2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2)};
+const Kernel kF32Avx2Rows2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2), true};
+const Kernel kF32Avx2Rows4{ONE4(tile_f32_avx2), MANY2(tile_f32_avx2), true};
 const Kernel kF32Avx512{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512)};
+const Kernel kF32Avx512Rows2{ONE8(tile_f32_avx512), MANY42(tile_f32_avx512), true};
+const Kernel kF32Avx512Rows4{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512), true};
+std::atomic<int64_t> g_f32_rows{1};   // weight rows per pass of the fp32 kernels: 1, 2 or 4
 const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
 #define NONE {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
@@ -867,7 +875,8 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
-  if (ker.nb_many > 0 && p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
+  if (ker.nb_many > 0 &&
+      (ker.many_always || (p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)))) {
     // activation blocks outside, weight tiles inside: one block of rows (a few KiB) stays in L1 while the
     // chunk's weights (~128 KiB: read from DRAM once, by the first block) come from L2 for the others. The
     // other order re-read all M activation rows from L2 for every weight tile, which at 16 rows moved as
@@ -1157,7 +1166,11 @@ void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   p.wf = w;
   p.xf = x;
   p.x_elem_bytes = 4;
-  run(path == kAvx2 ? kF32Avx2 : kF32Avx512, p, 32);
+  const int64_t rows = g_f32_rows.load(std::memory_order_relaxed);
+  if (path == kAvx2)
+    run(rows == 4 ? kF32Avx2Rows4 : rows == 2 ? kF32Avx2Rows2 : kF32Avx2, p, 32);
+  else
+    run(rows == 4 ? kF32Avx512Rows4 : rows == 2 ? kF32Avx512Rows2 : kF32Avx512, p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
@@ -1303,12 +1316,19 @@ bool set_int8_activations(bool on) { return g_int8_x.exchange(on); }
 // Benchmarks only: set the AVX2 bf16 tile's software prefetch distance in bytes (0: none); returns the old value.
 int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
 
+// Benchmarks only: weight rows the fp32 kernels read side by side per pass (1, 2 or 4); returns the old value.
+int64_t set_f32_rows_per_pass(int64_t rows) {
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4, "_set_f32_rows_per_pass: 1, 2 or 4, got ", rows);
+  return g_f32_rows.exchange(rows);
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_f32_rows_per_pass(int rows) -> int", &set_f32_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
