@@ -14,6 +14,10 @@ other processes on the machine then slow all columns alike.
     python benchmarks/gemv.py --rows 1 16 --int8 --int4 --no-fp32 --shapes gate_up down
     python benchmarks/gemv.py --rows 1 --no-fp32 --prefetch 0 256 512 1024   # the AVX2 tile's prefetch distance
 
+--f32-rows R ... adds "f32 PATH Rr" columns: the fp32 GEMV (float32 models' decode, ``kernels.linear_f32``) on
+its two tiles (avx2; avx512, which both AVX-512 paths run) reading R weight rows side by side per pass (1: one
+row at a time, the default; 2 or 4). ``python benchmarks/gemv.py --rows 1 --no-bf16 --f32-rows 1 2 4``.
+
 --prefetch adds "avx2 pfN" columns: the AVX2 bf16 tile with a software prefetch N bytes ahead in each weight
 row (0: the hardware prefetcher alone, the default). On Zen 4 (04:05 UTC 2026-12-05, quiet) 256 B was within 2%
 of none and 512-2048 B 3-15% slower, so the default is none; an AVX2-only host (Zen 3) may differ.
@@ -68,6 +72,15 @@ def prefetched(distance: int, call: Callable[[], object]) -> object:
         torch.ops.internvl_kernels._set_prefetch_bytes(previous)
 
 
+def f32_rows(rows: int, call: Callable[[], object]) -> object:
+    """``call()`` with the fp32 GEMV reading ``rows`` weight rows side by side per pass."""
+    previous = torch.ops.internvl_kernels._set_f32_rows_per_pass(rows)
+    try:
+        return call()
+    finally:
+        torch.ops.internvl_kernels._set_f32_rows_per_pass(previous)
+
+
 def read_bandwidth(mib: int = 512) -> Callable[[], float]:
     big = torch.ones(mib * 1024 * 1024 // 4)
 
@@ -87,6 +100,8 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also time linear_int8 vs torch _weight_int8pack_mm")
     ap.add_argument("--int4", action="store_true", help="also time linear_int4 (group 128)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the native bf16 columns")
+    ap.add_argument("--f32-rows", type=int, nargs="*", default=[], choices=[1, 2, 4],
+                    help="also time the fp32 GEMV reading this many weight rows per pass (needs fp32)")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time the AVX2 bf16 tile with these software prefetch distances (bytes)")
     args = ap.parse_args()
@@ -107,6 +122,8 @@ def main() -> None:
     columns = ["torch bf16"] + ([] if args.no_fp32 else ["torch fp32"]) + ([] if args.no_bf16 else list(paths))
     if "avx2" in paths:
         columns += [f"avx2 pf{d}" for d in args.prefetch]
+    f32_paths = [p for p in paths if p in ("avx2", "avx512")] if not args.no_fp32 else []
+    columns += [f"f32 {p} {r}r" for p in f32_paths for r in args.f32_rows]
     if args.int8:
         columns += ["torch int8pack"] + [f"int8 {p}{v}" for p in paths for v in ("", " exact")]
     if args.int4:
@@ -136,6 +153,10 @@ def main() -> None:
                 methods["torch fp32"] = (lambda w, x32=x32: F.linear(x32, w), w32, 4)
             for p in ([] if args.no_bf16 else paths):
                 methods[p] = (lambda w, p=p, x=x: kernels.linear_bf16(x, w, path=p), ws, 2)
+            for p in f32_paths:
+                for r in args.f32_rows:
+                    methods[f"f32 {p} {r}r"] = (
+                        lambda w, p=p, r=r, x32=x32: f32_rows(r, lambda: kernels.linear_f32(x32, w, path=p)), w32, 4)
             for d in args.prefetch if "avx2" in paths else []:
                 methods[f"avx2 pf{d}"] = (
                     lambda w, x=x, d=d: prefetched(d, lambda: kernels.linear_bf16(x, w, path="avx2")), ws, 2)

@@ -8,7 +8,7 @@ Parts:
 - vision encoder and prefill (compute-bound): native 16-bit matmuls where the CPU has bf16/fp16
   instructions, else float32 computed from the 16-bit weights layer by layer ("upcast");
 - decode matrix-vector products and the LM head (bandwidth-bound): a CPU kernel that streams the stored
-  16-bit weights when one is available for this host, else torch;
+  16-bit (or, in a float32 model, float32) weights when one is available for this host, else torch;
 - attention: SDPA for prefill and the vision encoder, two small matmuls per layer for decode.
 """
 
@@ -55,11 +55,14 @@ class ComputePlan:
 
 
 def _decode_kernel(dtype: torch.dtype):
-    """(name, callable or None) of the small-row kernel for this host, if the kernels package offers one."""
-    if dtype != torch.bfloat16:
+    """(name, callable or None) of the small-row kernel for this host and weight dtype, if the kernels
+    package offers one: bf16 and float32 weights have one on every native path."""
+    if dtype not in (torch.bfloat16, torch.float32) or not kernels.available():
         return "torch", None
-    if not kernels.available():
-        return "torch", None
+    if dtype == torch.float32:
+        # every AVX-512 path runs the AVX-512F fp32 tile: no 16-bit arithmetic is involved
+        tile = "AVX2+FMA" if kernels.selected_path() == "avx2" else "AVX-512F"
+        return f"{kernels.describe()}; float32 weights: the {tile} fp32 GEMV", kernels.linear_f32
     return kernels.describe(), kernels.linear_bf16
 
 
@@ -69,11 +72,23 @@ def choose_plan(dtype: torch.dtype, device: torch.device | str) -> ComputePlan:
     if forced not in ("auto", "native", "upcast"):
         raise InvalidRequest(f"INTERNVL_COMPUTE={forced!r}: use auto, native or upcast")
     sixteen = dtype in (torch.bfloat16, torch.float16)
-    if device.type != "cpu" or not sixteen:
+    if device.type != "cpu":
         return ComputePlan(dtype, str(device), False, "torch")
-    upcast = forced == "upcast" or (forced == "auto" and not cpu_has_fast_bf16())
+    upcast = sixteen and (forced == "upcast" or (forced == "auto" and not cpu_has_fast_bf16()))
     name, _ = _decode_kernel(dtype)
-    return ComputePlan(dtype, str(device), upcast, name)
+    return ComputePlan(dtype, str(device), upcast, name, _expected_decode_layers(dtype, name))
+
+
+def _expected_decode_layers(dtype: torch.dtype, kernel: str) -> str:
+    """What ``apply_plan`` will give a model's decode layers, as far as it is known before the model is
+    (``internvl info``): the native stack needs a native kernel, the operator and bf16 or float32 weights."""
+    if kernel == "torch":
+        return "python (no native kernel)"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"python (weights are {dtype})"
+    if not kernels.has_operator("decode_layers"):
+        return "python (the native library lacks decode_layers)"
+    return "native where the model's layers fit it (decided at load)"
 
 
 def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
@@ -83,15 +98,17 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     # the upcast plan (forced, or a CPU without bf16 instructions) keeps torch's bf16 GEMM out of decode
     # (INTERNVL_COMPUTE=upcast on an avx512_bf16 host thus reproduces an AVX2 host's plan)
     fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
+    # torch's GEMM is fast in the model's dtype: float32 everywhere, 16-bit where the CPU has the instructions
+    fast_gemm = fast_16bit or plan.dtype == torch.float32
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
-        # The GEMV kernel wins at a few rows where torch has fast bf16 GEMMs, up to 16 elsewhere (torch's
+        # The GEMV kernel wins at a few rows where torch has fast GEMMs in the dtype, up to 16 elsewhere (torch's
         # bf16 is far slower there): benchmarks/gemv.py measures the crossing, benchmarks/RESULTS.md has runs.
-        rows = 4 if fast_16bit else 16
+        rows = 4 if fast_gemm else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
-    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_16bit))
+    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_gemm))
     model.set_compute_plan(plan)
     logger.info(plan.describe())
 
@@ -100,9 +117,10 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
 MAX_NATIVE_DECODE_ROWS = 4096
 
 
-def decode_stack_rows(fast_16bit: bool) -> tuple[int, int]:
-    """(most sequences a native decode step takes, sequences from which its bf16 products run on torch's GEMM
-    instead of the GEMV kernels; 0: never), for a CPU with or without fast 16-bit matmul instructions.
+def decode_stack_rows(fast_gemm: bool) -> tuple[int, int]:
+    """(most sequences a native decode step takes, sequences from which its products run on torch's GEMM
+    instead of the GEMV kernels; 0: never), where torch's GEMM is fast in the model's dtype or not (16-bit:
+    a CPU with or without bf16 instructions; float32: fast on every host, so as a bf16 CPU's).
 
     The native stack takes every decode step: besides the products it removes the Python layer loop
     (~350 tensor operations per step), so it wins at any row count once its products are as fast as the
@@ -111,18 +129,19 @@ def decode_stack_rows(fast_16bit: bool) -> tuple[int, int]:
     oneDNN GEMM, at 16 ~50%: benchmarks/gemv.py, RESULTS.md); without them torch's bf16 is ~100x slower
     than the kernels, which then take every row count (an AVX2 host: the Python path would convert the
     weights to float32 per call)."""
-    return MAX_NATIVE_DECODE_ROWS, (5 if fast_16bit else 0)
+    return MAX_NATIVE_DECODE_ROWS, (5 if fast_gemm else 0)
 
 
 def _plan_decode_layers(lm: DecoderForCausalLM, plan: ComputePlan, rows: int, gemm_rows: int) -> ComputePlan:
     """Give the language model a native decode stack where one applies; the plan records which."""
     lm.set_decode_stack(None)
-    if plan.decode_kernel == "torch" or plan.dtype != torch.bfloat16:
+    if plan.decode_kernel == "torch" or plan.dtype not in (torch.bfloat16, torch.float32):
         why = "no native kernel" if plan.decode_kernel == "torch" else f"weights are {plan.dtype}"
         return replace(plan, decode_layers=f"python ({why})")
     stack = DecodeStack.build(lm, gemm_rows)
     if isinstance(stack, str):
         return replace(plan, decode_layers=f"python ({stack})")
     lm.set_decode_stack(stack, rows)
-    gemm = f"; bf16 products on torch's GEMM from {gemm_rows} sequences" if gemm_rows else ""
+    dt = str(plan.dtype).removeprefix("torch.")
+    gemm = f"; {dt} products on torch's GEMM from {gemm_rows} sequences" if gemm_rows else ""
     return replace(plan, decode_layers=f"native (up to {rows} sequences{gemm})")

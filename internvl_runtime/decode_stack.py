@@ -3,14 +3,16 @@
 At batch 1 a Python layer loop costs ~15 tensor operations per layer (norms, rope, cache writes,
 attention, residuals) on top of the weight streaming: ~13 ms per token for InternVL2-1B's 24 layers,
 a third of the step. ``DecodeStack`` hands the whole stack to C++ instead: the same computation, rounded
-to bfloat16 where the torch modules round, with the products on the GEMV kernels.
+to bfloat16 where the torch modules round (in a bf16 model), with the products on the GEMV kernels.
 
 It covers the shared Llama-family layer (``models/decoders/base.py``: all four families) with bf16
 weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
-backend), a bf16 KV pool, head_dim a multiple of 8, all layers on the CPU. ``DecodeStack.build`` says why
-not otherwise, and the model keeps its Python path (tensor-parallel layers, models split over devices,
-float32 or float16, int4 on torch's kernels). It sits beside the compute plan, which builds it: it reads
-the model's layer classes, which the operators in ``kernels/`` never see.
+backend), a bf16 KV pool; or a float32 model (float32 weights, norms and KV pool: the stack computes in
+fp32 throughout, the products on the fp32 GEMV kernels); head_dim a multiple of 8, all layers on the CPU.
+``DecodeStack.build`` says why not otherwise, and the model keeps its Python path (tensor-parallel layers,
+models split over devices, float16, quantized layers in a float32 model, int4 on torch's kernels). It
+sits beside the compute plan, which builds it: it reads the model's layer classes, which the operators in
+``kernels/`` never see.
 """
 
 from __future__ import annotations
@@ -32,18 +34,22 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Projection:
     weights: list[torch.Tensor]
-    scales: list[torch.Tensor]     # empty: bf16 weights; int8: (N,) scales; int4: (N, K/group, 2)
+    scales: list[torch.Tensor]     # empty: bf16 / float32 weights; int8: (N,) scales; int4: (N, K/group, 2)
     biases: list[torch.Tensor]     # empty: no bias
 
 
-def _projection(layers: list[nn.Module], what: str) -> _Projection | str:
+def _projection(layers: list[nn.Module], what: str, dtype: torch.dtype) -> _Projection | str:
+    """The weights of one projection over all layers, for a stack computing in ``dtype`` (bf16: bf16,
+    int8 or int4 weights; float32: float32 weights only), or why they do not fit it."""
     weights, scales, biases = [], [], []
     kinds = set()
     for layer in layers:
         if type(layer) is Linear or type(layer) is nn.Linear:
-            if layer.weight.dtype != torch.bfloat16:
-                return f"{what} weights are {layer.weight.dtype}, not bfloat16"
-            kinds.add("bf16")
+            if layer.weight.dtype != dtype:
+                return f"{what} weights are {layer.weight.dtype}, not {dtype}"
+            kinds.add(str(dtype))
+        elif dtype != torch.bfloat16:
+            return f"{what} is {type(layer).__name__} in a {dtype} model"
         elif isinstance(layer, Int8Linear):
             kinds.add("int8")
             scales.append(layer.scales)
@@ -79,6 +85,7 @@ class DecodeStack:
         self.ln1: list[torch.Tensor] = [layer.input_layernorm.weight for layer in layers]
         self.ln2: list[torch.Tensor] = [layer.post_attention_layernorm.weight for layer in layers]
         self.projections = projections
+        self.dtype = self.ln1[0].dtype   # bfloat16 or float32: activations, norms and KV pool
         self.path = path             # the ISA path, fixed when the plan is made
         self.gemm_rows = gemm_rows   # from this many rows on, bf16 products on torch's GEMM (0: never)
 
@@ -86,8 +93,9 @@ class DecodeStack:
     def build(cls, lm: DecoderForCausalLM, gemm_rows: int = 0) -> DecodeStack | str:
         """The stack for decoder ``lm``, or a sentence saying why the native path does not apply.
 
-        ``gemm_rows``: steps of at least this many sequences run their bf16 products on torch's GEMM
-        inside the native call (0: always the GEMV kernels); the compute plan chooses it per host."""
+        ``gemm_rows``: steps of at least this many sequences run their bf16 / float32 products on torch's
+        GEMM inside the native call (0: always the GEMV kernels); the compute plan chooses it per host and
+        dtype. The stack computes in the dtype of the first norm weight (bfloat16 or float32)."""
         try:
             path = kernels.selected_path()
         except Exception as exc:  # noqa: BLE001 - an invalid forced path: reported, Python path kept
@@ -105,16 +113,19 @@ class DecodeStack:
         attn = layers[0].self_attn
         if attn.head_dim % 8:
             return f"head_dim {attn.head_dim} is not a multiple of 8"
+        dtype = layers[0].input_layernorm.weight.dtype
+        if dtype not in (torch.bfloat16, torch.float32):
+            return f"weights are {dtype}"
         for layer in layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if norm.weight.dtype != torch.bfloat16 or norm.weight.device.type != "cpu":
-                    return "norm weights are not bfloat16 on the CPU"
+                if norm.weight.dtype != dtype or norm.weight.device.type != "cpu":
+                    return f"norm weights are not all {dtype} on the CPU"
         projections = {}
         for name, get in (("qkv", lambda layer: layer.self_attn.qkv_proj),
                           ("o", lambda layer: layer.self_attn.o_proj),
                           ("gate_up", lambda layer: layer.mlp.gate_up_proj),
                           ("down", lambda layer: layer.mlp.down_proj)):
-            proj = _projection([get(layer) for layer in layers], name)
+            proj = _projection([get(layer) for layer in layers], name, dtype)
             if isinstance(proj, str):
                 return proj
             if name != "qkv" and proj.biases:
@@ -123,9 +134,9 @@ class DecodeStack:
         return cls(lm, projections, path, gemm_rows)
 
     def applies(self, kv_cache) -> bool:
-        """Whether this step's KV pools are ones the native op can write (bf16 on the CPU)."""
+        """Whether this step's KV pools are ones the native op can write (the stack's dtype, on the CPU)."""
         key = kv_cache.keys[0]
-        return key.dtype == torch.bfloat16 and key.device.type == "cpu"
+        return key.dtype == self.dtype and key.device.type == "cpu"
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_cache) -> torch.Tensor:
         ctx, offsets = [], [0]

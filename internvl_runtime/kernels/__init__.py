@@ -1,6 +1,6 @@
 """Native CPU operators for decode and the vision encoder, each with a torch fallback.
 
-- ``ops.py``: the operators (GEMV over bf16 / int8 / int4 weights as stored, int4 dequantization, vision
+- ``ops.py``: the operators (GEMV over bf16 / float32 / int8 / int4 weights as stored, int4 dequantization, vision
   attention, the fused decode step), native where a path runs, torch otherwise;
 - ``extension.py``: loading the library once, and which instruction-set path runs (``INTERNVL_CPU_KERNEL``);
 - ``build.py``: the just-in-time compile of ``csrc/`` under a build lock that cannot hang;
@@ -33,6 +33,7 @@ from .ops import (
     decode_layers,
     dequantize_int4,
     linear_bf16,
+    linear_f32,
     linear_int4,
     linear_int8,
     vision_attention,
@@ -50,6 +51,7 @@ __all__ = [
     "describe",
     "has_operator",
     "linear_bf16",
+    "linear_f32",
     "linear_int4",
     "linear_int8",
     "missing_flags",

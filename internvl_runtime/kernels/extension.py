@@ -144,6 +144,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     register("internvl_kernels::linear_bf16")(fake)
+    register("internvl_kernels::linear_f32")(fake)
     register("internvl_kernels::linear_int8")(fake)
     register("internvl_kernels::linear_int4")(fake)
 

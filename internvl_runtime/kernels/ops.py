@@ -6,8 +6,8 @@ runs in ``benchmarks/RESULTS.md``). These kernels keep the weights as stored, wi
 them in registers (AVX-512 BF16 ``vdpbf16ps``; AVX-512F / AVX2 shift-and-FMA) and stream each row once,
 threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and ``benchmarks/gemv.py``.
 
-- ``linear_bf16`` / ``linear_int8`` / ``linear_int4``: matrix products over the weights as stored
-  (``csrc/gemv.cpp``); ``dequantize_int4``: the weight an int4 layer computes with.
+- ``linear_bf16`` / ``linear_f32`` / ``linear_int8`` / ``linear_int4``: matrix products over the weights as
+  stored (``csrc/gemv.cpp``); ``dequantize_int4``: the weight an int4 layer computes with.
 - ``vision_attention``: the vision encoder's attention (``csrc/vision_attention.cpp``).
 - ``decode_layers``: every decoder layer of one decode step in one call (``csrc/decode_step.cpp``); no
   torch fallback (the caller keeps its Python layer loop where it does not apply).
@@ -55,6 +55,31 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     out = extension._State.ops.linear_bf16(_flatten(x), weight, bias, extension._PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               path: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for float32 ``x`` (..., K) and float32 ``weight`` (N, K) on CPU.
+
+    The weights are streamed as stored, one row after another (a float32 model's decode reads twice the
+    bytes of a bf16 one, so it is as bandwidth-bound), accumulated in fp32: the same sums as torch's up to
+    their order. ``bias`` float32 or bf16. Made for few rows (decode); correct for any M. Anything the
+    kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``. All AVX-512 paths run
+    the AVX-512F tile (nothing 16-bit is involved).
+    """
+    chosen = extension._resolve(path)
+    if (chosen == "torch" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2
+            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
+        return F.linear(x, weight, bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    out = extension._State.ops.linear_f32(_flatten(x), weight, bias, extension._PATH_ID[chosen])
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
 
 
@@ -182,19 +207,22 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
                   path: str | None = None) -> torch.Tensor:
     """Every Llama-family decoder layer of one decode step, M sequences one new token each -> x (M, hidden).
 
-    Per layer (see ``csrc/decode_step.cpp``, rounding to bf16 where the torch modules round): RMSNorm
+    Per layer (see ``csrc/decode_step.cpp``, rounding to bf16 where the torch modules round in a bf16 stack;
+    a float32 stack, where ``x`` is float32, rounds nowhere beyond fp32's own): RMSNorm
     (``ln1``), the qkv product (+ bias), rope, the new keys / values written to ``key_cache`` /
     ``value_cache`` at ``slots`` (in place), attention over each sequence's context, the o product and
     residual, RMSNorm (``ln2``), gate_up, silu * up, down and residual.
 
-    - ``x`` (M, hidden) bf16; ``cos``, ``sin`` (M, head_dim) bf16; ``slots`` (M,): each new token's slot.
-    - per-layer lists: norm weights (hidden,) bf16; weights bf16 (N, K), int8 (N, K) or packed int4
-      (N, K // 2, ``packing.pack_int4``); the matching ``*_s`` list empty (bf16), per-row scales (int8) or
-      (N, K // group, 2) scales and zeros (int4); ``qkv_b`` empty or one bias per layer.
-    - ``key_cache``, ``value_cache``: per layer a (num_slots, num_kv_heads, head_dim) bf16 pool.
+    - ``x`` (M, hidden) bf16 or float32: the stack's dtype, which the norms, KV pools, ``cos``/``sin`` and
+      (float32) every weight share; ``cos``, ``sin`` (M, head_dim); ``slots`` (M,): each new token's slot.
+    - per-layer lists: norm weights (hidden,) of x's dtype; weights bf16 (N, K), int8 (N, K) or packed
+      int4 (N, K // 2, ``packing.pack_int4``) in a bf16 stack, float32 (N, K) in a float32 one; the
+      matching ``*_s`` list empty (bf16, float32), per-row scales (int8) or (N, K // group, 2) scales and
+      zeros (int4); ``qkv_b`` empty or one bias per layer.
+    - ``key_cache``, ``value_cache``: per layer a (num_slots, num_kv_heads, head_dim) pool of x's dtype.
     - ``ctx_slots`` (flat) and ``ctx_offsets`` (M + 1,): sequence i attends to the slots
       ``ctx_slots[ctx_offsets[i]:ctx_offsets[i + 1]]`` (its new token included).
-    - ``gemm_rows``: from this many rows on (0: never), bf16 products run on torch's GEMM inside the call
+    - ``gemm_rows``: from this many rows on (0: never), bf16 / float32 products run on torch's GEMM inside the call
       (oneDNN: compute-efficient at many rows where the CPU has 16-bit instructions) instead of the GEMV
       kernels, which read each weight row once for all rows but compute at a fraction of the GEMM's rate.
 

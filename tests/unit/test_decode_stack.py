@@ -175,3 +175,88 @@ def test_bad_arguments_are_named() -> None:
         kernels.decode_layers(*args, **sizes, path=stack.path)
     with pytest.raises(UnsupportedFeature, match="needs the native kernels"):   # no torch fallback
         kernels.decode_layers(*args, **sizes, path="torch")
+
+
+# ------------------------------------------------------------------------------------------ float32
+
+def load_fp32(variant: str, **kwargs) -> torch.nn.Module:
+    return AutoModel.from_pretrained(SHARED / "ckpt" / variant, torch_dtype=torch.float32, **kwargs).eval()
+
+
+def assert_same_fp32(model, prompts, rows_expected: bool = True) -> None:
+    """A float32 stack rounds nowhere beyond fp32's own: the same greedy tokens as the Python loop and
+    logits within 1e-5 relative (the products sum in another order than torch's; nothing else differs)."""
+    stack = model.language_model.decode_stack
+    assert stack is not None and stack.dtype == torch.float32, model.compute_plan.decode_layers
+    python_tokens, python_logits = generate(model, None, prompts)
+    counting = Counting(stack)
+    native_tokens, native_logits = generate(model, counting, prompts)
+    model.language_model.decode_stack = stack
+    assert (counting.calls > 0) == rows_expected
+    assert native_tokens == python_tokens
+    for a, b in zip(python_logits, native_logits, strict=True):
+        assert float((a - b).norm() / a.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_native_decode_float32_equals_python_loop(variant: str) -> None:
+    """float32 models (the official path's dtype) decode through the native stack, fp32 end to end."""
+    model = load_fp32(variant)
+    plan = model.compute_plan
+    assert plan.decode_layers.startswith("native"), plan.decode_layers
+    assert "float32 weights: the" in plan.decode_kernel and "fp32 GEMV" in plan.decode_kernel
+    assert model.language_model.decode_stack.projections["qkv"].weights[0].dtype == torch.float32
+    assert_same_fp32(model, prompts_for(model))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("gemm_rows", [0, 5], ids=["gemv", "gemm"])
+def test_native_decode_float32_every_isa_path_and_many_rows(path: str, gemm_rows: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ISA path (avx2: the AVX2+FMA fp32 tile; both AVX-512 paths: the AVX-512F one), 18 sequences in
+    one step on the kernels' multi-row tiles (gemm_rows 0) or torch's fp32 GEMM from 5 rows (the plan's
+    choice for float32 on every host)."""
+    if kernels.missing_flags(path):
+        pytest.skip(f"CPU lacks {kernels.missing_flags(path)}")
+    monkeypatch.setenv(kernels.ENV_VAR, path)
+    model = load_fp32("tiny-2B")
+    tile = "AVX2+FMA" if path == "avx2" else "AVX-512F"
+    assert f"the {tile} fp32 GEMV" in model.compute_plan.decode_kernel
+    stack = DecodeStack.build(model.language_model, gemm_rows)
+    assert isinstance(stack, DecodeStack) and stack.path == path and stack.dtype == torch.float32
+    model.language_model.set_decode_stack(stack, MAX_NATIVE_DECODE_ROWS)
+    assert_same_fp32(model, prompts_for(model, lengths=[37, 5, 60] + [3 + 4 * i for i in range(15)]))
+
+
+def test_float32_plan_rows_and_lm_head_kernel() -> None:
+    """float32: torch's GEMM is fast on every host, so products switch to it from 5 rows inside the stack,
+    and the small-row kernel (the LM head's at decode) is the fp32 GEMV up to 4 rows."""
+    model = load_fp32("tiny-1B")
+    assert model.language_model.decode_stack.gemm_rows == decode_stack_rows(True)[1] == 5
+    assert "float32 products on torch's GEMM from 5 sequences" in model.compute_plan.decode_layers
+    plan = model.language_model.lm_head.plan
+    assert plan is not None and plan.small_row_kernel is kernels.linear_f32 and plan.max_kernel_rows == 4
+
+
+def test_float32_model_with_quantized_layers_keeps_the_python_loop() -> None:
+    """int8 layers in a float32 model: the native stack is bf16-or-float32 only; the plan says why."""
+    model = load_fp32("tiny-1B", quantization="int8")
+    assert model.language_model.decode_stack is None
+    assert "Int8Linear in a torch.float32 model" in model.compute_plan.decode_layers
+
+
+def test_float32_stack_refuses_mixed_dtypes() -> None:
+    """The op names a bf16 KV pool handed to a float32 stack instead of reading it as float32."""
+    model = load_fp32("tiny-1B")
+    stack = model.language_model.decode_stack
+    p = stack.projections
+    d = stack.head_dim
+    x = torch.zeros(1, model.config.llm.hidden_size)
+    cache = [torch.zeros(16, stack.num_kv_heads, d, dtype=torch.bfloat16) for _ in stack.ln1]
+    args = [x, stack.ln1, stack.ln2, p["qkv"].weights, p["qkv"].scales, p["qkv"].biases, p["o"].weights,
+            p["o"].scales, p["gate_up"].weights, p["gate_up"].scales, p["down"].weights, p["down"].scales, cache,
+            cache, torch.zeros(1, d), torch.zeros(1, d), torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1])]
+    sizes = {"num_heads": stack.num_heads, "num_kv_heads": stack.num_kv_heads, "eps": 1e-6, "scale": 0.125}
+    with pytest.raises(RuntimeError, match="KV pool 0 must be"):
+        kernels.decode_layers(*args, **sizes, path=stack.path)
+    assert not stack.applies(type("KV", (), {"keys": cache})())

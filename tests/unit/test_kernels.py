@@ -474,3 +474,77 @@ def test_linear_bf16_leaves_what_it_does_not_handle_to_torch(native: None) -> No
     torch.testing.assert_close(out, F.linear(x, w), rtol=0, atol=0)
     out.float().sum().backward()
     assert w.grad is not None
+
+
+# ------------------------------------------------------------------------------------------ float32
+
+def _check_f32(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out must be the fp64 product up to an fp32 summation error bound, and as close as torch's F.linear."""
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], w.shape[0])
+    ref, scale = _reference(x, w, bias)
+    err = (out.double() - ref).abs()
+    # fp32 accumulation over K terms (any order): |err| <= K * 2^-24 * sum |x||w| (+ the bias add's rounding)
+    bound = x.shape[1] * 2.0 ** -24 * scale + 2.0 ** -24 * ref.abs() + 1e-30
+    worst = float((err - bound).max()) if err.numel() else 0.0
+    assert worst <= 0, f"error exceeds the fp32 summation bound by {worst}"
+    if out.numel() >= 17:   # typically closer than the bound: about torch's own error (both sum in fp32)
+        theirs = float((F.linear(x, w, bias).double() - ref).abs().mean())
+        assert float(err.mean()) <= 2.0 * theirs + 1e-9
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("rows_per_pass", [1, 2, 4])
+def test_linear_f32_matches_reference(native: None, path: str, rows_per_pass: int) -> None:
+    """The fp32 GEMV (float32 models' decode) on every path, the awkward shapes of the bf16 test (K tails
+    below the 16 / 32 columns of a step, 1-16 rows: one-row and multi-row tiles), with and without bias;
+    reading 1 (the default), 2 or 4 weight rows per pass (the benchmarks' knob: N tails of each)."""
+    _require(path)
+    previous = torch.ops.internvl_kernels._set_f32_rows_per_pass(rows_per_pass)
+    try:
+        for i, (m, n, k) in enumerate(SHAPES):
+            g = torch.Generator().manual_seed(100 + i)
+            x = torch.randn(m, k, generator=g)
+            w = torch.randn(n, k, generator=g) / k ** 0.5
+            for bias in (None, torch.randn(n, generator=g)):
+                out = kernels.linear_f32(x, w, bias, path=path)
+                try:
+                    _check_f32(out, x, w, bias)
+                except AssertionError as exc:
+                    raise AssertionError(f"path {path}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+    finally:
+        torch.ops.internvl_kernels._set_f32_rows_per_pass(previous)
+    with pytest.raises(RuntimeError, match="1, 2 or 4"):
+        torch.ops.internvl_kernels._set_f32_rows_per_pass(3)
+
+
+@pytest.mark.parametrize("path", NATIVE)
+def test_linear_f32_lm_head_bf16_bias_and_shapes(native: None, path: str) -> None:
+    """A wide LM-head-like matrix (rows shared out over threads in chunks), a bf16 bias, strided and 3-D x."""
+    _require(path)
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(1, 896, generator=g), torch.randn(20011, 896, generator=g) / 30
+    _check_f32(kernels.linear_f32(x, w, path=path), x, w, None)
+    b16 = torch.randn(20011, generator=g).to(torch.bfloat16)
+    _check_f32(kernels.linear_f32(x, w, b16, path=path), x, w, b16.float())
+    wide = torch.randn(896, 6, generator=g)                  # non-contiguous x (a transposed view)
+    _check_f32(kernels.linear_f32(wide.t(), w[:40], path=path), wide.t().contiguous(), w[:40], None)
+    x3 = wide.t().reshape(2, 3, 896)
+    out3 = kernels.linear_f32(x3, w[:40], path=path)
+    assert out3.shape == (2, 3, 40)
+    torch.testing.assert_close(out3.reshape(6, 40), kernels.linear_f32(wide.t(), w[:40], path=path), rtol=0, atol=0)
+    assert kernels.linear_f32(x[0], w[:40], path=path).shape == (40,)
+    assert kernels.linear_f32(x[:0], w[:40], path=path).shape == (0, 40)
+
+
+def test_linear_f32_leaves_what_it_does_not_handle_to_torch(native: None) -> None:
+    """bf16 products, autograd and the torch path go to F.linear."""
+    torch.manual_seed(0)
+    x16, w16 = torch.randn(1, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(kernels.linear_f32(x16, w16), F.linear(x16, w16), rtol=0, atol=0)
+    w = torch.randn(4, 16, requires_grad=True)
+    x = torch.randn(1, 16)
+    out = kernels.linear_f32(x, w)
+    out.sum().backward()
+    assert w.grad is not None
+    x, w = torch.randn(2, 96), torch.randn(40, 96)
+    torch.testing.assert_close(kernels.linear_f32(x, w, path="torch"), F.linear(x, w), rtol=0, atol=0)

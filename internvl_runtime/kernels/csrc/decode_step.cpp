@@ -3,17 +3,19 @@
 //   decode_layers(x (M, hidden) bf16, per-layer weight lists, KV pools, cos/sin (M, head_dim) bf16,
 //                 new-token slots (M,), context slots (flat) + offsets (M + 1), ...) -> x' (M, hidden) bf16
 //
-// Each of the M rows is one sequence's new token. Per layer, exactly the Llama-family computation of
-// models/decoders/base.py, rounding to bf16 where the torch modules do (RMSNorm statistics in fp32;
-// each product accumulated in fp32 and rounded once; rope, residual adds and silu*up rounded per op;
-// attention scores rounded, soft-maxed in fp32, probabilities rounded):
+// or the same with x, norms, KV pools, cos/sin and every weight float32 (a float32 model: the stack in
+// fp32 end to end, products on the fp32 GEMV kernels). Each of the M rows is one sequence's new token.
+// Per layer, exactly the Llama-family computation of models/decoders/base.py, rounding to bf16 where the
+// torch modules do in a bf16 stack (RMSNorm statistics in fp32; each product accumulated in fp32 and
+// rounded once; rope, residual adds and silu*up rounded per op; attention scores rounded, soft-maxed in
+// fp32, probabilities rounded), and nowhere in a float32 one:
 //
 //   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
 //   x = x + a Wo ; h = rmsnorm(x) ; g,u = h Wgate_up ; x = x + (silu(g) * u) Wdown
 //
-// Products go to the GEMV kernels of gemv.cpp (bf16, int8 with per-row scales, or int4, per matrix), which
+// Products go to the GEMV kernels of gemv.cpp (bf16, int8 with per-row scales, or int4, per matrix; fp32), which
 // read each weight row once per step for all M rows; from `gemm_rows` rows on (the caller's choice: where
-// the host has fast 16-bit GEMMs), bf16 products go to torch's GEMM (at::mm / addmm, oneDNN) instead,
+// the host has fast 16-bit GEMMs; always, for fp32), bf16 / fp32 products go to torch's GEMM (at::mm / addmm, oneDNN) instead,
 // which is compute-efficient at many rows, still inside this one call. The attention of each
 // (sequence, KV head) pair is one task on torch's thread pool. Anything this op does
 // not cover (other dtypes, other layer types) stays on the Python path, which decides before calling.
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "gemv.h"
@@ -43,7 +46,26 @@ namespace {
 inline uint16_t f32_to_bf16(float f) { return c10::BFloat16(f).x; }  // round to nearest even, like torch
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-enum Format { kWeightBf16, kWeightInt8, kWeightInt4 };
+// The activation type of a stack, T: uint16_t (bf16 bits: every op rounds to bf16, as the torch modules in
+// bfloat16) or float (float32 modules: no rounding beyond fp32's own). Load widens, store and round narrow.
+template <typename T>
+struct Act;
+template <>
+struct Act<uint16_t> {
+  static float load(uint16_t v) { return bf16_to_f32(v); }
+  static uint16_t store(float f) { return f32_to_bf16(f); }
+  static float round(float f) { return round_bf16(f); }
+  static constexpr at::ScalarType dtype = at::kBFloat16;
+};
+template <>
+struct Act<float> {
+  static float load(float v) { return v; }
+  static float store(float f) { return f; }
+  static float round(float f) { return f; }
+  static constexpr at::ScalarType dtype = at::kFloat;
+};
+
+enum Format { kWeightBf16, kWeightInt8, kWeightInt4, kWeightF32 };
 
 struct Matrix {
   const at::Tensor* weight = nullptr;   // the tensor itself, for the GEMM route
@@ -71,9 +93,10 @@ void check_vector(const at::Tensor& t, int64_t n, const char* what, int64_t laye
 }
 
 // A projection's weights: bf16 (N, K) without scales; int8 (N, K) with (N,) scales; int4 (N, K/2) uint8
-// (kernels.pack_int4's layout) with (N, K/group, 2) bf16 scales and zeros.
+// (kernels.pack_int4's layout) with (N, K/group, 2) bf16 scales and zeros; in a float32 stack (`act` float)
+// fp32 (N, K) without scales, and nothing else.
 Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bias, int64_t N, int64_t K,
-              const char* what, int64_t layer) {
+              const char* what, int64_t layer, at::ScalarType act) {
   const bool int4 = w.scalar_type() == at::kByte;
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == (int4 ? K / 2 : K) &&
                   w.is_contiguous(),
@@ -84,7 +107,11 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
   m.K = K;
   m.w = w.data_ptr();
   m.weight = &w;
-  if (scale != nullptr) {
+  if (act == at::kFloat) {
+    TORCH_CHECK(scale == nullptr && w.scalar_type() == at::kFloat, "decode_layers: ", what, "[", layer,
+                "] must be float32 without scales in a float32 stack, got ", w.scalar_type());
+    m.format = kWeightF32;
+  } else if (scale != nullptr) {
     if (int4) {
       TORCH_CHECK(scale->scalar_type() == at::kBFloat16 && scale->dim() == 3 && scale->size(0) == N &&
                       scale->size(1) > 0 && K % scale->size(1) == 0 && (K / scale->size(1)) % 32 == 0 &&
@@ -114,19 +141,28 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
   return m;
 }
 
+// torch's GEMM on the stored weight (as F.linear does: fp32 accumulation, one rounding to T).
+template <typename T>
+void gemm(const Matrix& m, const T* x, int64_t M, T* out) {
+  const auto opts = at::TensorOptions().dtype(Act<T>::dtype);
+  const at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, m.K}, opts);
+  at::Tensor ot = at::from_blob(out, {M, m.N}, opts);
+  if (m.bias_tensor != nullptr)
+    at::addmm_out(ot, m.bias_tensor->to(Act<T>::dtype), xt, m.weight->t());
+  else
+    at::mm_out(ot, xt, m.weight->t());
+}
+
+// out (M, N) fp32 = x (M, K) fp32 . W^T (+ bias), W fp32: the GEMV kernels, or torch's GEMM from gemm_rows rows.
+void matvec(const Matrix& m, const float* x, int64_t M, float* out, int64_t path, int64_t gemm_rows) {
+  if (gemm_rows > 0 && M >= gemm_rows) return gemm(m, x, M, out);
+  matvec_f32(x, M, m.K, static_cast<const float*>(m.w), m.N, m.bias, m.bias_kind, out, kF32, path);
+}
+
 // out (M, N) bf16 = x (M, K) bf16 . W^T (+ bias). gemm_rows > 0: bf16 weights with M >= gemm_rows go to
 // torch's GEMM (as F.linear does: fp32 accumulation, one rounding), the others to the GEMV kernels.
 void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_t path, int64_t gemm_rows) {
-  if (m.format == kWeightBf16 && gemm_rows > 0 && M >= gemm_rows) {
-    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
-    const at::Tensor xt = at::from_blob(const_cast<uint16_t*>(x), {M, m.K}, bf16);
-    at::Tensor ot = at::from_blob(out, {M, m.N}, bf16);
-    if (m.bias_tensor != nullptr)
-      at::addmm_out(ot, m.bias_tensor->to(at::kBFloat16), xt, m.weight->t());
-    else
-      at::mm_out(ot, xt, m.weight->t());
-    return;
-  }
+  if (m.format == kWeightBf16 && gemm_rows > 0 && M >= gemm_rows) return gemm(m, x, M, out);
   switch (m.format) {
     case kWeightInt8:
       matvec_int8(x, M, m.K, static_cast<const int8_t*>(m.w), m.scale, m.scale_kind, m.N, m.bias, m.bias_kind, out,
@@ -141,43 +177,48 @@ void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_
   }
 }
 
-// RMSNorm as the reference: statistics in fp32, the normalised value rounded to bf16, then times the weight.
-void rms_norm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t H, float eps, uint16_t* out) {
+// RMSNorm as the reference: statistics in fp32, the normalised value rounded to T, then times the weight.
+template <typename T>
+void rms_norm(const T* x, const T* w, int64_t M, int64_t H, float eps, T* out) {
+  using A = Act<T>;
   for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = x + m * H;
+    const T* row = x + m * H;
     float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t h = 0;
     for (; h + 8 <= H; h += 8)
       for (int t = 0; t < 8; ++t) {
-        const float v = bf16_to_f32(row[h + t]);
+        const float v = A::load(row[h + t]);
         ss[t] += v * v;
       }
     for (; h < H; ++h) {
-      const float v = bf16_to_f32(row[h]);
+      const float v = A::load(row[h]);
       ss[0] += v * v;
     }
     const float total = ((ss[0] + ss[1]) + (ss[2] + ss[3])) + ((ss[4] + ss[5]) + (ss[6] + ss[7]));
     const float r = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
     for (h = 0; h < H; ++h)
-      out[m * H + h] = f32_to_bf16(bf16_to_f32(w[h]) * round_bf16(bf16_to_f32(row[h]) * r));
+      out[m * H + h] = A::store(A::load(w[h]) * A::round(A::load(row[h]) * r));
   }
 }
 
-// x = x + y, rounded per element (the residual add of two bf16 tensors).
-void add_into(uint16_t* x, const uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+// x = x + y, rounded per element (the residual add of two T tensors).
+template <typename T>
+void add_into(T* x, const T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = Act<T>::store(Act<T>::load(x[i]) + Act<T>::load(y[i]));
 }
 
 // Rotary embedding of `heads` rows of D values in place: x*cos + rotate_half(x)*sin, each op rounded.
-void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint16_t* sin) {
+template <typename T>
+void rope(T* x, int64_t heads, int64_t D, const T* cos, const T* sin) {
+  using A = Act<T>;
   const int64_t half = D / 2;
   std::vector<float> a(static_cast<size_t>(D));
   for (int64_t h = 0; h < heads; ++h) {
-    uint16_t* row = x + h * D;
-    for (int64_t d = 0; d < D; ++d) a[d] = bf16_to_f32(row[d]);
+    T* row = x + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = A::load(row[d]);
     for (int64_t d = 0; d < D; ++d) {
       const float rotated = d < half ? -a[d + half] : a[d - half];
-      row[d] = f32_to_bf16(round_bf16(a[d] * bf16_to_f32(cos[d])) + round_bf16(rotated * bf16_to_f32(sin[d])));
+      row[d] = A::store(A::round(a[d] * A::load(cos[d])) + A::round(rotated * A::load(sin[d])));
     }
   }
 }
@@ -246,35 +287,47 @@ inline void store8_bf16(uint16_t* p, __m256 v) {
                    _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
+// The same three for either activation type (float: plain loads and stores, no rounding).
+inline __m256 load8(const uint16_t* p) { return load8_bf16(p); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline void store8(uint16_t* p, __m256 v) { store8_bf16(p, v); }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+template <typename T>
+inline __m256 round8_as(__m256 v) { return std::is_same<T, float>::value ? v : round8(v); }
+
 // silu(gate) * up over one row of the fused gate_up output (gate first), each op rounded like torch's:
 // silu in fp32 as x / (1 + exp(-x)), rounded; times up, rounded.
-void silu_mul(const uint16_t* gate_up, int64_t I, uint16_t* out) {
+template <typename T>
+void silu_mul(const T* gate_up, int64_t I, T* out) {
+  using A = Act<T>;
   int64_t i = 0;
   for (; i + 8 <= I; i += 8) {
-    const __m256 g = load8_bf16(gate_up + i);
+    const __m256 g = load8(gate_up + i);
     const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-    const __m256 s = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-    store8_bf16(out + i, _mm256_mul_ps(s, load8_bf16(gate_up + I + i)));
+    const __m256 s = round8_as<T>(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    store8(out + i, _mm256_mul_ps(s, load8(gate_up + I + i)));
   }
   for (; i < I; ++i) {
-    const float g = bf16_to_f32(gate_up[i]);
-    const float s = round_bf16(g / (1.0f + std::exp(-g)));
-    out[i] = f32_to_bf16(s * bf16_to_f32(gate_up[I + i]));
+    const float g = A::load(gate_up[i]);
+    const float s = A::round(g / (1.0f + std::exp(-g)));
+    out[i] = A::store(s * A::load(gate_up[I + i]));
   }
 }
 
-// q: G rows of D (bf16, already rotated); keys/values: pools with `stride` elements per slot, this head's
-// values at +offset; slots: the S context slots in order. out: G rows of D bf16. work: >= G*(S + 2*D) + D floats.
-void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, const uint16_t* values, int64_t stride,
-            int64_t offset, const int64_t* slots, int64_t S, float scale, uint16_t* out, float* work) {
+// q: G rows of D (T, already rotated); keys/values: pools with `stride` elements per slot, this head's
+// values at +offset; slots: the S context slots in order. out: G rows of D T. work: >= G*(S + 2*D) + D floats.
+template <typename T>
+void attend(const T* q, int64_t G, int64_t D, const T* keys, const T* values, int64_t stride,
+            int64_t offset, const int64_t* slots, int64_t S, float scale, T* out, float* work) {
+  using A = Act<T>;
   float* qf = work;              // G x D
   float* probs = qf + G * D;     // G x S
   float* acc = probs + G * S;    // G x D
   float* row = acc + G * D;      // D
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = bf16_to_f32(q[i]);
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = A::load(q[i]);
   for (int64_t s = 0; s < S; ++s) {
-    const uint16_t* k = keys + slots[s] * stride + offset;
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_bf16(k + d));
+    const T* k = keys + slots[s] * stride + offset;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8(k + d));
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -285,10 +338,10 @@ void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, const
       }
       if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(row + d), a0);
       // scores = (q . k) rounded, then * scale rounded (two bf16 ops in the reference)
-      probs[g * S + s] = round_bf16(round_bf16(hsum8(_mm256_add_ps(a0, a1))) * scale);
+      probs[g * S + s] = A::round(A::round(hsum8(_mm256_add_ps(a0, a1))) * scale);
     }
   }
-  for (int64_t g = 0; g < G; ++g) {   // softmax in fp32, probabilities rounded to bf16
+  for (int64_t g = 0; g < G; ++g) {   // softmax in fp32, probabilities rounded to T
     float* p = probs + g * S;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p[s]);
@@ -307,13 +360,14 @@ void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, const
     }
     const float inv = 1.0f / sum;
     const __m256 vinv = _mm256_set1_ps(inv);
-    for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(p + s, round8(_mm256_mul_ps(_mm256_loadu_ps(p + s), vinv)));
-    for (; s < S; ++s) p[s] = round_bf16(p[s] * inv);
+    for (s = 0; s + 8 <= S; s += 8)
+      _mm256_storeu_ps(p + s, round8_as<T>(_mm256_mul_ps(_mm256_loadu_ps(p + s), vinv)));
+    for (; s < S; ++s) p[s] = A::round(p[s] * inv);
   }
   for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
   for (int64_t s = 0; s < S; ++s) {
-    const uint16_t* v = values + slots[s] * stride + offset;
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_bf16(v + d));
+    const T* v = values + slots[s] * stride + offset;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8(v + d));
     for (int64_t g = 0; g < G; ++g) {
       const __m256 p = _mm256_set1_ps(probs[g * S + s]);
       float* ag = acc + g * D;
@@ -321,7 +375,7 @@ void attend(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, const
         _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(row + d), _mm256_loadu_ps(ag + d)));
     }
   }
-  for (int64_t i = 0; i < G * D; ++i) out[i] = f32_to_bf16(acc[i]);
+  for (int64_t i = 0; i < G * D; ++i) out[i] = A::store(acc[i]);
 }
 
 }  // namespace
@@ -333,7 +387,8 @@ const at::Tensor* optional_at(at::TensorList list, int64_t i) {
   return list.empty() ? nullptr : &list[static_cast<size_t>(i)];
 }
 
-at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
+template <typename T>
+at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
                          at::TensorList ln2, at::TensorList qkv_w,
                          at::TensorList qkv_s, at::TensorList qkv_b,
                          at::TensorList o_w, at::TensorList o_s,
@@ -362,8 +417,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   same(key_cache, false, "key_cache");
   same(value_cache, false, "value_cache");
 
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16,
-              "decode_layers: x must be a (M, hidden) bfloat16 CPU tensor");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.scalar_type() == Act<T>::dtype,
+              "decode_layers: x must be a (M, hidden) CPU tensor of the stack's dtype");
   const int64_t M = x_in.size(0), H = x_in.size(1);
   TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
               "decode_layers: num_heads must be a multiple of num_kv_heads");
@@ -373,9 +428,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   const int64_t G = num_heads / num_kv_heads, QS = num_heads * D, KS = num_kv_heads * D, QKV = QS + 2 * KS;
   const int64_t I2 = gate_up_w[0].size(0), I = I2 / 2;
   for (const at::Tensor* t : {&cos, &sin})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->size(0) == M && t->size(1) == D &&
+    TORCH_CHECK(t->scalar_type() == Act<T>::dtype && t->dim() == 2 && t->size(0) == M && t->size(1) == D &&
                     t->is_contiguous(),
-                "decode_layers: cos/sin must be contiguous (M, head_dim) bfloat16");
+                "decode_layers: cos/sin must be contiguous (M, head_dim), of x's dtype");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == M && slots.is_contiguous(),
               "decode_layers: slots must be (M,) int64");
   TORCH_CHECK(ctx_offsets.scalar_type() == at::kLong && ctx_offsets.numel() == M + 1 && ctx_offsets.is_contiguous(),
@@ -384,10 +439,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   const int64_t num_slots = key_cache[0].size(0);
   for (int64_t l = 0; l < L; ++l)
     for (const at::Tensor* c : {&key_cache[l], &value_cache[l]})
-      TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->dim() == 3 && c->size(0) == num_slots &&
+      TORCH_CHECK(c->scalar_type() == Act<T>::dtype && c->dim() == 3 && c->size(0) == num_slots &&
                       c->size(1) == num_kv_heads && c->size(2) == D && c->is_contiguous(),
                   "decode_layers: KV pool ", l, " must be a contiguous (", num_slots, ", ", num_kv_heads, ", ", D,
-                  ") bfloat16 tensor");
+                  ") tensor of x's dtype");
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* offs = ctx_offsets.data_ptr<int64_t>();
   const int64_t* ctx = ctx_slots.data_ptr<int64_t>();
@@ -405,33 +460,33 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   for (int64_t l = 0; l < L; ++l) {
     check_vector(ln1[l], H, "ln1", l);
     check_vector(ln2[l], H, "ln2", l);
-    TORCH_CHECK(ln1[l].scalar_type() == at::kBFloat16 && ln2[l].scalar_type() == at::kBFloat16,
-                "decode_layers: norm weights must be bfloat16");
-    qkv[l] = matrix(qkv_w[l], optional_at(qkv_s, l), optional_at(qkv_b, l), QKV, H, "qkv_w", l);
-    o[l] = matrix(o_w[l], optional_at(o_s, l), nullptr, H, QS, "o_w", l);
-    gate_up[l] = matrix(gate_up_w[l], optional_at(gate_up_s, l), nullptr, 2 * I, H, "gate_up_w", l);
-    down[l] = matrix(down_w[l], optional_at(down_s, l), nullptr, H, I, "down_w", l);
+    TORCH_CHECK(ln1[l].scalar_type() == Act<T>::dtype && ln2[l].scalar_type() == Act<T>::dtype,
+                "decode_layers: norm weights must have x's dtype");
+    qkv[l] = matrix(qkv_w[l], optional_at(qkv_s, l), optional_at(qkv_b, l), QKV, H, "qkv_w", l, Act<T>::dtype);
+    o[l] = matrix(o_w[l], optional_at(o_s, l), nullptr, H, QS, "o_w", l, Act<T>::dtype);
+    gate_up[l] = matrix(gate_up_w[l], optional_at(gate_up_s, l), nullptr, 2 * I, H, "gate_up_w", l, Act<T>::dtype);
+    down[l] = matrix(down_w[l], optional_at(down_s, l), nullptr, H, I, "down_w", l, Act<T>::dtype);
   }
 
   at::Tensor x_out = x_in.clone();
-  uint16_t* x = static_cast<uint16_t*>(x_out.data_ptr());
-  const uint16_t* cs = static_cast<const uint16_t*>(cos.data_ptr());
-  const uint16_t* sn = static_cast<const uint16_t*>(sin.data_ptr());
-  std::vector<uint16_t> h(M * H), qkv_out(M * QKV), attn(M * QS), proj(M * H), gu(M * 2 * I), act(M * I);
+  T* x = static_cast<T*>(x_out.data_ptr());
+  const T* cs = static_cast<const T*>(cos.data_ptr());
+  const T* sn = static_cast<const T*>(sin.data_ptr());
+  std::vector<T> h(M * H), qkv_out(M * QKV), attn(M * QS), proj(M * H), gu(M * 2 * I), act(M * I);
   const int64_t tasks = M * num_kv_heads;
   const float sc = static_cast<float>(scale);
 
   for (int64_t l = 0; l < L; ++l) {
-    rms_norm(x, static_cast<const uint16_t*>(ln1[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
+    rms_norm(x, static_cast<const T*>(ln1[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
     matvec(qkv[l], h.data(), M, qkv_out.data(), path, gemm_rows);
-    uint16_t* kp = static_cast<uint16_t*>(key_cache[l].data_ptr());
-    uint16_t* vp = static_cast<uint16_t*>(value_cache[l].data_ptr());
+    T* kp = static_cast<T*>(key_cache[l].data_ptr());
+    T* vp = static_cast<T*>(value_cache[l].data_ptr());
     for (int64_t m = 0; m < M; ++m) {
-      uint16_t* row = qkv_out.data() + m * QKV;
+      T* row = qkv_out.data() + m * QKV;
       rope(row, num_heads, D, cs + m * D, sn + m * D);
       rope(row + QS, num_kv_heads, D, cs + m * D, sn + m * D);
-      std::memcpy(kp + slot[m] * KS, row + QS, KS * sizeof(uint16_t));
-      std::memcpy(vp + slot[m] * KS, row + QS + KS, KS * sizeof(uint16_t));
+      std::memcpy(kp + slot[m] * KS, row + QS, KS * sizeof(T));
+      std::memcpy(vp + slot[m] * KS, row + QS + KS, KS * sizeof(T));
     }
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> work(static_cast<size_t>(G * (max_ctx + 2 * D) + D));
@@ -443,7 +498,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
     });
     matvec(o[l], attn.data(), M, proj.data(), path, gemm_rows);
     add_into(x, proj.data(), M * H);
-    rms_norm(x, static_cast<const uint16_t*>(ln2[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
+    rms_norm(x, static_cast<const T*>(ln2[l].data_ptr()), M, H, static_cast<float>(eps), h.data());
     matvec(gate_up[l], h.data(), M, gu.data(), path, gemm_rows);
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) silu_mul(gu.data() + m * 2 * I, I, act.data() + m * I);
@@ -452,6 +507,27 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
     add_into(x, proj.data(), M * H);
   }
   return x_out;
+}
+
+
+// bf16 stacks (x bfloat16) and float32 stacks (x float32): the same computation, rounded as each dtype's
+// torch modules round.
+at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
+                         at::TensorList ln2, at::TensorList qkv_w,
+                         at::TensorList qkv_s, at::TensorList qkv_b,
+                         at::TensorList o_w, at::TensorList o_s,
+                         at::TensorList gate_up_w, at::TensorList gate_up_s,
+                         at::TensorList down_w, at::TensorList down_s,
+                         at::TensorList key_cache, at::TensorList value_cache,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                         const at::Tensor& ctx_slots, const at::Tensor& ctx_offsets, int64_t num_heads,
+                         int64_t num_kv_heads, double eps, double scale, int64_t gemm_rows, int64_t path) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat,
+              "decode_layers: x must be bfloat16 or float32, got ", x_in.scalar_type());
+  auto run = x_in.scalar_type() == at::kFloat ? &decode_layers_as<float> : &decode_layers_as<uint16_t>;
+  return run(x_in, ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s, key_cache,
+             value_cache, cos, sin, slots, ctx_slots, ctx_offsets, num_heads, num_kv_heads, eps, scale, gemm_rows,
+             path);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Matrix-vector (few-row matrix-matrix) products over weights kept in their stored format.
 //
 //   linear_bf16(x (M,K) bf16, w (N,K) bf16, bias (N,)? bf16|f32, path) -> (M,N) bf16
+//   linear_f32(x (M,K) f32, w (N,K) f32, bias (N,)? bf16|f32, path) -> (M,N) f32
 //   linear_int8(x (M,K) bf16|f32, w (N,K) int8, scales (N,) bf16|f32, bias?, path) -> (M,N) x.dtype
 //
 // Decode at batch 1 is bound by streaming the weights from DRAM, so each kernel reads every weight
@@ -52,6 +53,7 @@ struct Kernel {
   TileFn many[kMaxMB];  // NB = nb_many, MB = 1..max_mb_many (M > 1, activations too big for L1)
   int max_mb_many;
   int nb_many;
+  bool many_always = false;  // the nb_many-row tiles at any M (several weight rows per pass even at M = 1)
 };
 
 }  // namespace
@@ -142,6 +144,53 @@ void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
       for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
       float s = hsum256(a);
       for (int64_t t = K16; t < K; ++t) s += xr[i][t] * bf16_to_f32(wr[j][t]);
+      res[i * NB + j] = s;
+    }
+}
+
+// fp32 weights: nothing to widen, two 8-float loads per row per 16 columns; x in plain order. At batch 1 a
+// step moves twice the bytes of the bf16 tile for the same FMAs, so the stream, not the arithmetic, sets
+// the pace: the same one-row-per-tile streaming as the bf16 tile (see above), U accumulator sets.
+template <int MB, int NB>
+void tile_f32_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  constexpr int U = unroll_for<MB, NB>();
+  const int64_t K = p.K, K16 = K & ~int64_t(15);
+  TILE_SETUP(float, p.wf, float, p.xf, K)
+  __m256 acc[U][MB][NB];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
+  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+    __m256 w0[NB], w1[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      w0[j] = _mm256_loadu_ps(wr[j] + k);
+      w1[j] = _mm256_loadu_ps(wr[j] + k + 8);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m256 x0 = _mm256_loadu_ps(xr[i] + k), x1 = _mm256_loadu_ps(xr[i] + k + 8);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
+        acc[u][i][j] = _mm256_fmadd_ps(x0, w0[j], acc[u][i][j]);
+        acc[u][i][j] = _mm256_fmadd_ps(x1, w1[j], acc[u][i][j]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 * U <= K16; k += 16 * U)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(k + 16 * u, u);
+  for (; k < K16; k += 16) step(k, 0);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      __m256 a = acc[0][i][j];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
+      float s = hsum256(a);
+      for (int64_t t = K16; t < K; ++t) s += xr[i][t] * wr[j][t];
       res[i * NB + j] = s;
     }
 }
@@ -426,6 +475,51 @@ void tile_bf16_avx512(const Problem& p, int64_t m0, int64_t n0, float* res) {
       for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
       float s = _mm512_reduce_add_ps(a);
       for (int64_t t = K32; t < K; ++t) s += xr[i][t] * bf16_to_f32(wr[j][t]);
+      res[i * NB + j] = s;
+    }
+}
+
+// fp32 weights, 16-wide: two 16-float loads per row per 32 columns (as the AVX2 tile).
+template <int MB, int NB>
+void tile_f32_avx512(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  constexpr int U = unroll_for<MB, NB>();
+  const int64_t K = p.K, K32 = K & ~int64_t(31);
+  TILE_SETUP(float, p.wf, float, p.xf, K)
+  __m512 acc[U][MB][NB];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+    __m512 w0[NB], w1[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      w0[j] = _mm512_loadu_ps(wr[j] + k);
+      w1[j] = _mm512_loadu_ps(wr[j] + k + 16);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512 x0 = _mm512_loadu_ps(xr[i] + k), x1 = _mm512_loadu_ps(xr[i] + k + 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
+        acc[u][i][j] = _mm512_fmadd_ps(x0, w0[j], acc[u][i][j]);
+        acc[u][i][j] = _mm512_fmadd_ps(x1, w1[j], acc[u][i][j]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + 32 * U <= K32; k += 32 * U)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(k + 32 * u, u);
+  for (; k < K32; k += 32) step(k, 0);
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      __m512 a = acc[0][i][j];
+      for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
+      float s = _mm512_reduce_add_ps(a);
+      for (int64_t t = K32; t < K; ++t) s += xr[i][t] * wr[j][t];
       res[i * NB + j] = s;
     }
 }
@@ -732,6 +826,15 @@ const Kernel kBf16Avx2{ONE4(tile_bf16_avx2), MANY42(tile_bf16_avx2)};
 const Kernel kBf16Avx512{ONE8(tile_bf16_avx512), MANY4(tile_bf16_avx512)};
 const Kernel kBf16Dp{ONE8(tile_bf16_dp), MANY4(tile_bf16_dp)};
 const Kernel kInt8Avx2{ONE4(tile_int8_avx2), MANY2(tile_int8_avx2)};
+// fp32: one weight row per pass at M = 1 (as bf16), or 2 / 4 rows side by side at every M
+// (_set_f32_rows_per_pass; benchmarks/gemv.py --f32-rows measures them, RESULTS.md has the runs).
+const Kernel kF32Avx2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2)};
+const Kernel kF32Avx2Rows2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2), true};
+const Kernel kF32Avx2Rows4{ONE4(tile_f32_avx2), MANY2(tile_f32_avx2), true};
+const Kernel kF32Avx512{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512)};
+const Kernel kF32Avx512Rows2{ONE8(tile_f32_avx512), MANY42(tile_f32_avx512), true};
+const Kernel kF32Avx512Rows4{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512), true};
+std::atomic<int64_t> g_f32_rows{1};   // weight rows per pass of the fp32 kernels: 1, 2 or 4
 const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
 #define NONE {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
@@ -772,7 +875,8 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
-  if (ker.nb_many > 0 && p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)) {
+  if (ker.nb_many > 0 &&
+      (ker.many_always || (p.M > 1 && p.M * p.K * p.x_elem_bytes > g_x_l1_bytes.load(std::memory_order_relaxed)))) {
     // activation blocks outside, weight tiles inside: one block of rows (a few KiB) stays in L1 while the
     // chunk's weights (~128 KiB: read from DRAM once, by the first block) come from L2 for the others. The
     // other order re-read all M activation rows from L2 for every weight tile, which at 16 rows moved as
@@ -795,7 +899,7 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
     }
 }
 
-// weight_bits: bits per stored weight (16, 8 or 4).
+// weight_bits: bits per stored weight (32, 16, 8 or 4).
 void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_bits / 8);
@@ -978,6 +1082,21 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w, const std::o
   return out;
 }
 
+// fp32 x and weights: the avx2 path on AVX2 hosts, the AVX-512F tile on both AVX-512 paths (no 16-bit
+// arithmetic is involved, so avx512bf16 has nothing more to offer here).
+at::Tensor linear_f32(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                      int64_t path) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "linear_f32: x and w must be float32");
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_f32: unknown path ", path);
+  Problem p;
+  check_common(x, w, bias, p);
+  at::Tensor out = at::empty({p.M, p.N}, x.options());
+  matvec_f32(x.data_ptr<float>(), p.M, p.K, w.data_ptr<float>(), p.N, p.bias, p.bias_kind, out.data_ptr(), kF32,
+             path);
+  return out;
+}
+
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
                        const std::optional<at::Tensor>& bias, int64_t path) {
   const at::Tensor x = x_in.contiguous();
@@ -1039,6 +1158,19 @@ void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
     p.xf = xf.data();
     run(kBf16Avx2, p, 16);
   }
+}
+
+void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const void* bias, int bias_kind,
+                void* out, int out_kind, int64_t path) {
+  Problem p = problem_for(M, N, K, bias, bias_kind, out, out_kind);
+  p.wf = w;
+  p.xf = x;
+  p.x_elem_bytes = 4;
+  const int64_t rows = g_f32_rows.load(std::memory_order_relaxed);
+  if (path == kAvx2)
+    run(rows == 4 ? kF32Avx2Rows4 : rows == 2 ? kF32Avx2Rows2 : kF32Avx2, p, 32);
+  else
+    run(rows == 4 ? kF32Avx512Rows4 : rows == 2 ? kF32Avx512Rows2 : kF32Avx512, p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
@@ -1184,15 +1316,23 @@ bool set_int8_activations(bool on) { return g_int8_x.exchange(on); }
 // Benchmarks only: set the AVX2 bf16 tile's software prefetch distance in bytes (0: none); returns the old value.
 int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
 
+// Benchmarks only: weight rows the fp32 kernels read side by side per pass (1, 2 or 4); returns the old value.
+int64_t set_f32_rows_per_pass(int64_t rows) {
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4, "_set_f32_rows_per_pass: 1, 2 or 4, got ", rows);
+  return g_f32_rows.exchange(rows);
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_f32_rows_per_pass(int rows) -> int", &set_f32_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group, Tensor? bias, int path) -> Tensor");
   m.def("dequantize_int4(Tensor w, Tensor scales_and_zeros, int group, ScalarType dtype) -> Tensor");
@@ -1200,6 +1340,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
 
 TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_f32", &linear_f32);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);

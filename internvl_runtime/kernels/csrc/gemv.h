@@ -18,6 +18,7 @@ struct Problem {
   const float* xf = nullptr;     // fp32 activations, rows K apart (layout chosen by the path)
   const uint16_t* w = nullptr;   // bf16 weights (N, K)
   const int8_t* wq = nullptr;    // int8 weights (N, K)
+  const float* wf = nullptr;     // fp32 weights (N, K)
   const uint8_t* w4 = nullptr;   // int4 weights (N, K / 2): per 32 columns, 16 bytes (low nibble k, high k + 16)
   const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
   int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
@@ -46,6 +47,11 @@ inline float bf16_to_f32(uint16_t v) {
 // Runs on torch's intra-op thread pool (rows of w shared out in chunks).
 void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
                  int bias_kind, void* out, int out_kind, int64_t path);
+
+// out (M, N) = x (M, K, fp32, contiguous) . w^T + bias for fp32 weights w (N, K) contiguous, streamed as stored
+// (one fp32 accumulation per output, no rounding but the sums' own); out fp32 or bf16 as out_kind says.
+void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const void* bias, int bias_kind,
+                void* out, int out_kind, int64_t path);
 
 // The same for int8 weights with one scale per output row: out = (x . q^T) * scale + bias.
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,

@@ -213,7 +213,7 @@ class DecoderForCausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, rows, embeds.dtype, extra)
         stack = self.decode_stack
         if (stack is not None and meta.attention_backend == "torch" and meta.is_decode
-                and embeds.shape[0] <= self.decode_stack_rows and embeds.dtype == torch.bfloat16
+                and embeds.shape[0] <= self.decode_stack_rows and embeds.dtype in (torch.bfloat16, torch.float32)
                 and stack.applies(kv_cache)):
             return self.model.norm(stack(embeds, cos, sin, meta, kv_cache))
         x = embeds

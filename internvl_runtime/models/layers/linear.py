@@ -1,7 +1,8 @@
 """``Linear``: an ``nn.Linear`` (same parameters and names) whose forward follows the host's compute plan.
 
 Without a plan it is exactly ``F.linear``. With one (``set_compute_plan``) it can:
-- run small-row products (decode) through a CPU GEMV kernel that streams the stored bf16 weights;
+- run small-row products (decode) through a CPU GEMV kernel that streams the stored weights (bf16, or
+  float32 in a float32 model);
 - upcast: compute in float32 from 16-bit weights, one layer at a time, on CPUs whose 16-bit matrix
   products are slow (no avx512_bf16/AMX: ~160x slower than float32 on an AMD Zen 3). Weights stay at
   2 bytes; only the layer being computed is widened, so peak memory stays near the 16-bit size.
@@ -33,13 +34,14 @@ def planned_linear(plan: LinearPlan | None, x: torch.Tensor, weight: torch.Tenso
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` as ``plan`` computes it (``Linear.forward``, and the experts of
     ``layers.moe.SparseMoE``, whose stacked weights are one (out, in) matrix per expert)."""
-    if plan is None or weight.dtype == torch.float32 or x.device.type != "cpu":
+    if plan is None or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if plan.small_row_kernel is not None and rows <= plan.max_kernel_rows and x.dtype == weight.dtype:
+        # the kernel of the model's dtype (bf16 or float32); one for another dtype hands over to F.linear
         out = plan.small_row_kernel(x.reshape(rows, x.shape[-1]), weight, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
-    if plan.upcast:
+    if plan.upcast and weight.dtype != torch.float32:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
