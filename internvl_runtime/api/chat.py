@@ -488,13 +488,13 @@ class OfficialChatMixin:
             print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
         inputs = tokenizer(query, return_tensors="pt")
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
         response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
-        response = response.split(template.sep)[0].strip()
+        response = response.split(template.stop_str)[0].strip()
         history.append((question, response))
         if return_history:
             return response, history
@@ -539,10 +539,10 @@ class OfficialChatMixin:
         finally:
             tokenizer.padding_side = previous_side
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.sep)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
         responses = tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [r.split(template.sep)[0].strip() for r in responses]
+        return [r.split(template.stop_str)[0].strip() for r in responses]

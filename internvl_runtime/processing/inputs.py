@@ -141,7 +141,7 @@ class InputProcessor:
         self.max_images = max_images
         self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        self.sep = get_template(template).sep
+        self.sep = get_template(template).stop_str   # the token that ends an answer
         self.sep_id = tokenizer.convert_tokens_to_ids(self.sep)
 
     @classmethod

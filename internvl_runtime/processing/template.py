@@ -1,8 +1,10 @@
-"""Conversation templates of the InternVL2 era, and ``<image>`` placeholder expansion.
+"""Conversation templates of the InternVL2 / 2.5 / 3 checkpoints, and ``<image>`` placeholder expansion.
 
-Reproduces the reference ``conversation.py`` templates used by the seven InternVL2 checkpoints
-(looked up by the exact ``template`` string of config.json): Hermes-2 and internlm2-chat (ChatML,
-"MPT" separator style), phi3-chat, and internvl_zh. Generation stops at the template's separator token.
+Reproduces the reference ``conversation.py`` templates (looked up by the exact ``template`` string of
+config.json): Hermes-2 and internlm2-chat (ChatML, "MPT" separator style), phi3-chat and internvl_zh (the
+seven InternVL2 checkpoints), and internvl2_5 (InternVL2.5 and InternVL3: ChatML with a newline after each
+``<|im_end|>`` and its own system message). Generation stops at the separator's token
+(:attr:`Template.stop_str`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ LMDEPLOY_IMAGE_TOKEN = "<IMAGE_TOKEN>"
 # The InternVL 2.0 system message (the reference keeps it for every template to preserve benchmarks).
 INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                             "是一个有用无害的人工智能助手。")
+# The system message of the ``internvl2_5`` template (InternVL2.5 and InternVL3; conversation.py at 31e075f).
+INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                              "多模态大语言模型。")
 
 
 @dataclass
@@ -37,6 +42,13 @@ class Template:
     style: str = "mpt"
     sep2: str = ""
     messages: list[tuple[str, str | None]] = field(default_factory=list)
+
+    @property
+    def stop_str(self) -> str:
+        """The token text that ends an answer: the separator without surrounding whitespace. The official chat
+        (from InternVL2.5 on) stops at ``convert_tokens_to_ids(template.sep.strip())`` and cuts the response
+        at ``sep.strip()``; for the InternVL2 templates, whose separators carry no whitespace, it is ``sep``."""
+        return self.sep.strip()
 
     def copy(self) -> Template:
         return Template(self.name, self.system_template, self.system_message, self.roles, self.sep,
@@ -76,6 +88,8 @@ TEMPLATES: dict[str, Template] = {
         Template("phi3-chat", "<|system|>\n{system_message}", INTERNVL2_SYSTEM_MESSAGE,
                  ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
         Template("internvl_zh", "", "", ("<human>", "<bot>"), "</s>", style="internvl_zh", sep2=" "),
+        Template("internvl2_5", "<|im_start|>system\n{system_message}", INTERNVL2_5_SYSTEM_MESSAGE,
+                 ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n"),
     )
 }
 
