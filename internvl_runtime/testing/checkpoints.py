@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 VARIANTS = ("1B", "2B", "4B", "8B", "26B", "40B", "76B")
+#: InternVL3.5 dense (issue #20): InternVL3.5-1B (Qwen3-0.6B, tied embeddings); config in ``real_configs_3_5.json``.
+VARIANTS_3_5 = ("3_5-1B",)
 
 #: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
 DEMO_LABEL = "[random-weight demo model] "
@@ -30,14 +32,17 @@ _HERE = Path(__file__).resolve().parent
 _TOKEN_IDS = {
     "1B": (700, 702, None, 712), "2B": (1, 2, 2, 609), "4B": (1, 600, 600, 620), "8B": (1, 2, 2, 609),
     "26B": (1, 2, 2, 609), "40B": (1, 7, 0, 609), "76B": (700, 703, None, 725),
+    "3_5-1B": (700, 702, None, 735),
 }
 
 
 def real_config(variant: str) -> dict[str, Any]:
-    """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    configs = json.loads((_HERE / "real_configs.json").read_text(encoding="utf-8"))
+    """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module), or of
+    InternVL3.5 for "3_5-*" (``real_configs_3_5.json``)."""
+    if variant not in VARIANTS + VARIANTS_3_5:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS + VARIANTS_3_5)}")
+    file = "real_configs_3_5.json" if variant in VARIANTS_3_5 else "real_configs.json"
+    configs = json.loads((_HERE / file).read_text(encoding="utf-8"))
     return copy.deepcopy(configs[variant])
 
 
@@ -61,6 +66,8 @@ def make_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
                num_hidden_layers=2, vocab_size=vocab)
     if "max_window_layers" in llm:
         llm["max_window_layers"] = 2
+    if "head_dim" in llm:  # Qwen3 states head_dim; as in the real ones, heads x head_dim != hidden_size
+        llm["head_dim"] = 16
     scaling = llm.get("rope_scaling") or {}
     if scaling.get("type") == "su":
         half = 64 // heads // 2
@@ -104,7 +111,7 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
 
     arch = llm["architectures"][0]
     heads, kv, vocab = llm["num_attention_heads"], llm["num_key_value_heads"], llm["vocab_size"]
-    hd, ff = h // heads, llm["intermediate_size"]
+    hd, ff = llm.get("head_dim") or h // heads, llm["intermediate_size"]
     lm = "language_model."
     if arch == "InternLM2ForCausalLM":
         shapes[lm + "model.tok_embeddings.weight"] = (vocab, h)
@@ -132,14 +139,18 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
         shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
                        p + "self_attn.v_proj.weight": (kv * hd, h), p + "mlp.gate_proj.weight": (ff, h),
                        p + "mlp.up_proj.weight": (ff, h)})
+        if arch == "Qwen3ForCausalLM":
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if arch == "Qwen2ForCausalLM" or llm.get("attention_bias"):
             shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                            p + "self_attn.v_proj.bias": (kv * hd,)})
     return shapes
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Drawn on the generator's device (a CUDA generator writes an 8B checkpoint in seconds), returned on the CPU."""
+def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+                   embed_std: float = 0.5) -> torch.Tensor:
+    """Drawn on the generator's device (a CUDA generator writes an 8B checkpoint in seconds), returned on the CPU.
+    ``embed_std``: the scale of the token embeddings (smaller where they are tied to the LM head)."""
     def randn() -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=generator.device)
 
@@ -150,7 +161,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
         return (0.1 + 0.05 * randn()).to(dtype).cpu()
     std = 0.02 if len(shape) < 2 else min(0.5, 1.0 / (shape[-1] ** 0.5))
     if "embed" in name or "position_embedding" in name or "class_embedding" in name:
-        std = 0.5
+        std = embed_std if name.endswith("embed_tokens.weight") else 0.5
     return (std * randn()).to(dtype).cpu()
 
 
@@ -180,13 +191,20 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
 
     generator = torch.Generator(device=device).manual_seed(seed)
     shapes = official_tensor_shapes(config)
+    # Tied to the LM head, token embeddings at 0.5 make each token's own logit dominate: greedy answers repeat
+    # the prompt's last token. At Qwen's initializer range the answers of a random model stay varied.
+    embed_std = 0.02 if llm.get("tie_word_embeddings", False) else 0.5
     names = list(shapes)
     num_shards = max(1, min(num_shards, len(names)))
     per_shard = -(-len(names) // num_shards)
     weight_map, total = {}, 0
     for s in range(num_shards):
         chunk = names[s * per_shard:(s + 1) * per_shard]
-        tensors = {n: _random_tensor(n, shapes[n], generator, dtype) for n in chunk}
+        tensors = {n: _random_tensor(n, shapes[n], generator, dtype, embed_std) for n in chunk}
+        if variant in VARIANTS_3_5:
+            # The InternVL3.5 code builds mlp1 in bfloat16 (``.to(torch.bfloat16)`` in __init__), so the values
+            # it loads are bf16 values whatever the stored dtype: stored as such, a float32 run loses nothing.
+            tensors.update({n: t.to(torch.bfloat16).to(dtype) for n, t in tensors.items() if n.startswith("mlp1.")})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         shard = "model.safetensors" if num_shards == 1 else f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
