@@ -25,8 +25,8 @@ LMDEPLOY_IMAGE_TOKEN = "<IMAGE_TOKEN>"
 INTERNVL2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                             "是一个有用无害的人工智能助手。")
 # The system message of the ``internvl2_5`` template (InternVL2.5 and InternVL3; conversation.py at 31e075f).
-INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
-                              "多模态大语言模型。")
+INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                              "联合开发的多模态大语言模型。")
 
 
 @dataclass
