@@ -13,6 +13,7 @@ import json
 
 import pytest
 import test_goldens as golden
+import test_goldens_bf16 as golden_bf16
 
 VARIANTS = ["tiny-3_5-1B"]
 
@@ -35,3 +36,10 @@ def test_every_case_applies() -> None:
     cases = json.loads((golden.SHARED / "cases.json").read_text(encoding="utf-8"))["cases"]
     wanted = {c["id"] for c in cases if "only" not in c}
     assert {c for v, c in _cases() if v == "tiny-3_5-1B"} == wanted
+
+
+@pytest.mark.parametrize("compute", ["native", "upcast"])
+@pytest.mark.parametrize("case_id", ["text_chat", "img_800x600_max1"])
+def test_bf16_first_logits_3_5(case_id: str, compute: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 (native bf16 and float32-upcast plans) against the official float32 first-step logits."""
+    golden_bf16.test_bf16_first_logits("tiny-3_5-1B", case_id, compute, monkeypatch)
