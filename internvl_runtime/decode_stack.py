@@ -78,6 +78,11 @@ class DecodeStack:
         self.scale = self.head_dim ** -0.5
         self.ln1: list[torch.Tensor] = [layer.input_layernorm.weight for layer in layers]
         self.ln2: list[torch.Tensor] = [layer.post_attention_layernorm.weight for layer in layers]
+        # Qwen3: the per-head RMSNorm weights of queries and keys (empty: no such norms)
+        self.q_norm: list[torch.Tensor] = [layer.self_attn.q_norm.weight for layer in layers
+                                           if layer.self_attn.q_norm is not None]
+        self.k_norm: list[torch.Tensor] = [layer.self_attn.k_norm.weight for layer in layers
+                                           if layer.self_attn.k_norm is not None]
         self.projections = projections
         self.path = path             # the ISA path, fixed when the plan is made
         self.gemm_rows = gemm_rows   # from this many rows on, bf16 products on torch's GEMM (0: never)
@@ -98,15 +103,21 @@ class DecodeStack:
             return "the native library lacks decode_layers"
         layers = lm.model.decoder_layers
         for layer in layers:
-            if type(layer.self_attn) is not Attention or layer.self_attn.q_norm is not None:
-                return "the attention is not the Llama one (q/k norms, sinks or a sliding window)"
+            if type(layer.self_attn) is not Attention:
+                return "the attention is not the Llama one (sinks or a sliding window)"
             if type(layer.mlp) is not GatedMLP:
                 return f"the feed-forward part is {type(layer.mlp).__name__}, not a gated MLP"
         attn = layers[0].self_attn
         if attn.head_dim % 8:
             return f"head_dim {attn.head_dim} is not a multiple of 8"
         for layer in layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            norms += [n for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
+            if (layer.self_attn.q_norm is None) != (layers[0].self_attn.q_norm is None):
+                return "q/k norms in some layers only"
+            if layer.self_attn.q_norm is not None and layer.self_attn.q_norm.eps != layer.input_layernorm.eps:
+                return "the q/k norms' eps differs from the layer norms'"
+            for norm in norms:
                 if norm.weight.dtype != torch.bfloat16 or norm.weight.device.type != "cpu":
                     return "norm weights are not bfloat16 on the CPU"
         projections = {}
@@ -146,4 +157,4 @@ class DecodeStack:
             kv_cache.keys, kv_cache.values, cos, sin,
             meta.slot_mapping, ctx[0] if len(ctx) == 1 else torch.cat(ctx), torch.tensor(offsets, dtype=torch.long),
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps, scale=self.scale,
-            gemm_rows=self.gemm_rows, path=self.path)
+            gemm_rows=self.gemm_rows, path=self.path, q_norm=self.q_norm, k_norm=self.k_norm)

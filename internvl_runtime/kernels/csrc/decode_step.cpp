@@ -8,7 +8,7 @@
 // each product accumulated in fp32 and rounded once; rope, residual adds and silu*up rounded per op;
 // attention scores rounded, soft-maxed in fp32, probabilities rounded):
 //
-//   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
+//   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; [Qwen3: q,k = rmsnorm per head (q_norm, k_norm)] ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
 //   x = x + a Wo ; h = rmsnorm(x) ; g,u = h Wgate_up ; x = x + (silu(g) * u) Wdown
 //
 // Products go to the GEMV kernels of gemv.cpp (bf16, int8 with per-row scales, or int4, per matrix), which
@@ -336,6 +336,7 @@ const at::Tensor* optional_at(at::TensorList list, int64_t i) {
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
                          at::TensorList ln2, at::TensorList qkv_w,
                          at::TensorList qkv_s, at::TensorList qkv_b,
+                         at::TensorList q_norm, at::TensorList k_norm,
                          at::TensorList o_w, at::TensorList o_s,
                          at::TensorList gate_up_w, at::TensorList gate_up_s,
                          at::TensorList down_w, at::TensorList down_s,
@@ -353,6 +354,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   same(qkv_w, false, "qkv_w");
   same(qkv_s, true, "qkv_s");
   same(qkv_b, true, "qkv_b");
+  same(q_norm, true, "q_norm");
+  same(k_norm, true, "k_norm");
+  TORCH_CHECK(q_norm.empty() == k_norm.empty(), "decode_layers: q_norm and k_norm come together");
+  const bool qk_norm = !q_norm.empty();
   same(o_w, false, "o_w");
   same(o_s, true, "o_s");
   same(gate_up_w, false, "gate_up_w");
@@ -405,6 +410,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   for (int64_t l = 0; l < L; ++l) {
     check_vector(ln1[l], H, "ln1", l);
     check_vector(ln2[l], H, "ln2", l);
+    if (qk_norm) {
+      check_vector(q_norm[l], D, "q_norm", l);
+      check_vector(k_norm[l], D, "k_norm", l);
+      TORCH_CHECK(q_norm[l].scalar_type() == at::kBFloat16 && k_norm[l].scalar_type() == at::kBFloat16,
+                  "decode_layers: q/k norm weights must be bfloat16");
+    }
     TORCH_CHECK(ln1[l].scalar_type() == at::kBFloat16 && ln2[l].scalar_type() == at::kBFloat16,
                 "decode_layers: norm weights must be bfloat16");
     qkv[l] = matrix(qkv_w[l], optional_at(qkv_s, l), optional_at(qkv_b, l), QKV, H, "qkv_w", l);
@@ -428,6 +439,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
     uint16_t* vp = static_cast<uint16_t*>(value_cache[l].data_ptr());
     for (int64_t m = 0; m < M; ++m) {
       uint16_t* row = qkv_out.data() + m * QKV;
+      if (qk_norm) {  // Qwen3: RMSNorm over each head's D values (in place), before the rotary embedding
+        rms_norm(row, static_cast<const uint16_t*>(q_norm[l].data_ptr()), num_heads, D, static_cast<float>(eps), row);
+        rms_norm(row + QS, static_cast<const uint16_t*>(k_norm[l].data_ptr()), num_kv_heads, D,
+                 static_cast<float>(eps), row + QS);
+      }
       rope(row, num_heads, D, cs + m * D, sn + m * D);
       rope(row + QS, num_kv_heads, D, cs + m * D, sn + m * D);
       std::memcpy(kp + slot[m] * KS, row + QS, KS * sizeof(uint16_t));
@@ -460,6 +476,7 @@ TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
   // The KV pools are written in place (the new tokens' keys and values).
   m.def(
       "decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_b, "
+      "Tensor[] q_norm, Tensor[] k_norm, "
       "Tensor[] o_w, Tensor[] o_s, Tensor[] gate_up_w, Tensor[] gate_up_s, Tensor[] down_w, Tensor[] down_s, "
       "Tensor(a!)[] key_cache, Tensor(b!)[] value_cache, Tensor cos, Tensor sin, Tensor slots, Tensor ctx_slots, "
       "Tensor ctx_offsets, int num_heads, int num_kv_heads, float eps, float scale, int gemm_rows, int path) -> Tensor");
