@@ -5,8 +5,8 @@ attention, residuals) on top of the weight streaming: ~13 ms per token for Inter
 a third of the step. ``DecodeStack`` hands the whole stack to C++ instead: the same computation, rounded
 to bfloat16 where the torch modules round, with the products on the GEMV kernels.
 
-It covers the shared Llama-family layer (``models/decoders/base.py``: all four families) with bf16
-weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
+It covers the shared Llama-family layer (``models/decoders/base.py``: the InternVL2 families, and Qwen3
+with its per-head q/k RMSNorm before rope) with bf16 weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
 backend), a bf16 KV pool, head_dim a multiple of 8, all layers on the CPU. ``DecodeStack.build`` says why
 not otherwise, and the model keeps its Python path (tensor-parallel layers, models split over devices,
 float32 or float16, int4 on torch's kernels). It sits beside the compute plan, which builds it: it reads
