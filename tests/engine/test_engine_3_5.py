@@ -94,3 +94,18 @@ def _prompt_ids(model, tokenizer) -> dict:
     _, query = model.build_chat_query(torch.zeros(1, 3, 448, 448), "Describe.")
     inputs = tokenizer(query, return_tensors="pt")
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def test_generate_counts_lengths_as_transformers_4_55() -> None:
+    """The InternVL3.5 code's ``generate`` (transformers 4.55, prompt as embeddings): only the new ids come back,
+    and ``max_length`` counts the prompt's embeddings plus the new tokens."""
+    model, tokenizer = _loaded()
+    inputs = _prompt_ids(model, tokenizer)
+    pixel_values = load_image(FIXTURES / "data" / "img_800x600.png", input_size=448, max_num=1)
+    width = inputs["input_ids"].shape[1]
+    output = model.generate(pixel_values=pixel_values, **inputs, max_length=width + 3, min_new_tokens=3,
+                            do_sample=False, eos_token_id=702)
+    assert output.shape == (1, 3)
+    longer = model.generate(pixel_values=pixel_values, **inputs, max_new_tokens=5, min_new_tokens=5,
+                            do_sample=False, eos_token_id=702)
+    assert longer[0, :3].tolist() == output[0].tolist()
