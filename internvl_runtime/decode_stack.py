@@ -5,14 +5,15 @@ attention, residuals) on top of the weight streaming: ~13 ms per token for Inter
 a third of the step. ``DecodeStack`` hands the whole stack to C++ instead: the same computation, rounded
 to bfloat16 where the torch modules round (in a bf16 model), with the products on the GEMV kernels.
 
-It covers the shared Llama-family layer (``models/decoders/base.py``: all four families) with bf16
-weights, or weight-only int8 / int4 layers (``quantization.Int8Linear``, ``Int4Linear`` on the native
-backend), a bf16 KV pool; or a float32 model (float32 weights, norms and KV pool: the stack computes in
-fp32 throughout, the products on the fp32 GEMV kernels); head_dim a multiple of 8, all layers on the CPU.
-``DecodeStack.build`` says why not otherwise, and the model keeps its Python path (tensor-parallel layers,
-models split over devices, float16, quantized layers in a float32 model, int4 on torch's kernels). It
-sits beside the compute plan, which builds it: it reads the model's layer classes, which the operators in
-``kernels/`` never see.
+It covers the shared Llama-family layer (``models/decoders/base.py``: the InternVL2 families, and Qwen3
+with its per-head q/k RMSNorm before rope) with bf16 weights, or weight-only int8 / int4 layers
+(``quantization.Int8Linear``, ``Int4Linear`` on the native backend), a bf16 KV pool; or a float32 model
+(float32 weights, norms and KV pool: the stack computes in fp32 throughout, the products on the fp32 GEMV
+kernels); head_dim a multiple of 8, all layers on the CPU. ``DecodeStack.build`` says why not otherwise,
+and the model keeps its Python path (tensor-parallel layers, models split over devices, float16, quantized
+layers in a float32 model, int4 on torch's kernels, experts, sinks, sliding windows). It sits beside the
+compute plan, which builds it: it reads the model's layer classes, which the operators in ``kernels/``
+never see.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class DecodeStack:
         self.scale = self.head_dim ** -0.5
         self.ln1: list[torch.Tensor] = [layer.input_layernorm.weight for layer in layers]
         self.ln2: list[torch.Tensor] = [layer.post_attention_layernorm.weight for layer in layers]
+        # Qwen3: the per-head RMSNorm weights of queries and keys (empty: no such norms)
+        self.q_norm: list[torch.Tensor] = [layer.self_attn.q_norm.weight for layer in layers
+                                           if layer.self_attn.q_norm is not None]
+        self.k_norm: list[torch.Tensor] = [layer.self_attn.k_norm.weight for layer in layers
+                                           if layer.self_attn.k_norm is not None]
         self.projections = projections
         self.dtype = self.ln1[0].dtype   # bfloat16 or float32: activations, norms and KV pool
         self.path = path             # the ISA path, fixed when the plan is made
@@ -106,8 +112,8 @@ class DecodeStack:
             return "the native library lacks decode_layers"
         layers = lm.model.decoder_layers
         for layer in layers:
-            if type(layer.self_attn) is not Attention or layer.self_attn.q_norm is not None:
-                return "the attention is not the Llama one (q/k norms, sinks or a sliding window)"
+            if type(layer.self_attn) is not Attention:
+                return "the attention is not the Llama one (sinks or a sliding window)"
             if type(layer.mlp) is not GatedMLP:
                 return f"the feed-forward part is {type(layer.mlp).__name__}, not a gated MLP"
         attn = layers[0].self_attn
@@ -117,7 +123,13 @@ class DecodeStack:
         if dtype not in (torch.bfloat16, torch.float32):
             return f"weights are {dtype}"
         for layer in layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            norms += [n for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n is not None]
+            if (layer.self_attn.q_norm is None) != (layers[0].self_attn.q_norm is None):
+                return "q/k norms in some layers only"
+            if layer.self_attn.q_norm is not None and layer.self_attn.q_norm.eps != layer.input_layernorm.eps:
+                return "the q/k norms' eps differs from the layer norms'"
+            for norm in norms:
                 if norm.weight.dtype != dtype or norm.weight.device.type != "cpu":
                     return f"norm weights are not all {dtype} on the CPU"
         projections = {}
@@ -157,4 +169,4 @@ class DecodeStack:
             kv_cache.keys, kv_cache.values, cos, sin,
             meta.slot_mapping, ctx[0] if len(ctx) == 1 else torch.cat(ctx), torch.tensor(offsets, dtype=torch.long),
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, eps=self.eps, scale=self.scale,
-            gemm_rows=self.gemm_rows, path=self.path)
+            gemm_rows=self.gemm_rows, path=self.path, q_norm=self.q_norm, k_norm=self.k_norm)

@@ -69,8 +69,9 @@ from ..processing.template import (
     get_template,
 )
 from .hf_generation_config import GenerationConfig
+from .official_rules import official_chat_rules
 
-# transformers' default max_length (20) counts the bos that generate() starts from.
+# transformers' default max_length (20) counts the bos that generate() starts from (4.55: the prompt).
 DEFAULT_MAX_NEW_TOKENS = 19
 _BLOCK_SIZE = 16  # KV block size of the engine behind chat/generate
 
@@ -323,26 +324,33 @@ class OfficialChatMixin:
         for name, flag in (("return_dict_in_generate", return_dict), ("output_scores", output_scores)):
             if flag is not None and not isinstance(flag, bool):
                 raise InvalidGenerationConfig(f"{name} must be true or false, got {flag!r}")
+        rules = official_chat_rules(self.config)
         native = self.config.checkpoint_format == "hf"      # transformers' own model, given input_ids
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
         if native and generation_config.get("eos_token_id") is None and self.generation_config is not None:
             generation_config["eos_token_id"] = self.generation_config.to_dict().get("eos_token_id")
-        if generation_config.get("max_length") is None:
-            generation_config.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        params, streamer = SamplingParams.from_generation_config(
-            generation_config, input_ids_length=input_ids.shape[-1] if native else 1)
+        if generation_config.get("max_length") is None and generation_config.get("max_new_tokens") is None:
+            if rules.leading_bos or native:
+                generation_config["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+            else:  # transformers 4.55: the default max_length (20) counts the prompt's embeddings too
+                generation_config["max_length"] = DEFAULT_MAX_NEW_TOKENS + 1
+        # transformers' length count: the prompt's ids (given input_ids), else the bos it starts from (4.37) or
+        # the prompt's embeddings (4.55).
+        counted = input_ids.shape[-1] if native or not rules.leading_bos else 1
+        params, streamer = SamplingParams.from_generation_config(generation_config, input_ids_length=counted)
         llm = self.config.llm
         bos = llm.bos_token_id if llm.bos_token_id is not None else 0
         if native:   # the prompt's ids are seen by the penalty (transformers given input_ids)
             params = dataclasses.replace(params, repetition_penalty_scope="all", repetition_penalty_prefix_ids=[])
-        else:        # transformers' generate given embeddings tracks (and penalises) bos + generated ids.
-            params = dataclasses.replace(params, repetition_penalty_prefix_ids=[bos])
+        else:        # transformers' generate given embeddings tracks (and penalises) bos + generated ids (4.37;
+            # 4.55: none)
+            params = dataclasses.replace(params, repetition_penalty_prefix_ids=[bos] if rules.leading_bos else [])
         pad = generation_config.get("pad_token_id")
         if pad is None:
             pad = llm.pad_token_id
         if pad is None:  # transformers falls back to the (first) eos id
             pad = params.stop_token_ids[0] if params.stop_token_ids else bos
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu(), strict=True)]
 
@@ -361,20 +369,24 @@ class OfficialChatMixin:
         if params.num_beams > 1:
             check_beam_params(params, streaming=streamer is not None)
             sequences, sequence_scores = self._beam_search(requests, params, bos, pad)
+            if not rules.leading_bos:
+                sequences = sequences[:, 1:]
             if not return_dict:
                 return sequences
             return GenerateOutput(sequences, sequences_scores=sequence_scores if output_scores else None)
         # One params object per row: the score recorder knows a row by its params.
         params_list = [dataclasses.replace(params) for _ in requests] if output_scores else [params] * len(requests)
-        outputs, steps = self._run_engine(requests, params_list, streamer, bos, pad, bool(output_scores))
+        outputs, steps = self._run_engine(requests, params_list, streamer, bos if rules.leading_bos else None, pad,
+                                          bool(output_scores))
         width = max(len(o) for o in outputs)
-        prefix = input_ids.cpu().long() if native else torch.full((len(rows), 1), bos, dtype=torch.long)
+        if native:
+            prefix = input_ids.cpu().long()
+        else:     # the bos generate() starts from (4.37), or nothing (4.55)
+            prefix = torch.full((len(rows), 1 if rules.leading_bos else 0), bos, dtype=torch.long)
         result = torch.full((len(rows), prefix.shape[1] + width), pad, dtype=torch.long)
         result[:, :prefix.shape[1]] = prefix
         for i, out in enumerate(outputs):
             result[i, prefix.shape[1]:prefix.shape[1] + len(out)] = torch.tensor(out, dtype=torch.long)
-        if not native and not get_template(self.template).leading_bos:   # transformers >= 4.55 (InternVL3.5 code)
-            result = result[:, 1:]
         if not return_dict:
             return result
         scores = None
@@ -426,7 +438,8 @@ class OfficialChatMixin:
         return result, torch.tensor([h.score for h in hypotheses], dtype=torch.float32)
 
     def _run_engine(self, requests: list[tuple[PreparedRequest, dict[str, torch.Tensor]]],
-                    params: list[SamplingParams], streamer: Any, bos: int, pad: int, record_scores: bool = False
+                    params: list[SamplingParams], streamer: Any, bos: int | None, pad: int,
+                    record_scores: bool = False
                     ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Every row to its end on the engine (row i with ``params[i]``); returns the generated ids of each
         row, and with ``record_scores`` each row's per-step scores (``ScoreRecorder``; the params must be
@@ -455,7 +468,7 @@ class OfficialChatMixin:
             done[index] = output.finished
             put_columns()
 
-        if streamer is not None:
+        if streamer is not None and bos is not None:
             streamer.put(torch.full((num_rows, 1), bos, dtype=torch.long))
         try:
             finals = engine.generate([r for r, _ in requests], params, image_features=[f for _, f in requests],
@@ -503,14 +516,16 @@ class OfficialChatMixin:
         if verbose and pixel_values is not None:
             print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
         inputs = tokenizer(query, return_tensors="pt")
+        rules = official_chat_rules(self.config)
+        stop = rules.stop_text(template)
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(stop)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        response = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)[0]
-        response = response.split(template.stop_str)[0].strip()
+        response = tokenizer.batch_decode(output, skip_special_tokens=rules.skip_special_tokens)[0]
+        response = response.split(stop)[0].strip()
         history.append((question, response))
         if return_history:
             return response, history
@@ -554,11 +569,13 @@ class OfficialChatMixin:
             inputs = tokenizer(queries, return_tensors="pt", padding=True)
         finally:
             tokenizer.padding_side = previous_side
+        rules = official_chat_rules(self.config)
+        stop = rules.stop_text(template)
         config = dict(generation_config)
-        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(template.stop_str)
+        config["eos_token_id"] = tokenizer.convert_tokens_to_ids(stop)
         output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                attention_mask=inputs["attention_mask"], **config)
         if isinstance(output, GenerateOutput):
             output = output.sequences
-        responses = tokenizer.batch_decode(output, skip_special_tokens=not template.keep_special_tokens)
-        return [r.split(template.stop_str)[0].strip() for r in responses]
+        responses = tokenizer.batch_decode(output, skip_special_tokens=rules.skip_special_tokens)
+        return [r.split(stop)[0].strip() for r in responses]

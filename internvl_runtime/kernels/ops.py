@@ -204,12 +204,15 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                   ctx_slots: torch.Tensor, ctx_offsets: torch.Tensor, *,
                   num_heads: int, num_kv_heads: int, eps: float, scale: float, gemm_rows: int = 0,
-                  path: str | None = None) -> torch.Tensor:
+                  path: str | None = None, q_norm: list[torch.Tensor] | None = None,
+                  k_norm: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Every Llama-family decoder layer of one decode step, M sequences one new token each -> x (M, hidden).
 
     Per layer (see ``csrc/decode_step.cpp``, rounding to bf16 where the torch modules round in a bf16 stack;
     a float32 stack, where ``x`` is float32, rounds nowhere beyond fp32's own): RMSNorm
-    (``ln1``), the qkv product (+ bias), rope, the new keys / values written to ``key_cache`` /
+    (``ln1``), the qkv product (+ bias), with ``q_norm`` / ``k_norm`` (per layer a (head_dim,) weight of x's
+    dtype; Qwen3) an RMSNorm over each head's query and key values, rope, the new keys / values written to
+    ``key_cache`` /
     ``value_cache`` at ``slots`` (in place), attention over each sequence's context, the o product and
     residual, RMSNorm (``ln2``), gate_up, silu * up, down and residual.
 
@@ -233,7 +236,8 @@ def decode_layers(x: torch.Tensor, ln1: list[torch.Tensor], ln2: list[torch.Tens
     if chosen == "torch":
         raise UnsupportedFeature(f"decode_layers needs the native kernels ({extension.describe()})")
     return extension._State.ops.decode_layers(
-        x.contiguous(), ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s,
+        x.contiguous(), ln1, ln2, qkv_w, qkv_s, qkv_b, q_norm or [], k_norm or [],
+        o_w, o_s, gate_up_w, gate_up_s, down_w, down_s,
         key_cache, value_cache, cos.contiguous(), sin.contiguous(), slots.to(torch.long).contiguous(),
         ctx_slots.to(torch.long).contiguous(), ctx_offsets.to(torch.long).contiguous(), num_heads, num_kv_heads,
         eps, scale, int(gemm_rows), extension._PATH_ID[chosen])

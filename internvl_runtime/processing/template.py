@@ -48,11 +48,6 @@ class Template:
     style: str = "mpt"
     sep2: str = ""
     messages: list[tuple[str, str | None]] = field(default_factory=list)
-    #: The official chat of this template decodes the answer with its special tokens (GPT-OSS's harmony
-    #: ``<|channel|>``..., kept by ``skip_special_tokens=False``) and runs on transformers >= 4.55, whose
-    #: ``generate`` given only embeddings returns the new ids without a leading bos.
-    keep_special_tokens: bool = False
-    leading_bos: bool = True
 
     @property
     def stop_str(self) -> str:
@@ -64,7 +59,7 @@ class Template:
 
     def copy(self) -> Template:
         return Template(self.name, self.system_template, self.system_message, self.roles, self.sep,
-                        self.style, self.sep2, list(self.messages), self.keep_special_tokens, self.leading_bos)
+                        self.style, self.sep2, list(self.messages))
 
     def append_message(self, role: str, message: str | None) -> None:
         self.messages.append((role, message))
@@ -116,7 +111,7 @@ TEMPLATES: dict[str, Template] = {
                  ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n"),
         Template("internvl3_5_gpt_oss", "<|start|>system<|message|>{system_message}",
                  INTERNVL3_5_GPT_OSS_SYSTEM_MESSAGE, ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>",
-                 style="mpt_two", sep2="<|return|>", keep_special_tokens=True, leading_bos=False),
+                 style="mpt_two", sep2="<|return|>"),
     )
 }
 

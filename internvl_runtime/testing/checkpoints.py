@@ -30,7 +30,9 @@ RELEASED_2_5_3 = ("2_5-1B", "2_5-2B", "2_5-4B", "2_5-8B", "2_5-26B", "2_5-38B", 
                   "3-1B", "3-2B", "3-8B", "3-14B", "3-38B", "3-78B")
 #: InternVL3.5 with a Qwen3-MoE decoder (issue #20); its released config is in ``real_configs_3_5_moe.json``.
 VARIANTS_3_5_MOE = ("3_5-30B-A3B",)
-ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3 + VARIANTS_3_5_MOE
+#: InternVL3.5 dense (issue #20): InternVL3.5-1B (Qwen3-0.6B, tied embeddings); config in ``real_configs_3_5.json``.
+VARIANTS_3_5 = ("3_5-1B",)
+ALL_VARIANTS = VARIANTS + VARIANTS_2_5_3 + VARIANTS_3_5 + VARIANTS_3_5_MOE
 
 #: Put before every answer of a random-weight (--demo) checkpoint, by the server and by the CLI.
 DEMO_LABEL = "[random-weight demo model] "
@@ -43,19 +45,22 @@ _TOKEN_IDS = {
     "2_5-1B": (700, 702, None, 731), "2_5-8B": (1, 2, 2, 609), "3-1B": (700, 702, None, 731),
     # the released vocab is padded past the tokenizer; random weights would generate the padding ids
     "3_5-30B-A3B": (700, 702, None, 735),
+    "3_5-1B": (700, 702, None, 735),
 }
 # The tokenizer folder of a variant, where it shares another's (InternVL2.5-8B: InternLM2.5 as InternVL2-8B).
 _TOKENIZER_DIR = {"2_5-8B": "8B", "3-1B": "2_5-1B"}
 # The file of released configs that holds each variant.
 _CONFIG_FILE = {**{v: "real_configs.json" for v in VARIANTS},
                 **{v: "real_configs_2_5_3.json" for v in RELEASED_2_5_3},
+                **{v: "real_configs_3_5.json" for v in VARIANTS_3_5},
                 **{v: "real_configs_3_5_moe.json" for v in VARIANTS_3_5_MOE}}
 
 
 def real_config(variant: str) -> dict[str, Any]:
     """The released config.json of InternVL2-<variant> (``real_configs.json`` beside this module), or of
-    InternVL2.5 / InternVL3 for "2_5-*" / "3-*" (``real_configs_2_5_3.json``), or of InternVL3.5-<size> with a
-    Qwen3-MoE decoder for "3_5-*-A*B" (``real_configs_3_5_moe.json``)."""
+    InternVL2.5 / InternVL3 for "2_5-*" / "3-*" (``real_configs_2_5_3.json``), of InternVL3.5 dense for "3_5-1B"
+    (``real_configs_3_5.json``), or of InternVL3.5-<size> with a Qwen3-MoE decoder for "3_5-*-A*B"
+    (``real_configs_3_5_moe.json``)."""
     if variant not in _CONFIG_FILE:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(ALL_VARIANTS)}")
     configs = json.loads((_HERE / _CONFIG_FILE[variant]).read_text(encoding="utf-8"))
@@ -161,6 +166,8 @@ def official_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
         shapes.update({p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
                        p + "self_attn.v_proj.weight": (kv * hd, h), p + "mlp.gate_proj.weight": (ff, h),
                        p + "mlp.up_proj.weight": (ff, h)})
+        if arch == "Qwen3ForCausalLM":
+            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if arch == "Qwen2ForCausalLM" or llm.get("attention_bias"):
             shapes.update({p + "self_attn.q_proj.bias": (heads * hd,), p + "self_attn.k_proj.bias": (kv * hd,),
                            p + "self_attn.v_proj.bias": (kv * hd,)})
@@ -185,8 +192,10 @@ def _qwen3_moe_sparse(llm: dict[str, Any], i: int) -> bool:
             and llm["num_experts"] > 0 and (i + 1) % llm["decoder_sparse_step"] == 0)
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Drawn on the generator's device (a CUDA generator writes an 8B checkpoint in seconds), returned on the CPU."""
+def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+                   embed_std: float = 0.5) -> torch.Tensor:
+    """Drawn on the generator's device (a CUDA generator writes an 8B checkpoint in seconds), returned on the CPU.
+    ``embed_std``: the scale of the token embeddings (smaller where they are tied to the LM head)."""
     def randn() -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=generator.device)
 
@@ -199,7 +208,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator
         return (0.1 + 0.05 * randn()).to(dtype).cpu()
     std = 0.02 if len(shape) < 2 else min(0.5, 1.0 / (shape[-1] ** 0.5))
     if "embed" in name or "position_embedding" in name or "class_embedding" in name or "cls_token" in name:
-        std = 0.5
+        std = embed_std if name.endswith("embed_tokens.weight") else 0.5
     return (std * randn()).to(dtype).cpu()
 
 
@@ -229,13 +238,20 @@ def write_checkpoint(folder: str | Path, variant: str = "1B", *, scale: str = "t
 
     generator = torch.Generator(device=device).manual_seed(seed)
     shapes = official_tensor_shapes(config)
+    # Tied to the LM head, token embeddings at 0.5 make each token's own logit dominate: greedy answers repeat
+    # the prompt's last token. At Qwen's initializer range the answers of a random model stay varied.
+    embed_std = 0.02 if llm.get("tie_word_embeddings", False) else 0.5
     names = list(shapes)
     num_shards = max(1, min(num_shards, len(names)))
     per_shard = -(-len(names) // num_shards)
     weight_map, total = {}, 0
     for s in range(num_shards):
         chunk = names[s * per_shard:(s + 1) * per_shard]
-        tensors = {n: _random_tensor(n, shapes[n], generator, dtype) for n in chunk}
+        tensors = {n: _random_tensor(n, shapes[n], generator, dtype, embed_std) for n in chunk}
+        if variant in VARIANTS_3_5:
+            # The InternVL3.5 code builds mlp1 in bfloat16 (``.to(torch.bfloat16)`` in __init__), so the values
+            # it loads are bf16 values whatever the stored dtype: stored as such, a float32 run loses nothing.
+            tensors.update({n: t.to(torch.bfloat16).to(dtype) for n, t in tensors.items() if n.startswith("mlp1.")})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         shard = "model.safetensors" if num_shards == 1 else f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})

@@ -10,7 +10,7 @@
 // rounded once; rope, residual adds and silu*up rounded per op; attention scores rounded, soft-maxed in
 // fp32, probabilities rounded), and nowhere in a float32 one:
 //
-//   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
+//   h = rmsnorm(x) ; q,k,v = h Wqkv (+b) ; [Qwen3: q,k = rmsnorm per head (q_norm, k_norm)] ; rope(q, k) ; pool[slot] = k, v ; a = attend(q, pool[context])
 //   x = x + a Wo ; h = rmsnorm(x) ; g,u = h Wgate_up ; x = x + (silu(g) * u) Wdown
 //
 // Products go to the GEMV kernels of gemv.cpp (bf16, int8 with per-row scales, or int4, per matrix; fp32), which
@@ -391,6 +391,7 @@ template <typename T>
 at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
                          at::TensorList ln2, at::TensorList qkv_w,
                          at::TensorList qkv_s, at::TensorList qkv_b,
+                         at::TensorList q_norm, at::TensorList k_norm,
                          at::TensorList o_w, at::TensorList o_s,
                          at::TensorList gate_up_w, at::TensorList gate_up_s,
                          at::TensorList down_w, at::TensorList down_s,
@@ -408,6 +409,10 @@ at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
   same(qkv_w, false, "qkv_w");
   same(qkv_s, true, "qkv_s");
   same(qkv_b, true, "qkv_b");
+  same(q_norm, true, "q_norm");
+  same(k_norm, true, "k_norm");
+  TORCH_CHECK(q_norm.empty() == k_norm.empty(), "decode_layers: q_norm and k_norm come together");
+  const bool qk_norm = !q_norm.empty();
   same(o_w, false, "o_w");
   same(o_s, true, "o_s");
   same(gate_up_w, false, "gate_up_w");
@@ -460,6 +465,12 @@ at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
   for (int64_t l = 0; l < L; ++l) {
     check_vector(ln1[l], H, "ln1", l);
     check_vector(ln2[l], H, "ln2", l);
+    if (qk_norm) {
+      check_vector(q_norm[l], D, "q_norm", l);
+      check_vector(k_norm[l], D, "k_norm", l);
+      TORCH_CHECK(q_norm[l].scalar_type() == Act<T>::dtype && k_norm[l].scalar_type() == Act<T>::dtype,
+                  "decode_layers: q/k norm weights must have x's dtype");
+    }
     TORCH_CHECK(ln1[l].scalar_type() == Act<T>::dtype && ln2[l].scalar_type() == Act<T>::dtype,
                 "decode_layers: norm weights must have x's dtype");
     qkv[l] = matrix(qkv_w[l], optional_at(qkv_s, l), optional_at(qkv_b, l), QKV, H, "qkv_w", l, Act<T>::dtype);
@@ -483,6 +494,11 @@ at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
     T* vp = static_cast<T*>(value_cache[l].data_ptr());
     for (int64_t m = 0; m < M; ++m) {
       T* row = qkv_out.data() + m * QKV;
+      if (qk_norm) {  // Qwen3: RMSNorm over each head's D values (in place), before the rotary embedding
+        rms_norm(row, static_cast<const T*>(q_norm[l].data_ptr()), num_heads, D, static_cast<float>(eps), row);
+        rms_norm(row + QS, static_cast<const T*>(k_norm[l].data_ptr()), num_kv_heads, D,
+                 static_cast<float>(eps), row + QS);
+      }
       rope(row, num_heads, D, cs + m * D, sn + m * D);
       rope(row + QS, num_kv_heads, D, cs + m * D, sn + m * D);
       std::memcpy(kp + slot[m] * KS, row + QS, KS * sizeof(T));
@@ -515,6 +531,7 @@ at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
 at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
                          at::TensorList ln2, at::TensorList qkv_w,
                          at::TensorList qkv_s, at::TensorList qkv_b,
+                         at::TensorList q_norm, at::TensorList k_norm,
                          at::TensorList o_w, at::TensorList o_s,
                          at::TensorList gate_up_w, at::TensorList gate_up_s,
                          at::TensorList down_w, at::TensorList down_s,
@@ -525,7 +542,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, at::TensorList ln1,
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat,
               "decode_layers: x must be bfloat16 or float32, got ", x_in.scalar_type());
   auto run = x_in.scalar_type() == at::kFloat ? &decode_layers_as<float> : &decode_layers_as<uint16_t>;
-  return run(x_in, ln1, ln2, qkv_w, qkv_s, qkv_b, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s, key_cache,
+  return run(x_in, ln1, ln2, qkv_w, qkv_s, qkv_b, q_norm, k_norm, o_w, o_s, gate_up_w, gate_up_s, down_w, down_s, key_cache,
              value_cache, cos, sin, slots, ctx_slots, ctx_offsets, num_heads, num_kv_heads, eps, scale, gemm_rows,
              path);
 }
@@ -536,6 +553,7 @@ TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
   // The KV pools are written in place (the new tokens' keys and values).
   m.def(
       "decode_layers(Tensor x, Tensor[] ln1, Tensor[] ln2, Tensor[] qkv_w, Tensor[] qkv_s, Tensor[] qkv_b, "
+      "Tensor[] q_norm, Tensor[] k_norm, "
       "Tensor[] o_w, Tensor[] o_s, Tensor[] gate_up_w, Tensor[] gate_up_s, Tensor[] down_w, Tensor[] down_s, "
       "Tensor(a!)[] key_cache, Tensor(b!)[] value_cache, Tensor cos, Tensor sin, Tensor slots, Tensor ctx_slots, "
       "Tensor ctx_offsets, int num_heads, int num_kv_heads, float eps, float scale, int gemm_rows, int path) -> Tensor");
