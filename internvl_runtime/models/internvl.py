@@ -8,6 +8,8 @@ family's declared tables handle the rest. The official user-facing methods (``ch
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +65,22 @@ class InternVLModel(nn.Module):
         self.img_context_token_id: int | None = None
         self.compute_plan: object | None = None      # set_compute_plan
         self._template = config.template
+        self._vision_loader: Callable[[], None] | None = None   # defer_vision
+        self._vision_pending = 0
+        self._vision_lock = threading.Lock()
+        self._mapped_bytes = 0                        # record_mapped_bytes
 
     # ---- the official model's attributes --------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """The first parameter's device, as transformers', skipping a vision encoder not loaded yet (meta)."""
+        first = None
+        for param in self.parameters():
+            if not param.is_meta:
+                return param.device
+            first = first or param.device
+        assert first is not None
+        return first
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,6 +113,42 @@ class InternVLModel(nn.Module):
         self.compute_plan = plan
 
     # ---- loading -------------------------------------------------------------------------------
+    def defer_vision(self, load: Callable[[], None], nbytes: int) -> None:
+        """The loader left ``vision_model`` and ``mlp1`` on the meta device: ``load()`` fills them (once, on the
+        first ``load_vision``); ``nbytes``: the memory they will take (the engine's KV plan reserves it)."""
+        self._vision_loader, self._vision_pending = load, nbytes
+
+    @property
+    def vision_loaded(self) -> bool:
+        """Whether the vision encoder and ``mlp1`` hold their weights (False only while deferred)."""
+        return self._vision_loader is None
+
+    @property
+    def vision_pending_bytes(self) -> int:
+        """Bytes the deferred vision encoder will take once loaded (0 once loaded, or never deferred)."""
+        return 0 if self._vision_loader is None else self._vision_pending
+
+    def load_vision(self) -> None:
+        """Load a deferred vision encoder now; nothing if it is loaded. Thread-safe and once: concurrent
+        callers wait for the one load; a load that raises leaves it deferred (the next call tries again)."""
+        if self._vision_loader is None:
+            return
+        with self._vision_lock:
+            load = self._vision_loader
+            if load is None:
+                return
+            load()
+            self._vision_loader, self._vision_pending = None, 0
+
+    def record_mapped_bytes(self, nbytes: int) -> None:
+        """The loader made ``nbytes`` more of the weights read-only views of the checkpoint file."""
+        self._mapped_bytes += nbytes
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of weights that are views of the checkpoint file (page cache, not this process's own memory)."""
+        return self._mapped_bytes
+
     def resolve_checkpoint_name(self, name: str) -> tuple[str, object, Transform | None] | None:
         """Checkpoint tensor name -> (our parameter name, shard id, transform) per the family tables."""
         if not name.startswith("language_model."):
@@ -131,7 +180,8 @@ class InternVLModel(nn.Module):
         return self.vision_model.embeddings.patch_embedding.weight.dtype
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden)."""
+        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden). Loads a deferred encoder first."""
+        self.load_vision()
         device = self.vision_model.embeddings.patch_embedding.weight.device
         x = self.vision_model(pixel_values.to(device=device, dtype=self.vision_dtype),
                               select_layer=self.config.select_layer)
