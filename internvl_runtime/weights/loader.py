@@ -1,10 +1,11 @@
 """Generic, strict checkpoint loading: safetensors (single file or sharded index), tensor by tensor.
 
-Tensors are read one at a time (each into its own buffer), cast to the parameter's dtype
-and handed to a sink that puts them in place, or, where the sink can take a whole tensor as it is stored
-(``WeightSink.adopt``: ``DirectSink`` on the CPU), viewed read-only from the file's mapping (``weights.mapping``): :class:`WeightSink` copies into the parameters as they are
-allocated; ``weights.direct.DirectSink`` allocates each module on its device when its first tensor
-arrives and can swap a module once complete (quantization), so host memory stays at about one tensor.
+Tensors are read one at a time (each into its own buffer), cast to the parameter's dtype and handed to
+a sink that puts them in place, or, where the sink takes a whole tensor as it is stored (``WeightSink.adopt``:
+``DirectSink`` on the CPU), viewed read-only from the file's mapping (``weights.mapping``).
+:class:`WeightSink` copies into the parameters as they are allocated; ``weights.direct.DirectSink``
+allocates each module on its device when its first tensor arrives and can swap a module once complete
+(quantization), so host memory stays at about one tensor.
 The loader keeps only shapes and shard offsets of the model's parameters, never a reference to their
 tensors, so a module the sink replaces is freed at once. Name differences are not handled here: the model
 supplies a ``resolve(name) -> (param_name, shard_id, transform)`` function built from its declared
