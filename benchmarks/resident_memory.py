@@ -12,7 +12,9 @@ request with a 448x448 image (one tile, 8 tokens). After each phase it reads ``/
 Modes: ``read+eager`` (every weight read into memory, the vision encoder loaded at start: the code before
 issue #18's memory work, ``mmap=False, vision="eager"``), ``mmap+eager`` and ``mmap+lazy`` (``internvl serve``'s
 CPU default: weights in their stored format viewed from the file, the encoder read on the first image).
-The KV pool is the same small one in every mode (64 blocks of 16 tokens), so the figures compare the weights.
+``--package DIR`` adds a read+eager run of another checkout of the package first (the code before, from
+``git archive``), labelled ``--label``. The KV pool is the same small one in every mode (64 blocks of 16
+tokens), so the figures compare the weights.
 """
 
 from __future__ import annotations
@@ -47,19 +49,23 @@ def status_mib() -> dict[str, float]:
 def child(path: Path, mode: str, threads: int) -> None:
     """One mode, three phases; prints one JSON line."""
     import gc
+    import inspect
 
     import torch
 
     sys.path.insert(0, str(HERE))
     from bench_engine import make_image
-
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.engine.sampling_params import SamplingParams
     from internvl_runtime.processing.inputs import Message, PreparedRequest
 
     torch.set_num_threads(threads)
     mmap, vision = MODES[mode]
-    engine = LLMEngine.from_pretrained(path, dtype=torch.bfloat16, device="cpu", mmap=mmap, vision=vision,
+    options = {"mmap": mmap, "vision": vision}
+    if "mmap" not in inspect.signature(LLMEngine.from_pretrained).parameters:   # code from before the options
+        assert (mmap, vision) == (False, "eager"), "the code under --package has no mmap / lazy vision"
+        options = {}
+    engine = LLMEngine.from_pretrained(path, dtype=torch.bfloat16, device="cpu", **options,
                                        config=EngineConfig(num_blocks=64, max_num_seqs=1, image_cache_bytes=0))
     gc.collect()
     phases = {"load": status_mib()}
@@ -70,27 +76,34 @@ def child(path: Path, mode: str, threads: int) -> None:
                     SamplingParams(max_new_tokens=32, ignore_eos=True, temperature=0))
     gc.collect()
     phases["text decode"] = status_mib()
-    phases["text decode"]["vision_loaded"] = engine.model.vision_loaded
+    phases["text decode"]["vision_loaded"] = getattr(engine.model, "vision_loaded", True)
     request = engine.processor.prepare([Message("user", "Describe the image.", [make_image(448, 448, 7)])], max_num=1)
     engine.generate([request], SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0))
     gc.collect()
     phases["one image"] = status_mib()
-    print(json.dumps({"mode": mode, "phases": phases, "mapped_mib": engine.model.mapped_bytes / 2**20}))
+    print(json.dumps({"mode": mode, "phases": phases,
+                      "mapped_mib": getattr(engine.model, "mapped_bytes", 0) / 2**20}))
 
 
-def run_child(path: Path, mode: str, threads: int) -> dict:
+def run_child(path: Path, mode: str, threads: int, package: Path | None, label: str) -> dict:
+    env = dict(os.environ)
+    if package is not None:
+        env["PYTHONPATH"] = str(package) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, __file__, "--model", str(path), "--child", mode, "--threads", str(threads)],
-                         capture_output=True, text=True, check=True, env=dict(os.environ))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+                         capture_output=True, text=True, check=True, env=env)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["code"] = label
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | phase | RSS MiB (steady) | peak RSS MiB (VmHWM) | RssAnon MiB | RssFile MiB | mapped weights MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| code | mode | phase | RSS MiB (steady) | peak RSS MiB (VmHWM) | RssAnon MiB | RssFile MiB "
+             "| mapped weights MiB |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for phase, v in row["phases"].items():
             note = " (encoder not loaded)" if v.get("vision_loaded") is False else ""
-            lines.append(f"| {row['mode']} | {phase}{note} | {v['VmRSS']:.0f} | {v['VmHWM']:.0f} | {v['RssAnon']:.0f} "
+            lines.append(f"| {row['code']} | {row['mode']} | {phase}{note} | {v['VmRSS']:.0f} | {v['VmHWM']:.0f} "
+                         f"| {v['RssAnon']:.0f} "
                          f"| {v['RssFile']:.0f} | {row['mapped_mib']:.0f} |")
     return "\n".join(lines)
 
@@ -100,6 +113,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("/tmp/bench/InternVL2-1B"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
+    parser.add_argument("--package", type=Path, default=None,
+                        help="also run read+eager on the internvl_runtime under this folder (the code before)")
+    parser.add_argument("--label", default="before", help="that package's name in the table")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,9 +127,12 @@ def main() -> None:
         from internvl_runtime.testing.checkpoints import write_checkpoint
 
         path = write_checkpoint(Path(tempfile.mkdtemp()) / "InternVL2-1B", "1B", scale="real")
+    runs = [(mode, None, "after") for mode in args.modes.split(",")]
+    if args.package is not None:
+        runs.insert(0, ("read+eager", args.package, args.label))
     rows = []
-    for mode in args.modes.split(","):
-        rows.append(run_child(path, mode, args.threads))
+    for mode, package, label in runs:
+        rows.append(run_child(path, mode, args.threads, package, label))
         print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)

@@ -248,7 +248,7 @@ class LLMEngine:
     def _host_reserved(self) -> int:
         """Host bytes the model holds or will hold that MemAvailable does not show as used (see
         ``cpu_kv_budget``)."""
-        return self.model.vision_pending_bytes + self.model.mapped_bytes
+        return int(self.model.vision_pending_bytes + self.model.mapped_bytes)
 
     def _planned_gpu_blocks(self, per_block: int) -> int:
         """``engine.memory``'s plan over every device of the placement: the CUDA ones measured around a

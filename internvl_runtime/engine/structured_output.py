@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import llguidance
-import llguidance.numpy   # not llguidance.torch: it imports torch.compile (~200 MB resident, seconds)
+import llguidance.numpy  # not llguidance.torch: it imports torch.compile (~200 MB resident, seconds)
 import numpy as np
 import torch
 

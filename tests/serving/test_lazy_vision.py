@@ -39,3 +39,22 @@ def test_text_only_server_never_loads_the_encoder_and_the_first_image_matches_ea
         eager_answer = _chat(server.base_url, IMAGE)
     assert lazy_answer["choices"][0]["message"] == eager_answer["choices"][0]["message"]
     assert lazy_answer["usage"] == eager_answer["usage"]
+
+
+def test_serve_flags_reach_the_config() -> None:
+    import pytest
+
+    from internvl_runtime import cli
+    from internvl_runtime.errors import InvalidRequest
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "ckpt", "--no-mmap", "--vision-load", "eager"])
+    config = ServerConfig(model="ckpt", **{f.name: getattr(args, f.name) for f in ServerConfig.cli_fields()})
+    assert config.no_mmap is True and config.vision_load == "eager"
+    defaults = parser.parse_args(["serve", "ckpt"])
+    assert defaults.no_mmap is False and defaults.vision_load == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "ckpt", "--vision-load", "sometimes"])
+    with pytest.raises(InvalidRequest):
+        ServerConfig(model="ckpt", vision_load="sometimes")
+    assert cli.build_parser().parse_args(["generate", "ckpt", "--prompt", "hello", "--no-mmap"]).no_mmap is True

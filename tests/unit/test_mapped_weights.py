@@ -59,11 +59,12 @@ def test_a_cast_or_quantized_weight_is_a_copy() -> None:
 
 
 def test_outputs_are_bit_equal_mapped_or_read() -> None:
+    from PIL import Image
+
     from internvl_runtime import AutoTokenizer
     from internvl_runtime.engine.engine import EngineConfig, LLMEngine
     from internvl_runtime.engine.sampling_params import SamplingParams
     from internvl_runtime.processing.inputs import Message
-    from PIL import Image
 
     image = Image.open(FIXTURES / "data" / "img_640x427.png")
     answers, states = [], []
