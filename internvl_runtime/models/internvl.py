@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
@@ -289,13 +290,32 @@ class InternVLModel(nn.Module):
                                 dtype=lm.get_input_embeddings().weight.dtype, device=devices)
 
 
+#: The in-place initialisers ``nn`` layers call in their constructors: nothing to do on meta tensors.
+_INITIALISERS = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                           "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"})
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips the random initialisation of meta parameters while a model is built: on meta tensors it computes
+    nothing, yet torch runs it through Python references that import ``torch._dynamo`` and the inductor
+    (~150 MB resident in every process that loads a model, for nothing)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def meta_model(config: InternVLConfig, dtype: torch.dtype,
                model_class: type[InternVLModel] = InternVLModel) -> InternVLModel:
     """The model on the meta device with ``dtype`` parameters: shapes and names, no memory."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipMetaInit():
             return model_class(config)
     finally:
         torch.set_default_dtype(previous)

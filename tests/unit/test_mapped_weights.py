@@ -154,3 +154,27 @@ def test_vision_auto_is_lazy_on_the_cpu_and_names_are_checked() -> None:
 
     with pytest.raises(InvalidRequest):
         loading.lazy_vision("sometimes", plan)
+
+
+def test_bf16_mapped_weights_through_the_native_decode_stack(tmp_path: Path) -> None:
+    """bf16 stored, bf16 computed (the case of the real checkpoints): the native kernels read the mapped
+    weights (any alignment the file gives) and produce the same tokens as from copies."""
+    from safetensors.torch import load_file, save_file
+
+    from internvl_runtime import AutoTokenizer
+    from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+    from internvl_runtime.engine.sampling_params import SamplingParams
+    from internvl_runtime.processing.inputs import Message
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(CKPT, folder)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(FILE).items()}, folder / "model.safetensors")
+    answers = []
+    for mmap in (True, False):
+        model = loading.load_model(folder, dtype=torch.bfloat16, mmap=mmap)
+        assert any(_mapped(model, folder / "model.safetensors").values()) == mmap
+        engine = LLMEngine(model, AutoTokenizer.from_pretrained(folder), EngineConfig(num_blocks=64))
+        request = engine.processor.prepare([Message("user", "Hello, who are you?")])
+        answers.append(engine.generate([request], SamplingParams(max_new_tokens=8, temperature=0,
+                                                                 ignore_eos=True))[0].token_ids)
+    assert answers[0] == answers[1]
