@@ -10,8 +10,10 @@ request with a 448x448 image (one tile, 8 tokens). After each phase it reads ``/
 (file pages mapped and touched: the libraries, and the weights viewed from the checkpoint's memory map).
 
 Modes: ``read+eager`` (every weight read into memory, the vision encoder loaded at start: the code before
-issue #18's memory work, ``mmap=False, vision="eager"``), ``mmap+eager`` and ``mmap+lazy`` (``internvl serve``'s
-CPU default: weights in their stored format viewed from the file, the encoder read on the first image).
+issue #18's memory work, ``mmap=False, vision="eager"``), ``read+lazy`` (what a host computing in another dtype
+than the stored one gets, e.g. float32 on an AVX2 host: nothing can be mapped), ``mmap+eager`` and ``mmap+lazy``
+(``internvl serve``'s CPU default: weights in their stored format viewed from the file, the encoder read on the
+first image).
 ``--package DIR`` adds a read+eager run of another checkout of the package first (the code before, from
 ``git archive``), labelled ``--label``. The KV pool is the same small one in every mode (64 blocks of 16
 tokens), so the figures compare the weights.
@@ -30,7 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-MODES = {"read+eager": (False, "eager"), "mmap+eager": (True, "eager"), "mmap+lazy": (True, "lazy")}
+MODES = {"read+eager": (False, "eager"), "read+lazy": (False, "lazy"), "mmap+eager": (True, "eager"),
+         "mmap+lazy": (True, "lazy")}
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 CONTEXT = 280
 
