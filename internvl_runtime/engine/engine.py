@@ -238,6 +238,8 @@ class LLMEngine:
         wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
         if cfg.kv_cache_bytes is not None:
             return int(max(16, min(cfg.kv_cache_bytes // per_block, wanted)))
+        if device.type == "cuda":
+            self.model.load_vision()     # a deferred encoder on a GPU: in memory before its free memory is read
         if device.type == "cuda" and profile:
             return min(self._planned_gpu_blocks(per_block), wanted)
         if device.type == "cuda":

@@ -178,3 +178,13 @@ def test_bf16_mapped_weights_through_the_native_decode_stack(tmp_path: Path) -> 
         answers.append(engine.generate([request], SamplingParams(max_new_tokens=8, temperature=0,
                                                                  ignore_eos=True))[0].token_ids)
     assert answers[0] == answers[1]
+
+
+def test_the_cpu_kv_budget_reserves_what_memavailable_does_not_show() -> None:
+    from internvl_runtime.engine.memory import cpu_kv_budget
+
+    assert cpu_kv_budget(1 << 60) == 0
+    assert cpu_kv_budget() > 0
+    model = loading.load_model(CKPT, dtype=torch.float32, vision="lazy")
+    assert model.vision_pending_bytes == sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                             if loading.is_vision_name(n))
