@@ -163,6 +163,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
                         help="weight-only quantization of the language model as it loads: int8, int4 or int4:gN "
                         "(group size N: 32, 64, 128 or 256) (default: none)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--no-mmap", action="store_true",
+                        help="read every weight into memory instead of viewing the ones stored in their compute "
+                        "format from the checkpoint's read-only memory map")
 
 
 def _quantization(text: str) -> str:
@@ -319,7 +322,7 @@ def _load(args: argparse.Namespace) -> LLMEngine:
     try:
         return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=resolve_device(args.device), progress=True,
                                          quantization=args.quantization, config=EngineConfig(**kwargs),
-                                         hub=HubOptions(revision=args.revision))
+                                         hub=HubOptions(revision=args.revision), mmap=not args.no_mmap)
     except InternVLError as exc:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 

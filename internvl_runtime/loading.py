@@ -239,16 +239,48 @@ def progress_bar(folder: Path, enabled: bool, *, allow_pickle: bool = False) -> 
         yield advance
 
 
+#: ``vision=``: "eager" (loaded with the rest), "lazy" (on the first image: ``InternVLModel.load_vision``), or
+#: "auto" (lazy when the whole model is on the CPU, eager otherwise).
+VISION_LOADS = ("eager", "lazy", "auto")
+_VISION_PREFIXES = ("vision_model.", "mlp1.")
+
+
+def is_vision_name(name: str) -> bool:
+    """Whether a parameter or module name is part of the vision encoder or the projector (``mlp1``)."""
+    return (name + ".").startswith(_VISION_PREFIXES)
+
+
+def lazy_vision(vision: str, plan: LoadPlan) -> bool:
+    """``vision`` ("eager", "lazy", "auto": see ``VISION_LOADS``) for this plan: True to defer the encoder.
+    A placement spread over several devices loads it eagerly (its hooks are set once, over a complete model)."""
+    if vision not in VISION_LOADS:
+        raise InvalidRequest(f"vision={vision!r}: use one of {', '.join(VISION_LOADS)}")
+    if vision == "eager":
+        return False
+    if plan.unit_devices is not None:
+        if vision == "lazy":
+            logger.info("vision encoder loaded eagerly: the model is spread over several devices")
+        return False
+    return vision == "lazy" or physical(plan.device).type == "cpu"
+
+
 def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
-                model_class: type[InternVLModel] = InternVLModel, allow_pickle: bool = False,
-                watch: Watch | None = None) -> InternVLModel:
+                     model_class: type[InternVLModel] = InternVLModel, allow_pickle: bool = False,
+                     watch: Watch | None = None, mmap: bool = True, vision: str = "eager") -> InternVLModel:
     """The default builder: every layout loaded straight onto its devices (``weights.direct``).
 
     The model is built on the meta device; each module is allocated on its placement unit's device when its
     first checkpoint tensor arrives, each tensor is read alone and copied there (through a pinned buffer on
     CUDA), and with quantization each linear layer is quantized on its device as soon as its weights (every
     shard of a fused one) are in. Host memory: about one checkpoint tensor; never the whole model in 16 bits.
-    ``watch(name, tensor)`` is told of every parameter allocated (see ``weights.direct``)."""
+    ``watch(name, tensor)`` is told of every parameter allocated or mapped (see ``weights.direct``).
+
+    ``mmap``: a weight going to the CPU in its stored dtype, whole (not one shard of a fused parameter, not
+    transformed) and in a module that is not quantized, becomes a read-only view of the checkpoint file
+    (``weights.mapping``: no copy, pages shared with the page cache); False reads every tensor into memory.
+    ``vision``: "lazy" leaves the vision encoder and ``mlp1`` on the meta device, read on the first call that
+    needs them (``InternVLModel.load_vision``, thread-safe, once); "auto" is lazy on a CPU placement (see
+    ``lazy_vision``)."""
     model = meta_model(plan.config, plan.dtype, model_class)
     units = plan.units
 
@@ -263,10 +295,31 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
             return None
         return quantizer.quantize(name, module, device_for(name))
 
-    sink = DirectSink(model, device_for, finish=finish, watch=watch)
-    read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=progress, sink=sink)
-    sink.close()                                   # the tied head, if any; the last copy landed
+    def may_map(param_name: str) -> bool:
+        owner = param_name.rpartition(".")[0]
+        return device_for(owner).type == "cpu" and not (
+            quantizer is not None and quantizer.wants(owner, model.get_submodule(owner)))
+
+    def read(part: Callable[[str], bool], hook: Progress | None, finished: set[str]) -> None:
+        sink = DirectSink(model, device_for, finish=finish, watch=watch, may_map=may_map if mmap else None,
+                          finished=finished)
+        read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=hook, sink=sink,
+                        skip=lambda name: not part(name))
+        sink.close()                               # the tied head, if any; the last copy landed
+        model.record_mapped_bytes(sink.mapped_bytes)
+
+    deferred = lazy_vision(vision, plan)
+    read((lambda name: not is_vision_name(name)) if deferred else (lambda name: True), progress, set())
     model.eval().requires_grad_(False)
+    if deferred:
+        def load_vision() -> None:
+            read(is_vision_name, None, {name for name, _ in model.named_modules() if not is_vision_name(name)})
+            model.vision_model.requires_grad_(False)
+            model.mlp1.requires_grad_(False)
+            logger.info("vision encoder loaded (%s)", "mapped" if mmap else "read")
+
+        pending = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if is_vision_name(name))
+        model.defer_vision(load_vision, pending)
     if quantizer is not None:
         quantizer.report()
         model.quantization = plan.quantization  # type: ignore[assignment]
@@ -279,12 +332,15 @@ def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceM
                quantization: QuantizationSpec = None,
                load_in_8bit: bool = False, load_in_4bit: bool = False, allow_pickle: bool = False,
                model_class: type[InternVLModel] = InternVLModel, progress: bool = False,
-               build: ModelBuilder | None = None, hub: HubOptions | None = None) -> InternVLModel:
+               build: ModelBuilder | None = None, hub: HubOptions | None = None, mmap: bool = True,
+               vision: str = "eager") -> InternVLModel:
     """Load a checkpoint folder or hub id (arguments as ``plan_load``; ``allow_pickle`` reads
     ``pytorch_model*.bin`` with ``weights_only=True``, and fetches them from the hub when a revision has no
     safetensors). ``progress``: a tqdm bar counting the checkpoint's bytes as they are read (the hub's
     download has its own bars). ``build``: a builder of its own (see the module docstring); it takes one
-    device and no quantization."""
+    device and no quantization. ``mmap``: weights stored in their compute format on the CPU are read-only views
+    of the checkpoint file (False: every tensor read into memory, as llama.cpp's ``--no-mmap``). ``vision``:
+    "eager" (default), "lazy" or "auto" (see ``build_on_devices``). Both apply to the default builder only."""
     plan = plan_load(path, dtype=dtype, device_map=device_map, quantization=quantization,
                      load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, hub=hub)
     if plan.folder != Path(path):   # a hub id, checked on its config.json: now the rest, at the same commit
@@ -294,7 +350,8 @@ def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceM
                                  "drop quantization / a multi-device device_map")
     with progress_bar(plan.folder, progress, allow_pickle=allow_pickle) as hook:
         model = (build(plan, hook) if build is not None
-                 else build_on_devices(plan, hook, model_class=model_class, allow_pickle=allow_pickle))
+                 else build_on_devices(plan, hook, model_class=model_class, allow_pickle=allow_pickle, mmap=mmap,
+                                       vision=vision))
     if build is None:
         apply_plan(model, choose_plan(plan.dtype, plan.device))
     if plan.record_map:

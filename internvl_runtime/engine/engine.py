@@ -238,18 +238,26 @@ class LLMEngine:
         wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
         if cfg.kv_cache_bytes is not None:
             return int(max(16, min(cfg.kv_cache_bytes // per_block, wanted)))
+        if device.type == "cuda":
+            self.model.load_vision()     # a deferred encoder on a GPU: in memory before its free memory is read
         if device.type == "cuda" and profile:
             return min(self._planned_gpu_blocks(per_block), wanted)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return int(max(16, min(int(free * 0.8) // per_block, wanted)))
-        return int(max(16, min(cpu_kv_budget() // per_block, wanted)))
+        return int(max(16, min(cpu_kv_budget(self._host_reserved()) // per_block, wanted)))
+
+    def _host_reserved(self) -> int:
+        """Host bytes the model holds or will hold that MemAvailable does not show as used (see
+        ``cpu_kv_budget``)."""
+        return int(self.model.vision_pending_bytes + self.model.mapped_bytes)
 
     def _planned_gpu_blocks(self, per_block: int) -> int:
         """``engine.memory``'s plan over every device of the placement: the CUDA ones measured around a
         profiled worst-case step, layers on the CPU (a spill) within the CPU's rule."""
         cfg, model = self.config, self.model
         assert cfg.max_num_seqs is not None
+        model.load_vision()          # a deferred encoder: its memory is in the plan, measured like the rest
         layers = [physical(d) for d in layer_devices(model.language_model)]
         vision = physical(next(model.mlp1.parameters()).device)
         cuda = sorted({d for d in (*layers, vision, self.logits_device) if d.type == "cuda"}, key=str)
@@ -263,7 +271,7 @@ class LLMEngine:
         blocks, devices = placement_blocks(layers, vision, measured, utilization=cfg.gpu_memory_utilization,
                                            image_cache_bytes=cfg.image_cache_bytes,
                                            bytes_per_layer_block=per_block // len(layers),
-                                           host_budget=cpu_kv_budget())
+                                           host_budget=cpu_kv_budget(self._host_reserved()))
         for device in devices:
             logger.info("KV cache plan on %s: %.2f GiB total, %.2f GiB in use after loading, %.2f GiB step "
                         "peak, %.2f GiB image cache, %d layers", device.name, device.total / 2**30,
@@ -278,7 +286,7 @@ class LLMEngine:
                         config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
                         allow_pickle: bool = False, build: Any = None,
                         runner_factory: Callable[..., Any] = ModelRunner, hub: HubOptions | None = None,
-                        **config_kwargs: Any) -> LLMEngine:
+                        mmap: bool = True, vision: str = "eager", **config_kwargs: Any) -> LLMEngine:
         """Load a checkpoint folder (or a Hugging Face Hub id, fetched with ``hub``'s revision, cache and
         token) and build the engine: the model through the one loader
         (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
@@ -286,9 +294,12 @@ class LLMEngine:
 
         ``config`` (else ``EngineConfig(**config_kwargs)``) sizes the engine. Tensor parallelism passes
         ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
-        the other ranks); both come from ``distributed``, which this layer never imports."""
+        the other ranks); both come from ``distributed``, which this layer never imports. ``mmap`` and
+        ``vision`` ("eager", "lazy", "auto"): the loader's (``loading.build_on_devices``); a lazy vision encoder
+        is loaded on the engine thread by the first step with an image, and the CPU's KV budget reserves its
+        memory before that."""
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
-                           progress=progress, build=build, hub=hub)
+                           progress=progress, build=build, hub=hub, mmap=mmap, vision=vision)
         tokenizer = AutoTokenizer.from_pretrained(path, **asdict(hub or HubOptions()))
         return cls(model, tokenizer, config or EngineConfig(**config_kwargs), runner_factory=runner_factory)
 

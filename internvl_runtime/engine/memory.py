@@ -160,9 +160,11 @@ def active_bytes_per_token(language_model: DecoderForCausalLM) -> int:
     return counts.active_bytes - counts.embedding_bytes + row
 
 
-def cpu_kv_budget() -> int:
-    """The CPU's rule: a quarter of the memory available now."""
-    return available_memory() // 4
+def cpu_kv_budget(reserved: int = 0) -> int:
+    """The CPU's rule: a quarter of the memory available now, less ``reserved`` bytes the model will hold that
+    the kernel's figure does not count as used (a vision encoder not loaded yet; weights mapped from the
+    checkpoint file, which MemAvailable counts as reclaimable page cache)."""
+    return max(0, available_memory() - reserved) // 4
 
 
 @dataclass(frozen=True)

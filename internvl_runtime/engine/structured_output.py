@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: it imports torch.compile (~200 MB resident, seconds)
 import numpy as np
 import torch
 
@@ -376,7 +376,7 @@ class StructuredOutputBackend:
         matcher = template.deep_copy()
         row = self.allocate_bitmask(1)
         for count in range(MAX_SIMULATED_TOKENS):
-            llguidance.torch.fill_next_token_bitmask(matcher, row)
+            llguidance.numpy.fill_next_token_bitmask(matcher, row.numpy())
             if matcher.is_error():
                 break
             self.narrow(row[0])
@@ -401,8 +401,8 @@ class StructuredOutputBackend:
         out = self.allocate_bitmask(len(matchers)) if bitmask is None else bitmask
         assert out.shape == (len(matchers), self.words) and out.dtype == torch.int32 and out.is_contiguous()
         if matchers:
-            llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], out)
+            llguidance.numpy.fill_next_token_bitmask_par(      # writes into ``out`` through its numpy view
+                self._executor, [(m.llmatcher, i) for i, m in enumerate(matchers)], out.numpy())
         return out
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..config import InternVLConfig
 from ..errors import InvalidRequest, PlaceholderMismatch, UnsupportedFeature
@@ -65,11 +68,22 @@ class InternVLModel(nn.Module):
         self.img_context_token_id: int | None = config.image_token_id   # the HF format names it in config.json
         self.compute_plan: object | None = None      # set_compute_plan
         self._template = config.template
+        self._vision_loader: Callable[[], None] | None = None   # defer_vision
+        self._vision_pending = 0
+        self._vision_lock = threading.Lock()
+        self._mapped_bytes = 0                        # record_mapped_bytes
 
     # ---- the official model's attributes --------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """The first parameter's device, as transformers', skipping a vision encoder not loaded yet (meta)."""
+        first = None
+        for param in self.parameters():
+            if not param.is_meta:
+                return param.device
+            first = first or param.device
+        assert first is not None
+        return first
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,6 +117,42 @@ class InternVLModel(nn.Module):
         self.compute_plan = plan
 
     # ---- loading -------------------------------------------------------------------------------
+    def defer_vision(self, load: Callable[[], None], nbytes: int) -> None:
+        """The loader left ``vision_model`` and ``mlp1`` on the meta device: ``load()`` fills them (once, on the
+        first ``load_vision``); ``nbytes``: the memory they will take (the engine's KV plan reserves it)."""
+        self._vision_loader, self._vision_pending = load, nbytes
+
+    @property
+    def vision_loaded(self) -> bool:
+        """Whether the vision encoder and ``mlp1`` hold their weights (False only while deferred)."""
+        return self._vision_loader is None
+
+    @property
+    def vision_pending_bytes(self) -> int:
+        """Bytes the deferred vision encoder will take once loaded (0 once loaded, or never deferred)."""
+        return 0 if self._vision_loader is None else self._vision_pending
+
+    def load_vision(self) -> None:
+        """Load a deferred vision encoder now; nothing if it is loaded. Thread-safe and once: concurrent
+        callers wait for the one load; a load that raises leaves it deferred (the next call tries again)."""
+        if self._vision_loader is None:
+            return
+        with self._vision_lock:
+            load = self._vision_loader
+            if load is None:
+                return
+            load()
+            self._vision_loader, self._vision_pending = None, 0
+
+    def record_mapped_bytes(self, nbytes: int) -> None:
+        """The loader made ``nbytes`` more of the weights read-only views of the checkpoint file."""
+        self._mapped_bytes += nbytes
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of weights that are views of the checkpoint file (page cache, not this process's own memory)."""
+        return self._mapped_bytes
+
     def resolve_checkpoint_name(self, name: str) -> tuple[str, object, Transform | None] | None:
         """Checkpoint tensor name -> (our parameter name, shard id, transform) per the family tables (an
         HF-format name is first mapped to its GitHub-format name by ``hf_format``'s tables)."""
@@ -147,7 +197,8 @@ class InternVLModel(nn.Module):
         return self.vision_model.embeddings.patch_embedding.weight.dtype
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden)."""
+        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden). Loads a deferred encoder first."""
+        self.load_vision()
         device = self.vision_model.embeddings.patch_embedding.weight.device
         x = self.vision_model(pixel_values.to(device=device, dtype=self.vision_dtype),
                               select_layer=self.config.select_layer)
@@ -255,13 +306,32 @@ class InternVLModel(nn.Module):
                                 dtype=lm.get_input_embeddings().weight.dtype, device=devices)
 
 
+#: The in-place initialisers ``nn`` layers call in their constructors: nothing to do on meta tensors.
+_INITIALISERS = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                           "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_"})
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skips the random initialisation of meta parameters while a model is built: on meta tensors it computes
+    nothing, yet torch runs it through Python references that import ``torch._dynamo`` and the inductor
+    (~150 MB resident in every process that loads a model, for nothing)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def meta_model(config: InternVLConfig, dtype: torch.dtype,
                model_class: type[InternVLModel] = InternVLModel) -> InternVLModel:
     """The model on the meta device with ``dtype`` parameters: shapes and names, no memory."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipMetaInit():
             return model_class(config)
     finally:
         torch.set_default_dtype(previous)

@@ -33,6 +33,7 @@ from ..testing.checkpoints import DEMO_LABEL as DEMO_LABEL  # the demo's label l
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton")     # engine.model_runner.ATTENTION_BACKENDS (no torch here)
+_VISION_LOADS = ("auto", "lazy", "eager")      # loading.VISION_LOADS (no torch here)
 _IMAGE_PREPROCESS = ("exact", "device")        # processing.image_preprocessor.IMAGE_PREPROCESS_MODES (no torch here)
 
 
@@ -125,6 +126,13 @@ class ServerConfig:
     quantization: str | None = field(default=None, metadata=_opt(
         "weight-only quantization of the language model as it loads: int8, int4 (groups of 128 input "
         "columns) or int4:gN (groups of N: 32, 64, 128 or 256); none by default"))
+    no_mmap: bool = field(default=False, metadata=_opt(
+        "read every weight into memory instead of viewing the ones stored in their compute format (bf16 on the "
+        "CPU) from the checkpoint file's read-only memory map (as llama.cpp's --no-mmap)"))
+    vision_load: str = field(default="auto", metadata=_opt(
+        "when the vision encoder is read: auto (lazy on the CPU, eager on a GPU), lazy (on the first request "
+        "with an image or video: a text-only server never reads it), or eager (at start)",
+        choices=_VISION_LOADS))
     tensor_parallel_size: int = field(default=1, metadata=_opt(
         "split the decoder over N ranks (launch with torchrun --nproc-per-node N; see docs/scaling.md)"))
     demo: bool = field(default=False, metadata=_opt(
@@ -245,6 +253,9 @@ class ServerConfig:
         if self.image_preprocess not in _IMAGE_PREPROCESS:
             raise InvalidRequest(f"ServerConfig.image_preprocess must be one of {', '.join(_IMAGE_PREPROCESS)}, "
                                  f"got {self.image_preprocess!r}")
+        if self.vision_load not in _VISION_LOADS:
+            raise InvalidRequest(f"ServerConfig.vision_load must be one of {', '.join(_VISION_LOADS)}, "
+                                 f"got {self.vision_load!r}")
         if self.dtype not in _DTYPES:
             raise InvalidRequest(f"ServerConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "max_num_batched_tokens", "max_queue_len",

@@ -12,18 +12,28 @@ So host memory holds about one checkpoint tensor at a time whatever the placemen
 placed model plus the module being filled; with quantization the float weights alive at once are those
 of the modules being filled (one linear layer in checkpoint order), never the model's.
 
-``watch(name, tensor)``, if given, is told of every parameter allocated (a memory tracker for tests and
-benchmarks: it may keep weak references, never strong ones).
+Mapping (``may_map``): a parameter the caller allows (``may_map(parameter name)``: the loader's rule, a CPU
+target computing in the stored dtype, in a module it will not quantize) is not allocated at all when its
+checkpoint tensor can be viewed as stored: it becomes a read-only view of the file (``weights.mapping``). The
+module's other parameters are then allocated one by one as they arrive (without ``may_map``, a module's
+parameters are allocated together when its first tensor arrives).
+
+``watch(name, tensor)``, if given, is told of every parameter allocated or mapped (a memory tracker for tests
+and benchmarks: it may keep weak references, never strong ones).
+
+``finished``: modules already complete (a second pass over part of a model, such as a vision encoder loaded
+after the rest): ``close()`` leaves them alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .loader import LazyTensor, WeightSink
+from .mapping import FileMappings
 from .staging import StagingBuffer
 
 #: ``finish(module name, module) -> replacement or None``, called once a module's parameters are all in.
@@ -39,26 +49,62 @@ class DirectSink(WeightSink):
 
     def __init__(self, model: nn.Module, device_for: Callable[[str], torch.device], *,
                  finish: Finish | None = None, watch: Watch | None = None,
-                 staging: StagingBuffer | None = None) -> None:
+                 staging: StagingBuffer | None = None, may_map: Callable[[str], bool] | None = None,
+                 finished: Iterable[str] = ()) -> None:
         super().__init__(model)
         self.device_for = device_for
         self.finish = finish
         self.watch = watch
         self.staging = staging or StagingBuffer()
+        self.may_map = may_map
+        self.mappings = FileMappings()
         self._complete: set[str] = set()          # parameter names
-        self._finished: set[str] = set()          # module names
+        self._finished: set[str] = set(finished)  # module names
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the parameters made views of the checkpoint file (not allocated)."""
+        return self.mappings.nbytes
+
+    def adopt(self, param_name: str, source: LazyTensor) -> bool:
+        if self.may_map is None or not self.may_map(param_name):
+            return False
+        owner, _, leaf = param_name.rpartition(".")
+        module = self._module(owner, param_name)
+        param = getattr(module, leaf)
+        if self.device_for(owner).type != "cpu" or source.dtype != param.dtype or not param.is_meta:
+            return False
+        view = source.mapped(self.mappings)
+        if view is None:
+            return False
+        setattr(module, leaf, nn.Parameter(view, requires_grad=False))
+        if self.watch is not None:
+            self.watch(param_name, view)
+        return True
 
     def destination(self, param_name: str) -> torch.Tensor:
         owner, _, leaf = param_name.rpartition(".")
-        module = self.model.get_submodule(owner)
+        module = self._module(owner, param_name)
+        params = dict(module.named_parameters(recurse=False))
+        if self.may_map is None:
+            allocated = [name for name, p in params.items() if p.is_meta]
+            if allocated:
+                module.to_empty(device=self.device_for(owner), recurse=False)
+        else:                # a sibling may be mapped when it arrives: allocate this parameter alone
+            allocated = [leaf] if params[leaf].is_meta else []
+            for name in allocated:
+                meta = params[name]
+                setattr(module, name, nn.Parameter(torch.empty_like(meta, device=self.device_for(owner)),
+                                                   requires_grad=meta.requires_grad))
+        if self.watch is not None:
+            for name in allocated:
+                self.watch(f"{owner}.{name}" if owner else name, getattr(module, name))
+        return getattr(module, leaf).data
+
+    def _module(self, owner: str, param_name: str) -> nn.Module:
         if owner in self._finished:
             raise AssertionError(f"{param_name}: a checkpoint tensor for a module already finished")
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device=self.device_for(owner), recurse=False)
-            if self.watch is not None:
-                for name, param in module.named_parameters(recurse=False):
-                    self.watch(f"{owner}.{name}" if owner else name, param)
-        return getattr(module, leaf).data
+        return self.model.get_submodule(owner)
 
     def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
         self.staging.copy(dest, source)
@@ -80,6 +126,7 @@ class DirectSink(WeightSink):
             if name not in self._finished and params and not any(p.is_meta for p in params):
                 self._finish(name, module)
         self.staging.release()
+        self.mappings.release()
 
     def _finish(self, name: str, module: nn.Module) -> None:
         self._finished.add(name)

@@ -1,9 +1,11 @@
 """Generic, strict checkpoint loading: safetensors (single file or sharded index), tensor by tensor.
 
-Tensors are read one at a time (each into its own buffer, no memory map), cast to the parameter's dtype
-and handed to a sink that puts them in place: :class:`WeightSink` copies into the parameters as they are
-allocated; ``weights.direct.DirectSink`` allocates each module on its device when its first tensor
-arrives and can swap a module once complete (quantization), so host memory stays at about one tensor.
+Tensors are read one at a time (each into its own buffer), cast to the parameter's dtype and handed to
+a sink that puts them in place, or, where the sink takes a whole tensor as it is stored (``WeightSink.adopt``:
+``DirectSink`` on the CPU), viewed read-only from the file's mapping (``weights.mapping``).
+:class:`WeightSink` copies into the parameters as they are allocated; ``weights.direct.DirectSink``
+allocates each module on its device when its first tensor arrives and can swap a module once complete
+(quantization), so host memory stays at about one tensor.
 The loader keeps only shapes and shard offsets of the model's parameters, never a reference to their
 tensors, so a module the sink replaces is freed at once. Name differences are not handled here: the model
 supplies a ``resolve(name) -> (param_name, shard_id, transform)`` function built from its declared
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, WeightMismatchError
+from .mapping import FileMappings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -243,6 +246,23 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         return self[...] if isinstance(self._source, (torch.Tensor, _FileRegion)) else self[:]
 
+    def mapped(self, mappings: FileMappings) -> torch.Tensor | None:
+        """The whole tensor as a read-only view of its file's mapping (``weights.mapping``), not a copy; None
+        when it cannot be one (a pickled tensor, or bytes not viewable in place)."""
+        src = self._source
+        if not isinstance(src, _FileRegion):
+            return None
+        try:
+            return mappings.view(src.file, src.offset, src.dtype, src.shape)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.file}: cannot map {self.name} ({exc})") from exc
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The stored dtype of a safetensors tensor or a loaded one (None for a slice not read yet)."""
+        src = self._source
+        return src.dtype if isinstance(src, (torch.Tensor, _FileRegion)) else None
+
     def read_into(self, out: torch.Tensor) -> bool:
         """Read the whole tensor straight into ``out`` when it can be (a safetensors tensor; ``out`` a
         contiguous CPU tensor of the same dtype and shape); False, with nothing read, otherwise."""
@@ -296,6 +316,12 @@ class WeightSink:
     def destination(self, param_name: str) -> torch.Tensor:
         """The tensor to fill for ``param_name`` (the whole parameter; the loader narrows it to a shard)."""
         return self.model.get_parameter(param_name).data
+
+    def adopt(self, param_name: str, source: LazyTensor) -> bool:
+        """Make the checkpoint tensor ``source`` (whole, unsliced, untransformed, of the parameter's shape) the
+        parameter itself, a view of the file, instead of copying it; True if done. This sink never does (the
+        parameters are allocated already); ``DirectSink`` does where mapping applies (``weights.mapping``)."""
+        return False
 
     def write(self, dest: torch.Tensor, source: torch.Tensor | LazyTensor) -> None:
         """Copy ``source`` (a tensor on the CPU in the checkpoint's dtype, or a checkpoint tensor not read
@@ -377,11 +403,13 @@ def load_weights(model: nn.Module, files: list[Path], resolve: Resolver,
             if tuple(source.shape) != shape:
                 misshaped.append(f"{name}: checkpoint {tuple(source.shape)} vs model {shape}")
                 continue
-            dest = sink.destination(param_name)
-            if shard_id is not None:
-                dest = dest.narrow(0, start, size)
-            sink.write(dest, source)
-            del source, dest                   # nothing of the tensor or the parameter stays referenced here
+            if not (shard_id is None and source is lazy and sink.adopt(param_name, lazy)):
+                dest = sink.destination(param_name)
+                if shard_id is not None:
+                    dest = dest.narrow(0, start, size)
+                sink.write(dest, source)
+                del dest
+            del source                         # nothing of the tensor or the parameter stays referenced here
             got = filled.setdefault(param_name, set())
             was_complete = spec.complete(got)
             got.add(shard_id)
