@@ -4,11 +4,9 @@ eca3ea7 with transformers 4.55.0 (tests/fixtures/README.md says how the goldens 
 Per case of cases.json and round: pixel values (sha256), the prompt our official API builds, the input ids,
 the vision features after mlp1, the first-step logits through the engine (float32, relative error <= 1e-5), the
 greedy ids through the engine with several requests at once, through ``generate`` and the response of ``chat`` /
-``batch_chat``. Two things the 3.5 code does differently from the InternVL2 code (transformers 4.55 instead of
-4.37): its ``generate`` returns the new ids only (no leading bos), and ``chat`` decodes with special tokens kept
-(``skip_special_tokens=False``) before cutting at the separator. Our ``generate`` keeps the InternVL2 shape (bos
-first) and ``chat`` skips special tokens: the tests compare the ids after our bos column and the responses of
-the rounds where no special token was generated (where both decodings agree).
+``batch_chat``. The 3.5 code's own rules (transformers 4.55: ``generate`` returns the new ids only, ``chat``
+decodes with special tokens kept before cutting at the separator) are ours for this architecture
+(``api.official_rules``), so everything is compared as the official code returned it.
 """
 
 from __future__ import annotations
@@ -50,11 +48,6 @@ def _engine_greedy(model, rows: list[list[int]], features: torch.Tensor | None, 
     return [list(o.token_ids) for o in outputs]
 
 
-def _has_special(tokenizer, ids: list[int]) -> bool:
-    """Whether decoding ``ids`` with and without special tokens differs."""
-    return bool(tokenizer.decode(ids, skip_special_tokens=True) != tokenizer.decode(ids, skip_special_tokens=False))
-
-
 @pytest.mark.parametrize("case_id", _case_ids())
 def test_golden_case_moe(case_id: str) -> None:
     golden = json.loads((GOLDENS / f"{case_id}.json").read_text(encoding="utf-8"))
@@ -85,12 +78,10 @@ def test_golden_case_moe(case_id: str) -> None:
         assert [[t for t in row if t != eos] for row in got] == want
         generated = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                    attention_mask=inputs["attention_mask"], eos_token_id=eos, **config)
-        assert generated[:, 1:].tolist() == golden["generated_ids"]
+        assert generated.tolist() == golden["generated_ids"]
         responses = model.batch_chat(tokenizer, pixel_values, golden["questions"], dict(config),
                                      num_patches_list=num_patches_list)
-        for row, ours, theirs in zip(golden["generated_ids"], responses, golden["responses"], strict=True):
-            if not _has_special(tokenizer, row):
-                assert ours == theirs
+        assert responses == golden["responses"]
         return
 
     pixel_values, num_patches_list = None, None
@@ -115,14 +106,11 @@ def test_golden_case_moe(case_id: str) -> None:
         eos = record["eos_token_id"]
         generated = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
                                    attention_mask=inputs["attention_mask"], eos_token_id=eos, **config)
-        assert generated[:, 1:].tolist() == record["generated_ids"]
+        assert generated.tolist() == record["generated_ids"]
         response, history = model.chat(tokenizer, pixel_values, record["question"], dict(config),
                                        history=history, return_history=True, num_patches_list=num_patches_list)
-        if not _has_special(tokenizer, record["generated_ids"][0]):
-            assert response == record["response"]
-            assert [list(h) for h in history] == [list(h) for h in record["history"]]
-        else:   # carry the official history on (its answer keeps the special tokens)
-            history = [tuple(h) for h in record["history"]]
+        assert response == record["response"]
+        assert [list(h) for h in history] == [list(h) for h in record["history"]]
 
 
 @pytest.mark.parametrize("compute", ["native", "upcast"])

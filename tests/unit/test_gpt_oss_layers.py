@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from internvl_runtime.api.official_rules import INTERNVL3_5_ARCHITECTURES, INTERNVL3_5_CHAT
 from internvl_runtime.config import LLMConfig
 from internvl_runtime.kernels.moe import grouped_experts_reference
 from internvl_runtime.models.decoders.gpt_oss import down_weight, gate_up_bias, gate_up_weight
@@ -168,7 +169,10 @@ def test_gpt_oss_template_rounds() -> None:
     """internvl_chat_gpt_oss at 2410d1d: messages end with <|end|>, the answer is prompted by a bare
     '<|start|>assistant', answers stop at <|return|> and keep their special tokens."""
     template = get_template("internvl3_5_gpt_oss")
-    assert template.stop_str == "<|return|>" and template.keep_special_tokens and not template.leading_bos
+    assert template.stop_str == "<|return|>"
+    rules = INTERNVL3_5_CHAT    # what api.official_rules gives GptOssForCausalLM
+    assert "GptOssForCausalLM" in INTERNVL3_5_ARCHITECTURES
+    assert rules.stop_text(template) == "<|return|>" and not rules.skip_special_tokens and not rules.leading_bos
     prompt = build_prompt("internvl3_5_gpt_oss", "Q2", [("Q1", "A1")], system_message="S")
     assert prompt == ("<|start|>system<|message|>S<|end|><|start|>user<|message|>Q1<|end|>"
                       "<|start|>assistant" "A1<|end|><|start|>user<|message|>Q2<|end|><|start|>assistant")
