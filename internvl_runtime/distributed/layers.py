@@ -7,7 +7,9 @@ our parameter             split              what a rank holds
 ========================  =================  ======================================================
 self_attn.qkv_proj        column (rows)      its query heads; its KV heads (replicated: the one its
                                              query heads use, when there are fewer KV heads than ranks)
-self_attn.o_proj          row (columns)      the columns of its query heads; all-reduce after
+self_attn.o_proj          row (columns)      the columns of its query heads; all-reduce after, then
+                                             the bias (GPT-OSS's) added once
+self_attn.sinks           by head            GPT-OSS's one logit per query head: its heads' entries
 mlp.gate_up_proj          column (rows)      intermediate/N rows of gate and of up
 mlp.down_proj             row (columns)      the same intermediate/N columns; all-reduce after
 model.embed_tokens        vocabulary rows    vocab padded to a multiple of N, then /N; masked lookup
@@ -15,12 +17,20 @@ model.embed_tokens        vocabulary rows    vocab padded to a multiple of N, th
 lm_head                   vocabulary rows    the same rows; all-gather, padded entries cut off
 norms, rotary             replicated
 mlp.gate (MoE router)     replicated         the whole router: every rank routes every token
-mlp.experts.*             by expert          experts [rank * E/N, (rank + 1) * E/N), whole; all-reduce
-                                             after (each rank adds its experts' share of every token)
+mlp.experts.*             by expert          experts [rank * E/N, (rank + 1) * E/N), whole (biases too);
+                                             all-reduce after (each rank adds its experts' share)
 ========================  =================  ======================================================
 
 Two all-reduces per layer (after o_proj and down_proj, or after the experts) plus one for the embedding;
-one all-gather of the logits. Row-parallel biases (none in these families) are added once, after the sum.
+one all-gather of the logits. Row-parallel biases (GPT-OSS's o_proj) are added once, after the sum.
+
+GPT-OSS's attention (``SinkAttention``) splits as Llama's: each rank keeps its query heads' sinks (a sink
+joins the softmax of its own head only) and every layer's window; the attention math is per head, so the
+ranks' heads together compute exactly the whole. Its experts come stacked in the checkpoint (one
+(E, ...) tensor per projection, turned into our layout by a whole-tensor transform): every such transform
+acts expert by expert along the first dimension (``EXPERT_WISE_TRANSFORMS``), so a rank reads rows
+[first, first + count) of the checkpoint tensor from the memory map (its experts only) and applies the
+family's transform to that slice: the result is exactly its rows of the transformed whole.
 
 Mixture-of-experts layers (``models.layers.moe.SparseMoE``, Qwen3-MoE) use expert parallelism on the same
 ranks instead of splitting each expert's width: a Qwen3-30B-A3B expert is only 768 wide, so a split would
@@ -59,6 +69,7 @@ from torch import nn
 from ..config import InternVLConfig, LLMConfig
 from ..errors import ConfigError, UnsupportedFeature
 from ..models.decoders.base import Attention, DecoderForCausalLM, GatedMLP, set_shards
+from ..models.decoders.gpt_oss import SinkAttention, down_weight, flat_bias, gate_up_bias, gate_up_weight
 from ..models.decoders.internlm2 import ungroup_wqkv
 from ..models.layers.moe import SparseMoE
 from ..weights.loader import ELSEWHERE, LazyTensor, LazyTransform, Resolver, Transform
@@ -137,6 +148,10 @@ class ShardPlan:
     def kv_heads(self) -> tuple[int, int, int]:
         d = self.head_dim
         return self.num_kv_heads * d, self.kv_head_start * d, self.kv_heads_per_rank * d
+
+    def head_ids(self) -> tuple[int, int, int]:
+        """Query heads themselves (one entry each: GPT-OSS's sinks), not their rows."""
+        return self.num_heads, self.rank * self.heads_per_rank, self.heads_per_rank
 
     def intermediate(self) -> tuple[int, int, int]:
         n = self.intermediate_per_rank
@@ -233,6 +248,11 @@ class VocabParallelLMHead(nn.Linear):
         return full[..., : self.vocab_size]
 
 
+#: The attention classes tensor parallelism splits -> their parameters with one entry per query head (resized
+#: to this rank's heads here, read by ``SPLITS``'s head span at load).
+PER_HEAD_PARAMETERS: dict[type[Attention], tuple[str, ...]] = {Attention: (), SinkAttention: ("sinks",)}
+
+
 def make_tensor_parallel(lm: DecoderForCausalLM, plan: ShardPlan, group: TPGroup) -> None:
     """Swap ``lm``'s split layers for their local-size parallel versions (call on the meta device)."""
     hidden = lm.config.hidden_size
@@ -247,6 +267,8 @@ def make_tensor_parallel(lm: DecoderForCausalLM, plan: ShardPlan, group: TPGroup
         set_shards(qkv_proj, {"q": q_size, "k": kv_size, "v": kv_size})
         attn.qkv_proj = qkv_proj
         attn.o_proj = RowParallelLinear(q_size, hidden, attn.o_proj.bias is not None, group)
+        for name in PER_HEAD_PARAMETERS[type(attn)]:
+            setattr(attn, name, nn.Parameter(torch.empty(plan.heads_per_rank)))
         if isinstance(mlp, SparseMoE):
             layer.mlp = ExpertParallelMoE(lm.config, group, plan.expert_range(), **mlp.settings())
             continue
@@ -283,6 +305,7 @@ SPLITS: dict[str, Split] = {
     "self_attn.qkv_proj": Split(0, parts=(("q", ShardPlan.heads), ("k", ShardPlan.kv_heads),
                                           ("v", ShardPlan.kv_heads))),
     "self_attn.o_proj": Split(1, ShardPlan.heads),
+    "self_attn.sinks": Split(0, ShardPlan.head_ids),
     "mlp.gate_up_proj": Split(0, parts=((0, ShardPlan.intermediate), (1, ShardPlan.intermediate))),
     "mlp.down_proj": Split(1, ShardPlan.intermediate),
     "model.embed_tokens": Split(0, ShardPlan.vocab),
@@ -344,19 +367,31 @@ SliceReader = Callable[[LazyTensor, ShardPlan], torch.Tensor]
 #: A family's whole-tensor transform -> the reader that does the same on a rank's slice.
 GROUPED_READERS: dict[WholeTransform, SliceReader] = {ungroup_wqkv: read_grouped_wqkv}
 
+#: Whole-tensor transforms of stacked experts that act expert by expert along the checkpoint tensor's first
+#: dimension (GPT-OSS's): a rank applies them to its experts' rows only (``read_experts``).
+EXPERT_WISE_TRANSFORMS: frozenset[WholeTransform] = frozenset({gate_up_weight, gate_up_bias, down_weight, flat_bias})
+
+
+def read_experts(lazy: LazyTensor, plan: ShardPlan) -> torch.Tensor:
+    """Rows [first, first + count) of a checkpoint tensor stacked by expert (E, ...): this rank's experts."""
+    assert lazy.shape[0] == plan.num_experts, (lazy.shape, plan.num_experts)
+    return lazy[plan.expert_start:plan.expert_start + plan.experts_per_rank]
+
 
 def check_family(lm: DecoderForCausalLM) -> None:
     """Every layer must be one this file splits, and every tensor transform the family declares must have a
     slice reader (checked before loading)."""
     for i, layer in enumerate(lm.model.decoder_layers):
-        if type(layer.self_attn) is not Attention or type(layer.mlp) not in (GatedMLP, SparseMoE):
+        if type(layer.self_attn) not in PER_HEAD_PARAMETERS or type(layer.mlp) not in (GatedMLP, SparseMoE):
             raise UnsupportedFeature(
                 f"{type(lm).__name__} layer {i} has {type(layer.self_attn).__name__} / {type(layer.mlp).__name__}: "
-                "tensor parallelism splits the Llama attention, the gated MLP and the mixture of experts only")
+                "tensor parallelism splits the Llama attention (with GPT-OSS's sinks), the gated MLP and the "
+                "mixture of experts only")
     for suffix, fn in lm.tensor_transforms.items():
-        if fn not in GROUPED_READERS:
+        if fn not in GROUPED_READERS and fn not in EXPERT_WISE_TRANSFORMS:
             raise UnsupportedFeature(f"{type(lm).__name__} transforms {suffix} at load, and no tensor-parallel "
-                                     "reader for that layout is declared in distributed/layers.py GROUPED_READERS")
+                                     "reader for that layout is declared in distributed/layers.py "
+                                     "(GROUPED_READERS, EXPERT_WISE_TRANSFORMS)")
 
 
 #: Our stacked expert parameters (``SparseMoE``), filled per expert: shard id (expert, part).
@@ -371,15 +406,21 @@ def tp_resolver(resolve: Resolver, lm: DecoderForCausalLM, plan: ShardPlan) -> R
         if target is None or not target[0].startswith("language_model."):
             return target
         ours, shard, transform = target
-        piece, _, kind = ours.removeprefix("language_model.").rpartition(".")
+        full = ours.removeprefix("language_model.")
+        piece, _, kind = full.rpartition(".")
         if piece.endswith(EXPERT_STACKS) and isinstance(shard, tuple) and transform is None:
             expert, part = shard
             local = expert - plan.expert_start
             return (ours, (local, part), None) if 0 <= local < plan.experts_per_rank else ELSEWHERE
-        split = next((s for key, s in SPLITS.items() if piece.endswith(key)), None)
+        split = next((s for key, s in SPLITS.items() if piece.endswith(key) or full.endswith(key)), None)
         if transform is not None:
             suffix = next(k for k in lm.tensor_transforms if ours.endswith(k))
-            reader = GROUPED_READERS[lm.tensor_transforms[suffix]]
+            whole = lm.tensor_transforms[suffix]
+            if whole in EXPERT_WISE_TRANSFORMS:
+                assert not isinstance(transform, LazyTransform)
+                expert_wise = transform
+                return ours, shard, LazyTransform(lambda lazy: expert_wise(read_experts(lazy, plan)))
+            reader = GROUPED_READERS[whole]
             return ours, shard, LazyTransform(lambda lazy: reader(lazy, plan))
         if split is None:
             return target                                           # replicated (norms)
