@@ -1,11 +1,12 @@
 """The Triton kernels compile for the GPUs we serve on, on a machine without one.
 
-The interpreter tests (``test_triton_attention.py``, ``test_triton_sink_attention.py``, ``test_triton_int8.py``) check the numbers but not
-what only the compiler checks (types across branches and loop iterations, ``tl.dot`` shapes and
-precisions, register and shared-memory limits). Here the exact launches the package makes
-(``attention_kernel_calls``, ``int8_matmul_kernel_call``: grid, arguments, constants) are compiled by
-triton down to a cubin for sm_90 (H100 / H200) and sm_80 (A100) with the ptxas triton ships; no driver
-and no device are needed. This does not run them: what has run on a GPU is said in the kernels' commits.
+The interpreter tests (``test_triton_attention.py``, ``test_triton_sink_attention.py``,
+``test_triton_int8.py``) check the numbers but not what only the compiler checks (types across branches
+and loop iterations, ``tl.dot`` shapes and precisions, register and shared-memory limits). Here the exact
+launches the package makes (``attention_kernel_calls``, ``int8_matmul_kernel_call``: grid, arguments,
+constants) are compiled by triton down to a cubin for sm_90 (H100 / H200) and sm_80 (A100) with the
+ptxas triton ships; no driver and no device are needed. This does not run them: what has run on a GPU
+is said in the kernels' commits.
 
 One subprocess (the kernels must be defined without ``TRITON_INTERPRET``, which the other test modules
 set); slow-marked: ~15 s of CPU, most of it the compiler.
