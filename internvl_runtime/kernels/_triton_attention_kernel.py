@@ -21,6 +21,13 @@ Split context (flash-decoding), for decode batches too small to fill the GPU (B 
 one sequence of the 1B model): with NUM_SEGMENTS > 1 each program takes one of NUM_SEGMENTS equal runs of
 its sequence's tiles and writes its unnormalised partial result (max, sum, accumulator; fp32) instead of
 the output; ``reduce_segments_kernel`` then merges the segments of each (token, head) into the output.
+
+Attention sinks and sliding windows (GPT-OSS), each behind a constexpr flag so that the plain causal
+kernel compiles to the same code without them: a sink is one logit per query head that joins the
+softmax's denominator (exp(sink - max)) and adds nothing to the numerator; it starts the online softmax
+(running max = the sink, running sum = 1) or, with the context split, enters once in the merge. A window
+of W keeps key j for the query at position i only when i - W < j <= i; the loop starts at the tile of
+the first key the block's first query sees, so the keys before the window are never read.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ def unified_attention_kernel(
     block_tables_ptr,             # (B, max_blocks) int32
     seq_lens_ptr,                 # (B,) int32
     query_start_loc_ptr,          # (B + 1,) int32
+    sinks_ptr,                    # (H,) per-head sink logits, when USE_SINKS (else unused)
+    window,                       # sliding window in positions, when USE_WINDOW (else unused)
     scale_log2,                   # softmax scale * log2(e): the kernel exponentiates with exp2
     stride_q_t, stride_q_h,
     stride_o_t, stride_o_h,
@@ -57,6 +66,8 @@ def unified_attention_kernel(
     NUM_QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,   # power of two >= 16 (tl.dot's smallest K); columns >= HEAD_DIM masked
+    USE_SINKS: tl.constexpr,      # the sink enters here with one segment; in the merge when split
+    USE_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr,        # power of two >= 16; BLOCK_Q * NUM_QUERIES_PER_KV <= BLOCK_M
     BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr,         # power of two >= 16
@@ -92,14 +103,23 @@ def unified_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_SINKS and NUM_SEGMENTS == 1:
+        # the sink's column in the online softmax: max = the sink (log2 units), sum = 2^0, no value
+        m_i = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     # Causal: the last query of this block sees positions < kv_end; no tile past it is read. kv_end <=
     # seq_len always, and <= 0 for a padded row (seq_len 0): then no tile is read and the row is zeros.
     kv_end = context_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(tl.maximum(kv_end, 0), TILE_N)
-    tiles_per_segment = tl.cdiv(num_tiles, NUM_SEGMENTS)
-    first_tile = segment * tiles_per_segment
+    start_tile = 0
+    if USE_WINDOW:
+        # the block's first query (the lowest position) sees keys from q_lo - window + 1: skip the tiles before
+        q_lo = context_len + q_block * BLOCK_Q
+        start_tile = tl.maximum(q_lo - window + 1, 0) // TILE_N
+    tiles_per_segment = tl.cdiv(num_tiles - start_tile, NUM_SEGMENTS)
+    first_tile = start_tile + segment * tiles_per_segment
     for tile in range(first_tile, tl.minimum(first_tile + tiles_per_segment, num_tiles)):
         offs_n = tile * TILE_N + tl.arange(0, TILE_N)
         n_ok = offs_n < kv_end
@@ -114,6 +134,8 @@ def unified_attention_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2      # (BLOCK_M, TILE_N) fp32
         visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -150,14 +172,17 @@ def reduce_segments_kernel(
     segment_sum_ptr,              # (T, H, NUM_SEGMENTS) fp32
     segment_acc_ptr,              # (T, H, NUM_SEGMENTS, HEAD_DIM_PAD) fp32
     query_start_loc_ptr,          # (B + 1,) int32: rows past query_start_loc[B] belong to no sequence
+    sinks_ptr,                    # (H,) per-head sink logits, when USE_SINKS
     num_seqs,
     num_heads,
     stride_o_t, stride_o_h,
     NUM_SEGMENTS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
-    """One (token, head) per program: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+    """One (token, head) per program: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s.
+    With a sink (log2 units: sink * log2(e)), M also covers it and the denominator gains 2^(sink - M) once."""
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_seqs):     # partials never written: leave the row alone
@@ -167,8 +192,13 @@ def reduce_segments_kernel(
     partial = (token.to(tl.int64) * num_heads + head) * NUM_SEGMENTS + offs_s
     m = tl.load(segment_max_ptr + partial)
     m_all = tl.max(m, axis=0)
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_all, sink)
     weight = tl.math.exp2(m - tl.where(m_all > float("-inf"), m_all, 0.0))       # empty segments: 0
     total = tl.sum(weight * tl.load(segment_sum_ptr + partial), axis=0)
+    if USE_SINKS:
+        total += tl.math.exp2(sink - m_all)
     acc = tl.load(segment_acc_ptr + partial[:, None] * HEAD_DIM_PAD + offs_d[None, :])
     o = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + offs_d,

@@ -28,6 +28,10 @@ Use::
     from internvl_runtime.kernels.triton_attention import unified_attention
     unified_attention(q, key_cache, value_cache, out, block_tables=bt, seq_lens=lens,
                       query_start_loc=starts, max_query_len=1, block_size=16, scale=d ** -0.5)
+
+GPT-OSS's layers add ``sinks=`` (one logit per query head, in the softmax's denominator only) and, on its
+sliding layers, ``window=`` (the query at position i sees keys i - window < j <= i), as transformers'
+eager GPT-OSS attention (``models.layers.attention.sink_window_attention``) computes them.
 """
 
 from __future__ import annotations
@@ -95,8 +99,12 @@ def launch_config(*, num_queries_per_kv: int, max_query_len: int, head_dim: int,
 
 
 def _check_shapes(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
-                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                  sinks: torch.Tensor | None = None, window: int | None = None) -> None:
     """Shapes and dtypes only (metadata, no device read): the caller is the runner, so these are invariants."""
+    assert sinks is None or (sinks.shape == (q.shape[1],) and sinks.is_contiguous()), (None if sinks is None
+                                                                                         else sinks.shape)
+    assert window is None or window >= 1, window
     assert q.dim() == 3 and out.shape == q.shape and out.dtype == q.dtype, (q.shape, out.shape)
     assert key_cache.dim() == 3 and value_cache.shape == key_cache.shape, (key_cache.shape, value_cache.shape)
     assert key_cache.shape[2] == q.shape[2] and q.shape[1] % key_cache.shape[1] == 0, (q.shape, key_cache.shape)
@@ -112,7 +120,8 @@ def _check_shapes(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
 
 def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor, *,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                      max_query_len: int, block_size: int, scale: float) -> torch.Tensor:
+                      max_query_len: int, block_size: int, scale: float, sinks: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
     """Causal paged attention of this step's queries over their sequences' cached keys and values; -> ``out``.
 
     q/out (T, H, D) with a contiguous last dimension (views of a fused qkv are fine); key_cache/value_cache
@@ -124,19 +133,24 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     Scores, softmax and the sum are fp32; probabilities meet V in its dtype; ``out`` gets q's dtype. A
     row that sees no position (a padded row with seq_len 0) is written as zeros; a sequence with no
     query rows writes nothing.
+
+    ``sinks`` (H,) (any float dtype, read as fp32): head h's logit joins each of its rows' softmax as one
+    more column, unscaled, that carries no value (the weights of a row sum to less than one). ``window``:
+    query position i sees only keys j with i - window < j <= i (None: every earlier key).
     """
-    _check_shapes(q, key_cache, value_cache, out, block_tables, seq_lens, query_start_loc)
+    _check_shapes(q, key_cache, value_cache, out, block_tables, seq_lens, query_start_loc, sinks, window)
     if not kernel_runs_on(q.device):
         return unified_attention_reference(q, key_cache, value_cache, out, block_tables=block_tables,
                                            seq_lens=seq_lens, query_start_loc=query_start_loc,
-                                           max_query_len=max_query_len, block_size=block_size, scale=scale)
+                                           max_query_len=max_query_len, block_size=block_size, scale=scale,
+                                           sinks=sinks, window=window)
     if seq_lens.shape[0] == 0 or q.shape[0] == 0 or max_query_len <= 0:      # nothing to launch
         return out
     kernel = _triton_support.load(_KERNELS)
     for call in attention_kernel_calls(q, key_cache, value_cache, out, block_tables=block_tables,
                                        seq_lens=seq_lens, query_start_loc=query_start_loc,
                                        max_query_len=max_query_len, block_size=block_size, scale=scale,
-                                       interpreted=kernel.INTERPRETED):
+                                       sinks=sinks, window=window, interpreted=kernel.INTERPRETED):
         call.launch(kernel)
     return out
 
@@ -144,11 +158,13 @@ def unified_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 def attention_kernel_calls(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            out: torch.Tensor, *, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, max_query_len: int, block_size: int, scale: float,
-                           interpreted: bool) -> list[KernelCall]:
+                           interpreted: bool, sinks: torch.Tensor | None = None,
+                           window: int | None = None) -> list[KernelCall]:
     """The kernel launches ``unified_attention`` makes (same arguments; ``max_query_len`` >= 1), as data:
     the attention kernel, then, where the context is split, the merge of the segments (with its fp32
     scratch tensors allocated here, on q's device). ``interpreted``: for triton's interpreter, whose bf16
-    ``tl.dot`` needs its operands widened."""
+    ``tl.dot`` needs its operands widened. ``sinks``/``window``: see ``unified_attention`` (without them the
+    launches are the plain causal kernel's: the constexpr flags compile their code out)."""
     num_seqs, (num_tokens, num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape, key_cache.shape[1]
     group = num_heads // num_kv_heads
     config = launch_config(num_queries_per_kv=group, max_query_len=max_query_len, head_dim=head_dim,
@@ -162,11 +178,14 @@ def attention_kernel_calls(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     else:
         segment_max = segment_sum = segment_acc = out                      # not read by the kernel
     widen = interpreted and q.dtype == torch.bfloat16
+    sinks_arg = q if sinks is None else sinks                              # not read without USE_SINKS
     calls = [KernelCall(
         kernel="unified_attention_kernel",
         grid=(num_seqs, -(-max_query_len // config.block_q), num_kv_heads * segments),
         args=(out, segment_max, segment_sum, segment_acc, q, key_cache, value_cache, block_tables, seq_lens,
               query_start_loc,
+              sinks_arg,
+              0 if window is None else window,
               scale * _LOG2_E,                            # the kernel exponentiates with exp2
               q.stride(0), q.stride(1),
               out.stride(0), out.stride(1),
@@ -179,6 +198,8 @@ def attention_kernel_calls(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                        NUM_QUERIES_PER_KV=group,
                        HEAD_DIM=head_dim,
                        HEAD_DIM_PAD=config.head_dim_padded,
+                       USE_SINKS=sinks is not None,
+                       USE_WINDOW=window is not None,
                        BLOCK_M=config.block_m,
                        BLOCK_Q=config.block_q,
                        TILE_N=config.tile_n,
@@ -188,19 +209,21 @@ def attention_kernel_calls(q: torch.Tensor, key_cache: torch.Tensor, value_cache
         calls.append(KernelCall(
             kernel="reduce_segments_kernel",
             grid=(num_tokens, num_heads),
-            args=(out, segment_max, segment_sum, segment_acc, query_start_loc, num_seqs, num_heads,
+            args=(out, segment_max, segment_sum, segment_acc, query_start_loc, sinks_arg, num_seqs, num_heads,
                   out.stride(0), out.stride(1)),
-            constants=dict(NUM_SEGMENTS=segments, HEAD_DIM=head_dim, HEAD_DIM_PAD=config.head_dim_padded)))
+            constants=dict(NUM_SEGMENTS=segments, HEAD_DIM=head_dim, HEAD_DIM_PAD=config.head_dim_padded,
+                           USE_SINKS=sinks is not None)))
     return calls
 
 
 def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                 out: torch.Tensor, *, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                 query_start_loc: torch.Tensor, max_query_len: int, block_size: int,
-                                scale: float) -> torch.Tensor:
+                                scale: float, sinks: torch.Tensor | None = None,
+                                window: int | None = None) -> torch.Tensor:
     """``unified_attention`` in torch, one sequence at a time, all in fp32 (host syncs: tests and the
     fallback where the kernel cannot run). Same arguments, same result up to rounding."""
-    _check_shapes(q, key_cache, value_cache, out, block_tables, seq_lens, query_start_loc)
+    _check_shapes(q, key_cache, value_cache, out, block_tables, seq_lens, query_start_loc, sinks, window)
     group = q.shape[1] // key_cache.shape[1]
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
@@ -216,7 +239,14 @@ def unified_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_
         scores = torch.einsum("lhd,shd->hls", q[start:end].float(), keys) * scale  # (H, L, S)
         query_pos = seq_len - (end - start) + torch.arange(end - start, device=q.device)
         visible = positions[None, :] <= query_pos[:, None]                        # (L, S)
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        if window is not None:
+            visible &= positions[None, :] > query_pos[:, None] - window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:                     # one more column per head, dropped after the softmax
+            column = sinks.float()[:, None, None].expand(-1, end - start, 1)
+            probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[start:end] = torch.einsum("hls,shd->lhd", probs, values).to(out.dtype)
     return out
 

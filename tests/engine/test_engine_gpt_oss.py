@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from test_engine import _engine, _loaded
 
@@ -14,7 +13,6 @@ from internvl_runtime import load_image
 from internvl_runtime.engine.engine import LLMEngine
 from internvl_runtime.engine.model_runner import ModelRunner
 from internvl_runtime.engine.sampling_params import SamplingParams
-from internvl_runtime.errors import UnsupportedFeature
 from internvl_runtime.processing.inputs import ImageInput, PreparedRequest
 from paths import FIXTURES
 
@@ -62,9 +60,9 @@ def test_second_round_from_the_prefix_cache_equals_official() -> None:
     assert out.token_ids == second_ids
 
 
-def test_the_runner_keeps_gpt_oss_on_the_torch_attention_backend() -> None:
-    """The triton kernel has no sinks or windows: "auto" picks torch for GPT-OSS, "triton" is refused."""
+def test_the_runner_takes_gpt_oss_on_either_attention_backend() -> None:
+    """The triton kernel has sinks and windows: "triton" is taken; "auto" is torch on the CPU, as for Llama."""
     model, _ = _loaded(VARIANT)
     assert ModelRunner(model, num_blocks=4, attention_backend="auto").attention_backend == "torch"
-    with pytest.raises(UnsupportedFeature, match="torch"):
-        ModelRunner(model, num_blocks=4, attention_backend="triton")
+    assert ModelRunner(model, num_blocks=4, attention_backend="triton",
+                       enforce_eager=True).attention_backend == "triton"

@@ -4,7 +4,8 @@ Main diff with Llama:
 - attention: q/k/v *and o* biases; one learned logit per head (``self_attn.sinks``) joins every softmax
   row as an extra column that takes weight but gives no value; layers whose ``layer_types`` entry is
   "sliding_attention" see only the last ``sliding_window`` positions (the token itself included), the
-  others every earlier position (``layers.attention.paged_sink_attention``, the torch backend only);
+  others every earlier position (``layers.attention.paged_sink_attention``: per sequence on the torch
+  backend; in the paged kernel, ``kernels.triton_attention``, on the triton backend);
 - rotary: YaRN (``layers.rotary``), the rotation of the two halves as Llama's;
 - feed-forward: every layer is a mixture of experts: router ``mlp.router`` with a bias, top-k of its
   logits then a softmax over those k; experts with biases and the clamped SwiGLU
@@ -28,7 +29,6 @@ import torch
 from torch import nn
 
 from ...config import LLMConfig
-from ...errors import UnsupportedFeature
 from ..layers.attention import AttentionMetadata, paged_sink_attention
 from ..layers.linear import Linear
 from ..layers.moe import SparseMoE
@@ -49,9 +49,6 @@ class SinkAttention(Attention):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-        if meta.attention_backend != "torch":
-            raise UnsupportedFeature("GPT-OSS attention (sinks, sliding windows) runs on the torch attention "
-                                     "backend only: pass attention_backend='torch' (--attention-backend torch)")
         T = x.shape[0]
         q, k, v = self.project_qkv(x, cos, sin)
         out = paged_sink_attention(q, k, v, key_cache=key_cache, value_cache=value_cache, meta=meta,
@@ -82,7 +79,6 @@ def flat_bias(config: LLMConfig, bias: torch.Tensor) -> torch.Tensor:
 
 class GptOssForCausalLM(DecoderForCausalLM):
     qkv_bias = True
-    triton_attention = False      # sinks and windows: the torch backend's paged_sink_attention only
     renames = (
         (".mlp.router.", ".mlp.gate."),
         # The stacked experts are parameters (no ".weight"); their biases' names extend the weights'

@@ -272,15 +272,24 @@ def sink_window_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 def paged_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, meta: AttentionMetadata, sinks: torch.Tensor | None,
                          window: int | None, scale: float | None = None) -> torch.Tensor:
-    """``paged_attention`` for a layer with attention sinks and/or a sliding window (GPT-OSS), torch backend.
+    """``paged_attention`` for a layer with attention sinks and/or a sliding window (GPT-OSS).
 
-    Writes k/v into the pools, then per sequence attends over its context from the pool; a sliding layer
-    reads only the last ``window - 1`` keys before its first new token (older ones are never visible).
+    Writes k/v into the pools, then, on the torch backend, per sequence attends over its context from the
+    pool (a sliding layer reads only the last ``window - 1`` keys before its first new token: older ones
+    are never visible); on the triton backend the kernel does the whole step, sinks and window included.
     """
     key_cache.index_copy_(0, meta.slot_mapping, k)
     value_cache.index_copy_(0, meta.slot_mapping, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if meta.attention_backend == "triton":
+        from ...kernels.triton_attention import unified_attention
+        assert meta.block_tables is not None and meta.seq_lens_tensor is not None
+        assert meta.query_start_loc is not None
+        return unified_attention(q, key_cache, value_cache, torch.empty_like(q), block_tables=meta.block_tables,
+                                 seq_lens=meta.seq_lens_tensor, query_start_loc=meta.query_start_loc,
+                                 max_query_len=meta.max_query_len, block_size=meta.block_size, scale=scale,
+                                 sinks=sinks, window=window)
     outputs = []
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens, strict=True)):
         first = slen - qlen
