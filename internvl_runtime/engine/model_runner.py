@@ -69,11 +69,6 @@ class ModelRunner:
         self.device = embed.device
         self.dtype = kv_dtype or embed.dtype
         self.rotary = model.language_model.rotary
-        if not model.language_model.triton_attention:     # a family whose attention the kernel does not compute
-            if attention_backend == "triton":
-                raise UnsupportedFeature(f"{model.config.llm.architecture} runs on attention_backend 'torch' only "
-                                         "(its attention is not in the triton kernel)")
-            attention_backend = "torch"
         self.attention_backend = choose_attention_backend(attention_backend, device_type=self.device.type,
                                                           has_triton=triton_available())
         devices = layer_devices(model.language_model)

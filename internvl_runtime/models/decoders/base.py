@@ -152,8 +152,6 @@ class DecoderForCausalLM(nn.Module):
 
     qkv_bias: ClassVar[bool] = False
     qk_norm: ClassVar[bool] = False
-    #: Whether the triton attention backend computes this family's attention (False: the runner uses "torch").
-    triton_attention: ClassVar[bool] = True
     # The tables are class-level data shared by every instance: tuples and read-only mappings, never mutated.
     stacked_params: ClassVar[tuple[tuple[str, str, object], ...]] = (
         # (our name piece, checkpoint name piece, shard id)
