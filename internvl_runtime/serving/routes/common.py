@@ -15,6 +15,7 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
+from ...processing.harmony import uses_harmony
 from ...processing.inputs import PreparedRequest
 from ...processing.lenient_model import STRICT_PROTOCOL
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
@@ -54,9 +55,14 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
                     prepared: PreparedRequest) -> list[SamplingParams]:
     """One SamplingParams per choice. The engine's context rule says how many tokens fit (or refuses):
     ``max_tokens`` as asked, else the server's default cut to what the context leaves. Tool calls in a format
-    made of special tokens (InternLM2's) keep special tokens in the text, to be parsed."""
+    made of special tokens (InternLM2's) keep special tokens in the text, to be parsed; so do chat answers in
+    harmony (GPT-OSS), whose channels the chat route splits into content and reasoning."""
     plan = prepared.tool_plan
     skip_special_tokens = req.skip_special_tokens and (plan is None or plan.skip_special_tokens)
+    spaces_between_special_tokens = req.spaces_between_special_tokens
+    if isinstance(req, ChatCompletionRequest) and uses_harmony(state.processor.template):
+        # the harmony tags are special tokens: kept verbatim, for the chat route to parse (processing.harmony)
+        skip_special_tokens, spaces_between_special_tokens = False, False
     constraint = req.structured_output()
     forced_calls = plan.constraint if plan is not None else None
     if constraint is not None and forced_calls is not None:
@@ -84,7 +90,7 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
             logit_bias=req.logit_bias_ids,
             min_p=req.min_p or 0.0,
             structured_output=constraint or forced_calls,
-            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
         ))
     return params
