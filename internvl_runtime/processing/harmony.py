@@ -90,13 +90,18 @@ class HarmonyStreamParser:
         self._to_content = True       # the current body's field
         self._started = {True: False, False: False}   # whether a message went to content / reasoning
 
-    def feed(self, text: str) -> HarmonyDelta:
-        """Add a piece of the answer; return what it adds to each field."""
+    def feed(self, text: str, *, finished: bool = False) -> HarmonyDelta:
+        """Add a piece of the answer; return what it adds to each field (``finished``: the answer ends with
+        this piece, :meth:`finish` included)."""
         self._buffer += text
         content: list[str] = []
         reasoning: list[str] = []
         while self._step(content, reasoning, final=False):
             pass
+        if finished:
+            last = self.finish()
+            content.append(last.content)
+            reasoning.append(last.reasoning)
         return HarmonyDelta("".join(content), "".join(reasoning))
 
     def finish(self) -> HarmonyDelta:
@@ -159,7 +164,6 @@ class HarmonyStreamParser:
 def parse_harmony(text: str) -> HarmonyAnswer:
     """A whole answer's content and reasoning (the concatenation of :class:`HarmonyStreamParser`'s deltas)."""
     parser = HarmonyStreamParser()
-    first, last = parser.feed(text), parser.finish()
+    delta = parser.feed(text, finished=True)
     has_content, has_reasoning = parser.started
-    return HarmonyAnswer(first.content + last.content if has_content else None,
-                         first.reasoning + last.reasoning if has_reasoning else None)
+    return HarmonyAnswer(delta.content if has_content else None, delta.reasoning if has_reasoning else None)

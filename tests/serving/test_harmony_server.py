@@ -105,3 +105,12 @@ def test_completions_keep_the_raw_text(client, script) -> None:
     reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=200, temperature=0)
     raw = AutoTokenizer.from_pretrained(CKPT).decode(script[:-1], skip_special_tokens=True)
     assert reply.choices[0].text == raw and FINAL in raw and REASONING in raw
+
+
+def test_responses_output_text_is_the_final_channel(client) -> None:
+    response = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=200)
+    assert response.output_text == FINAL and response.status == "completed"
+    events = list(client.responses.create(model=MODEL, input="What is the capital of France?",
+                                          max_output_tokens=200, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == FINAL and events[-1].type == "response.completed"

@@ -253,7 +253,8 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
         calls: list[dict[str, Any]] = []
         parser = parsers[index]
         if harmony is not None:
-            text, reasoning = _harmony_delta(harmony[index], text, finished=out.finished)
+            fields = harmony[index].feed(text, finished=out.finished)     # the markup never leaves
+            text, reasoning = fields.content, fields.reasoning
         elif parser is not None:
             text, calls = parser.feed(text, finished=out.finished)
         if (text or out.finished) and not labelled[index]:     # a demo answer says so, even an empty one
@@ -282,16 +283,6 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
                                                        completion_tokens=completion_tokens,
                                                        total_tokens=prompt_tokens + completion_tokens)))
         yield sse(payload)
-
-
-def _harmony_delta(parser: HarmonyStreamParser, text: str, *, finished: bool) -> tuple[str, str]:
-    """One choice's harmony text piece -> (content, reasoning) deltas; the markup never leaves."""
-    delta = parser.feed(text)
-    content, reasoning = delta.content, delta.reasoning
-    if finished:
-        last = parser.finish()
-        content, reasoning = content + last.content, reasoning + last.reasoning
-    return content, reasoning
 
 
 def _tool_finish(finish_reason: str | None) -> str | None:
