@@ -7,8 +7,7 @@ import itertools
 
 import pytest
 
-from internvl_runtime.processing.harmony import (HarmonyAnswer, HarmonyStreamParser, parse_harmony,
-                                                 uses_harmony)
+from internvl_runtime.processing.harmony import HarmonyAnswer, HarmonyStreamParser, parse_harmony, uses_harmony
 
 TWO_CHANNELS = ("<|channel|>analysis<|message|>The user asks for the capital.<|end|>"
                 "<|start|>assistant<|channel|>final<|message|>Paris is the capital.<|return|>")
