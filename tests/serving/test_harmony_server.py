@@ -114,3 +114,20 @@ def test_responses_output_text_is_the_final_channel(client) -> None:
                                           max_output_tokens=200, stream=True))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == FINAL and events[-1].type == "response.completed"
+
+
+def test_the_answer_sent_back_as_history_is_a_known_message(client) -> None:
+    """``model_dump()`` of a harmony answer carries ``reasoning_content``: the next request takes it back, even
+    under --strict-protocol's rule that unknown fields are refused (checked on the request model)."""
+    from internvl_runtime.processing.lenient_model import STRICT_PROTOCOL
+    from internvl_runtime.serving.protocol import ChatCompletionRequest
+
+    first = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=200, temperature=0)
+    history = [*ASK, first.choices[0].message.model_dump(exclude={"refusal", "audio", "function_call",
+                                                                  "annotations"}),
+               {"role": "user", "content": "And Germany?"}]
+    assert history[1]["reasoning_content"] == REASONING
+    ChatCompletionRequest.model_validate({"model": MODEL, "messages": history}, context={STRICT_PROTOCOL: True})
+    second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=200, temperature=0)
+    assert second.choices[0].message.content == FINAL
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
