@@ -26,11 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HARMONY_TEMPLATES", "HarmonyAnswer", "HarmonyDelta", "HarmonyStreamParser", "parse_harmony",
-           "uses_harmony"]
+__all__ = ["ACTION_STOP_TOKENS", "HARMONY_TEMPLATES", "HarmonyAnswer", "HarmonyDelta", "HarmonyStreamParser",
+           "parse_harmony", "uses_harmony"]
 
 #: The official conversation templates whose models answer in harmony.
 HARMONY_TEMPLATES = frozenset({"internvl3_5_gpt_oss"})
+#: Tokens that end an assistant's turn besides the template's stop (``<|return|>``): a tool call's
+#: ``<|call|>`` waits for the tool's result (vLLM stops gpt-oss at both, its "assistant actions").
+ACTION_STOP_TOKENS = ("<|call|>",)
 
 _START, _CHANNEL, _MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 _END, _RETURN, _CALL = "<|end|>", "<|return|>", "<|call|>"

@@ -10,6 +10,9 @@ real ``openai`` client reads the answers on loopback."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import openai
 import pytest
 
@@ -42,8 +45,9 @@ def script() -> list[int]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def client(script):
+@contextlib.contextmanager
+def _scripted_client(script: list[int]) -> Iterator[openai.OpenAI]:
+    """The openai client of a GPT-OSS tiny server whose every answer is ``script``."""
     config = ServerConfig(model=str(CKPT), max_model_len=4096, num_blocks=256, max_num_seqs=2)
 
     def loader() -> AsyncEngine:
@@ -53,6 +57,12 @@ def client(script):
 
     with run_server(config, loader=loader) as server, openai.OpenAI(
             base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(script):
+    with _scripted_client(script) as c:
         yield c
 
 
@@ -131,3 +141,20 @@ def test_the_answer_sent_back_as_history_is_a_known_message(client) -> None:
     second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=200, temperature=0)
     assert second.choices[0].message.content == FINAL
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_a_tool_call_ends_the_answer_at_call() -> None:
+    """``<|call|>`` ends the turn (the tool's result comes next), as vLLM stops gpt-oss: what the model would
+    write after it is never generated; the call's text is reasoning (harmony tool calls are not parsed)."""
+    tokenizer = AutoTokenizer.from_pretrained(CKPT)
+    call = ("<|channel|>analysis<|message|>Look it up.<|end|><|start|>assistant to=functions.lookup"
+            "<|channel|>commentary <|constrain|>json<|message|>{\"q\": 1}")
+    after = "<|start|>assistant<|channel|>final<|message|>never"
+    ids = tokenizer.encode(call, add_special_tokens=False)
+    script = [*ids, tokenizer.convert_tokens_to_ids("<|call|>"), *tokenizer.encode(after, add_special_tokens=False)]
+    with _scripted_client(script) as c:
+        reply = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=200, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    assert choice.message.reasoning_content == "Look it up.\n{\"q\": 1}"       # type: ignore[attr-defined]
+    assert reply.usage.completion_tokens == len(ids) + 1
