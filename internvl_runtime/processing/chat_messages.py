@@ -105,6 +105,9 @@ class ChatMessage(LenientModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    #: An earlier answer's reasoning (this server's harmony answers send it): known, so that the history a client
+    #: sends back is no unknown field, and not rendered (harmony drops past turns' analysis).
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatMessage:

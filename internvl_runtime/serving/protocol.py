@@ -429,6 +429,8 @@ class ChoiceLogprobs(_Out):
 class ChatMessageOut(_Out):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    #: The model's reasoning (harmony's analysis channel, GPT-OSS), as vLLM's field; null for other models.
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -452,6 +454,7 @@ class ChatCompletion(_Out):
 class DeltaMessage(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -16,6 +16,7 @@ from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
 from ...processing.chat_messages import ImageURL
 from ...processing.grounding import parse_grounding
+from ...processing.harmony import HarmonyStreamParser, parse_harmony, uses_harmony
 from ...processing.inputs import ImageInput, Message, PreparedRequest
 from ...processing.tokenization import Tokenizer
 from ...processing.tool_calls import ToolCallStreamParser, parse_tool_call
@@ -199,12 +200,17 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
             finals[index] = out
     choices, completion_tokens = [], 0
     plan = jobs[0][0].tool_plan
+    harmony = uses_harmony(state.processor.template)
     for index in range(len(jobs)):
         out = finals[index]
         completion_tokens += len(out.token_ids)
         logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, state.token_text)) if req.logprobs else None
         message, finish_reason = ChatMessageOut(content=state.label(out.text)), out.finish_reason
-        if plan is not None:
+        if harmony:
+            answer = parse_harmony(out.text)
+            content = state.label(answer.content) if answer.content is not None else None
+            message = ChatMessageOut(content=content, reasoning_content=answer.reasoning_content)
+        elif plan is not None:
             parsed = plan.parse(out.text)
             if parsed.tool_calls:
                 message = ChatMessageOut(content=state.label(parsed.content) if parsed.content else None,
@@ -240,12 +246,16 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
     labelled = [False] * len(jobs)
     plan = jobs[0][0].tool_plan
     parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None else None for _ in jobs]
+    harmony = [HarmonyStreamParser() for _ in jobs] if uses_harmony(state.processor.template) else None
     completion_tokens = 0
     async for index, out in merged(engine, request_id, jobs):
-        text = out.delta
+        text, reasoning = out.delta, ""
         calls: list[dict[str, Any]] = []
         parser = parsers[index]
-        if parser is not None:
+        if harmony is not None:
+            fields = harmony[index].feed(text, finished=out.finished)     # the markup never leaves
+            text, reasoning = fields.content, fields.reasoning
+        elif parser is not None:
             text, calls = parser.feed(text, finished=out.finished)
         if (text or out.finished) and not labelled[index]:     # a demo answer says so, even an empty one
             text, labelled[index] = state.label(text), True
@@ -256,13 +266,14 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
             logprobs = ChoiceLogprobs(content=chat_logprobs(new, state.token_text))
         if out.finished:
             completion_tokens += len(out.token_ids)
-        if not text and not calls and not out.finished and not (logprobs and logprobs.content):
+        if not text and not reasoning and not calls and not out.finished and not (logprobs and logprobs.content):
             continue           # the detokenizer holds text back (a possible stop string, a partial character)
         finish_reason = out.finish_reason if out.finished else None
         if finish_reason is not None and parser is not None and parser.called:
             finish_reason = _tool_finish(finish_reason)
         extension = {"grounding": grounder(out.token_ids)} if grounder is not None and out.finished else {}
-        yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
+        delta = DeltaMessage(content=text or None, reasoning_content=reasoning or None, tool_calls=calls or None)
+        yield chunk([ChatChunkChoice(index=index, delta=delta,
                                      finish_reason=finish_reason, logprobs=logprobs, **extension)])
     if include_usage:
         prompt_tokens = len(jobs[0][0].prompt_token_ids)

@@ -15,6 +15,7 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
+from ...processing.harmony import ACTION_STOP_TOKENS, uses_harmony
 from ...processing.inputs import PreparedRequest
 from ...processing.lenient_model import STRICT_PROTOCOL
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
@@ -54,9 +55,16 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
                     prepared: PreparedRequest) -> list[SamplingParams]:
     """One SamplingParams per choice. The engine's context rule says how many tokens fit (or refuses):
     ``max_tokens`` as asked, else the server's default cut to what the context leaves. Tool calls in a format
-    made of special tokens (InternLM2's) keep special tokens in the text, to be parsed."""
+    made of special tokens (InternLM2's) keep special tokens in the text, to be parsed; so do chat answers in
+    harmony (GPT-OSS), whose channels the chat route splits into content and reasoning."""
     plan = prepared.tool_plan
     skip_special_tokens = req.skip_special_tokens and (plan is None or plan.skip_special_tokens)
+    spaces_between_special_tokens = req.spaces_between_special_tokens
+    stop_token_ids = list(req.stop_token_ids or [])
+    if isinstance(req, ChatCompletionRequest) and uses_harmony(state.processor.template):
+        # the harmony tags are special tokens: kept verbatim, for the chat route to parse (processing.harmony)
+        skip_special_tokens, spaces_between_special_tokens = False, False
+        stop_token_ids += [i for i in _token_ids(state, ACTION_STOP_TOKENS) if i not in stop_token_ids]
     constraint = req.structured_output()
     forced_calls = plan.constraint if plan is not None else None
     if constraint is not None and forced_calls is not None:
@@ -75,7 +83,7 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             ignore_eos=req.ignore_eos,
             stop=req.stop_list,
-            stop_token_ids=list(req.stop_token_ids or []),
+            stop_token_ids=stop_token_ids,
             seed=None if req.seed is None else (req.seed + i) % 2**64,   # choice i: seed + i, reproducible
             logprobs=req.num_logprobs,
             skip_special_tokens=skip_special_tokens,
@@ -84,10 +92,22 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
             logit_bias=req.logit_bias_ids,
             min_p=req.min_p or 0.0,
             structured_output=constraint or forced_calls,
-            spaces_between_special_tokens=req.spaces_between_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
         ))
     return params
+
+
+def _token_ids(state: ServingState, tokens: tuple[str, ...]) -> list[int]:
+    """The ids of those of ``tokens`` the tokenizer has as single tokens (an unknown one is left out, not
+    mapped to the unk id)."""
+    tokenizer = state.tokenizer
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and tokenizer.decode([token_id], skip_special_tokens=False) == token:
+            ids.append(token_id)
+    return ids
 
 
 def chat_logprobs(records: list[TokenLogprobs], token_text: Callable[[int], str]) -> list[TokenLogprob]:

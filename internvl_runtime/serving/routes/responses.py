@@ -14,6 +14,9 @@ each event as OpenAI sends it: an ``event:`` line naming its type, then ``data:`
 ``sequence_number`` counting from 0. A failure once the stream has begun is reported as the chat route
 does (an ``{"error": ...}`` event, which the SDK raises as ``APIError``), and every stream ends with
 ``data: [DONE]`` (the SDK stops reading there).
+
+A harmony answer (GPT-OSS) gives its ``final`` channel as the output text; its reasoning is not sent
+(no reasoning output items yet).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
+from ...processing.harmony import HarmonyStreamParser, parse_harmony, uses_harmony
 from ..protocol import ChatCompletionRequest
 from ..responses_protocol import (
     IncompleteDetails,
@@ -103,7 +107,10 @@ async def _full(state: ServingState, engine: AsyncEngine, start: ResponseObject,
         if out.finished:
             final = out
     assert final is not None, "the engine ends every request with a finished output"
-    message = _message(new_response_id("msg"), state.label(final.text), final)
+    text = final.text
+    if uses_harmony(state.processor.template):       # the answer is the final channel (processing.harmony)
+        text = parse_harmony(text).content or ""
+    message = _message(new_response_id("msg"), state.label(text), final)
     return JSONResponse(_finished(start, message, final, len(jobs[0][0].prompt_token_ids)).model_dump(mode="json"))
 
 
@@ -132,8 +139,9 @@ async def _events(state: ServingState, engine: AsyncEngine, start: ResponseObjec
     yield event("response.content_part.added", **where, part=OutputTextPart(text="").model_dump(mode="json"))
     text, labelled = "", False
     final: RequestOutput | None = None
+    harmony = HarmonyStreamParser() if uses_harmony(state.processor.template) else None
     async for _, out in merged(engine, start.id, jobs):
-        delta = out.delta
+        delta = out.delta if harmony is None else harmony.feed(out.delta, finished=out.finished).content
         if (delta or out.finished) and not labelled:     # a demo answer says so, even an empty one
             delta, labelled = state.label(delta), True
         if delta:
