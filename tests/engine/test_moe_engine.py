@@ -3,16 +3,9 @@ the official greedy ids, and the prefix cache (image features included) gives th
 
 from __future__ import annotations
 
-import json
-
-import torch
-
-from engine.test_engine import _engine
-from internvl_runtime import load_image
-from internvl_runtime.engine.engine import LLMEngine
+from engine.test_engine import _engine, _golden_requests
 from internvl_runtime.engine.sampling_params import SamplingParams
-from internvl_runtime.processing.inputs import ImageInput, Message
-from internvl_runtime.processing.template import build_prompt
+from internvl_runtime.processing.inputs import Message
 from paths import FIXTURES
 
 VARIANT = "tiny-3_5-30B-A3B"
@@ -21,31 +14,9 @@ CASES = ["text_chat", "img_800x600_max12", "img_300x1200_max6_autoprefix", "mult
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
 
-def _golden_requests(engine: LLMEngine, cases: list[str]):
-    """(prepared request, official greedy ids) for the first round of each chat case. The 3.5 code's ``generate``
-    returns the new ids only (no bos to drop)."""
-    all_cases = {c["id"]: c for c in json.loads((FIXTURES / "cases.json").read_text())["cases"]}
-    out = []
-    for case_id in cases:
-        golden = json.loads((FIXTURES / "goldens" / VARIANT / f"{case_id}.json").read_text())
-        case, record = all_cases[case_id], golden["rounds"][0]
-        tiles = [load_image(FIXTURES / "data" / f"{im['ref']}.png", input_size=golden["input_size"],
-                            max_num=im["max_num"]) for im in case.get("images", [])]
-        if tiles and case.get("num_patches_list") != "per_image":
-            tiles = [torch.cat(tiles)]
-        question = record["question"]
-        if tiles and "<image>" not in question:
-            question = "<image>\n" + question
-        prompt = build_prompt(engine.model.config.template, question)
-        prepared = engine.processor.prepare_prompt(prompt, [ImageInput.from_tiles(t) for t in tiles])
-        assert prepared.prompt_token_ids == record["input_ids"][0]
-        out.append((prepared, record["generated_ids"][0]))
-    return out
-
-
 def test_concurrent_greedy_with_chunked_prefill_equals_official() -> None:
     engine = _engine(VARIANT, max_num_batched_tokens=96, max_num_seqs=4)
-    requests = _golden_requests(engine, CASES)
+    requests = _golden_requests(engine, VARIANT, CASES)
     assert max(len(r.prompt_token_ids) for r, _ in requests) > 96          # prefill comes in chunks
     outputs = engine.generate([r for r, _ in requests], SamplingParams(max_new_tokens=20, temperature=0))
     for out, (_, golden) in zip(outputs, requests, strict=True):

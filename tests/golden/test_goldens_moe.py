@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 
-from golden.test_goldens import _check_features, _check_pixels, _first_logits, _image, _model, _rel_err
+from golden.test_goldens import check_golden_case
 from golden.test_goldens_bf16 import test_bf16_first_logits as _bf16_first_logits
-from internvl_runtime.api.chat import IdsOnlyVocabulary, engine_requests
-from internvl_runtime.engine.engine import EngineConfig, LLMEngine
-from internvl_runtime.engine.sampling_params import SamplingParams
 from paths import FIXTURES
 
 VARIANT = "tiny-3_5-30B-A3B"
 GOLDENS = FIXTURES / "goldens" / VARIANT
-RTOL = 1e-5
 
 
 def _case_ids() -> list[str]:
@@ -34,83 +28,11 @@ def _case_ids() -> list[str]:
     return [c["id"] for c in index["variants"][VARIANT]["cases"]]
 
 
-def _engine_greedy(model, rows: list[list[int]], features: torch.Tensor | None, eos: int,
-                   max_new: int) -> list[list[int]]:
-    """Greedy ids of every row, all rows in one engine (batched decode, chunked prefill of 64 tokens)."""
-    config = EngineConfig(max_num_seqs=len(rows), max_num_batched_tokens=64,
-                          num_blocks=sum(-(-(len(r) + max_new) // 16) + 2 for r in rows),
-                          enable_prefix_caching=False, image_cache_bytes=0)
-    engine = LLMEngine(model, IdsOnlyVocabulary(model.config.llm.vocab_size, model.img_context_token_id), config)
-    requests = engine_requests(rows, features, model.img_context_token_id)
-    outputs = engine.generate([r for r, _ in requests], SamplingParams(max_new_tokens=max_new, temperature=0,
-                                                                        stop_token_ids=[eos]),
-                              image_features=[f for _, f in requests])
-    return [list(o.token_ids) for o in outputs]
-
-
 @pytest.mark.parametrize("case_id", _case_ids())
 def test_golden_case_moe(case_id: str) -> None:
     golden = json.loads((GOLDENS / f"{case_id}.json").read_text(encoding="utf-8"))
-    case = next(c for c in json.loads((FIXTURES / "cases.json").read_text(encoding="utf-8"))["cases"]
-                if c["id"] == case_id)
-    model, tokenizer = _model(VARIANT)
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    size, config = golden["input_size"], dict(golden["generation_config"])
     assert golden["template"] == "internvl2_5"
-
-    if case["type"] == "batch_chat":
-        images = [_image(item["ref"], item["max_num"], size) for item in case["items"]]
-        pixel_values = torch.cat(images)
-        num_patches_list = [im.shape[0] for im in images]
-        assert num_patches_list == golden["num_patches_list_arg"]
-        _check_pixels(golden, pixel_values)
-        features = _check_features(model, GOLDENS, f"{case_id}.features.npy", pixel_values)
-        tokenizer.padding_side = "left"
-        inputs = tokenizer(golden["prompts"], return_tensors="pt", padding=True)
-        tokenizer.padding_side = "right"
-        assert inputs["input_ids"].tolist() == golden["input_ids"]
-        assert inputs["attention_mask"].tolist() == golden["attention_mask"]
-        rows = [ids[m.bool()].tolist() for ids, m in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
-        assert _rel_err(_first_logits(model, rows, features), np.load(GOLDENS / golden["logits0_file"])) <= RTOL
-        eos = golden["eos_token_id"]
-        want = [[t for t in row if t != eos] for row in golden["generated_ids"]]
-        got = _engine_greedy(model, rows, features, eos, config["max_new_tokens"])
-        assert [[t for t in row if t != eos] for row in got] == want
-        generated = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
-                                   attention_mask=inputs["attention_mask"], eos_token_id=eos, **config)
-        assert generated.tolist() == golden["generated_ids"]
-        responses = model.batch_chat(tokenizer, pixel_values, golden["questions"], dict(config),
-                                     num_patches_list=num_patches_list)
-        assert responses == golden["responses"]
-        return
-
-    pixel_values, num_patches_list = None, None
-    if case.get("images"):
-        images = [_image(im["ref"], im["max_num"], size) for im in case["images"]]
-        pixel_values = torch.cat(images)
-        assert [im.shape[0] for im in images] == golden["image_tile_counts"]
-        if case.get("num_patches_list") == "per_image":
-            num_patches_list = [im.shape[0] for im in images]
-        _check_pixels(golden, pixel_values)
-    history = None
-    for index, record in enumerate(golden["rounds"]):
-        _question, query = model.build_chat_query(pixel_values, record["question"], history, num_patches_list)
-        assert query == record["prompt"]
-        inputs = tokenizer(query, return_tensors="pt")
-        assert inputs["input_ids"].tolist() == record["input_ids"]
-        features = None
-        if pixel_values is not None:
-            features = _check_features(model, GOLDENS, f"{case_id}.r{index}.features.npy", pixel_values)
-        logits = _first_logits(model, inputs["input_ids"].tolist(), features)
-        assert _rel_err(logits, np.load(GOLDENS / record["logits0_file"])) <= RTOL
-        eos = record["eos_token_id"]
-        generated = model.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"],
-                                   attention_mask=inputs["attention_mask"], eos_token_id=eos, **config)
-        assert generated.tolist() == record["generated_ids"]
-        response, history = model.chat(tokenizer, pixel_values, record["question"], dict(config),
-                                       history=history, return_history=True, num_patches_list=num_patches_list)
-        assert response == record["response"]
-        assert [list(h) for h in history] == [list(h) for h in record["history"]]
+    check_golden_case(VARIANT, case_id, batched_engine=True)
 
 
 @pytest.mark.parametrize("compute", ["native", "upcast"])

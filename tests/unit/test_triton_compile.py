@@ -8,51 +8,22 @@ constants) are compiled by triton down to a cubin for sm_90 (H100 / H200) and sm
 ptxas triton ships; no driver and no device are needed. This does not run them: what has run on a GPU
 is said in the kernels' commits.
 
-One subprocess (the kernels must be defined without ``TRITON_INTERPRET``, which the other test modules
-set); slow-marked: ~15 s of CPU, most of it the compiler.
+One subprocess (``tests/triton_compile.py``: the kernels must be defined without ``TRITON_INTERPRET``, which
+the other test modules set); slow-marked: ~15 s of CPU, most of it the compiler.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from triton_compile import compile_in_subprocess
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-_COMPILE = r"""
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_KERNELS = r"""
 from internvl_runtime.kernels import _triton_attention_kernel, _triton_int8_kernel
 from internvl_runtime.kernels.triton_attention import attention_kernel_calls
 from internvl_runtime.kernels.triton_int8 import int8_matmul_kernel_call
-
-assert not _triton_attention_kernel.INTERPRETED
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32"}
-
-
-def kind(arg):
-    if isinstance(arg, torch.Tensor):
-        return "*" + TYPES[arg.dtype]
-    return {bool: "i1", int: "i32", float: "fp32"}[type(arg)]
-
-
-def compile_call(module, call, arch):
-    fn = getattr(module, call.kernel)
-    signature = {name: kind(arg) for name, arg in zip(fn.arg_names, call.args)}
-    signature.update({name: "constexpr" for name in call.constants})
-    assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
-    compiled = triton.compile(ASTSource(fn, signature, call.constants), target=GPUTarget("cuda", arch, 32),
-                              options={"enable_fp_fusion": True})
-    assert compiled.asm["cubin"]
-    return compiled
 
 
 def attention(dtype, heads, kv_heads, head_dim, query_lens, arch, sinks=False, window=None):
@@ -97,9 +68,4 @@ print("ok")
 
 @pytest.mark.slow
 def test_the_kernels_compile_for_sm90_and_sm80() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok"), result.stdout
+    compile_in_subprocess(_KERNELS)

@@ -8,33 +8,15 @@ says the kernels have run on a GPU (no GPU this session). Slow-marked (the compi
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from triton_compile import compile_in_subprocess
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-_COMPILE = r"""
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_KERNELS = r"""
 from internvl_runtime.kernels import _triton_moe_kernel
 from internvl_runtime.kernels.triton_moe import align_pairs, choose_block_m, grouped_experts_kernel_calls
-
-assert not _triton_moe_kernel.INTERPRETED
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32"}
-
-
-def kind(arg):
-    if isinstance(arg, torch.Tensor):
-        return "*" + TYPES[arg.dtype]
-    return {bool: "i1", int: "i32", float: "fp32"}[type(arg)]
 
 
 def compile_moe(dtype, t, k, experts, hidden, inter, activation, bias, int8, arch):
@@ -53,13 +35,7 @@ def compile_moe(dtype, t, k, experts, hidden, inter, activation, bias, int8, arc
         aligned, top_k=k, activation=activation, limit=7.0 if activation == "gpt_oss" else None, alpha=1.702,
         interpreted=False)
     for call in calls:
-        fn = getattr(_triton_moe_kernel, call.kernel)
-        signature = {name: kind(arg) for name, arg in zip(fn.arg_names, call.args)}
-        signature.update({name: "constexpr" for name in call.constants})
-        assert list(signature) == fn.arg_names, (list(signature), fn.arg_names)
-        compiled = triton.compile(ASTSource(fn, signature, call.constants), target=GPUTarget("cuda", arch, 32),
-                                  options={"enable_fp_fusion": True})
-        assert compiled.asm["cubin"]
+        compiled = compile_call(_triton_moe_kernel, call, arch)
         print(call.kernel, dtype, t, arch, "block_m", aligned.block_m, "shared", compiled.metadata.shared)
 
 
@@ -73,9 +49,4 @@ print("ok")
 
 @pytest.mark.slow
 def test_the_moe_kernels_compile_for_sm90_and_sm80() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("ok"), result.stdout
+    compile_in_subprocess(_KERNELS)
