@@ -320,6 +320,8 @@ class InputProcessor:
         pending_user: str | None = None
         results: list[ToolResult] = []
         after_results = False
+        called: dict[str, str] = {}       # the history's call ids -> function names (a result may name neither)
+        last_called: str | None = None
 
         def flush() -> None:
             nonlocal pending_user
@@ -340,14 +342,19 @@ class InputProcessor:
             elif m.role == "tool":
                 if pending_user is not None:
                     flush()
-                results.append(ToolResult(m.text or "", m.tool_call_id, m.name))
+                name = m.name or called.get(m.tool_call_id or "", last_called)
+                results.append(ToolResult(m.text or "", m.tool_call_id, name))
                 after_results = True
             elif m.role == "assistant":
                 if pending_user is None and not after_results:
                     pending_user = ""         # the official history pairs: an answer without a question
                 flush()
-                text = self._history_format().assistant_text(m.text, m.tool_calls) if m.tool_calls else m.text
-                turns.append((bot_role, text))
+                if m.tool_calls:
+                    turns.extend(self._history_format().assistant_turns(bot_role, m.text, m.tool_calls))
+                    called.update((call.id, call.name) for call in m.tool_calls)
+                    last_called = m.tool_calls[-1].name
+                else:
+                    turns.append((bot_role, m.text))
                 after_results = False
         flush()
         if continue_final_message:
