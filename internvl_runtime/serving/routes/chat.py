@@ -248,9 +248,9 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
     sent_logprobs = [0] * len(jobs)
     labelled = [False] * len(jobs)
     plan = jobs[0][0].tool_plan
-    parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None else None for _ in jobs]
     harmony = [HarmonyStreamParser(tool_calls=plan is not None) for _ in jobs] \
         if uses_harmony(state.processor.template) else None
+    parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None and harmony is None else None for _ in jobs]
     completion_tokens = 0
     async for index, out in merged(engine, request_id, jobs):
         text, reasoning = out.delta, ""
