@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 from .tool_call_stream import ToolCall, ToolCallDelta, assemble_tool_calls, new_tool_call_id
 
-__all__ = ["ACTION_STOP_TOKENS", "FUNCTIONS_PREFIX", "HARMONY_TEMPLATES", "HarmonyAnswer", "HarmonyDelta", "HarmonyStreamParser",
-           "parse_harmony", "uses_harmony"]
+__all__ = ["ACTION_STOP_TOKENS", "FUNCTIONS_PREFIX", "HARMONY_TEMPLATES", "HarmonyAnswer", "HarmonyDelta",
+           "HarmonyStreamParser", "parse_harmony", "uses_harmony"]
 
 #: The official conversation templates whose models answer in harmony.
 HARMONY_TEMPLATES = frozenset({"internvl3_5_gpt_oss"})

@@ -71,9 +71,9 @@ from .tool_call_stream import (
     new_tool_call_id,
 )
 
-__all__ = ["FORMATS", "HARMONY", "HarmonyToolCallFormat", "ParsedOutput", "StreamDelta", "Tool", "ToolCall", "ToolCallDelta", "ToolCallFormat",
-           "ToolCallStreamParser", "ToolPlan", "ToolResult", "assemble_tool_calls", "new_tool_call_id",
-           "parse_tool_call", "parse_tools", "plan_tools", "tool_call_format"]
+__all__ = ["FORMATS", "HARMONY", "HarmonyToolCallFormat", "ParsedOutput", "StreamDelta", "Tool", "ToolCall",
+           "ToolCallDelta", "ToolCallFormat", "ToolCallStreamParser", "ToolPlan", "ToolResult", "assemble_tool_calls",
+           "new_tool_call_id", "parse_tool_call", "parse_tools", "plan_tools", "tool_call_format"]
 
 
 def parse_tool_call(raw: Any) -> ToolCall:

@@ -147,3 +147,44 @@ def test_forced_calls(tool_choice) -> None:
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     [call] = choice.message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_weather", ARGUMENTS)
+
+
+# -- /v1/responses ------------------------------------------------------------------------------------
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather in a city.",
+                    "parameters": TOOLS[0]["function"]["parameters"]}]
+
+
+def test_responses_reasoning_item_then_function_call_item(client) -> None:
+    response = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS,
+                                       max_output_tokens=200)
+    assert response.status == "completed"
+    assert [item.type for item in response.output] == ["reasoning", "function_call"]
+    reasoning, call = response.output
+    assert [(part.type, part.text) for part in reasoning.content] == [("reasoning_text", REASONING)]
+    assert (call.name, call.arguments, call.status) == ("get_weather", ARGUMENTS, "completed")
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert response.output_text == ""
+
+
+def test_responses_tool_loop_and_streamed_items(client) -> None:
+    """The call and its output go back as input items; the answer is then the final channel, after no reasoning
+    (the scripted final answer has none). Streamed, the first turn's events build the same items."""
+    events = list(client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=RESPONSES_TOOLS,
+                                          max_output_tokens=200, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert kinds.index("response.reasoning_text.delta") < kinds.index("response.function_call_arguments.delta")
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert (reasoning, arguments) == (REASONING, ARGUMENTS)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    final = events[-1].response
+    assert [item.type for item in done] == [item.type for item in final.output] == ["reasoning", "function_call"]
+    call = final.output[1]
+    follow_up = [{"role": "user", "content": "What is the weather in Paris?"},
+                 *(item.model_dump(exclude_none=True) for item in final.output),
+                 {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "sunny"}'}]
+    second = client.responses.create(model=MODEL, input=follow_up, tools=RESPONSES_TOOLS, max_output_tokens=200)
+    assert second.output_text == FINAL and [item.type for item in second.output] == ["message"]
