@@ -169,7 +169,8 @@ def typescript(schema: Any, indent: str = "") -> str:
         out = f"{indent}// {schema['description']}\n" if isinstance(schema.get("description"), str) else ""
         out += "{\n"
         properties = schema.get("properties")
-        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        listed = schema.get("required")
+        required: list[Any] = listed if isinstance(listed, list) else []
         if isinstance(properties, Mapping):
             for key, value in properties.items():
                 out += _property(key, value, indent, key in required)

@@ -115,6 +115,7 @@ class OutputItems:
         item, text, index = self.items[-1], self._text, len(self.items) - 1
         status = "incomplete" if incomplete else "completed"
         events: list[Event] = []
+        done: OutputItem
         if isinstance(item, OutputFunctionCall):
             done = item.model_copy(update={"arguments": text, "status": status})
             events.append(("response.function_call_arguments.done",

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
 from ...processing.harmony import HarmonyStreamParser, uses_harmony
+from ...processing.tool_call_stream import ToolCallDelta
 from ..protocol import ChatCompletionRequest
 from ..responses_protocol import (
     IncompleteDetails,
@@ -111,8 +112,9 @@ class _Answer:
             self.opening = []
 
     def feed(self, out: RequestOutput) -> list[Event]:
+        calls: tuple[ToolCallDelta, ...] = ()
         if self.harmony is None:
-            text, reasoning, calls = out.delta, "", ()
+            text, reasoning = out.delta, ""
         else:
             fields = self.harmony.feed(out.delta, finished=out.finished)
             text, reasoning, calls = fields.content, fields.reasoning, fields.tool_calls
