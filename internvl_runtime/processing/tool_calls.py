@@ -226,8 +226,8 @@ class ToolCallFormat:
         whole turn, written as it is)."""
         return [(role, self.assistant_text(content, calls))]
 
-    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str]]:
-        """Turns for consecutive tool results."""
+    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str | None]]:
+        """Turns for consecutive tool results (a text of None: the header is the whole turn)."""
         role = self.result_role if self.result_role is not None else user_role
         blocks = [f"<tool_response>\n{r.content}\n</tool_response>" if self.wrap_results else r.content
                   for r in results]
@@ -305,8 +305,16 @@ class HarmonyToolCallFormat(ToolCallFormat):
         """One message per call; the content beside calls is not shown (as vLLM renders gpt-oss history)."""
         return [(harmony_tools.call_turn(call.name, call.arguments), None) for call in calls]
 
-    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str]]:
-        return [(harmony_tools.result_header(r.name or ""), r.content) for r in results]
+    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str | None]]:
+        """Each result a whole message from its function (an empty result too), named by the client's ``name``
+        or by the call it answers."""
+        turns: list[tuple[str, str | None]] = []
+        for result in results:
+            if not result.name:
+                raise InvalidRequest("a tool message needs the function's name: give name, or the tool_call_id of "
+                                     "an earlier assistant tool call")
+            turns.append((harmony_tools.result_header(result.name) + result.content + "<|end|>", None))
+        return turns
 
     def parse(self, text: str, *, make_id: Callable[[], str] = new_tool_call_id) -> ParsedOutput:
         """The final channel and the calls (the reasoning: ``harmony.parse_harmony``)."""

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from internvl_runtime import AutoTokenizer
+from internvl_runtime import AutoTokenizer, InvalidRequest
 from internvl_runtime.processing.harmony import HarmonyStreamParser, parse_harmony
 from internvl_runtime.processing.harmony_tools import system_with_functions, tools_section
 from internvl_runtime.processing.inputs import InputProcessor, Message
@@ -132,6 +132,11 @@ def test_tool_loop_prompt(processor) -> None:
         '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"sky": "sunny"}<|end|>'
         "<|start|>assistant")
     assert prepared.tool_plan is not None and prepared.tool_plan.format is HARMONY
+    named = processor.prepare([*messages[:3], Message("tool", "", name="get_weather")], tools=[WEATHER])
+    assert named.prompt.endswith("<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+                                 "<|end|><|start|>assistant")
+    with pytest.raises(InvalidRequest, match="name"):
+        processor.prepare([messages[1], Message("tool", "4")], tools=[WEATHER])
     hidden = processor.prepare(messages[:2], tools=[WEATHER], tool_choice="none")
     assert "# Tools" not in hidden.prompt and "# Valid channels: analysis" not in hidden.prompt
 
