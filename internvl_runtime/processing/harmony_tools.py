@@ -22,7 +22,11 @@ the prompt, as openai-harmony renders them (its ``render_conversation_for_comple
   analysis, commentary, final. ...`` and ``Calls to these tools must go to the commentary channel: 'functions'.``
 - a call of the history is ``<|start|>assistant to=functions.NAME<|channel|>commentary json<|message|>ARGS<|call|>``
   (the arguments' text as the client sends it back);
-- a result is ``<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>RESULT<|end|>``.
+- a result is ``<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>RESULT<|end|>``;
+- an earlier answer that a client sends back as its content (the final channel, which is what the server gave
+  it) is a final-channel message again, ``<|start|>assistant<|channel|>final<|message|>TEXT<|end|>`` (as the
+  gpt-oss chat template and vLLM write it); an answer that is already harmony (the official ``chat``'s history
+  keeps the special tokens) is written as it is.
 
 The JSON schema -> TypeScript rules (the comments for titles, descriptions, examples and defaults, ``?`` for
 optional properties, ``oneOf`` as ``|`` lines, ``nullable``) follow openai-harmony's, so the declarations are the
@@ -37,8 +41,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["CHANNELS_WITH_FUNCTIONS", "DEVELOPER_HEADER", "call_turn", "result_header", "system_with_functions",
-           "tools_section", "typescript"]
+__all__ = ["CHANNELS_WITH_FUNCTIONS", "DEVELOPER_HEADER", "call_turn", "history_answer", "result_header",
+           "system_with_functions", "tools_section", "typescript"]
 
 #: The header of the developer message that offers the functions (its body: :func:`tools_section`).
 DEVELOPER_HEADER = "<|start|>developer<|message|>"
@@ -79,6 +83,14 @@ def call_turn(name: str, arguments: str) -> str:
 def result_header(name: str) -> str:
     """The header of a function's result (its text follows, then ``<|end|>``)."""
     return f"<|start|>functions.{name} to=assistant<|channel|>commentary<|message|>"
+
+
+def history_answer(text: str) -> str:
+    """An earlier answer of the history, after ``<|start|>assistant``: a final-channel message unless it is
+    harmony already (it starts with a header: ``<|channel|>`` or a recipient)."""
+    if text.startswith(("<|channel|>", " to=")):
+        return text
+    return "<|channel|>final<|message|>" + text
 
 
 # -- JSON schema -> TypeScript ------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Conversation rules (the official ones, extended to several images and messages):
 - ``<IMAGE_TOKEN>`` (LMDeploy's placeholder) in a message with images marks where they go, as ``<image>`` does;
 - a system message replaces the template's default system message;
 - tools, assistant tool calls and tool results are written in the template's tool format
-  (``tool_calls.py``); a final assistant message can be continued (prefill);
+  (``tool_calls.py``); a final assistant message can be continued (prefill); a harmony template's (GPT-OSS)
+  earlier answers sent back as plain text are final-channel messages (``harmony_tools.history_answer``);
 - a Jinja chat template (``chat_template.py``), when given, renders instead of the official template; an
   HF-format checkpoint (transformers' native InternVL) has no official template and renders with the chat
   template of its folder, where several images are each ``<image>\n`` in order, unnumbered (its template
@@ -36,6 +37,8 @@ from PIL import Image
 from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, PlaceholderMismatch
 from .chat_template import ChatTemplate
+from .harmony import uses_harmony
+from .harmony_tools import history_answer
 from .image import ImageSource, open_image
 from .image_preprocessor import ImagePreprocessor
 from .spans import MultiModalSpan
@@ -354,7 +357,7 @@ class InputProcessor:
                     called.update((call.id, call.name) for call in m.tool_calls)
                     last_called = m.tool_calls[-1].name
                 else:
-                    turns.append((bot_role, m.text))
+                    turns.append((bot_role, history_answer(m.text) if uses_harmony(template) else m.text))
                 after_results = False
         flush()
         if continue_final_message:

@@ -141,6 +141,20 @@ def test_tool_loop_prompt(processor) -> None:
     assert "# Tools" not in hidden.prompt and "# Valid channels: analysis" not in hidden.prompt
 
 
+def test_an_answer_sent_back_is_a_final_channel_message(processor) -> None:
+    """What the server answered (the final channel's text) goes back into the prompt as a final-channel message;
+    an answer that is harmony already (the official chat's history) as it is; a prefill continues the final
+    channel."""
+    ask = [Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", "Bye")]
+    assert "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|end|>" \
+           "<|start|>user<|message|>Bye<|end|><|start|>assistant" in processor.prepare(ask).prompt
+    raw = "<|channel|>analysis<|message|>Greet.<|end|><|start|>assistant<|channel|>final<|message|>Hello!"
+    assert f"<|start|>assistant{raw}<|end|><|start|>user" in processor.prepare(
+        [ask[0], Message("assistant", raw), ask[2]]).prompt
+    prefill = processor.prepare(ask[:2], continue_final_message=True).prompt
+    assert prefill.endswith("<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello!")
+
+
 def test_forced_call_is_one_call_of_an_offered_function() -> None:
     plan = plan_tools(HARMONY, [WEATHER, {"type": "function", "function": {"name": "now"}}], "required")
     assert plan is not None and plan.constraint is not None and plan.constraint.tagged_json is not None
