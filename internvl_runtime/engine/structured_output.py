@@ -200,8 +200,14 @@ def _tagged_json_lark(tagged: TaggedJSON, special_tokens: Mapping[str, int]) -> 
         more = f" {next_item}{{{lo},{hi}}}"
     items = "item" + more
     start = f"({items})?" if tagged.min_items == 0 else items
+    end = _lark_sequence(tagged.end, special_tokens)
+    if tagged.begins:                                  # one begin per schema: the alternatives are whole items
+        alternatives = " | ".join(f"{_lark_sequence(begin, special_tokens)} %json "
+                                  f"{json.dumps(_json_with_options(schema))} {end}"
+                                  for begin, schema in zip(tagged.begins, tagged.schemas, strict=True))
+        return f"start: {start}\nitem: {alternatives}\n"
     return (f"start: {start}\n"
-            f"item: {_lark_sequence(tagged.begin, special_tokens)} value {_lark_sequence(tagged.end, special_tokens)}\n"
+            f"item: {_lark_sequence(tagged.begin, special_tokens)} value {end}\n"
             f"value: {values}\n")
 
 
@@ -238,7 +244,7 @@ def _cache_key(constraint: StructuredOutput) -> str:
     return json.dumps([constraint.kind, constraint.json_schema, constraint.json_object, constraint.regex,
                        constraint.choice, constraint.grammar,
                        None if tagged is None else [tagged.begin, tagged.end, tagged.schemas, tagged.min_items,
-                                                    tagged.max_items, tagged.separator]],
+                                                    tagged.max_items, tagged.separator, tagged.begins]],
                       sort_keys=True, default=str)
 
 

@@ -10,7 +10,8 @@ Conversation rules (the official ones, extended to several images and messages):
 - ``<IMAGE_TOKEN>`` (LMDeploy's placeholder) in a message with images marks where they go, as ``<image>`` does;
 - a system message replaces the template's default system message;
 - tools, assistant tool calls and tool results are written in the template's tool format
-  (``tool_calls.py``); a final assistant message can be continued (prefill);
+  (``tool_calls.py``); a final assistant message can be continued (prefill); a harmony template's (GPT-OSS)
+  earlier answers sent back as plain text are final-channel messages (``harmony_tools.history_answer``);
 - a Jinja chat template (``chat_template.py``), when given, renders instead of the official template; an
   HF-format checkpoint (transformers' native InternVL) has no official template and renders with the chat
   template of its folder, where several images are each ``<image>\n`` in order, unnumbered (its template
@@ -36,6 +37,8 @@ from PIL import Image
 from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, PlaceholderMismatch
 from .chat_template import ChatTemplate
+from .harmony import uses_harmony
+from .harmony_tools import history_answer
 from .image import ImageSource, open_image
 from .image_preprocessor import ImagePreprocessor
 from .spans import MultiModalSpan
@@ -320,6 +323,8 @@ class InputProcessor:
         pending_user: str | None = None
         results: list[ToolResult] = []
         after_results = False
+        called: dict[str, str] = {}       # the history's call ids -> function names (a result may name neither)
+        last_called: str | None = None
 
         def flush() -> None:
             nonlocal pending_user
@@ -340,14 +345,19 @@ class InputProcessor:
             elif m.role == "tool":
                 if pending_user is not None:
                     flush()
-                results.append(ToolResult(m.text or "", m.tool_call_id, m.name))
+                name = m.name or called.get(m.tool_call_id or "", last_called)
+                results.append(ToolResult(m.text or "", m.tool_call_id, name))
                 after_results = True
             elif m.role == "assistant":
                 if pending_user is None and not after_results:
                     pending_user = ""         # the official history pairs: an answer without a question
                 flush()
-                text = self._history_format().assistant_text(m.text, m.tool_calls) if m.tool_calls else m.text
-                turns.append((bot_role, text))
+                if m.tool_calls:
+                    turns.extend(self._history_format().assistant_turns(bot_role, m.text, m.tool_calls))
+                    called.update((call.id, call.name) for call in m.tool_calls)
+                    last_called = m.tool_calls[-1].name
+                else:
+                    turns.append((bot_role, history_answer(m.text) if uses_harmony(template) else m.text))
                 after_results = False
         flush()
         if continue_final_message:

@@ -27,7 +27,8 @@ __all__ = ["StructuredOutput", "TaggedJSON"]
 class TaggedJSON:
     """Output made of items ``begin`` + a JSON value matching one of ``schemas`` + ``end``, repeated
     ``min_items`` to ``max_items`` times (None: no upper bound), ``separator`` between items. How a tool
-    call is forced in the model's own format (Hermes ``<tool_call>\\n{...}\\n</tool_call>``, ...)."""
+    call is forced in the model's own format (Hermes ``<tool_call>\\n{...}\\n</tool_call>``, ...).
+    ``begins``: one begin per schema instead of ``begin`` (harmony names the function in the call's header)."""
 
     begin: str
     end: str
@@ -35,12 +36,15 @@ class TaggedJSON:
     min_items: int = 1
     max_items: int | None = None
     separator: str = "\n"
+    begins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.schemas:
             raise InvalidRequest("tagged JSON needs at least one schema")
         if self.min_items < 0 or (self.max_items is not None and self.max_items < max(1, self.min_items)):
             raise InvalidRequest(f"tagged JSON item counts out of range: {self.min_items}..{self.max_items}")
+        if self.begins and len(self.begins) != len(self.schemas):
+            raise InvalidRequest("tagged JSON needs one begin per schema")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ Formats, by the checkpoint's ``template`` (config.json):
   message, ``<tool_call>`` blocks) with results as a *user* turn (Phi-3 knows only system, user and
   assistant) holding the ``<tool_response>`` blocks.
 
+- **internvl3_5_gpt_oss** (InternVL3.5-GPT-OSS), harmony (``harmony_tools.py`` writes it, ``harmony.py`` parses
+  it): the functions are a ``developer`` message of TypeScript-like declarations, the system message's channel
+  line becomes harmony's; a call is a message to ``functions.NAME`` on the commentary channel whose body is the
+  arguments (``<|call|>`` ends it); a result is a message from ``functions.NAME`` to the assistant. One call per
+  turn: ``<|call|>`` stops the answer (the client sends the result, the model goes on).
+
 ``internvl_zh`` has no tool format (:func:`tool_call_format` refuses it).
 
 Parsing (the streaming parser lives in ``tool_call_stream.py``): text outside the call blocks is the content
@@ -52,6 +58,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidRequest
+from . import harmony_tools
+from .harmony import parse_harmony
 from .structured_output import StructuredOutput, TaggedJSON
 from .tool_call_stream import (
     ParsedOutput,
@@ -63,9 +71,9 @@ from .tool_call_stream import (
     new_tool_call_id,
 )
 
-__all__ = ["FORMATS", "ParsedOutput", "StreamDelta", "Tool", "ToolCall", "ToolCallDelta", "ToolCallFormat",
-           "ToolCallStreamParser", "ToolPlan", "ToolResult", "assemble_tool_calls", "new_tool_call_id",
-           "parse_tool_call", "parse_tools", "plan_tools", "tool_call_format"]
+__all__ = ["FORMATS", "HARMONY", "HarmonyToolCallFormat", "ParsedOutput", "StreamDelta", "Tool", "ToolCall",
+           "ToolCallDelta", "ToolCallFormat", "ToolCallStreamParser", "ToolPlan", "ToolResult", "assemble_tool_calls",
+           "new_tool_call_id", "parse_tool_call", "parse_tools", "plan_tools", "tool_call_format"]
 
 
 def parse_tool_call(raw: Any) -> ToolCall:
@@ -212,8 +220,14 @@ class ToolCallFormat:
         parts = ([content] if content else []) + blocks
         return self.call_separator.join(parts)
 
-    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str]]:
-        """Turns for consecutive tool results."""
+    def assistant_turns(self, role: str, content: str | None, calls: Sequence[ToolCall]
+                        ) -> list[tuple[str, str | None]]:
+        """The turns of an assistant message of the history with calls (a text of None: the header is the
+        whole turn, written as it is)."""
+        return [(role, self.assistant_text(content, calls))]
+
+    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str | None]]:
+        """Turns for consecutive tool results (a text of None: the header is the whole turn)."""
         role = self.result_role if self.result_role is not None else user_role
         blocks = [f"<tool_response>\n{r.content}\n</tool_response>" if self.wrap_results else r.content
                   for r in results]
@@ -269,8 +283,66 @@ PHI3 = ToolCallFormat(
     forced_begin="<tool_call>\n", forced_end="\n</tool_call>", call_separator="\n", tools_in_system=True,
     result_role=None)
 
+
+
+@dataclass(frozen=True)
+class HarmonyToolCallFormat(ToolCallFormat):
+    """Harmony's tools (see the module docstring): calls are messages, not tagged JSON, so the prompt's pieces
+    come from ``harmony_tools`` and an answer is read by ``harmony.parse_harmony`` (the chat route streams it
+    with ``harmony.HarmonyStreamParser``)."""
+
+    def system_message(self, system: str, tools: Sequence[Tool]) -> str:
+        return harmony_tools.system_with_functions(system) if tools else system
+
+    def tool_turns(self, tools: Sequence[Tool]) -> list[tuple[str, str]]:
+        if not tools:
+            return []
+        return [(harmony_tools.DEVELOPER_HEADER,
+                 harmony_tools.tools_section([(t.name, t.description, t.parameters) for t in tools]))]
+
+    def assistant_turns(self, role: str, content: str | None, calls: Sequence[ToolCall]
+                        ) -> list[tuple[str, str | None]]:
+        """One message per call; the content beside calls is not shown (as vLLM renders gpt-oss history)."""
+        return [(harmony_tools.call_turn(call.name, call.arguments), None) for call in calls]
+
+    def result_turns(self, results: Sequence[ToolResult], user_role: str) -> list[tuple[str, str | None]]:
+        """Each result a whole message from its function (an empty result too), named by the client's ``name``
+        or by the call it answers."""
+        turns: list[tuple[str, str | None]] = []
+        for result in results:
+            if not result.name:
+                raise InvalidRequest("a tool message needs the function's name: give name, or the tool_call_id of "
+                                     "an earlier assistant tool call")
+            turns.append((harmony_tools.result_header(result.name) + result.content + "<|end|>", None))
+        return turns
+
+    def parse(self, text: str, *, make_id: Callable[[], str] = new_tool_call_id) -> ParsedOutput:
+        """The final channel and the calls (the reasoning: ``harmony.parse_harmony``)."""
+        answer = parse_harmony(text, tool_calls=True, make_id=make_id)
+        return ParsedOutput(answer.content, answer.tool_calls)
+
+    def stream_parser(self, *, make_id: Callable[[], str] = new_tool_call_id) -> ToolCallStreamParser:
+        raise NotImplementedError("harmony answers stream through harmony.HarmonyStreamParser(tool_calls=True)")
+
+    def call_schema(self, tool: Tool) -> dict[str, Any]:
+        """A call's body is its arguments: the function's parameters."""
+        return dict(tool.parameters) if tool.parameters is not None else {"type": "object"}
+
+    def forced_calls(self, tools: Sequence[Tool], *, max_items: int | None) -> StructuredOutput:
+        """One call (``<|call|>`` ends the turn) of one of ``tools``, its header naming it."""
+        return StructuredOutput(tagged_json=TaggedJSON(
+            begin="", end=self.forced_end, schemas=tuple(self.call_schema(t) for t in tools),
+            begins=tuple(self.forced_begin.format(name=t.name) for t in tools), min_items=1, max_items=1))
+
+
+HARMONY = HarmonyToolCallFormat(
+    name="internvl3_5_gpt_oss", call_begin="", call_end="<|call|>", arguments_key="",
+    forced_begin="<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", forced_end="<|call|>",
+    call_separator="", tools_in_system=False, skip_special_tokens=False)
+
 #: The tool-call format of each conversation template that has one.
-FORMATS: dict[str, ToolCallFormat] = {HERMES.name: HERMES, INTERNLM2.name: INTERNLM2, PHI3.name: PHI3}
+FORMATS: dict[str, ToolCallFormat] = {HERMES.name: HERMES, INTERNLM2.name: INTERNLM2, PHI3.name: PHI3,
+                                      HARMONY.name: HARMONY}
 
 
 def tool_call_format(template: str) -> ToolCallFormat:

@@ -3,9 +3,12 @@
 The request is turned into the equivalent chat completion body (:meth:`ResponsesRequest.chat_body`), so a
 response runs through exactly the chat route's pieces (media, template, tokens, the context rule, sampling):
 ``input`` items become chat messages, ``instructions`` a leading system message, ``max_output_tokens``
-``max_tokens``. What needs state on the server (``previous_response_id``, ``conversation``) or is not built yet
-(``tools``, logprobs) is a 400 saying so; bookkeeping fields (``store``, ``metadata``, ``user``, ...) are accepted
-and ignored, as they change nothing a client can observe here.
+``max_tokens``, function tools and ``function_call`` / ``function_call_output`` items the chat request's tools,
+assistant ``tool_calls`` and ``tool`` messages (for the models that answer in harmony, GPT-OSS: see
+:meth:`ResponsesRequest.check_tools`), ``reasoning`` items of earlier answers are accepted and not shown to the
+model (harmony drops past reasoning). What needs state on the server (``previous_response_id``,
+``conversation``) or is not built yet (logprobs) is a 400 saying so; bookkeeping fields (``store``,
+``metadata``, ``user``, ...) are accepted and ignored, as they change nothing a client can observe here.
 
 Parsing is strict like ``protocol`` (``"5"`` is not an integer, unknown fields are refused). ``input`` and a
 message's ``content`` are a string *or* a list; the branch is chosen by the value's JSON type, so an error
@@ -25,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from ..errors import InvalidRequest
 from ..processing.lenient_model import LenientModel
 from ..processing.structured_output import StructuredOutput
 
@@ -135,12 +139,61 @@ class InputMessage(_Request):
         return {"role": self.role, "content": parts}
 
 
-#: Item types of the Responses API that need tools or server-side state: named in the 400.
+class FunctionCallItem(_Request):
+    """An earlier answer's call, sent back: ``{"type": "function_call", "call_id", "name", "arguments"}``."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    def chat_call(self) -> dict[str, Any]:
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class FunctionCallOutputItem(_Request):
+    """A call's result: ``{"type": "function_call_output", "call_id", "output"}``."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class ReasoningItem(_Request):
+    """An earlier answer's reasoning, sent back: accepted and not shown to the model (harmony drops the
+    reasoning of past turns)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[Any] | None = None
+    content: list[Any] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+def _item_type(value: Any) -> str | None:
+    """The ``type`` of an input item (a message may leave it out)."""
+    if isinstance(value, dict):
+        kind = value.get("type", "message")
+        return kind if isinstance(kind, str) else None
+    return getattr(value, "type", None)
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
+
+#: Item types of the Responses API that need what this server has not: named in the 400.
 _UNSUPPORTED_ITEMS = {
-    "function_call": "tools", "function_call_output": "tools", "custom_tool_call": "tools",
-    "custom_tool_call_output": "tools", "item_reference": "server-side state (stored responses)",
-    "reasoning": "reasoning items",
+    "custom_tool_call": "custom tools", "custom_tool_call_output": "custom tools",
+    "item_reference": "server-side state (stored responses)",
 }
+#: Item types that carry function calls: only for the models whose tools /v1/responses serves.
+_TOOL_ITEMS = ("function_call", "function_call_output")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,7 +241,7 @@ class ResponsesRequest(_Request):
     """POST /v1/responses."""
 
     model: str
-    input: Annotated[Annotated[str, Tag("str")] | Annotated[list[InputMessage], Tag("list")],
+    input: Annotated[Annotated[str, Tag("str")] | Annotated[list[InputItem], Tag("list")],
                      _STR_OR_LIST]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -224,7 +277,7 @@ class ResponsesRequest(_Request):
         items = data.get("input") if isinstance(data, dict) else None
         for item in items if isinstance(items, list) else []:
             kind = item.get("type") if isinstance(item, dict) else None
-            if isinstance(kind, str) and kind != "message":
+            if isinstance(kind, str) and kind not in ("message", "reasoning", *_TOOL_ITEMS):
                 need = _UNSUPPORTED_ITEMS.get(kind, "a kind of input this server does not take")
                 raise ValueError(f"input items of type {kind!r} need {need}, which /v1/responses does not support "
                                  "here; send messages (role + content)")
@@ -238,10 +291,9 @@ class ResponsesRequest(_Request):
         if self.conversation is not None:
             raise ValueError("conversation is not supported: this server stores no conversations; send the whole "
                              "conversation in input")
-        if self.tools:
-            raise ValueError("tools are not supported on /v1/responses yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice needs tools, which /v1/responses does not support yet")
+        for tool in self.tools or []:
+            if tool.get("type") != "function":
+                raise ValueError(f"tools: only function tools are supported here, got type {tool.get('type')!r}")
         if self.background:
             raise ValueError("background responses are not supported: this server stores no responses")
         if self.include and "message.output_text.logprobs" in self.include:
@@ -249,6 +301,21 @@ class ResponsesRequest(_Request):
         if isinstance(self.input, list) and not self.input:
             raise ValueError("input is empty; send a string or at least one message")
         return self
+
+    def check_tools(self, *, served: bool) -> None:
+        """Refuse tools and call items where /v1/responses does not serve them (``served``: the model answers
+        in harmony, whose calls the route turns into ``function_call`` items)."""
+        if served:
+            return
+        if self.tools:
+            raise InvalidRequest("tools on /v1/responses are served for the models that answer in harmony "
+                                 "(GPT-OSS) only; use /v1/chat/completions")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools, which /v1/responses serves for GPT-OSS only")
+        for item in self.input if isinstance(self.input, list) else []:
+            if item.type in _TOOL_ITEMS:
+                raise InvalidRequest(f"input items of type {item.type!r} need tools, which /v1/responses serves "
+                                     "for GPT-OSS only; use /v1/chat/completions")
 
     def chat_body(self) -> dict[str, Any]:
         """The equivalent ``/v1/chat/completions`` request body (as JSON-ready data)."""
@@ -258,8 +325,29 @@ class ResponsesRequest(_Request):
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
         else:
-            messages.extend(item.chat_message() for item in self.input)
+            for item in self.input:
+                if isinstance(item, FunctionCallItem):
+                    last = messages[-1] if messages else None
+                    if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                        last["tool_calls"].append(item.chat_call())     # one assistant turn, several calls
+                    else:
+                        messages.append({"role": "assistant", "content": None, "tool_calls": [item.chat_call()]})
+                elif isinstance(item, FunctionCallOutputItem):
+                    messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                elif isinstance(item, InputMessage):
+                    messages.append(item.chat_message())
         body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {
+                key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}}
+                for tool in self.tools]
+        if self.tool_choice is not None:
+            choice = self.tool_choice
+            if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+                choice = {"type": "function", "function": {"name": choice["name"]}}
+            body["tool_choice"] = choice
+        if self.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = self.parallel_tool_calls
         for name, value in (("max_tokens", self.max_output_tokens), ("temperature", self.temperature),
                             ("top_p", self.top_p)):
             if value is not None:
@@ -307,6 +395,35 @@ class OutputMessage(_Out):
     content: list[OutputTextPart] = Field(default_factory=list)
 
 
+class ReasoningTextPart(_Out):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(_Out):
+    """The model's reasoning (harmony's analysis channel), an item before the message, as vLLM gives gpt-oss's."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningTextPart] = Field(default_factory=list)
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputFunctionCall(_Out):
+    """A call of one of the request's functions."""
+
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = OutputMessage | OutputReasoning | OutputFunctionCall
+
+
 class InputTokensDetails(_Out):
     cached_tokens: int = 0
 
@@ -335,7 +452,7 @@ class ResponseObject(_Out):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete"]
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     error: None = None
     incomplete_details: IncompleteDetails | None = None
@@ -344,7 +461,7 @@ class ResponseObject(_Out):
     temperature: float = 1.0
     top_p: float = 1.0
     parallel_tool_calls: bool = True
-    tool_choice: str = "auto"
+    tool_choice: str | dict[str, Any] = "auto"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -361,5 +478,6 @@ class ResponseObject(_Out):
                    max_output_tokens=req.max_output_tokens,
                    temperature=1.0 if req.temperature is None else req.temperature,
                    top_p=1.0 if req.top_p is None else req.top_p, text=req.text_echo(),
-                   tool_choice=req.tool_choice if isinstance(req.tool_choice, str) else "auto",
-                   metadata=req.metadata or {}, user=req.user)
+                   tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
+                   tools=list(req.tools or []), metadata=req.metadata or {}, user=req.user,
+                   parallel_tool_calls=req.parallel_tool_calls is not False)

@@ -139,3 +139,15 @@ def test_forced_calls_in_every_tool_format(tiny_1b, variant):
     deltas = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
     assert "".join(d["function"].get("arguments", "") for d in deltas) == call["function"]["arguments"]
     assert not "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])   # no tag leaked
+
+
+def test_reasoning_content_is_null_for_a_model_without_reasoning(http):
+    """As vLLM's response model writes it: ``reasoning_content`` null in a message of a model that does not reason
+    (only harmony answers fill it), and left out of the streamed deltas (vLLM sends only the fields set)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert "reasoning_content" in message and message["reasoning_content"] is None
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks and all("reasoning_content" not in c["delta"] for chunk in chunks for c in chunk["choices"])

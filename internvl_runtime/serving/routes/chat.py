@@ -206,10 +206,13 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
         completion_tokens += len(out.token_ids)
         logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, state.token_text)) if req.logprobs else None
         message, finish_reason = ChatMessageOut(content=state.label(out.text)), out.finish_reason
-        if harmony:
-            answer = parse_harmony(out.text)
+        if harmony:                   # the channels and, when tools are offered, the calls (processing.harmony)
+            answer = parse_harmony(out.text, tool_calls=plan is not None)
             content = state.label(answer.content) if answer.content is not None else None
-            message = ChatMessageOut(content=content, reasoning_content=answer.reasoning_content)
+            message = ChatMessageOut(content=content, reasoning_content=answer.reasoning_content,
+                                     tool_calls=[call.to_openai() for call in answer.tool_calls])
+            if answer.tool_calls:
+                finish_reason = _tool_finish(finish_reason)
         elif plan is not None:
             parsed = plan.parse(out.text)
             if parsed.tool_calls:
@@ -245,8 +248,9 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
     sent_logprobs = [0] * len(jobs)
     labelled = [False] * len(jobs)
     plan = jobs[0][0].tool_plan
-    parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None else None for _ in jobs]
-    harmony = [HarmonyStreamParser() for _ in jobs] if uses_harmony(state.processor.template) else None
+    harmony = [HarmonyStreamParser(tool_calls=plan is not None) for _ in jobs] \
+        if uses_harmony(state.processor.template) else None
+    parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None and harmony is None else None for _ in jobs]
     completion_tokens = 0
     async for index, out in merged(engine, request_id, jobs):
         text, reasoning = out.delta, ""
@@ -255,6 +259,7 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
         if harmony is not None:
             fields = harmony[index].feed(text, finished=out.finished)     # the markup never leaves
             text, reasoning = fields.content, fields.reasoning
+            calls = [call.to_openai() for call in fields.tool_calls]
         elif parser is not None:
             text, calls = parser.feed(text, finished=out.finished)
         if (text or out.finished) and not labelled[index]:     # a demo answer says so, even an empty one
@@ -269,7 +274,8 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
         if not text and not reasoning and not calls and not out.finished and not (logprobs and logprobs.content):
             continue           # the detokenizer holds text back (a possible stop string, a partial character)
         finish_reason = out.finish_reason if out.finished else None
-        if finish_reason is not None and parser is not None and parser.called:
+        called = harmony[index].num_calls > 0 if harmony is not None else parser is not None and parser.called
+        if finish_reason is not None and called:
             finish_reason = _tool_finish(finish_reason)
         extension = {"grounding": grounder(out.token_ids)} if grounder is not None and out.finished else {}
         delta = DeltaMessage(content=text or None, reasoning_content=reasoning or None, tool_calls=calls or None)

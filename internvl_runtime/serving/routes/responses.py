@@ -15,8 +15,10 @@ each event as OpenAI sends it: an ``event:`` line naming its type, then ``data:`
 does (an ``{"error": ...}`` event, which the SDK raises as ``APIError``), and every stream ends with
 ``data: [DONE]`` (the SDK stops reading there).
 
-A harmony answer (GPT-OSS) gives its ``final`` channel as the output text; its reasoning is not sent
-(no reasoning output items yet).
+A harmony answer (GPT-OSS) gives its reasoning as ``reasoning`` items before the message (streamed as
+``response.reasoning_text.delta``), its ``final`` channel as the message and, when the request offers
+functions, its calls as ``function_call`` items, as vLLM's Responses API serves gpt-oss (``response_items``).
+Tools are served for these models only (``ResponsesRequest.check_tools``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.async_engine import AsyncEngine
 from ...engine.engine import RequestOutput
-from ...processing.harmony import HarmonyStreamParser, parse_harmony, uses_harmony
+from ...processing.harmony import HarmonyStreamParser, uses_harmony
+from ...processing.tool_call_stream import ToolCallDelta
 from ..protocol import ChatCompletionRequest
 from ..responses_protocol import (
     IncompleteDetails,
     InputTokensDetails,
-    OutputMessage,
-    OutputTextPart,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
@@ -48,6 +49,7 @@ from ..state import ServingState
 from .chat import prepare_chat
 from .common import check_model, parse, sampling_params, serving_state
 from .generation import generate
+from .response_items import Event, OutputItems
 from .streaming import Jobs, merged
 
 router = APIRouter()
@@ -58,6 +60,7 @@ async def create_response(request: Request) -> Response:
     state = serving_state(request)
     req: ResponsesRequest = parse(state, ResponsesRequest, await request.body())
     check_model(state, req.model)
+    req.check_tools(served=uses_harmony(state.processor.template))
     constraint = req.structured_output()            # text.format: json_schema / json_object
     chat_req: ChatCompletionRequest = parse(state, ChatCompletionRequest, json.dumps(req.chat_body()).encode())
     engine = state.require_engine()
@@ -80,7 +83,7 @@ async def create_response(request: Request) -> Response:
                           events=lambda rid, jobs: _events(state, engine, start(rid), jobs))
 
 
-def _finished(start: ResponseObject, message: OutputMessage, out: RequestOutput, num_prompt_tokens: int
+def _finished(start: ResponseObject, items: OutputItems, out: RequestOutput, num_prompt_tokens: int
               ) -> ResponseObject:
     """The final Response: ``incomplete`` when the answer hit ``max_output_tokens`` (or the context), else
     ``completed``; usage counts the prompt once (its cached part in ``cached_tokens``)."""
@@ -89,29 +92,50 @@ def _finished(start: ResponseObject, message: OutputMessage, out: RequestOutput,
                           output_tokens=len(out.token_ids), total_tokens=num_prompt_tokens + len(out.token_ids))
     incomplete = out.finish_reason == "length"
     return start.model_copy(update={
-        "status": "incomplete" if incomplete else "completed", "output": [message], "usage": usage,
+        "status": "incomplete" if incomplete else "completed", "output": list(items.items), "usage": usage,
         "incomplete_details": IncompleteDetails(reason="max_output_tokens") if incomplete else None})
 
 
-def _message(item_id: str, text: str, out: RequestOutput | None) -> OutputMessage:
-    """The output message item: in progress while ``out`` (the final output) is None."""
-    if out is None:
-        return OutputMessage(id=item_id, status="in_progress")
-    return OutputMessage(id=item_id, status="incomplete" if out.finish_reason == "length" else "completed",
-                         content=[OutputTextPart(text=text)])
+class _Answer:
+    """One answer's pieces into its output items: a harmony answer split by channel (and calls, when the
+    request offers functions), another model's text as the message; a demo answer labelled once."""
+
+    def __init__(self, state: ServingState, jobs: Jobs) -> None:
+        self.state = state
+        self.items = OutputItems()
+        tools = jobs[0][0].tool_plan is not None
+        self.harmony = HarmonyStreamParser(tool_calls=tools) if uses_harmony(state.processor.template) else None
+        self.labelled = False
+        if self.harmony is None:
+            self.opening = self.items.text("", open_empty=True)    # the message item from the start, as before
+        else:
+            self.opening = []
+
+    def feed(self, out: RequestOutput) -> list[Event]:
+        calls: tuple[ToolCallDelta, ...] = ()
+        if self.harmony is None:
+            text, reasoning = out.delta, ""
+        else:
+            fields = self.harmony.feed(out.delta, finished=out.finished)
+            text, reasoning, calls = fields.content, fields.reasoning, fields.tool_calls
+        if (text or out.finished) and not self.labelled:     # a demo answer says so, even an empty one
+            text, self.labelled = self.state.label(text), True
+        events = self.items.reasoning(reasoning) + self.items.calls(calls) + self.items.text(text)
+        if out.finished:
+            events += self.items.finish(incomplete=out.finish_reason == "length")
+        return events
 
 
 async def _full(state: ServingState, engine: AsyncEngine, start: ResponseObject, jobs: Jobs) -> JSONResponse:
+    answer = _Answer(state, jobs)
     final: RequestOutput | None = None
     async for _, out in merged(engine, start.id, jobs):
+        answer.feed(out)
         if out.finished:
             final = out
     assert final is not None, "the engine ends every request with a finished output"
-    text = final.text
-    if uses_harmony(state.processor.template):       # the answer is the final channel (processing.harmony)
-        text = parse_harmony(text).content or ""
-    message = _message(new_response_id("msg"), state.label(text), final)
-    return JSONResponse(_finished(start, message, final, len(jobs[0][0].prompt_token_ids)).model_dump(mode="json"))
+    response = _finished(start, answer.items, final, len(jobs[0][0].prompt_token_ids))
+    return JSONResponse(response.model_dump(mode="json"))
 
 
 def _event(sequence_number: int, kind: str, **fields: Any) -> str:
@@ -130,30 +154,18 @@ async def _events(state: ServingState, engine: AsyncEngine, start: ResponseObjec
         sequence += 1
         return _event(sequence - 1, kind, **fields)
 
-    item_id = new_response_id("msg")
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     yield event("response.created", response=start.model_dump(mode="json"))
     yield event("response.in_progress", response=start.model_dump(mode="json"))
-    yield event("response.output_item.added", output_index=0,
-                item=_message(item_id, "", None).model_dump(mode="json"))
-    yield event("response.content_part.added", **where, part=OutputTextPart(text="").model_dump(mode="json"))
-    text, labelled = "", False
+    answer = _Answer(state, jobs)
+    for kind, fields in answer.opening:
+        yield event(kind, **fields)
     final: RequestOutput | None = None
-    harmony = HarmonyStreamParser() if uses_harmony(state.processor.template) else None
     async for _, out in merged(engine, start.id, jobs):
-        delta = out.delta if harmony is None else harmony.feed(out.delta, finished=out.finished).content
-        if (delta or out.finished) and not labelled:     # a demo answer says so, even an empty one
-            delta, labelled = state.label(delta), True
-        if delta:
-            text += delta
-            yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+        for kind, fields in answer.feed(out):
+            yield event(kind, **fields)
         if out.finished:
             final = out
     assert final is not None, "the engine ends every request with a finished output"
-    message = _message(item_id, text, final)
-    yield event("response.output_text.done", **where, text=text, logprobs=[])
-    yield event("response.content_part.done", **where, part=message.content[0].model_dump(mode="json"))
-    yield event("response.output_item.done", output_index=0, item=message.model_dump(mode="json"))
-    response = _finished(start, message, final, len(jobs[0][0].prompt_token_ids))
+    response = _finished(start, answer.items, final, len(jobs[0][0].prompt_token_ids))
     kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
     yield event(kind, response=response.model_dump(mode="json"))
