@@ -50,9 +50,9 @@ def test_hf_gpt_oss_engine_smoke() -> None:
     windows = [layer.self_attn.window for layer in decoder.model.layers]
     assert windows == [8, None, 8, None]
     text, image = _golden(VARIANT, "text_chat"), _golden(VARIANT, "img_800x600_max1")
+    image_file = str(FIXTURES / "data" / f"{image['case']['images'][0]}.png")
     prompts = [engine.processor.prepare([Message("user", text["case"]["rounds"][0])]),
-               engine.processor.prepare([Message("user", image["case"]["rounds"][0],
-                                                 images=[str(FIXTURES / "data" / f'{image["case"]["images"][0]}.png')])], max_num=1)]
+               engine.processor.prepare([Message("user", image["case"]["rounds"][0], images=[image_file])], max_num=1)]
     assert all(len(p.prompt_token_ids) > 8 for p in prompts)       # every prompt crosses the sliding window
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0))
     assert [o.text for o in outputs] == [text["rounds"][0]["responses"][0], image["rounds"][0]["responses"][0]]
