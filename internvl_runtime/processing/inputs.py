@@ -133,7 +133,8 @@ class InputProcessor:
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
                  chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None,
-                 numbered_images: bool = True, image_token_id: int | None = None, hf_video: bool = False) -> None:
+                 numbered_images: bool = True, image_token_id: int | None = None, hf_video: bool = False,
+                 extra_stop_token_ids: Sequence[int] = ()) -> None:
         """``template``: the official template's name (None: an HF-format checkpoint, which needs
         ``chat_template``); ``chat_template``: a Jinja template used instead of the official one
         (``--chat-template``, or an HF-format folder's own); ``images``: how images become tiles (default: the
@@ -141,7 +142,8 @@ class InputProcessor:
         ``Image-1: <image>\\n`` prefix (False: ``<image>\\n`` each, the HF format's); ``image_token_id``: the
         checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's;
         ``hf_video``: video frames become tiles as transformers' InternVL video processor makes them
-        (``hf_video.frame_pixels``: an HF-format folder)."""
+        (``hf_video.frame_pixels``: an HF-format folder); ``extra_stop_token_ids``: more ids that end an answer
+        (an HF-format folder's generation_config.json eos ids, where transformers' ``generate`` stops)."""
         if template is None and chat_template is None:
             raise ConfigError("a checkpoint without an official conversation template needs a chat template")
         self.tokenizer = tokenizer
@@ -157,6 +159,7 @@ class InputProcessor:
         self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
         self.numbered_images = numbered_images
         self.hf_video = hf_video
+        self.extra_stop_token_ids = tuple(extra_stop_token_ids)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if image_token_id is not None and image_token_id != self.img_context_id:
             raise ConfigError(f"the checkpoint's image_token_id is {image_token_id} but the tokenizer's "
@@ -175,7 +178,8 @@ class InputProcessor:
         if config.chat_template is not None:        # the HF format: its folder's template, its image prefix
             kwargs.update(chat_template=ChatTemplate(config.chat_template, origin=f"{config.source}'s chat template"),
                           numbered_images=False, image_token_id=config.image_token_id,
-                          hf_video=config.checkpoint_format == "hf")
+                          hf_video=config.checkpoint_format == "hf",
+                          extra_stop_token_ids=config.generation_eos_token_ids)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
 
@@ -214,9 +218,10 @@ class InputProcessor:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The template separator ends an answer (as the official chat); the tokenizer's eos too."""
+        """The template separator ends an answer (as the official chat); the tokenizer's eos too, and an
+        HF-format folder's generation_config.json eos ids (as transformers' ``generate``)."""
         ids: list[int] = []
-        for token_id in (self.sep_id, self.tokenizer.eos_token_id):
+        for token_id in (self.sep_id, self.tokenizer.eos_token_id, *self.extra_stop_token_ids):
             if token_id is not None and token_id not in ids:
                 ids.append(token_id)
         return ids

@@ -59,3 +59,16 @@ def test_hf_gpt_oss_engine_smoke() -> None:
     assert engine.model.config.llm.moe is not None and engine.model.config.llm.moe.num_experts == 4
     assert next(decoder.parameters()).dtype == torch.float32
 
+
+
+def test_hf_gpt_oss_stops_where_transformers_generate_stops() -> None:
+    """transformers' ``generate`` on the folder stops at every eos id of its generation_config.json (gpt-oss-20b's
+    ``<|return|>``, ``<|endoftext|>`` and ``<|call|>``), not only at the tokenizer's eos: so does the engine. The
+    first token is forced to ``<|call|>`` (714) by a logit bias; the answer ends there."""
+    engine = _engine(VARIANT)
+    assert engine.model.config.generation_eos_token_ids == (704, 701, 714)
+    prompt = engine.processor.prepare([Message("user", "Hello, who are you?")])
+    for forced in (714, 701):
+        out = engine.generate([prompt], SamplingParams(max_new_tokens=5, temperature=0, logit_bias={forced: 100}))[0]
+        assert out.token_ids == [forced]
+        assert out.finish_reason == "stop"
