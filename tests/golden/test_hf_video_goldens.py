@@ -59,7 +59,7 @@ def test_hf_video_golden_through_the_engine(round_index: int) -> None:
 
     tiles = torch.cat([image.pixel_values for image in prepared.images])
     _check_pixels(record, tiles)
-    features = _check_features(model, GOLDENS, record["features_file"], tiles)
+    features = _check_features(model, GOLDENS, record.get("features_file", "-"), tiles)   # first round only
     logits = _first_logits(model, record["input_ids"], features)
     assert _rel_err(logits, np.load(GOLDENS / record["logits0_file"])) <= RTOL
 
