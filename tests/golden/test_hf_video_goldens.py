@@ -10,6 +10,7 @@ features, the first-step logits, the greedy ids and the response.
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -19,6 +20,8 @@ from PIL import Image
 from test_goldens import RTOL, _check_features, _check_pixels, _first_logits, _rel_err
 from test_hf_goldens import _engine
 
+from internvl_runtime.api.generation_config import GenerationConfig
+from internvl_runtime.api.pipeline import Video, pipeline
 from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.processing import hf_video
 from internvl_runtime.processing.inputs import Message
@@ -27,6 +30,7 @@ from paths import FIXTURES
 
 VARIANT = "tiny-3_5-1B-HF"
 GOLDENS = FIXTURES / "goldens" / VARIANT
+QUESTION = "What is happening in the video?"
 
 
 def _golden() -> dict:
@@ -68,3 +72,29 @@ def test_hf_video_golden_through_the_engine(round_index: int) -> None:
     ids = record["generated_ids"][0]
     assert out.token_ids == (ids[:ids.index(eos) + 1] if eos in ids else ids)
     assert out.text == record["responses"][0]
+
+
+def test_hf_video_through_the_pipeline_samples_as_transformers() -> None:
+    """LMDeploy's ``pipeline`` on the HF folder: a ``Video`` (the clip file) and the same video as a ``video_url``
+    message are sampled with transformers' rule, so the answer is the engine's on those frames, not on the
+    official ``load_video``'s."""
+    engine = _engine(VARIANT)
+    video = FIXTURES / "data" / "video.mp4"
+
+    def engine_ids(rule) -> list[int]:
+        frames = list(sample_frames(video, num_segments=8, rule=rule).frames)
+        prepared = engine.processor.prepare([Message("user", QUESTION, images=frames, is_video=True)])
+        return engine.generate([prepared], SamplingParams(max_new_tokens=20, temperature=0))[0].token_ids
+
+    expected = engine_ids(hf_video.frame_indices)
+    assert expected != engine_ids(get_index)
+    pipe = pipeline(FIXTURES / "ckpt" / VARIANT)
+    try:
+        greedy = GenerationConfig(max_new_tokens=20)
+        assert pipe((QUESTION, Video(video, num_segments=8)), greedy).token_ids == expected
+        url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+        message = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, "num_segments": 8}},
+                                               {"type": "text", "text": QUESTION}]}
+        assert pipe([message], greedy).token_ids == expected
+    finally:
+        pipe.close()
