@@ -16,6 +16,7 @@ exact ``llm_config.architectures[0]`` (HF format: ``text_config.architectures[0]
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -325,6 +326,9 @@ class InternVLConfig:
     checkpoint_format: str = "github"      # "github" (InternVLChatModel) or "hf" (InternVLForConditionalGeneration)
     image_token_id: int | None = None      # HF format: config.json's image_token_id (<IMG_CONTEXT>)
     chat_template: str | None = None       # HF format: the folder's Jinja chat template (renders every prompt)
+    #: HF format: generation_config.json's ``eos_token_id`` (one id or a list): transformers' ``generate`` on the
+    #: folder stops at each (GPT-OSS: ``<|return|>``, ``<|endoftext|>``, ``<|call|>``); empty otherwise.
+    generation_eos_token_ids: tuple[int, ...] = ()
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -413,7 +417,7 @@ class InternVLConfig:
             _check_hf_image_tokens(folder)
             config = cls.from_dict(data, str(file), processor=processor, chat_template=hf_chat_template(folder))
             _check_hf_image_seq_length(folder, config.num_image_token)
-            return config
+            return dataclasses.replace(config, generation_eos_token_ids=hf_generation_eos(folder))
         return cls.from_dict(data, str(file))
 
 
@@ -460,6 +464,19 @@ def hf_chat_template(folder: Path) -> str | None:
             if isinstance(template, str):
                 return template
     return None
+
+
+def hf_generation_eos(folder: Path) -> tuple[int, ...]:
+    """generation_config.json's ``eos_token_id`` (an id or a list of ids; none without the file or the key): the
+    ids transformers' ``generate`` stops at on an HF-format folder."""
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return ()
+    eos = _Reader(_read_json(file), str(file)).get("eos_token_id", (int, list), None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{file}: eos_token_id must be a token id or a list of token ids, got {eos!r}")
+    return tuple(ids)
 
 
 #: The image tokens InternVL's prompts are built from (``processing/template.py``), by the names an HF-format

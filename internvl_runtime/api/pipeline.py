@@ -60,7 +60,7 @@ from ..processing.data_url import decode_data_url, is_data_url
 from ..processing.image import DEFAULT_MAX_DOWNLOAD_BYTES
 from ..processing.inputs import ImageWithTiles, Message, PreparedRequest
 from ..processing.tool_calls import parse_tool_call
-from ..processing.video import sample_frames
+from ..processing.video import FrameRule, sample_frames
 from ..processing.video_io import VideoSource
 from .generation_config import GenerationConfig
 from .lmdeploy_config import (
@@ -78,16 +78,18 @@ __all__ = ["GenerationConfig", "Pipeline", "Response", "Session", "Video", "pipe
 
 @dataclass
 class Video:
-    """A video for a prompt: a path (frames sampled as the official ``load_video``) or a list of frames."""
+    """A video for a prompt: a path (frames sampled as the official ``load_video``, or as transformers' video
+    processor for an HF-format folder: the pipeline passes its processor's ``video_frame_rule``) or a list of
+    frames."""
 
     source: VideoSource | list[Image.Image] | tuple[Image.Image, ...]
     num_segments: int = 8
     bound: tuple[float, float] | None = None
 
-    def frames(self) -> list[Image.Image]:
+    def frames(self, rule: FrameRule | None = None) -> list[Image.Image]:
         if isinstance(self.source, (list, tuple)):
             return list(self.source)
-        return list(sample_frames(self.source, bound=self.bound, num_segments=self.num_segments).frames)
+        return list(sample_frames(self.source, bound=self.bound, num_segments=self.num_segments, rule=rule).frames)
 
 
 @dataclass
@@ -190,7 +192,7 @@ def _pop_tile_limits(raw: dict[str, Any]) -> tuple[dict[str, Any], list[int | No
     return {**raw, "content": parts}, limits
 
 
-def _from_chat_message(raw: dict[str, Any]) -> Message:
+def _from_chat_message(raw: dict[str, Any], rule: FrameRule | None = None) -> Message:
     """One OpenAI-style message dict, parsed by the server's models (``processing.chat_messages``); tool
     results, assistant tool calls and per-image tile limits are read here."""
     if raw.get("role") == "tool":
@@ -209,7 +211,7 @@ def _from_chat_message(raw: dict[str, Any]) -> Message:
     role = "system" if message.role == "developer" else message.role
     video = message.video()
     if video is not None:
-        frames = Video(_image(video.url), num_segments=video.num_segments or 8).frames()
+        frames = Video(_image(video.url), num_segments=video.num_segments or 8).frames(rule)
         return Message(role, message.text(), frames, is_video=True)
     images: list[Any] = [_image(image) for image in message.images()]
     images = [img if limit is None else ImageWithTiles(img, limit)
@@ -217,8 +219,9 @@ def _from_chat_message(raw: dict[str, Any]) -> Message:
     return Message(role, message.text(), images, tool_calls=tool_calls)
 
 
-def to_messages(prompt: Any) -> list[Message]:
-    """Normalise any accepted prompt form into messages."""
+def to_messages(prompt: Any, rule: FrameRule | None = None) -> list[Message]:
+    """Normalise any accepted prompt form into messages (``rule``: the checkpoint's choice of a video's frames;
+    default the official one)."""
     if isinstance(prompt, str):
         return [Message("user", prompt)]
     if isinstance(prompt, tuple):
@@ -233,12 +236,12 @@ def to_messages(prompt: Any) -> list[Message]:
         if not isinstance(text, str):
             raise InvalidRequest("a tuple prompt must be (text, image), (text, [images]) or (image(s), text)")
         if isinstance(images, Video):
-            return [Message("user", text, images.frames(), is_video=True)]
+            return [Message("user", text, images.frames(rule), is_video=True)]
         if not isinstance(images, (list, tuple)):
             images = [images]
         return [Message("user", text, list(images))]
     if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-        return [_from_chat_message(m) for m in prompt]
+        return [_from_chat_message(m, rule) for m in prompt]
     raise InvalidRequest(f"unsupported prompt type {type(prompt).__name__}: use a string, (text, image) or messages")
 
 
@@ -316,7 +319,9 @@ class Pipeline:
         """Check and prepare every prompt (rendered, tiled, tokenized) and its ``n`` params; nothing is added."""
         configs = self._configs(len(prompts), gen_config)
         sessions = list(sessions) if sessions is not None else [None] * len(prompts)
-        messages = [p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p) for p in prompts]
+        rule = self.engine.processor.video_frame_rule
+        messages = [p if isinstance(p, list) and p and isinstance(p[0], Message) else to_messages(p, rule)
+                    for p in prompts]
         tokenizer = self.engine.tokenizer
         if any(c.output_logits for c in configs) and (self.tp_workers or self._closer is not None):
             raise UnsupportedFeature("output_logits is not supported with tensor parallelism")
@@ -462,7 +467,7 @@ class Pipeline:
         session = session or Session()
         if gen_config is not None and gen_config.n != 1:
             raise InvalidRequest("chat answers one turn: n must be 1")
-        messages = session.messages + to_messages(prompt)
+        messages = session.messages + to_messages(prompt, self.engine.processor.video_frame_rule)
         work = self._prepare_all([messages], gen_config, [session])
         session.prompt = prompt
         pieces = self._stream(work, stream_response=True)

@@ -6,8 +6,11 @@ tower and the projector, and the vision attention's three projections packed int
 is the official converter's (OpenGVLab/InternVL ``internvl_chat/tools/internvl_custom2hf.py``, commit
 5d8ab0e) read the other way; the older layout transformers still loads (``language_model.model.*``,
 ``vision_tower.*``, ``multi_modal_projector.*``, ``language_model.lm_head.*``: its
-``_checkpoint_conversion_mapping``) maps too. The result is a GitHub-format name, which the decoder
-family's own tables then resolve as for any InternVL checkpoint.
+``_checkpoint_conversion_mapping``, which its ``save_pretrained`` undoes: folders saved by transformers
+4.55 are in it, the tiny HF-format GPT-OSS for one) maps too. The result is a GitHub-format name, which
+the decoder family's own tables then resolve as for any InternVL checkpoint: the text model's names are
+transformers' own in both formats (GPT-OSS's ``self_attn.sinks``, ``mlp.router.*`` and stacked
+``mlp.experts.*`` included), so the language model needs no table here.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from PIL import Image
 
 from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, PlaceholderMismatch
+from . import hf_video
 from .chat_template import ChatTemplate
 from .harmony import uses_harmony
 from .harmony_tools import history_answer
@@ -52,6 +53,7 @@ from .template import (
 )
 from .tokenization import Tokenizer
 from .tool_calls import FORMATS, ToolCall, ToolCallFormat, ToolPlan, ToolResult, plan_tools
+from .video import FrameRule, get_index
 
 
 @dataclass
@@ -134,13 +136,17 @@ class InputProcessor:
                  max_dynamic_patch: int = 12, use_thumbnail: bool = True, system_message: str | None = None,
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
                  chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None,
-                 numbered_images: bool = True, image_token_id: int | None = None) -> None:
+                 numbered_images: bool = True, image_token_id: int | None = None, hf_video: bool = False,
+                 extra_stop_token_ids: Sequence[int] = ()) -> None:
         """``template``: the official template's name (None: an HF-format checkpoint, which needs
         ``chat_template``); ``chat_template``: a Jinja template used instead of the official one
         (``--chat-template``, or an HF-format folder's own); ``images``: how images become tiles (default: the
         exact path on the calling thread); ``numbered_images``: several images of a message get the official
         ``Image-1: <image>\\n`` prefix (False: ``<image>\\n`` each, the HF format's); ``image_token_id``: the
-        checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's."""
+        checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's;
+        ``hf_video``: video frames become tiles as transformers' InternVL video processor makes them
+        (``hf_video.frame_pixels``: an HF-format folder); ``extra_stop_token_ids``: more ids that end an answer
+        (an HF-format folder's generation_config.json eos ids, where transformers' ``generate`` stops)."""
         if template is None and chat_template is None:
             raise ConfigError("a checkpoint without an official conversation template needs a chat template")
         self.tokenizer = tokenizer
@@ -155,6 +161,8 @@ class InputProcessor:
         self.max_images = max_images
         self.images = images or ImagePreprocessor(image_size, use_thumbnail=use_thumbnail)
         self.numbered_images = numbered_images
+        self.hf_video = hf_video
+        self.extra_stop_token_ids = tuple(extra_stop_token_ids)
         self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
         if image_token_id is not None and image_token_id != self.img_context_id:
             raise ConfigError(f"the checkpoint's image_token_id is {image_token_id} but the tokenizer's "
@@ -172,7 +180,9 @@ class InputProcessor:
                                       system_message=config.system_message)
         if config.chat_template is not None:        # the HF format: its folder's template, its image prefix
             kwargs.update(chat_template=ChatTemplate(config.chat_template, origin=f"{config.source}'s chat template"),
-                          numbered_images=False, image_token_id=config.image_token_id)
+                          numbered_images=False, image_token_id=config.image_token_id,
+                          hf_video=config.checkpoint_format == "hf",
+                          extra_stop_token_ids=config.generation_eos_token_ids)
         kwargs.update(overrides)
         return cls(tokenizer, **kwargs)
 
@@ -199,15 +209,22 @@ class InputProcessor:
         return clone
 
     @property
+    def video_frame_rule(self) -> FrameRule:
+        """Which frames of a clip this checkpoint is given: transformers' choice for an HF-format folder
+        (``hf_video.frame_indices``), else the official ``load_video``'s (``video.get_index``)."""
+        return hf_video.frame_indices if self.hf_video else get_index
+
+    @property
     def tool_format(self) -> ToolCallFormat | None:
         """The checkpoint template's tool-call format (None for a template without one)."""
         return FORMATS.get(self.template) if self.template is not None else None
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The template separator ends an answer (as the official chat); the tokenizer's eos too."""
+        """The template separator ends an answer (as the official chat); the tokenizer's eos too, and an
+        HF-format folder's generation_config.json eos ids (as transformers' ``generate``)."""
         ids: list[int] = []
-        for token_id in (self.sep_id, self.tokenizer.eos_token_id):
+        for token_id in (self.sep_id, self.tokenizer.eos_token_id, *self.extra_stop_token_ids):
             if token_id is not None and token_id not in ids:
                 ids.append(token_id)
         return ids
@@ -292,6 +309,9 @@ class InputProcessor:
                        ) -> ImageInput:
         if isinstance(image, ImageWithTiles):
             return self.image_input(image.image, max_num=1 if is_video else image.max_dynamic_patch)
+        if is_video and self.hf_video and not isinstance(image, (ImageInput, torch.Tensor)):
+            pil = image if isinstance(image, Image.Image) else open_image(image)
+            return self.image_input(hf_video.frame_pixels(pil, self.image_size))
         return self.image_input(image, max_num=1 if is_video else max_num)
 
     def _history_format(self) -> ToolCallFormat:

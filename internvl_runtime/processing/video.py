@@ -84,6 +84,10 @@ class SampledFrames:
 # Frame choice
 # --------------------------------------------------------------------------------------------------
 
+#: A frame choice: (bound, fps, max_frame, first_idx, num_segments) -> the chosen frame indices.
+FrameRule = Callable[[Sequence[float] | None, float, int, int, int], np.ndarray]
+
+
 
 def get_index(
     bound: Sequence[float] | None,
@@ -151,16 +155,18 @@ def sample_frames(
     max_seconds: float | None = None,
     max_decoded_bytes: int | None = None,
     max_kept_pixels: int | None = None,
+    rule: FrameRule | None = None,
 ) -> SampledFrames:
     """Decode ``video_path`` and return the RGB frames :func:`get_index` chooses (rotation applied).
 
     Repeated indices (clips shorter than ``num_segments``) give the same image object repeatedly. The
     keyword-only limits (none by default) are those of :class:`~.video_io.VideoLimits`; decoding stops at
     the first frame that breaks one (VideoDecodeError), except ``max_kept_pixels``, which scales kept
-    frames down instead.
+    frames down instead. ``rule`` chooses the frames (default :func:`get_index`, the official choice; an
+    HF-format checkpoint passes ``hf_video.frame_indices``, transformers' choice).
     """
     limits = VideoLimits.checked(max_pixels, max_seconds, max_decoded_bytes, max_kept_pixels)
-    images, indices, fps = _sample(video_path, bound, num_segments, lambda image: image, limits)
+    images, indices, fps = _sample(video_path, bound, num_segments, lambda image: image, limits, rule)
     return SampledFrames(frames=images, indices=indices, fps=fps)
 
 
@@ -201,14 +207,17 @@ def _sample(
     num_segments: int,
     convert: Callable[[Image.Image], _T],
     limits: VideoLimits,
+    rule: FrameRule | None = None,
 ) -> tuple[list[_T], list[int], float]:
-    """Decode ``source``, pick frames as :func:`get_index` does, and ``convert`` only the picked ones.
+    """Decode ``source``, pick frames as ``rule`` (default :func:`get_index`) does, and ``convert`` only the
+    picked ones.
 
     The frame count is what the decoder yields. The container's count (or, lacking one, the number of
     packets) is used as a first guess so that a single decoding pass usually suffices; when the decoded
     count disagrees and changes the choice, the missing frames are decoded in a second pass.
     """
     _check_num_segments(num_segments)
+    choose: FrameRule = rule or get_index
     if _has_bound(bound):
         _parse_bound(bound)
     av = import_av()
@@ -230,7 +239,7 @@ def _sample(
             raise VideoDecodeError(f"bound ({start_s:g} s, {end_s:g} s) ends before video {name} starts")
 
     try:
-        wanted = {int(i) for i in get_index(bound, fps, guess - 1, 0, num_segments)} if guess > 0 else set()
+        wanted = {int(i) for i in choose(bound, fps, guess - 1, 0, num_segments)} if guess > 0 else set()
     except VideoDecodeError:
         wanted = set()  # the guess may be wrong: decide once the frames are counted
     # With a bound ending inside the clip, the choice does not depend on the clip's length: the decoding
@@ -244,7 +253,7 @@ def _sample(
     if count == 0:
         raise VideoDecodeError(f"video {name} has no decodable video frame")
     try:
-        indices = [int(i) for i in get_index(bound, fps, count - 1, 0, num_segments)]
+        indices = [int(i) for i in choose(bound, fps, count - 1, 0, num_segments)]
     except VideoDecodeError as exc:
         raise VideoDecodeError(f"video {name}: {exc}") from exc
     missing = set(indices) - kept.keys()

@@ -46,7 +46,7 @@ from PIL import Image
 from ..errors import InvalidRequest, MediaFetchError, MediaNotAllowed
 from ..processing.data_url import decode_data_url
 from ..processing.image import open_image
-from ..processing.video import sample_frames
+from ..processing.video import FrameRule, sample_frames
 from .config import ServerConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -316,11 +316,12 @@ VIDEO_FRAME_PIXELS = 1920 * 1080
 
 
 def decode_video(data: bytes, *, num_segments: int, max_pixels: int, max_seconds: float,
-                 max_decoded_bytes: int) -> list[Image.Image]:
+                 max_decoded_bytes: int, rule: FrameRule | None = None) -> list[Image.Image]:
     """The ``num_segments`` RGB frames the official ``load_video`` samples from an encoded clip, within
     the server's limits: an accepted container format, at most ``max_pixels`` per frame, ``max_seconds``
     spanned by the decoded frames' timestamps, ``max_decoded_bytes`` of decoded frames (VideoDecodeError,
-    a 400, as soon as one is broken); kept frames are scaled down to :data:`VIDEO_FRAME_PIXELS`."""
+    a 400, as soon as one is broken); kept frames are scaled down to :data:`VIDEO_FRAME_PIXELS`. ``rule``: the
+    checkpoint's frame choice (``InputProcessor.video_frame_rule``; default the official one)."""
     sampled = sample_frames(data, num_segments=num_segments, max_pixels=max_pixels, max_seconds=max_seconds,
-                            max_decoded_bytes=max_decoded_bytes, max_kept_pixels=VIDEO_FRAME_PIXELS)
+                            max_decoded_bytes=max_decoded_bytes, max_kept_pixels=VIDEO_FRAME_PIXELS, rule=rule)
     return list(sampled.frames)

@@ -362,11 +362,21 @@ def write_gpt_oss_checkpoint(folder: str | Path, variant: str = "3_5-20B-A4B", *
 # ---- the "HF format" (transformers' native InternVLForConditionalGeneration) -------------------------------
 
 #: HF-format variants: InternVL3 / InternVL3.5 as released under hub ids ending in ``-hf`` / ``-HF``.
-HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF", "3_5-30B-A3B-HF")
+HF_VARIANTS = ("3-1B-hf", "3_5-1B-HF", "3_5-30B-A3B-HF", "3_5-20B-A4B-HF")
 
-#: Per HF variant: bos/eos/pad ids and vocab size of the vendored tokenizer (tokenizers/<v>/, with ``<video>``).
+#: Per HF variant: bos/eos/pad ids and vocab size of the vendored tokenizer (tokenizers/<v>/, with ``<video>``;
+#: the GPT-OSS one is the GitHub-format GPT-OSS tokenizer with ``<video>`` added at 736).
 _HF_TOKEN_IDS = {"3-1B-hf": (700, 702, None, 713), "3_5-1B-HF": (700, 702, None, 713),
-                 "3_5-30B-A3B-HF": (700, 702, None, 713)}
+                 "3_5-30B-A3B-HF": (700, 702, None, 713), "3_5-20B-A4B-HF": (700, 704, 701, 737)}
+#: ``<IMG_CONTEXT>`` of each HF variant's vendored tokenizer (config.json's ``image_token_id`` in the tiny).
+_HF_IMAGE_TOKEN_ID = {"3-1B-hf": 705, "3_5-1B-HF": 705, "3_5-30B-A3B-HF": 705, "3_5-20B-A4B-HF": 717}
+
+#: The layout ``save_pretrained`` of transformers 4.55 writes (its ``_checkpoint_conversion_mapping`` undone on
+#: save): (the module path of the loaded model, the saved name's prefix). The GPT-OSS variant is written so.
+_SAVED_LAYOUT = (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                 ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head."))
+#: HF variants whose weights are written in transformers 4.55's saved layout (the others: the module paths).
+_HF_SAVED_LAYOUT_VARIANTS = ("3_5-20B-A4B-HF",)
 
 
 def real_hf_config(variant: str) -> dict[str, Any]:
@@ -388,6 +398,15 @@ def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
         return config
     if scale != "tiny":
         raise ValueError(f"scale must be 'tiny' or 'real', got {scale!r}")
+    vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    config["image_token_id"] = _HF_IMAGE_TOKEN_ID[variant]      # <IMG_CONTEXT> of the vendored tokenizer
+    config["torch_dtype"] = text["torch_dtype"] = vit["torch_dtype"] = "float32"
+    if text["model_type"] == "gpt_oss":     # the GitHub-format tiny GPT-OSS's widths (make_gpt_oss_config)
+        text.update(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                    num_local_experts=4, num_experts_per_tok=2, experts_per_token=2, num_hidden_layers=4,
+                    layer_types=text["layer_types"][:4], sliding_window=8, vocab_size=vocab, eos_token_id=eos,
+                    pad_token_id=pad)
+        return config
     text.update(bos_token_id=bos, eos_token_id=eos, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
                 intermediate_size=128, num_hidden_layers=2, max_window_layers=2, vocab_size=vocab)
     if "head_dim" in text:      # Qwen3 states it: keep heads x head_dim apart from hidden_size, as released
@@ -398,16 +417,13 @@ def make_hf_config(variant: str, scale: str = "tiny") -> dict[str, Any]:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     if pad is not None:
         text["pad_token_id"] = pad
-    vit.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
-    config["image_token_id"] = 705          # <IMG_CONTEXT> of the vendored tokenizers/<variant>
-    config["torch_dtype"] = text["torch_dtype"] = vit["torch_dtype"] = "float32"
     return config
 
 
 def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes in the HF layout (``model.vision_tower.*``,
     ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``; the vision attention's
-    q/k/v as three projections), for a Qwen2/Qwen3/Llama-style text model and Qwen3-MoE's experts."""
+    q/k/v as three projections), for a Qwen2/Qwen3/Llama-style text model, Qwen3-MoE's experts and GPT-OSS."""
     vit, text = config["vision_config"], config["text_config"]
     d, inter = vit["hidden_size"], vit["intermediate_size"]
     patch = vit["patch_size"][0] if isinstance(vit["patch_size"], list) else vit["patch_size"]
@@ -442,6 +458,11 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes.update({m + "layer_norm.weight": (width,), m + "layer_norm.bias": (width,),
                    m + "linear_1.weight": (h, width), m + "linear_1.bias": (h,),
                    m + "linear_2.weight": (h, h), m + "linear_2.bias": (h,)})
+    if text["model_type"] == "gpt_oss":     # GptOssForCausalLM's own names (experts stacked), under the HF prefixes
+        for name, shape in gpt_oss_tensor_shapes(text).items():
+            shapes[name.replace("language_model.model.", "model.language_model.")
+                   .replace("language_model.lm_head.", "lm_head.")] = shape
+        return shapes
     heads, kv, vocab = text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
     hd, ff = text.get("head_dim") or h // heads, text["intermediate_size"]
     lm = "model.language_model."
@@ -489,13 +510,31 @@ def write_hf_checkpoint(folder: str | Path, variant: str = "3-1B-hf", *, scale: 
     config["torch_dtype"] = config["text_config"]["torch_dtype"] = config["vision_config"]["torch_dtype"] = dtype_name
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     text = config["text_config"]
-    generation = {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
-                  "transformers_version": "4.52.0.dev0"}
+    if text["model_type"] == "gpt_oss":     # the GitHub-format GPT-OSS's (gpt-oss-20b's: <|return|>, pad, <|call|>)
+        bos, eos, pad, _ = _HF_TOKEN_IDS[variant]
+        generation = {"bos_token_id": bos, "eos_token_id": [eos, pad, 714], "pad_token_id": pad,
+                      "transformers_version": "4.55.0"}
+    else:
+        generation = {"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"],
+                      "transformers_version": "4.52.0.dev0"}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     for file in (_HERE / "tokenizers" / variant).iterdir():
         shutil.copyfile(file, folder / file.name)
     generator = torch.Generator().manual_seed(seed)
     shapes = hf_tensor_shapes(config)
-    tensors = {n: _random_tensor(n, shape, generator, dtype) for n, shape in shapes.items()}
+    gpt_oss = text["model_type"] == "gpt_oss"
+    tensors = {n: (_gpt_oss_tensor(n, shape, generator).to(dtype) if gpt_oss and "language_model." in n
+                   else _random_tensor(n, shape, generator, dtype)) for n, shape in shapes.items()}
+    if variant in _HF_SAVED_LAYOUT_VARIANTS:
+        tensors = {saved_name(n): t for n, t in tensors.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def saved_name(name: str) -> str:
+    """A module-path name of transformers' InternVLForConditionalGeneration -> the name its ``save_pretrained``
+    writes (transformers 4.55)."""
+    for module_prefix, saved_prefix in _SAVED_LAYOUT:
+        if name.startswith(module_prefix):
+            return saved_prefix + name[len(module_prefix):]
+    return name

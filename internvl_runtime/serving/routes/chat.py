@@ -20,6 +20,7 @@ from ...processing.harmony import HarmonyStreamParser, parse_harmony, uses_harmo
 from ...processing.inputs import ImageInput, Message, PreparedRequest
 from ...processing.tokenization import Tokenizer
 from ...processing.tool_calls import ToolCallStreamParser, parse_tool_call
+from ...processing.video import FrameRule
 from ..config import ServerConfig
 from ..media import decode_image, decode_video
 from ..protocol import (
@@ -122,7 +123,8 @@ async def prepare_chat_with_sizes(state: ServingState, req: ChatCompletionReques
     def work() -> PreparedRequest:
         tiled = iter([tile(d, limit) for d, limit in zip(datas, tiles, strict=True)])
         share = config.max_video_decoded_bytes // max(1, len(videos))     # the request's budget, shared
-        clips = iter([video_frames(d, v.num_segments or default_frames, config, max_decoded_bytes=share)
+        clips = iter([video_frames(d, v.num_segments or default_frames, config, max_decoded_bytes=share,
+                                   rule=processor.video_frame_rule)
                       for d, v in zip(video_datas, videos, strict=True)])
         messages = []
         for m in req.messages:
@@ -172,13 +174,13 @@ def _with_thumbnail(limit: int) -> int:
     return limit + 1 if limit > 1 else 1
 
 
-def video_frames(data: bytes, num_segments: int, config: ServerConfig, *, max_decoded_bytes: int | None = None
-                 ) -> list[Image.Image]:
-    """Sample ``num_segments`` frames (the official choice) within the server's video limits
-    (``max_decoded_bytes``: this video's share of the request's decoding budget)."""
+def video_frames(data: bytes, num_segments: int, config: ServerConfig, *, max_decoded_bytes: int | None = None,
+                 rule: FrameRule | None = None) -> list[Image.Image]:
+    """Sample ``num_segments`` frames (``rule``: the checkpoint's choice, default the official one) within the
+    server's video limits (``max_decoded_bytes``: this video's share of the request's decoding budget)."""
     budget = config.max_video_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
     return decode_video(data, num_segments=num_segments, max_pixels=config.max_image_pixels,
-                        max_seconds=config.max_video_seconds, max_decoded_bytes=budget)
+                        max_seconds=config.max_video_seconds, max_decoded_bytes=budget, rule=rule)
 
 
 async def _gather(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
