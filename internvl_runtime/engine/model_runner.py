@@ -69,8 +69,11 @@ class ModelRunner:
         self.device = embed.device
         self.dtype = kv_dtype or embed.dtype
         self.rotary = model.language_model.rotary
+        # triton is asked about only where it could be chosen: importing it costs ~70 MB resident (its
+        # library's pages), for nothing on a CPU runner under "auto" or "torch"
+        wants_triton = attention_backend == "triton" or (attention_backend == "auto" and self.device.type == "cuda")
         self.attention_backend = choose_attention_backend(attention_backend, device_type=self.device.type,
-                                                          has_triton=triton_available())
+                                                          has_triton=wants_triton and triton_available())
         devices = layer_devices(model.language_model)
         one_device = len({str(d) for d in devices}) == 1 and str(devices[0]) == str(self.device)
         # a layer that reads back to the host (a mixture of experts on its per-expert path) cannot be captured

@@ -42,6 +42,18 @@ Finish = Callable[[str, nn.Module], "nn.Module | None"]
 Watch = Callable[[str, torch.Tensor], None]
 
 
+def allocate(module: nn.Module, names: Iterable[str], device: torch.device) -> None:
+    """Replace the meta parameters ``names`` of ``module`` by uninitialised ones on ``device``.
+
+    ``torch.empty`` from the meta tensor's shape and dtype, not ``torch.empty_like(meta, device=...)`` or
+    ``nn.Module.to_empty``: those run through torch's Python references, whose first call imports sympy
+    (~30 MB resident in every process that loads a model, for an allocation)."""
+    for name in names:
+        meta = getattr(module, name)
+        setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=device),
+                                           requires_grad=meta.requires_grad))
+
+
 class DirectSink(WeightSink):
     """Allocate each module on its device on first use, copy through staging, finish modules as they
     complete (see the module docstring). Call ``close()`` after the checkpoint (and after tying weights):
@@ -88,14 +100,9 @@ class DirectSink(WeightSink):
         params = dict(module.named_parameters(recurse=False))
         if self.may_map is None:
             allocated = [name for name, p in params.items() if p.is_meta]
-            if allocated:
-                module.to_empty(device=self.device_for(owner), recurse=False)
         else:                # a sibling may be mapped when it arrives: allocate this parameter alone
             allocated = [leaf] if params[leaf].is_meta else []
-            for name in allocated:
-                meta = params[name]
-                setattr(module, name, nn.Parameter(torch.empty_like(meta, device=self.device_for(owner)),
-                                                   requires_grad=meta.requires_grad))
+        allocate(module, allocated, self.device_for(owner))
         if self.watch is not None:
             for name in allocated:
                 self.watch(f"{owner}.{name}" if owner else name, getattr(module, name))

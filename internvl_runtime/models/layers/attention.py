@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .lazy_zeros import lazy_zeros
+
 
 @dataclass
 class KVCache:
@@ -45,8 +47,9 @@ class KVCache:
         shape = ((num_blocks + scratch_blocks) * block_size, num_kv_heads, head_dim)
         devices = [device] * num_layers if isinstance(device, (str, torch.device)) else list(device)
         assert len(devices) == num_layers, (len(devices), num_layers)
-        return cls(keys=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
-                   values=[torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+        # zeros either way; on the CPU a page is resident only once a token is stored in it (lazy_zeros)
+        return cls(keys=[lazy_zeros(shape, dtype=dtype, device=d) for d in devices],
+                   values=[lazy_zeros(shape, dtype=dtype, device=d) for d in devices],
                    block_size=block_size, scratch_blocks=scratch_blocks)
 
     @property
