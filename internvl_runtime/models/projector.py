@@ -35,7 +35,8 @@ class Projector(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, fc1, gelu, fc2 = self
-        if fast_path(x, fc1.weight) and isinstance(gelu, nn.GELU) and gelu.approximate == "none":
+        if (isinstance(fc1, Linear) and fast_path(x, fc1.weight) and isinstance(gelu, nn.GELU)
+                and gelu.approximate == "none"):
             # bias and exact GELU fused into the matmuls where oneDNN can (see intern_vit.fused_linear);
             # float32 ``x`` over 16-bit weights (the upcast plan) stays float32 here too
             return fused_linear(fc2, fused_linear(fc1, norm_f32(norm, x), gelu=True))

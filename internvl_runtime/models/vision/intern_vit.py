@@ -107,13 +107,14 @@ def _onednn_linear_op(dtype: torch.dtype = torch.bfloat16):
 def _onednn_fusable(linear: nn.Module, x: torch.Tensor) -> bool:
     """bf16 activations and weights, native 16-bit plan; or float32 activations over 16-bit weights under
     the upcast plan (the weights widened per call)."""
-    plan = getattr(linear, "plan", None)
-    upcast = plan is not None and plan.upcast
+    if not isinstance(linear, Linear) or type(linear) is not Linear:   # a quantized or parallel layer: its own
+        return False
+    upcast = linear.plan is not None and linear.plan.upcast
     if x.dtype == torch.bfloat16:
         dtypes_ok = linear.weight.dtype == torch.bfloat16 and not upcast and fast_16bit(x)
     else:
         dtypes_ok = upcast and upcast_f32(x, linear.weight)
-    return (type(linear) is Linear and dtypes_ok
+    return (dtypes_ok
             and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
             and bool(torch.backends.mkldnn.enabled) and _onednn_linear_op(x.dtype) is not None)
 
