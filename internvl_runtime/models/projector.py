@@ -40,4 +40,6 @@ class Projector(nn.Sequential):
             # bias and exact GELU fused into the matmuls where oneDNN can (see intern_vit.fused_linear);
             # float32 ``x`` over 16-bit weights (the upcast plan) stays float32 here too
             return fused_linear(fc2, fused_linear(fc1, norm_f32(norm, x), gelu=True))
+        if isinstance(norm, nn.LayerNorm) and norm.weight.dtype != x.dtype:
+            x = x.to(norm.weight.dtype)        # float32 features from an upcast encoder, a quantized mlp1
         return super().forward(x)

@@ -182,14 +182,15 @@ class VisionEmbeddings(nn.Module):
         """Compute the patch embedding in float32 from 16-bit weights (the compute plan's "upcast")."""
         self.upcast_16bit = upcast
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, 1 + (H/14)*(W/14), dim); float32 under the upcast plan's fast path (the
-        module docstring of ``intern_vit``), else the weights' dtype."""
+    def forward(self, pixel_values: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 1 + (H/14)*(W/14), dim); float32 under the upcast plan's fast path where the
+        caller's layers take it (``float32_out``; the module docstring of ``intern_vit``), else the weights'
+        dtype."""
         dtype = self.patch_embedding.weight.dtype
         if self.upcast_16bit and dtype != torch.float32:
             conv = self.patch_embedding
             bias = None if conv.bias is None else conv.bias.float()
-            if _fast_path and pixel_values.device.type == "cpu":
+            if float32_out and _fast_path and pixel_values.device.type == "cpu":
                 dtype = torch.float32                                     # activations stay float32
             patches = F.conv2d(pixel_values.float(), conv.weight.float(), bias,
                                stride=conv.stride).to(dtype)              # (N, dim, h, w)
@@ -296,12 +297,22 @@ class InternVisionModel(nn.Module):
         """The compute plan's 16-bit handling (see ``VisionEmbeddings.set_upcast_16bit``)."""
         self.embeddings.set_upcast_16bit(upcast)
 
+    def _plain_linears(self) -> bool:
+        """Whether every product of the encoder is our ``Linear`` (float32 activations over its 16-bit
+        weights); a quantized encoder (``include_vision``) keeps 16-bit activations."""
+        for layer in self.encoder.layers:
+            assert isinstance(layer, VisionEncoderLayer)
+            if any(type(linear) is not Linear
+                   for linear in (layer.attn.qkv, layer.attn.proj, layer.mlp.fc1, layer.mlp.fc2)):
+                return False
+        return True
+
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """(N, 3, H, W) -> hidden states (N, L, dim) of ``select_layer`` as the reference indexes its
         ``hidden_states`` tuple: entry 0 is the embeddings, entry i the output of layer i, -1 the last."""
         num_layers = len(self.encoder.layers)
         stop = select_layer % (num_layers + 1)          # index into (embeddings, layer1, ..., layerN)
-        x = self.embeddings(pixel_values)
+        x = self.embeddings(pixel_values, float32_out=self._plain_linears())
         for layer in self.encoder.layers[:stop]:
             x = layer(x)
         return x
