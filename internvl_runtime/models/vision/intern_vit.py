@@ -28,10 +28,10 @@ kernel adds one: the bf16 probabilities (tests/unit/test_vision_attention.py).
 Under the upcast plan (a CPU without bf16 instructions: float32 math from 16-bit weights) the fast path
 keeps the activations in float32 from the patch embedding to ``mlp1``'s output (``upcast_f32``): each
 linear layer widens only its weights (one conversion per call; a cached float32 copy of the encoder
-measured no faster, benchmarks/RESULTS.md) and runs as one oneDNN float32 matmul with the bias and GELU as
-post-ops; norms, attention (SDPA, float32) and layer scale read float32 directly. The bf16-activation
-variant converted every activation to float32 and back around each product (~150 conversions per tile);
-float32 activations also round less (closer to the float32 reference).
+measured 1-5% faster per product for +1.2 GB, benchmarks/RESULTS.md) and runs as one oneDNN float32
+matmul with the bias and GELU as post-ops; norms, attention (SDPA, float32) and layer scale read float32
+directly. The bf16-activation variant converted every activation to float32 and back around each product
+(~150 conversions per tile); float32 activations also round less (closer to the float32 reference).
 """
 
 from __future__ import annotations
