@@ -155,7 +155,9 @@ def main() -> None:
     flops = flops_per_tile(model)
     total_flops = sum(flops.values())
     shapes = gemm_shapes(model)
-    probes = {name: Matmul(m, k, n, dtype) for name, (m, k, n, _) in shapes.items()}
+    # the rate of the dtype the encoder computes in: float32 under the upcast plan (CPUs without bf16 instructions)
+    rate_dtype = torch.float32 if model.compute_plan.upcast_16bit else dtype
+    probes = {name: Matmul(m, k, n, rate_dtype) for name, (m, k, n, _) in shapes.items()}
 
     first_attention = model.vision_model.encoder.layers[0].attn
     native = dtype == torch.bfloat16 and intern_vit.native_attention(first_attention, pixels.new_empty(1))
@@ -208,7 +210,8 @@ def main() -> None:
         gemm_flops = {name: flops[name] for name in probes}
         gemm_time = sum(gemm_flops[name] / rates[name] for name in probes)
         rate = sum(gemm_flops.values()) / gemm_time           # FLOP-weighted rate at the encoder's shapes
-        print(f"\nbf16 matmul rate at the encoder's shapes ({args.dtype}, a @ w.T, best of {args.rounds}):")
+        print(f"\nmatmul rate at the encoder's shapes ({str(rate_dtype).removeprefix('torch.')}, a @ w.T, "
+              f"best of {args.rounds}):")
         for name, (m, k, n, count) in shapes.items():
             print(f"  {name:7s} {m:5d}x{k:<5d} @ {k:5d}x{n:<5d} x{count:<3d} {rates[name] / 1e9:7.1f} GFLOP/s")
         print(f"  FLOP-weighted: {rate / 1e9:.1f} GFLOP/s")

@@ -207,7 +207,8 @@ class InternVLModel(nn.Module):
         x = x.reshape(x.shape[0], side, side, -1)
         x = pixel_shuffle(x, self.config.downsample_ratio, self.config.ps_version)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        return self.mlp1(x)
+        # float32 activations under the upcast plan's fast path (intern_vit's docstring): rounded once here
+        return self.mlp1(x).to(self.vision_dtype)
 
     # ---- text + image embeddings ---------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None, *,

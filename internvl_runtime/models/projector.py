@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .layers.linear import Linear
-from .vision.intern_vit import fast_16bit, fused_linear
+from .vision.intern_vit import fast_path, fused_linear
+from .vision.intern_vit import norm as norm_f32
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float, ps_version: str) -> torch.Tensor:
@@ -34,7 +35,11 @@ class Projector(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, fc1, gelu, fc2 = self
-        if fast_16bit(x) and isinstance(gelu, nn.GELU) and gelu.approximate == "none":
-            # bias and exact GELU fused into the matmuls where oneDNN can (see intern_vit.fused_linear)
-            return fused_linear(fc2, fused_linear(fc1, norm(x), gelu=True))
+        if (isinstance(fc1, Linear) and fast_path(x, fc1.weight) and isinstance(gelu, nn.GELU)
+                and gelu.approximate == "none"):
+            # bias and exact GELU fused into the matmuls where oneDNN can (see intern_vit.fused_linear);
+            # float32 ``x`` over 16-bit weights (the upcast plan) stays float32 here too
+            return fused_linear(fc2, fused_linear(fc1, norm_f32(norm, x), gelu=True))
+        if isinstance(norm, nn.LayerNorm) and norm.weight.dtype != x.dtype:
+            x = x.to(norm.weight.dtype)        # float32 features from an upcast encoder, a quantized mlp1
         return super().forward(x)

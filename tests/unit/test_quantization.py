@@ -188,6 +188,19 @@ def test_include_vision_warns_and_quantizes_vision() -> None:
     assert features.shape == (1, model.num_image_token, model.config.llm.hidden_size)
 
 
+def test_include_vision_under_the_upcast_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 weights on a CPU without bf16 instructions (the upcast plan) with a quantized encoder and mlp1:
+    the encoder keeps 16-bit activations (float32 ones are for our plain Linear only) and the features come
+    back in bf16."""
+    monkeypatch.setenv("INTERNVL_COMPUTE", "upcast")
+    model = AutoModel.from_pretrained(CKPT, torch_dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="vision encoder"):
+        quantize_model(model, "int8", include_vision=True)
+    features = model.extract_feature(torch.randn(1, 3, 448, 448).bfloat16())
+    assert features.dtype == torch.bfloat16 and bool(features.isfinite().all())
+    assert features.shape == (1, model.num_image_token, model.config.llm.hidden_size)
+
+
 def test_int4_group_fallbacks(caplog) -> None:
     """A group size that does not divide K: the largest smaller one that does, else int8 (logged)."""
     model = nn.Module()

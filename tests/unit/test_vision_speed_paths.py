@@ -155,3 +155,56 @@ def test_embeddings_equal_the_concatenation(size: int) -> None:
         pos = torch.cat([emb.position_embedding[:, :1, :], emb._patch_positions(h, w)], dim=1)
         expected = torch.cat([emb.class_embedding.expand(n, 1, -1), patches], dim=1) + pos
     assert torch.equal(out, expected)
+
+
+def _upcast(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` in bf16 under the upcast plan (what ``compute_plan.apply_plan`` gives it on an AVX2 host)."""
+    module = module.to(torch.bfloat16)
+    set_linear_plan(module, LinearPlan(upcast=True))
+    if isinstance(module, InternVisionModel):
+        module.set_upcast_16bit(True)
+    return module
+
+
+@pytest.mark.parametrize("six_b", [False, True])
+def test_upcast_fast_path_keeps_float32_activations(six_b: bool) -> None:
+    """Under the upcast plan the fast path runs float32 activations over the bf16 weights: float32 out, and
+    at least as close to the float32 model as the bf16-activation path (fast path off) is."""
+    config = _config(six_b)
+    model32 = _random_(InternVisionModel(config))
+    model16 = _upcast(_random_(InternVisionModel(config)))
+    pixels = torch.randn(2, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = model32(pixels)
+        intern_vit.set_vision_fast_path(False)
+        plain = model16(pixels.bfloat16())
+        intern_vit.set_vision_fast_path(True)
+        fast = model16(pixels.bfloat16())
+    assert plain.dtype == torch.bfloat16 and fast.dtype == torch.float32 and fast.shape == ref.shape
+    assert _rel(fast, ref) <= _rel(plain, ref)
+    assert _rel(fast, ref) <= 1e-2                    # the bf16 weights' rounding only
+
+
+def test_fused_linear_upcast_float32_activations_use_onednn_with_gelu() -> None:
+    """float32 activations over bf16 weights under the upcast plan: the widened weights' product, bias and
+    exact GELU in one call, equal (to float32 rounding) to computing them apart."""
+    linear = _upcast(_random_(Linear(96, 80)))
+    x = torch.randn(3, 41, 96, generator=torch.Generator().manual_seed(6))
+    expected = F.gelu(F.linear(x, linear.weight.float(), linear.bias.float()))
+    with torch.inference_mode():
+        out = fused_linear(linear, x, gelu=True)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert intern_vit._onednn_fusable(linear, x) == (intern_vit._onednn_linear_op(torch.float32) is not None)
+
+
+def test_projector_upcast_fast_path() -> None:
+    projector32 = _random_(Projector(64, 48, 0.5))
+    projector16 = _upcast(_random_(Projector(64, 48, 0.5)))
+    x = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        ref = projector32(x)
+        fast = projector16(x)                                     # float32 in, bf16 weights
+        plain = projector16(x.bfloat16())
+    assert fast.dtype == torch.float32
+    assert _rel(fast, ref) <= min(_rel(plain, ref), 1e-2)
