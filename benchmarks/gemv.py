@@ -7,7 +7,8 @@ kernels before them: "int8 avx2 exact", fp32 / bf16 arithmetic), int8 also again
 ``_weight_int8pack_mm`` -- next to the DRAM read bandwidth measured in the same run (a large float32 sum)
 and the host line. Weights are rotated over enough copies (--footprint-mb) that every call reads them
 from DRAM, as a decode step does. Every method is timed once per round, rounds interleaved, best kept:
-other processes on the machine then slow all columns alike.
+other processes on the machine then slow all columns alike. On a loaded host, ``--cpu-time`` times one thread on
+its own CPU clock, and the shapes ``hot`` / ``hot_down`` (cache-resident slices) give the compute rate alone.
 
     python benchmarks/gemv.py                  # all shapes, M=1 and 8
     python benchmarks/gemv.py --rows 1 --int8 --rounds 7
@@ -45,15 +46,21 @@ SHAPES = {  # name: (N, K) = (out_features, in_features) of Qwen2-0.5B in Intern
     "gate_up": (9728, 896),
     "down": (896, 4864),
     "lm_head": (151655, 896),
+    # cache-resident slices (the same weights every call, 0.9-3.7 MB: L2 / L3): the kernels' compute rate with
+    # little DRAM in it, calls long enough (~0.1 ms) that the per-call overhead stays small
+    "hot": (2048, 896),
+    "hot_down": (384, 4864),
 }
+HOT = ("hot", "hot_down")
+CLOCK = time.perf_counter
 
 
 def best_time(fn: Callable[[], object], inner: int) -> float:
     fn()
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner
+    return (CLOCK() - start) / inner
 
 
 def exact(call: Callable[[], object]) -> object:
@@ -98,6 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best is kept")
     ap.add_argument("--footprint-mb", type=int, default=256, help="weight copies rotated per timing")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, timed on its CPU clock: time descheduled by a loaded host does not count")
     ap.add_argument("--no-fp32", action="store_true", help="skip torch fp32 (needs 2x the memory)")
     ap.add_argument("--int8", action="store_true", help="also time linear_int8 vs torch _weight_int8pack_mm")
     ap.add_argument("--int4", action="store_true", help="also time linear_int4 (group 128)")
@@ -107,6 +116,10 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time the AVX2 bf16 tile with these software prefetch distances (bytes)")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        args.threads = 1
+        CLOCK = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -137,7 +150,7 @@ def main() -> None:
     for name in args.shapes:
         n, k = SHAPES[name]
         nbytes = n * k * 2
-        copies = max(1, math.ceil(args.footprint_mb * 2 ** 20 / nbytes))
+        copies = 1 if name in HOT else max(1, math.ceil(args.footprint_mb * 2 ** 20 / nbytes))
         gen = torch.Generator().manual_seed(0)
         ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16) for _ in range(copies)]
         w32 = [w.float() for w in ws] if not args.no_fp32 else []
@@ -189,10 +202,13 @@ def main() -> None:
             best: dict[str, float] = {}
             for _ in range(args.rounds):
                 for label, (fn, weights, _) in methods.items():
-                    def run_all(fn=fn, weights=weights) -> None:
-                        for w in weights:
-                            fn(w)
-                    seconds = best_time(run_all, 1) / len(weights)
+                    repeat = 8 if name in HOT else 1
+
+                    def run_all(fn=fn, weights=weights, repeat=repeat) -> None:
+                        for _ in range(repeat):
+                            for w in weights:
+                                fn(w)
+                    seconds = best_time(run_all, 1) / len(weights) / repeat
                     best[label] = min(best.get(label, math.inf), seconds)
                 read_bw.append(bandwidth())
             results[(name, m)] = {label: n * k * methods[label][2] / best[label] / 1e9 for label in best}

@@ -96,6 +96,19 @@ template <> inline const int8_t* weight_rows<int8_t>(const Problem& p) { return 
 inline float widen(uint16_t v) { return bf16_to_f32(v); }
 inline float widen(float v) { return v; }
 inline float widen(int8_t v) { return static_cast<float>(v); }
+
+// Weight rows n0 .. n0 + NB - 1 of an int4 product: their codes and (scale, zero) pairs.
+template <int NB>
+struct Int4Rows {
+  const uint8_t* w[NB];
+  const uint16_t* sz[NB];
+  Int4Rows(const Problem& p, int64_t n0) {
+    for (int j = 0; j < NB; ++j) {
+      w[j] = p.w4 + (n0 + j) * (p.K >> 1);
+      sz[j] = p.sz + (n0 + j) * p.groups * 2;
+    }
+  }
+};
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -330,14 +343,10 @@ void tile_int4_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
 // FMA per group each).
 template <int MB, int NB>
 void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  const int64_t K = p.K, G = K / p.group;
-  const uint8_t* w[NB];
-  const uint16_t* sz[NB];
-#pragma GCC unroll 4
-  for (int j = 0; j < NB; ++j) {
-    w[j] = p.w4 + (n0 + j) * (K / 2);
-    sz[j] = p.sz + (n0 + j) * G * 2;
-  }
+  const int64_t K = p.K, G = p.groups;
+  const Int4Rows<NB> rows(p, n0);
+  const uint8_t* const* w = rows.w;
+  const uint16_t* const* sz = rows.sz;
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m256 total[MB][NB], ztotal[MB][NB];
@@ -351,7 +360,7 @@ void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) 
       __m256i lo[NB], hi[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k / 2));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + (k >> 1)));
         lo[j] = _mm256_and_si256(v, nibble);
         hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
       }
@@ -389,6 +398,71 @@ void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) 
     for (int j = 0; j < NB; ++j) res[i * NB + j] = hsum256(_mm256_add_ps(total[i][j], ztotal[i][j]));
 }
 
+// x (M, K), bf16 (xb) or fp32 (xf), quantized to int8 per block of `block` columns (the last block may be
+// shorter) for the integer kernels: scale = max|x| / 127 (1 for an all-zero block), q = round-half-even(x *
+// (1 / scale)) in fp32, as llama.cpp's q8_0. 8 columns a step (cvtps rounds half to even under the default
+// MXCSR, as std::nearbyint), the rest scalar; one pass over x for the maximum and the sum, one to quantize.
+// xq (M, K): natural order with span 0, else within each span of columns (a multiple of 64, blocks aligned to
+// it) the columns 0-15 of each 32-column block, then their columns 16-31 (the int4 tiles' nibble order).
+// Per block: `copies` copies of the scale at scale[(m * blocks + b) * copies]; qsum (optional): the exact sum
+// of the block's q; xsum (optional): the sum of its x.
+void quantize_x(const uint16_t* xb, const float* xf, int64_t M, int64_t K, int64_t block, int64_t copies,
+                int64_t span, int8_t* xq, float* scale, float* qsum, float* xsum) {
+  const int64_t blocks = (K + block - 1) / block;
+  auto load8 = [&](int64_t i) __attribute__((always_inline)) {
+    if (!xb) return _mm256_loadu_ps(xf + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  };
+  auto at = [&](int64_t i) { return xb ? bf16_to_f32(xb[i]) : xf[i]; };
+  auto pos = [&](int64_t k) {   // where column k goes
+    if (span == 0) return k;
+    const int64_t c = k % span, t = c % 32;
+    return k - c + (t < 16 ? c / 32 * 16 + t : span / 2 + c / 32 * 16 + t - 16);
+  };
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = m * K + b * block, k1 = m * K + std::min(K, (b + 1) * block);
+      const int64_t k8 = k0 + (k1 - k0) / 8 * 8;
+      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k8; k += 8) {
+        const __m256 v = load8(k);
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+        vsum = _mm256_add_ps(vsum, v);
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      float total_x = hsum256(vsum);
+      for (int64_t k = k8; k < k1; ++k) {
+        amax = std::max(amax, std::fabs(at(k)));
+        total_x += at(k);
+      }
+      const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      __m256i isum = _mm256_setzero_si256();
+      const int64_t base = m * K;
+      for (int64_t k = k0; k < k8; k += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(k), vinv));
+        isum = _mm256_add_epi32(isum, q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + base + pos(k - base)), _mm_packs_epi16(q16, q16));
+      }
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+      for (int64_t k = k8; k < k1; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(at(k) * inv));
+        xq[base + pos(k - base)] = v;
+        total += v;
+      }
+      for (int64_t c = 0; c < copies; ++c) scale[(m * blocks + b) * copies + c] = sx;
+      if (qsum) qsum[m * blocks + b] = static_cast<float>(total);
+      if (xsum) xsum[m * blocks + b] = total_x;
+    }
+}
+
 }  // namespace
 #pragma GCC pop_options
 
@@ -398,19 +472,20 @@ void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) 
 #pragma GCC target("avx512f")
 namespace {
 
-// 32 columns of a weight row as two fp32 vectors (bf16: [evens, odds]; fp32 and int8: plain order).
-inline void widen32(const uint16_t* w, __m512& a, __m512& b) {
-  const __m512i v = _mm512_loadu_si512(w);
-  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+// 32 columns of a weight row as two fp32 vectors (int8 and fp32: plain order; bf16: [evens, odds]).
+inline void widen32(const int8_t* w, __m512& a, __m512& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+  b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
 }
 inline void widen32(const float* w, __m512& a, __m512& b) {
   a = _mm512_loadu_ps(w);
   b = _mm512_loadu_ps(w + 16);
 }
-inline void widen32(const int8_t* w, __m512& a, __m512& b) {
-  a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-  b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+inline void widen32(const uint16_t* w, __m512& a, __m512& b) {
+  const __m512i v = _mm512_loadu_si512(w);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 // The AVX2 stream tile 16-wide (32 columns a step); no software prefetch.
@@ -581,17 +656,12 @@ namespace {
 
 template <int MB, int NB>
 void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  const int64_t K = p.K, G = K / p.group;
+  const int64_t K = p.K, G = p.groups;
   const bool wide = p.group % 128 == 0;   // x laid out per 128 columns (else per 64)
-  const uint8_t* w[NB];
-  const uint16_t* sz[NB];
-#pragma GCC unroll 4
-  for (int j = 0; j < NB; ++j) {
-    w[j] = p.w4 + (n0 + j) * (K / 2);
-    sz[j] = p.sz + (n0 + j) * G * 2;
-  }
+  const Int4Rows<NB> rows(p, n0);
+  const uint8_t* const* w = rows.w;
+  const uint16_t* const* sz = rows.sz;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 total[MB][NB], ztotal[MB][NB];
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) total[i][j] = ztotal[i][j] = _mm512_setzero_ps();
@@ -639,19 +709,16 @@ void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
       }
     }
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      int32_t pair;   // (scale, zero) bf16: the scale in the low half, the zero in the high one
-      std::memcpy(&pair, sz[j] + 2 * g, sizeof pair);
-      const __m512i both = _mm512_set1_epi32(pair);
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(both, 16));
-      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(both, high));
+    for (int i = 0; i < MB; ++i) {   // per activation row its scale, sum share and code offset
+      const int64_t mg = (m0 + i) * G + g;
+      const __m512 sx = _mm512_set1_ps(p.xg[2 * mg]), share = _mm512_set1_ps(p.xg[2 * mg + 1]);
+      const __m512i off = _mm512_loadu_si512(p.xoff + mg * 16);
 #pragma GCC unroll 4
-      for (int i = 0; i < MB; ++i) {
-        const int64_t mg = (m0 + i) * G + g;
-        const __m512i acc = _mm512_sub_epi32(_mm512_add_epi32(a0[i][j], a1[i][j]), _mm512_loadu_si512(p.xoff + mg * 16));
-        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(p.xg[2 * mg]));
-        total[i][j] = _mm512_fmadd_ps(scale, dot, total[i][j]);
-        ztotal[i][j] = _mm512_fmadd_ps(zero, _mm512_set1_ps(p.xg[2 * mg + 1]), ztotal[i][j]);
+      for (int j = 0; j < NB; ++j) {
+        const __m512i acc = _mm512_sub_epi32(_mm512_add_epi32(a0[i][j], a1[i][j]), off);
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sx);
+        total[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(sz[j][2 * g])), dot, total[i][j]);
+        ztotal[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(sz[j][2 * g + 1])), share, ztotal[i][j]);
       }
     }
   }
@@ -873,31 +940,6 @@ IntDot int_dot(int64_t path) {
   return avx2 ? kIntAvx2 : kIntOff;
 }
 
-// x (M, K), bf16 (xb) or fp32 (xf), quantized to int8 per block of `block` columns (the last block may be
-// shorter): scale = max|x| / 127 (1 for an all-zero block), q = round-half-even(x * (1 / scale)) in fp32,
-// as llama.cpp's q8_0. xq (M, K) in natural order; per block, `copies` copies of the scale at
-// scale[(m * blocks + b) * copies]; qsum (optional): the exact sum of each block's q.
-void quantize_x(const uint16_t* xb, const float* xf, int64_t M, int64_t K, int64_t block, int64_t copies,
-                int8_t* xq, float* scale, float* qsum) {
-  const int64_t blocks = (K + block - 1) / block;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
-      auto at = [&](int64_t k) { return xb ? bf16_to_f32(xb[m * K + k]) : xf[m * K + k]; };
-      float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(at(k)));
-      const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
-      int32_t total = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int8_t v = static_cast<int8_t>(std::nearbyint(at(k) * inv));
-        xq[m * K + k] = v;
-        total += v;
-      }
-      for (int64_t c = 0; c < copies; ++c) scale[(m * blocks + b) * copies + c] = sx;
-      if (qsum) qsum[m * blocks + b] = static_cast<float>(total);
-    }
-}
-
 // fp32 copy of bf16 rows x (M, K); with block > 0, each full block of `block` elements is stored as
 // [even elements, odd elements] (the layout the AVX2 / AVX-512F bf16 tiles expect); the tail stays in order.
 std::vector<float> prepare_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t block) {
@@ -927,7 +969,7 @@ void int8_product(Problem& p, const uint16_t* xb, const float* xf, int64_t path)
     const int64_t blocks = (p.K + 31) / 32;
     std::vector<int8_t> xq(static_cast<size_t>(p.M * p.K));
     std::vector<float> xscale(static_cast<size_t>(p.M * blocks * 8));
-    quantize_x(xb, xf, p.M, p.K, 32, 8, xq.data(), xscale.data(), nullptr);
+    quantize_x(xb, xf, p.M, p.K, 32, 8, 0, xq.data(), xscale.data(), nullptr, nullptr);
     p.xq = xq.data();
     p.xscale = xscale.data();
     p.x_elem_bytes = 1;
@@ -1079,51 +1121,45 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
   p.w4 = w4;
   p.sz = sz;
   p.group = group;
+  p.groups = K / group;
   const int64_t G = K / group;
   std::vector<float> xsum(static_cast<size_t>(M * G), 0.0f), xf;
-  for (int64_t m = 0; m < M; ++m)
+  p.xsum = xsum.data();
+  const IntDot dot = int_dot(path);
+  if (dot != kIntOff) {
+    // VNNI, or AVX2 64 columns a step, for groups of a multiple of 64; else the AVX2 32-column tile
+    const bool wide = group % 64 == 0;
+    const int64_t span = !wide ? 0 : dot == kIntVnni && group % 128 == 0 ? 128 : 64;
+    const int64_t lanes = dot == kIntVnni ? 16 : 8;
+    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
+    std::vector<float> xg(static_cast<size_t>(M * G * 2));
+    std::vector<int32_t> xoff(static_cast<size_t>(M * G * lanes), 0);
+    quantize_x(x, nullptr, M, K, group, 1, span, xq.data(), xscale.data(), xqsum.data(), xsum.data());
+    p.xq = xq.data();
+    p.xscale = xscale.data();
+    p.xqsum = xqsum.data();
+    if (!wide) {
+      run(kInt4DotAvx2, p, 4);
+      return;
+    }
+    for (int64_t mg = 0; mg < M * G; ++mg) {
+      xg[mg * 2] = xscale[mg];
+      xg[mg * 2 + 1] = xsum[mg] / static_cast<float>(lanes);   // exact: a power of two
+      xoff[mg * lanes] = 8 * static_cast<int32_t>(xqsum[mg]);
+    }
+    p.xg = xg.data();
+    p.xoff = xoff.data();
+    run(with_rows(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, kFmtInt4), p, 4);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m)   // exact activations: only the sums of x per group
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.0f;
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(x[m * K + k]);
       xsum[m * G + g] = s;
     }
-  p.xsum = xsum.data();
-  const IntDot dot = int_dot(path);
-  if (dot != kIntOff && group % 64 == 0) {   // VNNI, or AVX2 64 columns per step
-    // x to int8 per group; within each span, the columns in the order the tile splits the nibbles: per 32-column
-    // block its columns 0-15 (low nibbles) for every block of the span, then every block's columns 16-31
-    const int64_t span = dot == kIntVnni && group % 128 == 0 ? 128 : 64, lanes = dot == kIntVnni ? 16 : 8;
-    std::vector<int8_t> xq(static_cast<size_t>(M * K)), plain(static_cast<size_t>(M * K));
-    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
-    std::vector<float> xg(static_cast<size_t>(M * G * 2));
-    std::vector<int32_t> xoff(static_cast<size_t>(M * G * lanes), 0);
-    quantize_x(x, nullptr, M, K, group, 1, plain.data(), xscale.data(), xqsum.data());
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t c = 0; c < K; c += span)
-        for (int64_t b = 0; b < span / 32; ++b)
-          for (int j = 0; j < 16; ++j) {
-            xq[m * K + c + b * 16 + j] = plain[m * K + c + b * 32 + j];
-            xq[m * K + c + span / 2 + b * 16 + j] = plain[m * K + c + b * 32 + 16 + j];
-          }
-      for (int64_t g = 0; g < G; ++g) {
-        xg[(m * G + g) * 2] = xscale[m * G + g];
-        xg[(m * G + g) * 2 + 1] = xsum[m * G + g] / static_cast<float>(lanes);   // exact: a power of two
-        xoff[(m * G + g) * lanes] = 8 * static_cast<int32_t>(xqsum[m * G + g]);
-      }
-    }
-    p.xq = xq.data();
-    p.xg = xg.data();
-    p.xoff = xoff.data();
-    run(with_rows(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, kFmtInt4), p, 4);
-  } else if (dot != kIntOff) {   // AVX2 integer dot products, 32 columns per step (groups of 32 mod 64)
-    std::vector<int8_t> xq(static_cast<size_t>(M * K));
-    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
-    quantize_x(x, nullptr, M, K, group, 1, xq.data(), xscale.data(), xqsum.data());
-    p.xq = xq.data();
-    p.xscale = xscale.data();
-    p.xqsum = xqsum.data();
-    run(kInt4DotAvx2, p, 4);
-  } else if (path == kAvx512Bf16) {
+  if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
     run(kInt4Dp, p, 4);

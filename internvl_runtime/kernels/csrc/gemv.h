@@ -22,6 +22,7 @@ struct Problem {
   const uint8_t* w4 = nullptr;   // int4 weights (N, K / 2): per 32 columns, 16 bytes (low nibble k, high k + 16)
   const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
   int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
+  int64_t groups = 0;            // int4 only: K / group
   const float* xsum = nullptr;   // int4 only: (M, K / group) sums of x over each group
   const int8_t* xq = nullptr;    // integer paths: x quantized to int8 (M, K); int4: per span (64 / 128) in nibble order
   const float* xscale = nullptr; // int4: (M, K / group) scales; int8: (M, ceil(K / 32), 8): each block's, 8 times
