@@ -68,11 +68,15 @@ struct Kernel {
 // - Larger activations (e.g. 4+ rows at K=4864) would be re-read from L2 for every weight row, so
 //   tiles take 4 weight rows and up to 4 (AVX-512) / 2 (AVX2) activation rows: 4 rows at K=4864
 //   went from 8 to 13 GB/s.
+// - 2 or 4 weight rows side by side at every M (_set_rows_per_pass, per weight format) stay selectable: on
+//   Zen 4 (2026-12-05, RESULTS.md) two rows per pass were slower from DRAM for bf16, int8 and int4 alike
+//   (bf16 AVX2 gate_up 23 -> 9 GB/s, one thread), so one row is the default everywhere.
 // U independent accumulator sets hide the FMA / dot-product latency when MB x NB is small.
 // Beyond ~8 rows these kernels are compute-bound and torch's packed GEMM (on avx512_bf16 hosts) wins.
 
-// Software prefetch distance (bytes ahead in each weight row) of the AVX2 bf16 tile; 0: none (the hardware
-// prefetcher alone). Benchmarks set it (_set_prefetch_bytes) to choose the default by measurement.
+// Software prefetch distance (bytes ahead in each weight row) of the AVX2 stream tiles (every weight format);
+// 0: none (the hardware prefetcher alone; 256 B measured within noise of none on Zen 4). Benchmarks set it
+// (_set_prefetch_bytes) to choose the default by measurement; an AVX2-only host may want another.
 namespace {
 std::atomic<int64_t> g_prefetch_bytes{0};
 }  // namespace
