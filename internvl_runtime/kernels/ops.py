@@ -35,16 +35,12 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ GEMV
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                path: str | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for bf16 ``x`` (..., K) and bf16 ``weight`` (N, K) on CPU.
-
-    Accumulates in fp32 and rounds to bf16 once, like torch. ``bias`` may be bf16 or float32 (added in
-    fp32). Made for few rows (decode, M <= 16); it is correct for any M but slower than torch's GEMM for
-    many. Anything the kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``.
-    """
+def _linear(op: str, dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            path: str | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on the native operator ``op`` where x and weight are ``dtype`` CPU tensors
+    without autograd and the bias (if any) a bf16 / float32 CPU tensor; anything else goes to ``F.linear``."""
     chosen = extension._resolve(path)
-    if (chosen == "torch" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+    if (chosen == "torch" or x.dtype != dtype or weight.dtype != dtype
             or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2
             or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
@@ -54,8 +50,19 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    out = extension._State.ops.linear_bf16(_flatten(x), weight, bias, extension._PATH_ID[chosen])
+    out = getattr(extension._State.ops, op)(_flatten(x), weight, bias, extension._PATH_ID[chosen])
     return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                path: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for bf16 ``x`` (..., K) and bf16 ``weight`` (N, K) on CPU.
+
+    Accumulates in fp32 and rounds to bf16 once, like torch. ``bias`` may be bf16 or float32 (added in
+    fp32). Made for few rows (decode, M <= 16); it is correct for any M but slower than torch's GEMM for
+    many. Anything the kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``.
+    """
+    return _linear("linear_bf16", torch.bfloat16, x, weight, bias, path)
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -68,19 +75,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     kernel does not handle (other dtypes or devices, autograd) goes to ``F.linear``. All AVX-512 paths run
     the AVX-512F tile (nothing 16-bit is involved).
     """
-    chosen = extension._resolve(path)
-    if (chosen == "torch" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2
-            or (bias is not None and (bias.device.type != "cpu" or bias.dtype not in (torch.bfloat16, torch.float32)))
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
-        return F.linear(x, weight, bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    out = extension._State.ops.linear_f32(_flatten(x), weight, bias, extension._PATH_ID[chosen])
-    return out.reshape(*x.shape[:-1], weight.shape[0]) if x.dim() != 2 else out
+    return _linear("linear_f32", torch.float32, x, weight, bias, path)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -119,6 +119,24 @@ def test_linear_bf16_matches_reference(native: None, path: str, with_bias: bool)
             raise AssertionError(f"path {path}, M={m} N={n} K={k} bias={with_bias}: {exc}") from None
 
 
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("rows_per_pass", [2, 4])
+def test_linear_bf16_rows_per_pass(native: None, path: str, rows_per_pass: int) -> None:
+    """Two or four weight rows per pass at every M (the AVX2 tile's decode option): the shapes above (N = 1
+    and 17: rows left over for the one-row tile; K tails; 1, 3, 16 activation rows) and an LM-head-like width
+    shared out over threads, each as close to the exact product as one row per pass."""
+    _require(path)
+    with _rows_per_pass("bf16", rows_per_pass):
+        for i, (m, n, k) in enumerate(SHAPES):
+            x, w, bias, reference = _case(i, True)
+            try:
+                _check_close(kernels.linear_bf16(x, w, bias, path=path), x, w, bias, reference=reference)
+            except AssertionError as exc:
+                raise AssertionError(f"path {path}, {rows_per_pass} rows, M={m} N={n} K={k}: {exc}") from None
+        x, w, b = _data(1, 20011, 896, seed=8)
+        _check_close(kernels.linear_bf16(x, w, b, path=path), x, w, b)
+
+
 @pytest.fixture(scope="module")
 def lm_head() -> tuple:
     """The InternVL2-1B LM head shape (151655 x 896, M=1), its fp64 reference computed once."""
@@ -176,6 +194,16 @@ def _int8_activations(on: bool) -> Iterator[None]:
         torch.ops.internvl_kernels._set_int8_activations(previous)
 
 
+@contextlib.contextmanager
+def _rows_per_pass(weights: str, rows: int) -> Iterator[None]:
+    """Have the products over ``weights`` ("bf16", "f32", "int8", "int4") read ``rows`` weight rows per pass."""
+    previous = torch.ops.internvl_kernels._set_rows_per_pass(weights, rows)
+    try:
+        yield
+    finally:
+        torch.ops.internvl_kernels._set_rows_per_pass(weights, previous)
+
+
 INT8_SHAPES = [(1, 17, 896), (3, 1152, 1000), (16, 5, 33), (1, 3, 7), (9, 303, 4864), (2, 9, 96), (11, 64, 4896)]
 
 
@@ -207,6 +235,28 @@ def test_linear_int8_matches_reference(native: None, path: str, xdtype: torch.dt
 
 
 @pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("rows_per_pass", [2, 4])
+@pytest.mark.parametrize("eight_bit_x", [True, False], ids=["int8x", "exactx"])
+def test_linear_int8_rows_per_pass(native: None, path: str, rows_per_pass: int, eight_bit_x: bool) -> None:
+    """int8 weights read 2 or 4 rows per pass: the same sums as one row per pass (exact integer sums scaled per
+    block; fp32 on exact activations up to summation order), N tails (17, 303, 5, 3) and K tails included."""
+    _require(path)
+    g = torch.Generator().manual_seed(12)
+    for m, n, k in INT8_SHAPES:
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, generator=g) / 127).to(torch.bfloat16)
+        with _int8_activations(eight_bit_x):
+            one = kernels.linear_int8(x.float(), q, scales, path=path)
+            with _rows_per_pass("int8", rows_per_pass):
+                out = kernels.linear_int8(x.float(), q, scales, path=path)
+        absprod = F.linear(x.double().abs(), q.double().abs()) * scales.double()
+        torch.testing.assert_close(out.double(), one.double(), rtol=0,
+                                   atol=4 * k * 2.0 ** -24 * float(absprod.max()) + 1e-6,
+                                   msg=lambda e: f"path {path} {rows_per_pass} rows M={m} N={n} K={k}: {e}")  # noqa: B023
+
+
+@pytest.mark.parametrize("path", NATIVE)
 def test_int8_activation_error_is_small(native: None, path: str) -> None:
     """The error 8-bit activations add, stated: on random data (x ~ N(0, 1), K = 896) the product's
     relative error (norm) against exact activations is ~0.5% (half a step of max|x| / 127 per
@@ -224,8 +274,10 @@ def test_int8_activation_error_is_small(native: None, path: str) -> None:
 
 
 # int4: (M, N, K, group): 1 row, N not a multiple of 8/16, every group size, more rows than a tile takes
+# (N odd: rows left over for the one-row tile at 2 and 4 rows per pass; groups of 192 = 3 x 64: the VNNI tile's
+# 64-column steps, 128 / 256 its 128-column ones; 32 and 96: the 32-column AVX2 tile)
 INT4_SHAPES = [(1, 1, 32, 32), (1, 17, 896, 128), (3, 1152, 896, 64), (5, 7, 4864, 128), (16, 40, 256, 256),
-               (2, 33, 96, 32)]
+               (2, 33, 96, 32), (3, 9, 576, 192), (1, 5, 384, 128), (4, 11, 192, 96), (7, 3, 1024, 512)]
 
 
 def _int4_case(m: int, n: int, k: int, group: int, seed: int) -> tuple:
@@ -270,14 +322,16 @@ def test_int4_pack_roundtrip_and_layout() -> None:
 
 
 @pytest.mark.parametrize("path", NATIVE)
-def test_linear_int4_matches_reference(native: None, path: str) -> None:
+@pytest.mark.parametrize("rows_per_pass", [1, 2, 4])
+def test_linear_int4_matches_reference(native: None, path: str, rows_per_pass: int) -> None:
     _require(path)
     for i, (m, n, k, group) in enumerate(INT4_SHAPES):
         x, q, sz = _int4_case(m, n, k, group, seed=20 + i)
         packed = kernels.pack_int4(q)
         bias = torch.randn(n)
         for b in (None, bias, bias.to(torch.bfloat16)):
-            out = kernels.linear_int4(x, packed, sz, group, b, path=path)
+            with _rows_per_pass("int4", rows_per_pass):
+                out = kernels.linear_int4(x, packed, sz, group, b, path=path)
             assert out.dtype == torch.bfloat16 and out.shape == (m, n)
             ref, absprod = _int4_reference(x, q, sz, group, b, eight_bit_x=True)
             atol = 4 * k * 2.0 ** -24 * float(absprod.max()) + 1e-6     # fp32 summation error
@@ -499,8 +553,7 @@ def test_linear_f32_matches_reference(native: None, path: str, rows_per_pass: in
     below the 16 / 32 columns of a step, 1-16 rows: one-row and multi-row tiles), with and without bias;
     reading 1 (the default), 2 or 4 weight rows per pass (the benchmarks' knob: N tails of each)."""
     _require(path)
-    previous = torch.ops.internvl_kernels._set_f32_rows_per_pass(rows_per_pass)
-    try:
+    with _rows_per_pass("f32", rows_per_pass):
         for i, (m, n, k) in enumerate(SHAPES):
             g = torch.Generator().manual_seed(100 + i)
             x = torch.randn(m, k, generator=g)
@@ -511,10 +564,10 @@ def test_linear_f32_matches_reference(native: None, path: str, rows_per_pass: in
                     _check_f32(out, x, w, bias)
                 except AssertionError as exc:
                     raise AssertionError(f"path {path}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
-    finally:
-        torch.ops.internvl_kernels._set_f32_rows_per_pass(previous)
-    with pytest.raises(RuntimeError, match="1, 2 or 4"):
-        torch.ops.internvl_kernels._set_f32_rows_per_pass(3)
+    with pytest.raises(RuntimeError, match="1, 2 or 4 rows"):
+        torch.ops.internvl_kernels._set_rows_per_pass("f32", 3)
+    with pytest.raises(RuntimeError, match="bf16, f32, int8 or int4"):
+        torch.ops.internvl_kernels._set_rows_per_pass("fp8", 2)
 
 
 @pytest.mark.parametrize("path", NATIVE)

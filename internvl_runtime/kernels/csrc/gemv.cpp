@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 using namespace internvl_kernels;
@@ -67,11 +68,15 @@ struct Kernel {
 // - Larger activations (e.g. 4+ rows at K=4864) would be re-read from L2 for every weight row, so
 //   tiles take 4 weight rows and up to 4 (AVX-512) / 2 (AVX2) activation rows: 4 rows at K=4864
 //   went from 8 to 13 GB/s.
+// - 2 or 4 weight rows side by side at every M (_set_rows_per_pass, per weight format) stay selectable: on
+//   Zen 4 (2026-12-05, RESULTS.md) two rows per pass were slower from DRAM for bf16, int8 and int4 alike
+//   (bf16 AVX2 gate_up 23 -> 9 GB/s, one thread), so one row is the default everywhere.
 // U independent accumulator sets hide the FMA / dot-product latency when MB x NB is small.
 // Beyond ~8 rows these kernels are compute-bound and torch's packed GEMM (on avx512_bf16 hosts) wins.
 
-// Software prefetch distance (bytes ahead in each weight row) of the AVX2 bf16 tile; 0: none (the hardware
-// prefetcher alone). Benchmarks set it (_set_prefetch_bytes) to choose the default by measurement.
+// Software prefetch distance (bytes ahead in each weight row) of the AVX2 stream tiles (every weight format);
+// 0: none (the hardware prefetcher alone; 256 B measured within noise of none on Zen 4). Benchmarks set it
+// (_set_prefetch_bytes) to choose the default by measurement; an AVX2-only host may want another.
 namespace {
 std::atomic<int64_t> g_prefetch_bytes{0};
 }  // namespace
@@ -84,6 +89,31 @@ std::atomic<int64_t> g_prefetch_bytes{0};
 
 template <int MB, int NB>
 constexpr int unroll_for() { return MB * NB == 1 ? 4 : MB * NB == 2 ? 2 : 1; }
+
+// The weight formats the conversion ("stream") tiles read: where the rows are, and one weight as fp32 (the
+// K tail). The ISA sections below widen a whole step of a row to fp32 in registers.
+namespace {
+template <class T> const T* weight_rows(const Problem& p);
+template <> inline const uint16_t* weight_rows<uint16_t>(const Problem& p) { return p.w; }
+template <> inline const float* weight_rows<float>(const Problem& p) { return p.wf; }
+template <> inline const int8_t* weight_rows<int8_t>(const Problem& p) { return p.wq; }
+inline float widen(uint16_t v) { return bf16_to_f32(v); }
+inline float widen(float v) { return v; }
+inline float widen(int8_t v) { return static_cast<float>(v); }
+
+// Weight rows n0 .. n0 + NB - 1 of an int4 product: their codes and (scale, zero) pairs.
+template <int NB>
+struct Int4Rows {
+  const uint8_t* w[NB];
+  const uint16_t* sz[NB];
+  Int4Rows(const Problem& p, int64_t n0) {
+    for (int j = 0; j < NB; ++j) {
+      w[j] = p.w4 + (n0 + j) * (p.K >> 1);
+      sz[j] = p.sz + (n0 + j) * p.groups * 2;
+    }
+  }
+};
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + FMA: 8-wide. A 16-element block of bf16 weights is one 256-bit load; its even elements are the
@@ -100,146 +130,75 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MB, int NB>
-void tile_bf16_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K16 = K & ~int64_t(15);
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const int64_t pf = g_prefetch_bytes.load(std::memory_order_relaxed) / 2;   // in elements
-  TILE_SETUP(uint16_t, p.w, float, p.xf, K)
-  __m256 acc[U][MB][NB];
-#pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m256 we[NB], wo[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      if (pf > 0 && (k & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
-      we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xe = _mm256_loadu_ps(xr[i] + k), xo = _mm256_loadu_ps(xr[i] + k + 8);
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm256_fmadd_ps(xe, we[j], acc[u][i][j]);
-        acc[u][i][j] = _mm256_fmadd_ps(xo, wo[j], acc[u][i][j]);
-      }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 16 * U <= K16; k += 16 * U)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 16 * u, u);
-  for (; k < K16; k += 16) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m256 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
-      float s = hsum256(a);
-      for (int64_t t = K16; t < K; ++t) s += xr[i][t] * bf16_to_f32(wr[j][t]);
-      res[i * NB + j] = s;
-    }
+// 16 columns of a weight row as two fp32 vectors a, b, in the order x is stored for that format: bf16 as
+// [evens, odds] (the shift / mask widening), fp32 and int8 in plain order.
+inline void widen16(const uint16_t* w, __m256& a, __m256& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void widen16(const float* w, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(w);
+  b = _mm256_loadu_ps(w + 8);
+}
+inline void widen16(const int8_t* w, __m256& a, __m256& b) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
 }
 
-// fp32 weights: nothing to widen, two 8-float loads per row per 16 columns; x in plain order. At batch 1 a
-// step moves twice the bytes of the bf16 tile for the same FMAs, so the stream, not the arithmetic, sets
-// the pace: the same one-row-per-tile streaming as the bf16 tile (see above), U accumulator sets.
-template <int MB, int NB>
-void tile_f32_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K16 = K & ~int64_t(15);
-  TILE_SETUP(float, p.wf, float, p.xf, K)
-  __m256 acc[U][MB][NB];
+// MB activation rows (fp32, as prepare_x lays them out) x NB weight rows of format T, 16 columns a step, two
+// FMAs per (activation, weight) pair and step into U accumulator sets. With a software prefetch distance
+// set (g_prefetch_bytes), one prefetch per 64 bytes of each weight row. At batch 1 the stream, not the
+// arithmetic, sets the pace (bf16: 32 bytes per 2 FMAs; fp32 64).
+template <class T>
+struct StreamAvx2 {
+  template <int MB, int NB>
+  static void tile(const Problem& p, int64_t m0, int64_t n0, float* res) {
+    constexpr int U = unroll_for<MB, NB>();
+    constexpr int64_t kLine = 64 / sizeof(T);   // elements per cache line
+    const int64_t K = p.K, K16 = K & ~int64_t(15);
+    const int64_t pf = g_prefetch_bytes.load(std::memory_order_relaxed) / int64_t(sizeof(T));   // in elements
+    TILE_SETUP(T, weight_rows<T>(p), float, p.xf, K)
+    __m256 acc[U][MB][NB];
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
+      for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m256 w0[NB], w1[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      w0[j] = _mm256_loadu_ps(wr[j] + k);
-      w1[j] = _mm256_loadu_ps(wr[j] + k + 8);
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m256 x0 = _mm256_loadu_ps(xr[i] + k), x1 = _mm256_loadu_ps(xr[i] + k + 8);
+        for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
+    auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+      __m256 wa[NB], wb[NB];
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm256_fmadd_ps(x0, w0[j], acc[u][i][j]);
-        acc[u][i][j] = _mm256_fmadd_ps(x1, w1[j], acc[u][i][j]);
+        if (pf > 0 && k % kLine == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k + pf), _MM_HINT_T0);
+        widen16(wr[j] + k, wa[j], wb[j]);
       }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 16 * U <= K16; k += 16 * U)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 16 * u, u);
-  for (; k < K16; k += 16) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m256 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
-      float s = hsum256(a);
-      for (int64_t t = K16; t < K; ++t) s += xr[i][t] * wr[j][t];
-      res[i * NB + j] = s;
-    }
-}
-
-template <int MB, int NB>
-void tile_int8_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K16 = K & ~int64_t(15);
-  TILE_SETUP(int8_t, p.wq, float, p.xf, K)
-  __m256 acc[U][MB][NB];
-#pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const __m256 xa = _mm256_loadu_ps(xr[i] + k), xb = _mm256_loadu_ps(xr[i] + k + 8);
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) {
+          acc[u][i][j] = _mm256_fmadd_ps(xa, wa[j], acc[u][i][j]);
+          acc[u][i][j] = _mm256_fmadd_ps(xb, wb[j], acc[u][i][j]);
+        }
+      }
+    };
+    int64_t k = 0;
+    for (; k + 16 * U <= K16; k += 16 * U)
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) step(k + 16 * u, u);
+    for (; k < K16; k += 16) step(k, 0);
     for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m256 w0[NB], w1[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k));
-      w0[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-      w1[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m256 x0 = _mm256_loadu_ps(xr[i] + k), x1 = _mm256_loadu_ps(xr[i] + k + 8);
-#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm256_fmadd_ps(x0, w0[j], acc[u][i][j]);
-        acc[u][i][j] = _mm256_fmadd_ps(x1, w1[j], acc[u][i][j]);
+        __m256 a = acc[0][i][j];
+        for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
+        float s = hsum256(a);
+        for (int64_t t = K16; t < K; ++t) s += xr[i][t] * widen(wr[j][t]);
+        res[i * NB + j] = s;
       }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 16 * U <= K16; k += 16 * U)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 16 * u, u);
-  for (; k < K16; k += 16) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m256 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][i][j]);
-      float s = hsum256(a);
-      for (int64_t t = K16; t < K; ++t) s += xr[i][t] * static_cast<float>(wr[j][t]);
-      res[i * NB + j] = s;
-    }
-}
-
+  }
+};
 
 // int4, one weight row: per 32 columns 16 bytes, low nibbles = columns 0-15, high = 16-31; x in fp32 (plain
 // order). Per group, acc = sum q*x, then res += scale * acc + (zero - 8 * scale) * sum(x over the group).
@@ -379,49 +338,133 @@ void tile_int4_dot_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
 }
 
-// int4, groups of a multiple of 64 columns: 64 columns (32 bytes of codes) per step. One 32-byte load split by
-// nibble gives [block 0 columns 0-15 | block 1 columns 0-15] and [block 0 columns 16-31 | block 1 columns
-// 16-31]; x is stored per 64 columns in that order (the VNNI tile's: 0-15, 32-47, 16-31, 48-63). The two
-// vpmaddubsw results (each pair <= 2 * 15 * 127) are added in 16 bits (<= 7620) before one vpmaddwd: 7
-// instructions per row per 64 columns where the 32-column tile takes 8 per 32.
+// int4, groups of a multiple of 64 columns, NB weight rows a pass: 64 columns (32 bytes of codes) a step. One
+// 32-byte load split by nibble (one and, one shift and and) gives [block 0 columns 0-15 | block 1 columns 0-15]
+// and [block 0 columns 16-31 | block 1 columns 16-31]; x is stored per 64 columns in that order (Problem::xq,
+// span 64). The two vpmaddubsw results (each pair <= 2 * 15 * 127) are added in 16 bits (<= 7620) before one
+// vpmaddwd. Per group, in vectors (no scalar work): the exact integer offset 8 * sum(xq) comes off lane 0,
+// then total += scale * sx * dot and ztotal += zero * X / 8 in every lane (two accumulators: one dependent
+// FMA per group each).
 template <int MB, int NB>
 void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(NB == 1, "int4 tiles take one weight row");
-  const int64_t K = p.K, G = K / p.group;
-  const uint8_t* w = p.w4 + n0 * (K / 2);
-  const uint16_t* sz = p.sz + n0 * G * 2;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 total[MB];
-  float extra[MB];
-  for (int i = 0; i < MB; ++i) {
-    total[i] = _mm256_setzero_ps();
-    extra[i] = 0.0f;
-  }
+  const int64_t K = p.K, G = p.groups;
+  const Int4Rows<NB> rows(p, n0);
+  const uint8_t* const* w = rows.w;
+  const uint16_t* const* sz = rows.sz;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 total[MB][NB], ztotal[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) total[i][j] = ztotal[i][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[MB];
-    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
+    __m256i acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_si256();
     for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 64) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
-      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      __m256i lo[NB], hi[NB];
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + (k >> 1)));
+        lo[j] = _mm256_and_si256(v, nibble);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      }
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {
         const int8_t* xq = p.xq + (m0 + i) * K + k;
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], x0), _mm256_maddubs_epi16(hi[j], x1));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(pairs, ones));
+        }
       }
     }
-    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
 #pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      const float sx = scale * p.xscale[(m0 + i) * G + g];
-      total[i] = _mm256_fmadd_ps(_mm256_set1_ps(sx), _mm256_cvtepi32_ps(acc[i]), total[i]);
-      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
+    for (int j = 0; j < NB; ++j) {
+      int32_t pair;   // (scale, zero) bf16: the scale in the low half, the zero in the high one
+      std::memcpy(&pair, sz[j] + 2 * g, sizeof pair);
+      const __m256i both = _mm256_set1_epi32(pair);
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+      const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(both, high));
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {
+        const int64_t mg = (m0 + i) * G + g;
+        const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xoff + mg * 8));
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][j], off)),
+                                         _mm256_broadcast_ss(p.xg + 2 * mg));
+        total[i][j] = _mm256_fmadd_ps(scale, dot, total[i][j]);
+        ztotal[i][j] = _mm256_fmadd_ps(zero, _mm256_broadcast_ss(p.xg + 2 * mg + 1), ztotal[i][j]);
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) res[i] = hsum256(total[i]) + extra[i];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) res[i * NB + j] = hsum256(_mm256_add_ps(total[i][j], ztotal[i][j]));
+}
+
+// x (M, K), bf16 (xb) or fp32 (xf), quantized to int8 per block of `block` columns (the last block may be
+// shorter) for the integer kernels: scale = max|x| / 127 (1 for an all-zero block), q = round-half-even(x *
+// (1 / scale)) in fp32, as llama.cpp's q8_0. 8 columns a step (cvtps rounds half to even under the default
+// MXCSR, as std::nearbyint), the rest scalar; one pass over x for the maximum and the sum, one to quantize.
+// xq (M, K): natural order with span 0, else within each span of columns (a multiple of 64, blocks aligned to
+// it) the columns 0-15 of each 32-column block, then their columns 16-31 (the int4 tiles' nibble order).
+// Per block: `copies` copies of the scale at scale[(m * blocks + b) * copies]; qsum (optional): the exact sum
+// of the block's q; xsum (optional): the sum of its x.
+void quantize_x(const uint16_t* xb, const float* xf, int64_t M, int64_t K, int64_t block, int64_t copies,
+                int64_t span, int8_t* xq, float* scale, float* qsum, float* xsum) {
+  const int64_t blocks = (K + block - 1) / block;
+  auto load8 = [&](int64_t i) __attribute__((always_inline)) {
+    if (!xb) return _mm256_loadu_ps(xf + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  };
+  auto at = [&](int64_t i) { return xb ? bf16_to_f32(xb[i]) : xf[i]; };
+  auto pos = [&](int64_t k) {   // where column k goes
+    if (span == 0) return k;
+    const int64_t c = k % span, t = c % 32;
+    return k - c + (t < 16 ? c / 32 * 16 + t : span / 2 + c / 32 * 16 + t - 16);
+  };
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t k0 = m * K + b * block, k1 = m * K + std::min(K, (b + 1) * block);
+      const int64_t k8 = k0 + (k1 - k0) / 8 * 8;
+      __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k8; k += 8) {
+        const __m256 v = load8(k);
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+        vsum = _mm256_add_ps(vsum, v);
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+      float total_x = hsum256(vsum);
+      for (int64_t k = k8; k < k1; ++k) {
+        amax = std::max(amax, std::fabs(at(k)));
+        total_x += at(k);
+      }
+      const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      __m256i isum = _mm256_setzero_si256();
+      const int64_t base = m * K;
+      for (int64_t k = k0; k < k8; k += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(k), vinv));
+        isum = _mm256_add_epi32(isum, q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + base + pos(k - base)), _mm_packs_epi16(q16, q16));
+      }
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+      for (int64_t k = k8; k < k1; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(at(k) * inv));
+        xq[base + pos(k - base)] = v;
+        total += v;
+      }
+      for (int64_t c = 0; c < copies; ++c) scale[(m * blocks + b) * copies + c] = sx;
+      if (qsum) qsum[m * blocks + b] = static_cast<float>(total);
+      if (xsum) xsum[m * blocks + b] = total_x;
+    }
 }
 
 }  // namespace
@@ -433,141 +476,66 @@ void tile_int4_dot64_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) 
 #pragma GCC target("avx512f")
 namespace {
 
-template <int MB, int NB>
-void tile_bf16_avx512(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K32 = K & ~int64_t(31);
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  TILE_SETUP(uint16_t, p.w, float, p.xf, K)
-  __m512 acc[U][MB][NB];
-#pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m512 we[NB], wo[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      const __m512i v = _mm512_loadu_si512(wr[j] + k);
-      we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xe = _mm512_loadu_ps(xr[i] + k), xo = _mm512_loadu_ps(xr[i] + k + 16);
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm512_fmadd_ps(xe, we[j], acc[u][i][j]);
-        acc[u][i][j] = _mm512_fmadd_ps(xo, wo[j], acc[u][i][j]);
-      }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 32 * U <= K32; k += 32 * U)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 32 * u, u);
-  for (; k < K32; k += 32) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m512 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
-      float s = _mm512_reduce_add_ps(a);
-      for (int64_t t = K32; t < K; ++t) s += xr[i][t] * bf16_to_f32(wr[j][t]);
-      res[i * NB + j] = s;
-    }
+// 32 columns of a weight row as two fp32 vectors (int8 and fp32: plain order; bf16: [evens, odds]).
+inline void widen32(const int8_t* w, __m512& a, __m512& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+  b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+}
+inline void widen32(const float* w, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(w);
+  b = _mm512_loadu_ps(w + 16);
+}
+inline void widen32(const uint16_t* w, __m512& a, __m512& b) {
+  const __m512i v = _mm512_loadu_si512(w);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// fp32 weights, 16-wide: two 16-float loads per row per 32 columns (as the AVX2 tile).
-template <int MB, int NB>
-void tile_f32_avx512(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K32 = K & ~int64_t(31);
-  TILE_SETUP(float, p.wf, float, p.xf, K)
-  __m512 acc[U][MB][NB];
+// The AVX2 stream tile 16-wide (32 columns a step); no software prefetch.
+template <class T>
+struct StreamAvx512 {
+  template <int MB, int NB>
+  static void tile(const Problem& p, int64_t m0, int64_t n0, float* res) {
+    constexpr int U = unroll_for<MB, NB>();
+    const int64_t K = p.K, K32 = K & ~int64_t(31);
+    TILE_SETUP(T, weight_rows<T>(p), float, p.xf, K)
+    __m512 acc[U][MB][NB];
 #pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
+      for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m512 w0[NB], w1[NB];
+        for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+      __m512 wa[NB], wb[NB];
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      w0[j] = _mm512_loadu_ps(wr[j] + k);
-      w1[j] = _mm512_loadu_ps(wr[j] + k + 16);
-    }
+      for (int j = 0; j < NB; ++j) widen32(wr[j] + k, wa[j], wb[j]);
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512 x0 = _mm512_loadu_ps(xr[i] + k), x1 = _mm512_loadu_ps(xr[i] + k + 16);
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xa = _mm512_loadu_ps(xr[i] + k), xb = _mm512_loadu_ps(xr[i] + k + 16);
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm512_fmadd_ps(x0, w0[j], acc[u][i][j]);
-        acc[u][i][j] = _mm512_fmadd_ps(x1, w1[j], acc[u][i][j]);
+        for (int j = 0; j < NB; ++j) {
+          acc[u][i][j] = _mm512_fmadd_ps(xa, wa[j], acc[u][i][j]);
+          acc[u][i][j] = _mm512_fmadd_ps(xb, wb[j], acc[u][i][j]);
+        }
       }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 32 * U <= K32; k += 32 * U)
+    };
+    int64_t k = 0;
+    for (; k + 32 * U <= K32; k += 32 * U)
 #pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 32 * u, u);
-  for (; k < K32; k += 32) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m512 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
-      float s = _mm512_reduce_add_ps(a);
-      for (int64_t t = K32; t < K; ++t) s += xr[i][t] * wr[j][t];
-      res[i * NB + j] = s;
-    }
-}
-
-template <int MB, int NB>
-void tile_int8_avx512(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  constexpr int U = unroll_for<MB, NB>();
-  const int64_t K = p.K, K32 = K & ~int64_t(31);
-  TILE_SETUP(int8_t, p.wq, float, p.xf, K)
-  __m512 acc[U][MB][NB];
-#pragma GCC unroll 4
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) step(k + 32 * u, u);
+    for (; k < K32; k += 32) step(k, 0);
     for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
-    __m512 w0[NB], w1[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      w0[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k))));
-      w1[j] = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k + 16))));
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512 x0 = _mm512_loadu_ps(xr[i] + k), x1 = _mm512_loadu_ps(xr[i] + k + 16);
-#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) {
-        acc[u][i][j] = _mm512_fmadd_ps(x0, w0[j], acc[u][i][j]);
-        acc[u][i][j] = _mm512_fmadd_ps(x1, w1[j], acc[u][i][j]);
+        __m512 a = acc[0][i][j];
+        for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
+        float s = _mm512_reduce_add_ps(a);
+        for (int64_t t = K32; t < K; ++t) s += xr[i][t] * widen(wr[j][t]);
+        res[i * NB + j] = s;
       }
-    }
-  };
-  int64_t k = 0;
-  for (; k + 32 * U <= K32; k += 32 * U)
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) step(k + 32 * u, u);
-  for (; k < K32; k += 32) step(k, 0);
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      __m512 a = acc[0][i][j];
-      for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i][j]);
-      float s = _mm512_reduce_add_ps(a);
-      for (int64_t t = K32; t < K; ++t) s += xr[i][t] * static_cast<float>(wr[j][t]);
-      res[i * NB + j] = s;
-    }
-}
+  }
+};
 
 }  // namespace
 #pragma GCC pop_options
@@ -681,55 +649,85 @@ void tile_int4_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
 
 
 // int4 x int8 with VNNI (vpdpbusd: 64 unsigned-by-signed byte products per instruction), as llama.cpp's
-// q4_0 path does: x is quantized to int8 once per call, one scale per weight group (|x| max / 127), and
-// stored per 64 columns in the order the nibble split yields (0-15, 32-47, 16-31, 48-63). Per group:
-// res += scale * sx * (sum(q * xq) - 8 * sum(xq)) + zero * X: the offset 8 is taken off in integers, so
-// only (q - 8) meets the activations' rounding. Groups must be multiples of 64 columns.
+// q4_0 path does: x is quantized to int8 once per call, one scale per weight group (|x| max / 127). With
+// groups of a multiple of 128 columns one 64-byte load of codes, split by nibble (and; shift and and), meets
+// x stored per 128 columns as [the 4 blocks' columns 0-15, the 4 blocks' columns 16-31] in two vpdpbusd;
+// else 64 columns a step as the AVX2 tile. Per group as the AVX2 tile (the offset 8 * sum(xq) taken off
+// exactly in integers, scales in vectors, two fp32 accumulators). NB weight rows a pass.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 namespace {
 
 template <int MB, int NB>
 void tile_int4_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(NB == 1, "int4 tiles take one weight row");
-  const int64_t K = p.K, G = K / p.group;
-  const uint8_t* w = p.w4 + n0 * (K / 2);
-  const uint16_t* sz = p.sz + n0 * G * 2;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
-  __m512 total[MB];
-  float extra[MB];
-  for (int i = 0; i < MB; ++i) {
-    total[i] = _mm512_setzero_ps();
-    extra[i] = 0.0f;
-  }
+  const int64_t K = p.K, G = p.groups;
+  const bool wide = p.group % 128 == 0;   // x laid out per 128 columns (else per 64)
+  const Int4Rows<NB> rows(p, n0);
+  const uint8_t* const* w = rows.w;
+  const uint16_t* const* sz = rows.sz;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 total[MB][NB], ztotal[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) total[i][j] = ztotal[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i a0[MB], a1[MB];
-    for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm512_setzero_si512();
+    __m512i a0[MB][NB], a1[MB][NB];   // two chains per pair (the dot-product latency)
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) a0[i][j] = a1[i][j] = _mm512_setzero_si512();
     const int64_t k_end = (g + 1) * p.group;
     int64_t k = g * p.group;
-    auto chunk = [&](int64_t kk, __m512i* acc) __attribute__((always_inline)) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kk / 2));
-      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if (wide) {
+      for (; k < k_end; k += 128) {   // 64 bytes of codes: [low nibbles of 4 blocks], [high nibbles]
+        __m512i lo[NB], hi[NB];
 #pragma GCC unroll 4
-      for (int i = 0; i < MB; ++i)
-        acc[i] = _mm512_dpbusd_epi32(acc[i], wv, _mm512_loadu_si512(p.xq + (m0 + i) * K + kk));
-    };
-    for (; k + 128 <= k_end; k += 128) {
-      chunk(k, a0);
-      chunk(k + 64, a1);
+        for (int j = 0; j < NB; ++j) {
+          const __m512i v = _mm512_loadu_si512(w[j] + k / 2);
+          lo[j] = _mm512_and_si512(v, nibble);
+          hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) {
+          const __m512i x0 = _mm512_loadu_si512(p.xq + (m0 + i) * K + k);
+          const __m512i x1 = _mm512_loadu_si512(p.xq + (m0 + i) * K + k + 64);
+#pragma GCC unroll 4
+          for (int j = 0; j < NB; ++j) {
+            a0[i][j] = _mm512_dpbusd_epi32(a0[i][j], lo[j], x0);
+            a1[i][j] = _mm512_dpbusd_epi32(a1[i][j], hi[j], x1);
+          }
+        }
+      }
+    } else {
+      for (; k < k_end; k += 64) {   // 32 bytes of codes: [low nibbles of 2 blocks | high nibbles]
+        __m512i wv[NB];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k / 2));
+          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+          wv[j] = _mm512_and_si512(both, nibble);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) {
+          const __m512i x0 = _mm512_loadu_si512(p.xq + (m0 + i) * K + k);
+#pragma GCC unroll 4
+          for (int j = 0; j < NB; ++j) a0[i][j] = _mm512_dpbusd_epi32(a0[i][j], wv[j], x0);
+        }
+      }
     }
-    if (k < k_end) chunk(k, a0);
-    const float scale = bf16_to_f32(sz[2 * g]), zero = bf16_to_f32(sz[2 * g + 1]);
 #pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[i], a1[i]));
-      const float sx = scale * p.xscale[(m0 + i) * G + g];
-      total[i] = _mm512_fmadd_ps(_mm512_set1_ps(sx), dot, total[i]);
-      extra[i] += zero * p.xsum[(m0 + i) * G + g] - 8.0f * sx * p.xqsum[(m0 + i) * G + g];
+    for (int i = 0; i < MB; ++i) {   // per activation row its scale, sum share and code offset
+      const int64_t mg = (m0 + i) * G + g;
+      const __m512 sx = _mm512_set1_ps(p.xg[2 * mg]), share = _mm512_set1_ps(p.xg[2 * mg + 1]);
+      const __m512i off = _mm512_loadu_si512(p.xoff + mg * 16);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) {
+        const __m512i acc = _mm512_sub_epi32(_mm512_add_epi32(a0[i][j], a1[i][j]), off);
+        const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sx);
+        total[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(sz[j][2 * g])), dot, total[i][j]);
+        ztotal[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(sz[j][2 * g + 1])), share, ztotal[i][j]);
+      }
     }
   }
-  for (int i = 0; i < MB; ++i) res[i] = _mm512_reduce_add_ps(total[i]) + extra[i];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) res[i * NB + j] = _mm512_reduce_add_ps(_mm512_add_ps(total[i][j], ztotal[i][j]));
 }
 
 
@@ -818,34 +816,45 @@ namespace {
 #define MANY2(F) {F<1, 4>, F<2, 4>, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 2, 4
 #define MANY4(F) {F<1, 4>, F<2, 4>, F<3, 4>, F<4, 4>, nullptr, nullptr, nullptr, nullptr}, 4, 4
 #define MANY42(F) {F<1, 2>, F<2, 2>, F<3, 2>, F<4, 2>, nullptr, nullptr, nullptr, nullptr}, 4, 2
+#define MANY22(F) {F<1, 2>, F<2, 2>, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 2, 2
+#define MANY14(F) {F<1, 4>, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 1, 4
+#define NONE(F) {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
+// A product's kernels for 1, 2 and 4 weight rows per pass (Rows): with 1, one-row tiles up to the L1 limit,
+// then the ONE-way multi-row tiles; with 2 or 4, TWO / FOUR-row tiles at every M.
+#define ROWS(F, ONE, MANY1, TWO, FOUR) {Kernel{ONE(F), MANY1(F)}, Kernel{ONE(F), TWO(F), true}, Kernel{ONE(F), FOUR(F), true}}
 
-// AVX2 has 16 vector registers: 4 activation rows x 2 weight rows there for bf16 (8 accumulators, 4 converted
-// weights, 2 activations: each converted weight serves 4 rows; 16 rows, 1 thread, CPU time: qkv 47 -> 69,
-// gate_up 37 -> 46, down 45 -> 50 GFLOP/s against the 2 x 4 tile); AVX-512 has 32.
-const Kernel kBf16Avx2{ONE4(tile_bf16_avx2), MANY42(tile_bf16_avx2)};
-const Kernel kBf16Avx512{ONE8(tile_bf16_avx512), MANY4(tile_bf16_avx512)};
-const Kernel kBf16Dp{ONE8(tile_bf16_dp), MANY4(tile_bf16_dp)};
-const Kernel kInt8Avx2{ONE4(tile_int8_avx2), MANY2(tile_int8_avx2)};
-// fp32: one weight row per pass at M = 1 (as bf16), or 2 / 4 rows side by side at every M
-// (_set_f32_rows_per_pass; benchmarks/gemv.py --f32-rows measures them, RESULTS.md has the runs).
-const Kernel kF32Avx2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2)};
-const Kernel kF32Avx2Rows2{ONE4(tile_f32_avx2), MANY42(tile_f32_avx2), true};
-const Kernel kF32Avx2Rows4{ONE4(tile_f32_avx2), MANY2(tile_f32_avx2), true};
-const Kernel kF32Avx512{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512)};
-const Kernel kF32Avx512Rows2{ONE8(tile_f32_avx512), MANY42(tile_f32_avx512), true};
-const Kernel kF32Avx512Rows4{ONE8(tile_f32_avx512), MANY4(tile_f32_avx512), true};
-std::atomic<int64_t> g_f32_rows{1};   // weight rows per pass of the fp32 kernels: 1, 2 or 4
-const Kernel kInt8Avx512{ONE8(tile_int8_avx512), MANY4(tile_int8_avx512)};
-#define NONE {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, 0, 0
-const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE};
-const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE};
-const Kernel kInt4Vnni{ONE4(tile_int4_vnni), NONE};
-const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE};
-const Kernel kInt4Dot64Avx2{ONE4(tile_int4_dot64_avx2), NONE};
+using Rows = Kernel[3];
+// AVX2 has 16 vector registers: 4 activation rows x 2 weight rows for the multi-row stream tiles (8
+// accumulators, 4 converted weights, 2 activations: each converted weight serves 4 rows; 16 rows, 1 thread, CPU
+// time: qkv 47 -> 69, gate_up 37 -> 46, down 45 -> 50 GFLOP/s against 2 x 4); AVX-512 has 32.
+const Rows kBf16Avx2 = ROWS(StreamAvx2<uint16_t>::tile, ONE4, MANY42, MANY42, MANY2);
+const Rows kF32Avx2 = ROWS(StreamAvx2<float>::tile, ONE4, MANY42, MANY42, MANY2);
+const Rows kInt8Avx2 = ROWS(StreamAvx2<int8_t>::tile, ONE4, MANY42, MANY42, MANY2);
+const Rows kBf16Avx512 = ROWS(StreamAvx512<uint16_t>::tile, ONE8, MANY4, MANY42, MANY4);
+const Rows kF32Avx512 = ROWS(StreamAvx512<float>::tile, ONE8, MANY4, MANY42, MANY4);
+const Rows kInt8Avx512 = ROWS(StreamAvx512<int8_t>::tile, ONE8, MANY4, MANY42, MANY4);
+const Rows kBf16Dp = ROWS(tile_bf16_dp, ONE8, MANY4, MANY42, MANY4);
 // int8 with 8-bit activations: multi-row tiles too, once the int8 activations outgrow L1 (x_elem_bytes 1)
-const Kernel kInt8DotAvx2{ONE4(tile_int8_dot_avx2), MANY42(tile_int8_dot_avx2)};
-const Kernel kInt8Vnni{ONE8(tile_int8_vnni), MANY4(tile_int8_vnni)};
+const Rows kInt8DotAvx2 = ROWS(tile_int8_dot_avx2, ONE4, MANY42, MANY42, MANY2);
+const Rows kInt8Vnni = ROWS(tile_int8_vnni, ONE8, MANY4, MANY42, MANY4);
+// int4: one-row tiles (the exact-activation ones only those); the integer tiles also 2 and 4 rows per pass
+const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE(_)};
+const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
+const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
+const Rows kInt4Dot64Avx2 = ROWS(tile_int4_dot64_avx2, ONE4, NONE, MANY22, MANY14);
+const Rows kInt4Vnni = ROWS(tile_int4_vnni, ONE4, NONE, MANY42, MANY2);
 #undef NONE
+#undef ROWS
+
+// Weight rows per pass (1, 2 or 4) of each product, by the weights' format; _set_rows_per_pass (benchmarks,
+// tests) changes them. 1 everywhere unless a measurement (RESULTS.md) chose otherwise.
+enum Format { kFmtBf16 = 0, kFmtF32 = 1, kFmtInt8 = 2, kFmtInt4 = 3, kFormats = 4 };
+std::atomic<int64_t> g_rows_per_pass[kFormats] = {1, 1, 1, 1};
+
+const Kernel& with_rows(const Rows& kernels, Format format) {
+  const int64_t rows = g_rows_per_pass[format].load(std::memory_order_relaxed);
+  return kernels[rows == 4 ? 2 : rows == 2 ? 1 : 0];
+}
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
@@ -935,57 +944,8 @@ IntDot int_dot(int64_t path) {
   return avx2 ? kIntAvx2 : kIntOff;
 }
 
-// x (M, K), bf16 (xb) or fp32 (xf), quantized to int8 per block of `block` columns (the last block may be
-// shorter): scale = max|x| / 127 (1 for an all-zero block), q = round-half-even(x * (1 / scale)) in fp32,
-// as llama.cpp's q8_0. xq (M, K) in natural order; per block, `copies` copies of the scale at
-// scale[(m * blocks + b) * copies]; qsum (optional): the exact sum of each block's q.
-void quantize_x(const uint16_t* xb, const float* xf, int64_t M, int64_t K, int64_t block, int64_t copies,
-                int8_t* xq, float* scale, float* qsum) {
-  const int64_t blocks = (K + block - 1) / block;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
-      auto at = [&](int64_t k) { return xb ? bf16_to_f32(xb[m * K + k]) : xf[m * K + k]; };
-      float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(at(k)));
-      const float sx = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / sx;
-      int32_t total = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int8_t v = static_cast<int8_t>(std::nearbyint(at(k) * inv));
-        xq[m * K + k] = v;
-        total += v;
-      }
-      for (int64_t c = 0; c < copies; ++c) scale[(m * blocks + b) * copies + c] = sx;
-      if (qsum) qsum[m * blocks + b] = static_cast<float>(total);
-    }
-}
-
-// fp32 copy of x (M, K); with block > 0, each full block of `block` elements is stored as
+// fp32 copy of bf16 rows x (M, K); with block > 0, each full block of `block` elements is stored as
 // [even elements, odd elements] (the layout the AVX2 / AVX-512F bf16 tiles expect); the tail stays in order.
-std::vector<float> prepare_x(const at::Tensor& x, int64_t block) {
-  const int64_t M = x.size(0), K = x.size(1), ld = K;  // x is contiguous
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  const uint16_t* xb = is_bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr;
-  const float* x32 = is_bf16 ? nullptr : x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float* dst = xf.data() + m * K;
-    auto src = [&](int64_t k) { return is_bf16 ? bf16_to_f32(xb[m * ld + k]) : x32[m * ld + k]; };
-    int64_t k = 0;
-    if (block > 0) {
-      const int64_t half = block / 2;
-      for (; k + block <= K; k += block)
-        for (int64_t t = 0; t < half; ++t) {
-          dst[k + t] = src(k + 2 * t);
-          dst[k + half + t] = src(k + 2 * t + 1);
-        }
-    }
-    for (; k < K; ++k) dst[k] = src(k);
-  }
-  return xf;
-}
-
-// fp32 copy of bf16 rows x (M, K), in the layout prepare_x describes.
 std::vector<float> prepare_x_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t block) {
   std::vector<float> xf(static_cast<size_t>(M * K));
   for (int64_t m = 0; m < M; ++m) {
@@ -1013,11 +973,11 @@ void int8_product(Problem& p, const uint16_t* xb, const float* xf, int64_t path)
     const int64_t blocks = (p.K + 31) / 32;
     std::vector<int8_t> xq(static_cast<size_t>(p.M * p.K));
     std::vector<float> xscale(static_cast<size_t>(p.M * blocks * 8));
-    quantize_x(xb, xf, p.M, p.K, 32, 8, xq.data(), xscale.data(), nullptr);
+    quantize_x(xb, xf, p.M, p.K, 32, 8, 0, xq.data(), xscale.data(), nullptr, nullptr);
     p.xq = xq.data();
     p.xscale = xscale.data();
     p.x_elem_bytes = 1;
-    run(dot == kIntVnni ? kInt8Vnni : kInt8DotAvx2, p, 8);
+    run(with_rows(dot == kIntVnni ? kInt8Vnni : kInt8DotAvx2, kFmtInt8), p, 8);
     return;
   }
   std::vector<float> copy;
@@ -1026,7 +986,7 @@ void int8_product(Problem& p, const uint16_t* xb, const float* xf, int64_t path)
     xf = copy.data();
   }
   p.xf = xf;
-  run(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, p, 8);
+  run(with_rows(path == kAvx2 ? kInt8Avx2 : kInt8Avx512, kFmtInt8), p, 8);
 }
 
 int kind_of(const at::Tensor& t, const char* what) {
@@ -1060,25 +1020,10 @@ at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w, const std::o
               "linear_bf16: x and w must be bfloat16");
   Problem p;
   check_common(x, w, bias, p);
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_bf16: unknown path ", path);
   at::Tensor out = at::empty({p.M, p.N}, x.options());
-  p.w = static_cast<const uint16_t*>(w.data_ptr());
-  p.out = out.data_ptr();
-  p.out_kind = kBf16;
-  std::vector<float> xf;
-  if (path == kAvx512Bf16) {
-    p.xb = static_cast<const uint16_t*>(x.data_ptr());
-    p.x_elem_bytes = 2;
-    run(kBf16Dp, p, 16);
-  } else if (path == kAvx512) {
-    xf = prepare_x(x, 32);
-    p.xf = xf.data();
-    run(kBf16Avx512, p, 16);
-  } else {
-    TORCH_CHECK(path == kAvx2, "linear_bf16: unknown path ", path);
-    xf = prepare_x(x, 16);
-    p.xf = xf.data();
-    run(kBf16Avx2, p, 16);
-  }
+  matvec_bf16(static_cast<const uint16_t*>(x.data_ptr()), p.M, p.K, static_cast<const uint16_t*>(w.data_ptr()), p.N,
+              p.bias, p.bias_kind, out.data_ptr(), kBf16, path);
   return out;
 }
 
@@ -1148,16 +1093,12 @@ void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
   if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
-    run(kBf16Dp, p, 16);
-  } else if (path == kAvx512) {
-    xf = prepare_x_bf16(x, M, K, 32);
-    p.xf = xf.data();
-    run(kBf16Avx512, p, 16);
-  } else {
-    xf = prepare_x_bf16(x, M, K, 16);
-    p.xf = xf.data();
-    run(kBf16Avx2, p, 16);
+    run(with_rows(kBf16Dp, kFmtBf16), p, 16);
+    return;
   }
+  xf = prepare_x_bf16(x, M, K, path == kAvx512 ? 32 : 16);
+  p.xf = xf.data();
+  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, 16);
 }
 
 void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const void* bias, int bias_kind,
@@ -1166,11 +1107,7 @@ void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   p.wf = w;
   p.xf = x;
   p.x_elem_bytes = 4;
-  const int64_t rows = g_f32_rows.load(std::memory_order_relaxed);
-  if (path == kAvx2)
-    run(rows == 4 ? kF32Avx2Rows4 : rows == 2 ? kF32Avx2Rows2 : kF32Avx2, p, 32);
-  else
-    run(rows == 4 ? kF32Avx512Rows4 : rows == 2 ? kF32Avx512Rows2 : kF32Avx512, p, 32);
+  run(with_rows(path == kAvx2 ? kF32Avx2 : kF32Avx512, kFmtF32), p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
@@ -1188,40 +1125,45 @@ void matvec_int4(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w4, con
   p.w4 = w4;
   p.sz = sz;
   p.group = group;
+  p.groups = K / group;
   const int64_t G = K / group;
   std::vector<float> xsum(static_cast<size_t>(M * G), 0.0f), xf;
-  for (int64_t m = 0; m < M; ++m)
+  p.xsum = xsum.data();
+  const IntDot dot = int_dot(path);
+  if (dot != kIntOff) {
+    // VNNI, or AVX2 64 columns a step, for groups of a multiple of 64; else the AVX2 32-column tile
+    const bool wide = group % 64 == 0;
+    const int64_t span = !wide ? 0 : dot == kIntVnni && group % 128 == 0 ? 128 : 64;
+    const int64_t lanes = dot == kIntVnni ? 16 : 8;
+    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
+    std::vector<float> xg(static_cast<size_t>(M * G * 2));
+    std::vector<int32_t> xoff(static_cast<size_t>(M * G * lanes), 0);
+    quantize_x(x, nullptr, M, K, group, 1, span, xq.data(), xscale.data(), xqsum.data(), xsum.data());
+    p.xq = xq.data();
+    p.xscale = xscale.data();
+    p.xqsum = xqsum.data();
+    if (!wide) {
+      run(kInt4DotAvx2, p, 4);
+      return;
+    }
+    for (int64_t mg = 0; mg < M * G; ++mg) {
+      xg[mg * 2] = xscale[mg];
+      xg[mg * 2 + 1] = xsum[mg] / static_cast<float>(lanes);   // exact: a power of two
+      xoff[mg * lanes] = 8 * static_cast<int32_t>(xqsum[mg]);
+    }
+    p.xg = xg.data();
+    p.xoff = xoff.data();
+    run(with_rows(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, kFmtInt4), p, 4);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m)   // exact activations: only the sums of x per group
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.0f;
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(x[m * K + k]);
       xsum[m * G + g] = s;
     }
-  p.xsum = xsum.data();
-  const IntDot dot = int_dot(path);
-  if (dot != kIntOff && group % 64 == 0) {   // VNNI, or AVX2 64 columns per step: the same x order
-    // x to int8 per group, columns of each 64 in the order the 64-column tiles unpack the nibbles
-    std::vector<int8_t> xq(static_cast<size_t>(M * K)), plain(static_cast<size_t>(M * K));
-    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
-    quantize_x(x, nullptr, M, K, group, 1, plain.data(), xscale.data(), xqsum.data());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; c += 64)
-        for (int j = 0; j < 16; ++j) {
-          const int64_t order[4] = {c + j, c + 32 + j, c + 16 + j, c + 48 + j};
-          for (int part = 0; part < 4; ++part) xq[m * K + c + part * 16 + j] = plain[m * K + order[part]];
-        }
-    p.xq = xq.data();
-    p.xscale = xscale.data();
-    p.xqsum = xqsum.data();
-    run(dot == kIntVnni ? kInt4Vnni : kInt4Dot64Avx2, p, 4);
-  } else if (dot != kIntOff) {   // AVX2 integer dot products, 32 columns per step (groups of 32 mod 64)
-    std::vector<int8_t> xq(static_cast<size_t>(M * K));
-    std::vector<float> xscale(static_cast<size_t>(M * G)), xqsum(static_cast<size_t>(M * G));
-    quantize_x(x, nullptr, M, K, group, 1, xq.data(), xscale.data(), xqsum.data());
-    p.xq = xq.data();
-    p.xscale = xscale.data();
-    p.xqsum = xqsum.data();
-    run(kInt4DotAvx2, p, 4);
-  } else if (path == kAvx512Bf16) {
+  if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
     run(kInt4Dp, p, 4);
@@ -1316,10 +1258,16 @@ bool set_int8_activations(bool on) { return g_int8_x.exchange(on); }
 // Benchmarks only: set the AVX2 bf16 tile's software prefetch distance in bytes (0: none); returns the old value.
 int64_t set_prefetch_bytes(int64_t bytes) { return g_prefetch_bytes.exchange(std::max<int64_t>(bytes, 0)); }
 
-// Benchmarks only: weight rows the fp32 kernels read side by side per pass (1, 2 or 4); returns the old value.
-int64_t set_f32_rows_per_pass(int64_t rows) {
-  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4, "_set_f32_rows_per_pass: 1, 2 or 4, got ", rows);
-  return g_f32_rows.exchange(rows);
+// Benchmarks and tests: weight rows (1, 2 or 4) the products over `weights` ("bf16", "f32", "int8" or "int4")
+// read side by side per pass; returns the old value. (The one-row-only int4 kernels, on exact activations or
+// groups of an odd multiple of 32 columns, ignore it.)
+int64_t set_rows_per_pass(std::string weights, int64_t rows) {
+  static const char* const kNames[kFormats] = {"bf16", "f32", "int8", "int4"};
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4, "_set_rows_per_pass: 1, 2 or 4 rows, got ", rows);
+  for (int f = 0; f < kFormats; ++f)
+    if (weights == kNames[f]) return g_rows_per_pass[f].exchange(rows);
+  TORCH_CHECK(false, "_set_rows_per_pass: weights must be bf16, f32, int8 or int4, got ", weights);
+  return 0;
 }
 
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
@@ -1328,7 +1276,7 @@ int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
-  m.def("_set_f32_rows_per_pass(int rows) -> int", &set_f32_rows_per_pass);
+  m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");

@@ -22,10 +22,14 @@ struct Problem {
   const uint8_t* w4 = nullptr;   // int4 weights (N, K / 2): per 32 columns, 16 bytes (low nibble k, high k + 16)
   const uint16_t* sz = nullptr;  // int4 only: (N, K / group, 2) bf16 scale and zero per group
   int64_t group = 0;             // int4 only: columns per scale/zero group (a multiple of 32)
+  int64_t groups = 0;            // int4 only: K / group
   const float* xsum = nullptr;   // int4 only: (M, K / group) sums of x over each group
-  const int8_t* xq = nullptr;    // integer paths: x quantized to int8 (M, K); int4 VNNI: each 64 in nibble order
+  const int8_t* xq = nullptr;    // integer paths: x quantized to int8 (M, K); int4: per span (64 / 128) in nibble order
   const float* xscale = nullptr; // int4: (M, K / group) scales; int8: (M, ceil(K / 32), 8): each block's, 8 times
-  const float* xqsum = nullptr;  // int4 integer paths: (M, K / group) sum of the quantized values (exact)
+  const float* xqsum = nullptr;  // int4, 32-column AVX2 tile: (M, K / group) sum of the quantized values (exact)
+  // int4, 64 / 128-column integer tiles (lanes L = 8 on AVX2, 16 with VNNI), per x row and group:
+  const float* xg = nullptr;     // (M, K / group, 2): the scale of xq, and sum(x) / L (each lane's share)
+  const int32_t* xoff = nullptr; // (M, K / group, L): 8 * sum(xq) in lane 0, zeros elsewhere (the code offset)
   const void* scale = nullptr;   // int8 only: per-output-channel scales
   int scale_kind = kNone;
   const void* bias = nullptr;
