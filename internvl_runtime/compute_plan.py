@@ -100,15 +100,20 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
     # torch's GEMM is fast in the model's dtype: float32 everywhere, 16-bit where the CPU has the instructions
     fast_gemm = fast_16bit or plan.dtype == torch.float32
+    # the bf16 kernel of the AVX-512 BF16 path has its multi-row tile (vdpbf16ps, 8 x 2 / 4 x 4 rows x weight
+    # rows), ahead of oneDNN's bf16 GEMM from 5 rows to 16 (RESULTS.md, issue #18 batched decode)
+    multi_row = (kernel is not None and plan.dtype == torch.bfloat16 and not plan.upcast_16bit
+                 and plan.decode_kernel.startswith("avx512bf16"))
     linear_plan = None
     if plan.upcast_16bit or kernel is not None:
         # The GEMV kernel wins at a few rows where torch has fast GEMMs in the dtype, up to 16 elsewhere (torch's
-        # bf16 is far slower there): benchmarks/gemv.py measures the crossing, benchmarks/RESULTS.md has runs.
-        rows = 4 if fast_gemm else 16
+        # bf16 is far slower there), up to MULTI_ROW_KERNEL_ROWS with the multi-row tile: benchmarks/gemv.py
+        # measures the crossing, benchmarks/RESULTS.md has runs.
+        rows = MULTI_ROW_KERNEL_ROWS if multi_row else 4 if fast_gemm else 16
         linear_plan = LinearPlan(upcast=plan.upcast_16bit, small_row_kernel=kernel, max_kernel_rows=rows)
     set_linear_plan(model, linear_plan)
     model.vision_model.set_upcast_16bit(plan.upcast_16bit)
-    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_gemm))
+    plan = _plan_decode_layers(model.language_model, plan, *decode_stack_rows(fast_gemm, multi_row))
     model.set_compute_plan(plan)
     logger.info(plan.describe())
 
@@ -116,8 +121,12 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
 #: Decode steps of up to this many sequences run in the native stack: in practice all of them.
 MAX_NATIVE_DECODE_ROWS = 4096
 
+#: Rows up to which the bf16 products stay on the kernels where they have the multi-row tile (AVX-512 BF16):
+#: measured ahead of oneDNN up to 16 rows; 32 keeps a full 16-sequence batch and a short prompt on them.
+MULTI_ROW_KERNEL_ROWS = 32
 
-def decode_stack_rows(fast_gemm: bool) -> tuple[int, int]:
+
+def decode_stack_rows(fast_gemm: bool, multi_row: bool = False) -> tuple[int, int]:
     """(most sequences a native decode step takes, sequences from which its products run on torch's GEMM
     instead of the GEMV kernels; 0: never), where torch's GEMM is fast in the model's dtype or not (16-bit:
     a CPU with or without bf16 instructions; float32: fast on every host, so as a bf16 CPU's).
@@ -128,7 +137,10 @@ def decode_stack_rows(fast_gemm: bool) -> tuple[int, int]:
     the CPU has bf16 instructions and torch's GEMM from 5 (at 8 rows the kernels ran at ~60% of torch's
     oneDNN GEMM, at 16 ~50%: benchmarks/gemv.py, RESULTS.md); without them torch's bf16 is ~100x slower
     than the kernels, which then take every row count (an AVX2 host: the Python path would convert the
-    weights to float32 per call)."""
+    weights to float32 per call). Where the bf16 kernel has its multi-row tile (``multi_row``: AVX-512 BF16,
+    bf16 weights) the kernels keep the products up to ``MULTI_ROW_KERNEL_ROWS`` sequences."""
+    if multi_row:
+        return MAX_NATIVE_DECODE_ROWS, MULTI_ROW_KERNEL_ROWS + 1
     return MAX_NATIVE_DECODE_ROWS, (5 if fast_gemm else 0)
 
 

@@ -157,18 +157,23 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
         processed = self.penalize(logits, rows)  # (B, V) float32, steps 1-4
-        tokens = processed.argmax(dim=-1)  # (B,) step 5
         sample_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        every_row_samples = len(sample_rows) == len(rows)
+        # step 5 (greedy rows); with every row sampling its choice is overwritten below: not computed
+        tokens = (torch.zeros(len(rows), dtype=torch.long, device=logits.device) if every_row_samples
+                  else processed.argmax(dim=-1))
         if sample_rows:
             index = torch.tensor(sample_rows, device=logits.device)
-            warped = self.warp(processed[index], [rows[i] for i in sample_rows])  # (S, V) steps 6-9
+            # warped in place: ``processed`` itself when nothing reads it afterwards (no copy of S x V floats)
+            chosen_rows = processed if every_row_samples and not logprob_rows else processed[index]
+            warped = self.warp(chosen_rows, [rows[i] for i in sample_rows])  # (S, V) steps 6-9
             probs = torch.softmax(warped, dim=-1)
             uniform = self._uniform([rows[i] for i in sample_rows], probs.device)  # (S, 1) in [0, 1)
             cdf = probs.cumsum_(dim=-1)
             chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
             tokens = tokens.index_copy(0, index, chosen.squeeze(1))  # step 10
 
-        logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         records: list[TokenLogprobs | None] = [None] * len(rows)
         token_list: list[int] = tokens.tolist()
         if logprob_rows:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from internvl_runtime import AutoModel, kernels
-from internvl_runtime.compute_plan import MAX_NATIVE_DECODE_ROWS, decode_stack_rows
+from internvl_runtime.compute_plan import MAX_NATIVE_DECODE_ROWS, MULTI_ROW_KERNEL_ROWS, decode_stack_rows
 from internvl_runtime.decode_stack import DecodeStack
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.errors import UnsupportedFeature
@@ -134,10 +134,32 @@ def test_native_decode_many_rows(path: str, gemm_rows: int, monkeypatch: pytest.
 
 def test_decode_stack_rows_per_host_kind() -> None:
     """Every decode step goes native; bf16 products switch to torch's GEMM from 5 rows only where the CPU
-    has fast 16-bit instructions (elsewhere torch's bf16 is far slower than the kernels)."""
+    has fast 16-bit instructions (elsewhere torch's bf16 is far slower than the kernels), and beyond the
+    multi-row tile's rows where the bf16 kernel has it (AVX-512 BF16)."""
     assert decode_stack_rows(True) == (MAX_NATIVE_DECODE_ROWS, 5)
     assert decode_stack_rows(False) == (MAX_NATIVE_DECODE_ROWS, 0)
-    assert MAX_NATIVE_DECODE_ROWS >= 256
+    assert decode_stack_rows(True, multi_row=True) == (MAX_NATIVE_DECODE_ROWS, MULTI_ROW_KERNEL_ROWS + 1)
+    assert MAX_NATIVE_DECODE_ROWS >= 256 and MULTI_ROW_KERNEL_ROWS >= 16
+
+
+@pytest.mark.parametrize("compute", ["native", "upcast"])
+def test_bf16_plan_keeps_batched_rows_on_the_multi_row_tile(compute: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 model on the AVX-512 BF16 path keeps decode steps of up to MULTI_ROW_KERNEL_ROWS sequences (the
+    layers and the LM head) on the kernels' multi-row tile, torch's GEMM beyond; under the upcast plan (an AVX2
+    host's, forced here) torch's bf16 GEMM is never used: the kernels take every row count, the LM head up to 16."""
+    if kernels.missing_flags("avx512bf16"):
+        pytest.skip(f"CPU lacks {kernels.missing_flags('avx512bf16')}")
+    monkeypatch.setenv(kernels.ENV_VAR, "avx512bf16")
+    monkeypatch.setenv("INTERNVL_COMPUTE", compute)
+    model = load("tiny-1B")
+    plan = model.language_model.lm_head.plan
+    assert plan is not None and plan.small_row_kernel is kernels.linear_bf16
+    if compute == "native":
+        assert model.language_model.decode_stack.gemm_rows == MULTI_ROW_KERNEL_ROWS + 1
+        assert plan.max_kernel_rows == MULTI_ROW_KERNEL_ROWS
+        assert f"GEMM from {MULTI_ROW_KERNEL_ROWS + 1} sequences" in model.compute_plan.decode_layers
+    else:
+        assert model.language_model.decode_stack.gemm_rows == 0 and plan.max_kernel_rows == 16
 
 
 def test_more_rows_than_the_stack_takes_use_the_python_loop() -> None:

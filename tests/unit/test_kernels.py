@@ -137,6 +137,51 @@ def test_linear_bf16_rows_per_pass(native: None, path: str, rows_per_pass: int) 
         _check_close(kernels.linear_bf16(x, w, b, path=path), x, w, b)
 
 
+WIDE_SHAPES = [(m, n, k) for m in (5, 7, 8, 9, 13, 16, 17, 35) for n in (1, 3, 6, 9, 131) for k in (7, 33, 896, 4864)]
+
+
+@pytest.mark.parametrize("shape", [0, 44, 82], ids=["auto", "4x4", "8x2"])
+def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
+    """The AVX-512 BF16 multi-row tile (batched decode: 5+ activation rows; 4 rows x 4 weight rows or 8 x 2,
+    or chosen by K) on odd row counts 5-35 (blocks of rows with tails), N tails (weight rows past the last
+    full tile: the one-row tiles) and K tails (masked loads below 32 columns, K under one step), with and
+    without bias; every result the exact product rounded once to bf16 (up to fp32 summation error)."""
+    _require("avx512bf16")
+    previous = torch.ops.internvl_kernels._set_wide_bf16(5, shape)
+    try:
+        for i, (m, n, k) in enumerate(WIDE_SHAPES):
+            x, w, b = _data(m, n, k, seed=300 + i)
+            for bias in (None, b):
+                out = kernels.linear_bf16(x, w, bias, path="avx512bf16")
+                try:
+                    _check_close(out, x, w, bias)
+                except AssertionError as exc:
+                    raise AssertionError(f"shape {shape}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+        with pytest.raises(RuntimeError, match="shape 0, 44 or 82"):
+            torch.ops.internvl_kernels._set_wide_bf16(5, 3)
+    finally:
+        torch.ops.internvl_kernels._set_wide_bf16(previous, 0)
+
+
+def test_linear_bf16_multi_row_tile_from_its_row_count(native: None) -> None:
+    """Below the multi-row tile's row count the one-row / 4 x 4 tiles run, from it the multi-row tile: both the
+    same products (switched off: the earlier tiles at every row count), and a large N over several threads'
+    chunks."""
+    _require("avx512bf16")
+    x, w, b = _data(16, 4099, 896, seed=11)
+    outs = {}
+    for rows in (0, 5, 17):
+        previous = torch.ops.internvl_kernels._set_wide_bf16(rows, 0)
+        try:
+            outs[rows] = kernels.linear_bf16(x, w, b, path="avx512bf16")
+        finally:
+            torch.ops.internvl_kernels._set_wide_bf16(previous, 0)
+        _check_close(outs[rows], x, w, b)
+    # fp32 sums in another order: at most one bf16 rounding step apart
+    torch.testing.assert_close(outs[5].float(), outs[0].float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.equal(outs[17], outs[0])   # 16 rows < 17: the earlier tiles, bit for bit
+
+
 @pytest.fixture(scope="module")
 def lm_head() -> tuple:
     """The InternVL2-1B LM head shape (151655 x 896, M=1), its fp64 reference computed once."""

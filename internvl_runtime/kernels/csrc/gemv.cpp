@@ -55,6 +55,7 @@ struct Kernel {
   int max_mb_many;
   int nb_many;
   bool many_always = false;  // the nb_many-row tiles at any M (several weight rows per pass even at M = 1)
+  bool weights_outside = false;  // run_rows_wide's order: each weight tile meets every activation row
 };
 
 }  // namespace
@@ -808,6 +809,87 @@ void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 #undef TILE_SETUP
 
 // ---------------------------------------------------------------------------------------------------
+// AVX-512 BF16, several activation rows (M >= 5, batched decode): weight tiles outside, every activation
+// row inside. A tile of NB weight rows (a few KiB) is read from DRAM once, by the first block of MB
+// activation rows, and from L1 by the others; the activations (M x K bf16, 28 KiB at 16 x 896) stay in
+// L1 / L2. Each (row, weight row) pair keeps a 16-lane vdpbf16ps accumulator (MB x NB <= 16 of them),
+// and the 16 are summed together at the end of the tile by one transposing add tree (~45 shuffles and adds
+// for 16 results, against ~8 per result for a horizontal sum each), stored straight into res. While the
+// first row block runs, the next tile's weights are prefetched, as its rows are one contiguous stretch.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+namespace {
+
+// The totals of 16 vectors in one: lane 4q + g is the sum of all lanes of v[4g + q] (the two base-4 digits
+// of the index swap, `wide_slot`).
+inline __m512 transpose_sum16(const __m512* v) {
+  __m512 w[8], x[4];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)   // lanes 0-1: 8 partial sums of v[2k], lanes 2-3: of v[2k + 1]
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g)   // 128-bit lane q: 4 partial sums of v[4g + q]
+    x[g] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * g], w[2 * g + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * g], w[2 * g + 1], 0xDD));
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+  return _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+}
+
+// The accumulator slot whose total transpose_sum16 puts in lane l.
+constexpr int wide_slot(int l) { return 4 * (l % 4) + l / 4; }
+
+template <int MB, int NB>
+void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(MB * NB <= 16, "at most 16 accumulators");
+  const int64_t K = p.K, K32 = K & ~int64_t(31);
+  const uint16_t* wr[NB];
+  const uint16_t* xr[MB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
+  const uint16_t* next = p.w + (n0 + NB) * K;   // the next tile's weights (a prefetch past the end is harmless)
+  const bool first = m0 == 0;
+  __m512 acc[MB][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask32 mask) __attribute__((always_inline)) {
+    __m512bh wv[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xr[i] + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  };
+  const __mmask32 all = ~__mmask32(0);
+  int64_t k = 0;
+  if (first) {
+    for (; k < K32; k += 32) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      step(k, all);
+    }
+  } else {
+    for (; k < K32; k += 32) step(k, all);
+  }
+  if (K32 < K) step(K32, static_cast<__mmask32>((uint64_t(1) << (K - K32)) - 1));
+  __m512 v[16];
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < MB * NB ? acc[l / NB][l % NB] : _mm512_setzero_ps();
+  _mm512_storeu_ps(res, transpose_sum16(v));
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------------
 // Generic driver (no ISA-specific code below this line).
 namespace {
 
@@ -855,6 +937,16 @@ const Kernel& with_rows(const Rows& kernels, Format format) {
   const int64_t rows = g_rows_per_pass[format].load(std::memory_order_relaxed);
   return kernels[rows == 4 ? 2 : rows == 2 ? 1 : 0];
 }
+// bf16 on AVX-512 BF16 from g_wide_rows activation rows: tile_bf16_wide, 4 x 4 or 8 x 2 (rows x weight rows).
+// Measured (1 thread, weights in cache, GFLOP/s at M = 5 / 8 / 16; RESULTS.md): K = 896: 8 x 2 107 / 135 / 147,
+// 4 x 4 106 / 126 / 135, torch's oneDNN 71 / 95 / 135, the 4 x 4 kBf16Dp tiles 68 / 75 / 71; K = 4864: 4 x 4
+// 103 / 145 / 173, 8 x 2 100 / 127 / 148, oneDNN 73 / 98 / 137. So 8 x 2 up to K = 2048, 4 x 4 beyond.
+#define MANY82(F) {F<1, 2>, F<2, 2>, F<3, 2>, F<4, 2>, F<5, 2>, F<6, 2>, F<7, 2>, F<8, 2>}, 8, 2
+const Kernel kBf16Wide44{ONE8(tile_bf16_dp), MANY4(tile_bf16_wide), false, true};
+const Kernel kBf16Wide82{ONE8(tile_bf16_dp), MANY82(tile_bf16_wide), false, true};
+#undef MANY82
+std::atomic<int64_t> g_wide_rows{5};    // 0: never (the kBf16Dp tiles at every M)
+std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2, 0: by K (as measured)
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
@@ -881,7 +973,35 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
   }
 }
 
+// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside).
+void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  float res[kMaxMB * kMaxNB];
+  const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
+  for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many)
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
+      ker.many[mb - 1](p, m, t, res);
+      epilogue(p, m, mb, t, ker.nb_many, res);
+    }
+  for (int64_t n = n_tiles_end; n < n_end; ++n)
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_one, p.M - m));
+      ker.one[mb - 1](p, m, n, res);
+      epilogue(p, m, mb, n, 1, res);
+    }
+}
+
+// The bf16 kernel of the AVX-512 BF16 path for M activation rows: the multi-row tile from g_wide_rows rows,
+// else the kBf16Dp tiles with the weight rows per pass chosen for bf16.
+const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
+  const int64_t from = g_wide_rows.load(std::memory_order_relaxed);
+  if (from <= 0 || M < from) return with_rows(kBf16Dp, kFmtBf16);
+  const int64_t shape = g_wide_shape.load(std::memory_order_relaxed);
+  return shape == 82 || (shape == 0 && K <= 2048) ? kBf16Wide82 : kBf16Wide44;
+}
+
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  if (ker.weights_outside) return run_rows_wide(ker, p, n_begin, n_end);
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
   if (ker.nb_many > 0 &&
@@ -1093,7 +1213,7 @@ void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
   if (path == kAvx512Bf16) {
     p.xb = x;
     p.x_elem_bytes = 2;
-    run(with_rows(kBf16Dp, kFmtBf16), p, 16);
+    run(bf16_dp_kernel(p.M, p.K), p, 16);
     return;
   }
   xf = prepare_x_bf16(x, M, K, path == kAvx512 ? 32 : 16);
@@ -1270,6 +1390,14 @@ int64_t set_rows_per_pass(std::string weights, int64_t rows) {
   return 0;
 }
 
+// Tests and benchmarks: the AVX-512 BF16 bf16 products take tile_bf16_wide from `rows` activation rows (0: never),
+// in the shape `shape` (44: 4 rows x 4 weight rows, 82: 8 x 2, 0: chosen by K); returns the old row count.
+int64_t set_wide_bf16(int64_t rows, int64_t shape) {
+  TORCH_CHECK(shape == 0 || shape == 44 || shape == 82, "_set_wide_bf16: shape 0, 44 or 82, got ", shape);
+  g_wide_shape.store(shape);
+  return g_wide_rows.exchange(std::max<int64_t>(rows, 0));
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
@@ -1278,6 +1406,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
+  m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
