@@ -158,7 +158,7 @@ def test_a_hit_is_cut_where_the_window_blocks_are_gone(evict: int) -> None:
     sliding_blocks = list(first.block_tables[SLIDING])
     bm.free(first)
     # evict one cached sliding block (as a fresh allocation would): the hit must end before it
-    bm._cached.pop((SLIDING, bm._hashes[sliding_blocks[evict]][1]))  # noqa: SLF001 - simulate an eviction
+    bm._cached.pop((SLIDING, bm._hashes[sliding_blocks[evict]][1]))
     second = Sequence("b", [*range(1, 30), 99])
     bm.allocate(second)
     # a hit of n blocks needs blocks n-2, n-1 cached in the sliding group: n <= evict
