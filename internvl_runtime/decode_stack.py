@@ -148,7 +148,7 @@ class DecodeStack:
     def applies(self, kv_cache) -> bool:
         """Whether this step's KV pools are ones the native op can write (the stack's dtype, on the CPU)."""
         key = kv_cache.keys[0]
-        return key.dtype == self.dtype and key.device.type == "cpu"
+        return key.dtype == self.dtype and key.device.type == "cpu" and kv_cache.num_groups == 1
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_cache) -> torch.Tensor:
         ctx, offsets = [], [0]

@@ -36,7 +36,6 @@ beam search too), ``use_cache`` (accepted), and ``return_dict_in_generate`` / ``
 from __future__ import annotations
 
 import dataclasses
-import math
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,7 +46,8 @@ from ..compute_plan import apply_plan, choose_plan
 from ..config import InternVLConfig
 from ..engine.beam_search import BeamRequest, beam_search, blocks_needed, check_beam_params
 from ..engine.engine import EngineConfig, LLMEngine, RequestOutput
-from ..engine.model_runner import ModelRunner
+from ..engine.kv_groups import max_blocks_per_sequence
+from ..engine.model_runner import ModelRunner, model_kv_groups
 from ..engine.sampler import Sampler, SamplerOutput, SamplingRow
 from ..engine.sampling_params import SamplingParams
 from ..errors import (
@@ -279,10 +279,13 @@ class OfficialChatMixin:
         preempted and recomputed."""
         # The scheduler keeps one free block per running row at admission: one spare block each. A row
         # longer than the context is refused by the engine (its rule): no cache beyond the context for it.
+        # A row's blocks in every KV group (sliding-window layers hold at most their window's: engine.kv_groups).
         context = self.config.llm.max_position_embeddings
-        wanted: dict[str, Any] = {"max_num_seqs": len(prompt_lens),
-                                  "max_num_batched_tokens": max(sum(prompt_lens), len(prompt_lens)),
-                                  "num_blocks": sum(math.ceil(min(n + max_new_tokens, context) / _BLOCK_SIZE) + 1
+        chunk = max(sum(prompt_lens), len(prompt_lens))
+        groups = model_kv_groups(self)  # type: ignore[arg-type]
+        wanted: dict[str, Any] = {"max_num_seqs": len(prompt_lens), "max_num_batched_tokens": chunk,
+                                  "num_blocks": sum(max_blocks_per_sequence(groups, min(n + max_new_tokens, context),
+                                                                            _BLOCK_SIZE, chunk) + 1
                                                     for n in prompt_lens)}
         embed = self.language_model.get_input_embeddings().weight
         engine = self._generation_engine

@@ -25,11 +25,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import torch
 
+from ..engine.kv_groups import KVCacheGroup
 from ..engine.model_runner import ModelRunner, SequenceStep
 from ..models.internvl import InternVLModel
 from .parallel_state import TensorParallelError, TPGroup
@@ -45,6 +46,7 @@ class Setup:
     block_size: int
     kv_dtype: torch.dtype
     image_token_id: int | None
+    kv_groups: tuple[KVCacheGroup, ...] | None = None    # rank 0's runner's (engine.kv_groups)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class StepMeta:
     want_logits: bool
     positions: list[int] | None
     feature_rows: int
+    other_block_tables: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ def _pack(steps: list[SequenceStep]) -> tuple[list[StepMeta], torch.Tensor | Non
         rows = 0 if s.image_features is None else int(s.image_features.shape[0])
         meta.append(StepMeta(token_ids=list(s.token_ids), num_computed=s.num_computed,
                              block_table=list(s.block_table), want_logits=s.want_logits,
-                             positions=None if s.positions is None else list(s.positions), feature_rows=rows))
+                             positions=None if s.positions is None else list(s.positions), feature_rows=rows,
+                             other_block_tables=[list(t) for t in s.other_block_tables]))
         if s.image_features is not None and rows:
             features.append(s.image_features)
     if not features:
@@ -105,7 +109,8 @@ def _unpack(meta: list[StepMeta], features: torch.Tensor | None) -> list[Sequenc
             assert features is not None
             feats, start = features[start:start + m.feature_rows], start + m.feature_rows
         steps.append(SequenceStep(token_ids=m.token_ids, num_computed=m.num_computed, block_table=m.block_table,
-                                  image_features=feats, want_logits=m.want_logits, positions=m.positions))
+                                  image_features=feats, want_logits=m.want_logits, positions=m.positions,
+                                  other_block_tables=m.other_block_tables))
     return steps
 
 
@@ -125,7 +130,7 @@ class TensorParallelRunner:
         self._closed = threading.Event()
         self._failed: BaseException | None = None
         self._send(Setup(num_blocks=runner.kv_cache.num_blocks, block_size=runner.block_size,
-                         kv_dtype=runner.dtype, image_token_id=runner.image_token_id))
+                         kv_dtype=runner.dtype, image_token_id=runner.image_token_id, kv_groups=runner.kv_groups))
         self._beat = threading.Thread(target=self._heartbeats, name="tp-heartbeat", daemon=True)
         self._beat.start()
 
@@ -204,7 +209,8 @@ def run_worker(model: InternVLModel, group: TPGroup) -> None:
         raise TensorParallelError(f"rank 0 sent {type(setup).__name__} where Setup comes first")
     runner = ModelRunner(model, num_blocks=setup.num_blocks, block_size=setup.block_size,
                          kv_dtype=setup.kv_dtype, image_token_id=setup.image_token_id,
-                         enforce_eager=True)      # as rank 0's: the all-reduces are not captured
+                         enforce_eager=True,      # as rank 0's: the all-reduces are not captured
+                         kv_groups=setup.kv_groups)
     with torch.inference_mode():
         while True:
             message = group.broadcast_object()

@@ -7,6 +7,10 @@ scratch KV block (never handed to a sequence) and its logits are dropped. The gr
 decoder layers with the "triton" attention backend (device tensors only); the LM head and sampling run
 outside it. Graphs are captured lazily, the first time a bucket is used, sharing one memory pool.
 
+KV groups (sliding-window layers with their own block tables, ``engine.kv_groups``): each group after the
+first has its own static slot mapping and block-table buffer, and the bucket's metadata its own
+``group_metadata`` over them.
+
 The same step function serves the eager path; without a GPU (``capture=False``) this class emulates the
 graph path exactly (static buffers, padding, the bucket's fixed metadata) without capturing, so the
 padding is tested on the CPU.
@@ -48,7 +52,7 @@ class DecodeGraphs:
     one CUDA graph per bucket replayed over them."""
 
     def __init__(self, step: StepFunction, *, buckets: list[int], max_blocks_per_seq: int, block_size: int,
-                 scratch_block: int, device: torch.device, capture: bool) -> None:
+                 scratch_block: int, device: torch.device, capture: bool, num_groups: int = 1) -> None:
         self.step = step
         self.buckets = buckets
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -56,6 +60,7 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.device = device
         self.capture = capture
+        self.num_groups = num_groups
         self._static: StepTensors | None = None
         self._metas: dict[int, AttentionMetadata] = {}
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}   # bucket -> (CUDAGraph, its output)
@@ -67,16 +72,25 @@ class DecodeGraphs:
         """The static inputs, sized for the largest bucket and filled as padding (allocated on first use)."""
         if self._static is None:
             n, dev = self.buckets[-1], self.device
+
+            def slots() -> torch.Tensor:
+                return torch.full((n,), self.scratch_block * self.block_size, dtype=torch.long, device=dev)
+
+            def tables() -> torch.Tensor:
+                return torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32, device=dev)
+
+            others = range(self.num_groups - 1)
             self._static = StepTensors(
                 input_ids=torch.zeros(n, dtype=torch.long, device=dev),
                 positions=torch.zeros(n, dtype=torch.long, device=dev),
-                slot_mapping=torch.full((n,), self.scratch_block * self.block_size, dtype=torch.long, device=dev),
+                slot_mapping=slots(),
                 rope_rows=torch.zeros(n, dtype=torch.long, device=dev),
                 logits_rows=torch.zeros(0, dtype=torch.long, device=dev),
                 seq_lens=torch.zeros(n, dtype=torch.int32, device=dev),
                 query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=dev),
-                block_tables=torch.full((n, self.max_blocks_per_seq), self.scratch_block, dtype=torch.int32,
-                                        device=dev))
+                block_tables=tables(),
+                other_slot_mappings=tuple(slots() for _ in others),
+                other_block_tables=tuple(tables() for _ in others))
         return self._static
 
     def _view(self, bucket: int) -> tuple[StepTensors, AttentionMetadata]:
@@ -84,14 +98,23 @@ class DecodeGraphs:
         view = StepTensors(input_ids=s.input_ids[:bucket], positions=s.positions[:bucket],
                            slot_mapping=s.slot_mapping[:bucket], rope_rows=s.rope_rows[:bucket],
                            logits_rows=s.logits_rows, seq_lens=s.seq_lens[:bucket],
-                           query_start_loc=s.query_start_loc[:bucket + 1], block_tables=s.block_tables[:bucket])
+                           query_start_loc=s.query_start_loc[:bucket + 1], block_tables=s.block_tables[:bucket],
+                           other_slot_mappings=tuple(t[:bucket] for t in s.other_slot_mappings),
+                           other_block_tables=tuple(t[:bucket] for t in s.other_block_tables))
         meta = self._metas.get(bucket)
         if meta is None:
             # The host lists are placeholders: under a graph only the tensors change from step to step.
-            meta = AttentionMetadata(query_lens=[1] * bucket, seq_lens=[1] * bucket, slot_mapping=view.slot_mapping,
-                                     attention_backend="triton", block_tables=view.block_tables,
-                                     seq_lens_tensor=view.seq_lens, query_start_loc=view.query_start_loc,
-                                     block_size=self.block_size, rope_rows=view.rope_rows)
+            def group(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                      others: tuple[AttentionMetadata, ...] = ()) -> AttentionMetadata:
+                return AttentionMetadata(query_lens=[1] * bucket, seq_lens=[1] * bucket, slot_mapping=slot_mapping,
+                                         attention_backend="triton", block_tables=block_tables,
+                                         seq_lens_tensor=view.seq_lens, query_start_loc=view.query_start_loc,
+                                         block_size=self.block_size, rope_rows=view.rope_rows,
+                                         group_metadata=others)
+
+            others = tuple(group(slots, tables) for slots, tables
+                           in zip(view.other_slot_mappings, view.other_block_tables, strict=True))
+            meta = group(view.slot_mapping, view.block_tables, others)
             self._metas[bucket] = meta
         return view, meta
 
@@ -112,6 +135,10 @@ class DecodeGraphs:
             getattr(view, name).copy_(getattr(tensors, name))
         view.query_start_loc.copy_(tensors.query_start_loc)
         view.block_tables[:, : plan.width].copy_(tensors.block_tables)
+        for static, given in zip(view.other_slot_mappings, tensors.other_slot_mappings, strict=True):
+            static.copy_(given)
+        for static, given in zip(view.other_block_tables, tensors.other_block_tables, strict=True):
+            static[:, : plan.width].copy_(given)
         if not self.capture:
             return self.step(view, meta)
         entry = self._graphs.get(bucket)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,12 +31,13 @@ from ..errors import InternVLError, InvalidRequest, PlaceholderMismatch, Request
 from ..hardware import default_max_num_seqs
 from ..hub import HubOptions
 from ..loading import load_model
-from ..placement import layer_devices, physical
+from ..placement import physical
 from ..processing.inputs import ImageInput, InputProcessor, PreparedRequest
 from ..processing.tokenization import AutoTokenizer
 from .detokenizer import IncrementalDetokenizer
+from .kv_groups import FULL_ATTENTION, KVCacheGroup, max_blocks_per_sequence
 from .memory import cpu_kv_budget, measure_memory, placement_blocks, profile_worst_step
-from .model_runner import ATTENTION_BACKENDS, ModelRunner, SequenceStep
+from .model_runner import ATTENTION_BACKENDS, ModelRunner, SequenceStep, model_kv_groups
 from .sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -73,6 +73,9 @@ class EngineConfig:
     vision_batch_tiles: int = 32
     attention_backend: str = "auto"     # "auto" | "torch" | "triton" (model_runner.choose_attention_backend)
     enforce_eager: bool = False         # True: no CUDA graphs for decode steps (vLLM's name)
+    #: True: sliding-window layers keep every block as full-attention ones do (one KV group, vLLM's name);
+    #: False: they share the pool in their own KV groups and free their blocks past the window (kv_groups).
+    disable_hybrid_kv_cache_manager: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -93,13 +96,15 @@ class EngineConfig:
             return self
         return replace(self, max_num_seqs=min(default_max_num_seqs(device_type), self.max_num_batched_tokens))
 
-    def scheduler_config(self, *, num_blocks: int, max_model_len: int | None) -> SchedulerConfig:
+    def scheduler_config(self, *, num_blocks: int, max_model_len: int | None,
+                         kv_groups: tuple[KVCacheGroup, ...] = FULL_ATTENTION) -> SchedulerConfig:
         """The scheduler's config for a pool of ``num_blocks`` and a context of ``max_model_len`` (an unset
         ``max_num_seqs`` is checked as 1: the engine sets it, ``for_device``, before it schedules)."""
         return SchedulerConfig(max_num_seqs=1 if self.max_num_seqs is None else self.max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens,
                                block_size=self.block_size, num_blocks=num_blocks,
-                               enable_prefix_caching=self.enable_prefix_caching, max_model_len=max_model_len)
+                               enable_prefix_caching=self.enable_prefix_caching, max_model_len=max_model_len,
+                               kv_groups=kv_groups)
 
 
 @dataclass
@@ -203,7 +208,9 @@ class LLMEngine:
                                                                max_images=cfg.max_images_per_request)
         llm = model.config.llm
         self.max_model_len: int = min(cfg.max_model_len or llm.max_position_embeddings, llm.max_position_embeddings)
-        per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype)
+        #: the KV cache's layer groups: one, unless sliding-window layers free their blocks (engine.kv_groups)
+        self.kv_groups = model_kv_groups(model, hybrid=not cfg.disable_hybrid_kv_cache_manager)
+        per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, embed.dtype, self.kv_groups)
         #: Where the runner leaves the logits: seeded requests' generators are made there (sampling never
         #: moves a row to another device, and torch draws with a generator only on its own device).
         self.logits_device = logits_device(model)
@@ -214,8 +221,12 @@ class LLMEngine:
         self.runner = runner_factory(model, num_blocks=num_blocks, block_size=cfg.block_size,
                                      image_token_id=self.processor.img_context_id,
                                      attention_backend=cfg.attention_backend, enforce_eager=cfg.enforce_eager,
-                                     max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs)
-        self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len))
+                                     max_model_len=self.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                                     kv_groups=self.kv_groups)
+        self.scheduler = Scheduler(cfg.scheduler_config(num_blocks=num_blocks, max_model_len=self.max_model_len,
+                                                        kv_groups=self.kv_groups))
+        if len(self.kv_groups) > 1:
+            self._log_kv_capacity(num_blocks)
         self.vision_cache = VisionFeatureCache(cfg.image_cache_bytes)
         self.sampler = sampler if sampler is not None else Sampler()
         self.vocab_size: int = llm.vocab_size
@@ -235,7 +246,8 @@ class LLMEngine:
         placement from a profiled step (else 80% of the embedding GPU's free memory, the old rule)."""
         cfg = self.config
         assert cfg.max_num_seqs is not None
-        wanted = cfg.max_num_seqs * math.ceil(min(self.max_model_len, 16384) / cfg.block_size)
+        wanted = cfg.max_num_seqs * max_blocks_per_sequence(self.kv_groups, min(self.max_model_len, 16384),
+                                                            cfg.block_size, cfg.max_num_batched_tokens)
         if cfg.kv_cache_bytes is not None:
             return int(max(16, min(cfg.kv_cache_bytes // per_block, wanted)))
         if device.type == "cuda":
@@ -258,7 +270,7 @@ class LLMEngine:
         cfg, model = self.config, self.model
         assert cfg.max_num_seqs is not None
         model.load_vision()          # a deferred encoder: its memory is in the plan, measured like the rest
-        layers = [physical(d) for d in layer_devices(model.language_model)]
+        layers = [physical(d) for d in ModelRunner.kv_pool_devices(model, self.kv_groups)]   # one per KV pool
         vision = physical(next(model.mlp1.parameters()).device)
         cuda = sorted({d for d in (*layers, vision, self.logits_device) if d.type == "cuda"}, key=str)
         tokens = min(cfg.max_num_batched_tokens, self.max_model_len)
@@ -280,6 +292,20 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens (gpu_memory_utilization %g)", blocks, cfg.block_size,
                     cfg.gpu_memory_utilization)
         return max(1, blocks)
+
+    def _log_kv_capacity(self, num_blocks: int) -> None:
+        """Log how many sequences of the context length fit in the pool with the KV groups, and as many
+        bytes would hold with one group (every layer keeping every block)."""
+        cfg = self.config
+        length = min(self.max_model_len, 16384)
+        per_seq = max_blocks_per_sequence(self.kv_groups, length, cfg.block_size, cfg.max_num_batched_tokens)
+        one_group = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.runner.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, self.runner.dtype, self.kv_groups)
+        before = num_blocks * per_block // one_group // -(-length // cfg.block_size)
+        logger.info("KV cache: %d groups (%s); %d sequences of %d tokens fit in %d blocks (%d with every layer "
+                    "keeping every block)", len(self.kv_groups),
+                    ", ".join(f"{len(g.layers)} layers {'full' if g.window is None else f'window {g.window}'}"
+                              for g in self.kv_groups), num_blocks // per_seq, length, num_blocks, before)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, device: Any = "cpu",
@@ -540,8 +566,8 @@ class LLMEngine:
         for seq, n, samples in entries:
             start = seq.num_computed_tokens
             steps.append(SequenceStep(token_ids=seq.token_ids[start:start + n], num_computed=start,
-                                      block_table=seq.block_table, image_features=self._features_for(seq, start, n),
-                                      want_logits=samples))
+                                      block_table=seq.block_tables[0], other_block_tables=seq.block_tables[1:],
+                                      image_features=self._features_for(seq, start, n), want_logits=samples))
         logits = self.runner.execute(steps)
         wanting = [seq.request_id for seq, _, samples in entries if samples]
         if len(wanting) != logits.shape[0]:

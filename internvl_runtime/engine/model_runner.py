@@ -13,6 +13,8 @@ logits of the rows that want them outside any graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..errors import InvalidRequest, UnsupportedFeature
@@ -22,9 +24,11 @@ from ..models.layers.attention import AttentionMetadata, KVCache
 from ..models.layers.moe import SparseMoE
 from ..placement import layer_devices
 from .cuda_graphs import DecodeGraphs, batch_buckets
+from .kv_groups import KVCacheGroup, distinct_pools, kv_cache_groups, layer_slots
 from .step_inputs import SequenceStep, StepPlan, StepTensors, plan_step
 
-__all__ = ["ATTENTION_BACKENDS", "ModelRunner", "SequenceStep", "choose_attention_backend", "local_kv_heads"]
+__all__ = ["ATTENTION_BACKENDS", "ModelRunner", "SequenceStep", "choose_attention_backend", "local_kv_heads",
+           "model_kv_groups"]
 
 #: EngineConfig.attention_backend's values: "torch" (SDPA and small matmuls per sequence, the CPU
 #: default), "triton" (one paged-attention kernel per layer for the whole step, the GPU default).
@@ -47,20 +51,31 @@ def local_kv_heads(model: InternVLModel) -> int:
     return model.language_model.model.decoder_layers[0].self_attn.num_kv_heads
 
 
+def model_kv_groups(model: InternVLModel, *, hybrid: bool = True) -> tuple[KVCacheGroup, ...]:
+    """The KV groups of the model's decoder (``kv_groups.kv_cache_groups`` of its layers' windows); with
+    ``hybrid=False``, one group of every layer (sliding layers keep every block, as full ones do)."""
+    windows = model.language_model.attention_windows()
+    return kv_cache_groups(windows) if hybrid else (KVCacheGroup(tuple(range(len(windows)))),)
+
+
 class ModelRunner:
     """Owns the KV cache for one model and executes steps."""
 
     def __init__(self, model: InternVLModel, *, num_blocks: int, block_size: int = 16,
                  kv_dtype: torch.dtype | None = None, image_token_id: int | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False, max_model_len: int | None = None,
-                 max_num_seqs: int = 256) -> None:
+                 max_num_seqs: int = 256, kv_groups: tuple[KVCacheGroup, ...] | None = None) -> None:
         """``image_token_id``: the ``<IMG_CONTEXT>`` id whose positions take image features (needed only
         by steps that carry image features). ``attention_backend``: see ``choose_attention_backend``.
         Decode steps of at most ``max_num_seqs`` sequences of at most ``max_model_len`` tokens run on
         batch-bucket graphs (``cuda_graphs``) unless ``enforce_eager``, on the triton backend with the
         model on one device: captured on a GPU, emulated (padding, static buffers) elsewhere. (Tensor
         parallelism's runners pass ``enforce_eager``: its all-reduces are not captured.) Graphs reserve one
-        extra KV block, past ``num_blocks``, for padded rows."""
+        extra KV block, past ``num_blocks``, for padded rows. ``kv_groups``: the KV cache's layer groups
+        (``model_kv_groups``; None: one group of every layer): several groups (sliding-window layers freeing
+        their blocks) share pool tensors, and each sequence then brings a block table per group; block
+        ``num_blocks`` is then the null block freed positions point at (never written), and the graphs'
+        scratch block the next one."""
         self.model = model
         self.image_token_id = image_token_id
         llm = model.config.llm
@@ -78,24 +93,44 @@ class ModelRunner:
         one_device = len({str(d) for d in devices}) == 1 and str(devices[0]) == str(self.device)
         # a layer that reads back to the host (a mixture of experts on its per-expert path) cannot be captured
         capturable = all(m.capturable(self.device) for m in model.modules() if isinstance(m, SparseMoE))
+        self.kv_groups = kv_groups or model_kv_groups(model, hybrid=False)
+        group_of, pool_of = layer_slots(self.kv_groups, llm.num_hidden_layers)
         use_graphs = self.attention_backend == "triton" and not enforce_eager and one_device and capturable
+        null_blocks = 1 if len(self.kv_groups) > 1 else 0       # BlockManager.null_block, block num_blocks
         self.kv_cache = KVCache.allocate(num_layers=llm.num_hidden_layers, num_blocks=num_blocks,
                                          block_size=block_size, num_kv_heads=local_kv_heads(model),
                                          head_dim=llm.head_dim, dtype=self.dtype, device=devices,
-                                         scratch_blocks=1 if use_graphs else 0)
+                                         scratch_blocks=null_blocks + (1 if use_graphs else 0),
+                                         layer_groups=group_of if len(self.kv_groups) > 1 else (),
+                                         layer_pools=pool_of)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             max_len = max_model_len or llm.max_position_embeddings
             self.graphs = DecodeGraphs(self._step, buckets=batch_buckets(max_num_seqs),
                                        max_blocks_per_seq=-(-max_len // block_size), block_size=block_size,
-                                       scratch_block=num_blocks, device=self.device,
+                                       scratch_block=num_blocks + null_blocks, device=self.device,
+                                       num_groups=len(self.kv_groups),
                                        capture=self.device.type == "cuda")
 
     @staticmethod
-    def kv_bytes_per_block(model: InternVLModel, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: InternVLModel, block_size: int, dtype: torch.dtype,
+                           kv_groups: tuple[KVCacheGroup, ...] | None = None) -> int:
+        """Bytes one block id costs: keys and values of every pool tensor (a layer each, or with several
+        KV groups one per layer of a group, per device: ``kv_groups.distinct_pools``)."""
         llm = model.config.llm
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * llm.num_hidden_layers * block_size * local_kv_heads(model) * llm.head_dim * elem
+        return 2 * len(ModelRunner.kv_pool_devices(model, kv_groups)) * block_size * local_kv_heads(model) \
+            * llm.head_dim * elem
+
+    @staticmethod
+    def kv_pool_devices(model: InternVLModel, kv_groups: tuple[KVCacheGroup, ...] | None = None
+                        ) -> list[torch.device]:
+        """The device of each KV pool tensor (keys and values each) the runner allocates for ``kv_groups``."""
+        groups = kv_groups or model_kv_groups(model, hybrid=False)
+        _, pool_of = layer_slots(groups, model.config.llm.num_hidden_layers)
+        devices = layer_devices(model.language_model)
+        by_name = {str(d): d for d in devices}
+        return [by_name[str(name)] for _, name in distinct_pools(pool_of, [str(d) for d in devices])]
 
     def _step(self, tensors: StepTensors, meta: AttentionMetadata,
               features: list[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -114,18 +149,29 @@ class ModelRunner:
         return hidden
 
     def _metadata(self, plan: StepPlan, tensors: StepTensors, steps: list[SequenceStep]) -> AttentionMetadata:
+        """Group 0's metadata, with the later KV groups' in ``group_metadata``."""
+        groups = [self._group_metadata(plan, tensors, steps, g) for g in range(plan.num_groups)]
+        if len(groups) == 1:
+            return groups[0]
+        return replace(groups[0], group_metadata=tuple(groups[1:]))
+
+    def _group_metadata(self, plan: StepPlan, tensors: StepTensors, steps: list[SequenceStep],
+                        group: int) -> AttentionMetadata:
+        ranges = plan.context_ranges if group == 0 else plan.other_context_ranges[group - 1]
+        slot_mapping = tensors.slot_mapping if group == 0 else tensors.other_slot_mappings[group - 1]
+        block_tables = tensors.block_tables if group == 0 else tensors.other_block_tables[group - 1]
         context_slots: list[torch.Tensor | None] = [None] * len(steps)
         if self.device.type == "cpu" and self.attention_backend == "torch":
             # The CPU paths (torch attention, the native decode stack) read a fragmented context's slots.
             bs = self.block_size
             for i, step in enumerate(steps):
-                if plan.context_ranges[i] is None:
-                    table = torch.tensor(step.block_table[: -(-step.seq_len // bs)], dtype=torch.long)
+                if ranges[i] is None:
+                    table = torch.tensor(step.block_tables[group][: -(-step.seq_len // bs)], dtype=torch.long)
                     context_slots[i] = (table[:, None] * bs + torch.arange(bs)).flatten()[: step.seq_len]
         return AttentionMetadata(query_lens=plan.query_lens, seq_lens=plan.seq_lens,
-                                 slot_mapping=tensors.slot_mapping, context_slots=context_slots,
-                                 context_ranges=plan.context_ranges, attention_backend=self.attention_backend,
-                                 block_tables=tensors.block_tables, seq_lens_tensor=tensors.seq_lens,
+                                 slot_mapping=slot_mapping, context_slots=context_slots,
+                                 context_ranges=ranges, attention_backend=self.attention_backend,
+                                 block_tables=block_tables, seq_lens_tensor=tensors.seq_lens,
                                  query_start_loc=tensors.query_start_loc, block_size=self.block_size,
                                  rope_rows=tensors.rope_rows, rope_extra_bases=plan.rope.extra_bases)
 
@@ -144,6 +190,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, steps: list[SequenceStep]) -> torch.Tensor:
         """Run the step; returns logits (num sequences wanting logits, vocab) float32."""
+        assert all(len(s.block_tables) == len(self.kv_groups) for s in steps), "one block table per KV group"
         plan = self._graph_plan(steps) if steps else None
         if plan is not None:
             assert self.graphs is not None

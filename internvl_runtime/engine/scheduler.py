@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from internvl_runtime.engine.block_manager import BlockManager
+from internvl_runtime.engine.kv_groups import FULL_ATTENTION, KVCacheGroup
 from internvl_runtime.engine.sequence import FINISH_STATUS, Sequence, SequenceStatus
 from internvl_runtime.errors import ConfigError, ContextLengthExceeded, InvalidRequest
 
@@ -39,6 +40,8 @@ class SchedulerConfig:
         enable_prefix_caching: reuse computed blocks of identical prefixes (image-content aware).
         max_model_len: the model's context length; a request whose prompt plus max_new_tokens exceeds
             it is refused (None = only the pool size limits it).
+        kv_groups: the model's KV groups (``engine.kv_groups``): one of every layer unless sliding-window
+            layers free their blocks past the window.
     """
 
     max_num_seqs: int = 16
@@ -47,6 +50,7 @@ class SchedulerConfig:
     num_blocks: int = 1024
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    kv_groups: tuple[KVCacheGroup, ...] = FULL_ATTENTION
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks"):
@@ -123,8 +127,10 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+            config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
+            kv_groups=config.kv_groups,
         )
+        self._kv_capacity = self.block_manager.max_sequence_tokens(config.max_num_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._live: dict[str, Sequence] = {}
@@ -145,8 +151,9 @@ class Scheduler:
 
     @property
     def kv_capacity(self) -> int:
-        """Token slots in the whole KV pool."""
-        return self.config.num_blocks * self.config.block_size
+        """The longest sequence (KV positions) the whole pool holds: its token slots, or with sliding-window
+        groups, what the full-attention groups hold beside the windows' blocks."""
+        return self._kv_capacity
 
     def max_new_tokens_for(self, num_prompt_tokens: int, max_new_tokens: int | None = None, *,
                            default: int | None = None, name: str = "max_new_tokens") -> int:
@@ -174,7 +181,7 @@ class Scheduler:
             raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus {name} ({max_new_tokens}) is "
                                         f"{total} tokens, more than the model's context of {limit} tokens")
         # KV is written for every position except the last generated token's.
-        capacity = self.kv_capacity
+        capacity = self._kv_capacity
         if total - 1 > capacity:
             raise ContextLengthExceeded(f"the prompt ({num_prompt_tokens} tokens) plus {name} ({max_new_tokens}) "
                                         f"needs {total - 1} KV slots, more than the whole cache ({capacity} slots)")
@@ -223,7 +230,8 @@ class Scheduler:
         # num_tokens. Running sequences, in admission order, get num_tokens - num_computed_tokens new
         # tokens (1 when decoding) while the step's token budget lasts; then waiting sequences are
         # admitted in arrival order while there is room (max_num_seqs, budget, and KV blocks for the whole
-        # sequence plus one spare block per running sequence), their cached prefix counting as computed.
+        # sequence -- a sliding-window group's for its first chunk only -- plus one spare block per running
+        # sequence), their cached prefix counting as computed.
         # A prompt longer than the remaining budget is prefilled in chunks over several steps, but a
         # chunk never ends inside an image span: it stops before the span, or, when the span starts the
         # chunk, runs to its end (an over-budget chunk, allowed only in a step with no other prefill
@@ -254,16 +262,18 @@ class Scheduler:
             seq = self.waiting[0]
             # Keep one free block per running sequence so that admissions rarely force a preemption.
             reserve = len(self.running)
-            if self.block_manager.num_blocks_to_allocate(seq) + reserve > self.block_manager.num_free_blocks:
+            needed = self.block_manager.num_blocks_to_allocate(seq, chunk=budget)
+            if needed + reserve > self.block_manager.num_free_blocks:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, chunk=budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = self._num_new_tokens(seq, budget, allow_over_budget=not prefill_chunked)
-            if n == 0:
+            # (an over-budget image span may need more sliding-window blocks than its allocation)
+            if n == 0 or not self.block_manager.can_append(seq, n):
                 break  # admitted; its first chunk waits for a step with room
-            self.block_manager.append_slots(seq, n)  # within its allocation; registers nothing new
+            self.block_manager.append_slots(seq, n)  # registers nothing new
             prefill_chunked |= n > 1
             batch._add(seq, n)
             budget -= n
@@ -323,6 +333,7 @@ class Scheduler:
                     finished.append(seq)
                     continue
             self.block_manager.cache_computed_blocks(seq)
+            self.block_manager.free_skipped_blocks(seq)
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

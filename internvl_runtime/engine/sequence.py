@@ -65,7 +65,8 @@ class Sequence:
         status: a :class:`SequenceStatus`.
         num_computed_tokens: leading tokens whose KV is in the cache (or being written this step).
         num_cached_tokens: of those, how many came from the prefix cache at the last admission.
-        block_table: the KV block ids holding this sequence's positions, in order.
+        block_tables: per KV group (``engine.kv_groups``; one for most models) the KV block ids holding
+            this sequence's positions, in order (a sliding-window group's passed positions: the null block).
         block_hashes: prefix-cache hashes of the leading full, computed blocks (owned by BlockManager).
         stop_reason: the stop token id or stop string that finished it, if any.
     """
@@ -94,7 +95,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = [[]]
         self.block_hashes: list[int] = []
         self.stop_reason: int | str | None = None
 
@@ -113,6 +114,11 @@ class Sequence:
             f"Sequence({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
         )
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first KV group's block table (the only one of a model without sliding-window layers)."""
+        return self.block_tables[0]
 
     # ---- sizes -----------------------------------------------------------------------------------
     @property

@@ -183,6 +183,9 @@ class ServerConfig:
         "torch, or triton", choices=_ATTENTION_BACKENDS))
     enforce_eager: bool = field(default=False, metadata=_opt(
         "run every decode step eagerly: no CUDA graphs (as vLLM's flag; graphs need the triton backend)"))
+    disable_hybrid_kv_cache_manager: bool = field(default=False, metadata=_opt(
+        "keep every KV block of sliding-window layers (GPT-OSS) as full-attention layers do, instead of giving "
+        "back the blocks past the window (as vLLM's flag)"))
     max_queue_len: int = field(default=256, metadata=_opt(
         "requests in the engine at once (running + waiting); more get 503"))
     max_concurrent_requests: int = field(default=512, metadata=_opt(
@@ -311,7 +314,8 @@ class ServerConfig:
         kwargs: dict[str, Any] = {"max_num_batched_tokens": self.max_num_batched_tokens,
                                   "max_images_per_request": self.max_images_per_request,
                                   "gpu_memory_utilization": self.gpu_memory_utilization,
-                                  "attention_backend": self.attention_backend, "enforce_eager": self.enforce_eager}
+                                  "attention_backend": self.attention_backend, "enforce_eager": self.enforce_eager,
+                                  "disable_hybrid_kv_cache_manager": self.disable_hybrid_kv_cache_manager}
         if self.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.max_num_seqs
         if self.max_model_len is not None:

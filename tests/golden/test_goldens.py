@@ -19,6 +19,8 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer, load_image
 from internvl_runtime.api.chat import IdsOnlyVocabulary, engine_requests
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+from internvl_runtime.engine.kv_groups import max_blocks_per_sequence
+from internvl_runtime.engine.model_runner import model_kv_groups
 from internvl_runtime.engine.sampler import Sampler, SamplerOutput
 from internvl_runtime.engine.sampling_params import SamplingParams
 from paths import FIXTURES
@@ -72,9 +74,10 @@ class _FirstLogits(Sampler):
 def _first_logits(model, rows: list[list[int]], features: torch.Tensor | None) -> torch.Tensor:
     """The logits the engine samples the first tokens from, the rows handed to it as generate() does."""
     sampler = _FirstLogits()
-    config = EngineConfig(max_num_seqs=len(rows), max_num_batched_tokens=sum(len(r) for r in rows),
-                          num_blocks=sum(-(-len(r) // 16) + 2 for r in rows), enable_prefix_caching=False,
-                          image_cache_bytes=0)
+    chunk, groups = sum(len(r) for r in rows), model_kv_groups(model)   # every KV group's blocks (sliding too)
+    config = EngineConfig(max_num_seqs=len(rows), max_num_batched_tokens=chunk,
+                          num_blocks=sum(max_blocks_per_sequence(groups, len(r), 16, chunk) + 2 for r in rows),
+                          enable_prefix_caching=False, image_cache_bytes=0)
     vocabulary = IdsOnlyVocabulary(model.config.llm.vocab_size, model.img_context_token_id)
     engine = LLMEngine(model, vocabulary, config, sampler=sampler)
     requests = engine_requests(rows, features, model.img_context_token_id)

@@ -111,6 +111,13 @@ def test_server_flag_reaches_the_engine_config() -> None:
         ServerConfig(model=str(CKPT), gpu_memory_utilization=0)
 
 
+def test_hybrid_kv_cache_flag_reaches_the_engine_config() -> None:
+    args = build_parser().parse_args(["serve", str(CKPT), "--disable-hybrid-kv-cache-manager"])
+    config = ServerConfig(model=str(CKPT), disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager)
+    assert EngineConfig(**config.engine_kwargs()).disable_hybrid_kv_cache_manager is True
+    assert EngineConfig(**ServerConfig(model=str(CKPT)).engine_kwargs()).disable_hybrid_kv_cache_manager is False
+
+
 @functools.lru_cache(maxsize=1)
 def _loaded():
     return AutoModel.from_pretrained(CKPT), AutoTokenizer.from_pretrained(CKPT)

@@ -48,6 +48,8 @@ def set_shards(module: nn.Linear, shards: dict[object, int]) -> None:
 
 
 class Attention(nn.Module):
+    #: The positions each query sees: the last ``window`` ones (itself included), or None: every earlier one.
+    window: int | None = None
     # Our Linear, until quantization or tensor parallelism swaps in its own layer (not always an nn.Linear).
     qkv_proj: nn.Module
     o_proj: nn.Module
@@ -191,6 +193,10 @@ class DecoderForCausalLM(nn.Module):
         """Layer ``layer_index``'s feed-forward part (a gated MLP unless the family says otherwise)."""
         return GatedMLP(config)
 
+    def attention_windows(self) -> list[int | None]:
+        """Each decoder layer's attention window (None: full attention), for the KV cache's layer groups."""
+        return [layer.self_attn.window for layer in self.model.decoder_layers]
+
     def set_decode_stack(self, stack: DecodeStackRunner | None, max_rows: int = 0) -> None:
         """Run decode steps of at most ``max_rows`` sequences through ``stack`` (None: the Python layers)."""
         self.decode_stack, self.decode_stack_rows = stack, (max_rows if stack is not None else 0)
@@ -216,7 +222,7 @@ class DecoderForCausalLM(nn.Module):
             return self.model.norm(stack(embeds, cos, sin, meta, kv_cache))
         x = embeds
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, kv_cache.keys[i], kv_cache.values[i])
+            x = layer(x, cos, sin, meta.for_group(kv_cache.group_of(i)), kv_cache.keys[i], kv_cache.values[i])
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -31,35 +31,63 @@ from .lazy_zeros import lazy_zeros
 
 @dataclass
 class KVCache:
-    """One (keys, values) pool per decoder layer. Shapes: (num_slots, num_kv_heads, head_dim)."""
+    """One (keys, values) pool per decoder layer. Shapes: (num_slots, num_kv_heads, head_dim).
+
+    KV groups (the engine's ``kv_groups``: layers that share one block table per sequence; a model with
+    sliding-window layers has several): ``layer_groups[i]`` is layer i's group, whose block tables and slots
+    its attention reads (``AttentionMetadata.for_group``); layers of different groups may share one pool
+    tensor (``keys[i] is keys[j]``), each writing the blocks its own group's tables give it. Empty: one group.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     block_size: int
     #: Blocks past ``num_blocks`` that no sequence gets: padded rows of a CUDA-graph batch write there.
     scratch_blocks: int = 0
+    layer_groups: tuple[int, ...] = ()
 
     @classmethod
     def allocate(cls, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | Sequence[torch.device | str], scratch_blocks: int = 0) -> KVCache:
-        """``device``: one for all layers, or one per layer (a model split over devices)."""
+                 device: torch.device | str | Sequence[torch.device | str], scratch_blocks: int = 0,
+                 layer_groups: Sequence[int] = (), layer_pools: Sequence[int] | None = None) -> KVCache:
+        """``device``: one for all layers, or one per layer (a model split over devices). ``layer_pools``:
+        the pool of each layer (layers with the same pool on the same device share one tensor; None: a pool
+        per layer); ``layer_groups``: each layer's KV group."""
         shape = ((num_blocks + scratch_blocks) * block_size, num_kv_heads, head_dim)
         devices = [device] * num_layers if isinstance(device, (str, torch.device)) else list(device)
         assert len(devices) == num_layers, (len(devices), num_layers)
-        # zeros either way; on the CPU a page is resident only once a token is stored in it (lazy_zeros)
-        return cls(keys=[lazy_zeros(shape, dtype=dtype, device=d) for d in devices],
-                   values=[lazy_zeros(shape, dtype=dtype, device=d) for d in devices],
-                   block_size=block_size, scratch_blocks=scratch_blocks)
+        pools = list(range(num_layers)) if layer_pools is None else list(layer_pools)
+        keys: dict[tuple[int, str], torch.Tensor] = {}
+        values: dict[tuple[int, str], torch.Tensor] = {}
+        for pool, d in zip(pools, devices, strict=True):
+            key = (pool, str(d))
+            if key not in keys:
+                # zeros either way; on the CPU a page is resident only once a token is stored in it
+                keys[key] = lazy_zeros(shape, dtype=dtype, device=d)
+                values[key] = lazy_zeros(shape, dtype=dtype, device=d)
+        return cls(keys=[keys[p, str(d)] for p, d in zip(pools, devices, strict=True)],
+                   values=[values[p, str(d)] for p, d in zip(pools, devices, strict=True)],
+                   block_size=block_size, scratch_blocks=scratch_blocks, layer_groups=tuple(layer_groups))
 
     @property
     def num_blocks(self) -> int:
         """Blocks sequences may use (the scratch blocks not counted)."""
         return self.keys[0].shape[0] // self.block_size - self.scratch_blocks if self.keys else 0
 
+    @property
+    def num_groups(self) -> int:
+        """KV groups (1 without ``layer_groups``)."""
+        return max(self.layer_groups, default=0) + 1
+
+    def group_of(self, layer: int) -> int:
+        """Layer ``layer``'s KV group."""
+        return self.layer_groups[layer] if self.layer_groups else 0
+
     def bytes_per_block(self) -> int:
         k = self.keys[0]
-        return 2 * len(self.keys) * self.block_size * k.shape[1] * k.shape[2] * k.element_size()
+        pools = len({id(t) for t in self.keys})
+        return 2 * pools * self.block_size * k.shape[1] * k.shape[2] * k.element_size()
 
 
 @dataclass
@@ -79,6 +107,9 @@ class AttentionMetadata:
     ``rope_extra_bases`` completing that table. The triton backend reads only these (and
     ``max_query_len``, ``block_size``): under a CUDA graph the host lists are the captured step's, not
     the replayed one's.
+
+    KV groups: this object is group 0's; ``group_metadata`` holds one per later group (the same step, that
+    group's slots and block tables), which ``for_group`` hands to the layers of that group.
     """
 
     query_lens: list[int]
@@ -93,6 +124,7 @@ class AttentionMetadata:
     block_size: int = 0
     rope_rows: torch.Tensor | None = None
     rope_extra_bases: tuple[float, ...] = ()
+    group_metadata: tuple[AttentionMetadata, ...] = ()
     query_starts: list[int] = field(init=False)
     is_decode: bool = field(init=False)
     max_query_len: int = field(init=False)
@@ -119,6 +151,10 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata of KV group ``group`` (this object for group 0)."""
+        return self if group == 0 else self.group_metadata[group - 1]
+
     def _block_slots(self, i: int) -> torch.Tensor:
         """Sequence i's slots in order, from its block table row (device ops only)."""
         assert self.block_tables is not None, "no context slots, range or block table for a sequence"
@@ -126,13 +162,15 @@ class AttentionMetadata:
         blocks = self.block_tables[i, : -(-n // bs)].to(torch.long)
         return (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).flatten()[:n]
 
-    def context(self, cache: torch.Tensor, i: int) -> torch.Tensor:
-        """Sequence i's keys or values from a pool: (seq_len, KV, D), a view when contiguous."""
+    def context(self, cache: torch.Tensor, i: int, start: int = 0) -> torch.Tensor:
+        """Sequence i's keys or values from a pool from position ``start`` on: (seq_len - start, KV, D), a
+        view when contiguous (a sliding window reads only its positions: the ones before may be freed)."""
         run = self.context_ranges[i]
         if run is not None:
-            return cache.narrow(0, run[0], run[1])
+            return cache.narrow(0, run[0] + start, run[1] - start)
         slots = self.context_slots[i]
-        return cache.index_select(0, slots if slots is not None else self._block_slots(i))
+        slots = slots if slots is not None else self._block_slots(i)
+        return cache.index_select(0, slots[start:])
 
     def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S_max) slot indices and a (B, 1, 1, S_max) additive float mask (-inf past each length)."""
@@ -297,8 +335,8 @@ def paged_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens, strict=True)):
         first = slen - qlen
         key_start = max(0, first - window + 1) if window is not None else 0
-        keys = meta.context(key_cache, i)[key_start:]
-        values = meta.context(value_cache, i)[key_start:]
+        keys = meta.context(key_cache, i, key_start)
+        values = meta.context(value_cache, i, key_start)
         outputs.append(sink_window_attention(q[start:start + qlen], keys, values, scale=scale,
                                              first_position=first, key_start=key_start, sinks=sinks,
                                              window=window))
