@@ -45,8 +45,10 @@ def _run(engine, model) -> dict:
     pixels = torch.cat([im.pixel_values for im in request.images])
     features = model.extract_feature(pixels).reshape(-1, model.config.llm.hidden_size)
     ids = request.prompt_token_ids
-    blocks = list(range(engine.runner.kv_cache.num_blocks - (-(-len(ids) // 16)), engine.runner.kv_cache.num_blocks))
-    logits = engine.runner.execute([SequenceStep(ids, 0, blocks, features)])
+    # the last blocks of the pool, a separate run of them for each KV group (GPT-OSS: sliding layers share the pool)
+    n, end = -(-len(ids) // 16), engine.runner.kv_cache.num_blocks
+    tables = [list(range(end - (g + 1) * n, end - g * n)) for g in range(len(engine.runner.kv_groups))]
+    logits = engine.runner.execute([SequenceStep(ids, 0, tables[0], features, other_block_tables=tables[1:])])
     out = engine.generate([request], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     return {"logits": logits.clone(), "tokens": list(out[0].token_ids)}
 
