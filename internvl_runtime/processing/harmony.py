@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 from .tool_call_stream import ToolCall, ToolCallDelta, assemble_tool_calls, new_tool_call_id
 
-__all__ = ["ACTION_STOP_TOKENS", "FUNCTIONS_PREFIX", "HARMONY_TEMPLATES", "HarmonyAnswer", "HarmonyDelta",
-           "HarmonyStreamParser", "parse_harmony", "uses_harmony"]
+__all__ = ["ACTION_STOP_TOKENS", "FUNCTIONS_PREFIX", "HARMONY_ARCHITECTURES", "HARMONY_TEMPLATES", "HarmonyAnswer",
+           "HarmonyDelta", "HarmonyStreamParser", "answers_in_harmony", "parse_harmony", "uses_harmony"]
 
 #: The official conversation templates whose models answer in harmony.
 HARMONY_TEMPLATES = frozenset({"internvl3_5_gpt_oss"})
@@ -59,9 +59,21 @@ FUNCTIONS_PREFIX = "functions."
 _BODY_ENDS = (_END, _RETURN, _CALL, _START)
 
 
+#: LLM architectures whose answers are harmony messages whatever renders the prompt (an HF-format folder's
+#: Jinja template has no official template name).
+HARMONY_ARCHITECTURES = frozenset({"GptOssForCausalLM"})
+
+
 def uses_harmony(template: str | None) -> bool:
-    """Whether answers of the checkpoint with this official template are harmony messages."""
+    """Whether the official template is a harmony one (its prompts, tool declarations and history are written
+    by ``harmony_tools``)."""
     return template in HARMONY_TEMPLATES
+
+
+def answers_in_harmony(template: str | None, llm_architecture: str | None) -> bool:
+    """Whether the checkpoint's answers are harmony messages (channels, recipients) for the server to parse:
+    its official template is a harmony one, or its decoder is GPT-OSS (either format)."""
+    return uses_harmony(template) or llm_architecture in HARMONY_ARCHITECTURES
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from ..config import InternVLConfig
 from ..errors import ConfigError, InvalidRequest, PlaceholderMismatch
 from . import hf_video
 from .chat_template import ChatTemplate
-from .harmony import uses_harmony
+from .harmony import answers_in_harmony, uses_harmony
 from .harmony_tools import history_answer
 from .image import ImageSource, open_image
 from .image_preprocessor import ImagePreprocessor
@@ -137,7 +137,7 @@ class InputProcessor:
                  max_images: int = 16, encode: Callable[[str], list[int]] | None = None,
                  chat_template: ChatTemplate | None = None, images: ImagePreprocessor | None = None,
                  numbered_images: bool = True, image_token_id: int | None = None, hf_video: bool = False,
-                 extra_stop_token_ids: Sequence[int] = ()) -> None:
+                 extra_stop_token_ids: Sequence[int] = (), llm_architecture: str | None = None) -> None:
         """``template``: the official template's name (None: an HF-format checkpoint, which needs
         ``chat_template``); ``chat_template``: a Jinja template used instead of the official one
         (``--chat-template``, or an HF-format folder's own); ``images``: how images become tiles (default: the
@@ -146,13 +146,17 @@ class InputProcessor:
         checkpoint's own id of ``<IMG_CONTEXT>`` (the HF format's config.json), checked against the tokenizer's;
         ``hf_video``: video frames become tiles as transformers' InternVL video processor makes them
         (``hf_video.frame_pixels``: an HF-format folder); ``extra_stop_token_ids``: more ids that end an answer
-        (an HF-format folder's generation_config.json eos ids, where transformers' ``generate`` stops)."""
+        (an HF-format folder's generation_config.json eos ids, where transformers' ``generate`` stops);
+        ``llm_architecture``: the decoder's architecture string (with the template it decides
+        ``harmony_answers``: ``harmony.answers_in_harmony``)."""
         if template is None and chat_template is None:
             raise ConfigError("a checkpoint without an official conversation template needs a chat template")
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.encode = encode or tokenizer.encode      # the server passes a PromptEncoder's (bounded, off-thread)
         self.template = template
+        #: whether answers are harmony messages, for the server to parse (GPT-OSS in either format)
+        self.harmony_answers = answers_in_harmony(template, llm_architecture)
         self.image_size = image_size
         self.num_image_token = num_image_token
         self.max_dynamic_patch = max_dynamic_patch
@@ -177,7 +181,7 @@ class InputProcessor:
         kwargs: dict[str, Any] = dict(template=config.template, image_size=config.image_size,
                                       num_image_token=config.num_image_token,
                                       max_dynamic_patch=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
-                                      system_message=config.system_message)
+                                      system_message=config.system_message, llm_architecture=config.llm.architecture)
         if config.chat_template is not None:        # the HF format: its folder's template, its image prefix
             kwargs.update(chat_template=ChatTemplate(config.chat_template, origin=f"{config.source}'s chat template"),
                           numbered_images=False, image_token_id=config.image_token_id,

@@ -32,3 +32,41 @@ def test_image_answer_is_transformers_own() -> None:
                 {"type": "text", "text": golden["case"]["rounds"][0]}]}])
     assert response.choices[0].message.content == record["responses"][0]
     assert response.usage.prompt_tokens == len(record["input_ids"][0])
+
+
+def test_harmony_answers_are_split_as_for_the_github_format() -> None:
+    """The HF folder's model answers in harmony as the GitHub format's does: the server parses it the same way
+    (``analysis`` -> ``reasoning_content``, ``final`` -> ``content``, no markup), whole and streamed. A random
+    model writes no harmony, so the engine's sampler picks the tokens of a known answer."""
+    from internvl_runtime import AutoTokenizer
+    from internvl_runtime.engine.async_engine import AsyncEngine
+    from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+    from internvl_runtime.loading import load_model
+
+    from .test_grounding import _ScriptedSampler
+
+    ckpt = FIXTURES / "ckpt" / VARIANT
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    answer = ("<|channel|>analysis<|message|>The user asks for a capital.<|end|>"
+              "<|start|>assistant<|channel|>final<|message|>Paris.")
+    script = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|return|>")]
+    assert tokenizer.convert_tokens_to_ids("<|channel|>") in script      # the tags are the folder's special tokens
+    config = ServerConfig(model=str(ckpt), max_model_len=4096, num_blocks=256, max_num_seqs=2)
+
+    def loader() -> AsyncEngine:
+        return AsyncEngine(LLMEngine(load_model(ckpt), tokenizer, EngineConfig(**config.engine_kwargs()),
+                                     sampler=_ScriptedSampler(script)))
+
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    with run_server(config, loader=loader) as server, \
+            openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+        model = client.models.list().data[0].id
+        message = client.chat.completions.create(model=model, messages=ask, max_tokens=64).choices[0].message
+        assert message.content == "Paris."
+        assert message.reasoning_content == "The user asks for a capital."
+        content, reasoning = [], []
+        for chunk in client.chat.completions.create(model=model, messages=ask, max_tokens=64, stream=True):
+            for choice in chunk.choices:
+                content.append(choice.delta.content or "")
+                reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+    assert ("".join(content), "".join(reasoning)) == ("Paris.", "The user asks for a capital.")

@@ -16,7 +16,7 @@ from ...engine.engine import RequestOutput
 from ...errors import InvalidRequest
 from ...processing.chat_messages import ImageURL
 from ...processing.grounding import parse_grounding
-from ...processing.harmony import HarmonyStreamParser, parse_harmony, uses_harmony
+from ...processing.harmony import HarmonyStreamParser, parse_harmony
 from ...processing.inputs import ImageInput, Message, PreparedRequest
 from ...processing.tokenization import Tokenizer
 from ...processing.tool_calls import ToolCallStreamParser, parse_tool_call
@@ -202,7 +202,7 @@ async def _full(state: ServingState, engine: AsyncEngine, request_id: str, req: 
             finals[index] = out
     choices, completion_tokens = [], 0
     plan = jobs[0][0].tool_plan
-    harmony = uses_harmony(state.processor.template)
+    harmony = state.processor.harmony_answers
     for index in range(len(jobs)):
         out = finals[index]
         completion_tokens += len(out.token_ids)
@@ -251,7 +251,7 @@ async def _events(state: ServingState, engine: AsyncEngine, request_id: str, req
     labelled = [False] * len(jobs)
     plan = jobs[0][0].tool_plan
     harmony = [HarmonyStreamParser(tool_calls=plan is not None) for _ in jobs] \
-        if uses_harmony(state.processor.template) else None
+        if state.processor.harmony_answers else None
     parsers = [_StreamedCalls(plan.stream_parser()) if plan is not None and harmony is None else None for _ in jobs]
     completion_tokens = 0
     async for index, out in merged(engine, request_id, jobs):

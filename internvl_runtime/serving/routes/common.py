@@ -15,7 +15,7 @@ from ...engine.async_engine import AsyncEngine
 from ...engine.sampler import TokenLogprobs
 from ...engine.sampling_params import SamplingParams
 from ...errors import InvalidRequest, ModelNotFound
-from ...processing.harmony import ACTION_STOP_TOKENS, uses_harmony
+from ...processing.harmony import ACTION_STOP_TOKENS
 from ...processing.inputs import PreparedRequest
 from ...processing.lenient_model import STRICT_PROTOCOL
 from ..protocol import ChatCompletionRequest, CompletionLogprobs, CompletionRequest, TokenLogprob, TopLogprob
@@ -61,7 +61,7 @@ def sampling_params(state: ServingState, engine: AsyncEngine, req: ChatCompletio
     skip_special_tokens = req.skip_special_tokens and (plan is None or plan.skip_special_tokens)
     spaces_between_special_tokens = req.spaces_between_special_tokens
     stop_token_ids = list(req.stop_token_ids or [])
-    if isinstance(req, ChatCompletionRequest) and uses_harmony(state.processor.template):
+    if isinstance(req, ChatCompletionRequest) and state.processor.harmony_answers:
         # the harmony tags are special tokens: kept verbatim, for the chat route to parse (processing.harmony)
         skip_special_tokens, spaces_between_special_tokens = False, False
         stop_token_ids += [i for i in _token_ids(state, ACTION_STOP_TOKENS) if i not in stop_token_ids]

@@ -104,7 +104,7 @@ class _Answer:
         self.state = state
         self.items = OutputItems()
         tools = jobs[0][0].tool_plan is not None
-        self.harmony = HarmonyStreamParser(tool_calls=tools) if uses_harmony(state.processor.template) else None
+        self.harmony = HarmonyStreamParser(tool_calls=tools) if state.processor.harmony_answers else None
         self.labelled = False
         if self.harmony is None:
             self.opening = self.items.text("", open_empty=True)    # the message item from the start, as before
