@@ -112,3 +112,25 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
             + chunk(b"IEND", b""))
+
+
+@contextmanager
+def client_with_sampler(ckpt: Any, sampler: Any) -> Iterator[Any]:
+    """The openai client of a server on ``ckpt`` whose engine samples with ``sampler`` (a scripted answer: a
+    random-weight model writes no markup); everything else (routes, engine, detokenizer) runs as served."""
+    import openai
+
+    from internvl_runtime import AutoTokenizer
+    from internvl_runtime.engine.async_engine import AsyncEngine
+    from internvl_runtime.engine.engine import EngineConfig, LLMEngine
+    from internvl_runtime.loading import load_model
+
+    config = ServerConfig(model=str(ckpt), max_model_len=4096, num_blocks=256, max_num_seqs=2)
+
+    def loader() -> AsyncEngine:
+        return AsyncEngine(LLMEngine(load_model(ckpt), AutoTokenizer.from_pretrained(ckpt),
+                                     EngineConfig(**config.engine_kwargs()), sampler=sampler))
+
+    with run_server(config, loader=loader) as server, openai.OpenAI(
+            base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client

@@ -10,20 +10,13 @@ real ``openai`` client reads the answers on loopback."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import openai
 import pytest
 
 from internvl_runtime import AutoTokenizer
-from internvl_runtime.engine.async_engine import AsyncEngine
-from internvl_runtime.engine.engine import EngineConfig, LLMEngine
-from internvl_runtime.loading import load_model
-from internvl_runtime.serving.config import ServerConfig
 from paths import FIXTURES
 
-from .helpers import run_server
+from .helpers import client_with_sampler
 from .test_grounding import _ScriptedSampler
 
 CKPT = FIXTURES / "ckpt" / "tiny-3_5-20B-A4B"
@@ -45,19 +38,9 @@ def script() -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _scripted_client(script: list[int]) -> Iterator[openai.OpenAI]:
+def _scripted_client(script: list[int]):
     """The openai client of a GPT-OSS tiny server whose every answer is ``script``."""
-    config = ServerConfig(model=str(CKPT), max_model_len=4096, num_blocks=256, max_num_seqs=2)
-
-    def loader() -> AsyncEngine:
-        llm = LLMEngine(load_model(CKPT), AutoTokenizer.from_pretrained(CKPT), EngineConfig(**config.engine_kwargs()),
-                        sampler=_ScriptedSampler(script))
-        return AsyncEngine(llm)
-
-    with run_server(config, loader=loader) as server, openai.OpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
+    return client_with_sampler(CKPT, _ScriptedSampler(script))
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,10 @@ import openai
 import pytest
 
 from internvl_runtime import AutoTokenizer
-from internvl_runtime.engine.async_engine import AsyncEngine
-from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampler import Sampler, SamplerOutput, SamplingRow
-from internvl_runtime.loading import load_model
-from internvl_runtime.serving.config import ServerConfig
 from paths import FIXTURES
 
-from .helpers import run_server
+from .helpers import client_with_sampler
 
 CKPT = FIXTURES / "ckpt" / "tiny-3_5-20B-A4B"
 MODEL = "tiny-3_5-20B-A4B"
@@ -64,14 +60,7 @@ def _client(call_text: str) -> Iterator[openai.OpenAI]:
     call = [*tokenizer.encode(call_text, add_special_tokens=False), call_id]
     answer = [*tokenizer.encode(f"<|channel|>final<|message|>{FINAL}", add_special_tokens=False),
               tokenizer.convert_tokens_to_ids("<|return|>")]
-    config = ServerConfig(model=str(CKPT), max_model_len=4096, num_blocks=256, max_num_seqs=2)
-
-    def loader() -> AsyncEngine:
-        return AsyncEngine(LLMEngine(load_model(CKPT), tokenizer, EngineConfig(**config.engine_kwargs()),
-                                     sampler=_ToolLoopSampler(call, answer, call_id)))
-
-    with run_server(config, loader=loader) as server, openai.OpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+    with client_with_sampler(CKPT, _ToolLoopSampler(call, answer, call_id)) as c:
         yield c
 
 

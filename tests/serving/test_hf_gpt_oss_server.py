@@ -12,7 +12,7 @@ import openai
 from internvl_runtime.serving.config import ServerConfig
 from paths import FIXTURES
 
-from .helpers import run_server
+from .helpers import client_with_sampler, run_server
 
 VARIANT = "tiny-3_5-20B-A4B-HF"
 
@@ -39,9 +39,6 @@ def test_harmony_answers_are_split_as_for_the_github_format() -> None:
     (``analysis`` -> ``reasoning_content``, ``final`` -> ``content``, no markup), whole and streamed. A random
     model writes no harmony, so the engine's sampler picks the tokens of a known answer."""
     from internvl_runtime import AutoTokenizer
-    from internvl_runtime.engine.async_engine import AsyncEngine
-    from internvl_runtime.engine.engine import EngineConfig, LLMEngine
-    from internvl_runtime.loading import load_model
 
     from .test_grounding import _ScriptedSampler
 
@@ -51,15 +48,8 @@ def test_harmony_answers_are_split_as_for_the_github_format() -> None:
               "<|start|>assistant<|channel|>final<|message|>Paris.")
     script = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|return|>")]
     assert tokenizer.convert_tokens_to_ids("<|channel|>") in script      # the tags are the folder's special tokens
-    config = ServerConfig(model=str(ckpt), max_model_len=4096, num_blocks=256, max_num_seqs=2)
-
-    def loader() -> AsyncEngine:
-        return AsyncEngine(LLMEngine(load_model(ckpt), tokenizer, EngineConfig(**config.engine_kwargs()),
-                                     sampler=_ScriptedSampler(script)))
-
     ask = [{"role": "user", "content": "What is the capital of France?"}]
-    with run_server(config, loader=loader) as server, \
-            openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+    with client_with_sampler(ckpt, _ScriptedSampler(script)) as client:
         model = client.models.list().data[0].id
         message = client.chat.completions.create(model=model, messages=ask, max_tokens=64).choices[0].message
         assert message.content == "Paris."
