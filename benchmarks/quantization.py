@@ -49,7 +49,13 @@ def rss_mib(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
+#: modes of the same bf16 weights stored otherwise (not a quantization): "bf16 packed" (``pack_bf16=True``)
+PACKED = {"bf16 packed": "bf16"}
+
+
 def load(path: Path, mode: str):
+    if mode in PACKED:
+        return AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, pack_bf16=True).eval()
     return AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, quantization=MODES[mode]).eval()
 
 

@@ -966,7 +966,7 @@ const Rows kBf16Dp = ROWS(tile_bf16_dp, ONE8, MANY4, MANY42, MANY4);
 const Rows kInt8DotAvx2 = ROWS(tile_int8_dot_avx2, ONE4, MANY42, MANY42, MANY2);
 const Rows kInt8Vnni = ROWS(tile_int8_vnni, ONE8, MANY4, MANY42, MANY4);
 // int4: one-row tiles (the exact-activation ones only those); the integer tiles also 2 and 4 rows per pass
-const Kernel kBf16Packed{ONE4(tile_bf16_packed), NONE(_)};
+const Kernel kBf16Packed{ONE8(tile_bf16_packed), NONE(_)};
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE(_)};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
@@ -998,6 +998,7 @@ std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
 std::atomic<int64_t> g_packed_fused_rows{4};       // packed bf16: the fused tile up to this many rows (AVX-512 BF16)
+
 // int8 / int4 products with x quantized to int8 (integer dot products); tests: off gives the fp32 / bf16 paths
 std::atomic<bool> g_int8_x{true};
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
@@ -1497,11 +1498,13 @@ int64_t set_wide_bf16(int64_t rows, int64_t shape) {
 }
 
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
+int64_t set_packed_fused_rows(int64_t rows) { return g_packed_fused_rows.exchange(std::max<int64_t>(rows, 0)); }
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_packed_fused_rows(int rows) -> int", &set_packed_fused_rows);
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
