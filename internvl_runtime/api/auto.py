@@ -119,13 +119,12 @@ class AutoModel:
                         cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
                         local_files_only: bool = False, dtype: DTypeSpec = None,
                         attn_implementation: str | None = None, use_safetensors: bool | None = None,
-                        quantization_config: Any = None, pack_bf16: bool = False, **kwargs: Any) -> InternVLChatModel:
+                        quantization_config: Any = None, **kwargs: Any) -> InternVLChatModel:
         """Load a checkpoint folder, or a Hugging Face Hub id (``"OpenGVLab/InternVL2-1B"``) fetched into the
         hub's cache with transformers' ``revision``, ``cache_dir``, ``token``, ``local_files_only`` (and
         ``HF_HUB_OFFLINE``); a folder of that name wins. ``quantization``: "int8", "int4", "int4:g64", a dict
         or a ``QuantizationConfig`` (``load_in_8bit``/``load_in_4bit`` are the official spellings of the
-        first two). ``device_map``: None (CPU), a device, "auto", or {module name: device}. ``pack_bf16``: keep
-        the language model's bf16 weights losslessly packed (``loading.load_model``)."""
+        first two). ``device_map``: None (CPU), a device, "auto", or {module name: device}."""
         if kwargs:
             raise TypeError(f"AutoModel.from_pretrained() got unsupported keyword(s): {', '.join(sorted(kwargs))}")
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -151,7 +150,7 @@ class AutoModel:
         hub = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         model = load_model(path, dtype=torch_dtype, device_map=device_map, quantization=quantization,
                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, allow_pickle=allow_pickle,
-                           model_class=InternVLChatModel, hub=hub, pack_bf16=pack_bf16)
+                           model_class=InternVLChatModel, hub=hub)
         assert isinstance(model, InternVLChatModel)
         model.name_or_path = str(path)
         model.generation_config = GenerationConfig.from_pretrained(Path(model.config.source).parent)

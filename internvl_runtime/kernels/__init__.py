@@ -31,9 +31,9 @@ from .extension import (
     supported_paths,
 )
 from .ops import (
+    PACKED_BF16_COLUMNS,
     decode_layers,
     dequantize_int4,
-    PACKED_BF16_COLUMNS,
     linear_bf16,
     linear_bf16_packed,
     linear_f32,

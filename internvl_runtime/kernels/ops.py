@@ -191,7 +191,7 @@ def linear_bf16_packed(x: torch.Tensor, blob: torch.Tensor, bias: torch.Tensor |
     than ``linear_bf16``'s: the same exact products, sums rounded once); elsewhere each thread's rows are
     unpacked into a small buffer for ``linear_bf16``'s tiles (the same result as ``linear_bf16``)."""
     chosen = extension._resolve(path)
-    n, k = packed_bf16_shape(blob)
+    n, _ = packed_bf16_shape(blob)
     if (chosen == "torch" or x.dtype != torch.bfloat16 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)
             or (bias is not None and bias.dtype not in (torch.bfloat16, torch.float32))):
