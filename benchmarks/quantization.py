@@ -50,8 +50,8 @@ def rss_mib(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-#: modes of the same bf16 weights stored otherwise (not a quantization): "bf16 packed" (``pack_bf16=True``)
-PACKED = {"bf16 packed": "bf16"}
+#: modes of the same bf16 weights stored otherwise (not a quantization): "bf16-packed" (``pack_bf16=True``)
+PACKED = {"bf16-packed": "bf16"}
 
 
 def load(path: Path, mode: str):
