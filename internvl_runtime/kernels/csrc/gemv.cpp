@@ -202,6 +202,56 @@ struct StreamAvx2 {
   }
 };
 
+// Packed bf16 weights (packed_bf16.h) on AVX2: each half block of 32 weights unpacked in registers (two table
+// lookups, two bit-selects, two byte interleaves) and widened as the bf16 tile widens (shift / mask), met by
+// x in fp32 permuted to that order (packed_x_position_avx2); escapes unpack as +0 and are added after the sum.
+template <int MB, int NB>
+void tile_bf16_packed_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "one weight row per pass");
+  const int64_t K = p.K;
+  const PackedBf16& pk = *p.packed;
+  const uint8_t* sm = pk.sm + n0 * K;
+  const uint8_t* codes = pk.codes + n0 * K / 2;
+  __m128i hi, lo;
+  packed_tables128(pk.base[n0], hi, lo);
+  const __m256i thi = _mm256_broadcastsi128_si256(hi), tlo = _mm256_broadcastsi128_si256(lo);
+  const __m256i m80 = _mm256_set1_epi8(static_cast<char>(0x80)), m0f = _mm256_set1_epi8(0x0F);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const float* xr[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) xr[i] = p.xf + (m0 + i) * K;
+  __m256 acc[MB][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k / 2));
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const __m256i c = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, m0f);
+      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + k + 32 * half));
+      const __m256i h8 = _mm256_or_si256(_mm256_and_si256(s, m80), _mm256_shuffle_epi8(thi, c));
+      const __m256i l8 = _mm256_or_si256(_mm256_andnot_si256(m80, s), _mm256_shuffle_epi8(tlo, c));
+      const __m256i wl = _mm256_unpacklo_epi8(l8, h8), wh = _mm256_unpackhi_epi8(l8, h8);
+      const __m256 f[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(wl, 16)),
+                           _mm256_castsi256_ps(_mm256_and_si256(wl, high)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16)),
+                           _mm256_castsi256_ps(_mm256_and_si256(wh, high))};
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const float* x = xr[i] + k + 32 * half;
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) acc[i][t & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * t), f[t], acc[i][t & 1]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+  for (int64_t e = pk.esc_ptr[n0]; e < pk.esc_ptr[n0 + 1]; ++e) {
+    const float w = bf16_to_f32(pk.esc_val[e]);
+    const int64_t at = packed_x_position_avx2(pk.esc_col[e]);
+    for (int i = 0; i < MB; ++i) res[i] += w * xr[i][at];
+  }
+}
+
 // int4, one weight row: per 32 columns 16 bytes, low nibbles = columns 0-15, high = 16-31; x in fp32 (plain
 // order). Per group, acc = sum q*x, then res += scale * acc + (zero - 8 * scale) * sum(x over the group).
 template <int MB, int NB>
@@ -967,6 +1017,7 @@ const Rows kInt8DotAvx2 = ROWS(tile_int8_dot_avx2, ONE4, MANY42, MANY42, MANY2);
 const Rows kInt8Vnni = ROWS(tile_int8_vnni, ONE8, MANY4, MANY42, MANY4);
 // int4: one-row tiles (the exact-activation ones only those); the integer tiles also 2 and 4 rows per pass
 const Kernel kBf16Packed{ONE8(tile_bf16_packed), NONE(_)};
+const Kernel kBf16PackedAvx2{ONE4(tile_bf16_packed_avx2), NONE(_)};
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE(_)};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
@@ -1297,14 +1348,22 @@ void matvec_bf16_packed(const uint16_t* x, int64_t M, const PackedBf16& w, const
   p.packed = &w;
   p.unpack_path = path == kAvx2 ? kAvx2 : kAvx512;
   std::vector<float> xf;
-  if (path == kAvx512Bf16 && M <= g_packed_fused_rows.load(std::memory_order_relaxed)) {
-    // the fused tile: weights unpacked in registers, activations permuted to their order once
-    std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + packed_x_position(k)] = x[m * w.K + k];
-    p.xb = xp.data();
-    p.x_elem_bytes = 2;
-    run(kBf16Packed, p, 12);
+  if (M <= g_packed_fused_rows.load(std::memory_order_relaxed)) {
+    // the fused tiles: weights unpacked in registers, activations permuted to their order once
+    if (path == kAvx512Bf16) {
+      std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + packed_x_position(k)] = x[m * w.K + k];
+      p.xb = xp.data();
+      p.x_elem_bytes = 2;
+      run(kBf16Packed, p, 12);
+    } else {
+      xf.resize(static_cast<size_t>(M * w.K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xf[m * w.K + packed_x_position_avx2(k)] = bf16_to_f32(x[m * w.K + k]);
+      p.xf = xf.data();
+      run(kBf16PackedAvx2, p, 12);
+    }
     return;
   }
   // every other case: each thread's rows unpacked into scratch, then the bf16 tiles of the path

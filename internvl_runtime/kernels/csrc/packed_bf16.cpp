@@ -8,8 +8,9 @@
 // of one row crowd into a few neighbouring values (trained weights: ~2.6 bits of entropy, DFloat11, 2025;
 // normal random weights alike). So each weight keeps its sign and mantissa in one byte, and its exponent
 // as a 4-bit code: 0..14 = the row's base exponent + code, 15 = exponent 0 (zeros and subnormals, exact).
-// The few weights whose exponent falls outside the row's window of 15 are "escapes": their code is 15
-// and the row lists (column, bf16 value) pairs that overwrite them after unpacking. Nothing is rounded.
+// The few weights whose exponent falls outside the row's window of 15 are "escapes": code 15 with sign and
+// mantissa 0 (they unpack as +0), and the row lists (column, bf16 value) pairs that replace them after
+// unpacking, or that the fused tiles add to the row's sum. Nothing is rounded.
 //
 // The GEMV kernels never see the format: the driver (gemv.cpp's `run`) unpacks each thread's rows into
 // a small scratch buffer (L1/L2-resident) just before the usual bf16 tiles read them, so every path (one-row
@@ -141,7 +142,8 @@ at::Tensor pack_bf16(const at::Tensor& w_in) {
             esc_col[e] = static_cast<int32_t>(k);
             esc_val[e++] = v;
           }
-          sm_row[k] = static_cast<uint8_t>(((v >> 8) & 0x80) | (v & 0x7F));
+          // an escape unpacks as +0 (sign and mantissa 0 under exponent 0) until its listed value replaces it
+          sm_row[k] = code == kEscapeCode && ex != 0 ? 0 : static_cast<uint8_t>(((v >> 8) & 0x80) | (v & 0x7F));
           code_row[k0 / 2 + (q & 31)] |= static_cast<uint8_t>(q < 32 ? code : code << 4);
         }
     }

@@ -39,6 +39,16 @@ inline void packed_exponent_tables(int base, uint8_t* hi, uint8_t* lo) {
   }
 }
 
+// A row's exponent tables (hi, lo) in one 128-bit register each: exponent e = base + code for codes 0..14, 0
+// for the escape code; hi = e >> 1, lo = (e & 1) << 7.
+__attribute__((target("sse2"), always_inline)) inline void packed_tables128(int base, __m128i& hi, __m128i& lo) {
+  const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0);
+  const __m128i keep = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0);
+  const __m128i e = _mm_and_si128(_mm_add_epi8(_mm_set1_epi8(static_cast<char>(base)), iota), keep);
+  hi = _mm_and_si128(_mm_srli_epi16(e, 1), _mm_set1_epi8(0x7F));
+  lo = _mm_and_si128(_mm_slli_epi16(e, 7), _mm_set1_epi8(static_cast<char>(0x80)));
+}
+
 // One row as the AVX-512 unpacking step reads it.
 struct PackedRow {
   const uint8_t* sm;
@@ -48,19 +58,22 @@ struct PackedRow {
 
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline PackedRow packed_row(const PackedBf16& pk,
                                                                                        int64_t n) {
-  // exponent e = base + code for codes 0..14, 0 for the escape code; hi = e >> 1, lo = (e & 1) << 7
-  const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0);
-  const __m128i keep = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0);
-  const __m128i e = _mm_and_si128(_mm_add_epi8(_mm_set1_epi8(static_cast<char>(pk.base[n])), iota), keep);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(e, 1), _mm_set1_epi8(0x7F));
-  const __m128i lo = _mm_and_si128(_mm_slli_epi16(e, 7), _mm_set1_epi8(static_cast<char>(0x80)));
+  __m128i hi, lo;
+  packed_tables128(pk.base[n], hi, lo);
   return PackedRow{pk.sm + n * pk.K, pk.codes + n * pk.K / 2, _mm512_broadcast_i32x4(hi), _mm512_broadcast_i32x4(lo)};
 }
 
-// Where activation column k sits in a row permuted as unpack64 orders the weights (permute_x_packed).
+// Where activation column k sits in a row permuted as unpack64 orders the weights (the AVX-512 BF16 tile).
 inline int64_t packed_x_position(int64_t k) {
   const int64_t s = k & 63;
   return (k - s) + ((s & 8) ? 32 : 0) + (s >> 4) * 8 + (s & 7);
+}
+
+// The same for the AVX2 tile, which widens each half block of 32 weights to four fp32 vectors: the even and
+// odd words of the low byte interleave, then of the high one; lanes 0-3 from the first 16 weights, 4-7 the next.
+inline int64_t packed_x_position_avx2(int64_t k) {
+  const int64_t q = k & 31, lane = q >> 4, r = q & 15, group = r >> 3, s = r & 7;
+  return (k - q) + (group * 2 + (s & 1)) * 8 + (s >> 1) + 4 * lane;
 }
 
 // Weights k..k+63 of a row as two vectors of 32 bf16 words, in the orders [0..7, 16..23, 32..39, 48..55] (wl)
