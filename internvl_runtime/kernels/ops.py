@@ -186,10 +186,10 @@ def packed_bf16_shape(blob: torch.Tensor) -> tuple[int, int]:
 
 def linear_bf16_packed(x: torch.Tensor, blob: torch.Tensor, bias: torch.Tensor | None = None, *,
                        path: str | None = None) -> torch.Tensor:
-    """``F.linear(x, unpack_bf16(blob), bias)`` for bf16 ``x`` (..., K) without unpacking the matrix: on the
-    AVX-512 BF16 path up to 4 rows the weights are unpacked in registers (fp32 accumulation in another order
-    than ``linear_bf16``'s: the same exact products, sums rounded once); elsewhere each thread's rows are
-    unpacked into a small buffer for ``linear_bf16``'s tiles (the same result as ``linear_bf16``)."""
+    """``F.linear(x, unpack_bf16(blob), bias)`` for bf16 ``x`` (..., K) without unpacking the matrix: up to 8
+    rows (AVX-512 BF16) or 4 (AVX2, AVX-512F) the weights are unpacked in registers (fp32 accumulation in
+    another order than ``linear_bf16``'s: the same exact products, sums rounded once); beyond, each thread's
+    rows are unpacked into a small buffer for ``linear_bf16``'s tiles (the same result as ``linear_bf16``)."""
     chosen = extension._resolve(path)
     n, _ = packed_bf16_shape(blob)
     if (chosen == "torch" or x.dtype != torch.bfloat16 or x.device.type != "cpu"

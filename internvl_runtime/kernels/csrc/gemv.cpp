@@ -1048,8 +1048,9 @@ std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
-std::atomic<int64_t> g_packed_fused_rows{4};       // packed bf16: the fused tile up to this many rows (AVX-512 BF16)
-
+// packed bf16: the fused tiles up to this many rows (at most 8 on AVX-512 BF16, 4 on AVX2); from DRAM they beat the
+// unpacked-rows path up to 8 rows (gate_up at 8 rows, one thread: 1.75 vs 2.2 ms; bf16 itself 2.0), not at 16
+std::atomic<int64_t> g_packed_fused_rows{8};
 // int8 / int4 products with x quantized to int8 (integer dot products); tests: off gives the fp32 / bf16 paths
 std::atomic<bool> g_int8_x{true};
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
@@ -1348,7 +1349,7 @@ void matvec_bf16_packed(const uint16_t* x, int64_t M, const PackedBf16& w, const
   p.packed = &w;
   p.unpack_path = path == kAvx2 ? kAvx2 : kAvx512;
   std::vector<float> xf;
-  if (M <= g_packed_fused_rows.load(std::memory_order_relaxed)) {
+  if (M <= std::min<int64_t>(g_packed_fused_rows.load(std::memory_order_relaxed), path == kAvx512Bf16 ? 8 : 4)) {
     // the fused tiles: weights unpacked in registers, activations permuted to their order once
     if (path == kAvx512Bf16) {
       std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
