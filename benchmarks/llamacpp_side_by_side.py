@@ -114,10 +114,13 @@ TARGETS_TEXT = ("issue #18: decode bf16 <= 0.9x llama.cpp's time and >= 75% of t
                 "vision and first token (1 tile) >= 1.5x faster than the official path and >= 2x than llama.cpp; "
                 "peak memory <= llama.cpp's")
 # ours: quantization mode name (benchmarks/quantization.py MODES) -> the llama.cpp format beside it
-FORMATS = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+FORMATS = {"bf16": "bf16", "bf16-packed": "bf16", "int8": "q8_0", "int4": "q4_0"}
+# "bf16-packed": the same bf16 weights kept losslessly packed (pack_bf16=True), against llama.cpp's bf16 (run
+# again beside it: its rounds join the bf16 ones)
 # ours only: float32 weights (the dtype "auto" gives a bf16 checkpoint on a CPU without bf16 instructions,
 # and the official path's on such hosts); llama.cpp's F32 GGUF is not converted
 OURS_ONLY = ("fp32",)
+BF16_BYTES: dict[str, int] = {}   # report(): the bf16 weights' bytes per token, the floor of both bf16 rows
 DECODE_MODES = (*FORMATS, *OURS_ONLY)
 BUILD_TARGETS = ("llama-bench", "llama-quantize", "llama-mtmd-cli")
 # shared/PERFORMANCE.md, official (transformers + remote code) path, InternVL2-1B shapes, 2 threads
@@ -499,6 +502,10 @@ def llamacpp_decode(lc: LlamaCpp, fmt: str, path: Path, args: argparse.Namespace
     start = text.index("[", text.index("\n"))
     result = json.loads(text[start: text.rindex("]") + 1])[0]
     samples = [ns / result["n_gen"] / 1e6 for ns in result["samples_ns"]]
+    # a format measured again (beside another of our modes: bf16 beside "bf16-packed") keeps every round
+    earlier = out["decode"].get(fmt)
+    samples = (earlier["all_ms"] if earlier else []) + samples
+    peak = max(peak, earlier["peak"]) if earlier else peak
     out["decode"][fmt] = {"ms": min(samples), "all_ms": samples, "peak": peak, "wall": wall, "load": load,
                           **lc.gguf_decode_bytes(path)}
     out.setdefault("build", f"build {result.get('build_number')} commit {result.get('build_commit')}")
@@ -706,21 +713,25 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
         official = f"{ref['decode_bf16']:.0f} ms" if mode == "bf16" else "—"
         rows.append((name, ms(ld and ld["ms"]), ms(od and od["ms"]), official, "; ".join(floors) or "—",
                      ratio(ld and ld["ms"], od and od["ms"])))
-        if od and mode == "bf16":
-            pct = od["bytes"] / bandwidth * 1e3 / od["ms"]
-            pct_median = od["bytes"] / (sorted(bw)[len(bw) // 2] * 1e9) * 1e3 / od["ms"]
-            targets.append(f"- decode bf16 at >= 75% of the bandwidth floor: ours at {pct:.0%} of the floor from the "
-                           f"best bandwidth sample ({pct_median:.0%} from the median) -> {verdict(pct >= 0.75)}")
+        if od and mode in ("bf16", "bf16-packed"):
+            pct = BF16_BYTES.get("bytes", od["bytes"]) / bandwidth * 1e3 / od["ms"]
+            pct_median = BF16_BYTES.get("bytes", od["bytes"]) / (sorted(bw)[len(bw) // 2] * 1e9) * 1e3 / od["ms"]
+            # the floor of bf16 decode is the bf16 bytes' (packed weights stream fewer: a floor of their own)
+            targets.append(f"- decode {mode} at >= 75% of the bf16 bandwidth floor: ours at {pct:.0%} of the floor "
+                           f"from the best bandwidth sample ({pct_median:.0%} from the median) -> "
+                           f"{verdict(pct >= 0.75)}")
+            if mode == "bf16":
+                BF16_BYTES["bytes"] = od["bytes"]
         if od and ld:
-            bound = 0.9 if mode == "bf16" else 1.0
+            bound = 0.9 if mode.startswith("bf16") else 1.0
             targets.append(f"- decode {mode} <= {bound:.1f}x llama.cpp {fmt}: {od['ms'] / ld['ms']:.2f}x -> "
                            f"{verdict(od['ms'] <= bound * ld['ms'])}")
         if od and ld:
             comparisons.append(f"- decode {mode} vs llama.cpp {fmt}: {od['ms']:.1f} vs {ld['ms']:.1f} ms/token -> "
                                f"{'ours faster' if od['ms'] < ld['ms'] else 'llama.cpp faster'}")
-    ov = ours["vision"] if ours else None
+    ov = ours.get("vision") if ours else None
     for key, label in (("1tile", "1 tile"), ("7tiles", "7-tile image, per tile (batched)")):
-        lt = llama[key] if llama else None
+        lt = llama.get(key) if llama else None
         lval = lt["encode_ms"] / 1e3 / max(lt["tiles"], 1) if lt else None
         oval = ov[key]["vision_s"] / ov[key]["tiles"] if ov else None
         floor = f"{ov['vit_flops'] / ov['matmul_rate']:.2f} s ({ov['vit_flops'] / 1e9:.0f} GFLOP at " \
@@ -741,7 +752,7 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
             comparisons.append(f"- vision per tile ({label}) vs llama.cpp: {oval:.2f} vs {lval:.2f} s -> "
                                f"{'ours faster' if oval < lval else 'llama.cpp faster'}")
     for key, label, ref_key in (("1tile", "first token, 1 tile", "ttft1"), ("7tiles", "first token, 7 tiles", "ttft7")):
-        lt = llama[key] if llama else None
+        lt = llama.get(key) if llama else None
         lval = lt["ttft_s"] if lt else None
         oval = ov[key]["ttft_s"] if ov else None
         detail = []
@@ -768,7 +779,7 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
             continue
         rows.append((f"peak RSS, decode process: llama.cpp {fmt or '—'} / ours {mode}", gib(lp), gib(op),
                      f"{ref['peak']:.1f} GB (bf16, 1 tile)" if mode == "bf16" else "—", "—", ratio(lp, op)))
-    lp = max(llama["1tile"]["peak"], llama["7tiles"]["peak"]) if llama else None
+    lp = max(llama["1tile"]["peak"], llama["7tiles"]["peak"]) if llama and "1tile" in llama else None
     op = ov["peak"] if ov else None
     rows.append(("peak RSS, image process (bf16, 1 and 7 tiles)", gib(lp), gib(op), "—", "—", ratio(lp, op)))
     if lp and op:
@@ -797,7 +808,7 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
     lines += ["", "Decode ms/token per round: " + "; ".join(per_round)]
     loads = [f"llama.cpp {k} {d['load']:.1f}" for k, d in (llama or {}).get("decode", {}).items()]
     loads += [f"ours {k} {d['load']:.1f}" for k, d in (ours or {}).get("decode", {}).items()]
-    loads += [f"llama.cpp {k} image {llama[k]['load']:.1f}" for k in ("1tile", "7tiles") if llama]
+    loads += [f"llama.cpp {k} image {llama[k]['load']:.1f}" for k in ("1tile", "7tiles") if llama and k in llama]
     loads += [f"ours images {ov['load']:.1f}"] if ov else []
     lines.append("Load average (1 min) when each measurement started: " + ", ".join(loads))
     busiest = max([float(x.rsplit(" ", 1)[1]) for x in loads] + [0.0])
@@ -834,6 +845,7 @@ def main() -> None:
                     help="decode weight formats to measure (default all; fp32 is measured on our side only)")
     ap.add_argument("--child-mode", choices=DECODE_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--child-images", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--no-images", action="store_true", help="decode only: skip vision and first token")
     args = ap.parse_args()
 
     if args.child:
@@ -884,10 +896,11 @@ def main() -> None:
         if ours is not None:
             ours_decode(mode, args, logs, ours)
     bw.append(bandwidth_gbs())
-    if llama is not None:
+    if llama is not None and not args.no_images:
         llamacpp_images(lc, texts, mmproj, images, args, llama)
+    if llama is not None:
         llama["version"] = lc.version(llama.get("build"))
-    if ours is not None:
+    if ours is not None and not args.no_images:
         ours_images(args, images, logs, ours)
     timings["measure"] = time.perf_counter() - start
     bw.append(bandwidth_gbs())

@@ -34,6 +34,7 @@ import torch
 from internvl_runtime import AutoModel, AutoTokenizer
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.hardware import describe_host
+from internvl_runtime.loading import load_model
 from internvl_runtime.quantization import model_bytes
 from internvl_runtime.quantization.apply import _int4_group
 from internvl_runtime.quantization.linear import dequantize_int4, quantize_int4
@@ -49,7 +50,13 @@ def rss_mib(field: str = "VmRSS") -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
+#: modes of the same bf16 weights stored otherwise (not a quantization): "bf16-packed" (``pack_bf16=True``)
+PACKED = {"bf16-packed": "bf16"}
+
+
 def load(path: Path, mode: str):
+    if mode in PACKED:
+        return load_model(path, dtype=torch.bfloat16, pack_bf16=True).eval()
     return AutoModel.from_pretrained(path, torch_dtype=torch.bfloat16, quantization=MODES[mode]).eval()
 
 

@@ -166,6 +166,9 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mmap", action="store_true",
                         help="read every weight into memory instead of viewing the ones stored in their compute "
                         "format from the checkpoint's read-only memory map")
+    parser.add_argument("--pack-bf16", action="store_true",
+                        help="keep the language model's bf16 weights losslessly packed (~12 bits a weight, every "
+                        "value kept): faster decode on the CPU (bf16 CPU models only)")
 
 
 def _quantization(text: str) -> str:
@@ -322,7 +325,8 @@ def _load(args: argparse.Namespace) -> LLMEngine:
     try:
         return LLMEngine.from_pretrained(folder, dtype=args.dtype, device=resolve_device(args.device), progress=True,
                                          quantization=args.quantization, config=EngineConfig(**kwargs),
-                                         hub=HubOptions(revision=args.revision), mmap=not args.no_mmap)
+                                         hub=HubOptions(revision=args.revision), mmap=not args.no_mmap,
+                                         pack_bf16=args.pack_bf16)
     except InternVLError as exc:
         raise CLIError(f"cannot load {folder}: {exc}") from None
 

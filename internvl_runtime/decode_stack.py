@@ -7,7 +7,8 @@ to bfloat16 where the torch modules round (in a bf16 model), with the products o
 
 It covers the shared Llama-family layer (``models/decoders/base.py``: the InternVL2 families, and Qwen3
 with its per-head q/k RMSNorm before rope) with bf16 weights, or weight-only int8 / int4 layers
-(``quantization.Int8Linear``, ``Int4Linear`` on the native backend), a bf16 KV pool; or a float32 model
+(``quantization.Int8Linear``, ``Int4Linear`` on the native backend) or packed bf16 layers
+(``quantization.PackedBf16Linear``), a bf16 KV pool; or a float32 model
 (float32 weights, norms and KV pool: the stack computes in fp32 throughout, the products on the fp32 GEMV
 kernels); head_dim a multiple of 8, all layers on the CPU. ``DecodeStack.build`` says why not otherwise,
 and the model keeps its Python path (tensor-parallel layers, models split over devices, float16, quantized
@@ -28,6 +29,7 @@ from . import kernels
 from .models.decoders.base import Attention, DecoderForCausalLM, GatedMLP
 from .models.layers.linear import Linear
 from .quantization.linear import Int4Linear, Int8Linear
+from .quantization.packed_bf16 import PackedBf16Linear
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,12 @@ def _projection(layers: list[nn.Module], what: str, dtype: torch.dtype) -> _Proj
         elif isinstance(layer, Int4Linear) and layer.backend == "native":
             kinds.add("int4")
             scales.append(layer.scales_and_zeros)
+        elif isinstance(layer, PackedBf16Linear):   # the blob: the native op reads its header
+            kinds.add("bf16 packed")
+            weights.append(layer.packed)
+            if layer.bias is not None:
+                biases.append(layer.bias)
+            continue
         else:
             return f"{what} is {type(layer).__name__}"
         if layer.weight.device.type != "cpu":

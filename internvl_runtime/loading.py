@@ -36,6 +36,7 @@ from typing import Any, TypeAlias
 
 import torch
 
+from . import kernels
 from .compute_plan import apply_plan, choose_plan
 from .config import InternVLConfig
 from .errors import InvalidRequest, UnsupportedFeature
@@ -52,7 +53,7 @@ from .placement import (
     placement_units,
     resolve_device_map,
 )
-from .quantization import LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
+from .quantization import LayerPacker, LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
 from .weights.direct import DirectSink, Watch
 from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
 
@@ -266,7 +267,8 @@ def lazy_vision(vision: str, plan: LoadPlan) -> bool:
 
 def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
                      model_class: type[InternVLModel] = InternVLModel, allow_pickle: bool = False,
-                     watch: Watch | None = None, mmap: bool = True, vision: str = "eager") -> InternVLModel:
+                     watch: Watch | None = None, mmap: bool = True, vision: str = "eager",
+                     pack_bf16: bool = False) -> InternVLModel:
     """The default builder: every layout loaded straight onto its devices (``weights.direct``).
 
     The model is built on the meta device; each module is allocated on its placement unit's device when its
@@ -280,7 +282,8 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
     (``weights.mapping``: no copy, pages shared with the page cache); False reads every tensor into memory.
     ``vision``: "lazy" leaves the vision encoder and ``mlp1`` on the meta device, read on the first call that
     needs them (``InternVLModel.load_vision``, thread-safe, once); "auto" is lazy on a CPU placement (see
-    ``lazy_vision``)."""
+    ``lazy_vision``). ``pack_bf16``: the language model's bf16 linear layers kept losslessly packed
+    (``quantization.packed_bf16``; ``check_pack_bf16`` says where it applies)."""
     model = meta_model(plan.config, plan.dtype, model_class)
     units = plan.units
 
@@ -289,16 +292,23 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
         return physical(units[unit] if unit is not None else plan.device)
 
     quantizer = LayerQuantizer(plan.quantization) if plan.quantization is not None else None
+    packer = LayerPacker(tied_head=plan.config.llm.tie_word_embeddings) if pack_bf16 else None
 
     def finish(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
-        if quantizer is None or not quantizer.wants(name, module):
-            return None
-        return quantizer.quantize(name, module, device_for(name))
+        if quantizer is not None and quantizer.wants(name, module):
+            return quantizer.quantize(name, module, device_for(name))
+        if packer is not None and packer.wants(name, module):
+            return packer.pack(name, module, device_for(name))
+        return None
+
+    def transformed(module_name: str) -> bool:
+        module = model.get_submodule(module_name)
+        return ((quantizer is not None and quantizer.wants(module_name, module))
+                or (packer is not None and packer.wants(module_name, module)))
 
     def may_map(param_name: str) -> bool:
         owner = param_name.rpartition(".")[0]
-        return device_for(owner).type == "cpu" and not (
-            quantizer is not None and quantizer.wants(owner, model.get_submodule(owner)))
+        return device_for(owner).type == "cpu" and not transformed(owner)
 
     def read(part: Callable[[str], bool], hook: Progress | None, finished: set[str]) -> None:
         sink = DirectSink(model, device_for, finish=finish, watch=watch, may_map=may_map if mmap else None,
@@ -323,9 +333,29 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
     if quantizer is not None:
         quantizer.report()
         model.quantization = plan.quantization  # type: ignore[assignment]
+    if packer is not None:
+        packer.report()
     if plan.unit_devices is not None:             # everything is in place already: the hooks and the map
         dispatch_model(model, plan.unit_devices)
     return model
+
+
+def check_pack_bf16(plan: LoadPlan, build: ModelBuilder | None = None) -> None:
+    """Raise ``UnsupportedFeature`` naming why ``pack_bf16`` cannot apply to this load: it needs bf16 weights
+    on the CPU, no quantization, the default builder and the native kernels."""
+    why = None
+    if plan.dtype != torch.bfloat16:
+        why = f"the weights load as {str(plan.dtype).removeprefix('torch.')}, not bfloat16"
+    elif plan.unit_devices is not None or physical(plan.device).type != "cpu":
+        why = "the model is not on the CPU alone"
+    elif plan.quantization is not None:
+        why = "the weights are quantized"
+    elif build is not None:
+        why = "tensor parallelism loads its own way"
+    elif not kernels.available():
+        why = f"the native kernels do not run here ({kernels.describe()})"
+    if why:
+        raise UnsupportedFeature(f"pack_bf16: {why}; packing keeps bf16 weights of a CPU model losslessly")
 
 
 def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceMapSpec = None,
@@ -333,25 +363,30 @@ def load_model(path: str | Path, *, dtype: DTypeSpec = None, device_map: DeviceM
                load_in_8bit: bool = False, load_in_4bit: bool = False, allow_pickle: bool = False,
                model_class: type[InternVLModel] = InternVLModel, progress: bool = False,
                build: ModelBuilder | None = None, hub: HubOptions | None = None, mmap: bool = True,
-               vision: str = "eager") -> InternVLModel:
+               vision: str = "eager", pack_bf16: bool = False) -> InternVLModel:
     """Load a checkpoint folder or hub id (arguments as ``plan_load``; ``allow_pickle`` reads
     ``pytorch_model*.bin`` with ``weights_only=True``, and fetches them from the hub when a revision has no
     safetensors). ``progress``: a tqdm bar counting the checkpoint's bytes as they are read (the hub's
     download has its own bars). ``build``: a builder of its own (see the module docstring); it takes one
     device and no quantization. ``mmap``: weights stored in their compute format on the CPU are read-only views
     of the checkpoint file (False: every tensor read into memory, as llama.cpp's ``--no-mmap``). ``vision``:
-    "eager" (default), "lazy" or "auto" (see ``build_on_devices``). Both apply to the default builder only."""
+    "eager" (default), "lazy" or "auto" (see ``build_on_devices``). ``pack_bf16``: keep the language model's
+    bf16 linear weights losslessly packed, ~3/4 of the bytes a batch-1 decode step streams (bf16 on the CPU,
+    no quantization, the native kernels; ``UnsupportedFeature`` otherwise). All three apply to the default
+    builder only."""
     plan = plan_load(path, dtype=dtype, device_map=device_map, quantization=quantization,
                      load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, hub=hub)
     if plan.folder != Path(path):   # a hub id, checked on its config.json: now the rest, at the same commit
         resolve_checkpoint(path, replace(hub or HubOptions(), revision=plan.folder.name), allow_pickle=allow_pickle)
+    if pack_bf16:
+        check_pack_bf16(plan, build)
     if build is not None and (plan.quantization is not None or plan.unit_devices is not None):
         raise UnsupportedFeature("tensor parallelism loads onto one device per rank, unquantized; "
                                  "drop quantization / a multi-device device_map")
     with progress_bar(plan.folder, progress, allow_pickle=allow_pickle) as hook:
         model = (build(plan, hook) if build is not None
                  else build_on_devices(plan, hook, model_class=model_class, allow_pickle=allow_pickle, mmap=mmap,
-                                       vision=vision))
+                                       vision=vision, pack_bf16=pack_bf16))
     if build is None:
         apply_plan(model, choose_plan(plan.dtype, plan.device))
     if plan.record_map:

@@ -312,7 +312,8 @@ class LLMEngine:
                         config: EngineConfig | None = None, progress: bool = False, quantization: Any = None,
                         allow_pickle: bool = False, build: Any = None,
                         runner_factory: Callable[..., Any] = ModelRunner, hub: HubOptions | None = None,
-                        mmap: bool = True, vision: str = "eager", **config_kwargs: Any) -> LLMEngine:
+                        mmap: bool = True, vision: str = "eager", pack_bf16: bool = False,
+                        **config_kwargs: Any) -> LLMEngine:
         """Load a checkpoint folder (or a Hugging Face Hub id, fetched with ``hub``'s revision, cache and
         token) and build the engine: the model through the one loader
         (``loading.load_model``: ``dtype``, ``device`` as a device, "auto" or a device map, ``quantization``,
@@ -320,12 +321,12 @@ class LLMEngine:
 
         ``config`` (else ``EngineConfig(**config_kwargs)``) sizes the engine. Tensor parallelism passes
         ``build`` (the rank's slice-reading builder) and ``runner_factory`` (builds the runner that drives
-        the other ranks); both come from ``distributed``, which this layer never imports. ``mmap`` and
-        ``vision`` ("eager", "lazy", "auto"): the loader's (``loading.build_on_devices``); a lazy vision encoder
+        the other ranks); both come from ``distributed``, which this layer never imports. ``mmap``, ``pack_bf16``
+        and ``vision`` ("eager", "lazy", "auto"): the loader's (``loading.load_model``); a lazy vision encoder
         is loaded on the engine thread by the first step with an image, and the CPU's KV budget reserves its
         memory before that."""
         model = load_model(path, dtype=dtype, device_map=device, quantization=quantization, allow_pickle=allow_pickle,
-                           progress=progress, build=build, hub=hub, mmap=mmap, vision=vision)
+                           progress=progress, build=build, hub=hub, mmap=mmap, vision=vision, pack_bf16=pack_bf16)
         tokenizer = AutoTokenizer.from_pretrained(path, **asdict(hub or HubOptions()))
         return cls(model, tokenizer, config or EngineConfig(**config_kwargs), runner_factory=runner_factory)
 

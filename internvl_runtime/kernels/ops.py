@@ -8,6 +8,8 @@ threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and `
 
 - ``linear_bf16`` / ``linear_f32`` / ``linear_int8`` / ``linear_int4``: matrix products over the weights as
   stored (``csrc/gemv.cpp``); ``dequantize_int4``: the weight an int4 layer computes with.
+- ``pack_bf16`` / ``unpack_bf16`` / ``linear_bf16_packed``: bf16 weights kept losslessly in ~12 bits a weight
+  (``csrc/packed_bf16.cpp``): 3/4 of the bytes a decode step streams, every value kept.
 - ``vision_attention``: the vision encoder's attention (``csrc/vision_attention.cpp``).
 - ``decode_layers``: every decoder layer of one decode step in one call (``csrc/decode_step.cpp``); no
   torch fallback (the caller keeps its Python layer loop where it does not apply).
@@ -151,6 +153,52 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     out = extension._State.ops.linear_int4(x2, packed, scales_and_zeros, group, bias,
                                         extension._PATH_ID[chosen]).to(x.dtype)
     return out.reshape(*x.shape[:-1], packed.shape[0]) if x.dim() != 2 else out
+
+
+# --------------------------------------------------------------------------------- packed bf16
+
+PACKED_BF16_COLUMNS = 64   # in_features must be a multiple of this to pack
+
+
+def _native_ops(what: str):
+    if extension._forced() == "torch" or extension._load() is None:
+        raise UnsupportedFeature(f"{what} needs the native kernels ({extension.describe()})")
+    return extension._State.ops
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 ``weight`` (N, K), K a multiple of 64, stored losslessly in ~12 bits a weight: a 1-D uint8 blob
+    (``csrc/packed_bf16.cpp`` describes it). ``unpack_bf16`` gives back every value bit for bit. Native only:
+    raises ``UnsupportedFeature`` where the kernels do not run."""
+    return _native_ops("pack_bf16").pack_bf16(weight.detach().contiguous())
+
+
+def unpack_bf16(blob: torch.Tensor) -> torch.Tensor:
+    """The bf16 (N, K) matrix of a ``pack_bf16`` blob, bit for bit."""
+    return _native_ops("unpack_bf16").unpack_bf16(blob)
+
+
+def packed_bf16_shape(blob: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a ``pack_bf16`` blob, from its header."""
+    n, k = blob[16:32].view(torch.int64).tolist()
+    return int(n), int(k)
+
+
+def linear_bf16_packed(x: torch.Tensor, blob: torch.Tensor, bias: torch.Tensor | None = None, *,
+                       path: str | None = None) -> torch.Tensor:
+    """``F.linear(x, unpack_bf16(blob), bias)`` for bf16 ``x`` (..., K) without unpacking the matrix: up to 8
+    rows (AVX-512 BF16) or 4 (AVX2, AVX-512F) the weights are unpacked in registers (fp32 accumulation in
+    another order than ``linear_bf16``'s: the same exact products, sums rounded once); beyond, each thread's
+    rows are unpacked into a small buffer for ``linear_bf16``'s tiles (the same result as ``linear_bf16``)."""
+    chosen = extension._resolve(path)
+    n, _ = packed_bf16_shape(blob)
+    if (chosen == "torch" or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or (bias is not None and bias.dtype not in (torch.bfloat16, torch.float32))):
+        return F.linear(x, unpack_bf16(blob).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    out = extension._State.ops.linear_bf16_packed(_flatten(x), blob, None if bias is None else bias.contiguous(),
+                                                  extension._PATH_ID[chosen])
+    return out.reshape(*x.shape[:-1], n) if x.dim() != 2 else out
 
 
 # ------------------------------------------------------------------------------------- attention

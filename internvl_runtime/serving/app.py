@@ -186,7 +186,7 @@ def load_async_engine(config: ServerConfig, *, progress: bool = False) -> AsyncE
     llm = LLMEngine.from_pretrained(Path(config.model), dtype=config.dtype, device=config.device, progress=progress,
                                     quantization=config.quantization, config=EngineConfig(**config.engine_kwargs()),
                                     hub=HubOptions(revision=config.revision), mmap=not config.no_mmap,
-                                    vision=config.vision_load)
+                                    vision=config.vision_load, pack_bf16=config.pack_bf16)
     log_loaded(llm)
     # The grammar engine's view of the vocabulary (~1 s on 151k tokens) is built here, not on the engine loop.
     logger.info("structured output: llguidance over %d tokens", llm.structured_output_backend.logits_width)

@@ -129,6 +129,10 @@ class ServerConfig:
     no_mmap: bool = field(default=False, metadata=_opt(
         "read every weight into memory instead of viewing the ones stored in their compute format (bf16 on the "
         "CPU) from the checkpoint file's read-only memory map (as llama.cpp's --no-mmap)"))
+    pack_bf16: bool = field(default=False, metadata=_opt(
+        "keep the language model's bf16 weights losslessly packed in ~12 bits a weight (every value kept): "
+        "batch-1 decode on the CPU streams 3/4 of the bytes; steps of many sequences unpack as they go "
+        "(slower products); bf16 CPU models only"))
     vision_load: str = field(default="auto", metadata=_opt(
         "when the vision encoder is read: auto (lazy on the CPU, eager on a GPU), lazy (on the first request "
         "with an image or video: a text-only server never reads it), or eager (at start)",

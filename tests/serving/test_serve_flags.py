@@ -98,6 +98,31 @@ def test_quantization_int8_serves(tiny_1b):
         assert answer.usage.completion_tokens >= 1
 
 
+def test_pack_bf16_serves_the_same_answers(tiny_1b):
+    """``--pack-bf16``: the packed layers in the served model, the same greedy answer as the unpacked server."""
+    from internvl_runtime import kernels
+    from internvl_runtime.quantization import PackedBf16Linear
+
+    if not kernels.available():
+        pytest.skip(f"no native kernels here: {kernels.describe()}")
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", str(tiny_1b), "--pack-bf16", "--dtype", "bfloat16"])
+    assert args.pack_bf16 is True and parser.parse_args(["serve", "ckpt"]).pack_bf16 is False
+    assert parser.parse_args(["chat", "ckpt", "--pack-bf16"]).pack_bf16 is True
+    answers = []
+    for pack in (False, True):
+        config = ServerConfig(model=str(tiny_1b), dtype="bfloat16", pack_bf16=pack, max_model_len=512, num_blocks=64)
+        with run_server(config) as running:
+            model = running.engine.engine.model
+            assert any(isinstance(m, PackedBf16Linear) for m in model.language_model.modules()) == pack
+            with openai.OpenAI(base_url=running.base_url + "/v1", api_key="none", max_retries=0) as client:
+                answer = client.chat.completions.create(
+                    model="tiny-1B", messages=[{"role": "user", "content": "tell me a story"}], max_tokens=12,
+                    temperature=0)
+            answers.append(answer.choices[0].message.content)
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("bad", ["int3", "int4:g7", "fp8"])
 def test_a_bad_quantization_is_refused_at_once(bad, capsys, tmp_path):
     with pytest.raises(InvalidRequest):

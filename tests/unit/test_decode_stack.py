@@ -19,6 +19,7 @@ from internvl_runtime.compute_plan import MAX_NATIVE_DECODE_ROWS, MULTI_ROW_KERN
 from internvl_runtime.decode_stack import DecodeStack
 from internvl_runtime.engine.model_runner import ModelRunner, SequenceStep
 from internvl_runtime.errors import UnsupportedFeature
+from internvl_runtime.loading import load_model
 from paths import FIXTURES
 
 SHARED = FIXTURES
@@ -32,7 +33,9 @@ def native() -> None:
         pytest.skip(f"no native kernels here: {kernels.describe()}")
 
 
-def load(variant: str, **kwargs) -> torch.nn.Module:
+def load(variant: str, pack_bf16: bool = False, **kwargs) -> torch.nn.Module:
+    if pack_bf16:   # the loader's option (the official AutoModel keeps its signature)
+        return load_model(SHARED / "ckpt" / variant, dtype=torch.bfloat16, pack_bf16=True).eval()
     return AutoModel.from_pretrained(SHARED / "ckpt" / variant, torch_dtype=torch.bfloat16, **kwargs).eval()
 
 
@@ -104,6 +107,38 @@ def test_native_decode_quantized(variant: str, quantization: str) -> None:
     model = load(variant, quantization=quantization)
     assert model.compute_plan.decode_layers.startswith("native"), model.compute_plan.decode_layers
     assert_same(model, prompts_for(model))
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512", "avx512bf16"])
+@pytest.mark.parametrize("variant", ["tiny-1B", "tiny-2B"])     # Qwen2 (q/k/v bias), InternLM2
+def test_native_decode_packed_bf16(variant: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_bf16=True: the stack reads the packed blobs (fused tile on AVX-512 BF16, unpacked rows elsewhere);
+    the same tokens as the Python loop over the packed layers, and as the unpacked model."""
+    if kernels.missing_flags(path):
+        pytest.skip(f"CPU lacks {kernels.missing_flags(path)}")
+    monkeypatch.setenv(kernels.ENV_VAR, path)
+    model = load(variant, pack_bf16=True)
+    assert type(model.language_model.model.decoder_layers[0].mlp.down_proj).__name__ == "PackedBf16Linear"
+    assert model.compute_plan.decode_layers.startswith("native"), model.compute_plan.decode_layers
+    prompts = prompts_for(model)
+    assert_same(model, prompts)
+    plain = load(variant)
+    packed_tokens, packed_logits = generate(model, model.language_model.decode_stack, prompts)
+    plain_tokens, plain_logits = generate(plain, plain.language_model.decode_stack, prompts)
+    assert packed_tokens == plain_tokens
+    for a, b in zip(plain_logits, packed_logits, strict=True):
+        assert float((a - b).norm() / a.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("gemm_rows", [0, 5], ids=["gemv", "gemm"])
+def test_native_decode_packed_bf16_many_rows(gemm_rows: int) -> None:
+    """18 packed sequences in one step: the unpacked-rows path of the multi-row tiles, or the matrix unpacked
+    for torch's GEMM inside the call."""
+    model = load("tiny-1B", pack_bf16=True)
+    stack = DecodeStack.build(model.language_model, gemm_rows)
+    assert isinstance(stack, DecodeStack)
+    model.language_model.set_decode_stack(stack, MAX_NATIVE_DECODE_ROWS)
+    assert_same(model, prompts_for(model, lengths=[37, 5, 60] + [3 + 4 * i for i in range(15)]))
 
 
 @pytest.mark.parametrize("path", ["avx2", "avx512", "avx512bf16"])

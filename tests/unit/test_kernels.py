@@ -646,3 +646,91 @@ def test_linear_f32_leaves_what_it_does_not_handle_to_torch(native: None) -> Non
     assert w.grad is not None
     x, w = torch.randn(2, 96), torch.randn(40, 96)
     torch.testing.assert_close(kernels.linear_f32(x, w, path="torch"), F.linear(x, w), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- packed bf16
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def _awkward_weights(n: int, k: int, seed: int) -> torch.Tensor:
+    """Normal weights plus every kind of value the format must keep: zeros of both signs, subnormals,
+    infinities, NaNs, huge and tiny exponents (escapes), and rows whose exponents spread over all 254."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
+    flat = w.view(-1)
+    specials = torch.tensor([0.0, -0.0, 1e-39, -3e-40, float("inf"), float("-inf"), float("nan"), 3e38, -2e-38,
+                             1e-20, 6e4, 1.0, -1.0], dtype=torch.bfloat16)
+    flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 40),), generator=g)] = specials[
+        torch.randint(0, len(specials), (max(1, flat.numel() // 40),), generator=g)]
+    if n > 2:   # one row of every exponent, one of zeros only
+        exps = torch.arange(k) % 256
+        w[1] = ((exps << 7) | (torch.arange(k) % 128)).to(torch.int16).view(torch.bfloat16)
+        w[2] = 0
+    return w
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 128), (37, 896), (5, 4864), (300, 192)])
+def test_pack_bf16_roundtrip_is_bit_exact(native: None, shape: tuple[int, int]) -> None:
+    w = _awkward_weights(*shape, seed=shape[0])
+    blob = kernels.pack_bf16(w)
+    assert blob.dtype == torch.uint8 and blob.dim() == 1
+    assert kernels.packed_bf16_shape(blob) == shape
+    assert torch.equal(_bits(kernels.unpack_bf16(blob)), _bits(w))
+
+
+def test_pack_bf16_takes_three_quarters_of_the_bytes_of_normal_weights(native: None) -> None:
+    w = (torch.randn(1024, 896, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    blob = kernels.pack_bf16(w)
+    assert blob.numel() < 0.76 * w.numel() * 2
+    assert torch.equal(_bits(kernels.unpack_bf16(blob)), _bits(w))
+
+
+def test_pack_bf16_refuses_what_it_cannot_pack(native: None) -> None:
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.pack_bf16(torch.zeros(4, 96, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.pack_bf16(torch.zeros(4, 64))
+    blob = kernels.pack_bf16(torch.ones(4, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="size"):
+        kernels.unpack_bf16(blob[:-64].clone())
+    bad = blob.clone()
+    bad[0] ^= 1
+    with pytest.raises(RuntimeError, match="blob"):
+        kernels.unpack_bf16(bad)
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 16, 33])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_linear_bf16_packed(native: None, path: str, rows: int, with_bias: bool) -> None:
+    """On the packed weights: the unpacked matrix's product. Where the rows are unpacked into scratch for
+    linear_bf16's tiles (beyond the fused tiles' rows), bit for bit linear_bf16's result; the fused tiles
+    (AVX-512 BF16: up to 8 rows; AVX2: 4) sum in another order: the exact product rounded once, within fp32 summation error, escapes
+    (huge and tiny weights) included."""
+    _require(path)
+    x, _, b = _data(rows, 131, 896, seed=rows)
+    w = _awkward_weights(131, 896, seed=rows)
+    w[~torch.isfinite(w) | (w.float().abs() > 1e5)] = 6e4   # escapes still, but finite products
+    bias = b if with_bias else None
+    blob = kernels.pack_bf16(w)
+    out = kernels.linear_bf16_packed(x, blob, bias, path=path)
+    if path == "avx512bf16" and rows <= 8:
+        # vdpbf16ps takes subnormals as zero (both tiles alike): compare with them flushed
+        flushed = torch.where(w.float().abs() < 2.0 ** -126, torch.zeros_like(w), w)
+        _check_close(out, x, flushed, bias, compare_torch=False)
+    elif rows <= 4:
+        _check_close(out, x, w, bias, compare_torch=False)
+    else:
+        assert torch.equal(_bits(out), _bits(kernels.linear_bf16(x, w, bias, path=path)))
+
+
+def test_linear_bf16_packed_batch_dims_and_fallback(native: None) -> None:
+    x, w, b = _data(6, 64, 128, seed=3)
+    blob = kernels.pack_bf16(w)
+    out = kernels.linear_bf16_packed(x.reshape(2, 3, 128), blob, b)
+    assert out.shape == (2, 3, 64)
+    assert torch.equal(_bits(out.reshape(6, 64)), _bits(kernels.linear_bf16(x, w, b)))
+    # float32 activations: F.linear on the unpacked weights
+    assert torch.equal(kernels.linear_bf16_packed(x.float(), blob, b), F.linear(x.float(), w.float(), b.float()))

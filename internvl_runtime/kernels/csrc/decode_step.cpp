@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "gemv.h"
+#include "packed_bf16.h"
 
 using namespace internvl_kernels;
 
@@ -65,7 +66,7 @@ struct Act<float> {
   static constexpr at::ScalarType dtype = at::kFloat;
 };
 
-enum Format { kWeightBf16, kWeightInt8, kWeightInt4, kWeightF32 };
+enum Format { kWeightBf16, kWeightInt8, kWeightInt4, kWeightF32, kWeightBf16Packed };
 
 struct Matrix {
   const at::Tensor* weight = nullptr;   // the tensor itself, for the GEMM route
@@ -78,6 +79,7 @@ struct Matrix {
   const void* bias = nullptr;
   int bias_kind = kNone;
   int64_t N = 0, K = 0;
+  PackedBf16 packed;             // packed bf16: the blob's views
 };
 
 int kind_of(const at::Tensor& t, const char* what, int64_t layer) {
@@ -97,6 +99,25 @@ void check_vector(const at::Tensor& t, int64_t n, const char* what, int64_t laye
 // fp32 (N, K) without scales, and nothing else.
 Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bias, int64_t N, int64_t K,
               const char* what, int64_t layer, at::ScalarType act) {
+  if (w.scalar_type() == at::kByte && w.dim() == 1) {   // packed bf16 (packed_bf16.cpp): one blob
+    TORCH_CHECK(act == at::kBFloat16 && scale == nullptr, "decode_layers: packed ", what, "[", layer,
+                "] belongs to a bf16 stack, without scales");
+    Matrix m;
+    m.packed = packed_view(w);
+    TORCH_CHECK(m.packed.N == N && m.packed.K == K, "decode_layers: packed ", what, "[", layer, "] is (",
+                m.packed.N, ", ", m.packed.K, "), not (", N, ", ", K, ")");
+    m.N = N;
+    m.K = K;
+    m.weight = &w;
+    m.format = kWeightBf16Packed;
+    if (bias != nullptr) {
+      check_vector(*bias, N, "bias", layer);
+      m.bias = bias->data_ptr();
+      m.bias_kind = kind_of(*bias, "bias", layer);
+      m.bias_tensor = bias;
+    }
+    return m;
+  }
   const bool int4 = w.scalar_type() == at::kByte;
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == (int4 ? K / 2 : K) &&
                   w.is_contiguous(),
@@ -141,29 +162,43 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
   return m;
 }
 
-// torch's GEMM on the stored weight (as F.linear does: fp32 accumulation, one rounding to T).
+// torch's GEMM on the stored weight (as F.linear does: fp32 accumulation, one rounding to T); packed weights
+// unpacked first (the same bf16 values).
 template <typename T>
-void gemm(const Matrix& m, const T* x, int64_t M, T* out) {
+void gemm(const Matrix& m, const T* x, int64_t M, T* out, int64_t path) {
   const auto opts = at::TensorOptions().dtype(Act<T>::dtype);
   const at::Tensor xt = at::from_blob(const_cast<T*>(x), {M, m.K}, opts);
   at::Tensor ot = at::from_blob(out, {M, m.N}, opts);
+  at::Tensor unpacked;
+  if (m.format == kWeightBf16Packed) {
+    unpacked = at::empty({m.N, m.K}, opts);
+    uint16_t* dst = static_cast<uint16_t*>(unpacked.data_ptr());
+    at::parallel_for(0, m.N, std::max<int64_t>(1, 65536 / m.K), [&](int64_t begin, int64_t end) {
+      unpack_bf16_rows(m.packed, begin, end, dst + begin * m.K, path == kAvx2 ? kAvx2 : kAvx512);
+    });
+  }
+  const at::Tensor& w = m.format == kWeightBf16Packed ? unpacked : *m.weight;
   if (m.bias_tensor != nullptr)
-    at::addmm_out(ot, m.bias_tensor->to(Act<T>::dtype), xt, m.weight->t());
+    at::addmm_out(ot, m.bias_tensor->to(Act<T>::dtype), xt, w.t());
   else
-    at::mm_out(ot, xt, m.weight->t());
+    at::mm_out(ot, xt, w.t());
 }
 
 // out (M, N) fp32 = x (M, K) fp32 . W^T (+ bias), W fp32: the GEMV kernels, or torch's GEMM from gemm_rows rows.
 void matvec(const Matrix& m, const float* x, int64_t M, float* out, int64_t path, int64_t gemm_rows) {
-  if (gemm_rows > 0 && M >= gemm_rows) return gemm(m, x, M, out);
+  if (gemm_rows > 0 && M >= gemm_rows) return gemm(m, x, M, out, path);
   matvec_f32(x, M, m.K, static_cast<const float*>(m.w), m.N, m.bias, m.bias_kind, out, kF32, path);
 }
 
 // out (M, N) bf16 = x (M, K) bf16 . W^T (+ bias). gemm_rows > 0: bf16 weights with M >= gemm_rows go to
 // torch's GEMM (as F.linear does: fp32 accumulation, one rounding), the others to the GEMV kernels.
 void matvec(const Matrix& m, const uint16_t* x, int64_t M, uint16_t* out, int64_t path, int64_t gemm_rows) {
-  if (m.format == kWeightBf16 && gemm_rows > 0 && M >= gemm_rows) return gemm(m, x, M, out);
+  if ((m.format == kWeightBf16 || m.format == kWeightBf16Packed) && gemm_rows > 0 && M >= gemm_rows)
+    return gemm(m, x, M, out, path);
   switch (m.format) {
+    case kWeightBf16Packed:
+      matvec_bf16_packed(x, M, m.packed, m.bias, m.bias_kind, out, kBf16, path);
+      break;
     case kWeightInt8:
       matvec_int8(x, M, m.K, static_cast<const int8_t*>(m.w), m.scale, m.scale_kind, m.N, m.bias, m.bias_kind, out,
                   kBf16, path);
@@ -431,7 +466,7 @@ at::Tensor decode_layers_as(const at::Tensor& x_in, at::TensorList ln1,
   const int64_t D = key_cache[0].size(-1);
   TORCH_CHECK(D % 8 == 0 && D % 2 == 0, "decode_layers: head_dim must be a multiple of 8, got ", D);
   const int64_t G = num_heads / num_kv_heads, QS = num_heads * D, KS = num_kv_heads * D, QKV = QS + 2 * KS;
-  const int64_t I2 = gate_up_w[0].size(0), I = I2 / 2;
+  const int64_t I2 = gate_up_w[0].dim() == 1 ? packed_view(gate_up_w[0]).N : gate_up_w[0].size(0), I = I2 / 2;
   for (const at::Tensor* t : {&cos, &sin})
     TORCH_CHECK(t->scalar_type() == Act<T>::dtype && t->dim() == 2 && t->size(0) == M && t->size(1) == D &&
                     t->is_contiguous(),

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include "gemv.h"
+#include "packed_bf16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -200,6 +201,56 @@ struct StreamAvx2 {
       }
   }
 };
+
+// Packed bf16 weights (packed_bf16.h) on AVX2: each half block of 32 weights unpacked in registers (two table
+// lookups, two bit-selects, two byte interleaves) and widened as the bf16 tile widens (shift / mask), met by
+// x in fp32 permuted to that order (packed_x_position_avx2); escapes unpack as +0 and are added after the sum.
+template <int MB, int NB>
+void tile_bf16_packed_avx2(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "one weight row per pass");
+  const int64_t K = p.K;
+  const PackedBf16& pk = *p.packed;
+  const uint8_t* sm = pk.sm + n0 * K;
+  const uint8_t* codes = pk.codes + n0 * K / 2;
+  __m128i hi, lo;
+  packed_tables128(pk.base[n0], hi, lo);
+  const __m256i thi = _mm256_broadcastsi128_si256(hi), tlo = _mm256_broadcastsi128_si256(lo);
+  const __m256i m80 = _mm256_set1_epi8(static_cast<char>(0x80)), m0f = _mm256_set1_epi8(0x0F);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const float* xr[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) xr[i] = p.xf + (m0 + i) * K;
+  __m256 acc[MB][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k / 2));
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const __m256i c = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, m0f);
+      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + k + 32 * half));
+      const __m256i h8 = _mm256_or_si256(_mm256_and_si256(s, m80), _mm256_shuffle_epi8(thi, c));
+      const __m256i l8 = _mm256_or_si256(_mm256_andnot_si256(m80, s), _mm256_shuffle_epi8(tlo, c));
+      const __m256i wl = _mm256_unpacklo_epi8(l8, h8), wh = _mm256_unpackhi_epi8(l8, h8);
+      const __m256 f[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(wl, 16)),
+                           _mm256_castsi256_ps(_mm256_and_si256(wl, high)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16)),
+                           _mm256_castsi256_ps(_mm256_and_si256(wh, high))};
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const float* x = xr[i] + k + 32 * half;
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) acc[i][t & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8 * t), f[t], acc[i][t & 1]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) res[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+  for (int64_t e = pk.esc_ptr[n0]; e < pk.esc_ptr[n0 + 1]; ++e) {
+    const float w = bf16_to_f32(pk.esc_val[e]);
+    const int64_t at = packed_x_position_avx2(pk.esc_col[e]);
+    for (int i = 0; i < MB; ++i) res[i] += w * xr[i][at];
+  }
+}
 
 // int4, one weight row: per 32 columns 16 bytes, low nibbles = columns 0-15, high = 16-31; x in fp32 (plain
 // order). Per group, acc = sum q*x, then res += scale * acc + (zero - 8 * scale) * sum(x over the group).
@@ -588,6 +639,51 @@ void tile_bf16_dp(const Problem& p, int64_t m0, int64_t n0, float* res) {
 }
 
 
+// Packed bf16 weights (packed_bf16.h) straight from their 12-bit form: each 64 weights unpacked in registers
+// and met by the activations permuted the same way (p.xb holds permute_x_packed's copy); escapes read as exponent
+// 0, which vdpbf16ps takes as zero, and their true values times the activations are added to the row's sum.
+template <int MB, int NB>
+void tile_bf16_packed(const Problem& p, int64_t m0, int64_t n0, float* res) {
+  static_assert(NB == 1, "one weight row per pass");
+  constexpr int U = MB == 1 ? 2 : 1;
+  const int64_t K = p.K;
+  const PackedRow r = packed_row(*p.packed, n0);
+  const uint16_t* xr[MB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
+  __m512 acc[U][2][MB];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) acc[u][0][i] = acc[u][1][i] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+    __m512i wl, wh;
+    unpack64(r, k, wl, wh);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      acc[u][0][i] = _mm512_dpbf16_ps(acc[u][0][i], (__m512bh)_mm512_loadu_si512(xr[i] + k), (__m512bh)wl);
+      acc[u][1][i] = _mm512_dpbf16_ps(acc[u][1][i], (__m512bh)_mm512_loadu_si512(xr[i] + k + 32), (__m512bh)wh);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 64 * U <= K; k += 64 * U)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step(k + 64 * u, u);
+  for (; k < K; k += 64) step(k, 0);
+  for (int i = 0; i < MB; ++i) {
+    __m512 a = _mm512_add_ps(acc[0][0][i], acc[0][1][i]);
+    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, _mm512_add_ps(acc[u][0][i], acc[u][1][i]));
+    res[i] = _mm512_reduce_add_ps(a);
+  }
+  const PackedBf16& pk = *p.packed;
+  for (int64_t e = pk.esc_ptr[n0]; e < pk.esc_ptr[n0 + 1]; ++e) {
+    const float w = bf16_to_f32(pk.esc_val[e]);
+    const int64_t at = packed_x_position(pk.esc_col[e]);
+    for (int i = 0; i < MB; ++i) res[i] += w * bf16_to_f32(xr[i][at]);
+  }
+}
+
+
 // int4 with vdpbf16ps: a code q becomes the bf16 number 128 + q (bits 0x4300 | q, exact), so one dot-product
 // instruction takes 32 columns: acc = sum (128 + q) * x = 128 X + sum q*x, and per group
 // res += scale * acc + (zero - 136 * scale) * X, X = sum of x over the group.
@@ -920,6 +1016,8 @@ const Rows kBf16Dp = ROWS(tile_bf16_dp, ONE8, MANY4, MANY42, MANY4);
 const Rows kInt8DotAvx2 = ROWS(tile_int8_dot_avx2, ONE4, MANY42, MANY42, MANY2);
 const Rows kInt8Vnni = ROWS(tile_int8_vnni, ONE8, MANY4, MANY42, MANY4);
 // int4: one-row tiles (the exact-activation ones only those); the integer tiles also 2 and 4 rows per pass
+const Kernel kBf16Packed{ONE8(tile_bf16_packed), NONE(_)};
+const Kernel kBf16PackedAvx2{ONE4(tile_bf16_packed_avx2), NONE(_)};
 const Kernel kInt4Avx2{ONE4(tile_int4_avx2), NONE(_)};
 const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
@@ -950,6 +1048,9 @@ std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
+// packed bf16: the fused tiles up to this many rows (at most 8 on AVX-512 BF16, 4 on AVX2); from DRAM they beat the
+// unpacked-rows path up to 8 rows (gate_up at 8 rows, one thread: 1.75 vs 2.2 ms; bf16 itself 2.0), not at 16
+std::atomic<int64_t> g_packed_fused_rows{8};
 // int8 / int4 products with x quantized to int8 (integer dot products); tests: off gives the fp32 / bf16 paths
 std::atomic<bool> g_int8_x{true};
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
@@ -1028,7 +1129,28 @@ void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_en
     }
 }
 
-// weight_bits: bits per stored weight (32, 16, 8 or 4).
+// Bytes of unpacked bf16 rows a thread holds at once for packed weights: L1-sized, so the tiles read them
+// back from L1 right after they were written.
+constexpr int64_t kUnpackBytes = 16 * 1024;
+
+// Output rows n_begin..n_end-1: the tiles straight on the weights, or, for packed bf16 weights, on each
+// group of rows unpacked into this thread's scratch buffer just before (the same bf16 values, bit for bit).
+void run_chunk(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  if (!p.unpacked) return run_rows(ker, p, n_begin, n_end);
+  thread_local std::vector<uint16_t> scratch;
+  const int64_t group = std::max<int64_t>(kRowAlign, kUnpackBytes / (2 * p.K) / kRowAlign * kRowAlign);
+  if (scratch.size() < static_cast<size_t>(group * p.K)) scratch.resize(static_cast<size_t>(group * p.K));
+  Problem q = p;
+  for (int64_t n = n_begin; n < n_end; n += group) {
+    const int64_t stop = std::min(n_end, n + group);
+    unpack_bf16_rows(*p.packed, n, stop, scratch.data(), p.unpack_path);
+    // the tiles address weight row r at w + r * K: shift the pointer so row n lands on the scratch's start
+    q.w = scratch.data() - n * p.K;
+    run_rows(ker, q, n, stop);
+  }
+}
+
+// weight_bits: bits per stored weight (32, 16, 12 (packed bf16), 8 or 4).
 void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   if (p.M == 0 || p.N == 0) return;
   const int64_t row_bytes = std::max<int64_t>(1, p.K * weight_bits / 8);
@@ -1037,7 +1159,7 @@ void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
   const int64_t chunks = (p.N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
   if (threads <= 1 || p.N * row_bytes < kSerialBytes || at::in_parallel_region()) {
-    for (int64_t c = 0; c < chunks; ++c) run_rows(ker, p, c * rows, std::min(p.N, (c + 1) * rows));   // L2-sized
+    for (int64_t c = 0; c < chunks; ++c) run_chunk(ker, p, c * rows, std::min(p.N, (c + 1) * rows));   // L2-sized
     return;
   }
   std::atomic<int64_t> next{0};
@@ -1045,7 +1167,7 @@ void run(const Kernel& ker, const Problem& p, int64_t weight_bits) {
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= chunks) break;
-      run_rows(ker, p, c * rows, std::min(p.N, (c + 1) * rows));
+      run_chunk(ker, p, c * rows, std::min(p.N, (c + 1) * rows));
     }
   });
 }
@@ -1219,6 +1341,43 @@ void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
   xf = prepare_x_bf16(x, M, K, path == kAvx512 ? 32 : 16);
   p.xf = xf.data();
   run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, 16);
+}
+
+void matvec_bf16_packed(const uint16_t* x, int64_t M, const PackedBf16& w, const void* bias, int bias_kind, void* out,
+                        int out_kind, int64_t path) {
+  Problem p = problem_for(M, w.N, w.K, bias, bias_kind, out, out_kind);
+  p.packed = &w;
+  p.unpack_path = path == kAvx2 ? kAvx2 : kAvx512;
+  std::vector<float> xf;
+  if (M <= std::min<int64_t>(g_packed_fused_rows.load(std::memory_order_relaxed), path == kAvx512Bf16 ? 8 : 4)) {
+    // the fused tiles: weights unpacked in registers, activations permuted to their order once
+    if (path == kAvx512Bf16) {
+      std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + packed_x_position(k)] = x[m * w.K + k];
+      p.xb = xp.data();
+      p.x_elem_bytes = 2;
+      run(kBf16Packed, p, 12);
+    } else {
+      xf.resize(static_cast<size_t>(M * w.K));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < w.K; ++k) xf[m * w.K + packed_x_position_avx2(k)] = bf16_to_f32(x[m * w.K + k]);
+      p.xf = xf.data();
+      run(kBf16PackedAvx2, p, 12);
+    }
+    return;
+  }
+  // every other case: each thread's rows unpacked into scratch, then the bf16 tiles of the path
+  p.unpacked = true;
+  if (path == kAvx512Bf16) {
+    p.xb = x;
+    p.x_elem_bytes = 2;
+    run(bf16_dp_kernel(p.M, p.K), p, 12);
+    return;
+  }
+  xf = prepare_x_bf16(x, M, w.K, path == kAvx512 ? 32 : 16);
+  p.xf = xf.data();
+  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, 12);
 }
 
 void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const void* bias, int bias_kind,
@@ -1399,11 +1558,13 @@ int64_t set_wide_bf16(int64_t rows, int64_t shape) {
 }
 
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
+int64_t set_packed_fused_rows(int64_t rows) { return g_packed_fused_rows.exchange(std::max<int64_t>(rows, 0)); }
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
+  m.def("_set_packed_fused_rows(int rows) -> int", &set_packed_fused_rows);
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);

@@ -6,6 +6,8 @@
 
 namespace internvl_kernels {
 
+struct PackedBf16;
+
 // Which instruction-set path a call runs; Python chooses it from /proc/cpuinfo.
 enum Path : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
 // Element type of an optional per-row operand (scale, bias) or of the output.
@@ -37,6 +39,10 @@ struct Problem {
   void* out = nullptr;           // (M, N)
   int out_kind = kBf16;
   int64_t x_elem_bytes = 4;      // as the tiles read x: 2 (bf16, dot-product path) or 4 (fp32)
+  const PackedBf16* packed = nullptr;  // bf16 weights kept packed (packed_bf16.h): read by the fused tile, or
+  bool unpacked = false;               // with `unpacked`, each thread's rows unpacked by the driver into a
+                                       // scratch buffer that `w` then points into, for the bf16 tiles
+  int64_t unpack_path = 0;       // the ISA path of the unpacking (kAvx2 or an AVX-512 one)
 };
 
 inline float bf16_to_f32(uint16_t v) {
@@ -51,6 +57,10 @@ inline float bf16_to_f32(uint16_t v) {
 // Runs on torch's intra-op thread pool (rows of w shared out in chunks).
 void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
                  int bias_kind, void* out, int out_kind, int64_t path);
+
+// The same over packed bf16 weights (packed_bf16.h): the product of the unpacked matrix.
+void matvec_bf16_packed(const uint16_t* x, int64_t M, const PackedBf16& w, const void* bias, int bias_kind, void* out,
+                        int out_kind, int64_t path);
 
 // out (M, N) = x (M, K, fp32, contiguous) . w^T + bias for fp32 weights w (N, K) contiguous, streamed as stored
 // (one fp32 accumulation per output, no rounding but the sums' own); out fp32 or bf16 as out_kind says.

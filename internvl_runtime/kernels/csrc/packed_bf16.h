@@ -1,0 +1,97 @@
+// Packed bf16 weights (packed_bf16.cpp says the format): the views of a blob and the inline unpacking step that
+// both the unpacking to memory (packed_bf16.cpp) and the fused GEMV tile (gemv.cpp) run.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace at {
+class Tensor;
+}
+
+namespace internvl_kernels {
+
+struct PackedBf16 {
+  const uint8_t* sm = nullptr;       // (N, K): sign << 7 | mantissa
+  const uint8_t* codes = nullptr;    // (N, K / 2): 4-bit exponent codes
+  const uint8_t* base = nullptr;     // (N,): each row's window base exponent
+  const int64_t* esc_ptr = nullptr;  // (N + 1,): each row's escapes
+  const int32_t* esc_col = nullptr;  // (E,)
+  const uint16_t* esc_val = nullptr; // (E,): bf16 bits
+  int64_t N = 0, K = 0, E = 0;
+};
+
+constexpr int kPackedEscapeCode = 15;   // exponent 0; an escape's true value is in the row's list
+
+// The blob's views (checks its header and size).
+PackedBf16 packed_view(const at::Tensor& blob);
+
+// Rows n0..n1-1 of a packed matrix, unpacked to bf16 into out ((n1 - n0) x K), bit for bit.
+void unpack_bf16_rows(const PackedBf16& pk, int64_t n0, int64_t n1, uint16_t* out, int64_t path);
+
+// A row's code -> exponent tables: hi[c] = exponent >> 1, lo[c] = (exponent & 1) << 7.
+inline void packed_exponent_tables(int base, uint8_t* hi, uint8_t* lo) {
+  for (int c = 0; c < 16; ++c) {
+    const int e = c == kPackedEscapeCode ? 0 : base + c;
+    hi[c] = static_cast<uint8_t>(e >> 1);
+    lo[c] = static_cast<uint8_t>((e & 1) << 7);
+  }
+}
+
+// A row's exponent tables (hi, lo) in one 128-bit register each: exponent e = base + code for codes 0..14, 0
+// for the escape code; hi = e >> 1, lo = (e & 1) << 7.
+__attribute__((target("sse2"), always_inline)) inline void packed_tables128(int base, __m128i& hi, __m128i& lo) {
+  const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0);
+  const __m128i keep = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0);
+  const __m128i e = _mm_and_si128(_mm_add_epi8(_mm_set1_epi8(static_cast<char>(base)), iota), keep);
+  hi = _mm_and_si128(_mm_srli_epi16(e, 1), _mm_set1_epi8(0x7F));
+  lo = _mm_and_si128(_mm_slli_epi16(e, 7), _mm_set1_epi8(static_cast<char>(0x80)));
+}
+
+// One row as the AVX-512 unpacking step reads it.
+struct PackedRow {
+  const uint8_t* sm;
+  const uint8_t* codes;
+  __m512i thi, tlo;
+};
+
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline PackedRow packed_row(const PackedBf16& pk,
+                                                                                       int64_t n) {
+  __m128i hi, lo;
+  packed_tables128(pk.base[n], hi, lo);
+  return PackedRow{pk.sm + n * pk.K, pk.codes + n * pk.K / 2, _mm512_broadcast_i32x4(hi), _mm512_broadcast_i32x4(lo)};
+}
+
+// Where activation column k sits in a row permuted as unpack64 orders the weights (the AVX-512 BF16 tile).
+inline int64_t packed_x_position(int64_t k) {
+  const int64_t s = k & 63;
+  return (k - s) + ((s & 8) ? 32 : 0) + (s >> 4) * 8 + (s & 7);
+}
+
+// The same for the AVX2 tile, which widens each half block of 32 weights to four fp32 vectors: the even and
+// odd words of the low byte interleave, then of the high one; lanes 0-3 from the first 16 weights, 4-7 the next.
+inline int64_t packed_x_position_avx2(int64_t k) {
+  const int64_t q = k & 31, lane = q >> 4, r = q & 15, group = r >> 3, s = r & 7;
+  return (k - q) + (group * 2 + (s & 1)) * 8 + (s >> 1) + 4 * lane;
+}
+
+// Weights k..k+63 of a row as two vectors of 32 bf16 words, in the orders [0..7, 16..23, 32..39, 48..55] (wl)
+// and [8..15, 24..31, 40..47, 56..63] (wh) of the block; escapes read as exponent 0 (zero or subnormal).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void unpack64(const PackedRow& r, int64_t k,
+                                                                                __m512i& wl, __m512i& wh) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.codes + k / 2));
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+  const __m512i c = _mm512_and_si512(both, m0f);   // code of weight s in byte s
+  const __m512i s = _mm512_loadu_si512(r.sm + k);
+  const __m512i m80 = _mm512_set1_epi8(static_cast<char>(0x80));
+  // bit-selects (0xCA: a ? b : c per bit): sign from s, the exponent's high bits from the table; the
+  // exponent's low bit from the table, the mantissa from s
+  const __m512i h8 = _mm512_ternarylogic_epi32(m80, s, _mm512_shuffle_epi8(r.thi, c), 0xCA);
+  const __m512i l8 = _mm512_ternarylogic_epi32(m80, _mm512_shuffle_epi8(r.tlo, c), s, 0xCA);
+  wl = _mm512_unpacklo_epi8(l8, h8);
+  wh = _mm512_unpackhi_epi8(l8, h8);
+}
+
+}  // namespace internvl_kernels
