@@ -94,6 +94,15 @@ void check_vector(const at::Tensor& t, int64_t n, const char* what, int64_t laye
               "[", layer, "] must be a contiguous CPU (", n, ",) tensor, got ", t.sizes());
 }
 
+// A projection's optional (N,) bias, bf16 or float32.
+void set_bias(Matrix& m, const at::Tensor* bias, int64_t layer) {
+  if (bias == nullptr) return;
+  check_vector(*bias, m.N, "bias", layer);
+  m.bias = bias->data_ptr();
+  m.bias_kind = kind_of(*bias, "bias", layer);
+  m.bias_tensor = bias;
+}
+
 // A projection's weights: bf16 (N, K) without scales; int8 (N, K) with (N,) scales; int4 (N, K/2) uint8
 // (kernels.pack_int4's layout) with (N, K/group, 2) bf16 scales and zeros; in a float32 stack (`act` float)
 // fp32 (N, K) without scales, and nothing else.
@@ -110,12 +119,7 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
     m.K = K;
     m.weight = &w;
     m.format = kWeightBf16Packed;
-    if (bias != nullptr) {
-      check_vector(*bias, N, "bias", layer);
-      m.bias = bias->data_ptr();
-      m.bias_kind = kind_of(*bias, "bias", layer);
-      m.bias_tensor = bias;
-    }
+    set_bias(m, bias, layer);
     return m;
   }
   const bool int4 = w.scalar_type() == at::kByte;
@@ -153,12 +157,7 @@ Matrix matrix(const at::Tensor& w, const at::Tensor* scale, const at::Tensor* bi
     TORCH_CHECK(w.scalar_type() == at::kBFloat16, "decode_layers: ", what, "[", layer, "] must be bfloat16, got ",
                 w.scalar_type());
   }
-  if (bias != nullptr) {
-    check_vector(*bias, N, "bias", layer);
-    m.bias = bias->data_ptr();
-    m.bias_kind = kind_of(*bias, "bias", layer);
-    m.bias_tensor = bias;
-  }
+  set_bias(m, bias, layer);
   return m;
 }
 
