@@ -1,7 +1,8 @@
 // bf16 weights stored losslessly in 12 bits: every value kept bit for bit, 3/4 of the bytes to stream.
 //
 //   pack_bf16(w (N, K) bf16) -> blob (uint8)          unpack_bf16(blob) -> w (N, K) bf16, bit-identical
-//   linear_bf16_packed(x (M, K) bf16, blob, bias?, path) -> (M, N) bf16   == linear_bf16(x, unpack_bf16(blob), ...)
+//   linear_bf16_packed(x (M, K) bf16, blob, bias?, path) -> (M, N) bf16: linear_bf16(x, unpack_bf16(blob), ...)
+//   (bit for bit where the rows are unpacked for the bf16 tiles; the fused tiles sum in another order)
 //
 // A decode step reads every weight once from DRAM, so its time is the weights' bytes over the memory
 // bandwidth. A bf16 number is sign (1 bit), exponent (8) and mantissa (7); in a weight matrix the exponents
@@ -12,10 +13,11 @@
 // mantissa 0 (they unpack as +0), and the row lists (column, bf16 value) pairs that replace them after
 // unpacking, or that the fused tiles add to the row's sum. Nothing is rounded.
 //
-// The GEMV kernels never see the format: the driver (gemv.cpp's `run`) unpacks each thread's rows into
-// a small scratch buffer (L1/L2-resident) just before the usual bf16 tiles read them, so every path (one-row
-// tiles, the multi-row tile, every ISA) computes exactly what it computes on the unpacked matrix. Unpacking
-// is ~10 vector instructions per 64 weights, hidden under the stream on a memory-bound step.
+// Decode products read the packed form directly (gemv.cpp): up to 8 rows (AVX-512 BF16) or 4 (AVX2, AVX-512F)
+// the fused tiles unpack each 64 weights in registers (~10 vector instructions, hidden under the stream of a
+// memory-bound step) and meet them with the activations permuted once into the unpacked order; beyond, the
+// driver (gemv.cpp's `run_chunk`) unpacks each thread's rows into an L1 buffer just before the usual bf16 tiles
+// read them, so those compute exactly what they compute on the unpacked matrix.
 //
 // Blob layout (every section 64-byte aligned; all counts int64): a 64-byte header {magic, version, N, K, E},
 // then sm (N x K bytes: sign << 7 | mantissa, in the block order below), codes (N x K / 2: two 4-bit codes a
@@ -25,8 +27,8 @@
 // Block order: blocks of 64 weights (K a multiple of 64); weight s of a block has its sign/mantissa in sm byte s
 // and its code in the low nibble of codes byte s (s < 32) or the high nibble of codes byte s - 32. Unpacking
 // interleaves bytes per 128-bit lane, so its two vectors of 32 bf16 words hold the block's weights in the order
-// [0..7, 16..23, 32..39, 48..55] and [8..15, 24..31, 40..47, 56..63]: the fused tile (gemv.cpp) meets them with
-// the activations permuted the same way (permute_x_packed); unpacking to memory puts them back in order.
+// [0..7, 16..23, 32..39, 48..55] and [8..15, 24..31, 40..47, 56..63]: the fused tiles (gemv.cpp) meet them with
+// the activations permuted the same way (packed_bf16.h: packed_x_position); unpacking to memory puts them back.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
