@@ -163,6 +163,27 @@ def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
         torch.ops.internvl_kernels._set_wide_bf16(previous, 0)
 
 
+def test_linear_bf16_multi_row_tile_prefetch(native: None) -> None:
+    """The multi-row tile's software prefetch (none, into L1, into L2; 1 to 8 tiles ahead, past the last
+    tile of a chunk and of the weights too) moves no result: every setting gives the same bits, at row
+    counts with one and several row blocks over several threads' chunks; a bad setting is refused."""
+    _require("avx512bf16")
+    x, w, b = _data(16, 4099, 896, seed=12)
+    x5 = x[:5].contiguous()
+    reference = kernels.linear_bf16(x, w, b, path="avx512bf16")
+    reference5 = kernels.linear_bf16(x5, w, b, path="avx512bf16")
+    _check_close(reference, x, w, b)
+    try:
+        for tiles, level in ((1, 0), (1, 1), (1, 2), (8, 2), (3, 1)):
+            torch.ops.internvl_kernels._set_wide_prefetch(tiles, level)
+            assert torch.equal(kernels.linear_bf16(x, w, b, path="avx512bf16"), reference), (tiles, level)
+            assert torch.equal(kernels.linear_bf16(x5, w, b, path="avx512bf16"), reference5), (tiles, level)
+        with pytest.raises(RuntimeError, match="level 0, 1 or 2"):
+            torch.ops.internvl_kernels._set_wide_prefetch(2, 3)
+    finally:
+        torch.ops.internvl_kernels._set_wide_prefetch(2, 2)
+
+
 def test_linear_bf16_multi_row_tile_from_its_row_count(native: None) -> None:
     """Below the multi-row tile's row count the one-row / 4 x 4 tiles run, from it the multi-row tile: both the
     same products (switched off: the earlier tiles at every row count), and a large N over several threads'

@@ -815,7 +815,18 @@ void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 // L1 / L2. Each (row, weight row) pair keeps a 16-lane vdpbf16ps accumulator (MB x NB <= 16 of them),
 // and the 16 are summed together at the end of the tile by one transposing add tree (~45 shuffles and adds
 // for 16 results, against ~8 per result for a horizontal sum each), stored straight into res. While the
-// first row block runs, the next tile's weights are prefetched, as its rows are one contiguous stretch.
+// first row block runs, a later tile's weights are prefetched, as the tiles' rows are one contiguous stretch:
+// into L2, 2 tiles ahead (g_wide_prefetch). Into L1 (the first version: the next tile, _MM_HINT_T0) the
+// prefetched lines evicted the activation rows the tile re-reads from L1 (16 x 896 bf16 = 28 KiB of Zen 4's
+// 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows (qkv 96 -> 127, gate_up 92 -> 122,
+// LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the distance (1-16 tiles) and
+// T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
+namespace {
+// (tiles ahead, level: 0 none, 1 L1, 2 L2); benchmarks set it (_set_wide_prefetch).
+std::atomic<int64_t> g_wide_prefetch_tiles{2};
+std::atomic<int64_t> g_wide_prefetch_level{2};
+}  // namespace
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 namespace {
@@ -850,8 +861,10 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
-  const uint16_t* next = p.w + (n0 + NB) * K;   // the next tile's weights (a prefetch past the end is harmless)
-  const bool first = m0 == 0;
+  // a later tile's weights (a prefetch past the end is harmless)
+  const uint16_t* next = p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K;
+  const int64_t level = g_wide_prefetch_level.load(std::memory_order_relaxed);
+  const bool first = m0 == 0 && level > 0;
   __m512 acc[MB][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
@@ -873,7 +886,10 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   if (first) {
     for (; k < K32; k += 32) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      for (int j = 0; j < NB; ++j) {
+        const char* line = reinterpret_cast<const char*>(next + j * K + k);
+        if (level == 2) _mm_prefetch(line, _MM_HINT_T1); else _mm_prefetch(line, _MM_HINT_T0);
+      }
       step(k, all);
     }
   } else {
@@ -1398,6 +1414,14 @@ int64_t set_wide_bf16(int64_t rows, int64_t shape) {
   return g_wide_rows.exchange(std::max<int64_t>(rows, 0));
 }
 
+// Benchmarks: the multi-row bf16 tile's software prefetch, `tiles` tiles ahead into `level` (0: none, 1: L1,
+// 2: L2); returns the old distance.
+int64_t set_wide_prefetch(int64_t tiles, int64_t level) {
+  TORCH_CHECK(tiles >= 1 && level >= 0 && level <= 2, "_set_wide_prefetch: tiles >= 1, level 0, 1 or 2");
+  g_wide_prefetch_level.store(level);
+  return g_wide_prefetch_tiles.exchange(tiles);
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
@@ -1407,6 +1431,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
+  m.def("_set_wide_prefetch(int tiles, int level) -> int", &set_wide_prefetch);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
