@@ -333,8 +333,8 @@ inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // q: G rows of D (T, already rotated); keys/values: pools with `stride` elements per slot, this head's
 // values at +offset; slots: the S context slots in order. out: G rows of D T. work: >= G*(S + 2*D) + 2*S*D
 // floats. The context's keys and values are first widened to fp32 rows (kf, vf); then blocks of 4 context
-// tokens (their rows in L1) meet every query head: 4 dot products per head at once, totalled by hsum8x4, and
-// the value rows go into each head's accumulator held in registers over the block. Every value is computed as
+// tokens (their rows in L1) meet every query head: 4 dot products per head at once, totalled by hsum8x4; each
+// head's output is accumulated over the value rows in registers, 64 lanes at a time. Every value is computed as
 // by the one-token-at-a-time loop this replaced (same products, same sums in the same order; 16 rows x 24
 // layers of InternVL2-1B: ~12% of a 16-row decode step there, its accumulators loaded and stored per token).
 template <typename T>
@@ -419,21 +419,26 @@ void attend(const T* q, int64_t G, int64_t D, const T* keys, const T* values, in
       _mm256_storeu_ps(p + s, round8_as<T>(_mm256_mul_ps(_mm256_loadu_ps(p + s), vinv)));
     for (; s < S; ++s) p[s] = A::round(p[s] * inv);
   }
-  // out = probs . V: acc (per head, D floats) += p * v over the tokens in order; blocks of 8 tokens, and
-  // within a block 8 lanes of D at a time kept in a register across the block's tokens
-  for (int64_t i = 0; i < G * D; ++i) acc[i] = 0.0f;
-  constexpr int64_t kBlock = 8;
-  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-    const int64_t s1 = std::min(S, s0 + kBlock);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* pg = probs + g * S;
-      float* ag = acc + g * D;
-      for (int64_t d = 0; d < D; d += 8) {
-        __m256 a = _mm256_loadu_ps(ag + d);
-        for (int64_t t = s0; t < s1; ++t)
-          a = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), _mm256_loadu_ps(vf + t * D + d), a);
-        _mm256_storeu_ps(ag + d, a);
+  // out = probs . V: acc (per head, D floats) = sum over the tokens in order of p * v, from 0; 64 lanes of D at
+  // a time in 8 registers (8 independent chains of FMAs: one chain at a time waited on each FMA's latency)
+  for (int64_t g = 0; g < G; ++g) {
+    const float* pg = probs + g * S;
+    float* ag = acc + g * D;
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+      __m256 a[8];
+      for (int c = 0; c < 8; ++c) a[c] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < S; ++t) {
+        const __m256 pt = _mm256_set1_ps(pg[t]);
+        const float* v = vf + t * D + d0;
+        for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + 8 * c), a[c]);
       }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ag + d0 + 8 * c, a[c]);
+    }
+    for (; d0 < D; d0 += 8) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t t = 0; t < S; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), _mm256_loadu_ps(vf + t * D + d0), a);
+      _mm256_storeu_ps(ag + d0, a);
     }
   }
   for (int64_t i = 0; i < G * D; ++i) out[i] = A::store(acc[i]);
