@@ -4,7 +4,8 @@ The same requests as ``bench_engine.py --parts c`` (after the same warm-up: its 
 prompt, so the prefix cache holds it and each request prefills only its own ~30 tokens): N requests of 32
 sampled tokens (temperature 1) are added at once and stepped to the end. It prints the CPU time of the whole
 run and of each step (the first one is the prefill of all N), the output tokens per CPU second, and cProfile's
-functions by own time, measured in CPU time (``time.process_time``). With ``--threads 1`` (the default) CPU
+functions by own time (``--sort``), measured in CPU time (``time.process_time``; ``--clock wall``: wall time,
+which with ``--threads 2`` shows the part of a step that runs on one thread). With ``--threads 1`` (the default) CPU
 time is the work done whatever else runs on the host, which is what makes the figures usable on a shared one;
 the wall-clock ratio bench_engine reports also depends on how 2 threads scale at 1 and at N rows.
 
@@ -40,9 +41,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--top", type=int, default=20, help="functions listed by own CPU time")
+    parser.add_argument("--top", type=int, default=20, help="functions listed")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: time.process_time (usable on a shared host); wall: time.perf_counter (what "
+                             "bench_engine measures: with --threads 2 it shows the serial part of a step)")
+    parser.add_argument("--sort", default="tottime", help="pstats order: tottime (own CPU time), cumulative, ...")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(describe_host(), f"| load average {os.getloadavg()[0]:.1f}", flush=True)
     model = AutoModel.from_pretrained(args.checkpoint, torch_dtype=torch.bfloat16)
     print(model.compute_plan.describe(), flush=True)
@@ -55,21 +61,22 @@ def main() -> None:
     for i in range(n):
         request = engine.processor.prepare([Message("user", f"Request {i}: tell me a story about number {i}.")])
         engine.add_request(f"r{i}", request, params)
-    profile = cProfile.Profile(time.process_time)
+    profile = cProfile.Profile(clock)
     steps: list[float] = []
-    start = time.process_time()
+    start = clock()
     profile.enable()
     while engine.has_unfinished_requests():
-        begin = time.process_time()
+        begin = clock()
         engine.step()
-        steps.append(time.process_time() - begin)
+        steps.append(clock() - begin)
     profile.disable()
-    total = time.process_time() - start
-    print(f"{n} requests x {args.tokens} tokens, {args.threads} thread(s): {total:.2f} s CPU, "
-          f"{n * args.tokens / total:.1f} output tokens per CPU second; first step (prefill) {steps[0] * 1e3:.0f} ms, "
+    total = clock() - start
+    print(f"{n} requests x {args.tokens} tokens, {args.threads} thread(s): {total:.2f} s {args.clock}, "
+          f"{n * args.tokens / total:.1f} output tokens per {args.clock} second; "
+          f"first step (prefill) {steps[0] * 1e3:.0f} ms, "
           f"decode steps median {statistics.median(steps[1:]) * 1e3:.1f} ms "
           f"(load average now {os.getloadavg()[0]:.1f})")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

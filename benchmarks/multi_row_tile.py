@@ -6,6 +6,8 @@ the work done, whatever else runs on a shared host), best of interleaved rounds:
   old    kernels.linear_bf16 with the multi-row tile off (the 4 x 4 / one-row kBf16Dp tiles)
   w44    the multi-row tile, 4 activation rows x 4 weight rows
   w82    the multi-row tile, 8 activation rows x 2 weight rows
+  wL1    the multi-row tile in the shape chosen by K, its software prefetch as first built (the next tile,
+         into L1) where the others prefetch 2 tiles ahead into L2 (the default since)
 and prints GFLOP/s and each result's relative error against fp32. "hot" shapes keep one weight copy in cache
 (the compute rate); the model's shapes rotate copies worth 64 MB so that the weights come from DRAM, as in a
 decode step (on a loaded host that measures the memory bandwidth left, not the tile).
@@ -36,9 +38,10 @@ SHAPES = {"hot896": (512, 896), "hot4864": (96, 4864), "qkv": (1152, 896), "o": 
 Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def ours(rows: int, shape: int) -> Product:
+def ours(rows: int, shape: int, prefetch: tuple[int, int] = (2, 2)) -> Product:
     def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         torch.ops.internvl_kernels._set_wide_bf16(rows, shape)
+        torch.ops.internvl_kernels._set_wide_prefetch(*prefetch)
         return kernels.linear_bf16(x, w, None, path="avx512bf16")
     return product
 
@@ -65,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(describe_host(), flush=True)
     products: dict[str, Product] = {"torch": lambda x, w: F.linear(x, w), "old": ours(0, 0),
-                                    "w44": ours(1, 44), "w82": ours(1, 82)}
+                                    "w44": ours(1, 44), "w82": ours(1, 82), "wL1": ours(1, 0, (1, 1))}
     try:
         for name in args.shapes:
             n, k = SHAPES[name]
@@ -91,6 +94,7 @@ def main() -> None:
                 print(f"{name:8s} M={m:2d} " + " | ".join(cells), flush=True)
     finally:
         torch.ops.internvl_kernels._set_wide_bf16(5, 0)
+        torch.ops.internvl_kernels._set_wide_prefetch(2, 2)
 
 
 if __name__ == "__main__":

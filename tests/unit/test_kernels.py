@@ -163,6 +163,53 @@ def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
         torch.ops.internvl_kernels._set_wide_bf16(previous, 0)
 
 
+def test_linear_bf16_multi_row_tile_epilogue(native: None) -> None:
+    """The multi-row tile's vectorised epilogue: with small integer operands every sum is exact in any order, so
+    each result must be exactly (sum + bias) rounded to bf16 to nearest even (ties included: sums past 256 are
+    half-way between bf16 neighbours half the time), bias bf16, float32 or none, in both tile shapes, row and
+    weight-row tails; a NaN sum stores 0x7FC0 (c10::BFloat16's NaN), as the scalar epilogue did."""
+    _require("avx512bf16")
+    generator = torch.Generator().manual_seed(21)
+    try:
+        for shape in (44, 82):
+            torch.ops.internvl_kernels._set_wide_bf16(5, shape)
+            for m in (5, 8, 13, 16):
+                x = torch.randint(-8, 9, (m, 64), generator=generator).to(torch.bfloat16)
+                w = torch.randint(-8, 9, (131, 64), generator=generator).to(torch.bfloat16)
+                x[m - 1, 3] = float("nan")
+                halves = torch.randint(-64, 65, (131,), generator=generator).float() / 2
+                for bias in (None, halves.to(torch.bfloat16), halves + 0.25):
+                    exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+                    expected = exact.float().to(torch.bfloat16).view(torch.int16)
+                    expected[exact.isnan()] = 0x7FC0
+                    got = kernels.linear_bf16(x, w, bias, path="avx512bf16").view(torch.int16)
+                    assert torch.equal(got, expected), (shape, m, None if bias is None else bias.dtype,
+                                                        (got != expected).nonzero()[:5].tolist())
+    finally:
+        torch.ops.internvl_kernels._set_wide_bf16(5, 0)
+
+
+def test_linear_bf16_multi_row_tile_prefetch(native: None) -> None:
+    """The multi-row tile's software prefetch (none, into L1, into L2; 1 to 8 tiles ahead, past the last
+    tile of a chunk and of the weights too) moves no result: every setting gives the same bits, at row
+    counts with one and several row blocks over several threads' chunks; a bad setting is refused."""
+    _require("avx512bf16")
+    x, w, b = _data(16, 4099, 896, seed=12)
+    x5 = x[:5].contiguous()
+    reference = kernels.linear_bf16(x, w, b, path="avx512bf16")
+    reference5 = kernels.linear_bf16(x5, w, b, path="avx512bf16")
+    _check_close(reference, x, w, b)
+    try:
+        for tiles, level in ((1, 0), (1, 1), (1, 2), (8, 2), (3, 1)):
+            torch.ops.internvl_kernels._set_wide_prefetch(tiles, level)
+            assert torch.equal(kernels.linear_bf16(x, w, b, path="avx512bf16"), reference), (tiles, level)
+            assert torch.equal(kernels.linear_bf16(x5, w, b, path="avx512bf16"), reference5), (tiles, level)
+        with pytest.raises(RuntimeError, match="level 0, 1 or 2"):
+            torch.ops.internvl_kernels._set_wide_prefetch(2, 3)
+    finally:
+        torch.ops.internvl_kernels._set_wide_prefetch(2, 2)
+
+
 def test_linear_bf16_multi_row_tile_from_its_row_count(native: None) -> None:
     """Below the multi-row tile's row count the one-row / 4 x 4 tiles run, from it the multi-row tile: both the
     same products (switched off: the earlier tiles at every row count), and a large N over several threads'

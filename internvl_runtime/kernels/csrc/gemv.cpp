@@ -911,7 +911,18 @@ void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 // L1 / L2. Each (row, weight row) pair keeps a 16-lane vdpbf16ps accumulator (MB x NB <= 16 of them),
 // and the 16 are summed together at the end of the tile by one transposing add tree (~45 shuffles and adds
 // for 16 results, against ~8 per result for a horizontal sum each), stored straight into res. While the
-// first row block runs, the next tile's weights are prefetched, as its rows are one contiguous stretch.
+// first row block runs, a later tile's weights are prefetched, as the tiles' rows are one contiguous stretch:
+// into L2, 2 tiles ahead (g_wide_prefetch). Into L1 (the first version: the next tile, _MM_HINT_T0) the
+// prefetched lines evicted the activation rows the tile re-reads from L1 (16 x 896 bf16 = 28 KiB of Zen 4's
+// 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows (qkv 96 -> 127, gate_up 92 -> 122,
+// LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the distance (1-16 tiles) and
+// T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
+namespace {
+// (tiles ahead, level: 0 none, 1 L1, 2 L2); benchmarks set it (_set_wide_prefetch).
+std::atomic<int64_t> g_wide_prefetch_tiles{2};
+std::atomic<int64_t> g_wide_prefetch_level{2};
+}  // namespace
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 namespace {
@@ -946,8 +957,10 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
-  const uint16_t* next = p.w + (n0 + NB) * K;   // the next tile's weights (a prefetch past the end is harmless)
-  const bool first = m0 == 0;
+  // a later tile's weights (a prefetch past the end is harmless)
+  const uint16_t* next = p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K;
+  const int64_t level = g_wide_prefetch_level.load(std::memory_order_relaxed);
+  const bool first = m0 == 0 && level > 0;
   __m512 acc[MB][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
@@ -969,7 +982,10 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   if (first) {
     for (; k < K32; k += 32) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T0);
+      for (int j = 0; j < NB; ++j) {
+        const char* line = reinterpret_cast<const char*>(next + j * K + k);
+        if (level == 2) _mm_prefetch(line, _MM_HINT_T1); else _mm_prefetch(line, _MM_HINT_T0);
+      }
       step(k, all);
     }
   } else {
@@ -980,6 +996,44 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
 #pragma GCC unroll 16
   for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < MB * NB ? acc[l / NB][l % NB] : _mm512_setzero_ps();
   _mm512_storeu_ps(res, transpose_sum16(v));
+}
+
+// The multi-row tile's epilogue, 16 results at once: what `epilogue` (the generic driver's) does, bit for bit,
+// for products without weight scales (bf16 weights): out[(m0 + i) * N + n0 + j] = res[i * nb + j] + bias[n0 + j]
+// (res * 1 + bias there: the same value), rounded to bf16 as c10::BFloat16 rounds (to nearest even, NaN to
+// 0x7FC0; done on the integer bits: vcvtneps2bf16 would flush denormals) or stored as fp32; one store of nb
+// values per row. The scalar epilogue (a branch per kind and a conversion per value) took ~2 ns per result:
+// 20-30% of the tile's time at 16 rows (RESULTS.md).
+void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, const float* res) {
+  alignas(64) float bias[kMaxNB] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int j = 0; j < nb; ++j)
+    if (p.bias_kind != kNone) bias[j] = load_kind(p.bias, p.bias_kind, n0 + j);
+  // lane l = i * nb + j holds bias[j]: nb is 2 or 4, so the 4 values repeat every 4 lanes
+  if (nb == 2) { bias[2] = bias[0]; bias[3] = bias[1]; }
+  const __m512 b = _mm512_broadcast_f32x4(_mm_load_ps(bias));
+  const __mmask16 lanes = static_cast<__mmask16>((1u << (mb * nb)) - 1);
+  const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, res), b);
+  if (p.out_kind == kBf16) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    alignas(32) uint16_t h[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(r));
+    uint16_t* out = static_cast<uint16_t*>(p.out) + m0 * p.N + n0;
+    if (nb == 2)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 2 * i, 2 * sizeof(uint16_t));
+    else
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 4 * i, 4 * sizeof(uint16_t));
+  } else {
+    alignas(64) float f[16];
+    _mm512_store_ps(f, v);
+    float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
+    if (nb == 2)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 2 * i, 2 * sizeof(float));
+    else
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 4 * i, 4 * sizeof(float));
+  }
 }
 
 }  // namespace
@@ -1074,15 +1128,20 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
   }
 }
 
-// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside).
+// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside: tile_bf16_wide, whose
+// results go through epilogue_wide where the weights have no scales).
 void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   float res[kMaxMB * kMaxNB];
   const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
+  const bool wide_epilogue = p.scale_kind == kNone;
   for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many)
     for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
       const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
       ker.many[mb - 1](p, m, t, res);
-      epilogue(p, m, mb, t, ker.nb_many, res);
+      if (wide_epilogue)
+        epilogue_wide(p, m, mb, t, ker.nb_many, res);
+      else
+        epilogue(p, m, mb, t, ker.nb_many, res);
     }
   for (int64_t n = n_tiles_end; n < n_end; ++n)
     for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
@@ -1557,6 +1616,14 @@ int64_t set_wide_bf16(int64_t rows, int64_t shape) {
   return g_wide_rows.exchange(std::max<int64_t>(rows, 0));
 }
 
+// Benchmarks: the multi-row bf16 tile's software prefetch, `tiles` tiles ahead into `level` (0: none, 1: L1,
+// 2: L2); returns the old distance.
+int64_t set_wide_prefetch(int64_t tiles, int64_t level) {
+  TORCH_CHECK(tiles >= 1 && level >= 0 && level <= 2, "_set_wide_prefetch: tiles >= 1, level 0, 1 or 2");
+  g_wide_prefetch_level.store(level);
+  return g_wide_prefetch_tiles.exchange(tiles);
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_packed_fused_rows(int64_t rows) { return g_packed_fused_rows.exchange(std::max<int64_t>(rows, 0)); }
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
@@ -1568,6 +1635,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
+  m.def("_set_wide_prefetch(int tiles, int level) -> int", &set_wide_prefetch);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
