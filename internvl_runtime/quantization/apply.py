@@ -24,7 +24,7 @@ from torch import nn
 from ..models.layers.moe import Router, StackedExperts
 from .config import INT4_GROUP_SIZES, QuantizationConfig
 from .experts import QuantizedExperts
-from .linear import Int4Linear, Int8Linear, int4_backend
+from .linear import Int4Linear, Int8Linear, Release, int4_backend
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ class LayerQuantizer:
     or a ``StackedExperts``, under ``language_model``, or under the vision encoder / ``mlp1`` too with
     ``include_vision``). ``quantize(name, module, device)``: the int8 / int4 layer for ``device``.
     ``report()``: the log lines and {module name: what it became}, once all are done; it also hands freed
-    memory back to the OS."""
+    memory back to the OS. ``release``: told of each row chunk of a float weight once read (``linear.Release``:
+    the loader drops the file pages of weights it hands over as views of the checkpoint's mapping)."""
 
-    def __init__(self, config: QuantizationConfig, include_vision: bool | None = None) -> None:
+    def __init__(self, config: QuantizationConfig, include_vision: bool | None = None, *,
+                 release: Release | None = None) -> None:
         self.config = config
+        self.release = release
         self.include_vision = config.include_vision if include_vision is None else include_vision
         if self.include_vision:
             warnings.warn(VISION_WARNING, UserWarning, stacklevel=3)
@@ -77,11 +80,11 @@ class LayerQuantizer:
         group = _int4_group(linear.in_features, self.config.group_size) if self.config.mode == "int4" else None
         if self.config.mode == "int4" and group is not None:
             self.done[name] = f"int4 g{group}"
-            return Int4Linear.from_linear(linear, group, device)
+            return Int4Linear.from_linear(linear, group, device, release=self.release)
         if self.config.mode == "int4":
             self.fallbacks.append(f"{name} (in_features {linear.in_features})")
         self.done[name] = "int8"
-        return Int8Linear.from_linear(linear, device)
+        return Int8Linear.from_linear(linear, device, release=self.release)
 
     def _quantize_experts(self, name: str, experts: StackedExperts, device: torch.device) -> nn.Module:
         group = _int4_group(experts.in_features, self.config.group_size) if self.config.mode == "int4" else None
