@@ -72,7 +72,7 @@ class FileMappings:
 
     def drop_pages(self, tensor: torch.Tensor) -> int:
         """Take the pages under ``tensor``'s bytes (a view of one of these mappings; anything else is left alone)
-        out of this process's resident memory; returns the bytes of those pages (0: not a view of ours, or no
+        out of this process's resident memory; returns the bytes of those pages, up to the end of the file (0: not a view of ours, or no
         ``madvise`` here). The bytes stay readable: a later access faults them in again from the file, so a
         page shared with a neighbouring tensor that stays in use costs that tensor a fault, never its data."""
         nbytes = tensor.numel() * tensor.element_size()
@@ -127,5 +127,5 @@ def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torc
     prefill's temporaries among them, is carved from the heap and stays resident once freed)."""
     count = torch.Size(shape).numel()
     itemsize = torch.empty((), dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, max(count * itemsize, 1))
+    buffer = mmap.mmap(-1, max(count * itemsize, 1), flags=mmap.MAP_PRIVATE)   # anonymous, private
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(tuple(shape))
