@@ -54,8 +54,8 @@ from .placement import (
 )
 from .quantization import LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
 from .weights.direct import DirectSink, Watch
-from .weights.mapping import FileMappings
 from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
+from .weights.mapping import FileMappings
 
 logger = logging.getLogger(__name__)
 

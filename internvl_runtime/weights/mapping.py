@@ -72,9 +72,10 @@ class FileMappings:
 
     def drop_pages(self, tensor: torch.Tensor) -> int:
         """Take the pages under ``tensor``'s bytes (a view of one of these mappings; anything else is left alone)
-        out of this process's resident memory; returns the bytes of those pages, up to the end of the file (0: not a view of ours, or no
-        ``madvise`` here). The bytes stay readable: a later access faults them in again from the file, so a
-        page shared with a neighbouring tensor that stays in use costs that tensor a fault, never its data."""
+        out of this process's resident memory; returns the bytes of those pages, up to the end of the file (0: not
+        a view of ours, or no ``madvise`` here). The bytes stay readable: a later access faults them in again from
+        the file, so a page shared with a neighbouring tensor that stays in use costs that tensor a fault, never
+        its data."""
         nbytes = tensor.numel() * tensor.element_size()
         start = tensor.data_ptr()
         if nbytes == 0 or tensor.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):

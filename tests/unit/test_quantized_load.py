@@ -13,6 +13,7 @@ The tiny checkpoints store float32, so a float32 load on the CPU is the "stored 
 from __future__ import annotations
 
 import gc
+import itertools
 import mmap
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_every_row_is_released_once_in_order(monkeypatch: pytest.MonkeyPatch, ki
     assert len(released) > 1
     assert [r for pair in released for r in pair] == sorted(r for pair in released for r in pair)
     assert released[0][0] == 0 and released[-1][1] == 50
-    assert all(a[1] == b[0] for a, b in zip(released, released[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(released))
     _states_equal(plain, told)                                  # telling changes nothing
 
 
