@@ -56,6 +56,7 @@ from .placement import (
 from .quantization import LayerPacker, LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
 from .weights.direct import DirectSink, Watch
 from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
+from .weights.mapping import FileMappings
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,9 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
 
     ``mmap``: a weight going to the CPU in its stored dtype, whole (not one shard of a fused parameter, not
     transformed) and in a module that is not quantized, becomes a read-only view of the checkpoint file
-    (``weights.mapping``: no copy, pages shared with the page cache); False reads every tensor into memory.
+    (``weights.mapping``: no copy, pages shared with the page cache); in a module quantized on the CPU, it is
+    quantized from such a view and the view's pages are then dropped from the process (``weights.direct``:
+    no 16-bit copy, and no file pages left resident); False reads every tensor into memory.
     ``vision``: "lazy" leaves the vision encoder and ``mlp1`` on the meta device, read on the first call that
     needs them (``InternVLModel.load_vision``, thread-safe, once); "auto" is lazy on a CPU placement (see
     ``lazy_vision``). ``pack_bf16``: the language model's bf16 linear layers kept losslessly packed
@@ -291,7 +294,12 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
         unit = max((u for u in units if module_name == u or module_name.startswith(u + ".")), key=len, default=None)
         return physical(units[unit] if unit is not None else plan.device)
 
-    quantizer = LayerQuantizer(plan.quantization) if plan.quantization is not None else None
+    # the file mappings of this load: the sink views weights through them, and the quantizer drops the pages of
+    # each row chunk it has read from such a view (a 16-bit LM head is never resident whole)
+    mappings = FileMappings()
+    quantizer = (LayerQuantizer(plan.quantization, release=mappings.drop_pages if mmap else None)
+                 if plan.quantization is not None else None)
+    # packed layers are read into memory (one tensor at a time) and packed from there
     packer = LayerPacker(tied_head=plan.config.llm.tie_word_embeddings) if pack_bf16 else None
 
     def finish(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
@@ -301,18 +309,23 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
             return packer.pack(name, module, device_for(name))
         return None
 
-    def transformed(module_name: str) -> bool:
-        module = model.get_submodule(module_name)
-        return ((quantizer is not None and quantizer.wants(module_name, module))
-                or (packer is not None and packer.wants(module_name, module)))
+    def quantized(owner: str) -> bool:
+        return quantizer is not None and quantizer.wants(owner, model.get_submodule(owner))
+
+    def packed(owner: str) -> bool:
+        return packer is not None and packer.wants(owner, model.get_submodule(owner))
 
     def may_map(param_name: str) -> bool:
         owner = param_name.rpartition(".")[0]
-        return device_for(owner).type == "cpu" and not transformed(owner)
+        return device_for(owner).type == "cpu" and not quantized(owner) and not packed(owner)
+
+    def may_view(param_name: str) -> bool:        # read from the file to be quantized, then its pages dropped
+        owner = param_name.rpartition(".")[0]
+        return device_for(owner).type == "cpu" and quantized(owner)
 
     def read(part: Callable[[str], bool], hook: Progress | None, finished: set[str]) -> None:
         sink = DirectSink(model, device_for, finish=finish, watch=watch, may_map=may_map if mmap else None,
-                          finished=finished)
+                          may_view=may_view if mmap else None, mappings=mappings, finished=finished)
         read_checkpoint(model, plan.folder, allow_pickle=allow_pickle, progress=hook, sink=sink,
                         skip=lambda name: not part(name))
         sink.close()                               # the tied head, if any; the last copy landed

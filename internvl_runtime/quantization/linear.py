@@ -31,6 +31,7 @@ Kernel limits found on this torch (and worked around, each covered by a unit tes
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,13 @@ from ..hardware import cpu_has_fast_bf16
 from ..kernels import pack_int4
 from ..kernels.triton_int8 import triton_available
 
-_ROW_CHUNK_ELEMS = 1 << 22          # float32 temporaries while quantizing: 16 MB per chunk
+_ROW_CHUNK_ELEMS = 1 << 20          # float32 temporaries while quantizing: 4 MB per chunk (the rows are
+#                                    independent: the chunking changes no value, only the peak at load)
+
+#: ``release(rows)``: told of each row chunk of a float weight once the quantizer has read it for good (the
+#: loader drops the file pages of a weight read from the checkpoint's mapping: ``weights.mapping.drop_pages``),
+#: so a large weight (the LM head) is never resident whole while it is quantized.
+Release = Callable[[torch.Tensor], object]
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -133,8 +140,10 @@ def _row_chunks(num_rows: int, row_len: int, multiple: int = 1) -> list[tuple[in
 
 
 # ---- quantizers (pure functions, float32 math, row chunk by row chunk) ----------------------------
-def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> q (N, K) int8, scales (N,) ``scale_dtype``; W ~= q * scales[:, None]."""
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, *,
+                  release: Release | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8, scales (N,) ``scale_dtype``; W ~= q * scales[:, None]. ``release``: told
+    of each row chunk of ``weight`` once read (see ``Release``)."""
     n, k = weight.shape
     q = torch.empty((n, k), dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
@@ -144,6 +153,8 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat1
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(scale_dtype)  # rounded as stored
         scales[start:end] = scale
         q[start:end] = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        if release is not None:
+            release(weight[start:end])
     return q, scales
 
 
@@ -215,12 +226,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | None = None, *,
-                    backend: str | None = None) -> Int8Linear:
-        """Quantize on the weight's current device, then move the result to ``device``."""
+                    backend: str | None = None, release: Release | None = None) -> Int8Linear:
+        """Quantize on the weight's current device, then move the result to ``device``. ``release``: told of
+        each row chunk of the float weight once read (see ``Release``)."""
         device = torch.device(device or linear.weight.device)
         backend = backend or int8_backend(device.type)
         scale_dtype = torch.bfloat16 if backend == "cpu" and _cpu_int8pack_kernel() else linear.weight.dtype
-        q, scales = quantize_int8(linear.weight.detach(), scale_dtype)
+        q, scales = quantize_int8(linear.weight.detach(), scale_dtype, release=release)
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
         return cls(q.to(device), scales.to(device), bias, backend=backend)
 
@@ -249,9 +261,10 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, scales)
             y = y.to(x.dtype)
         else:
-            # dequantize the weight (scaled first: fp16 sums of raw codes could overflow) and one GEMM
+            # dequantize the weight (scaled first: fp16 sums of raw codes could overflow) and one GEMM; scaled in
+            # place (the same products, rounded once as ``a * b`` rounds them): one temporary of the layer, not two
             dtype = torch.float32 if x.device.type == "cpu" and _cpu_16bit_slow() else x.dtype
-            weight = self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+            weight = self.weight.to(dtype).mul_(self.scales.to(dtype)[:, None])
             y = F.linear(x2.to(dtype), weight).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -316,8 +329,10 @@ class Int4Linear(nn.Module):
         return self.scales_and_zeros[:, : self.out_features]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, device: torch.device | None = None) -> Int4Linear:
-        """Quantize and pack for ``device`` (whose int4 kernel must exist: see ``int4_backend``)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int, device: torch.device | None = None, *,
+                    release: Release | None = None) -> Int4Linear:
+        """Quantize and pack for ``device`` (whose int4 kernel must exist: see ``int4_backend``). ``release``:
+        told of each row chunk of the float weight once read (see ``Release``; the native layout's path)."""
         device = device or linear.weight.device
         backend = int4_backend(device)
         n, k = linear.weight.shape
@@ -331,6 +346,8 @@ class Int4Linear(nn.Module):
                 q, sz = quantize_int4(linear.weight.detach()[start:end], group_size)
                 packed[start:end] = pack_int4(q)
                 scales_and_zeros[start:end] = sz.permute(1, 0, 2)
+                if release is not None:
+                    release(linear.weight.detach()[start:end])
             return cls(packed, scales_and_zeros, bias, in_features=k, out_features=n, group_size=group_size,
                        backend="native")
         padded = -(-n // 16) * 16

@@ -18,6 +18,14 @@ checkpoint tensor can be viewed as stored: it becomes a read-only view of the fi
 module's other parameters are then allocated one by one as they arrive (without ``may_map``, a module's
 parameters are allocated together when its first tensor arrives).
 
+Reading to quantize (``may_view``): a parameter of a module that ``finish`` will replace (a linear layer
+quantized on the CPU) is, on the same conditions, a view of the file too, read by ``finish`` in place of a
+16-bit copy; once the module is replaced, the pages its parameters were read from are taken out of the process
+(``FileMappings.drop_pages``; a tied LM head read from the mapped embeddings drops the embeddings' pages, which
+the decode then touches one row per token). So quantizing at load costs the process neither a 16-bit copy of
+the layer nor the file pages behind it: what stays resident is the quantized model. Such views are not counted
+in ``mapped_bytes`` (none outlives its module). A fused parameter (several checkpoint tensors) is still copied.
+
 ``watch(name, tensor)``, if given, is told of every parameter allocated or mapped (a memory tracker for tests
 and benchmarks: it may keep weak references, never strong ones).
 
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 from .loader import LazyTensor, WeightSink
-from .mapping import FileMappings
+from .mapping import FileMappings, anonymous_empty
 from .staging import StagingBuffer
 
 #: ``finish(module name, module) -> replacement or None``, called once a module's parameters are all in.
@@ -42,16 +50,19 @@ Finish = Callable[[str, nn.Module], "nn.Module | None"]
 Watch = Callable[[str, torch.Tensor], None]
 
 
-def allocate(module: nn.Module, names: Iterable[str], device: torch.device) -> None:
+def allocate(module: nn.Module, names: Iterable[str], device: torch.device, *, scratch: bool = False) -> None:
     """Replace the meta parameters ``names`` of ``module`` by uninitialised ones on ``device``.
 
     ``torch.empty`` from the meta tensor's shape and dtype, not ``torch.empty_like(meta, device=...)`` or
     ``nn.Module.to_empty``: those run through torch's Python references, whose first call imports sympy
-    (~30 MB resident in every process that loads a model, for an allocation)."""
+    (~30 MB resident in every process that loads a model, for an allocation). ``scratch`` (CPU only): each in
+    an anonymous mapping of its own (``weights.mapping.anonymous_empty``), for parameters that live only until
+    their module is quantized."""
     for name in names:
         meta = getattr(module, name)
-        setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=device),
-                                           requires_grad=meta.requires_grad))
+        tensor = (anonymous_empty(meta.shape, meta.dtype) if scratch and device.type == "cpu"
+                  else torch.empty(meta.shape, dtype=meta.dtype, device=device))
+        setattr(module, name, nn.Parameter(tensor, requires_grad=meta.requires_grad))
 
 
 class DirectSink(WeightSink):
@@ -62,6 +73,7 @@ class DirectSink(WeightSink):
     def __init__(self, model: nn.Module, device_for: Callable[[str], torch.device], *,
                  finish: Finish | None = None, watch: Watch | None = None,
                  staging: StagingBuffer | None = None, may_map: Callable[[str], bool] | None = None,
+                 may_view: Callable[[str], bool] | None = None, mappings: FileMappings | None = None,
                  finished: Iterable[str] = ()) -> None:
         super().__init__(model)
         self.device_for = device_for
@@ -69,17 +81,21 @@ class DirectSink(WeightSink):
         self.watch = watch
         self.staging = staging or StagingBuffer()
         self.may_map = may_map
-        self.mappings = FileMappings()
+        self.may_view = may_view
+        self.mappings = mappings or FileMappings()   # given: shared with the quantizer's ``release``
+        self._mapped_bytes = 0                    # of the views that stay (``may_map``)
         self._complete: set[str] = set()          # parameter names
         self._finished: set[str] = set(finished)  # module names
 
     @property
     def mapped_bytes(self) -> int:
-        """Bytes of the parameters made views of the checkpoint file (not allocated)."""
-        return self.mappings.nbytes
+        """Bytes of the parameters made views of the checkpoint file (not allocated) that stay in the model
+        (not the views read to quantize: see the module docstring)."""
+        return self._mapped_bytes
 
     def adopt(self, param_name: str, source: LazyTensor) -> bool:
-        if self.may_map is None or not self.may_map(param_name):
+        keep = self.may_map is not None and self.may_map(param_name)
+        if not keep and (self.may_view is None or not self.may_view(param_name)):
             return False
         owner, _, leaf = param_name.rpartition(".")
         module = self._module(owner, param_name)
@@ -90,6 +106,8 @@ class DirectSink(WeightSink):
         if view is None:
             return False
         setattr(module, leaf, nn.Parameter(view, requires_grad=False))
+        if keep:
+            self._mapped_bytes += view.numel() * view.element_size()
         if self.watch is not None:
             self.watch(param_name, view)
         return True
@@ -98,11 +116,13 @@ class DirectSink(WeightSink):
         owner, _, leaf = param_name.rpartition(".")
         module = self._module(owner, param_name)
         params = dict(module.named_parameters(recurse=False))
-        if self.may_map is None:
+        if self.may_map is None and self.may_view is None:
             allocated = [name for name, p in params.items() if p.is_meta]
         else:                # a sibling may be mapped when it arrives: allocate this parameter alone
             allocated = [leaf] if params[leaf].is_meta else []
-        allocate(module, allocated, self.device_for(owner))
+        # a module to be quantized (``may_view``): its copied parameters (a fused one's shards) are scratch memory
+        allocate(module, allocated, self.device_for(owner),
+                 scratch=self.may_view is not None and self.may_view(param_name))
         if self.watch is not None:
             for name in allocated:
                 self.watch(f"{owner}.{name}" if owner else name, getattr(module, name))
@@ -144,3 +164,5 @@ class DirectSink(WeightSink):
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, replacement)
+            for param in module.parameters(recurse=False):    # read once to quantize: the pages can go
+                self.mappings.drop_pages(param)

@@ -15,6 +15,11 @@ mapping is closed when the last tensor viewing it is freed.
 A tensor is mapped only where its bytes can be viewed as they are: a whole safetensors tensor, at an offset
 that is a multiple of its element size (safetensors' writer aligns every tensor; another writer may not),
 with at least one element. Anything else is read as before (``weights.loader``).
+
+A view can also be read once and let go (``drop_pages``): a weight that is quantized at load is read from its
+view, and the pages it touched are then taken out of this process (``MADV_DONTNEED`` on a read-only shared
+file mapping: the page cache keeps them, a later read of the same bytes faults them in again from the file),
+so the 16-bit weight never becomes a copy in the process and its file pages do not stay resident either.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class FileMappings:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._bases: dict[Path, int] = {}       # the address each mapping starts at
         self.nbytes = 0            # bytes of every view handed out
 
     def view(self, file: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...] | list[int]
@@ -53,6 +59,9 @@ class FileMappings:
             with open(file, "rb") as f:
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[file] = mapping
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._bases[file] = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
         if offset + count * itemsize > len(mapping):
             return None
         with warnings.catch_warnings():     # torch warns that the buffer is not writable: that is the point
@@ -61,9 +70,29 @@ class FileMappings:
         self.nbytes += count * itemsize
         return flat.view(tuple(shape))
 
+    def drop_pages(self, tensor: torch.Tensor) -> int:
+        """Take the pages under ``tensor``'s bytes (a view of one of these mappings; anything else is left alone)
+        out of this process's resident memory; returns the bytes of those pages, up to the end of the file (0: not
+        a view of ours, or no ``madvise`` here). The bytes stay readable: a later access faults them in again from
+        the file, so a page shared with a neighbouring tensor that stays in use costs that tensor a fault, never
+        its data."""
+        nbytes = tensor.numel() * tensor.element_size()
+        start = tensor.data_ptr()
+        if nbytes == 0 or tensor.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        for file, mapping in self._maps.items():
+            base = self._bases[file]
+            if base <= start and start + nbytes <= base + len(mapping):
+                lo = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                hi = min(-(-(start - base + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapping))
+                mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                return hi - lo
+        return 0
+
     def release(self) -> None:
         """Drop this object's references to the mappings (each stays open while a view of it lives)."""
         self._maps.clear()
+        self._bases.clear()
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -88,3 +117,16 @@ def is_mapped_from(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     return any(lo <= start and end <= hi for lo, hi in ranges)
+
+
+def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in a private anonymous mapping of its own, unmapped when the tensor is freed.
+
+    For a short-lived large tensor (a fused 16-bit weight assembled only to be quantized): its memory goes back to
+    the OS as soon as it is freed, and it never passes through ``malloc``, whose heap would otherwise keep it (glibc
+    raises its mmap threshold to the size of each mapped block freed, so every later block up to that size, a
+    prefill's temporaries among them, is carved from the heap and stays resident once freed)."""
+    count = torch.Size(shape).numel()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(count * itemsize, 1), flags=mmap.MAP_PRIVATE)   # anonymous, private
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(tuple(shape))
