@@ -754,8 +754,8 @@ def test_pack_bf16_refuses_what_it_cannot_pack(native: None) -> None:
 def test_linear_bf16_packed(native: None, path: str, rows: int, with_bias: bool) -> None:
     """On the packed weights: the unpacked matrix's product. Where the rows are unpacked into scratch for
     linear_bf16's tiles (beyond the fused tiles' rows), bit for bit linear_bf16's result; the fused tiles
-    (AVX-512 BF16: up to 8 rows; AVX2: 4) sum in another order: the exact product rounded once, within fp32 summation error, escapes
-    (huge and tiny weights) included."""
+    (AVX-512 BF16: up to 8 rows; AVX2: 4) sum in another order: the exact product rounded once, within fp32
+    summation error, escapes (huge and tiny weights) included."""
     _require(path)
     x, _, b = _data(rows, 131, 896, seed=rows)
     w = _awkward_weights(131, 896, seed=rows)
