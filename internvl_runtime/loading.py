@@ -358,7 +358,8 @@ def check_pack_bf16(plan: LoadPlan, build: ModelBuilder | None = None) -> None:
     on the CPU, no quantization, the default builder and the native kernels."""
     why = None
     if plan.dtype != torch.bfloat16:
-        why = f"the weights load as {str(plan.dtype).removeprefix('torch.')}, not bfloat16"
+        why = (f"the weights load as {str(plan.dtype).removeprefix('torch.')}, not bfloat16 (ask for bfloat16: "
+               "dtype=torch.bfloat16, --dtype bfloat16)")
     elif plan.unit_devices is not None or physical(plan.device).type != "cpu":
         why = "the model is not on the CPU alone"
     elif plan.quantization is not None:
