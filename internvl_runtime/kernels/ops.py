@@ -191,14 +191,13 @@ def linear_bf16_packed(x: torch.Tensor, blob: torch.Tensor, bias: torch.Tensor |
     another order than ``linear_bf16``'s: the same exact products, sums rounded once); beyond, each thread's
     rows are unpacked into a small buffer for ``linear_bf16``'s tiles (the same result as ``linear_bf16``)."""
     chosen = extension._resolve(path)
-    n, _ = packed_bf16_shape(blob)
     if (chosen == "torch" or x.dtype != torch.bfloat16 or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)
             or (bias is not None and bias.dtype not in (torch.bfloat16, torch.float32))):
         return F.linear(x, unpack_bf16(blob).to(x.dtype), None if bias is None else bias.to(x.dtype))
     out = extension._State.ops.linear_bf16_packed(_flatten(x), blob, None if bias is None else bias.contiguous(),
                                                   extension._PATH_ID[chosen])
-    return out.reshape(*x.shape[:-1], n) if x.dim() != 2 else out
+    return out.reshape(*x.shape[:-1], out.shape[-1]) if x.dim() != 2 else out
 
 
 # ------------------------------------------------------------------------------------- attention

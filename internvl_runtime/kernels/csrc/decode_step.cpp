@@ -171,10 +171,7 @@ void gemm(const Matrix& m, const T* x, int64_t M, T* out, int64_t path) {
   at::Tensor unpacked;
   if (m.format == kWeightBf16Packed) {
     unpacked = at::empty({m.N, m.K}, opts);
-    uint16_t* dst = static_cast<uint16_t*>(unpacked.data_ptr());
-    at::parallel_for(0, m.N, std::max<int64_t>(1, 65536 / m.K), [&](int64_t begin, int64_t end) {
-      unpack_bf16_rows(m.packed, begin, end, dst + begin * m.K, path == kAvx2 ? kAvx2 : kAvx512);
-    });
+    unpack_bf16_matrix(m.packed, static_cast<uint16_t*>(unpacked.data_ptr()), path);
   }
   const at::Tensor& w = m.format == kWeightBf16Packed ? unpacked : *m.weight;
   if (m.bias_tensor != nullptr)

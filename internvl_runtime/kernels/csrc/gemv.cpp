@@ -215,7 +215,7 @@ void tile_bf16_packed_avx2(const Problem& p, int64_t m0, int64_t n0, float* res)
   __m128i hi, lo;
   packed_tables128(pk.base[n0], hi, lo);
   const __m256i thi = _mm256_broadcastsi128_si256(hi), tlo = _mm256_broadcastsi128_si256(lo);
-  const __m256i m80 = _mm256_set1_epi8(static_cast<char>(0x80)), m0f = _mm256_set1_epi8(0x0F);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   const float* xr[MB];
 #pragma GCC unroll 8
@@ -227,11 +227,8 @@ void tile_bf16_packed_avx2(const Problem& p, int64_t m0, int64_t n0, float* res)
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k / 2));
 #pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
-      const __m256i c = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, m0f);
-      const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + k + 32 * half));
-      const __m256i h8 = _mm256_or_si256(_mm256_and_si256(s, m80), _mm256_shuffle_epi8(thi, c));
-      const __m256i l8 = _mm256_or_si256(_mm256_andnot_si256(m80, s), _mm256_shuffle_epi8(tlo, c));
-      const __m256i wl = _mm256_unpacklo_epi8(l8, h8), wh = _mm256_unpackhi_epi8(l8, h8);
+      __m256i wl, wh;
+      unpack32(_mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, m0f), sm + k + 32 * half, thi, tlo, wl, wh);
       const __m256 f[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(wl, 16)),
                            _mm256_castsi256_ps(_mm256_and_si256(wl, high)),
                            _mm256_castsi256_ps(_mm256_slli_epi32(wh, 16)),
@@ -1102,9 +1099,9 @@ std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
-// packed bf16: the fused tiles up to this many rows (at most 8 on AVX-512 BF16, 4 on AVX2); from DRAM they beat the
-// unpacked-rows path up to 8 rows (gate_up at 8 rows, one thread: 1.75 vs 2.2 ms; bf16 itself 2.0), not at 16
-std::atomic<int64_t> g_packed_fused_rows{8};
+// packed bf16: the fused tiles up to this many rows (their row tiles: 8 on AVX-512 BF16, 4 on AVX2); from DRAM
+// they beat the unpacked-rows path up to 8 rows (gate_up at 8 rows, one thread: 1.75 vs 2.2 ms; bf16 itself 2.0)
+int64_t packed_fused_rows(int64_t path) { return path == kAvx512Bf16 ? 8 : 4; }
 // int8 / int4 products with x quantized to int8 (integer dot products); tests: off gives the fp32 / bf16 paths
 std::atomic<bool> g_int8_x{true};
 constexpr int64_t kSerialBytes = 96 * 1024;   // below this, threads cost more than they bring
@@ -1202,7 +1199,7 @@ void run_chunk(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_e
   Problem q = p;
   for (int64_t n = n_begin; n < n_end; n += group) {
     const int64_t stop = std::min(n_end, n + group);
-    unpack_bf16_rows(*p.packed, n, stop, scratch.data(), p.unpack_path);
+    unpack_bf16_rows(*p.packed, n, stop, scratch.data(), p.path);
     // the tiles address weight row r at w + r * K: shift the pointer so row n lands on the scratch's start
     q.w = scratch.data() - n * p.K;
     run_rows(ker, q, n, stop);
@@ -1386,57 +1383,55 @@ Problem problem_for(int64_t M, int64_t N, int64_t K, const void* bias, int bias_
 
 }  // namespace
 
+namespace {
+
+// The bf16 tiles of `path` over p's weights (stored bf16, or packed rows unpacked per chunk: p.unpacked), x bf16.
+void run_bf16_tiles(Problem& p, const uint16_t* x, int64_t path, int64_t weight_bits) {
+  if (path == kAvx512Bf16) {
+    p.xb = x;
+    p.x_elem_bytes = 2;
+    run(bf16_dp_kernel(p.M, p.K), p, weight_bits);
+    return;
+  }
+  const std::vector<float> xf = prepare_x_bf16(x, p.M, p.K, path == kAvx512 ? 32 : 16);
+  p.xf = xf.data();
+  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, weight_bits);
+}
+
+}  // namespace
+
 void matvec_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
                  int bias_kind, void* out, int out_kind, int64_t path) {
   Problem p = problem_for(M, N, K, bias, bias_kind, out, out_kind);
   p.w = w;
-  std::vector<float> xf;
-  if (path == kAvx512Bf16) {
-    p.xb = x;
-    p.x_elem_bytes = 2;
-    run(bf16_dp_kernel(p.M, p.K), p, 16);
-    return;
-  }
-  xf = prepare_x_bf16(x, M, K, path == kAvx512 ? 32 : 16);
-  p.xf = xf.data();
-  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, 16);
+  run_bf16_tiles(p, x, path, 16);
 }
 
 void matvec_bf16_packed(const uint16_t* x, int64_t M, const PackedBf16& w, const void* bias, int bias_kind, void* out,
                         int out_kind, int64_t path) {
   Problem p = problem_for(M, w.N, w.K, bias, bias_kind, out, out_kind);
   p.packed = &w;
-  p.unpack_path = path == kAvx2 ? kAvx2 : kAvx512;
-  std::vector<float> xf;
-  if (M <= std::min<int64_t>(g_packed_fused_rows.load(std::memory_order_relaxed), path == kAvx512Bf16 ? 8 : 4)) {
-    // the fused tiles: weights unpacked in registers, activations permuted to their order once
-    if (path == kAvx512Bf16) {
-      std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + packed_x_position(k)] = x[m * w.K + k];
-      p.xb = xp.data();
-      p.x_elem_bytes = 2;
-      run(kBf16Packed, p, 12);
-    } else {
-      xf.resize(static_cast<size_t>(M * w.K));
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < w.K; ++k) xf[m * w.K + packed_x_position_avx2(k)] = bf16_to_f32(x[m * w.K + k]);
-      p.xf = xf.data();
-      run(kBf16PackedAvx2, p, 12);
-    }
+  p.path = path;
+  if (M > packed_fused_rows(path)) {   // each thread's rows unpacked into scratch, then the bf16 tiles of the path
+    p.unpacked = true;
+    run_bf16_tiles(p, x, path, 12);
     return;
   }
-  // every other case: each thread's rows unpacked into scratch, then the bf16 tiles of the path
-  p.unpacked = true;
+  // the fused tiles: weights unpacked in registers, activations permuted to their order once
   if (path == kAvx512Bf16) {
-    p.xb = x;
+    std::vector<uint16_t> xp(static_cast<size_t>(M * w.K));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < w.K; ++k) xp[m * w.K + packed_x_position(k)] = x[m * w.K + k];
+    p.xb = xp.data();
     p.x_elem_bytes = 2;
-    run(bf16_dp_kernel(p.M, p.K), p, 12);
+    run(kBf16Packed, p, 12);
     return;
   }
-  xf = prepare_x_bf16(x, M, w.K, path == kAvx512 ? 32 : 16);
+  std::vector<float> xf(static_cast<size_t>(M * w.K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < w.K; ++k) xf[m * w.K + packed_x_position_avx2(k)] = bf16_to_f32(x[m * w.K + k]);
   p.xf = xf.data();
-  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, 12);
+  run(kBf16PackedAvx2, p, 12);
 }
 
 void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const void* bias, int bias_kind,
@@ -1625,13 +1620,11 @@ int64_t set_wide_prefetch(int64_t tiles, int64_t level) {
 }
 
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
-int64_t set_packed_fused_rows(int64_t rows) { return g_packed_fused_rows.exchange(std::max<int64_t>(rows, 0)); }
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
 TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_x_l1_bytes(int bytes) -> int", &set_x_l1_bytes);
   m.def("_set_chunk_bytes(int bytes) -> int", &set_chunk_bytes);
-  m.def("_set_packed_fused_rows(int rows) -> int", &set_packed_fused_rows);
   m.def("_set_rows_per_pass(str weights, int rows) -> int", &set_rows_per_pass);
   m.def("_set_prefetch_bytes(int bytes) -> int", &set_prefetch_bytes);
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);

@@ -42,7 +42,7 @@ struct Problem {
   const PackedBf16* packed = nullptr;  // bf16 weights kept packed (packed_bf16.h): read by the fused tile, or
   bool unpacked = false;               // with `unpacked`, each thread's rows unpacked by the driver into a
                                        // scratch buffer that `w` then points into, for the bf16 tiles
-  int64_t unpack_path = 0;       // the ISA path of the unpacking (kAvx2 or an AVX-512 one)
+  int64_t path = 0;              // packed weights: the ISA path of the call (unpack_bf16_rows's argument)
 };
 
 inline float bf16_to_f32(uint16_t v) {

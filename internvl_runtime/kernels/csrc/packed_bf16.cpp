@@ -185,7 +185,7 @@ PackedBf16 packed_view(const at::Tensor& blob) {
 
 // ---------------------------------------------------------------------------------------------------
 // Unpacking rows to memory (F.linear's weights, the multi-row tiles): per 128-bit lane, vpshufb turns the codes
-// into the exponent's high 7 bits and its low bit (two 16-entry tables per row, packed_exponent_tables), a
+// into the exponent's high 7 bits and its low bit (two 16-entry tables per row, packed_tables128), a
 // bit-select merges them with sign and mantissa, a byte interleave makes the bf16 words, a lane permute puts
 // them in order.
 #pragma GCC push_options
@@ -194,25 +194,19 @@ namespace {
 
 void unpack_rows_avx2(const PackedBf16& pk, int64_t n0, int64_t n1, uint16_t* out) {
   const int64_t K = pk.K;
-  const __m256i m80 = _mm256_set1_epi8(static_cast<char>(0x80));
   const __m256i m0f = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
-    alignas(16) uint8_t hi[16], lo[16];
-    packed_exponent_tables(pk.base[n], hi, lo);
-    const __m256i thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
-    const __m256i tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    __m128i hi, lo;
+    packed_tables128(pk.base[n], hi, lo);
+    const __m256i thi = _mm256_broadcastsi128_si256(hi), tlo = _mm256_broadcastsi128_si256(lo);
     uint16_t* dst = out + (n - n0) * K;
     const uint8_t* sm = pk.sm + n * K;
     const uint8_t* codes = pk.codes + n * K / 2;
     for (int64_t k = 0; k < K; k += 64) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k / 2));
-      const __m256i cs[2] = {_mm256_and_si256(v, m0f), _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f)};
       for (int half = 0; half < 2; ++half) {   // weights 0..31, then 32..63
-        const __m256i c = cs[half];
-        const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + k + 32 * half));
-        const __m256i h8 = _mm256_or_si256(_mm256_and_si256(s, m80), _mm256_shuffle_epi8(thi, c));
-        const __m256i l8 = _mm256_or_si256(_mm256_andnot_si256(m80, s), _mm256_shuffle_epi8(tlo, c));
-        const __m256i wl = _mm256_unpacklo_epi8(l8, h8), wh = _mm256_unpackhi_epi8(l8, h8);
+        __m256i wl, wh;
+        unpack32(_mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, m0f), sm + k + 32 * half, thi, tlo, wl, wh);
         uint16_t* o = dst + k + 32 * half;
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(wl, wh, 0x20));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), _mm256_permute2x128_si256(wl, wh, 0x31));
@@ -252,8 +246,14 @@ void unpack_rows_avx512(const PackedBf16& pk, int64_t n0, int64_t n1, uint16_t* 
 namespace internvl_kernels {
 
 void unpack_bf16_rows(const PackedBf16& pk, int64_t n0, int64_t n1, uint16_t* out, int64_t path) {
-  if (path == kAvx2) unpack_rows_avx2(pk, n0, n1, out);
+  if (unpack_path_for(path) == kAvx2) unpack_rows_avx2(pk, n0, n1, out);
   else unpack_rows_avx512(pk, n0, n1, out);
+}
+
+void unpack_bf16_matrix(const PackedBf16& pk, uint16_t* out, int64_t path) {
+  at::parallel_for(0, pk.N, std::max<int64_t>(1, 65536 / pk.K), [&](int64_t begin, int64_t end) {
+    unpack_bf16_rows(pk, begin, end, out + begin * pk.K, path);
+  });
 }
 
 }  // namespace internvl_kernels
@@ -270,11 +270,7 @@ int64_t unpack_path() {
 at::Tensor unpack_bf16(const at::Tensor& blob) {
   const PackedBf16 pk = packed_view(blob);
   at::Tensor w = at::empty({pk.N, pk.K}, blob.options().dtype(at::kBFloat16));
-  uint16_t* out = static_cast<uint16_t*>(w.data_ptr());
-  const int64_t path = unpack_path();
-  at::parallel_for(0, pk.N, std::max<int64_t>(1, 65536 / pk.K), [&](int64_t begin, int64_t end) {
-    unpack_bf16_rows(pk, begin, end, out + begin * pk.K, path);
-  });
+  unpack_bf16_matrix(pk, static_cast<uint16_t*>(w.data_ptr()), unpack_path());
   return w;
 }
 

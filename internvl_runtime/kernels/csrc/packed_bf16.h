@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "gemv.h"
+
 namespace at {
 class Tensor;
 }
@@ -24,20 +26,18 @@ struct PackedBf16 {
 
 constexpr int kPackedEscapeCode = 15;   // exponent 0; an escape's true value is in the row's list
 
+// The unpacking a caller on ISA path `path` runs: AVX2 on the AVX2 path, AVX-512BW on both AVX-512 ones.
+inline int64_t unpack_path_for(int64_t path) { return path == kAvx2 ? kAvx2 : kAvx512; }
+
 // The blob's views (checks its header and size).
 PackedBf16 packed_view(const at::Tensor& blob);
 
-// Rows n0..n1-1 of a packed matrix, unpacked to bf16 into out ((n1 - n0) x K), bit for bit.
+// Rows n0..n1-1 of a packed matrix, unpacked to bf16 into out ((n1 - n0) x K), bit for bit; `path` the ISA
+// path of the caller (unpack_path_for says which unpacking it runs).
 void unpack_bf16_rows(const PackedBf16& pk, int64_t n0, int64_t n1, uint16_t* out, int64_t path);
 
-// A row's code -> exponent tables: hi[c] = exponent >> 1, lo[c] = (exponent & 1) << 7.
-inline void packed_exponent_tables(int base, uint8_t* hi, uint8_t* lo) {
-  for (int c = 0; c < 16; ++c) {
-    const int e = c == kPackedEscapeCode ? 0 : base + c;
-    hi[c] = static_cast<uint8_t>(e >> 1);
-    lo[c] = static_cast<uint8_t>((e & 1) << 7);
-  }
-}
+// The whole matrix into out (N x K), rows shared over torch's threads.
+void unpack_bf16_matrix(const PackedBf16& pk, uint16_t* out, int64_t path);
 
 // A row's exponent tables (hi, lo) in one 128-bit register each: exponent e = base + code for codes 0..14, 0
 // for the escape code; hi = e >> 1, lo = (e & 1) << 7.
@@ -47,6 +47,19 @@ __attribute__((target("sse2"), always_inline)) inline void packed_tables128(int 
   const __m128i e = _mm_and_si128(_mm_add_epi8(_mm_set1_epi8(static_cast<char>(base)), iota), keep);
   hi = _mm_and_si128(_mm_srli_epi16(e, 1), _mm_set1_epi8(0x7F));
   lo = _mm_and_si128(_mm_slli_epi16(e, 7), _mm_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Weights 32 h .. 32 h + 31 of a 64-weight block (AVX2): their codes c (one a byte: the block's codes, shifted
+// right by 4 for h = 1, masked to 4 bits) and sign/mantissa bytes sm -> two vectors of 16 bf16 words, in the
+// orders [0..7, 16..23] (wl) and [8..15, 24..31] (wh) of the half block; escapes read as +0.
+__attribute__((target("avx2"), always_inline)) inline void unpack32(__m256i c, const uint8_t* sm, __m256i thi,
+                                                                    __m256i tlo, __m256i& wl, __m256i& wh) {
+  const __m256i m80 = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm));
+  const __m256i h8 = _mm256_or_si256(_mm256_and_si256(s, m80), _mm256_shuffle_epi8(thi, c));
+  const __m256i l8 = _mm256_or_si256(_mm256_andnot_si256(m80, s), _mm256_shuffle_epi8(tlo, c));
+  wl = _mm256_unpacklo_epi8(l8, h8);
+  wh = _mm256_unpackhi_epi8(l8, h8);
 }
 
 // One row as the AVX-512 unpacking step reads it.
