@@ -60,8 +60,12 @@ and each step is skipped when its output is already there:
    (log timestamps; -n 0, so the one decode step mtmd-cli runs after sampling is not counted). Its
    prompt is shorter than ours (the GGUF's chat template has the plain Qwen2 system line, ours the
    checkpoint's Hermes-2 template with InternVL's system message: 271 vs 432 tokens with one tile);
-   both counts are printed. Peak RSS of each process from os.wait4 (weights are mmap'ed: RSS counts the
-   pages touched).
+   both counts are printed. Peak RSS of each process: its VmHWM (/proc/PID/status), read every 50 ms while
+   it runs, the last reading kept (weights are mmap'ed: RSS counts the pages touched). Not os.wait4's
+   ru_maxrss: Linux carries the spawning process's high-water mark over the exec into it (the parent's
+   pages, mapped at the fork or vfork), so a child smaller than this ~0.7 GiB Python process would report
+   the parent's peak: the fifth session's tables read 0.74 GiB for llama.cpp q8_0 and q4_0 alike (their own
+   peaks: 0.69 and 0.65 GiB).
 4. ours, each mode in a fresh child process (its peak RSS = VmHWM, loading included): decode at batch 1
    through LLMEngine.step() (the path a user gets, greedy sampling included) from a 280-token prompt,
    STEPS tokens per round, best of ROUNDS (each round restarts at depth 280, as llama-bench does),
@@ -141,7 +145,8 @@ def log(msg: str) -> None:
 def run(cmd: list[str], log_file: Path, *, cwd: Path | None = None, env: dict | None = None,
         timeout: float | None = None) -> tuple[str, float, int]:
     """Run cmd with stdout+stderr to log_file; return (output, wall seconds, peak RSS bytes of that
-    process alone, from os.wait4). Raises with the output's tail when it fails."""
+    process alone: its VmHWM polled while it runs, see ``peak_rss``). Raises with the output's tail when it
+    fails."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_file, "w", encoding="utf-8", errors="replace") as out:
@@ -149,13 +154,15 @@ def run(cmd: list[str], log_file: Path, *, cwd: Path | None = None, env: dict | 
         out.flush()
         proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         deadline = None if timeout is None else start + timeout
+        peak = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            peak = max(peak, peak_rss(proc.pid))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
                 proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
+                pid, status, _ = os.wait4(proc.pid, 0)
                 break
             time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -164,7 +171,18 @@ def run(cmd: list[str], log_file: Path, *, cwd: Path | None = None, env: dict | 
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-25:])
         raise RuntimeError(f"command failed (exit {proc.returncode}, log {log_file}):\n{tail}")
-    return text, wall, usage.ru_maxrss * 1024
+    return text, wall, peak
+
+
+def peak_rss(pid: int) -> int:
+    """The VmHWM of a running process in bytes (0 once it has exited or turned zombie). VmHWM is the peak
+    of the process's own memory since its exec; the last reading before it exits misses at most the final
+    50 ms, where these commands only print and free."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def host_kind(flags: frozenset[str] | set[str]) -> str:
