@@ -12,13 +12,16 @@ llama.cpp / ours (> 1: ours is faster or smaller); then one line per target, met
     python benchmarks/llamacpp_side_by_side.py --skip-build --rounds 7
     python benchmarks/llamacpp_side_by_side.py --only ours           # no llama.cpp at all
     python benchmarks/llamacpp_side_by_side.py --only llamacpp --steps 32
+    python benchmarks/llamacpp_side_by_side.py --isa avx2            # an AVX2-only host reproduced here
 
 Options: --model DIR (default /tmp/bench/InternVL2-1B, written with
 internvl_runtime.testing.checkpoints.write_checkpoint when missing), --only llamacpp|ours, --skip-build
 (use the cached binaries; fail if there are none), --steps N (decode tokens per round, default 64, as
 llama-bench -n 64), --rounds N (best-of rounds for decode, default 5: this host is shared and noisy),
 --image-rounds N (best-of runs for vision and first token, default 1), --threads N (default 2, used
-everywhere: llama.cpp -t, torch.set_num_threads), --cache DIR, --official.
+everywhere: llama.cpp -t, torch.set_num_threads), --cache DIR, --official, --isa avx2 (on an AVX-512 host:
+both sides capped at AVX2, ours through environment variables, llama.cpp built a second time without
+-march=native, into build/<sdist name>-avx2/; logs under logs/avx2/; see AVX2_PROXY_ENV).
 
 Everything external lives outside the repository, under ~/.cache/internvl_runtime/llamacpp/ (--cache),
 and each step is skipped when its output is already there:
@@ -62,12 +65,13 @@ and each step is skipped when its output is already there:
    template with InternVL's system message: 271 vs 432 tokens with one tile; 432 with the random
    checkpoint's small test vocabulary, which splits the Chinese system message into 158 tokens where
    Qwen2's own vocabulary makes 34, so the real checkpoint's prompt is 308 tokens); both counts are printed,
-   and ours is measured a second time with the system message left empty (276 tokens): the same work. Peak RSS of each process: its VmHWM (/proc/PID/status), read every 50 ms while
-   it runs, the last reading kept (weights are mmap'ed: RSS counts the pages touched). Not os.wait4's
-   ru_maxrss: Linux carries the spawning process's high-water mark over the exec into it (the parent's
-   pages, mapped at the fork or vfork), so a child smaller than this ~0.7 GiB Python process would report
-   the parent's peak: the fifth session's tables read 0.74 GiB for llama.cpp q8_0 and q4_0 alike (their own
-   peaks: 0.69 and 0.65 GiB).
+   and ours is measured a second time with the system message left empty (276 tokens): the same work.
+   Peak RSS of each process: its VmHWM (/proc/PID/status), read every 50 ms while it runs, the last
+   reading kept (weights are mmap'ed: RSS counts the pages touched). Not os.wait4's ru_maxrss: Linux
+   carries the spawning process's high-water mark over the exec into it (the parent's pages, mapped at the
+   fork or vfork), so a child smaller than this ~0.7 GiB Python process would report the parent's peak:
+   the fifth session's tables read 0.74 GiB for llama.cpp q8_0 and q4_0 alike (their own peaks: 0.69 and
+   0.65 GiB).
 4. ours, each mode in a fresh child process (its peak RSS = VmHWM, loading included): decode at batch 1
    through LLMEngine.step() (the path a user gets, greedy sampling included) from a 280-token prompt,
    STEPS tokens per round, best of ROUNDS (each round restarts at depth 280, as llama-bench does),
@@ -129,6 +133,16 @@ OURS_ONLY = ("fp32",)
 BF16_BYTES: dict[str, int] = {}   # report(): the bf16 weights' bytes per token, the floor of both bf16 rows
 DECODE_MODES = (*FORMATS, *OURS_ONLY)
 BUILD_TARGETS = ("llama-bench", "llama-quantize", "llama-mtmd-cli")
+
+#: ``--isa avx2``: an AVX2-only host reproduced on this one. Our children run with these variables (the compute
+#: plan's float32 "upcast", our AVX2 kernels, and oneDNN, MKL and ATen's own kernels capped at AVX2, as in the
+#: helper-vision section of RESULTS.md); llama.cpp is built a second time with GGML_NATIVE=OFF, its portable
+#: x86 build: AVX, AVX2, FMA, F16C, BMI2 and no AVX-512. Same silicon, memory and clock for both sides: what
+#: differs from a real Zen 3 is the core (Zen 4 runs 256-bit code at the same float32 FMA rate per cycle as
+#: its AVX-512) and the memory system, so the ratios are the proxy's point, not the absolute figures.
+AVX2_PROXY_ENV = {"INTERNVL_COMPUTE": "upcast", "INTERNVL_CPU_KERNEL": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                  "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_BUILD_FLAGS = ["-DGGML_NATIVE=OFF"]
 # shared/PERFORMANCE.md, official (transformers + remote code) path, InternVL2-1B shapes, 2 threads
 OFFICIAL = {
     "bf16": {"host": "Zen 4 host (avx512_bf16), bf16", "decode_bf16": 82.0, "vision": 2.9, "ttft1": 3.5,
@@ -199,13 +213,19 @@ def host_kind(flags: frozenset[str] | set[str]) -> str:
     return "no AVX2 (torch fallbacks only)"
 
 
-def host_lines(llama_system_info: str | None = None) -> list[str]:
+def host_lines(llama_system_info: str | None = None, isa: str = "native") -> list[str]:
     import torch
 
     from internvl_runtime.hardware import cpu_flags, cpu_model, describe_host
     simd = sorted(f for f in cpu_flags() if re.search(r"avx|amx|fma|f16c|vnni|bf16|sse4|ssse3", f))
     forced = os.environ.get("INTERNVL_CPU_KERNEL")
-    lines = [f"host kind: {host_kind(cpu_flags())}" + (f"; INTERNVL_CPU_KERNEL={forced}" if forced else ""),
+    kind = host_kind(cpu_flags())
+    if isa == "avx2":
+        caps = " ".join(f"{k}={v}" for k, v in AVX2_PROXY_ENV.items())
+        kind = (f"AVX2-only host reproduced on this {kind.split(' ', 1)[0]} host (--isa avx2): ours with {caps}; "
+                f"llama.cpp built with {' '.join(AVX2_BUILD_FLAGS)} (AVX2, FMA, F16C, BMI2, no AVX-512); "
+                "a proxy: same cores and memory for both sides, not a Zen 3")
+    lines = [f"host kind: {kind}" + (f"; INTERNVL_CPU_KERNEL={forced}" if forced else ""),
              f"CPU: {cpu_model()} ({os.cpu_count()} CPUs visible)",
              f"CPU flags (SIMD subset of /proc/cpuinfo): {' '.join(simd) or 'none'}",
              f"torch {torch.__version__}: cpu capability {torch.backends.cpu.get_cpu_capability()}",
@@ -229,10 +249,11 @@ def bandwidth_gbs() -> float:
 class LlamaCpp:
     """The cached llama.cpp: sdist, source, build, converter venv, converted models."""
 
-    def __init__(self, cache: Path, threads: int) -> None:
+    def __init__(self, cache: Path, threads: int, isa: str = "native") -> None:
         self.cache = cache
         self.threads = threads
-        self.logs = cache / "logs"
+        self.isa = isa
+        self.logs = cache / "logs" if isa == "native" else cache / "logs" / isa
         self.venv = cache / "venv"
         self.py = self.venv / "bin" / "python"
         self.sdist: Path | None = None
@@ -326,7 +347,7 @@ class LlamaCpp:
             raise RuntimeError("this llama.cpp has no llama-mtmd-cli (tools/mtmd): no multimodal CLI to measure")
 
     def binaries(self) -> dict[str, Path]:
-        build = self.cache / "build" / self.name / "bin"
+        build = self.cache / "build" / (self.name if self.isa == "native" else f"{self.name}-{self.isa}") / "bin"
         return {t: build / t for t in BUILD_TARGETS}
 
     def build(self, skip: bool) -> float:
@@ -344,7 +365,8 @@ class LlamaCpp:
         targets = list(BUILD_TARGETS)
         log(f"building llama.cpp ({self.name}) targets {' '.join(targets)} in {build_dir}: "
             f"takes a while on 2 cores (log: {self.logs / 'build.log'}) ...")
-        run([cmake, "-S", self.src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        native = ["-DGGML_NATIVE=ON"] if self.isa == "native" else AVX2_BUILD_FLAGS
+        run([cmake, "-S", self.src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", *native,
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
              "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_APP=OFF"],
             self.logs / "configure.log", timeout=1800)
@@ -665,11 +687,16 @@ def child_command(args: argparse.Namespace) -> list[str]:
             str(args.rounds), "--image-rounds", str(args.image_rounds), "--threads", str(args.threads)]
 
 
+def child_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """Our children's environment: this one, plus the AVX2 caps under ``--isa avx2``."""
+    return {**os.environ, **AVX2_PROXY_ENV} if args.isa == "avx2" else None
+
+
 def ours_decode(mode: str, args: argparse.Namespace, logs: Path, out: dict) -> None:
     log(f"ours decode {mode}: fresh process, {args.rounds} rounds x {args.steps} tokens from depth {CONTEXT} ...")
     load = load1()
     text, wall, _ = run([*child_command(args), "--child", "decode", "--child-mode", mode],
-                        logs / f"ours-decode-{mode}.log", timeout=3600)
+                        logs / f"ours-decode-{mode}.log", env=child_env(args), timeout=3600)
     out["decode"][mode] = dict(json.loads(text.strip().splitlines()[-1]), wall=wall, load=load)
 
 
@@ -677,7 +704,7 @@ def ours_images(args: argparse.Namespace, images: dict[str, Path], logs: Path, o
     log("ours vision + first token (bf16): fresh process ...")
     load = load1()
     text, wall, _ = run([*child_command(args), "--child", "vision", "--child-images", str(images["1tile"]),
-                         str(images["7tiles"])], logs / "ours-vision.log", timeout=3600)
+                         str(images["7tiles"])], logs / "ours-vision.log", env=child_env(args), timeout=3600)
     out["vision"] = dict(json.loads(text.strip().splitlines()[-1]), wall=wall, load=load)
 
 
@@ -701,16 +728,20 @@ def ratio(llama: float | None, ours: float | None) -> str:
     return f"{llama / ours:.2f}x"
 
 
-def official_reference() -> dict:
+def native_bf16(isa: str) -> bool:
+    """Whether 16-bit matmuls run natively in this run (an avx512_bf16 host, not reproducing an AVX2 one)."""
     from internvl_runtime.hardware import cpu_has_fast_bf16
-    return OFFICIAL["bf16" if cpu_has_fast_bf16() else "avx2"]
+    return isa == "native" and cpu_has_fast_bf16()
 
 
-def ttft_bound() -> float:
+def official_reference(isa: str) -> dict:
+    return OFFICIAL["bf16" if native_bf16(isa) else "avx2"]
+
+
+def ttft_bound(isa: str) -> float:
     """Issue #18: first token (1 tile) at most this fraction of llama.cpp's: 0.5 where 16-bit matmuls are native
     (avx512_bf16), 0.6 elsewhere (AVX2 hosts compute the upcast plan's float32)."""
-    from internvl_runtime.hardware import cpu_has_fast_bf16
-    return 0.5 if cpu_has_fast_bf16() else 0.6
+    return 0.5 if native_bf16(isa) else 0.6
 
 
 def verdict(ok: bool) -> str:
@@ -719,7 +750,7 @@ def verdict(ok: bool) -> str:
 
 def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings: dict, host: list[str]) -> str:
     bandwidth = max(bw) * 1e9
-    ref = official_reference()
+    ref = official_reference(args.isa)
     rows: list[tuple[str, ...]] = []
     targets: list[str] = []
     comparisons: list[str] = []
@@ -795,7 +826,7 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
             targets.append(f"- first token, 1 tile >= 1.5x faster than official ({ref[ref_key]:.2f} s, reference): "
                            f"{ref[ref_key] / oval:.2f}x -> {verdict(ref[ref_key] / oval >= 1.5)}")
             if lval:
-                bound = ttft_bound()
+                bound = ttft_bound(args.isa)
                 targets.append(f"- first token, 1 tile <= {bound:.1f}x llama.cpp's: {oval / lval:.2f}x -> "
                                f"{verdict(oval <= bound * lval)} (prompts of {ov[key]['prompt_tokens']} and "
                                f"{lt['prompt_tokens']} tokens)")
@@ -806,7 +837,7 @@ def report(args, llama: dict | None, ours: dict | None, bw: list[float], timings
                          f" prompt tokens; ours {short['prompt_tokens']})", sec(lval), sec(sval), "—", "—",
                          ratio(lval, sval)))
             if lval:
-                bound = ttft_bound()
+                bound = ttft_bound(args.isa)
                 targets.append(f"- first token, 1 tile <= {bound:.1f}x llama.cpp's, prompts of about one length "
                                f"({short['prompt_tokens']} and {lt['prompt_tokens']} tokens): {sval / lval:.2f}x -> "
                                f"{verdict(sval <= bound * lval)}")
@@ -885,6 +916,9 @@ def main() -> None:
     ap.add_argument("--child-mode", choices=DECODE_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--child-images", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--no-images", action="store_true", help="decode only: skip vision and first token")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: reproduce an AVX2-only host on this one (AVX2_PROXY_ENV; llama.cpp built "
+                         "without -march=native, into its own build folder)")
     args = ap.parse_args()
 
     if args.child:
@@ -907,7 +941,7 @@ def main() -> None:
                                 "the reference numbers are printed instead" if missing else
                                 "this script does not rerun the official path; the reference numbers are printed"))
     args.cache.mkdir(parents=True, exist_ok=True)
-    logs = args.cache / "logs"
+    logs = args.cache / "logs" if args.isa == "native" else args.cache / "logs" / args.isa
     images = {}
     from bench_engine import make_image
     for label, (w, h, seed) in (("1tile", TILE_IMAGE), ("7tiles", BIG_IMAGE)):
@@ -920,7 +954,7 @@ def main() -> None:
     llama = {"decode": {}} if args.only != "ours" else None
     ours = {"decode": {}} if args.only != "llamacpp" else None
     if llama is not None:
-        lc = LlamaCpp(args.cache, args.threads)
+        lc = LlamaCpp(args.cache, args.threads, args.isa)
         lc.fetch_sdist()
         lc.extract()
         timings["build"] = lc.build(args.skip_build)
@@ -944,7 +978,7 @@ def main() -> None:
     timings["measure"] = time.perf_counter() - start
     bw.append(bandwidth_gbs())
     timings["total"] = time.perf_counter() - t0
-    host = host_lines(llama and llama.get("system_info"))
+    host = host_lines(llama and llama.get("system_info"), args.isa)
     host.append(f"load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} on "
                 f"{os.cpu_count()} CPUs: other work on this host slows both sides, llama.cpp's spinning threads most")
     print()
