@@ -361,6 +361,42 @@ inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_unpacklo_ps(ac, bd);   // [a, b, c, d]
 }
 
+// Scores of J consecutive context tokens (4 in the blocks, 1 in the tail) against each of the G query heads
+// (fp32 rows qf, the tokens' widened key rows from k0), written to probs[g * S + s + j]: (q . k) rounded, then
+// * scale rounded (two bf16 ops in the reference). Per score two accumulators over D (a0: the first 8 of every
+// 16, and the tail; a1: the second 8), then hsum8(a0 + a1); hsum8x4 totals 4 vectors each in hsum8's order, so
+// a token's score is the same in a block or in the tail.
+template <typename T, int J>
+inline void score_tokens(const float* qf, const float* k0, int64_t G, int64_t D, int64_t S, int64_t s, float scale,
+                         float* probs) {
+  static_assert(J == 1 || J == 4, "score_tokens: blocks of 4 tokens, or 1");
+  using A = Act<T>;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = qf + g * D;
+    __m256 a0[J], a1[J];
+    for (int j = 0; j < J; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m256 q0 = _mm256_loadu_ps(qg + d), q1 = _mm256_loadu_ps(qg + d + 8);
+      for (int j = 0; j < J; ++j) {
+        a0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + j * D + d), a0[j]);
+        a1[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k0 + j * D + d + 8), a1[j]);
+      }
+    }
+    if (d < D) {
+      const __m256 q0 = _mm256_loadu_ps(qg + d);
+      for (int j = 0; j < J; ++j) a0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + j * D + d), a0[j]);
+    }
+    alignas(16) float sums[4];
+    if constexpr (J == 4)
+      _mm_store_ps(sums, hsum8x4(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]),
+                                 _mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3])));
+    else
+      sums[0] = hsum8(_mm256_add_ps(a0[0], a1[0]));
+    for (int j = 0; j < J; ++j) probs[g * S + s + j] = A::round(A::round(sums[j]) * scale);
+  }
+}
+
 // q: G rows of D (T, already rotated); keys/values: pools with `stride` elements per slot, this head's
 // values at +offset; slots: the S context slots in order. out: G rows of D T. work: >= G*(S + 2*D) + 2*S*D
 // floats. The context's keys and values are first widened to fp32 rows (kf, vf); then blocks of 4 context
@@ -386,47 +422,9 @@ void attend(const T* q, int64_t G, int64_t D, const T* keys, const T* values, in
       _mm256_storeu_ps(vf + s * D + d, load8(v + d));
     }
   }
-  // scores = (q . k) rounded, then * scale rounded (two bf16 ops in the reference); per score two
-  // accumulators over D (a0: the first 8 of every 16, and the tail; a1: the second 8), then hsum8(a0 + a1)
   int64_t s = 0;
-  for (; s + 4 <= S; s += 4) {
-    const float* k0 = kf + s * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf + g * D;
-      __m256 a0[4], a1[4];
-      for (int j = 0; j < 4; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        const __m256 q0 = _mm256_loadu_ps(qg + d), q1 = _mm256_loadu_ps(qg + d + 8);
-        for (int j = 0; j < 4; ++j) {
-          a0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + j * D + d), a0[j]);
-          a1[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k0 + j * D + d + 8), a1[j]);
-        }
-      }
-      if (d < D) {
-        const __m256 q0 = _mm256_loadu_ps(qg + d);
-        for (int j = 0; j < 4; ++j) a0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k0 + j * D + d), a0[j]);
-      }
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, hsum8x4(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]),
-                                 _mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3])));
-      for (int j = 0; j < 4; ++j) probs[g * S + s + j] = A::round(A::round(sums[j]) * scale);
-    }
-  }
-  for (; s < S; ++s) {
-    const float* k = kf + s * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf + g * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d + 8), _mm256_loadu_ps(k + d + 8), a1);
-      }
-      if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k + d), a0);
-      probs[g * S + s] = A::round(A::round(hsum8(_mm256_add_ps(a0, a1))) * scale);
-    }
-  }
+  for (; s + 4 <= S; s += 4) score_tokens<T, 4>(qf, kf + s * D, G, D, S, s, scale, probs);
+  for (; s < S; ++s) score_tokens<T, 1>(qf, kf + s * D, G, D, S, s, scale, probs);
   for (int64_t g = 0; g < G; ++g) {   // softmax in fp32, probabilities rounded to T
     float* p = probs + g * S;
     float mx = -std::numeric_limits<float>::infinity();
