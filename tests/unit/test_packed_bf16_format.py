@@ -6,7 +6,9 @@ first of the windows with the most exponents in 1..254; a weight's code is its e
 window, else 15; outside the window a nonzero exponent (inf / NaN included) is an escape: sign and mantissa 0,
 its column and bf16 bits listed in row order; sections 64-byte aligned, the padding zero. The rows tested
 force every case: escapes above and below the window, zeros and subnormals (exponent 0, kept exactly), inf and
-NaN, random bit patterns (every exponent), a constant row, K = 64 and K large. Packing in row chunks with a
+NaN, random bit patterns (every exponent), rows whose exponents just fit one window or just do not (the packer
+takes the window directly where they fit), at the lowest and highest exponents, a constant row, K = 64 and K
+large. Packing in row chunks with a
 ``release`` (the loader's way, reading the weight from the file's mapping) gives the same blob and tells each
 row once, in order.
 """
@@ -89,6 +91,30 @@ def _random_bits(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randint(-32768, 32768, (n, k), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
+def _exponent_rows(specs: list[tuple[int, int]], k: int = 128) -> torch.Tensor:
+    """One row per (lowest exponent, count): exponents lo .. lo + count - 1 in turn, random signs and mantissas
+    (the window's edges: 15 exponents fit one window exactly, 16 do not; at the lowest and highest exponents)."""
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for lo, count in specs:
+        exponent = lo + torch.arange(k) % count
+        rest = torch.randint(0, 256, (k,), generator=g)                 # sign << 7 | mantissa
+        rows.append(((rest >> 7) << 15) | (exponent << 7) | (rest & 0x7F))
+    return torch.stack(rows).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _narrow_rows_with_specials(n: int, k: int, seed: int) -> torch.Tensor:
+    """Rows whose exponents fit one window (normal values, few columns), with zeros, inf and NaN among them."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g).abs() + 1).to(torch.bfloat16)  # exponents 127..129
+    bits = w.view(torch.int16)
+    bits[:, 3] = 0x7F80
+    bits[::2, 9] = 0x7FC1
+    bits[1::3, 11] = 0
+    bits[:, 17] = 0x0011                                                # subnormal
+    return w
+
+
 CASES = {
     "every case, K=64": lambda: _rows_with_every_case(9, 64, 0),
     "every case, K=896": lambda: _rows_with_every_case(37, 896, 1),
@@ -98,6 +124,9 @@ CASES = {
     "constant rows": lambda: torch.full((3, 128), 0.375, dtype=torch.bfloat16),
     "zeros": lambda: torch.zeros(4, 192, dtype=torch.bfloat16),
     "one row": lambda: (torch.randn(1, 320, generator=torch.Generator().manual_seed(5)) * 7).to(torch.bfloat16),
+    "narrow rows with inf / NaN": lambda: _narrow_rows_with_specials(6, 128, 8),
+    "window edges": lambda: _exponent_rows([(100, 15), (100, 16), (1, 15), (1, 16), (240, 15), (239, 16), (200, 1),
+                                            (1, 254), (254, 1)]),
     # 2 exponents tie for several windows: the first window holding both wins
     "ties": lambda: torch.tensor([[1.0, 2.0 ** -20] * 32, [2.0 ** 30, 2.0 ** -30] * 32], dtype=torch.bfloat16),
 }
@@ -144,3 +173,14 @@ def test_a_bad_weight_is_refused() -> None:
         kernels.pack_bf16(torch.zeros(2, 96, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="bfloat16"):
         kernels.pack_bf16(torch.zeros(2, 64))
+
+
+def test_filling_rows_other_than_those_planned_is_refused() -> None:
+    """The fill writes at most the escapes each row was planned with, and says so when a row changed since."""
+    w = _rows_with_every_case(4, 128, 9)
+
+    def release(rows: torch.Tensor) -> None:                           # after row 0: row 2 gets 40 more escapes
+        w.view(torch.int16)[2, :40] = 0x7F80
+
+    with pytest.raises(RuntimeError, match="row 2 has"):
+        kernels.pack_bf16(w, release=release, chunk_rows=1)

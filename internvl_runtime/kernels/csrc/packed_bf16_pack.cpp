@@ -117,8 +117,8 @@ void check_weight(const at::Tensor& w, const char* what) {
 // 16-bit unsigned (0 and 255 out of the way), the 255s counted.
 // The fill of one row: per 64 weights, the exponent e = (w >> 7) & 0xFF and d = e - base (16-bit, wrapping below the window);
 // inside the window (d <= 14 unsigned) the code is d, else 15; an escape (outside, e != 0) keeps sign and
-// mantissa 0 and is listed. Codes of weights s and s + 32 share codes byte s (low nibble, high nibble). Returns
-// the escapes written.
+// mantissa 0 and is listed (up to `room` of them: the row's slots). Codes of weights s and s + 32 share codes byte
+// s (low nibble, high nibble). Returns the escapes found.
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -165,8 +165,8 @@ RowRange row_range_avx2(const uint16_t* row, int64_t K) {
   return r;
 }
 
-int64_t pack_row_avx2(const uint16_t* row, int64_t K, int base, uint8_t* sm, uint8_t* codes, int32_t* esc_col,
-                      uint16_t* esc_val) {
+int64_t pack_row_avx2(const uint16_t* row, int64_t K, int base, int64_t room, uint8_t* sm, uint8_t* codes,
+                      int32_t* esc_col, uint16_t* esc_val) {
   const __m256i vbase = _mm256_set1_epi16(static_cast<int16_t>(base)), v14 = _mm256_set1_epi16(14);
   const __m256i v15 = _mm256_set1_epi16(15), vff = _mm256_set1_epi16(0xFF);
   const __m256i m80 = _mm256_set1_epi16(0x80), m7f = _mm256_set1_epi16(0x7F), zero = _mm256_setzero_si256();
@@ -195,8 +195,11 @@ int64_t pack_row_avx2(const uint16_t* row, int64_t K, int base, uint8_t* sm, uin
     };
     for (uint64_t mask = bits(esc[0], esc[1]) | uint64_t(bits(esc[2], esc[3])) << 32; mask; mask &= mask - 1) {
       const int64_t col = k + __builtin_ctzll(mask);
-      esc_col[e] = static_cast<int32_t>(col);
-      esc_val[e++] = row[col];
+      if (e < room) {   // never past the row's slots (rows other than those planned: the caller's check fails)
+        esc_col[e] = static_cast<int32_t>(col);
+        esc_val[e] = row[col];
+      }
+      ++e;
     }
   }
   return e;
@@ -227,8 +230,8 @@ RowRange row_range_avx512(const uint16_t* row, int64_t K) {
   return r;
 }
 
-int64_t pack_row_avx512(const uint16_t* row, int64_t K, int base, uint8_t* sm, uint8_t* codes, int32_t* esc_col,
-                        uint16_t* esc_val) {
+int64_t pack_row_avx512(const uint16_t* row, int64_t K, int base, int64_t room, uint8_t* sm, uint8_t* codes,
+                        int32_t* esc_col, uint16_t* esc_val) {
   const __m512i vbase = _mm512_set1_epi16(static_cast<int16_t>(base)), v14 = _mm512_set1_epi16(14);
   const __m512i v15 = _mm512_set1_epi16(15), vff = _mm512_set1_epi16(0xFF), m80 = _mm512_set1_epi16(0x80);
   int64_t e = 0;
@@ -252,8 +255,11 @@ int64_t pack_row_avx512(const uint16_t* row, int64_t K, int base, uint8_t* sm, u
                         _mm512_cvtepi16_epi8(_mm512_or_si512(code[0], _mm512_slli_epi16(code[1], 4))));
     for (uint64_t mask = esc[0] | uint64_t(esc[1]) << 32; mask; mask &= mask - 1) {
       const int64_t col = k + __builtin_ctzll(mask);
-      esc_col[e] = static_cast<int32_t>(col);
-      esc_val[e++] = row[col];
+      if (e < room) {   // never past the row's slots (rows other than those planned: the caller's check fails)
+        esc_col[e] = static_cast<int32_t>(col);
+        esc_val[e] = row[col];
+      }
+      ++e;
     }
   }
   return e;
@@ -318,12 +324,12 @@ void pack_bf16_rows(const at::Tensor& w, const at::Tensor& blob, int64_t row0, i
   auto* esc_val = reinterpret_cast<uint16_t*>(b + l.esc_val);
   at::parallel_for(0, rows, row_grain(K), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = row0 + i, first = pk.esc_ptr[n];
-      const int64_t written = (avx2 ? pack_row_avx2 : pack_row_avx512)(src + i * K, K, pk.base[n], sm + n * K,
-                                                                        codes + n * K / 2, esc_col + first,
-                                                                        esc_val + first);
-      TORCH_CHECK(written == pk.esc_ptr[n + 1] - first, "pack_bf16_rows: row ", n, " has ", written,
-                  " escapes where its plan said ", pk.esc_ptr[n + 1] - first, " (not the rows it was planned on)");
+      const int64_t n = row0 + i, first = pk.esc_ptr[n], room = pk.esc_ptr[n + 1] - first;
+      const int64_t found = (avx2 ? pack_row_avx2 : pack_row_avx512)(src + i * K, K, pk.base[n], room, sm + n * K,
+                                                                      codes + n * K / 2, esc_col + first,
+                                                                      esc_val + first);
+      TORCH_CHECK(found == room, "pack_bf16_rows: row ", n, " has ", found, " escapes where its plan said ", room,
+                  " (not the rows it was planned on)");
     }
   });
 }
