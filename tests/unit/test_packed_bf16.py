@@ -163,3 +163,18 @@ def test_without_native_kernels_packing_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     with pytest.raises(UnsupportedFeature, match="native kernels"):
         load_model(CKPT / "tiny-1B", dtype=torch.bfloat16, pack_bf16=True)
+
+
+def test_a_bad_bias_is_refused_as_the_plain_product_refuses_it() -> None:
+    """One bias check (gemv.cpp's ``checked_bias``) for the packed and the plain products."""
+    w = torch.randn(96, 128).to(torch.bfloat16)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    blob = kernels.pack_bf16(w)
+    for bias in (torch.zeros(95, dtype=torch.bfloat16), torch.zeros(96, 1, dtype=torch.float32)):
+        messages = []
+        for product in (lambda b: kernels.linear_bf16(x, w, b, path="avx2"),
+                        lambda b: kernels.linear_bf16_packed(x, blob, b, path="avx2")):
+            with pytest.raises(RuntimeError) as raised:
+                product(bias)
+            messages.append(str(raised.value).splitlines()[0])
+        assert messages[0] == messages[1] and "bias" in messages[0], messages

@@ -175,17 +175,9 @@ at::Tensor linear_bf16_packed(const at::Tensor& x_in, const at::Tensor& blob, co
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == pk.K,
               "linear_bf16_packed: x must be a (M, ", pk.K, ") bfloat16 CPU tensor");
   TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_bf16_packed: unknown path ", path);
-  const void* b = nullptr;
-  int bias_kind = kNone;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == pk.N && bias->is_contiguous() &&
-                    (bias->scalar_type() == at::kBFloat16 || bias->scalar_type() == at::kFloat),
-                "linear_bf16_packed: bias must be a contiguous (N,) bf16 or float32 tensor");
-    b = bias->data_ptr();
-    bias_kind = bias->scalar_type() == at::kBFloat16 ? kBf16 : kF32;
-  }
+  const BiasArg b = checked_bias(bias, pk.N);
   at::Tensor out = at::empty({x.size(0), pk.N}, x.options());
-  matvec_bf16_packed(static_cast<const uint16_t*>(x.data_ptr()), x.size(0), pk, b, bias_kind, out.data_ptr(), kBf16,
+  matvec_bf16_packed(static_cast<const uint16_t*>(x.data_ptr()), x.size(0), pk, b.data, b.kind, out.data_ptr(), kBf16,
                      path);
   return out;
 }
