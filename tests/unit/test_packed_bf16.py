@@ -90,7 +90,7 @@ def test_packing_at_load_reads_the_file_mapping_and_drops_its_pages(tmp_path) ->
     def watch(name: str, tensor: torch.Tensor) -> None:
         nonlocal packed_source
         viewed[name] = is_mapped_from(tensor, mapped_ranges(file))
-        if viewed[name] and name.endswith("proj.weight") or name.endswith("lm_head.weight"):
+        if viewed[name] and name.endswith(("proj.weight", "lm_head.weight")):
             packed_source += tensor.numel() * tensor.element_size()
 
     plan = loading.plan_load(folder, dtype=torch.bfloat16)
