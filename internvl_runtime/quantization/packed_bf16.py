@@ -10,7 +10,10 @@ So it is a choice (``load_model(pack_bf16=True)``, ``--pack-bf16``), for batch-1
 
 ``LayerPacker``: the loader's per-layer transform (as ``LayerQuantizer``): the language model's linear layers
 with bf16 weights and ``in_features`` a multiple of 64 become ``PackedBf16Linear`` as soon as their weights
-are in; the embeddings, norms, a tied LM head, the vision encoder and ``mlp1`` stay as they are.
+are in; the embeddings, norms, a tied LM head, the vision encoder and ``mlp1`` stay as they are. As the
+quantizer, it packs from a read-only view of the checkpoint file where the loader can give one (a fused weight:
+from its scratch mapping) and has the view's pages dropped as packing reads them, so a packed load's resident
+memory is the packed weights, not those plus the bf16 pages read (InternVL2-1B: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
