@@ -4,15 +4,15 @@
 //   pack_bf16_begin(w, path) -> blob                           the plan alone (sm, codes and escapes unwritten)
 //   pack_bf16_rows(w rows r0.., blob, r0, path)                the fill of those rows
 //
-// Plan: each row's exponent histogram gives its window (the first with the most exponents) and its escape count
-// (K - zeros - the window's count), so the blob can be allocated at its exact size, and the header, bases and
-// escape offsets written. Fill: 64 weights a step in vector registers (AVX-512BW on the AVX-512 paths, AVX2 on
-// the AVX2 one), each row's sign/mantissa bytes, codes and escapes (a mask, walked bit by bit where nonzero:
-// escapes are rare) written in place. The fill reads each row again, from the caches where the row's plan just
-// read it; the begin / rows split lets the loader fill in row chunks and drop each chunk's file pages once read
-// (quantization/packed_bf16.py), so a weight read from the checkpoint's mapping is never resident whole beside
-// its blob. Every path writes the same bytes (tests/unit/test_packed_bf16_format.py: a numpy writing of the
-// format, byte for byte, padding included).
+// Plan: each row's window (the first with the most exponents: see plan_row) and escape count, so that the blob
+// can be allocated at its exact size and its header, bases and escape offsets written. Fill: 64 weights a step in
+// vector registers (AVX-512BW on the AVX-512 paths, AVX2 on the AVX2 one), each row's sign/mantissa bytes, codes
+// and escapes (a mask, walked bit by bit where nonzero: escapes are rare) written in place. So each row is read
+// twice (the second time from the caches where the weight fits them). The begin / rows split lets the loader fill
+// in row chunks and drop each chunk's file pages once read (quantization/packed_bf16.py): a weight read from the
+// checkpoint's mapping is resident whole only from its plan to its fill, beside its blob, one layer at a time.
+// Every path writes the same bytes (tests/unit/test_packed_bf16_format.py: a numpy writing of the format, byte for
+// byte, padding included).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -115,8 +115,8 @@ void check_weight(const at::Tensor& w, const char* what) {
 // ----------------------------------------------------------------------------------- per ISA: range, fill
 // The range pass (plan_row's first pass), per 64 weights: the exponent e, min(e - 1) and max((e + 1) & 0xFF) as
 // 16-bit unsigned (0 and 255 out of the way), the 255s counted.
-// The fill of one row: per 64 weights, the exponent e = (w >> 7) & 0xFF and d = e - base (16-bit, wrapping below the window);
-// inside the window (d <= 14 unsigned) the code is d, else 15; an escape (outside, e != 0) keeps sign and
+// The fill of one row: per 64 weights, the exponent e = (w >> 7) & 0xFF and d = e - base (16-bit, wrapping below
+// the window); inside the window (d <= 14 unsigned) the code is d, else 15; an escape (outside, e != 0) keeps sign and
 // mantissa 0 and is listed (up to `room` of them: the row's slots). Codes of weights s and s + 32 share codes byte
 // s (low nibble, high nibble). Returns the escapes found.
 
