@@ -86,6 +86,13 @@ def _rows_with_every_case(n: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
+def _with_tiny_outliers(n: int, k: int, seed: int) -> torch.Tensor:
+    """Normal rows (no specials) with three values far below the rest: the top window holds all but them."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    w.view(torch.int16)[:, 5:8] = torch.tensor([0x0180, 0x8200 - 0x10000, 0x1000], dtype=torch.int16)
+    return w
+
+
 def _random_bits(n: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-32768, 32768, (n, k), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -115,6 +122,19 @@ def _narrow_rows_with_specials(n: int, k: int, seed: int) -> torch.Tensor:
     return w
 
 
+def _counted_rows(specs: list[dict[int, int]], k: int = 64) -> torch.Tensor:
+    """One row per {exponent: count} (counts summing to k, in turn), random signs and mantissas: rows whose top
+    exponent's weights are more, as many, or fewer than those below the top window (which window wins then)."""
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    for spec in specs:
+        exponent = torch.tensor([e for e, count in spec.items() for _ in range(count)])
+        assert len(exponent) == k
+        rest = torch.randint(0, 256, (k,), generator=g)
+        rows.append(((rest >> 7) << 15) | (exponent[torch.randperm(k, generator=g)] << 7) | (rest & 0x7F))
+    return torch.stack(rows).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
 CASES = {
     "every case, K=64": lambda: _rows_with_every_case(9, 64, 0),
     "every case, K=896": lambda: _rows_with_every_case(37, 896, 1),
@@ -127,6 +147,10 @@ CASES = {
     "narrow rows with inf / NaN": lambda: _narrow_rows_with_specials(6, 128, 8),
     "window edges": lambda: _exponent_rows([(100, 15), (100, 16), (1, 15), (1, 16), (240, 15), (239, 16), (200, 1),
                                             (1, 254), (254, 1)]),
+    "tiny outliers": lambda: _with_tiny_outliers(7, 896, 10),
+    "top against below": lambda: _counted_rows([{150: 4, 140: 57, 130: 3}, {150: 4, 140: 56, 130: 4},
+                                                {150: 4, 140: 55, 130: 5}, {150: 2, 137: 2, 136: 58, 121: 2},
+                                                {150: 1, 149: 30, 120: 33}, {150: 1, 120: 30, 110: 33}]),
     # 2 exponents tie for several windows: the first window holding both wins
     "ties": lambda: torch.tensor([[1.0, 2.0 ** -20] * 32, [2.0 ** 30, 2.0 ** -30] * 32], dtype=torch.bfloat16),
 }

@@ -42,13 +42,27 @@ inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 32768 / K); }
 // A row's window: the first b in 1..240 whose [b, b + 14] holds the most of its exponents in 1..254. A first pass
 // in vector registers finds the lowest and highest of those exponents and counts the 255s (inf / NaN: always
 // escapes). Where they span at most 15 values (normal rows: random normal ones up to K ~ 5000), the first window
-// holding them all is the answer, max(1, hi - 14), and the 255s are the escapes. Otherwise an exponent histogram
-// of the row (four sub-histograms a weight apart, so that neighbouring weights of one exponent, the common case,
-// do not wait on each other's increment) is searched over the windows that meet [lo, hi] only.
+// holding them all is the answer, max(1, hi - 14), and the 255s are the escapes. Else a second vector pass counts
+// the top exponent's weights and those below the top window [hi - 14, hi]: where those below are fewer, no lower
+// window can hold as many (it loses the top exponent's weights and gains at most those below), so the top window
+// is the answer (a row with a few tiny outliers). Otherwise an exponent histogram of the row (four sub-histograms a
+// weight apart, so that neighbouring weights of one exponent, the common case, do not wait on each other's
+// increment) is searched over the windows that meet [lo, hi] only.
 
 struct RowRange {
   int lo = 255, hi = 0;    // the lowest and highest exponent in 1..254 (lo > hi: none)
   int64_t specials = 0;    // weights of exponent 255
+};
+
+struct TopCounts {
+  int64_t top = 0;         // weights of exponent hi
+  int64_t below = 0;       // weights of exponent 1 .. hi - 15
+};
+
+// One ISA's vector passes over a row.
+struct RowPasses {
+  RowRange (*range)(const uint16_t* row, int64_t K);
+  TopCounts (*top)(const uint16_t* row, int64_t K, int hi);
 };
 
 struct RowPlan {
@@ -56,8 +70,11 @@ struct RowPlan {
   int64_t escapes;
 };
 
-RowPlan plan_row(const uint16_t* row, int64_t K, const RowRange& r) {
+RowPlan plan_row(const uint16_t* row, int64_t K, const RowPasses& passes) {
+  const RowRange r = passes.range(row, K);
   if (r.hi - r.lo <= 14) return RowPlan{std::max(1, r.hi - 14), r.specials};
+  const TopCounts t = passes.top(row, K, r.hi);
+  if (t.below < t.top) return RowPlan{r.hi - 14, t.below + r.specials};
   constexpr int kSub = 4;
   uint32_t sub[kSub][256];
   for (auto& h : sub) {
@@ -165,6 +182,23 @@ RowRange row_range_avx2(const uint16_t* row, int64_t K) {
   return r;
 }
 
+// Weights of exponent hi, and of exponent 1 .. hi - 15 ((e - 1) < hi - 15 unsigned), counted by their bit masks.
+TopCounts top_counts_avx2(const uint16_t* row, int64_t K, int hi) {
+  const __m256i vff = _mm256_set1_epi16(0xFF), one = _mm256_set1_epi16(1), vhi = _mm256_set1_epi16(hi);
+  const __m256i floor = _mm256_set1_epi16(static_cast<int16_t>(hi - 16));   // (e - 1) <= hi - 16
+  TopCounts t;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m256i ex = _mm256_and_si256(_mm256_srli_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)), 7), vff);
+    const __m256i e1 = _mm256_sub_epi16(ex, one);
+    t.top += __builtin_popcount(_mm256_movemask_epi8(_mm256_cmpeq_epi16(ex, vhi)));
+    t.below += __builtin_popcount(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(e1, floor), e1)));
+  }
+  t.top /= 2;   // two mask bits a weight
+  t.below /= 2;
+  return t;
+}
+
 int64_t pack_row_avx2(const uint16_t* row, int64_t K, int base, int64_t room, uint8_t* sm, uint8_t* codes,
                       int32_t* esc_col, uint16_t* esc_val) {
   const __m256i vbase = _mm256_set1_epi16(static_cast<int16_t>(base)), v14 = _mm256_set1_epi16(14);
@@ -230,6 +264,18 @@ RowRange row_range_avx512(const uint16_t* row, int64_t K) {
   return r;
 }
 
+TopCounts top_counts_avx512(const uint16_t* row, int64_t K, int hi) {
+  const __m512i vff = _mm512_set1_epi16(0xFF), one = _mm512_set1_epi16(1), vhi = _mm512_set1_epi16(hi);
+  const __m512i floor = _mm512_set1_epi16(static_cast<int16_t>(hi - 16));
+  TopCounts t;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512i ex = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(row + k), 7), vff);
+    t.top += __builtin_popcount(_mm512_cmpeq_epi16_mask(ex, vhi));
+    t.below += __builtin_popcount(_mm512_cmple_epu16_mask(_mm512_sub_epi16(ex, one), floor));
+  }
+  return t;
+}
+
 int64_t pack_row_avx512(const uint16_t* row, int64_t K, int base, int64_t room, uint8_t* sm, uint8_t* codes,
                         int32_t* esc_col, uint16_t* esc_val) {
   const __m512i vbase = _mm512_set1_epi16(static_cast<int16_t>(base)), v14 = _mm512_set1_epi16(14);
@@ -277,12 +323,14 @@ at::Tensor pack_bf16_begin(const at::Tensor& w, int64_t path) {
   TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "pack_bf16: unknown path ", path);
   const int64_t N = w.size(0), K = w.size(1);
   const uint16_t* src = static_cast<const uint16_t*>(w.data_ptr());
-  const auto range = unpack_path_for(path) == kAvx2 || !has_avx512bw() ? row_range_avx2 : row_range_avx512;
+  const RowPasses passes = unpack_path_for(path) == kAvx2 || !has_avx512bw()
+                               ? RowPasses{row_range_avx2, top_counts_avx2}
+                               : RowPasses{row_range_avx512, top_counts_avx512};
   std::vector<uint8_t> bases(static_cast<size_t>(N));
   std::vector<int64_t> esc_ptr(static_cast<size_t>(N + 1), 0);
   at::parallel_for(0, N, row_grain(K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const RowPlan plan = plan_row(src + n * K, K, range(src + n * K, K));
+      const RowPlan plan = plan_row(src + n * K, K, passes);
       bases[n] = static_cast<uint8_t>(plan.base);
       esc_ptr[n + 1] = plan.escapes;
     }
