@@ -188,7 +188,10 @@ def pack_bf16(weight: torch.Tensor, *, path: str | None = None,
     goes (the loader's ``FileMappings.drop_pages``; as the quantizers' ``Release``). Each row is read twice:
     all rows for their windows and escape counts (the blob's size), then chunk by chunk for the bytes."""
     ops = _native_ops("pack_bf16")
-    path_id = extension._PATH_ID[extension._resolve(path)]
+    chosen = extension._resolve(path)
+    if chosen == "torch":
+        raise UnsupportedFeature("pack_bf16 needs a native path (there is no torch packer), not path='torch'")
+    path_id = extension._PATH_ID[chosen]
     weight = weight.detach().contiguous()
     if release is None:
         return ops.pack_bf16(weight, path_id)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from internvl_runtime import kernels
+from internvl_runtime.errors import UnsupportedFeature
 
 MAGIC = 0x3231464236314642      # "BF16BF12"
 PATHS = [p for p in ("avx2", "avx512") if not kernels.missing_flags(p)]
@@ -190,6 +191,11 @@ def test_packing_in_row_chunks_gives_the_same_blob_and_tells_each_row_once(path:
     assert bytes(blob.numpy()) == reference_pack(w)
     assert released[0][0] == 0 and released[-1][1] == 50 and len(released) == 8
     assert all(a[1] == b[0] for a, b in itertools.pairwise(released))
+
+
+def test_packing_has_no_torch_path() -> None:
+    with pytest.raises(UnsupportedFeature, match="native path"):
+        kernels.pack_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), path="torch")
 
 
 def test_a_bad_weight_is_refused() -> None:
