@@ -294,13 +294,12 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
         unit = max((u for u in units if module_name == u or module_name.startswith(u + ".")), key=len, default=None)
         return physical(units[unit] if unit is not None else plan.device)
 
-    # the file mappings of this load: the sink views weights through them, and the quantizer drops the pages of
-    # each row chunk it has read from such a view (a 16-bit LM head is never resident whole)
+    # the file mappings of this load: the sink views weights through them, and the quantizer and the packer drop the
+    # pages of each row chunk they have read from such a view (a 16-bit LM head is never resident whole)
     mappings = FileMappings()
-    quantizer = (LayerQuantizer(plan.quantization, release=mappings.drop_pages if mmap else None)
-                 if plan.quantization is not None else None)
-    # packed layers are read into memory (one tensor at a time) and packed from there
-    packer = LayerPacker(tied_head=plan.config.llm.tie_word_embeddings) if pack_bf16 else None
+    release = mappings.drop_pages if mmap else None
+    quantizer = (LayerQuantizer(plan.quantization, release=release) if plan.quantization is not None else None)
+    packer = LayerPacker(tied_head=plan.config.llm.tie_word_embeddings, release=release) if pack_bf16 else None
 
     def finish(name: str, module: torch.nn.Module) -> torch.nn.Module | None:
         if quantizer is not None and quantizer.wants(name, module):
@@ -309,19 +308,18 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
             return packer.pack(name, module, device_for(name))
         return None
 
-    def quantized(owner: str) -> bool:
-        return quantizer is not None and quantizer.wants(owner, model.get_submodule(owner))
-
-    def packed(owner: str) -> bool:
-        return packer is not None and packer.wants(owner, model.get_submodule(owner))
+    def replaced(owner: str) -> bool:             # on the CPU: its weights read once, by the quantizer or the packer
+        module = model.get_submodule(owner)
+        return ((quantizer is not None and quantizer.wants(owner, module))
+                or (packer is not None and packer.packs(owner, module)))
 
     def may_map(param_name: str) -> bool:
         owner = param_name.rpartition(".")[0]
-        return device_for(owner).type == "cpu" and not quantized(owner) and not packed(owner)
+        return device_for(owner).type == "cpu" and not replaced(owner)
 
-    def may_view(param_name: str) -> bool:        # read from the file to be quantized, then its pages dropped
+    def may_view(param_name: str) -> bool:        # read from the file to be quantized or packed, then its pages dropped
         owner = param_name.rpartition(".")[0]
-        return device_for(owner).type == "cpu" and quantized(owner)
+        return device_for(owner).type == "cpu" and replaced(owner)
 
     def read(part: Callable[[str], bool], hook: Progress | None, finished: set[str]) -> None:
         sink = DirectSink(model, device_for, finish=finish, watch=watch, may_map=may_map if mmap else None,

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 #: The build folder's name: a torch upgrade (new headers / ABI) gets its own build, never a stale one.
 EXTENSION_NAME = "internvl_kernels_v5_torch" + re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("gemv.cpp", "packed_bf16.cpp", "decode_step.cpp", "vision_attention.cpp"))
+                for name in ("gemv.cpp", "packed_bf16.cpp", "packed_bf16_pack.cpp", "decode_step.cpp",
+                             "vision_attention.cpp"))
 # No -march: the ISA is chosen per function in the source. -fopenmp: at::parallel_for is an OpenMP region
 # inlined from torch's headers, which runs on ONE thread when the extension is compiled without it. At
 # load time our libgomp.so.1 dependency resolves to the copy torch has already loaded (same soname), so

@@ -20,6 +20,8 @@ threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and `
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,21 @@ from . import extension
 from .packing import unpack_int4
 
 logger = logging.getLogger(__name__)
+
+
+def _native() -> Any:
+    """The native operators, or None where they do not run ($INTERNVL_CPU_KERNEL=torch, or no usable library)."""
+    if extension._forced() == "torch" or extension._load() is None:
+        return None
+    return extension._State.ops
+
+
+def _native_ops(what: str) -> Any:
+    """The native operators for an operator without a torch fallback: ``UnsupportedFeature`` where they do not run."""
+    ops = _native()
+    if ops is None:
+        raise UnsupportedFeature(f"{what} needs the native kernels ({extension.describe()})")
+    return ops
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +135,10 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group:
 
     One native pass where the kernels run (prefill dequantizes a layer per call: ~20x faster than the
     torch expression below, which remains the fallback and the reference)."""
-    if (dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu"
-            and extension._forced() != "torch" and extension._load() is not None
-            and packed.is_contiguous() and scales_and_zeros.is_contiguous()
+    ops = _native() if dtype in (torch.bfloat16, torch.float32) and packed.device.type == "cpu" else None
+    if (ops is not None and packed.is_contiguous() and scales_and_zeros.is_contiguous()
             and scales_and_zeros.dtype == torch.bfloat16):
-        return extension._State.ops.dequantize_int4(packed, scales_and_zeros, group, dtype)
+        return ops.dequantize_int4(packed, scales_and_zeros, group, dtype)
     q = unpack_int4(packed).float()
     n, k = q.shape
     sz = scales_and_zeros.float()                                         # (N, G, 2)
@@ -158,19 +174,35 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 # --------------------------------------------------------------------------------- packed bf16
 
 PACKED_BF16_COLUMNS = 64   # in_features must be a multiple of this to pack
+_PACK_CHUNK_ELEMS = 1 << 24  # weights packed between two ``release`` calls (32 MiB of bf16 read)
 
 
-def _native_ops(what: str):
-    if extension._forced() == "torch" or extension._load() is None:
-        raise UnsupportedFeature(f"{what} needs the native kernels ({extension.describe()})")
-    return extension._State.ops
-
-
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+def pack_bf16(weight: torch.Tensor, *, path: str | None = None,
+              release: Callable[[torch.Tensor], object] | None = None, chunk_rows: int | None = None) -> torch.Tensor:
     """bf16 ``weight`` (N, K), K a multiple of 64, stored losslessly in ~12 bits a weight: a 1-D uint8 blob
     (``csrc/packed_bf16.cpp`` describes it). ``unpack_bf16`` gives back every value bit for bit. Native only:
-    raises ``UnsupportedFeature`` where the kernels do not run."""
-    return _native_ops("pack_bf16").pack_bf16(weight.detach().contiguous())
+    raises ``UnsupportedFeature`` where the kernels do not run; every path writes the same bytes.
+
+    ``release(rows)``: told of each chunk of rows (``chunk_rows`` of them, default about 1M weights) once packing
+    has read it for good, so that a weight viewed from the checkpoint's mapping can have its pages dropped as it
+    goes (the loader's ``FileMappings.drop_pages``; as the quantizers' ``Release``). Each row is read twice:
+    all rows for their windows and escape counts (the blob's size), then chunk by chunk for the bytes."""
+    ops = _native_ops("pack_bf16")
+    chosen = extension._resolve(path)
+    if chosen == "torch":
+        raise UnsupportedFeature("pack_bf16 needs a native path (there is no torch packer), not path='torch'")
+    path_id = extension._PATH_ID[chosen]
+    weight = weight.detach().contiguous()
+    if release is None:
+        return ops.pack_bf16(weight, path_id)
+    blob = ops.pack_bf16_begin(weight, path_id)
+    n, k = weight.shape
+    step = chunk_rows or max(1, _PACK_CHUNK_ELEMS // k)
+    for start in range(0, n, step):
+        rows = weight[start:start + step]
+        ops.pack_bf16_rows(rows, blob, start, path_id)
+        release(rows)
+    return blob
 
 
 def unpack_bf16(blob: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ So it is a choice (``load_model(pack_bf16=True)``, ``--pack-bf16``), for batch-1
 
 ``LayerPacker``: the loader's per-layer transform (as ``LayerQuantizer``): the language model's linear layers
 with bf16 weights and ``in_features`` a multiple of 64 become ``PackedBf16Linear`` as soon as their weights
-are in; the embeddings, norms, a tied LM head, the vision encoder and ``mlp1`` stay as they are.
+are in; the embeddings, norms, a tied LM head, the vision encoder and ``mlp1`` stay as they are. As the
+quantizer, it packs from a read-only view of the checkpoint file where the loader can give one (a fused weight:
+from its scratch mapping) and has the view's pages dropped as packing reads them, so a packed load's resident
+memory is the packed weights, not those plus the bf16 pages read (InternVL2-1B: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from .. import kernels
 from ..models.layers.moe import Router
+from .linear import Release
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +50,13 @@ class PackedBf16Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> PackedBf16Linear:
-        """Pack a CPU bf16 layer (``in_features`` a multiple of ``kernels.PACKED_BF16_COLUMNS``)."""
-        bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(kernels.pack_bf16(linear.weight.detach()), bias)
+    def from_linear(cls, linear: nn.Linear, *, release: Release | None = None) -> PackedBf16Linear:
+        """Pack a CPU bf16 layer (``in_features`` a multiple of ``kernels.PACKED_BF16_COLUMNS``). ``release``: told
+        of each row chunk of the weight once packing has read it (``kernels.pack_bf16``: the loader drops the file
+        pages of a weight it hands over as a view of the checkpoint's mapping). The bias is copied: the layer's own
+        may be such a view, or live in a scratch mapping freed with the layer."""
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(kernels.pack_bf16(linear.weight.detach(), release=release), bias)
 
     def unpacked_weight(self) -> torch.Tensor:
         """The (N, K) bf16 weight, bit for bit (a new tensor each call)."""
@@ -68,10 +75,11 @@ class PackedBf16Linear(nn.Module):
 
 
 def packable(module: nn.Module) -> bool:
-    """Whether a layer can be packed: a linear layer (not a mixture-of-experts router) with bf16 weights on
-    the CPU and ``in_features`` a multiple of ``kernels.PACKED_BF16_COLUMNS``."""
+    """Whether a layer can be packed where it lies on the CPU: a linear layer (not a mixture-of-experts router)
+    with bf16 weights and ``in_features`` a multiple of ``kernels.PACKED_BF16_COLUMNS`` (a layer on the meta
+    device, not loaded yet, answers for the layer it will be)."""
     return (isinstance(module, nn.Linear) and not isinstance(module, Router)
-            and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.bfloat16 and module.weight.device.type in ("cpu", "meta")
             and module.in_features % kernels.PACKED_BF16_COLUMNS == 0)
 
 
@@ -79,11 +87,14 @@ class LayerPacker:
     """Packs the language model's linear layers one at a time, as the loader finishes each (``loading``).
 
     ``wants(name, module)``: an ``nn.Linear`` under ``language_model.`` (a tied LM head excluded: it is the
-    embedding table). ``pack(name, module, device)``: the packed layer, or the module itself where it
-    cannot be packed (``packable``). ``report()``: the log line, and {module name: "bf16 packed"}."""
+    embedding table). ``packs(name, module)``: wanted and packable, so that ``pack`` replaces it (the loader reads
+    such a layer's weight from the checkpoint's mapping, ``release`` dropping its pages as packing reads them).
+    ``pack(name, module, device)``: the packed layer, or None where the layer stays as it is (not packable, or not
+    on the CPU). ``report()``: the log line, and {module name: "bf16 packed"}."""
 
-    def __init__(self, tied_head: bool = False) -> None:
+    def __init__(self, tied_head: bool = False, *, release: Release | None = None) -> None:
         self.tied_head = tied_head
+        self.release = release
         self.done: dict[str, str] = {}
         self.kept: list[str] = []
         self.bytes_before = 0
@@ -94,12 +105,15 @@ class LayerPacker:
             return False
         return not (self.tied_head and name.endswith("lm_head"))
 
-    def pack(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
+    def packs(self, name: str, module: nn.Module) -> bool:
+        return self.wants(name, module) and packable(module)
+
+    def pack(self, name: str, module: nn.Module, device: torch.device) -> PackedBf16Linear | None:
         assert isinstance(module, nn.Linear), (name, type(module))
         if device.type != "cpu" or not packable(module):
             self.kept.append(name)
-            return module
-        layer = PackedBf16Linear.from_linear(module)
+            return None
+        layer = PackedBf16Linear.from_linear(module, release=self.release)
         self.done[name] = "bf16 packed"
         self.bytes_before += module.weight.numel() * 2
         self.bytes_after += layer.packed.numel()

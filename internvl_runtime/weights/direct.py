@@ -19,9 +19,9 @@ module's other parameters are then allocated one by one as they arrive (without 
 parameters are allocated together when its first tensor arrives).
 
 Reading to quantize (``may_view``): a parameter of a module that ``finish`` will replace (a linear layer
-quantized on the CPU) is, on the same conditions, a view of the file too, read by ``finish`` in place of a
-16-bit copy; once the module is replaced, the pages its parameters were read from are taken out of the process
-(``FileMappings.drop_pages``; a tied LM head read from the mapped embeddings drops the embeddings' pages, which
+quantized, or bf16-packed, on the CPU) is, on the same conditions, a view of the file too, read by ``finish`` in
+place of a 16-bit copy; once the module is replaced, the pages its parameters were read from are taken out of the
+process (``FileMappings.drop_pages``; a tied LM head read from the mapped embeddings drops the embeddings' pages, which
 the decode then touches one row per token). So quantizing at load costs the process neither a 16-bit copy of
 the layer nor the file pages behind it: what stays resident is the quantized model. Such views are not counted
 in ``mapped_bytes`` (none outlives its module). A fused parameter (several checkpoint tensors) is still copied.

@@ -7,6 +7,7 @@ stays as it was (the vision encoder, embeddings, norms; a tied LM head); a load 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -14,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from internvl_runtime import kernels
+from internvl_runtime import kernels, loading
 from internvl_runtime.engine.engine import EngineConfig, LLMEngine
 from internvl_runtime.engine.sampling_params import SamplingParams
 from internvl_runtime.errors import UnsupportedFeature
 from internvl_runtime.loading import load_model
 from internvl_runtime.processing.inputs import Message
 from internvl_runtime.quantization import PackedBf16Linear
+from internvl_runtime.testing.checkpoints import write_checkpoint
+from internvl_runtime.weights.mapping import is_mapped_from, mapped_ranges
 from paths import FIXTURES
 
 CKPT = FIXTURES / "ckpt"
@@ -59,6 +62,55 @@ def test_packed_layers_hold_the_checkpoint_weights_exactly() -> None:
     assert lm.get_input_embeddings().weight.dtype == torch.bfloat16
     assert not any(isinstance(m, PackedBf16Linear) for m in model.vision_model.modules())
     assert not any(isinstance(m, PackedBf16Linear) for m in model.mlp1.modules())
+
+
+def _resident_kib(path) -> int:
+    """Rss of this process's mappings of ``path`` (/proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                inside = len(head) == 6 and head[5] == target
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+def test_packing_at_load_reads_the_file_mapping_and_drops_its_pages(tmp_path) -> None:
+    """A bf16 checkpoint: each weight to pack is read from a view of the file (a fused one from its scratch copy),
+    its pages dropped once packed, and the packed model is the one packed from weights read into memory."""
+    llm = json.loads((CKPT / "tiny-1B" / "config.json").read_text())["llm_config"]
+    llm.update(hidden_size=512, intermediate_size=2048)        # weights of many pages: what is dropped shows
+    folder = write_checkpoint(tmp_path / "bf16", "1B", dtype=torch.bfloat16, config_overrides={"llm_config": llm})
+    file = folder / "model.safetensors"
+    packed_source = 0
+    viewed: dict[str, bool] = {}
+
+    def watch(name: str, tensor: torch.Tensor) -> None:
+        nonlocal packed_source
+        viewed[name] = is_mapped_from(tensor, mapped_ranges(file))
+        if viewed[name] and name.endswith(("proj.weight", "lm_head.weight")):
+            packed_source += tensor.numel() * tensor.element_size()
+
+    plan = loading.plan_load(folder, dtype=torch.bfloat16)
+    model = loading.build_on_devices(plan, watch=watch, pack_bf16=True)
+    prefix = "language_model.model.layers.0."
+    assert viewed["language_model.lm_head.weight"] and viewed[prefix + "mlp.down_proj.weight"]
+    assert viewed[prefix + "self_attn.o_proj.weight"]
+    assert not viewed[prefix + "self_attn.qkv_proj.weight"] and not viewed[prefix + "mlp.gate_up_proj.weight"]
+    # what packing read is out of the process again (what stays: pages shared with neighbours, never read views)
+    assert _resident_kib(file) * 1024 < packed_source / 4, (_resident_kib(file), packed_source)
+    read = load_model(folder, dtype=torch.bfloat16, pack_bf16=True, mmap=False)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBf16Linear)}
+    packed_read = {n: m for n, m in read.named_modules() if isinstance(m, PackedBf16Linear)}
+    assert packed.keys() == packed_read.keys() and len(packed) == 2 * 4 + 1    # 2 layers of 4, the LM head
+    for name, layer in packed.items():
+        other = packed_read[name]
+        assert torch.equal(layer.packed, other.packed), name
+        assert (layer.bias is None) == (other.bias is None)
+        assert layer.bias is None or torch.equal(layer.bias, other.bias)
+        assert layer.bias is None or not is_mapped_from(layer.bias, mapped_ranges(file))   # the layer's own copy
 
 
 def test_prefill_rows_are_exactly_the_unpacked_layer() -> None:
@@ -111,3 +163,18 @@ def test_without_native_kernels_packing_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(kernels.ENV_VAR, "torch")
     with pytest.raises(UnsupportedFeature, match="native kernels"):
         load_model(CKPT / "tiny-1B", dtype=torch.bfloat16, pack_bf16=True)
+
+
+def test_a_bad_bias_is_refused_as_the_plain_product_refuses_it() -> None:
+    """One bias check (gemv.cpp's ``checked_bias``) for the packed and the plain products."""
+    w = torch.randn(96, 128).to(torch.bfloat16)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    blob = kernels.pack_bf16(w)
+    for bias in (torch.zeros(95, dtype=torch.bfloat16), torch.zeros(96, 1, dtype=torch.float32)):
+        messages = []
+        for product in (lambda b: kernels.linear_bf16(x, w, b, path="avx2"),
+                        lambda b: kernels.linear_bf16_packed(x, blob, b, path="avx2")):
+            with pytest.raises(RuntimeError) as raised:
+                product(bias)
+            messages.append(str(raised.value).splitlines()[0])
+        assert messages[0] == messages[1] and "bias" in messages[0], messages

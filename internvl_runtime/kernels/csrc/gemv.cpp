@@ -1303,12 +1303,9 @@ void check_common(const at::Tensor& x, const at::Tensor& w, const std::optional<
   p.N = w.size(0);
   p.K = w.size(1);
   p.ldx = p.K;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.N && bias->is_contiguous(),
-                "internvl_kernels: bias must be a contiguous (N,) tensor");
-    p.bias_kind = kind_of(*bias, "bias");
-    p.bias = bias->data_ptr();
-  }
+  const BiasArg b = checked_bias(bias, p.N);
+  p.bias = b.data;
+  p.bias_kind = b.kind;
 }
 
 at::Tensor linear_bf16(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -1364,6 +1361,13 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& w, const at::Te
 }  // namespace
 
 namespace internvl_kernels {
+
+BiasArg checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return BiasArg{};
+  TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+              "internvl_kernels: bias must be a contiguous (N,) CPU tensor");
+  return BiasArg{bias->data_ptr(), kind_of(*bias, "bias")};
+}
 
 namespace {
 
@@ -1526,17 +1530,10 @@ at::Tensor linear_int4(const at::Tensor& x_in, const at::Tensor& w, const at::Te
                   sz.size(2) == 2 && sz.is_contiguous(),
               "linear_int4: scales_and_zeros must be a contiguous (N, K/group, 2) bfloat16 tensor");
   TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "linear_int4: unknown path ", path);
-  const void* b = nullptr;
-  int bias_kind = kNone;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
-                "linear_int4: bias must be a contiguous (N,) tensor");
-    bias_kind = kind_of(*bias, "bias");
-    b = bias->data_ptr();
-  }
+  const BiasArg b = checked_bias(bias, N);
   at::Tensor out = at::empty({M, N}, x.options());
   matvec_int4(static_cast<const uint16_t*>(x.data_ptr()), M, K, w.data_ptr<uint8_t>(),
-              static_cast<const uint16_t*>(sz.data_ptr()), group, N, b, bias_kind, out.data_ptr(), kBf16, path);
+              static_cast<const uint16_t*>(sz.data_ptr()), group, N, b.data, b.kind, out.data_ptr(), kBf16, path);
   return out;
 }
 

@@ -3,6 +3,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
+
+namespace at {
+class Tensor;
+}
 
 namespace internvl_kernels {
 
@@ -44,6 +49,14 @@ struct Problem {
                                        // scratch buffer that `w` then points into, for the bf16 tiles
   int64_t path = 0;              // packed weights: the ISA path of the call (unpack_bf16_rows's argument)
 };
+
+// A product's optional bias, checked: a contiguous (N,) bf16 or float32 tensor (its data and kind), or none
+// (nullptr, kNone). The one check of the GEMV operators (gemv.cpp) and the packed one (packed_bf16.cpp).
+struct BiasArg {
+  const void* data = nullptr;
+  int kind = kNone;
+};
+BiasArg checked_bias(const std::optional<at::Tensor>& bias, int64_t N);
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;

@@ -25,6 +25,28 @@ struct PackedBf16 {
 };
 
 constexpr int kPackedEscapeCode = 15;   // exponent 0; an escape's true value is in the row's list
+constexpr int64_t kPackedMagic = 0x3231464236314642LL;   // "BF16BF12"
+constexpr int64_t kPackedVersion = 1;
+
+// Where each section of the blob of an (N, K) matrix with E escapes starts, and its size (bytes): a 64-byte
+// header {magic, version, N, K, E}, then sm, codes, base, esc_ptr, esc_col, esc_val, each 64-byte aligned.
+struct PackedLayout {
+  int64_t sm, codes, base, esc_ptr, esc_col, esc_val, total;
+};
+
+inline int64_t packed_align64(int64_t n) { return (n + 63) & ~int64_t(63); }
+
+inline PackedLayout packed_layout(int64_t N, int64_t K, int64_t E) {
+  PackedLayout l;
+  l.sm = 64;
+  l.codes = packed_align64(l.sm + N * K);
+  l.base = packed_align64(l.codes + N * K / 2);
+  l.esc_ptr = packed_align64(l.base + N);
+  l.esc_col = packed_align64(l.esc_ptr + (N + 1) * 8);
+  l.esc_val = packed_align64(l.esc_col + E * 4);
+  l.total = packed_align64(l.esc_val + E * 2);
+  return l;
+}
 
 // The unpacking a caller on ISA path `path` runs: AVX2 on the AVX2 path, AVX-512BW on both AVX-512 ones.
 inline int64_t unpack_path_for(int64_t path) { return path == kAvx2 ? kAvx2 : kAvx512; }
