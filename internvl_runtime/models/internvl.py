@@ -32,6 +32,13 @@ from .vision.intern_vit import InternVisionModel
 
 _FORWARD_BLOCK = 16  # KV block size of forward()'s one-off cache
 
+#: On the CPU the encoder runs at most this many tiles at once (``extract_feature``): a 7-tile image encoded
+#: in one batch holds ~190 MiB of activations at InternVL2-1B's shapes in bf16 (~400 MiB under the upcast
+#: plan's float32), two tiles at a time 40 (130), at the same speed per tile on both plans, with every feature
+#: bit for bit the one-batch value (each tile's rows meet the same products; benchmarks/RESULTS.md, sixth
+#: session). Other devices run the whole batch: a GPU wants the large products.
+CPU_TILES_PER_FORWARD = 2
+
 
 @dataclass
 class CausalLMOutput(ModelOutput):
@@ -197,9 +204,16 @@ class InternVLModel(nn.Module):
         return self.vision_model.embeddings.patch_embedding.weight.dtype
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden). Loads a deferred encoder first."""
+        """(tiles, 3, H, W) -> (tiles, num_image_token, llm_hidden). Loads a deferred encoder first. On the
+        CPU the tiles go through in groups of ``CPU_TILES_PER_FORWARD`` (the same features, less memory)."""
         self.load_vision()
         device = self.vision_model.embeddings.patch_embedding.weight.device
+        if device.type == "cpu" and pixel_values.shape[0] > CPU_TILES_PER_FORWARD:
+            return torch.cat([self._features(group, device) for group in pixel_values.split(CPU_TILES_PER_FORWARD)])
+        return self._features(pixel_values, device)
+
+    def _features(self, pixel_values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """One batch of tiles through the encoder, the pixel shuffle and mlp1."""
         x = self.vision_model(pixel_values.to(device=device, dtype=self.vision_dtype),
                               select_layer=self.config.select_layer)
         x = x[:, 1:, :]                                                   # drop the class token
