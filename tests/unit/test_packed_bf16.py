@@ -25,6 +25,7 @@ from internvl_runtime.quantization import PackedBf16Linear
 from internvl_runtime.testing.checkpoints import write_checkpoint
 from internvl_runtime.weights.mapping import is_mapped_from, mapped_ranges
 from paths import FIXTURES
+from resident import resident_kib
 
 CKPT = FIXTURES / "ckpt"
 
@@ -64,18 +65,6 @@ def test_packed_layers_hold_the_checkpoint_weights_exactly() -> None:
     assert not any(isinstance(m, PackedBf16Linear) for m in model.mlp1.modules())
 
 
-def _resident_kib(path) -> int:
-    """Rss of this process's mappings of ``path`` (/proc/self/smaps)."""
-    target, total, inside = str(path.resolve()), 0, False
-    with open("/proc/self/smaps", encoding="utf-8") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-                inside = len(head) == 6 and head[5] == target
-            elif inside and line.startswith("Rss:"):
-                total += int(head[1])
-    return total
-
 
 def test_packing_at_load_reads_the_file_mapping_and_drops_its_pages(tmp_path) -> None:
     """A bf16 checkpoint: each weight to pack is read from a view of the file (a fused one from its scratch copy),
@@ -100,7 +89,7 @@ def test_packing_at_load_reads_the_file_mapping_and_drops_its_pages(tmp_path) ->
     assert viewed[prefix + "self_attn.o_proj.weight"]
     assert not viewed[prefix + "self_attn.qkv_proj.weight"] and not viewed[prefix + "mlp.gate_up_proj.weight"]
     # what packing read is out of the process again (what stays: pages shared with neighbours, never read views)
-    assert _resident_kib(file) * 1024 < packed_source / 4, (_resident_kib(file), packed_source)
+    assert resident_kib(file) * 1024 < packed_source / 4, (resident_kib(file), packed_source)
     read = load_model(folder, dtype=torch.bfloat16, pack_bf16=True, mmap=False)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBf16Linear)}
     packed_read = {n: m for n, m in read.named_modules() if isinstance(m, PackedBf16Linear)}

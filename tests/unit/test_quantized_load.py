@@ -29,6 +29,7 @@ from internvl_runtime.quantization.linear import Int4Linear, Int8Linear
 from internvl_runtime.weights.loader import LazyTensor, iter_checkpoint_lazy
 from internvl_runtime.weights.mapping import FileMappings, anonymous_empty, is_mapped_from, mapped_ranges
 from paths import FIXTURES
+from resident import resident_kib
 
 CKPT = FIXTURES / "ckpt" / "tiny-1B"
 FILE = CKPT / "model.safetensors"
@@ -107,28 +108,16 @@ def _big_file(tmp_path: Path) -> tuple[Path, torch.Tensor, LazyTensor]:
     return path, tensor, next(lazy for _, lazy in iter_checkpoint_lazy([path]))
 
 
-def _resident_kib(path: Path) -> int:
-    """Rss of this process's mappings of ``path`` (/proc/self/smaps)."""
-    target, total, inside = str(path.resolve()), 0, False
-    with open("/proc/self/smaps", encoding="utf-8") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
-                inside = len(head) == 6 and head[5] == target
-            elif inside and line.startswith("Rss:"):
-                total += int(head[1])
-    return total
-
 
 def test_drop_pages_takes_a_views_pages_out_and_its_bytes_read_the_same(tmp_path: Path) -> None:
     path, tensor, lazy = _big_file(tmp_path)
     mappings = FileMappings()
     view = lazy.mapped(mappings)
     assert view is not None and torch.equal(view, tensor)      # every page read: resident
-    assert _resident_kib(path) * 1024 >= 60 * mmap.PAGESIZE
+    assert resident_kib(path) * 1024 >= 60 * mmap.PAGESIZE
     dropped = mappings.drop_pages(view)
     assert tensor.numel() * 4 <= dropped < tensor.numel() * 4 + 2 * mmap.PAGESIZE   # whole pages, to the file end
-    assert _resident_kib(path) * 1024 <= 2 * mmap.PAGESIZE    # out of the process (the header page may stay)
+    assert resident_kib(path) * 1024 <= 2 * mmap.PAGESIZE    # out of the process (the header page may stay)
     assert torch.equal(view, tensor)                           # faulted in again from the file, same bytes
 
 

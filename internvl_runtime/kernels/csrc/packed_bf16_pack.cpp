@@ -127,6 +127,22 @@ void check_weight(const at::Tensor& w, const char* what) {
   TORCH_CHECK(w.size(1) % 64 == 0 && w.size(1) > 0, what, ": K must be a positive multiple of 64, got ", w.size(1));
 }
 
+// The escapes of one step of 64 weights from column k (bit j of mask: column k + j), listed after the row's first e;
+// returns the new count. Never past the row's slots (room): a row other than the one planned is refused by the
+// caller's check of the count.
+inline int64_t list_escapes(uint64_t mask, int64_t k, const uint16_t* row, int64_t e, int64_t room, int32_t* esc_col,
+                            uint16_t* esc_val) {
+  for (; mask; mask &= mask - 1) {
+    const int64_t col = k + __builtin_ctzll(mask);
+    if (e < room) {
+      esc_col[e] = static_cast<int32_t>(col);
+      esc_val[e] = row[col];
+    }
+    ++e;
+  }
+  return e;
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------------- per ISA: range, fill
@@ -227,14 +243,7 @@ int64_t pack_row_avx2(const uint16_t* row, int64_t K, int base, int64_t room, ui
     auto bits = [](__m256i a, __m256i b) {
       return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8)));
     };
-    for (uint64_t mask = bits(esc[0], esc[1]) | uint64_t(bits(esc[2], esc[3])) << 32; mask; mask &= mask - 1) {
-      const int64_t col = k + __builtin_ctzll(mask);
-      if (e < room) {   // never past the row's slots (rows other than those planned: the caller's check fails)
-        esc_col[e] = static_cast<int32_t>(col);
-        esc_val[e] = row[col];
-      }
-      ++e;
-    }
+    e = list_escapes(bits(esc[0], esc[1]) | uint64_t(bits(esc[2], esc[3])) << 32, k, row, e, room, esc_col, esc_val);
   }
   return e;
 }
@@ -299,14 +308,7 @@ int64_t pack_row_avx512(const uint16_t* row, int64_t K, int base, int64_t room, 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sm + k + 32), _mm512_cvtepi16_epi8(smw[1]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k / 2),
                         _mm512_cvtepi16_epi8(_mm512_or_si512(code[0], _mm512_slli_epi16(code[1], 4))));
-    for (uint64_t mask = esc[0] | uint64_t(esc[1]) << 32; mask; mask &= mask - 1) {
-      const int64_t col = k + __builtin_ctzll(mask);
-      if (e < room) {   // never past the row's slots (rows other than those planned: the caller's check fails)
-        esc_col[e] = static_cast<int32_t>(col);
-        esc_val[e] = row[col];
-      }
-      ++e;
-    }
+    e = list_escapes(esc[0] | uint64_t(esc[1]) << 32, k, row, e, room, esc_col, esc_val);
   }
   return e;
 }
