@@ -48,6 +48,16 @@ def _native_ops(what: str) -> Any:
     return ops
 
 
+def _native_path(what: str, path: str | None) -> tuple[Any, int]:
+    """The native operators and the id of the ISA path (``path``, else the selected one) for an operator with no
+    torch version (packing, unpacking): ``UnsupportedFeature`` where the kernels do not run or for path='torch'."""
+    ops = _native_ops(what)
+    chosen = extension._resolve(path)
+    if chosen == "torch":
+        raise UnsupportedFeature(f"{what} needs a native path (there is no torch version), not path='torch'")
+    return ops, extension._PATH_ID[chosen]
+
+
 def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
@@ -187,11 +197,7 @@ def pack_bf16(weight: torch.Tensor, *, path: str | None = None,
     has read it for good, so that a weight viewed from the checkpoint's mapping can have its pages dropped as it
     goes (the loader's ``FileMappings.drop_pages``; as the quantizers' ``Release``). Each row is read twice:
     all rows for their windows and escape counts (the blob's size), then chunk by chunk for the bytes."""
-    ops = _native_ops("pack_bf16")
-    chosen = extension._resolve(path)
-    if chosen == "torch":
-        raise UnsupportedFeature("pack_bf16 needs a native path (there is no torch packer), not path='torch'")
-    path_id = extension._PATH_ID[chosen]
+    ops, path_id = _native_path("pack_bf16", path)
     weight = weight.detach().contiguous()
     if release is None:
         return ops.pack_bf16(weight, path_id)
@@ -205,9 +211,10 @@ def pack_bf16(weight: torch.Tensor, *, path: str | None = None,
     return blob
 
 
-def unpack_bf16(blob: torch.Tensor) -> torch.Tensor:
-    """The bf16 (N, K) matrix of a ``pack_bf16`` blob, bit for bit."""
-    return _native_ops("unpack_bf16").unpack_bf16(blob)
+def unpack_bf16(blob: torch.Tensor, *, path: str | None = None) -> torch.Tensor:
+    """The bf16 (N, K) matrix of a ``pack_bf16`` blob, bit for bit (every path gives the same bits)."""
+    ops, path_id = _native_path("unpack_bf16", path)
+    return ops.unpack_bf16(blob, path_id)
 
 
 def packed_bf16_shape(blob: torch.Tensor) -> tuple[int, int]:

@@ -164,7 +164,7 @@ def test_the_blob_is_the_reference_byte_for_byte(case: str, path: str) -> None:
     blob = kernels.pack_bf16(w, path=path)
     assert blob.dtype == torch.uint8 and blob.dim() == 1
     assert bytes(blob.numpy()) == reference_pack(w)
-    assert torch.equal(kernels.unpack_bf16(blob).view(torch.int16), w.view(torch.int16))
+    assert torch.equal(kernels.unpack_bf16(blob, path=path).view(torch.int16), w.view(torch.int16))
 
 
 def test_the_reference_sees_escapes_exponent_zero_and_specials() -> None:
@@ -193,9 +193,12 @@ def test_packing_in_row_chunks_gives_the_same_blob_and_tells_each_row_once(path:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(released))
 
 
-def test_packing_has_no_torch_path() -> None:
+def test_packing_and_unpacking_have_no_torch_path() -> None:
     with pytest.raises(UnsupportedFeature, match="native path"):
         kernels.pack_bf16(torch.zeros(2, 64, dtype=torch.bfloat16), path="torch")
+    blob = kernels.pack_bf16(torch.zeros(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(UnsupportedFeature, match="native path"):
+        kernels.unpack_bf16(blob, path="torch")
 
 
 def test_a_bad_weight_is_refused() -> None:

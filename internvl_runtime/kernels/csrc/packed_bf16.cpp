@@ -154,17 +154,12 @@ void unpack_bf16_matrix(const PackedBf16& pk, uint16_t* out, int64_t path) {
 
 namespace {
 
-int64_t unpack_path() {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK(avx2, "packed bf16: unpacking needs AVX2");
-  return avx512 ? kAvx512 : kAvx2;
-}
-
-at::Tensor unpack_bf16(const at::Tensor& blob) {
+// `path`: the ISA path Python chose for this host (unpack_path_for says which unpacking it runs).
+at::Tensor unpack_bf16(const at::Tensor& blob, int64_t path) {
+  TORCH_CHECK(path == kAvx2 || path == kAvx512 || path == kAvx512Bf16, "unpack_bf16: unknown path ", path);
   const PackedBf16 pk = packed_view(blob);
   at::Tensor w = at::empty({pk.N, pk.K}, blob.options().dtype(at::kBFloat16));
-  unpack_bf16_matrix(pk, static_cast<uint16_t*>(w.data_ptr()), unpack_path());
+  unpack_bf16_matrix(pk, static_cast<uint16_t*>(w.data_ptr()), path);
   return w;
 }
 
@@ -185,7 +180,7 @@ at::Tensor linear_bf16_packed(const at::Tensor& x_in, const at::Tensor& blob, co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
-  m.def("unpack_bf16(Tensor blob) -> Tensor");
+  m.def("unpack_bf16(Tensor blob, int path) -> Tensor");
   m.def("linear_bf16_packed(Tensor x, Tensor blob, Tensor? bias, int path) -> Tensor");
 }
 
