@@ -658,8 +658,9 @@ def child_vision(args: argparse.Namespace) -> dict:
     warm = engine.processor.prepare([Message("user", PROMPT, [make_image(448, 448, 99)])], max_num=1)
     engine.generate([warm], SamplingParams(max_new_tokens=2, ignore_eos=True, temperature=0))
     result: dict = {}
+    images = {}
     for label, file, max_num in (("1tile", args.child_images[0], 1), ("7tiles", args.child_images[1], BIG_MAX_NUM)):
-        image = Image.open(file).convert("RGB")
+        image = images[label] = Image.open(file).convert("RGB")
         request = engine.processor.prepare([Message("user", PROMPT, [image])], max_num=max_num)
         pixels = request.images[0].pixel_values
         with torch.inference_mode():             # vision encoder + mlp1 alone, all tiles in one batch
@@ -669,8 +670,8 @@ def child_vision(args: argparse.Namespace) -> dict:
                          "prompt_tokens": len(request.prompt_token_ids), "vision_s": vision}
     # the same one-tile request with the template's system message left empty: a prompt of llama.cpp's length
     # (its GGUF template has no system turn), so both sides do the same work
-    image = Image.open(args.child_images[0]).convert("RGB")
-    request = engine.processor.prepare([Message("system", ""), Message("user", PROMPT, [image])], max_num=1)
+    request = engine.processor.prepare([Message("system", ""), Message("user", PROMPT, [images["1tile"]])],
+                                       max_num=1)
     times = [run_to_first_token(engine, request, f"nosys-{i}") for i in range(args.image_rounds)]
     result["1tile-nosys"] = {"ttft_s": min(times), "all_s": times, "tiles": request.images[0].num_tiles,
                              "prompt_tokens": len(request.prompt_token_ids)}
