@@ -32,6 +32,7 @@ from .extension import (
 )
 from .ops import (
     PACKED_BF16_COLUMNS,
+    causal_attention,
     decode_layers,
     dequantize_int4,
     linear_bf16,
@@ -53,6 +54,7 @@ __all__ = [
     "PATHS",
     "BuildLockTimeout",
     "available",
+    "causal_attention",
     "decode_layers",
     "dequantize_int4",
     "describe",

@@ -152,6 +152,7 @@ def _register_fakes() -> None:
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2] * q.shape[3]))
 
     register("internvl_kernels::vision_attention")(fake_attention)
+    register("internvl_kernels::causal_attention")(fake_attention)
 
 
 def _reset_for_tests() -> None:

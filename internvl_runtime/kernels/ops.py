@@ -10,7 +10,8 @@ threads taking chunks of rows from a shared counter. See ``csrc/gemv.cpp`` and `
   stored (``csrc/gemv.cpp``); ``dequantize_int4``: the weight an int4 layer computes with.
 - ``pack_bf16`` / ``unpack_bf16`` / ``linear_bf16_packed``: bf16 weights kept losslessly in ~12 bits a weight
   (``csrc/packed_bf16.cpp``): 3/4 of the bytes a decode step streams, every value kept.
-- ``vision_attention``: the vision encoder's attention (``csrc/vision_attention.cpp``).
+- ``vision_attention`` / ``causal_attention``: the vision encoder's attention and the language model's
+  prefill attention (``csrc/vision_attention.cpp``).
 - ``decode_layers``: every decoder layer of one decode step in one call (``csrc/decode_step.cpp``); no
   torch fallback (the caller keeps its Python layer loop where it does not apply).
 
@@ -241,6 +242,22 @@ def linear_bf16_packed(x: torch.Tensor, blob: torch.Tensor, bias: torch.Tensor |
 
 # ------------------------------------------------------------------------------------- attention
 
+def _attention_ops(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str | None = None) -> Any:
+    """The native operators where attention operator ``name`` runs on these tensors (bf16 CPU tensors, no
+    autograd, at least one key, the avx512bf16 path), else None."""
+    if (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k, v)) and k.shape[-3] > 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            and extension._resolve(path) == "avx512bf16" and extension.has_operator(name)):
+        return extension._State.ops
+    return None
+
+
+def _attention_failed(name: str, exc: RuntimeError) -> None:
+    if not extension._State.attention_warned:     # not expected: the callers' checks mirror the operator's
+        extension._State.attention_warned = True
+        logger.warning("internvl_runtime.kernels: %s failed (%s); using torch's SDPA", name, extension._summary(exc))
+
+
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
                      path: str | None = None) -> torch.Tensor:
     """Non-causal softmax attention, q (N, L, heads, D), k and v (N, S, heads, D) -> (N, L, heads * D).
@@ -258,20 +275,51 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     n, length, heads, dim = q.shape
     scale = dim ** -0.5 if scale is None else float(scale)
-    if (extension._resolve(path) == "avx512bf16" and k.shape[1] > 0
-            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k, v))
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+    if ops := _attention_ops("vision_attention", q, k, v, path):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         try:
-            return extension._State.ops.vision_attention(q, k, v, scale, extension._PATH_ID["avx512bf16"])
-        except RuntimeError as exc:     # not expected: the checks above mirror the operator's
-            if not extension._State.attention_warned:
-                extension._State.attention_warned = True
-                logger.warning("internvl_runtime.kernels: vision_attention failed (%s); using torch's SDPA",
-                               extension._summary(exc))
+            return ops.vision_attention(q, k, v, scale, extension._PATH_ID["avx512bf16"])
+        except RuntimeError as exc:
+            _attention_failed("vision_attention", exc)
     out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
                                          v.float().transpose(1, 2), scale=scale)
     return out.transpose(1, 2).reshape(n, length, heads * dim).to(q.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's causal attention: q (L, heads, D) at positions S - L .. S - 1 over k, v (S, kv_heads, D)
+    (a cached prefix, then the queries' own keys) -> (L, heads, D); query head h reads key head
+    h // (heads // kv_heads).
+
+    Native (``csrc/vision_attention.cpp``) on the avx512bf16 path for bf16 CPU tensors without autograd: fp32
+    scores, exact softmax, bf16 probabilities (as the official eager attention rounds them), any strides with
+    a contiguous last dimension (a paged cache's context read in place); 3-5x torch's flash kernel at a
+    prefill's shapes (benchmarks/RESULTS.md). Anything else, or a native failure (logged), runs torch's SDPA
+    in q's dtype (``is_causal`` where there is no prefix, else the mask).
+    """
+    length, heads, dim = q.shape
+    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim or k.shape[0] < length or heads % k.shape[1]:
+        raise ValueError(f"causal_attention: q (L, heads, D) and k, v (S >= L, kv_heads dividing heads, D) "
+                         f"expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if ops := _attention_ops("causal_attention", q, k, v):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        try:
+            out = ops.causal_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scale,
+                                       extension._PATH_ID["avx512bf16"])
+            return out.view(length, heads, dim)
+        except RuntimeError as exc:
+            _attention_failed("causal_attention", exc)
+    query = q.transpose(0, 1).unsqueeze(0)                                   # (1, H, L, D)
+    keys, values = (t.transpose(0, 1).unsqueeze(0) for t in (k, v))          # (1, KV, S, D)
+    gqa = heads != k.shape[1]
+    if k.shape[0] == length:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        slen = k.shape[0]
+        rows = torch.arange(length, device=q.device)[:, None] + (slen - length)
+        mask = torch.arange(slen, device=q.device)[None, :] <= rows             # (L, S)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)                                    # (L, H, D)
 
 
 # ---------------------------------------------------------------------------------- decode step

@@ -1,33 +1,42 @@
-// Non-causal softmax attention for the vision encoder (InternViT), bf16 in and out.
+// Softmax attention on the AVX-512 BF16 path, bf16 in and out: the vision encoder's (non-causal) and the
+// language model's prefill (causal, grouped-query).
 //
 //   vision_attention(q (N,L,H,D), k (N,S,H,D), v (N,S,H,D) bf16, scale, path) -> (N, L, H*D) bf16
+//   causal_attention(q (N,L,H,D), k (N,S,KV,D), v (N,S,KV,D) bf16, scale, path) -> (N, L, H*D) bf16
 //
 // q, k and v may have any strides as long as the head dimension D is contiguous, so the three views of
-// the fused qkv projection (N, L, 3, H, D) are read in place, and the result is laid out as the output
-// projection reads it (no transposes or copies around the call). out = softmax(scale * q k^T) v per
-// (batch, head), over all S keys (no mask).
+// the fused qkv projection (N, L, 3, H, D), or a paged cache's context, are read in place, and the result is
+// laid out as the output projection reads it (no transposes or copies around the call). out = softmax(scale *
+// q k^T) v per (batch, head): over all S keys (vision_attention), or (causal_attention) query i, at position
+// S - L + i (the keys before the first query are a cached prefix), over keys 0 .. S - L + i, query head h
+// reading key / value head h / (H / KV).
 //
 // Why: torch's CPU flash kernel spends ~2x the time at the InternViT-300M shape (1025 tokens, 16 heads
-// of 64) and at 1025 keys the whole score row of a query fits in L2, so no online (rescaled) softmax is
-// needed. Per (batch, head) K and V are packed once; each work item then takes a block of 48 queries:
-//   1. S = scale * Q K^T in fp32 (vdpbf16ps: bf16 products, fp32 sums; exact products);
-//   2. exact row softmax over all keys: P = exp(S - rowmax) rounded to bf16, with its row sum taken over
-//      the rounded values, so the weights the next step applies sum to exactly 1 after the division;
+// of 64), ~3-5x at a prefill's (a few hundred tokens, 14 heads of 64 over 2 key heads; RESULTS.md), and at
+// up to a few thousand keys the score rows of a block of queries fit in L2, so no online (rescaled) softmax
+// is needed. Per (batch, key head) K and V are packed once; each work item then takes a block of 48 queries:
+//   1. S = scale * Q K^T in fp32 (vdpbf16ps: bf16 products, fp32 sums; exact products), over the keys the
+//      block's last query sees;
+//   2. exact row softmax over the keys the row sees: P = exp(S - rowmax) rounded to bf16, with its row sum
+//      taken over the rounded values, so the weights the next step applies sum to exactly 1 after the
+//      division; P is zero for the keys it does not see;
 //   3. O = P V in fp32 (vdpbf16ps again), divided by the row sum and rounded once to bf16.
 // The only roundings beyond torch's float32 path are the bf16 probabilities (relative 2^-9 each,
-// unbiased, so they average out over the keys); the output is rounded to bf16 in both.
+// unbiased, so they average out over the keys; the official eager attention rounds them too); the output
+// is rounded to bf16 in both.
 //
-// Packed layouts (per batch and head; keys past S are zero):
+// Packed layouts (per batch and key head; keys past S are zero):
 // - K: tiles of 64 keys; within a tile [D/2 pairs][64 keys][2 dims], so one pair step of a micro tile
 //   reads 256 contiguous bytes (4 vectors of 16 keys x 2 dims).
 // - V: [S/2 key pairs][Dv dims][2 keys], Dv = D rounded up to 16: one pair step reads 16 dims x 2 keys per
 //   vector, which vdpbf16ps multiplies with a broadcast pair of probabilities (p_2i, p_2i+1).
 // Micro tiles keep 6 query rows x 4 vectors (24 of the 32 zmm registers) as accumulators.
 //
-// Work items (batch, head, query block) are taken from a shared counter, so a thread slowed down by
-// another process does not hold up the others. Only an AVX-512 BF16 path exists (`path` 2, the numbering
-// of gemv.h); Python falls back to torch's SDPA elsewhere. As in gemv.cpp the file is compiled without
-// -march and the ISA-specific code lives in a `#pragma GCC target` region.
+// Work items (batch, head, query block) are taken from a shared counter, the last (causal: the largest)
+// query blocks first, so a thread slowed down by another process does not hold up the others. Only an
+// AVX-512 BF16 path exists (`path` 2, the numbering of gemv.h); Python falls back to torch's SDPA elsewhere.
+// As in gemv.cpp the file is compiled without -march and the ISA-specific code lives in a `#pragma GCC
+// target` region.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -102,11 +111,15 @@ void run_on_threads(int64_t threads, const F& f) {
 
 struct Dims {
   int64_t N, L, S, H, D;
+  int64_t KV;        // key / value heads (H for vision_attention; H a multiple of it)
+  bool causal;       // query i sees keys 0 .. S - L + i (else all S)
   int64_t pairs;     // ceil(D / 2): bf16 pairs per q / k row
   int64_t Dv;        // D rounded up to 16: packed V row width
   int64_t S16;       // S rounded up to 16: keys with scores computed
-  int64_t k_stride;  // elements of packed K per (batch, head)
-  int64_t v_stride;  // elements of packed V per (batch, head)
+  int64_t k_stride;  // elements of packed K per (batch, key head)
+  int64_t v_stride;  // elements of packed V per (batch, key head)
+  // keys query i sees (1-based count)
+  int64_t seen(int64_t i) const { return causal ? std::min(S, S - L + i + 1) : S; }
 };
 
 }  // namespace
@@ -272,30 +285,33 @@ struct Scratch {
   float inv[kQueryBlock];   // 1 / row sums
 };
 
-// Rows m0 .. m0 + rows of query block for (b, h) -> out rows (ldo apart, at this head's columns).
+// Rows m0 .. m0 + rows of query block for (b, h) -> out rows (ldo apart, at this head's columns); kp / vp: the
+// packed K / V of the head's key head.
 void attend_block(const Operand& q, int64_t b, int64_t h, int64_t m0, int64_t rows, const uint16_t* kp,
                   const uint16_t* vp, const Dims& d, float scale, Scratch& w, uint16_t* out, int64_t ldo) {
   const int64_t ldq = 2 * d.pairs, lds = d.S16;
+  const int64_t keys = d.seen(m0 + rows - 1);          // the keys the block's last query sees
+  const int64_t keys16 = (keys + 15) / 16 * 16;
   // Q rows of the block, zero-padded to whole pairs
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(w.q.data() + r * ldq, q.row(b, m0 + r, h), d.D * sizeof(uint16_t));
     if (d.D % 2) w.q[r * ldq + d.D] = 0;
   }
   // 1. scores
-  for (int64_t n0 = 0; n0 < d.S16; n0 += kKeyTile) {
-    const int64_t nk = std::min<int64_t>(kKeyTile, d.S16 - n0) / 16;
+  for (int64_t n0 = 0; n0 < keys16; n0 += kKeyTile) {
+    const int64_t nk = std::min<int64_t>(kKeyTile, keys16 - n0) / 16;
     const uint16_t* kt = kp + (n0 / kKeyTile) * d.pairs * 2 * kKeyTile;
     for (int64_t r = 0; r < rows; r += kTileRows) {
       const int64_t mr = std::min<int64_t>(kTileRows, rows - r);
       kQk[nk - 1][mr - 1](w.q.data() + r * ldq, ldq, kt, d.pairs, scale, w.s.data() + r * lds + n0, lds);
     }
   }
-  // 2. softmax over the S keys of each row; P is zero for keys S .. S16
-  const int64_t full = d.S / 16 * 16;
-  const __mmask16 tail = first_bits16(d.S - full);
+  // 2. softmax over the keys each row sees; P is zero for the others up to keys16
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = w.s.data() + r * lds;
     uint16_t* pr = w.p.data() + r * lds;
+    const int64_t seen = d.seen(m0 + r), full = seen / 16 * 16;
+    const __mmask16 tail = first_bits16(seen - full);
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t n = 0; n < full; n += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + n));
     if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(s + full));
@@ -306,16 +322,19 @@ void attend_block(const Operand& q, int64_t b, int64_t h, int64_t m0, int64_t ro
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), e);
       sum = _mm512_add_ps(sum, from_bf16(e));
     }
-    if (full < d.S16) {
+    int64_t n = full;
+    if (tail) {
       const __m512 x = _mm512_maskz_sub_ps(tail, _mm512_loadu_ps(s + full), vm);
       const __m256i e = to_bf16(_mm512_maskz_mov_ps(tail, exp_ps(x)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + full), e);
       sum = _mm512_add_ps(sum, from_bf16(e));
+      n += 16;
     }
+    for (; n < keys16; n += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), _mm256_setzero_si256());
     w.inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // 3. out = P V / row sum, one group of 64 output columns at a time
-  const int64_t kpairs = (d.S + 1) / 2;
+  const int64_t kpairs = (keys + 1) / 2;
   for (int64_t c0 = 0; c0 < d.D; c0 += kColGroup) {
     const int64_t cols = std::min<int64_t>(kColGroup, d.D - c0);
     const int64_t nc = (cols + 15) / 16;
@@ -329,20 +348,20 @@ void attend_block(const Operand& q, int64_t b, int64_t h, int64_t m0, int64_t ro
 
 void attention_bf16(const Operand& q, const Operand& k, const Operand& v, const Dims& d, float scale,
                     uint16_t* out) {
-  const int64_t heads = d.N * d.H;
-  std::unique_ptr<uint16_t[]> kbuf(new uint16_t[heads * d.k_stride]);  // uninitialised: every read
-  std::unique_ptr<uint16_t[]> vbuf(new uint16_t[heads * d.v_stride]);  // element is written by the packing
+  const int64_t heads = d.N * d.H, kv_heads = d.N * d.KV, group = d.H / d.KV;
+  std::unique_ptr<uint16_t[]> kbuf(new uint16_t[kv_heads * d.k_stride]);  // uninitialised: every read
+  std::unique_ptr<uint16_t[]> vbuf(new uint16_t[kv_heads * d.v_stride]);  // element is written by the packing
   const int64_t blocks = (d.L + kQueryBlock - 1) / kQueryBlock;
   const int64_t items = heads * blocks;
   // one thread below ~0.1 ms of work (2^21 pair products ~ 16 heads of 64 tokens x 64): starting more costs more
-  const int64_t pair_products = heads * d.L * d.S * d.pairs;
+  const int64_t pair_products = heads * d.L * d.S * d.pairs / (d.causal ? 2 : 1);
   const int64_t threads =
       pair_products < (int64_t(1) << 21) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   std::atomic<int64_t> next_head{0};
-  run_on_threads(std::min(threads, heads), [&] {
-    for (int64_t bh; (bh = next_head.fetch_add(1, std::memory_order_relaxed)) < heads;) {
-      pack_k(k, bh / d.H, bh % d.H, d, kbuf.get() + bh * d.k_stride);
-      pack_v(v, bh / d.H, bh % d.H, d, vbuf.get() + bh * d.v_stride);
+  run_on_threads(std::min(threads, kv_heads), [&] {
+    for (int64_t bg; (bg = next_head.fetch_add(1, std::memory_order_relaxed)) < kv_heads;) {
+      pack_k(k, bg / d.KV, bg % d.KV, d, kbuf.get() + bg * d.k_stride);
+      pack_v(v, bg / d.KV, bg % d.KV, d, vbuf.get() + bg * d.v_stride);
     }
   });
   const int64_t ldo = d.H * d.D;
@@ -355,10 +374,11 @@ void attention_bf16(const Operand& q, const Operand& k, const Operand& v, const 
     for (;;) {
       const int64_t item = next.fetch_add(1, std::memory_order_relaxed);
       if (item >= items) break;
-      const int64_t bh = item / blocks, m0 = (item % blocks) * kQueryBlock;
-      const int64_t b = bh / d.H, h = bh % d.H;
-      attend_block(q, b, h, m0, std::min(kQueryBlock, d.L - m0), kbuf.get() + bh * d.k_stride,
-                   vbuf.get() + bh * d.v_stride, d, scale, w, out + (b * d.L + m0) * ldo + h * d.D, ldo);
+      // the last query blocks first: under the causal mask they are the largest
+      const int64_t bh = item % heads, m0 = (blocks - 1 - item / heads) * kQueryBlock;
+      const int64_t b = bh / d.H, h = bh % d.H, bg = b * d.KV + h / group;
+      attend_block(q, b, h, m0, std::min(kQueryBlock, d.L - m0), kbuf.get() + bg * d.k_stride,
+                   vbuf.get() + bg * d.v_stride, d, scale, w, out + (b * d.L + m0) * ldo + h * d.D, ldo);
     }
   });
 }
@@ -370,26 +390,29 @@ void attention_bf16(const Operand& q, const Operand& k, const Operand& v, const 
 // Operator (no ISA-specific code below this line).
 namespace {
 
-Operand operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "vision_attention: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16, "vision_attention: ", name, " must be bfloat16, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "vision_attention: ", name, " must be (N, tokens, heads, head_dim), got ", t.dim(),
-              " dimensions");
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "vision_attention: ", name,
-              " must have a contiguous last (head_dim) dimension");
+Operand operand(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be (N, tokens, heads, head_dim), got ", t.dim(), " dimensions");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must have a contiguous last (head_dim) dimension");
   return {static_cast<const uint16_t*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-at::Tensor vision_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                            int64_t path) {
-  const Operand qo = operand(q, "q"), ko = operand(k, "k"), vo = operand(v, "v");
-  TORCH_CHECK(k.sizes() == v.sizes(), "vision_attention: k and v must have the same shape, got ", k.sizes(),
-              " and ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
-              "vision_attention: q ", q.sizes(), " and k ", k.sizes(), " differ in batch, heads or head_dim");
-  TORCH_CHECK(std::isfinite(scale), "vision_attention: scale must be finite, got ", scale);
-  TORCH_CHECK(path == kAvx512Bf16, "vision_attention: only the AVX-512 BF16 path (", int64_t(kAvx512Bf16),
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal,
+                     int64_t path, const char* op) {
+  const Operand qo = operand(q, op, "q"), ko = operand(k, op, "k"), vo = operand(v, op, "v");
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q ", q.sizes(), " and k ", k.sizes(),
+              " differ in batch or head_dim");
+  if (causal) {
+    TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0 && k.size(1) >= q.size(1), op, ": q ", q.sizes(),
+                " and k ", k.sizes(), ": the query heads must be a multiple of the key heads and the keys at least as "
+                "many as the queries");
+  } else {
+    TORCH_CHECK(q.size(2) == k.size(2), op, ": q ", q.sizes(), " and k ", k.sizes(), " differ in heads");
+  }
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(path == kAvx512Bf16, op, ": only the AVX-512 BF16 path (", int64_t(kAvx512Bf16),
               ") is native, got path ", path);
   Dims d{};
   d.N = q.size(0);
@@ -397,8 +420,9 @@ at::Tensor vision_attention(const at::Tensor& q, const at::Tensor& k, const at::
   d.S = k.size(1);
   d.H = q.size(2);
   d.D = q.size(3);
-  TORCH_CHECK(d.S > 0 || d.L == 0 || d.N == 0 || d.H == 0 || d.D == 0,
-              "vision_attention: no keys to attend to (k has 0 tokens)");
+  d.KV = k.size(2);
+  d.causal = causal;
+  TORCH_CHECK(d.S > 0 || d.L == 0 || d.N == 0 || d.H == 0 || d.D == 0, op, ": no keys to attend to (k has 0 tokens)");
   at::Tensor out = at::empty({d.N, d.L, d.H * d.D}, q.options());
   if (out.numel() == 0) return out;
   d.pairs = (d.D + 1) / 2;
@@ -410,10 +434,24 @@ at::Tensor vision_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+at::Tensor vision_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            int64_t path) {
+  return attention(q, k, v, scale, false, path, "vision_attention");
+}
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            int64_t path) {
+  return attention(q, k, v, scale, true, path, "causal_attention");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(internvl_kernels, m) {
   m.def("vision_attention(Tensor q, Tensor k, Tensor v, float scale, int path) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int path) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) { m.impl("vision_attention", &vision_attention); }
+TORCH_LIBRARY_IMPL(internvl_kernels, CPU, m) {
+  m.impl("vision_attention", &vision_attention);
+  m.impl("causal_attention", &causal_attention);
+}

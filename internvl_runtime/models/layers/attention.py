@@ -1,4 +1,4 @@
-"""Causal self-attention over a paged KV cache, through ``scaled_dot_product_attention``.
+"""Causal self-attention over a paged KV cache (the native kernel or ``scaled_dot_product_attention``).
 
 A step's tokens from B sequences are flattened to T rows (no padding). Each layer owns one KV pool of
 shape (num_slots, num_kv_heads, head_dim) for keys and one for values, where num_slots = num_blocks *
@@ -8,10 +8,10 @@ The engine's block manager decides the slots; the model only reads and writes th
 Two shapes of step:
 - decode (every sequence adds one token): keys/values of all B sequences are gathered from the pool
   into a (B, kv_heads, S_max, D) view with a padding mask, and one SDPA call serves the whole batch.
-- prefill / mixed: per sequence, over its new tokens; when nothing is cached yet the fresh k/v are
-  used directly with ``is_causal`` (the fast kernel), else the cached prefix is gathered and a causal
-  mask with the prefix offset is applied.
-GQA is handled by SDPA's ``enable_gqa`` (no repeated copies of k/v).
+- prefill / mixed: per sequence, over its new tokens (``kernels.causal_attention``: native on the
+  avx512bf16 path, else SDPA); when nothing is cached yet the fresh k/v are used directly, else the
+  sequence's context is read from the pool, the cached prefix before the new tokens.
+GQA is handled by the kernel's head mapping or SDPA's ``enable_gqa`` (no repeated copies of k/v).
 
 That is the "torch" attention backend. The "triton" backend (``kernels.triton_attention``) serves every
 shape of step in one call from device tensors only (block tables, lengths, query starts), which is what
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ... import kernels
 from .lazy_zeros import lazy_zeros
 
 
@@ -230,7 +230,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
     """
     key_cache.index_copy_(0, meta.slot_mapping, k)
     value_cache.index_copy_(0, meta.slot_mapping, v)
-    gqa = q.shape[1] != k.shape[1]
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if meta.attention_backend == "triton":
@@ -252,26 +251,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_ca
 
     outputs = []
     for i, (start, qlen, slen) in enumerate(zip(meta.query_starts, meta.query_lens, meta.seq_lens, strict=True)):
-        query = q[start:start + qlen].transpose(0, 1).unsqueeze(0)          # (1, H, L, D)
         if qlen == slen:                                                    # nothing cached before
-            keys = k[start:start + qlen].transpose(0, 1).unsqueeze(0)       # (1, KV, L, D)
-            values = v[start:start + qlen].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
-                                                 enable_gqa=gqa)
+            keys, values = k[start:start + qlen], v[start:start + qlen]     # (L, KV, D)
         elif qlen == 1:
-            out = decode_attention(q[start:start + 1], meta.context(key_cache, i).unsqueeze(0),
-                                   meta.context(value_cache, i).unsqueeze(0), scale)
-            outputs.append(out)
+            outputs.append(decode_attention(q[start:start + 1], meta.context(key_cache, i).unsqueeze(0),
+                                            meta.context(value_cache, i).unsqueeze(0), scale))
             continue
         else:
-            keys = meta.context(key_cache, i).transpose(0, 1).unsqueeze(0)   # (1, KV, S, D)
-            values = meta.context(value_cache, i).transpose(0, 1).unsqueeze(0)
-            offset = slen - qlen
-            rows = torch.arange(qlen, device=q.device)[:, None] + offset
-            mask = torch.arange(slen, device=q.device)[None, :] <= rows     # (L, S)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                                 enable_gqa=gqa)
-        outputs.append(out.squeeze(0).transpose(0, 1))                      # (L, H, D)
+            keys, values = meta.context(key_cache, i), meta.context(value_cache, i)   # (S, KV, D)
+        outputs.append(kernels.causal_attention(q[start:start + qlen], keys, values, scale))   # (L, H, D)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
