@@ -43,7 +43,8 @@ inline float load_kind(const void* p, int kind, int64_t i) {
   return kind == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-// res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB).
+// res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB) (the
+// multi-row tiles of weights_outside kernels store their results in p.out themselves, res unused).
 using TileFn = void (*)(const Problem&, int64_t m0, int64_t n0, float* res);
 
 constexpr int kMaxMB = 8;
@@ -902,19 +903,18 @@ void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 #undef TILE_SETUP
 
 // ---------------------------------------------------------------------------------------------------
-// AVX-512 BF16, several activation rows (M >= 5, batched decode): weight tiles outside, every activation
-// row inside. A tile of NB weight rows (a few KiB) is read from DRAM once, by the first block of MB
-// activation rows, and from L1 by the others; the activations (M x K bf16, 28 KiB at 16 x 896) stay in
-// L1 / L2. Each (row, weight row) pair keeps a 16-lane vdpbf16ps accumulator (MB x NB <= 24 of them: with the
-// NB weight vectors and one activation vector at most 29 of the 32 registers), and the first 16 are summed
-// together at the end of the tile by one transposing add tree (~45 shuffles and adds for 16 results, against ~8
-// per result for a horizontal sum each), any 8 more by a second, shorter one, stored straight into res. While the
-// first row block runs, a later tile's weights are prefetched, as the tiles' rows are one contiguous stretch:
-// into L2, 2 tiles ahead (g_wide_prefetch). Into L1 (the first version: the next tile, _MM_HINT_T0) the
-// prefetched lines evicted the activation rows the tile re-reads from L1 (16 x 896 bf16 = 28 KiB of Zen 4's
-// 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows (qkv 96 -> 127, gate_up 92 -> 122,
-// LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the distance (1-16 tiles) and
-// T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
+// AVX-512 BF16, several activation rows (M >= 5, batched decode): weight tiles outside, every activation row inside. A
+// tile of NB weight rows (a few KiB) is read from DRAM once, by the first block of MB activation rows, and from L1 by
+// the others; the activations (M x K bf16, 28 KiB at 16 x 896) stay in L1 / L2. Each (row, weight row) pair keeps a
+// 16-lane vdpbf16ps accumulator (MB x NB <= 24 of them: with the NB weight vectors and one activation vector at most 29
+// of the 32 registers), and the first 16 are summed together at the end of the tile by one transposing add tree (~45
+// shuffles and adds for 16 results, against ~8 per result for a horizontal sum each), any 8 more by a second, shorter
+// one, rounded and stored to the output from registers (epilogue_wide). While the first row block runs, a later tile's
+// weights are prefetched, as the tiles' rows are one contiguous stretch: into L2, 2 tiles ahead (g_wide_prefetch). Into
+// L1 (the first version: the next tile, _MM_HINT_T0) the prefetched lines evicted the activation rows the tile re-reads
+// from L1 (16 x 896 bf16 = 28 KiB of Zen 4's 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows
+// (qkv 96 -> 127, gate_up 92 -> 122, LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the
+// distance (1-16 tiles) and T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
 namespace {
 // (tiles ahead, level: 0 none, 1 L1, 2 L2); benchmarks set it (_set_wide_prefetch).
 std::atomic<int64_t> g_wide_prefetch_tiles{2};
@@ -964,70 +964,15 @@ inline __m256 transpose_sum8(const __m512* v) {
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
 }
 
-template <int MB, int NB>
-void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(MB * NB <= 24, "at most 24 accumulators");
-  const int64_t K = p.K, K32 = K & ~int64_t(31);
-  const uint16_t* wr[NB];
-  const uint16_t* xr[MB];
-#pragma GCC unroll 8
-  for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
-  // a later tile's weights (a prefetch past the end is harmless)
-  const uint16_t* next = p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K;
-  const int64_t level = g_wide_prefetch_level.load(std::memory_order_relaxed);
-  const bool first = m0 == 0 && level > 0;
-  __m512 acc[MB][NB];
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, __mmask32 mask) __attribute__((always_inline)) {
-    __m512bh wv[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xr[i] + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
-    }
-  };
-  const __mmask32 all = ~__mmask32(0);
-  int64_t k = 0;
-  if (first) {
-    for (; k < K32; k += 32) {
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) {
-        const char* line = reinterpret_cast<const char*>(next + j * K + k);
-        if (level == 2) _mm_prefetch(line, _MM_HINT_T1); else _mm_prefetch(line, _MM_HINT_T0);
-      }
-      step(k, all);
-    }
-  } else {
-    for (; k < K32; k += 32) step(k, all);
-  }
-  if (K32 < K) step(K32, static_cast<__mmask32>((uint64_t(1) << (K - K32)) - 1));
-  constexpr int A = MB * NB;
-  __m512 v[16];
-#pragma GCC unroll 16
-  for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < A ? acc[l / NB][l % NB] : _mm512_setzero_ps();
-  _mm512_storeu_ps(res, transpose_sum16(v));
-  if constexpr (A > 16) {   // results 16 .. 23 (the 6 x 4 tile's rows 4 and 5)
-#pragma GCC unroll 8
-    for (int l = 0; l < 8; ++l) v[l] = 16 + l < A ? acc[(16 + l) / NB][(16 + l) % NB] : _mm512_setzero_ps();
-    _mm256_storeu_ps(res + 16, transpose_sum8(v));
-  }
-}
-
-// The multi-row tile's epilogue, 16 results at once: what `epilogue` (the generic driver's) does, bit for bit,
-// for products without weight scales (bf16 weights): out[(m0 + i) * N + n0 + j] = res[i * nb + j] + bias[n0 + j]
-// (res * 1 + bias there: the same value), rounded to bf16 as c10::BFloat16 rounds (to nearest even, NaN to
-// 0x7FC0; done on the integer bits: vcvtneps2bf16 would flush denormals) or stored as fp32; one store of nb
-// values per row. The scalar epilogue (a branch per kind and a conversion per value) took ~2 ns per result:
-// 20-30% of the tile's time at 16 rows (RESULTS.md).
-void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, const float* res) {
+// The multi-row tile's epilogue, up to 16 results at once, straight from the register the reduction left them in:
+// what `epilogue` (the generic driver's) does, bit for bit, for products without weight scales (bf16 weights):
+// out[(m0 + i) * N + n0 + j] = sums[i * nb + j] + bias[n0 + j] (sum * 1 + bias there: the same value), rounded to
+// bf16 as c10::BFloat16 rounds (to nearest even, NaN to 0x7FC0; done on the integer bits: vcvtneps2bf16 would
+// flush denormals) or stored as fp32; one store of nb values per row. The scalar epilogue (a branch per kind and a
+// conversion per value) took ~2 ns per result: 20-30% of the tile's time at 16 rows (RESULTS.md). Called by the
+// tile itself: going through a buffer (the tile storing 16 + 8 results, the driver loading 16 from an offset)
+// cost the 6 x 4 tile ~13% at K = 896 (a load the stores could not forward), 8 x 2 nothing measurable.
+void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, __m512 sums) {
   alignas(64) float bias[kMaxNB] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int j = 0; j < nb; ++j)
     if (p.bias_kind != kNone) bias[j] = load_kind(p.bias, p.bias_kind, n0 + j);
@@ -1036,8 +981,7 @@ void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, con
                                  : _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                                                                       14, 15), _mm512_set1_epi32(nb - 1));
   const __m512 b = _mm512_permutexvar_ps(lane_j, _mm512_castps128_ps512(_mm_load_ps(bias)));
-  const __mmask16 lanes = static_cast<__mmask16>((1u << (mb * nb)) - 1);
-  const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, res), b);
+  const __m512 v = _mm512_add_ps(sums, b);
   if (p.out_kind == kBf16) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -1062,6 +1006,73 @@ void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, con
       for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 3 * i, 3 * sizeof(float));
     else
       for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 4 * i, 4 * sizeof(float));
+  }
+}
+
+template <int MB, int NB>
+void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* /* res: the tile stores to p.out */) {
+  static_assert(MB * NB <= 24, "at most 24 accumulators");
+  const int64_t K = p.K, K32 = K & ~int64_t(31);
+  const uint16_t* wr[NB];
+  const uint16_t* xr[MB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
+  // a later tile's weights, each of its rows at the column the tile is at, from one pointer (a prefetch past the
+  // end is harmless). Walking the tile's rows as the one contiguous stretch they are, NB lines a step, measured
+  // slower from DRAM (`down` at 8 rows: 105 against 140 GFLOP/s, one thread; 16 rows 150 / 159).
+  const char* next = reinterpret_cast<const char*>(
+      p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K);
+  const int64_t level = g_wide_prefetch_level.load(std::memory_order_relaxed);
+  const bool first = m0 == 0 && level > 0;
+  __m512 acc[MB][NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask32 mask) __attribute__((always_inline)) {
+    __m512bh wv[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xr[i] + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
+    }
+  };
+  const __mmask32 all = ~__mmask32(0);
+  int64_t k = 0;
+  if (first && level == 2) {
+    for (; k < K32; k += 32, next += 64) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch(next + 2 * K * j, _MM_HINT_T1);
+      step(k, all);
+    }
+  } else if (first) {
+    for (; k < K32; k += 32, next += 64) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch(next + 2 * K * j, _MM_HINT_T0);
+      step(k, all);
+    }
+  } else {
+    for (; k < K32; k += 32) step(k, all);
+  }
+  if (K32 < K) step(K32, static_cast<__mmask32>((uint64_t(1) << (K - K32)) - 1));
+  constexpr int A = MB * NB, kRows = 16 / NB;   // the rows whose results fit one 16-lane vector
+  __m512 v[16];
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < A ? acc[l / NB][l % NB] : _mm512_setzero_ps();
+  const __m512 first16 = transpose_sum16(v);
+  epilogue_wide(p, m0, std::min(MB, kRows), n0, NB, first16);
+  if constexpr (A > 16) {   // results 16 .. 23, then rows kRows .. MB - 1 (lanes kRows * NB on of both vectors)
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) v[l] = 16 + l < A ? acc[(16 + l) / NB][(16 + l) % NB] : _mm512_setzero_ps();
+    const __m512 next8 = _mm512_castps256_ps512(transpose_sum8(v));
+    const __m512i from = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(kRows * NB));
+    epilogue_wide(p, m0 + kRows, MB - kRows, n0, NB, _mm512_permutex2var_ps(first16, from, next8));
   }
 }
 
@@ -1169,26 +1180,19 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
   }
 }
 
-// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside: tile_bf16_wide, whose
-// results go through epilogue_wide where the weights have no scales).
+// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside: tile_bf16_wide, which
+// stores its results itself through epilogue_wide: bf16 weights, no scales).
 // The M activation rows go in ceil(M / max_mb_many) blocks of sizes as even as can be (16 rows of the 6 x 4 tile:
 // 6 + 5 + 5, not 6 + 6 + 4; 8 rows: 4 + 4, not 6 + 2), so no block runs with few accumulators.
 void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  TORCH_CHECK(p.scale_kind == kNone, "internvl_kernels: the multi-row tile takes weights without scales");
   float res[kMaxMB * kMaxNB];
   const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
-  const bool wide_epilogue = p.scale_kind == kNone;
-  const int nb = ker.nb_many, rows_per_epilogue = 16 / nb;   // epilogue_wide takes 16 results at most
   const int64_t blocks = (p.M + ker.max_mb_many - 1) / ker.max_mb_many;
-  for (int64_t t = n_begin; t < n_tiles_end; t += nb)
+  for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many)
     for (int64_t m = 0, b = 0; m < p.M; ++b) {
       const int mb = static_cast<int>((p.M - m + blocks - b - 1) / (blocks - b));
-      ker.many[mb - 1](p, m, t, res);
-      if (wide_epilogue) {
-        for (int i = 0; i < mb; i += rows_per_epilogue)
-          epilogue_wide(p, m + i, std::min(rows_per_epilogue, mb - i), t, nb, res + i * nb);
-      } else {
-        epilogue(p, m, mb, t, nb, res);
-      }
+      ker.many[mb - 1](p, m, t, nullptr);   // stores its results itself (epilogue_wide)
       m += mb;
     }
   for (int64_t n = n_tiles_end; n < n_end; ++n)
