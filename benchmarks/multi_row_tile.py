@@ -6,8 +6,10 @@ the work done, whatever else runs on a shared host), best of interleaved rounds:
   old    kernels.linear_bf16 with the multi-row tile off (the 4 x 4 / one-row kBf16Dp tiles)
   w44    the multi-row tile, 4 activation rows x 4 weight rows
   w82    the multi-row tile, 8 activation rows x 2 weight rows
-  wL1    the multi-row tile in the shape chosen by K, its software prefetch as first built (the next tile,
-         into L1) where the others prefetch 2 tiles ahead into L2 (the default since)
+  w64    the multi-row tile, 6 activation rows x 4 weight rows (24 accumulators; row blocks as even as can be)
+  w83    the multi-row tile, 8 activation rows x 3 weight rows (24 accumulators)
+  auto   the multi-row tile in the shape the kernel picks by K and M (what linear_bf16 and decode_layers run)
+(all prefetch 2 tiles ahead into L2; the earlier wL1 column, the next tile into L1, lost everywhere)
 and prints GFLOP/s and each result's relative error against fp32. "hot" shapes keep one weight copy in cache
 (the compute rate); the model's shapes rotate copies worth 64 MB so that the weights come from DRAM, as in a
 decode step (on a loaded host that measures the memory bandwidth left, not the tile).
@@ -68,7 +70,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(describe_host(), flush=True)
     products: dict[str, Product] = {"torch": lambda x, w: F.linear(x, w), "old": ours(0, 0),
-                                    "w44": ours(1, 44), "w82": ours(1, 82), "wL1": ours(1, 0, (1, 1))}
+                                    "w44": ours(1, 44), "w82": ours(1, 82), "w64": ours(1, 64), "w83": ours(1, 83),
+                                    "auto": ours(1, 0)}
     try:
         for name in args.shapes:
             n, k = SHAPES[name]

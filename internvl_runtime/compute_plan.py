@@ -100,8 +100,8 @@ def apply_plan(model: InternVLModel, plan: ComputePlan) -> None:
     fast_16bit = cpu_has_fast_bf16() and not plan.upcast_16bit
     # torch's GEMM is fast in the model's dtype: float32 everywhere, 16-bit where the CPU has the instructions
     fast_gemm = fast_16bit or plan.dtype == torch.float32
-    # the bf16 kernel of the AVX-512 BF16 path has its multi-row tile (vdpbf16ps, 8 x 2 / 4 x 4 rows x weight
-    # rows), ahead of oneDNN's bf16 GEMM from 5 rows to 16 (RESULTS.md, issue #18 batched decode)
+    # the bf16 kernel of the AVX-512 BF16 path has its multi-row tile (vdpbf16ps, 8 x 2 / 6 x 4 / 8 x 3 rows x
+    # weight rows), ahead of oneDNN's bf16 GEMM from 5 rows to 16 (RESULTS.md, issue #18 batched decode)
     multi_row = (kernel is not None and plan.dtype == torch.bfloat16 and not plan.upcast_16bit
                  and plan.decode_kernel.startswith("avx512bf16"))
     linear_plan = None

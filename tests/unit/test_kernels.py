@@ -140,12 +140,13 @@ def test_linear_bf16_rows_per_pass(native: None, path: str, rows_per_pass: int) 
 WIDE_SHAPES = [(m, n, k) for m in (5, 7, 8, 9, 13, 16, 17, 35) for n in (1, 3, 6, 9, 131) for k in (7, 33, 896, 4864)]
 
 
-@pytest.mark.parametrize("shape", [0, 44, 82], ids=["auto", "4x4", "8x2"])
+@pytest.mark.parametrize("shape", [0, 44, 82, 64, 83], ids=["auto", "4x4", "8x2", "6x4", "8x3"])
 def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
-    """The AVX-512 BF16 multi-row tile (batched decode: 5+ activation rows; 4 rows x 4 weight rows or 8 x 2,
-    or chosen by K) on odd row counts 5-35 (blocks of rows with tails), N tails (weight rows past the last
-    full tile: the one-row tiles) and K tails (masked loads below 32 columns, K under one step), with and
-    without bias; every result the exact product rounded once to bf16 (up to fp32 summation error)."""
+    """The AVX-512 BF16 multi-row tile (batched decode: 5+ activation rows; 4 rows x 4 weight rows, 8 x 2, 6 x 4
+    or 8 x 3 (24 accumulators: a second, 8-result reduction), or chosen by K and M) on odd row counts 5-35
+    (blocks of rows of even sizes with tails), N tails (weight rows past the last full tile: the one-row tiles)
+    and K tails (masked loads below 32 columns, K under one step), with and without bias; every result the
+    exact product rounded once to bf16 (up to fp32 summation error)."""
     _require("avx512bf16")
     previous = torch.ops.internvl_kernels._set_wide_bf16(5, shape)
     try:
@@ -157,7 +158,7 @@ def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
                     _check_close(out, x, w, bias)
                 except AssertionError as exc:
                     raise AssertionError(f"shape {shape}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
-        with pytest.raises(RuntimeError, match="shape 0, 44 or 82"):
+        with pytest.raises(RuntimeError, match="shape 0, 44, 82, 64 or 83"):
             torch.ops.internvl_kernels._set_wide_bf16(5, 3)
     finally:
         torch.ops.internvl_kernels._set_wide_bf16(previous, 0)
@@ -166,12 +167,13 @@ def test_linear_bf16_multi_row_tile(native: None, shape: int) -> None:
 def test_linear_bf16_multi_row_tile_epilogue(native: None) -> None:
     """The multi-row tile's vectorised epilogue: with small integer operands every sum is exact in any order, so
     each result must be exactly (sum + bias) rounded to bf16 to nearest even (ties included: sums past 256 are
-    half-way between bf16 neighbours half the time), bias bf16, float32 or none, in both tile shapes, row and
-    weight-row tails; a NaN sum stores 0x7FC0 (c10::BFloat16's NaN), as the scalar epilogue did."""
+    half-way between bf16 neighbours half the time), bias bf16, float32 or none, in every tile shape (2, 3 and 4
+    weight rows; results 16-23 of the 24-accumulator tiles), row and weight-row tails; a NaN sum stores 0x7FC0
+    (c10::BFloat16's NaN), as the scalar epilogue did."""
     _require("avx512bf16")
     generator = torch.Generator().manual_seed(21)
     try:
-        for shape in (44, 82):
+        for shape in (44, 82, 64, 83):
             torch.ops.internvl_kernels._set_wide_bf16(5, shape)
             for m in (5, 8, 13, 16):
                 x = torch.randint(-8, 9, (m, 64), generator=generator).to(torch.bfloat16)

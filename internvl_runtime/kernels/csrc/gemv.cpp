@@ -43,7 +43,8 @@ inline float load_kind(const void* p, int kind, int64_t i) {
   return kind == kBf16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-// res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB).
+// res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB) (the
+// multi-row tiles of weights_outside kernels store their results in p.out themselves, res unused).
 using TileFn = void (*)(const Problem&, int64_t m0, int64_t n0, float* res);
 
 constexpr int kMaxMB = 8;
@@ -902,18 +903,18 @@ void tile_int8_vnni(const Problem& p, int64_t m0, int64_t n0, float* res) {
 #undef TILE_SETUP
 
 // ---------------------------------------------------------------------------------------------------
-// AVX-512 BF16, several activation rows (M >= 5, batched decode): weight tiles outside, every activation
-// row inside. A tile of NB weight rows (a few KiB) is read from DRAM once, by the first block of MB
-// activation rows, and from L1 by the others; the activations (M x K bf16, 28 KiB at 16 x 896) stay in
-// L1 / L2. Each (row, weight row) pair keeps a 16-lane vdpbf16ps accumulator (MB x NB <= 16 of them),
-// and the 16 are summed together at the end of the tile by one transposing add tree (~45 shuffles and adds
-// for 16 results, against ~8 per result for a horizontal sum each), stored straight into res. While the
-// first row block runs, a later tile's weights are prefetched, as the tiles' rows are one contiguous stretch:
-// into L2, 2 tiles ahead (g_wide_prefetch). Into L1 (the first version: the next tile, _MM_HINT_T0) the
-// prefetched lines evicted the activation rows the tile re-reads from L1 (16 x 896 bf16 = 28 KiB of Zen 4's
-// 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows (qkv 96 -> 127, gate_up 92 -> 122,
-// LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the distance (1-16 tiles) and
-// T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
+// AVX-512 BF16, several activation rows (M >= 5, batched decode): weight tiles outside, every activation row inside. A
+// tile of NB weight rows (a few KiB) is read from DRAM once, by the first block of MB activation rows, and from L1 by
+// the others; the activations (M x K bf16, 28 KiB at 16 x 896) stay in L1 / L2. Each (row, weight row) pair keeps a
+// 16-lane vdpbf16ps accumulator (MB x NB <= 24 of them: with the NB weight vectors and one activation vector at most 29
+// of the 32 registers), and the first 16 are summed together at the end of the tile by one transposing add tree (~45
+// shuffles and adds for 16 results, against ~8 per result for a horizontal sum each), any 8 more by a second, shorter
+// one, rounded and stored to the output from registers (epilogue_wide). While the first row block runs, a later tile's
+// weights are prefetched, as the tiles' rows are one contiguous stretch: into L2, 2 tiles ahead (g_wide_prefetch). Into
+// L1 (the first version: the next tile, _MM_HINT_T0) the prefetched lines evicted the activation rows the tile re-reads
+// from L1 (16 x 896 bf16 = 28 KiB of Zen 4's 32 KiB); into L2 the products from DRAM ran 1.25-1.45x faster at 16 rows
+// (qkv 96 -> 127, gate_up 92 -> 122, LM head 103 -> 148 GFLOP/s, one thread, RESULTS.md) and 1.6-2x at 5 rows; the
+// distance (1-16 tiles) and T1 against T2 were within noise, 2 tiles ahead best at 5 and 8 rows.
 namespace {
 // (tiles ahead, level: 0 none, 1 L1, 2 L2); benchmarks set it (_set_wide_prefetch).
 std::atomic<int64_t> g_wide_prefetch_tiles{2};
@@ -944,9 +945,73 @@ inline __m512 transpose_sum16(const __m512* v) {
 // The accumulator slot whose total transpose_sum16 puts in lane l.
 constexpr int wide_slot(int l) { return 4 * (l % 4) + l / 4; }
 
+// The totals of 8 vectors in one 256-bit vector, lane r the sum of all lanes of v[r] (the 6 x 4 tile's last 8
+// accumulators): the first two levels of transpose_sum16, then in each 128-bit lane q the sums of v[q] and
+// v[4 + q] in its lanes 0 and 1, gathered by one permute.
+inline __m256 transpose_sum8(const __m512* v) {
+  __m512 w[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)   // lanes 0-1: 8 partial sums of v[2k], lanes 2-3: of v[2k + 1]
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+  // 128-bit lane q: 4 partial sums of v[q] (x0) and v[4 + q] (x1)
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  // lanes 4q .. 4q + 3: partial sums of v[q], v[4 + q], v[q], v[4 + q]; then their totals in 4q and 4q + 1
+  __m512 s = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+  s = _mm512_add_ps(s, _mm512_shuffle_ps(s, s, 0x4E));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
+}
+
+// The multi-row tile's epilogue, up to 16 results at once, straight from the register the reduction left them in:
+// what `epilogue` (the generic driver's) does, bit for bit, for products without weight scales (bf16 weights):
+// out[(m0 + i) * N + n0 + j] = sums[i * nb + j] + bias[n0 + j] (sum * 1 + bias there: the same value), rounded to
+// bf16 as c10::BFloat16 rounds (to nearest even, NaN to 0x7FC0; done on the integer bits: vcvtneps2bf16 would
+// flush denormals) or stored as fp32; one store of nb values per row. The scalar epilogue (a branch per kind and a
+// conversion per value) took ~2 ns per result: 20-30% of the tile's time at 16 rows (RESULTS.md). Called by the
+// tile itself: going through a buffer (the tile storing 16 + 8 results, the driver loading 16 from an offset)
+// cost the 6 x 4 tile ~13% at K = 896 (a load the stores could not forward), 8 x 2 nothing measurable.
+void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, __m512 sums) {
+  alignas(64) float bias[kMaxNB] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int j = 0; j < nb; ++j)
+    if (p.bias_kind != kNone) bias[j] = load_kind(p.bias, p.bias_kind, n0 + j);
+  // lane l = i * nb + j holds bias[j] = bias[l % nb] (nb 2, 3 or 4)
+  const __m512i lane_j = nb == 3 ? _mm512_setr_epi32(0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0)
+                                 : _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                      14, 15), _mm512_set1_epi32(nb - 1));
+  const __m512 b = _mm512_permutexvar_ps(lane_j, _mm512_castps128_ps512(_mm_load_ps(bias)));
+  const __m512 v = _mm512_add_ps(sums, b);
+  if (p.out_kind == kBf16) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    alignas(32) uint16_t h[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(r));
+    uint16_t* out = static_cast<uint16_t*>(p.out) + m0 * p.N + n0;
+    if (nb == 2)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 2 * i, 2 * sizeof(uint16_t));
+    else if (nb == 3)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 3 * i, 3 * sizeof(uint16_t));
+    else
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 4 * i, 4 * sizeof(uint16_t));
+  } else {
+    alignas(64) float f[16];
+    _mm512_store_ps(f, v);
+    float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
+    if (nb == 2)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 2 * i, 2 * sizeof(float));
+    else if (nb == 3)
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 3 * i, 3 * sizeof(float));
+    else
+      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 4 * i, 4 * sizeof(float));
+  }
+}
+
 template <int MB, int NB>
-void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
-  static_assert(MB * NB <= 16, "at most 16 accumulators");
+void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* /* res: the tile stores to p.out */) {
+  static_assert(MB * NB <= 24, "at most 24 accumulators");
   const int64_t K = p.K, K32 = K & ~int64_t(31);
   const uint16_t* wr[NB];
   const uint16_t* xr[MB];
@@ -954,8 +1019,11 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   for (int j = 0; j < NB; ++j) wr[j] = p.w + (n0 + j) * K;
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) xr[i] = p.xb + (m0 + i) * p.ldx;
-  // a later tile's weights (a prefetch past the end is harmless)
-  const uint16_t* next = p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K;
+  // a later tile's weights, each of its rows at the column the tile is at, from one pointer (a prefetch past the
+  // end is harmless). Walking the tile's rows as the one contiguous stretch they are, NB lines a step, measured
+  // slower from DRAM (`down` at 8 rows: 105 against 140 GFLOP/s, one thread; 16 rows 150 / 159).
+  const char* next = reinterpret_cast<const char*>(
+      p.w + (n0 + NB * g_wide_prefetch_tiles.load(std::memory_order_relaxed)) * K);
   const int64_t level = g_wide_prefetch_level.load(std::memory_order_relaxed);
   const bool first = m0 == 0 && level > 0;
   __m512 acc[MB][NB];
@@ -976,60 +1044,35 @@ void tile_bf16_wide(const Problem& p, int64_t m0, int64_t n0, float* res) {
   };
   const __mmask32 all = ~__mmask32(0);
   int64_t k = 0;
-  if (first) {
-    for (; k < K32; k += 32) {
+  if (first && level == 2) {
+    for (; k < K32; k += 32, next += 64) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) {
-        const char* line = reinterpret_cast<const char*>(next + j * K + k);
-        if (level == 2) _mm_prefetch(line, _MM_HINT_T1); else _mm_prefetch(line, _MM_HINT_T0);
-      }
+      for (int j = 0; j < NB; ++j) _mm_prefetch(next + 2 * K * j, _MM_HINT_T1);
+      step(k, all);
+    }
+  } else if (first) {
+    for (; k < K32; k += 32, next += 64) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch(next + 2 * K * j, _MM_HINT_T0);
       step(k, all);
     }
   } else {
     for (; k < K32; k += 32) step(k, all);
   }
   if (K32 < K) step(K32, static_cast<__mmask32>((uint64_t(1) << (K - K32)) - 1));
+  constexpr int A = MB * NB, kRows = 16 / NB;   // the rows whose results fit one 16-lane vector
   __m512 v[16];
 #pragma GCC unroll 16
-  for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < MB * NB ? acc[l / NB][l % NB] : _mm512_setzero_ps();
-  _mm512_storeu_ps(res, transpose_sum16(v));
-}
-
-// The multi-row tile's epilogue, 16 results at once: what `epilogue` (the generic driver's) does, bit for bit,
-// for products without weight scales (bf16 weights): out[(m0 + i) * N + n0 + j] = res[i * nb + j] + bias[n0 + j]
-// (res * 1 + bias there: the same value), rounded to bf16 as c10::BFloat16 rounds (to nearest even, NaN to
-// 0x7FC0; done on the integer bits: vcvtneps2bf16 would flush denormals) or stored as fp32; one store of nb
-// values per row. The scalar epilogue (a branch per kind and a conversion per value) took ~2 ns per result:
-// 20-30% of the tile's time at 16 rows (RESULTS.md).
-void epilogue_wide(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, const float* res) {
-  alignas(64) float bias[kMaxNB] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int j = 0; j < nb; ++j)
-    if (p.bias_kind != kNone) bias[j] = load_kind(p.bias, p.bias_kind, n0 + j);
-  // lane l = i * nb + j holds bias[j]: nb is 2 or 4, so the 4 values repeat every 4 lanes
-  if (nb == 2) { bias[2] = bias[0]; bias[3] = bias[1]; }
-  const __m512 b = _mm512_broadcast_f32x4(_mm_load_ps(bias));
-  const __mmask16 lanes = static_cast<__mmask16>((1u << (mb * nb)) - 1);
-  const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, res), b);
-  if (p.out_kind == kBf16) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    alignas(32) uint16_t h[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(r));
-    uint16_t* out = static_cast<uint16_t*>(p.out) + m0 * p.N + n0;
-    if (nb == 2)
-      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 2 * i, 2 * sizeof(uint16_t));
-    else
-      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, h + 4 * i, 4 * sizeof(uint16_t));
-  } else {
-    alignas(64) float f[16];
-    _mm512_store_ps(f, v);
-    float* out = static_cast<float*>(p.out) + m0 * p.N + n0;
-    if (nb == 2)
-      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 2 * i, 2 * sizeof(float));
-    else
-      for (int i = 0; i < mb; ++i) std::memcpy(out + i * p.N, f + 4 * i, 4 * sizeof(float));
+  for (int l = 0; l < 16; ++l) v[wide_slot(l)] = l < A ? acc[l / NB][l % NB] : _mm512_setzero_ps();
+  const __m512 first16 = transpose_sum16(v);
+  epilogue_wide(p, m0, std::min(MB, kRows), n0, NB, first16);
+  if constexpr (A > 16) {   // results 16 .. 23, then rows kRows .. MB - 1 (lanes kRows * NB on of both vectors)
+#pragma GCC unroll 8
+    for (int l = 0; l < 8; ++l) v[l] = 16 + l < A ? acc[(16 + l) / NB][(16 + l) % NB] : _mm512_setzero_ps();
+    const __m512 next8 = _mm512_castps256_ps512(transpose_sum8(v));
+    const __m512i from = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(kRows * NB));
+    epilogue_wide(p, m0 + kRows, MB - kRows, n0, NB, _mm512_permutex2var_ps(first16, from, next8));
   }
 }
 
@@ -1086,16 +1129,28 @@ const Kernel& with_rows(const Rows& kernels, Format format) {
   const int64_t rows = g_rows_per_pass[format].load(std::memory_order_relaxed);
   return kernels[rows == 4 ? 2 : rows == 2 ? 1 : 0];
 }
-// bf16 on AVX-512 BF16 from g_wide_rows activation rows: tile_bf16_wide, 4 x 4 or 8 x 2 (rows x weight rows).
-// Measured (1 thread, weights in cache, GFLOP/s at M = 5 / 8 / 16; RESULTS.md): K = 896: 8 x 2 107 / 135 / 147,
-// 4 x 4 106 / 126 / 135, torch's oneDNN 71 / 95 / 135, the 4 x 4 kBf16Dp tiles 68 / 75 / 71; K = 4864: 4 x 4
-// 103 / 145 / 173, 8 x 2 100 / 127 / 148, oneDNN 73 / 98 / 137. So 8 x 2 up to K = 2048, 4 x 4 beyond.
+// bf16 on AVX-512 BF16 from g_wide_rows activation rows: tile_bf16_wide, 8 x 2, 6 x 4 or 8 x 3 (rows x weight rows;
+// 4 x 4 stays selectable). Measured (1 thread, weights in cache, GFLOP/s at M = 5 / 8 / 16; RESULTS.md): K = 896:
+// 8 x 2 107 / 135 / 147, 4 x 4 106 / 126 / 135, torch's oneDNN 71 / 95 / 135, the 4 x 4 kBf16Dp tiles 68 / 75 / 71;
+// K = 4864: 4 x 4 103 / 145 / 173, 8 x 2 100 / 127 / 148, oneDNN 73 / 98 / 137. So 8 x 2 up to K = 2048. Beyond,
+// where a tile's weight rows (4 x 9.5 KiB at K = 4864) do not stay in L1 and every block of rows reads them from
+// L2 again, the tiles with 24 accumulators (seventh session, RESULTS.md; `down` from DRAM, GFLOP/s at M = 8 / 12 /
+// 16): 6 x 4 107 / 154 / 172, 8 x 3 143 / 112 / 164, 4 x 4 106 / 123 / 142: 8 x 3 where it takes the rows in one
+// block (7 and 8 rows), 6 x 4 otherwise. At K = 896 (the activations nearly fill L1) they measured no better
+// than 8 x 2 (gate_up 16 rows: 8 x 2 165, 8 x 3 155, 6 x 4 147; LM head 182 / 176 / 158).
 #define MANY82(F) {F<1, 2>, F<2, 2>, F<3, 2>, F<4, 2>, F<5, 2>, F<6, 2>, F<7, 2>, F<8, 2>}, 8, 2
+#define MANY64(F) {F<1, 4>, F<2, 4>, F<3, 4>, F<4, 4>, F<5, 4>, F<6, 4>, nullptr, nullptr}, 6, 4
+#define MANY83(F) {F<1, 3>, F<2, 3>, F<3, 3>, F<4, 3>, F<5, 3>, F<6, 3>, F<7, 3>, F<8, 3>}, 8, 3
 const Kernel kBf16Wide44{ONE8(tile_bf16_dp), MANY4(tile_bf16_wide), false, true};
 const Kernel kBf16Wide82{ONE8(tile_bf16_dp), MANY82(tile_bf16_wide), false, true};
+const Kernel kBf16Wide64{ONE8(tile_bf16_dp), MANY64(tile_bf16_wide), false, true};
+const Kernel kBf16Wide83{ONE8(tile_bf16_dp), MANY83(tile_bf16_wide), false, true};
+#undef MANY83
+#undef MANY64
 #undef MANY82
 std::atomic<int64_t> g_wide_rows{5};    // 0: never (the kBf16Dp tiles at every M)
-std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2, 0: by K (as measured)
+// 44: 4 rows x 4 weight rows, 82: 8 x 2, 64: 6 x 4, 0: the default (as measured)
+std::atomic<int64_t> g_wide_shape{0};
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
@@ -1125,20 +1180,20 @@ inline void epilogue(const Problem& p, int64_t m0, int mb, int64_t n0, int nb, c
   }
 }
 
-// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside: tile_bf16_wide, whose
-// results go through epilogue_wide where the weights have no scales).
+// Weight tiles outside, blocks of activation rows inside (kernels with weights_outside: tile_bf16_wide, which
+// stores its results itself through epilogue_wide: bf16 weights, no scales).
+// The M activation rows go in ceil(M / max_mb_many) blocks of sizes as even as can be (16 rows of the 6 x 4 tile:
+// 6 + 5 + 5, not 6 + 6 + 4; 8 rows: 4 + 4, not 6 + 2), so no block runs with few accumulators.
 void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  TORCH_CHECK(p.scale_kind == kNone, "internvl_kernels: the multi-row tile takes weights without scales");
   float res[kMaxMB * kMaxNB];
   const int64_t n_tiles_end = n_begin + (n_end - n_begin) / ker.nb_many * ker.nb_many;
-  const bool wide_epilogue = p.scale_kind == kNone;
+  const int64_t blocks = (p.M + ker.max_mb_many - 1) / ker.max_mb_many;
   for (int64_t t = n_begin; t < n_tiles_end; t += ker.nb_many)
-    for (int64_t m = 0; m < p.M; m += ker.max_mb_many) {
-      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_many, p.M - m));
-      ker.many[mb - 1](p, m, t, res);
-      if (wide_epilogue)
-        epilogue_wide(p, m, mb, t, ker.nb_many, res);
-      else
-        epilogue(p, m, mb, t, ker.nb_many, res);
+    for (int64_t m = 0, b = 0; m < p.M; ++b) {
+      const int mb = static_cast<int>((p.M - m + blocks - b - 1) / (blocks - b));
+      ker.many[mb - 1](p, m, t, nullptr);   // stores its results itself (epilogue_wide)
+      m += mb;
     }
   for (int64_t n = n_tiles_end; n < n_end; ++n)
     for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
@@ -1154,7 +1209,8 @@ const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
   const int64_t from = g_wide_rows.load(std::memory_order_relaxed);
   if (from <= 0 || M < from) return with_rows(kBf16Dp, kFmtBf16);
   const int64_t shape = g_wide_shape.load(std::memory_order_relaxed);
-  return shape == 82 || (shape == 0 && K <= 2048) ? kBf16Wide82 : kBf16Wide44;
+  if (shape == 0) return K <= 2048 ? kBf16Wide82 : M == 7 || M == 8 ? kBf16Wide83 : kBf16Wide64;
+  return shape == 82 ? kBf16Wide82 : shape == 64 ? kBf16Wide64 : shape == 83 ? kBf16Wide83 : kBf16Wide44;
 }
 
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
@@ -1601,9 +1657,11 @@ int64_t set_rows_per_pass(std::string weights, int64_t rows) {
 }
 
 // Tests and benchmarks: the AVX-512 BF16 bf16 products take tile_bf16_wide from `rows` activation rows (0: never),
-// in the shape `shape` (44: 4 rows x 4 weight rows, 82: 8 x 2, 0: chosen by K); returns the old row count.
+// in the shape `shape` (44: 4 rows x 4 weight rows, 82: 8 x 2, 64: 6 x 4, 0: the default); returns the old row count.
 int64_t set_wide_bf16(int64_t rows, int64_t shape) {
-  TORCH_CHECK(shape == 0 || shape == 44 || shape == 82, "_set_wide_bf16: shape 0, 44 or 82, got ", shape);
+  TORCH_CHECK(shape == 0 || shape == 44 || shape == 82 || shape == 64 || shape == 83,
+              "_set_wide_bf16: shape 0, 44, 82, 64 or 83, got ",
+              shape);
   g_wide_shape.store(shape);
   return g_wide_rows.exchange(std::max<int64_t>(rows, 0));
 }
