@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace internvl_kernels;
@@ -45,6 +46,8 @@ inline float load_kind(const void* p, int kind, int64_t i) {
 
 // res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB).
 using TileFn = void (*)(const Problem&, int64_t m0, int64_t n0, float* res);
+// res[i * 4 + j]: raw fp32 dot product of x row i (every one of the M) with weight row n0 + j (j < 4).
+using PanelFn = void (*)(const Problem&, int64_t n0, float* res);
 
 constexpr int kMaxMB = 8;
 constexpr int kMaxNB = 4;
@@ -57,6 +60,7 @@ struct Kernel {
   int nb_many;
   bool many_always = false;  // the nb_many-row tiles at any M (several weight rows per pass even at M = 1)
   bool weights_outside = false;  // run_rows_wide's order: each weight tile meets every activation row
+  PanelFn panel = nullptr;  // M > 1: 4 weight rows at a time against all M rows (run_rows_panel), `one` for the rest
 };
 
 }  // namespace
@@ -199,6 +203,135 @@ struct StreamAvx2 {
         for (int64_t t = K16; t < K; ++t) s += xr[i][t] * widen(wr[j][t]);
         res[i * NB + j] = s;
       }
+  }
+};
+
+// Multi-row products on AVX2 ("panel" tiles, M >= g_panel_rows): the stream tiles above widen every weight
+// block once per 4 activation rows and keep x in L1 while the weights come back from L2, which held them at
+// ~40% of the FMA rate at 16 rows. Here a tile of 4 weight rows is widened ONCE to fp32 (bf16: into a
+// thread's buffer, [evens, odds] per 16 columns as x is stored; fp32 weights are read where they are) and
+// then meets every activation row, 3 at a time, on a 3 x 4 register tile: 12 accumulators, 3 x vectors and
+// one weight vector (16 ymm), 12 FMAs per 7 loads. K runs in blocks of g_panel_kc columns so that a block of
+// the 4 widened rows stays in L1 while the activation rows stream from L2; each pair's 8 lane sums are kept
+// across blocks (fp32) and totalled once at the end. While the first 3 rows run, the next tile's stored
+// weights are prefetched (into L2), so the widening reads them from cache.
+std::atomic<int64_t> g_panel_kc{1024};
+
+template <class T>
+struct PanelAvx2 {
+  // MB (1..3) activation rows from xr (rows K apart) x the 4 weight rows at wp (rows ldw apart), columns
+  // k0..k1 (k1 - k0 a multiple of 8), then, where tail, the masked columns k1..K (fewer than 8). part: the
+  // 8-lane partial sums of pair (i, j) at part[(i * 4 + j) * 8], zeroed first where fresh. pf: the next
+  // tile's stored rows, prefetched over the same columns (or null).
+  template <int MB>
+  static void block(const float* xr, int64_t K, const float* wp, int64_t ldw, int64_t k0, int64_t k1, bool tail,
+                    bool fresh, float* part, const T* pf) {
+    constexpr int U = MB == 1 ? 2 : 1;   // one row: two accumulator sets, or the FMA latency sets the pace
+    constexpr int64_t kLine = 64 / sizeof(T);
+    __m256 acc[U][MB][4];
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)
+          acc[u][i][j] = fresh || u > 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(part + (i * 4 + j) * 8);
+    auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+      __m256 xv[MB];
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(xr + i * K + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_loadu_ps(wp + j * ldw + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) acc[u][i][j] = _mm256_fmadd_ps(xv[i], wv, acc[u][i][j]);
+      }
+    };
+    int64_t k = k0;
+    if (pf) {
+      for (; k + 8 * U <= k1; k += 8 * U) {
+        if (k % kLine < 8 * U)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T1);
+#pragma GCC unroll 2
+        for (int u = 0; u < U; ++u) step(k + 8 * u, u);
+      }
+    } else {
+      for (; k + 8 * U <= k1; k += 8 * U)
+#pragma GCC unroll 2
+        for (int u = 0; u < U; ++u) step(k + 8 * u, u);
+    }
+    for (; k < k1; k += 8) step(k, 0);
+    if (tail && k1 < K) {
+      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K - k1)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_maskload_ps(wp + j * ldw + k1, lanes);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i)
+          acc[0][i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(xr + i * K + k1, lanes), wv, acc[0][i][j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m256 a = acc[0][i][j];
+        if constexpr (U == 2) a = _mm256_add_ps(a, acc[1][i][j]);
+        _mm256_storeu_ps(part + (i * 4 + j) * 8, a);
+      }
+  }
+
+  // res[i * 4 + j]: the raw fp32 dot product of activation row i (all M) with weight row n0 + j (j < 4).
+  static void tile(const Problem& p, int64_t n0, float* res) {
+    const int64_t M = p.M, K = p.K, K8 = K & ~int64_t(7);
+    const int64_t kc = std::max<int64_t>(8, g_panel_kc.load(std::memory_order_relaxed) & ~int64_t(7));
+    thread_local std::vector<float> part_store, wide_store;
+    if (part_store.size() < static_cast<size_t>(M * 32)) part_store.resize(static_cast<size_t>(M * 32));
+    float* part = part_store.data();
+    const T* src = weight_rows<T>(p) + n0 * K;
+    // the next tile of this call's weights, if any (a chunk's last tile prefetches the next chunk's first)
+    const T* next = n0 + 8 <= p.N ? src + 4 * K : nullptr;
+    const float* wp;
+    int64_t ldw;
+    if constexpr (std::is_same_v<T, float>) {
+      wp = src;
+      ldw = K;
+    } else {
+      ldw = (K + 15) & ~int64_t(15);   // 64-byte rows
+      if (wide_store.size() < static_cast<size_t>(4 * ldw + 16)) wide_store.resize(static_cast<size_t>(4 * ldw + 16));
+      float* dst = wide_store.data() + ((64 - reinterpret_cast<uintptr_t>(wide_store.data()) % 64) % 64) / 4;
+      for (int j = 0; j < 4; ++j) {
+        const T* s = src + j * K;
+        float* d = dst + j * ldw;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+          __m256 a, b;
+          widen16(s + k, a, b);
+          _mm256_store_ps(d + k, a);
+          _mm256_store_ps(d + k + 8, b);
+        }
+        for (; k < K; ++k) d[k] = widen(s[k]);
+      }
+      wp = dst;
+    }
+    for (int64_t k0 = 0;; k0 += kc) {
+      const int64_t k1 = std::min(k0 + kc, K8);
+      const bool last = k1 == K8;
+      for (int64_t m = 0; m < M; m += 3) {
+        const float* xr = p.xf + m * K;
+        const T* pf = m == 0 ? next : nullptr;
+        float* pm = part + m * 32;
+        switch (std::min<int64_t>(3, M - m)) {
+          case 3: block<3>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf); break;
+          case 2: block<2>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf); break;
+          default: block<1>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf); break;
+        }
+      }
+      if (last) break;
+    }
+    for (int64_t q = 0; q < M * 4; ++q) res[q] = hsum256(_mm256_loadu_ps(part + q * 8));
   }
 };
 
@@ -1074,6 +1207,9 @@ const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
 const Rows kInt4Dot64Avx2 = ROWS(tile_int4_dot64_avx2, ONE4, NONE, MANY22, MANY14);
 const Rows kInt4Vnni = ROWS(tile_int4_vnni, ONE4, NONE, MANY42, MANY2);
+// AVX2 from g_panel_rows activation rows: the panel tiles (PanelAvx2), the one-row stream tiles for the rest
+const Kernel kBf16PanelAvx2{ONE4(StreamAvx2<uint16_t>::tile), NONE(_), false, false, &PanelAvx2<uint16_t>::tile};
+const Kernel kF32PanelAvx2{ONE4(StreamAvx2<float>::tile), NONE(_), false, false, &PanelAvx2<float>::tile};
 #undef NONE
 #undef ROWS
 
@@ -1095,6 +1231,7 @@ const Kernel kBf16Wide44{ONE8(tile_bf16_dp), MANY4(tile_bf16_wide), false, true}
 const Kernel kBf16Wide82{ONE8(tile_bf16_dp), MANY82(tile_bf16_wide), false, true};
 #undef MANY82
 std::atomic<int64_t> g_wide_rows{5};    // 0: never (the kBf16Dp tiles at every M)
+std::atomic<int64_t> g_panel_rows{4};   // AVX2 bf16 / fp32 weights: the panel tiles from this many rows (0: never)
 std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2, 0: by K (as measured)
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
@@ -1148,6 +1285,34 @@ void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t
     }
 }
 
+// 4 weight rows at a time against all M activation rows (kernels with a panel tile), the last N % 4 rows on
+// the one-row tiles.
+void run_rows_panel(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  thread_local std::vector<float> res_store;
+  const size_t size = static_cast<size_t>(std::max<int64_t>(p.M * 4, kMaxMB * kMaxNB));
+  if (res_store.size() < size) res_store.resize(size);
+  float* res = res_store.data();
+  const int64_t n_tiles_end = n_begin + (n_end - n_begin) / 4 * 4;
+  for (int64_t t = n_begin; t < n_tiles_end; t += 4) {
+    ker.panel(p, t, res);
+    epilogue(p, 0, static_cast<int>(p.M), t, 4, res);
+  }
+  for (int64_t n = n_tiles_end; n < n_end; ++n)
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_one, p.M - m));
+      ker.one[mb - 1](p, m, n, res);
+      epilogue(p, m, mb, n, 1, res);
+    }
+}
+
+// The AVX2 kernel of bf16 (or fp32) weights for M activation rows: the panel tiles from g_panel_rows rows,
+// else (or where 2 or 4 weight rows per pass were asked for the format) the stream tiles.
+const Kernel& avx2_kernel(const Kernel& panel, const Rows& stream, Format format, int64_t M) {
+  const int64_t from = g_panel_rows.load(std::memory_order_relaxed);
+  const bool one_row = g_rows_per_pass[format].load(std::memory_order_relaxed) == 1;
+  return one_row && from > 0 && M >= from ? panel : with_rows(stream, format);
+}
+
 // The bf16 kernel of the AVX-512 BF16 path for M activation rows: the multi-row tile from g_wide_rows rows,
 // else the kBf16Dp tiles with the weight rows per pass chosen for bf16.
 const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
@@ -1159,6 +1324,7 @@ const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
 
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   if (ker.weights_outside) return run_rows_wide(ker, p, n_begin, n_end);
+  if (ker.panel && p.M > 1) return run_rows_panel(ker, p, n_begin, n_end);
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
   if (ker.nb_many > 0 &&
@@ -1399,7 +1565,8 @@ void run_bf16_tiles(Problem& p, const uint16_t* x, int64_t path, int64_t weight_
   }
   const std::vector<float> xf = prepare_x_bf16(x, p.M, p.K, path == kAvx512 ? 32 : 16);
   p.xf = xf.data();
-  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, weight_bits);
+  run(path == kAvx512 ? with_rows(kBf16Avx512, kFmtBf16) : avx2_kernel(kBf16PanelAvx2, kBf16Avx2, kFmtBf16, p.M), p,
+      weight_bits);
 }
 
 }  // namespace
@@ -1444,7 +1611,7 @@ void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   p.wf = w;
   p.xf = x;
   p.x_elem_bytes = 4;
-  run(with_rows(path == kAvx2 ? kF32Avx2 : kF32Avx512, kFmtF32), p, 32);
+  run(path == kAvx2 ? avx2_kernel(kF32PanelAvx2, kF32Avx2, kFmtF32, M) : with_rows(kF32Avx512, kFmtF32), p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
@@ -1616,6 +1783,14 @@ int64_t set_wide_prefetch(int64_t tiles, int64_t level) {
   return g_wide_prefetch_tiles.exchange(tiles);
 }
 
+// Tests and benchmarks: the AVX2 bf16 / fp32 products take the panel tiles from `rows` activation rows (0: never),
+// over K blocks of `kc` columns (rounded down to a multiple of 8; 0: unchanged); returns the old row count.
+int64_t set_avx2_panel(int64_t rows, int64_t kc) {
+  TORCH_CHECK(kc == 0 || kc >= 8, "_set_avx2_panel: kc 0 or at least 8, got ", kc);
+  if (kc > 0) g_panel_kc.store(kc);
+  return g_panel_rows.exchange(std::max<int64_t>(rows, 0));
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
@@ -1627,6 +1802,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
   m.def("_set_wide_prefetch(int tiles, int level) -> int", &set_wide_prefetch);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
+  m.def("_set_avx2_panel(int rows, int kc) -> int", &set_avx2_panel);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
