@@ -257,8 +257,8 @@ def test_avx2_panel_tile_bf16(native: None, kc: int) -> None:
                     _check_close(kernels.linear_bf16(x, w, bias, path="avx2"), x, w, bias)
                 except AssertionError as exc:
                     raise AssertionError(f"kc {kc}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
-    with pytest.raises(RuntimeError, match="kc 0 or at least 8"):
-        torch.ops.internvl_kernels._set_avx2_panel(2, 4)
+    with pytest.raises(RuntimeError, match="kc 0 or at least 16"):
+        torch.ops.internvl_kernels._set_avx2_panel(2, 8)
 
 
 @pytest.mark.parametrize("kc", [0, 16], ids=["kc-default", "kc16"])
