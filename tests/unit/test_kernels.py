@@ -278,6 +278,31 @@ def test_avx2_panel_tile_f32(native: None, kc: int) -> None:
                     raise AssertionError(f"kc {kc}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
 
 
+def test_avx2_panel_tile_epilogue(native: None) -> None:
+    """The panel tiles' vectorised epilogue: with small integer operands every sum is exact in any order, so
+    each bf16 result must be exactly (sum + bias) rounded to nearest even (ties included: sums past 256 are
+    half-way between bf16 neighbours half the time), bias bf16, float32 or none, row tails and weight-row
+    tails (the one-row tiles' scalar epilogue); a NaN sum stores 0x7FC0 (c10::BFloat16's NaN); fp32 weights
+    store the exact sums."""
+    _require("avx2")
+    generator = torch.Generator().manual_seed(22)
+    with _avx2_panel(2, 0):
+        for m in (2, 4, 16, 17):
+            x = torch.randint(-8, 9, (m, 64), generator=generator).to(torch.bfloat16)
+            w = torch.randint(-8, 9, (131, 64), generator=generator).to(torch.bfloat16)
+            x[m - 1, 3] = float("nan")
+            halves = torch.randint(-64, 65, (131,), generator=generator).float() / 2
+            for bias in (None, halves.to(torch.bfloat16), halves + 0.25):
+                exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+                expected = exact.float().to(torch.bfloat16).view(torch.int16)
+                expected[exact.isnan()] = 0x7FC0
+                got = kernels.linear_bf16(x, w, bias, path="avx2").view(torch.int16)
+                assert torch.equal(got, expected), (m, None if bias is None else bias.dtype,
+                                                    (got != expected).nonzero()[:5].tolist())
+                got32 = kernels.linear_f32(x.float(), w.float(), bias, path="avx2")
+                torch.testing.assert_close(got32, exact.float(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_avx2_panel_tile_from_its_row_count(native: None) -> None:
     """Below the panel tiles' row count the stream tiles run, from it the panel tiles: the same products (off,
     or 2 / 4 weight rows per pass asked for: the stream tiles, bit for bit), over several threads' chunks and
