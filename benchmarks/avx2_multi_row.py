@@ -102,7 +102,8 @@ def main() -> None:
                 repeat = 3 if name == "lm_head" else 8
                 for _ in range(args.rounds):
                     for label, product in products.items():
-                        def run(product: Product = product, x: torch.Tensor = x) -> None:
+                        def run(product: Product = product, x: torch.Tensor = x, weights: list[torch.Tensor] = weights,
+                                floats: list[torch.Tensor] = floats) -> None:
                             for i, w in enumerate(weights):
                                 product(x, w, floats[i % len(floats)])
                         seconds[label] = min(seconds.get(label, float("inf")), best(run, repeat) / copies)

@@ -304,25 +304,33 @@ def test_avx2_panel_tile_epilogue(native: None) -> None:
 
 
 def test_avx2_panel_tile_from_its_row_count(native: None) -> None:
-    """Below the panel tiles' row count the stream tiles run, from it the panel tiles: the same products (off,
-    or 2 / 4 weight rows per pass asked for: the stream tiles, bit for bit), over several threads' chunks and
-    packed bf16 weights (unpacked per chunk, then the same tiles: the same bits)."""
+    """Below the panel tiles' row count the stream tiles run, from it (or from 2 rows whose activations outgrow
+    L1) the panel tiles: the same products (off, or 2 / 4 weight rows per pass asked for: the stream tiles, bit
+    for bit), over several threads' chunks and packed bf16 weights (unpacked per chunk, then the same tiles: the
+    same bits)."""
     _require("avx2")
     x, w, b = _data(16, 4099, 896, seed=13)
     outs = {}
-    for rows in (0, 4, 17):
+    for rows in (0, 3):
         with _avx2_panel(rows, 0):
             outs[rows] = kernels.linear_bf16(x, w, b, path="avx2")
-            if rows == 4:
+            if rows == 3:
                 with _rows_per_pass("bf16", 2):
                     stream2 = kernels.linear_bf16(x, w, b, path="avx2")
                 packed = kernels.linear_bf16_packed(x, kernels.pack_bf16(w, path="avx2"), b, path="avx2")
         _check_close(outs[rows], x, w, b)
-    assert torch.equal(packed, outs[4])   # the same tiles on the same values
-    torch.testing.assert_close(outs[4].float(), outs[0].float(), rtol=2 ** -7, atol=1e-6)
-    assert torch.equal(outs[17], outs[0])   # 16 rows < 17: the stream tiles, bit for bit
+    assert torch.equal(packed, outs[3])   # the same tiles on the same values
+    torch.testing.assert_close(outs[3].float(), outs[0].float(), rtol=2 ** -7, atol=1e-6)
     with _rows_per_pass("bf16", 2), _avx2_panel(0, 0):
         assert torch.equal(stream2, kernels.linear_bf16(x, w, b, path="avx2"))
+    # 2 rows: K = 896 fits L1 (the stream tiles, as switched off), K = 4864 does not (the panel tiles, as from 2)
+    for k, tiles in ((896, "stream"), (4864, "panel")):
+        x2, w2, b2 = _data(2, 131, k, seed=14)
+        with _avx2_panel(3, 0):
+            out = kernels.linear_bf16(x2, w2, b2, path="avx2")
+        with _avx2_panel(0 if tiles == "stream" else 2, 0):
+            assert torch.equal(out, kernels.linear_bf16(x2, w2, b2, path="avx2")), k
+        _check_close(out, x2, w2, b2)
 
 
 @pytest.fixture(scope="module")

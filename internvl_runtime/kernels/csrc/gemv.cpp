@@ -1267,7 +1267,10 @@ const Kernel kBf16Wide44{ONE8(tile_bf16_dp), MANY4(tile_bf16_wide), false, true}
 const Kernel kBf16Wide82{ONE8(tile_bf16_dp), MANY82(tile_bf16_wide), false, true};
 #undef MANY82
 std::atomic<int64_t> g_wide_rows{5};    // 0: never (the kBf16Dp tiles at every M)
-std::atomic<int64_t> g_panel_rows{4};   // AVX2 bf16 / fp32 weights: the panel tiles from this many rows (0: never)
+// AVX2 bf16 / fp32 weights: the panel tiles from this many rows (0: never), and from 2 where the activations
+// outgrow L1 (the stream tiles' multi-row case). 1 thread, GFLOP/s, stream / panel (RESULTS.md): 2 rows K = 896
+// 41 / 34, K = 4864 (DRAM) 22 / 37; 3 rows K = 896 36 / 48, K = 4864 31 / 52.
+std::atomic<int64_t> g_panel_rows{3};
 std::atomic<int64_t> g_wide_shape{0};   // 44: 4 rows x 4 weight rows, 82: 8 x 2, 0: by K (as measured)
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
@@ -1335,12 +1338,14 @@ void run_rows_panel(const Kernel& ker, const Problem& p, int64_t n_begin, int64_
     }
 }
 
-// The AVX2 kernel of bf16 (or fp32) weights for M activation rows: the panel tiles from g_panel_rows rows,
-// else (or where 2 or 4 weight rows per pass were asked for the format) the stream tiles.
-const Kernel& avx2_kernel(const Kernel& panel, const Rows& stream, Format format, int64_t M) {
+// The AVX2 kernel of bf16 (or fp32) weights for M activation rows of K fp32 columns: the panel tiles from
+// g_panel_rows rows (or 2 whose activations outgrow L1), else (or where 2 or 4 weight rows per pass were asked
+// for the format) the stream tiles.
+const Kernel& avx2_kernel(const Kernel& panel, const Rows& stream, Format format, int64_t M, int64_t K) {
   const int64_t from = g_panel_rows.load(std::memory_order_relaxed);
   const bool one_row = g_rows_per_pass[format].load(std::memory_order_relaxed) == 1;
-  return one_row && from > 0 && M >= from ? panel : with_rows(stream, format);
+  const bool big_x = M > 1 && M * K * 4 > g_x_l1_bytes.load(std::memory_order_relaxed);
+  return one_row && from > 0 && (M >= from || big_x) ? panel : with_rows(stream, format);
 }
 
 // The bf16 kernel of the AVX-512 BF16 path for M activation rows: the multi-row tile from g_wide_rows rows,
@@ -1595,8 +1600,9 @@ void run_bf16_tiles(Problem& p, const uint16_t* x, int64_t path, int64_t weight_
   }
   const std::vector<float> xf = prepare_x_bf16(x, p.M, p.K, path == kAvx512 ? 32 : 16);
   p.xf = xf.data();
-  run(path == kAvx512 ? with_rows(kBf16Avx512, kFmtBf16) : avx2_kernel(kBf16PanelAvx2, kBf16Avx2, kFmtBf16, p.M), p,
-      weight_bits);
+  const Kernel& ker = path == kAvx512 ? with_rows(kBf16Avx512, kFmtBf16)
+                                      : avx2_kernel(kBf16PanelAvx2, kBf16Avx2, kFmtBf16, p.M, p.K);
+  run(ker, p, weight_bits);
 }
 
 }  // namespace
@@ -1641,7 +1647,7 @@ void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   p.wf = w;
   p.xf = x;
   p.x_elem_bytes = 4;
-  run(path == kAvx2 ? avx2_kernel(kF32PanelAvx2, kF32Avx2, kFmtF32, M) : with_rows(kF32Avx512, kFmtF32), p, 32);
+  run(path == kAvx2 ? avx2_kernel(kF32PanelAvx2, kF32Avx2, kFmtF32, M, K) : with_rows(kF32Avx512, kFmtF32), p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
