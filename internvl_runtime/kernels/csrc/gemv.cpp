@@ -1224,7 +1224,8 @@ namespace {
 using Rows = Kernel[3];
 // AVX2 has 16 vector registers: 4 activation rows x 2 weight rows for the multi-row stream tiles (8
 // accumulators, 4 converted weights, 2 activations: each converted weight serves 4 rows; 16 rows, 1 thread, CPU
-// time: qkv 47 -> 69, gate_up 37 -> 46, down 45 -> 50 GFLOP/s against 2 x 4); AVX-512 has 32.
+// time: qkv 47 -> 69, gate_up 37 -> 46, down 45 -> 50 GFLOP/s against 2 x 4); AVX-512 has 32. (bf16 and fp32
+// weights on AVX2 take the panel tiles instead where those run: avx2_kernel.)
 const Rows kBf16Avx2 = ROWS(StreamAvx2<uint16_t>::tile, ONE4, MANY42, MANY42, MANY2);
 const Rows kF32Avx2 = ROWS(StreamAvx2<float>::tile, ONE4, MANY42, MANY42, MANY2);
 const Rows kInt8Avx2 = ROWS(StreamAvx2<int8_t>::tile, ONE4, MANY42, MANY42, MANY2);
