@@ -206,15 +206,16 @@ struct StreamAvx2 {
   }
 };
 
-// Multi-row products on AVX2 ("panel" tiles, M >= g_panel_rows): the stream tiles above widen every weight
-// block once per 4 activation rows and keep x in L1 while the weights come back from L2, which held them at
-// ~40% of the FMA rate at 16 rows. Here a tile of 4 weight rows meets every activation row, 3 at a time, on
-// a 3 x 4 register tile: 12 accumulators, 3 x vectors and one weight vector (16 ymm), 12 FMAs per 7 loads.
-// K runs in blocks of g_panel_kc columns: each block of the 4 rows is widened ONCE to fp32 (bf16: into an
-// L1-sized buffer, [evens, odds] per 16 columns as x is stored; fp32 weights are read where they are) and
-// stays in L1 while the activation rows stream from L2 (widening the whole of K first: down, K = 4864, 16
-// rows 70 -> 82 GFLOP/s); each pair's 8 lane sums are kept across blocks (fp32) and totalled once at the
-// end. While the first 3 rows run, the next tile's stored weights are prefetched (into L2).
+// Multi-row products on AVX2 ("panel" tiles, from g_panel_rows rows: avx2_kernel): the stream tiles above
+// widen every weight block once per 4 activation rows and keep x in L1 while the weights come back from L2,
+// which held them at ~40% of the FMA rate at 16 rows. Here a tile of 4 weight rows meets every activation row,
+// 3 at a time, on a 3 x 4 register tile: 12 accumulators, 3 x vectors and one weight vector (16 ymm), 12 FMAs
+// per 7 loads. K runs in blocks of g_panel_kc columns: each block of the 4 rows is widened ONCE to fp32 (bf16:
+// into an L1-sized buffer, [evens, odds] per 16 columns as x is stored; fp32 weights are read where they are)
+// and stays in L1 while the activation rows stream from L2 (widening the whole of K first: down, K = 4864, 16
+// rows 70 -> 82 GFLOP/s); each pair's 8 lane sums are kept across blocks (fp32) and totalled once at the end.
+// While the first 3 rows run, the next tile's stored weights are prefetched into L2 (without: 16 rows from
+// DRAM ~77 -> ~60 GFLOP/s, 4 rows ~48 -> ~27; RESULTS.md).
 std::atomic<int64_t> g_panel_kc{1024};
 
 template <class T>
