@@ -231,6 +231,110 @@ def test_linear_bf16_multi_row_tile_from_its_row_count(native: None) -> None:
     assert torch.equal(outs[17], outs[0])   # 16 rows < 17: the earlier tiles, bit for bit
 
 
+PANEL_SHAPES = [(m, n, k) for m in (2, 3, 4, 5, 7, 16, 17) for n in (1, 3, 4, 5, 9, 131)
+                for k in (7, 8, 24, 33, 896, 4864)]
+
+
+@contextlib.contextmanager
+def _avx2_panel(rows: int, kc: int) -> Iterator[None]:
+    previous = torch.ops.internvl_kernels._set_avx2_panel(rows, kc)
+    try:
+        yield
+    finally:
+        torch.ops.internvl_kernels._set_avx2_panel(previous, 1024)
+
+
+@pytest.mark.parametrize("kc", [0, 16], ids=["kc-default", "kc16"])
+def test_avx2_panel_tile_bf16(native: None, kc: int) -> None:
+    """The AVX2 panel tiles (2+ activation rows: 4 weight rows widened once, 3 x 4 register tile) on 2-17 rows
+    (blocks of 3 with 1- and 2-row tails), N tails (the one-row tiles past the last 4-row tile), K tails (masked
+    below 8 columns, K under one step) and, with kc 16, K in many blocks whose partial sums carry over; with and
+    without bias, every result the exact product rounded once to bf16 (up to fp32 summation error)."""
+    _require("avx2")
+    with _avx2_panel(2, kc):
+        for i, (m, n, k) in enumerate(PANEL_SHAPES):
+            x, w, b = _data(m, n, k, seed=500 + i)
+            for bias in (None, b):
+                try:
+                    _check_close(kernels.linear_bf16(x, w, bias, path="avx2"), x, w, bias)
+                except AssertionError as exc:
+                    raise AssertionError(f"kc {kc}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+    with pytest.raises(RuntimeError, match="kc 0 or at least 16"):
+        torch.ops.internvl_kernels._set_avx2_panel(2, 8)
+
+
+@pytest.mark.parametrize("kc", [0, 16], ids=["kc-default", "kc16"])
+def test_avx2_panel_tile_f32(native: None, kc: int) -> None:
+    """The same panel tiles over float32 weights (read where they are stored, no widening): the same shapes,
+    every result within the fp32 summation bound of the exact product."""
+    _require("avx2")
+    with _avx2_panel(2, kc):
+        for i, (m, n, k) in enumerate(PANEL_SHAPES):
+            g = torch.Generator().manual_seed(700 + i)
+            x = torch.randn(m, k, generator=g)
+            w = torch.randn(n, k, generator=g) / k ** 0.5
+            for bias in (None, torch.randn(n, generator=g)):
+                try:
+                    _check_f32(kernels.linear_f32(x, w, bias, path="avx2"), x, w, bias)
+                except AssertionError as exc:
+                    raise AssertionError(f"kc {kc}, M={m} N={n} K={k} bias={bias is not None}: {exc}") from None
+
+
+def test_avx2_panel_tile_epilogue(native: None) -> None:
+    """The panel tiles' vectorised epilogue: with small integer operands every sum is exact in any order, so
+    each bf16 result must be exactly (sum + bias) rounded to nearest even (ties included: sums past 256 are
+    half-way between bf16 neighbours half the time), bias bf16, float32 or none, row tails and weight-row
+    tails (the one-row tiles' scalar epilogue); a NaN sum stores 0x7FC0 (c10::BFloat16's NaN); fp32 weights
+    store the exact sums."""
+    _require("avx2")
+    generator = torch.Generator().manual_seed(22)
+    with _avx2_panel(2, 0):
+        for m in (2, 4, 16, 17):
+            x = torch.randint(-8, 9, (m, 64), generator=generator).to(torch.bfloat16)
+            w = torch.randint(-8, 9, (131, 64), generator=generator).to(torch.bfloat16)
+            x[m - 1, 3] = float("nan")
+            halves = torch.randint(-64, 65, (131,), generator=generator).float() / 2
+            for bias in (None, halves.to(torch.bfloat16), halves + 0.25):
+                exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+                expected = exact.float().to(torch.bfloat16).view(torch.int16)
+                expected[exact.isnan()] = 0x7FC0
+                got = kernels.linear_bf16(x, w, bias, path="avx2").view(torch.int16)
+                assert torch.equal(got, expected), (m, None if bias is None else bias.dtype,
+                                                    (got != expected).nonzero()[:5].tolist())
+                got32 = kernels.linear_f32(x.float(), w.float(), bias, path="avx2")
+                torch.testing.assert_close(got32, exact.float(), rtol=0, atol=0, equal_nan=True)
+
+
+def test_avx2_panel_tile_from_its_row_count(native: None) -> None:
+    """Below the panel tiles' row count the stream tiles run, from it (or from 2 rows whose activations outgrow
+    L1) the panel tiles: the same products (off, or 2 / 4 weight rows per pass asked for: the stream tiles, bit
+    for bit), over several threads' chunks and packed bf16 weights (unpacked per chunk, then the same tiles: the
+    same bits)."""
+    _require("avx2")
+    x, w, b = _data(16, 4099, 896, seed=13)
+    outs = {}
+    for rows in (0, 3):
+        with _avx2_panel(rows, 0):
+            outs[rows] = kernels.linear_bf16(x, w, b, path="avx2")
+            if rows == 3:
+                with _rows_per_pass("bf16", 2):
+                    stream2 = kernels.linear_bf16(x, w, b, path="avx2")
+                packed = kernels.linear_bf16_packed(x, kernels.pack_bf16(w, path="avx2"), b, path="avx2")
+        _check_close(outs[rows], x, w, b)
+    assert torch.equal(packed, outs[3])   # the same tiles on the same values
+    torch.testing.assert_close(outs[3].float(), outs[0].float(), rtol=2 ** -7, atol=1e-6)
+    with _rows_per_pass("bf16", 2), _avx2_panel(0, 0):
+        assert torch.equal(stream2, kernels.linear_bf16(x, w, b, path="avx2"))
+    # 2 rows: K = 896 fits L1 (the stream tiles, as switched off), K = 4864 does not (the panel tiles, as from 2)
+    for k, tiles in ((896, "stream"), (4864, "panel")):
+        x2, w2, b2 = _data(2, 131, k, seed=14)
+        with _avx2_panel(3, 0):
+            out = kernels.linear_bf16(x2, w2, b2, path="avx2")
+        with _avx2_panel(0 if tiles == "stream" else 2, 0):
+            assert torch.equal(out, kernels.linear_bf16(x2, w2, b2, path="avx2")), k
+        _check_close(out, x2, w2, b2)
+
+
 @pytest.fixture(scope="module")
 def lm_head() -> tuple:
     """The InternVL2-1B LM head shape (151655 x 896, M=1), its fp64 reference computed once."""

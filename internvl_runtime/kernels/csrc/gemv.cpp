@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 using namespace internvl_kernels;
@@ -46,6 +47,8 @@ inline float load_kind(const void* p, int kind, int64_t i) {
 // res[i * NB + j]: raw fp32 dot product of x row m0 + i (i < MB) with weight row n0 + j (j < NB) (the
 // multi-row tiles of weights_outside kernels store their results in p.out themselves, res unused).
 using TileFn = void (*)(const Problem&, int64_t m0, int64_t n0, float* res);
+// Output columns n0 .. n0 + 3 of every one of the M rows, bias added, stored (weights without scales).
+using PanelFn = void (*)(const Problem&, int64_t n0);
 
 constexpr int kMaxMB = 8;
 constexpr int kMaxNB = 4;
@@ -58,6 +61,7 @@ struct Kernel {
   int nb_many;
   bool many_always = false;  // the nb_many-row tiles at any M (several weight rows per pass even at M = 1)
   bool weights_outside = false;  // run_rows_wide's order: each weight tile meets every activation row
+  PanelFn panel = nullptr;  // M > 1: 4 weight rows at a time against all M rows (run_rows_panel), `one` for the rest
 };
 
 }  // namespace
@@ -200,6 +204,172 @@ struct StreamAvx2 {
         for (int64_t t = K16; t < K; ++t) s += xr[i][t] * widen(wr[j][t]);
         res[i * NB + j] = s;
       }
+  }
+};
+
+// Multi-row products on AVX2 ("panel" tiles, from g_panel_rows rows: avx2_kernel): the stream tiles above
+// widen every weight block once per 4 activation rows and keep x in L1 while the weights come back from L2,
+// which held them at ~40% of the FMA rate at 16 rows. Here a tile of 4 weight rows meets every activation row,
+// 3 at a time, on a 3 x 4 register tile: 12 accumulators, 3 x vectors and one weight vector (16 ymm), 12 FMAs
+// per 7 loads. K runs in blocks of g_panel_kc columns: each block of the 4 rows is widened ONCE to fp32 (bf16:
+// into an L1-sized buffer, [evens, odds] per 16 columns as x is stored; fp32 weights are read where they are)
+// and stays in L1 while the activation rows stream from L2 (widening the whole of K first: down, K = 4864, 16
+// rows 70 -> 82 GFLOP/s); each pair's 8 lane sums are kept across blocks (fp32) and totalled once at the end.
+// While the first 3 rows run, the next tile's stored weights are prefetched into L2 (without: 16 rows from
+// DRAM ~77 -> ~60 GFLOP/s, 4 rows ~48 -> ~27; RESULTS.md).
+std::atomic<int64_t> g_panel_kc{1024};
+
+template <class T>
+struct PanelAvx2 {
+  // MB (1..3) activation rows from xr (rows K apart) x the 4 weight rows at wp (rows ldw apart), columns
+  // k0..k1 (k1 - k0 a multiple of 8), then, where tail, the masked columns k1..K (fewer than 8). part: the
+  // 8-lane partial sums of pair (i, j) at part[(i * 4 + j) * 8], zeroed first where fresh. pf: the next
+  // tile's stored rows, prefetched over the same columns (or null).
+  template <int MB>
+  static void block(const float* xr, int64_t K, const float* wp, int64_t ldw, int64_t k0, int64_t k1, bool tail,
+                    bool fresh, float* part, const T* pf) {
+    constexpr int U = MB == 1 ? 2 : 1;   // one row: two accumulator sets, or the FMA latency sets the pace
+    constexpr int64_t kLine = 64 / sizeof(T);
+    __m256 acc[U][MB][4];
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)
+          acc[u][i][j] = fresh || u > 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(part + (i * 4 + j) * 8);
+    auto step = [&](int64_t k, int u) __attribute__((always_inline)) {
+      __m256 xv[MB];
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(xr + i * K + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_loadu_ps(wp + j * ldw + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i) acc[u][i][j] = _mm256_fmadd_ps(xv[i], wv, acc[u][i][j]);
+      }
+    };
+    int64_t k = k0;
+    if (pf) {
+      for (; k + 8 * U <= k1; k += 8 * U) {
+        if (k % kLine < 8 * U)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T1);
+#pragma GCC unroll 2
+        for (int u = 0; u < U; ++u) step(k + 8 * u, u);
+      }
+    } else {
+      for (; k + 8 * U <= k1; k += 8 * U)
+#pragma GCC unroll 2
+        for (int u = 0; u < U; ++u) step(k + 8 * u, u);
+    }
+    for (; k < k1; k += 8) step(k, 0);
+    if (tail && k1 < K) {
+      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K - k1)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wv = _mm256_maskload_ps(wp + j * ldw + k1, lanes);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; ++i)
+          acc[0][i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(xr + i * K + k1, lanes), wv, acc[0][i][j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m256 a = acc[0][i][j];
+        if constexpr (U == 2) a = _mm256_add_ps(a, acc[1][i][j]);
+        _mm256_storeu_ps(part + (i * 4 + j) * 8, a);
+      }
+  }
+
+  // Columns k0..k1 of the 4 weight rows at src (rows K apart; k0 a multiple of 16) widened to fp32 at dst, column
+  // k at dst[k - k0] ([evens, odds] per 16 columns up to K & ~15, as x is stored; in order after).
+  static void widen_block(const T* src, int64_t K, int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+    const int64_t k16 = std::min(k1, K & ~int64_t(15));
+    for (int j = 0; j < 4; ++j) {
+      const T* s = src + j * K;
+      float* d = dst + j * ldd - k0;
+      int64_t k = k0;
+      for (; k + 16 <= k16; k += 16) {
+        __m256 a, b;
+        widen16(s + k, a, b);
+        _mm256_store_ps(d + k, a);
+        _mm256_store_ps(d + k + 8, b);
+      }
+      for (; k < k1; ++k) d[k] = widen(s[k]);
+    }
+  }
+
+  // Output columns n0 .. n0 + 3 of all M rows: the fp32 dot products with weight rows n0 .. n0 + 3, plus the
+  // bias, stored as fp32 or rounded to bf16 as `epilogue` rounds (c10::BFloat16: to nearest even, NaN to
+  // 0x7FC0, on the integer bits), 4 values a row at once (the scalar epilogue's ~2 ns a result were ~15% of
+  // a 16-row tile).
+  static void tile(const Problem& p, int64_t n0) {
+    const int64_t M = p.M, K = p.K, K8 = K & ~int64_t(7);
+    // a multiple of 16: K blocks start on the [evens, odds] blocks of bf16's layout
+    const int64_t kc = std::max<int64_t>(16, g_panel_kc.load(std::memory_order_relaxed) & ~int64_t(15));
+    thread_local std::vector<float> part_store, wide_store;
+    if (part_store.size() < static_cast<size_t>(M * 32)) part_store.resize(static_cast<size_t>(M * 32));
+    float* part = part_store.data();
+    const T* src = weight_rows<T>(p) + n0 * K;
+    // the next tile of this call's weights, if any (a chunk's last tile prefetches the next chunk's first)
+    const T* next = n0 + 8 <= p.N ? src + 4 * K : nullptr;
+    // bf16 / int8: each K block of the 4 rows widened into an L1-sized buffer (64-byte rows) just before use
+    const int64_t ldw = std::is_same_v<T, float> ? K : kc + 16;
+    float* wide = nullptr;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (wide_store.size() < static_cast<size_t>(4 * ldw + 16)) wide_store.resize(static_cast<size_t>(4 * ldw + 16));
+      wide = wide_store.data() + ((64 - reinterpret_cast<uintptr_t>(wide_store.data()) % 64) % 64) / 4;
+    }
+    for (int64_t k0 = 0;; k0 += kc) {
+      const int64_t k1 = std::min(k0 + kc, K8);
+      const bool last = k1 == K8;
+      const float* wp;   // column k of weight row j at wp[j * ldw + k]
+      if constexpr (std::is_same_v<T, float>) {
+        wp = src;
+      } else {
+        widen_block(src, K, k0, last ? K : k1, wide, ldw);
+        wp = wide - k0;
+      }
+      // blocks of 3 rows (4 left as 2 + 2 measured slower than 3 + 1: 2 rows hold only 8 accumulators)
+      for (int64_t m = 0; m < M;) {
+        const int64_t mb = std::min<int64_t>(3, M - m);
+        const float* xr = p.xf + m * K;
+        const T* pf = m == 0 ? next : nullptr;
+        float* pm = part + m * 32;
+        if (mb == 3)
+          block<3>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf);
+        else if (mb == 2)
+          block<2>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf);
+        else
+          block<1>(xr, K, wp, ldw, k0, k1, last, k0 == 0, pm, pf);
+        m += mb;
+      }
+      if (last) break;
+    }
+    alignas(16) float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (p.bias_kind != kNone)
+      for (int j = 0; j < 4; ++j) bias[j] = load_kind(p.bias, p.bias_kind, n0 + j);
+    const __m128 b = _mm_load_ps(bias);
+    for (int64_t i = 0; i < M; ++i) {
+      const float* q = part + i * 32;   // lane j of the horizontal-add tree: the total of pair (i, j)
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 8)),
+                                      _mm256_hadd_ps(_mm256_loadu_ps(q + 16), _mm256_loadu_ps(q + 24)));
+      const __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), b);
+      if (p.out_kind == kBf16) {
+        const __m128i u = _mm_castps_si128(v);
+        const __m128i odd = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+        __m128i r = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(odd, _mm_set1_epi32(0x7FFF))), 16);
+        r = _mm_blendv_epi8(r, _mm_set1_epi32(0x7FC0), _mm_castps_si128(_mm_cmpunord_ps(v, v)));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p.out) + i * p.N + n0),
+                         _mm_packus_epi32(r, r));
+      } else {
+        _mm_storeu_ps(static_cast<float*>(p.out) + i * p.N + n0, v);
+      }
+    }
   }
 };
 
@@ -1098,7 +1268,8 @@ namespace {
 using Rows = Kernel[3];
 // AVX2 has 16 vector registers: 4 activation rows x 2 weight rows for the multi-row stream tiles (8
 // accumulators, 4 converted weights, 2 activations: each converted weight serves 4 rows; 16 rows, 1 thread, CPU
-// time: qkv 47 -> 69, gate_up 37 -> 46, down 45 -> 50 GFLOP/s against 2 x 4); AVX-512 has 32.
+// time: qkv 47 -> 69, gate_up 37 -> 46, down 45 -> 50 GFLOP/s against 2 x 4); AVX-512 has 32. (bf16 and fp32
+// weights on AVX2 take the panel tiles instead where those run: avx2_kernel.)
 const Rows kBf16Avx2 = ROWS(StreamAvx2<uint16_t>::tile, ONE4, MANY42, MANY42, MANY2);
 const Rows kF32Avx2 = ROWS(StreamAvx2<float>::tile, ONE4, MANY42, MANY42, MANY2);
 const Rows kInt8Avx2 = ROWS(StreamAvx2<int8_t>::tile, ONE4, MANY42, MANY42, MANY2);
@@ -1117,6 +1288,9 @@ const Kernel kInt4Dp{ONE4(tile_int4_dp), NONE(_)};
 const Kernel kInt4DotAvx2{ONE4(tile_int4_dot_avx2), NONE(_)};
 const Rows kInt4Dot64Avx2 = ROWS(tile_int4_dot64_avx2, ONE4, NONE, MANY22, MANY14);
 const Rows kInt4Vnni = ROWS(tile_int4_vnni, ONE4, NONE, MANY42, MANY2);
+// AVX2 from g_panel_rows activation rows: the panel tiles (PanelAvx2), the one-row stream tiles for the rest
+const Kernel kBf16PanelAvx2{ONE4(StreamAvx2<uint16_t>::tile), NONE(_), false, false, &PanelAvx2<uint16_t>::tile};
+const Kernel kF32PanelAvx2{ONE4(StreamAvx2<float>::tile), NONE(_), false, false, &PanelAvx2<float>::tile};
 #undef NONE
 #undef ROWS
 
@@ -1149,8 +1323,12 @@ const Kernel kBf16Wide83{ONE8(tile_bf16_dp), MANY83(tile_bf16_wide), false, true
 #undef MANY64
 #undef MANY82
 std::atomic<int64_t> g_wide_rows{5};    // 0: never (the kBf16Dp tiles at every M)
-// 44: 4 rows x 4 weight rows, 82: 8 x 2, 64: 6 x 4, 0: the default (as measured)
+// 44: 4 rows x 4 weight rows, 82: 8 x 2, 64: 6 x 4, 83: 8 x 3, 0: the default (as measured)
 std::atomic<int64_t> g_wide_shape{0};
+// AVX2 bf16 / fp32 weights: the panel tiles from this many rows (0: never), and from 2 where the activations
+// outgrow L1 (the stream tiles' multi-row case). 1 thread, GFLOP/s, stream / panel (RESULTS.md): 2 rows K = 896
+// 41 / 34, K = 4864 (DRAM) 22 / 37; 3 rows K = 896 36 / 48, K = 4864 31 / 52.
+std::atomic<int64_t> g_panel_rows{3};
 
 constexpr int kRowAlign = 4;                  // chunk sizes are a multiple of this many rows
 std::atomic<int64_t> g_chunk_bytes{128 * 1024};   // weights per work item taken from the shared counter
@@ -1203,6 +1381,30 @@ void run_rows_wide(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t
     }
 }
 
+// 4 weight rows at a time against all M activation rows (kernels with a panel tile), the last N % 4 rows on
+// the one-row tiles.
+void run_rows_panel(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
+  float res[kMaxMB * kMaxNB];
+  const int64_t n_tiles_end = n_begin + (n_end - n_begin) / 4 * 4;
+  for (int64_t t = n_begin; t < n_tiles_end; t += 4) ker.panel(p, t);
+  for (int64_t n = n_tiles_end; n < n_end; ++n)
+    for (int64_t m = 0; m < p.M; m += ker.max_mb_one) {
+      const int mb = static_cast<int>(std::min<int64_t>(ker.max_mb_one, p.M - m));
+      ker.one[mb - 1](p, m, n, res);
+      epilogue(p, m, mb, n, 1, res);
+    }
+}
+
+// The AVX2 kernel of bf16 (or fp32) weights for M activation rows of K fp32 columns: the panel tiles from
+// g_panel_rows rows (or 2 whose activations outgrow L1), else (or where 2 or 4 weight rows per pass were asked
+// for the format) the stream tiles.
+const Kernel& avx2_kernel(const Kernel& panel, const Rows& stream, Format format, int64_t M, int64_t K) {
+  const int64_t from = g_panel_rows.load(std::memory_order_relaxed);
+  const bool one_row = g_rows_per_pass[format].load(std::memory_order_relaxed) == 1;
+  const bool big_x = M > 1 && M * K * 4 > g_x_l1_bytes.load(std::memory_order_relaxed);
+  return one_row && from > 0 && (M >= from || big_x) ? panel : with_rows(stream, format);
+}
+
 // The bf16 kernel of the AVX-512 BF16 path for M activation rows: the multi-row tile from g_wide_rows rows,
 // else the kBf16Dp tiles with the weight rows per pass chosen for bf16.
 const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
@@ -1215,6 +1417,7 @@ const Kernel& bf16_dp_kernel(int64_t M, int64_t K) {
 
 void run_rows(const Kernel& ker, const Problem& p, int64_t n_begin, int64_t n_end) {
   if (ker.weights_outside) return run_rows_wide(ker, p, n_begin, n_end);
+  if (ker.panel && p.M > 1 && p.scale_kind == kNone) return run_rows_panel(ker, p, n_begin, n_end);
   float res[kMaxMB * kMaxNB];
   int64_t n = n_begin;
   if (ker.nb_many > 0 &&
@@ -1455,7 +1658,9 @@ void run_bf16_tiles(Problem& p, const uint16_t* x, int64_t path, int64_t weight_
   }
   const std::vector<float> xf = prepare_x_bf16(x, p.M, p.K, path == kAvx512 ? 32 : 16);
   p.xf = xf.data();
-  run(with_rows(path == kAvx512 ? kBf16Avx512 : kBf16Avx2, kFmtBf16), p, weight_bits);
+  const Kernel& ker = path == kAvx512 ? with_rows(kBf16Avx512, kFmtBf16)
+                                      : avx2_kernel(kBf16PanelAvx2, kBf16Avx2, kFmtBf16, p.M, p.K);
+  run(ker, p, weight_bits);
 }
 
 }  // namespace
@@ -1500,7 +1705,7 @@ void matvec_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N,
   p.wf = w;
   p.xf = x;
   p.x_elem_bytes = 4;
-  run(with_rows(path == kAvx2 ? kF32Avx2 : kF32Avx512, kFmtF32), p, 32);
+  run(path == kAvx2 ? avx2_kernel(kF32PanelAvx2, kF32Avx2, kFmtF32, M, K) : with_rows(kF32Avx512, kFmtF32), p, 32);
 }
 
 void matvec_int8(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const void* scale, int scale_kind,
@@ -1674,6 +1879,14 @@ int64_t set_wide_prefetch(int64_t tiles, int64_t level) {
   return g_wide_prefetch_tiles.exchange(tiles);
 }
 
+// Tests and benchmarks: the AVX2 bf16 / fp32 products take the panel tiles from `rows` activation rows (0: never),
+// over K blocks of `kc` columns (rounded down to a multiple of 16; 0: unchanged); returns the old row count.
+int64_t set_avx2_panel(int64_t rows, int64_t kc) {
+  TORCH_CHECK(kc == 0 || kc >= 16, "_set_avx2_panel: kc 0 or at least 16, got ", kc);
+  if (kc > 0) g_panel_kc.store(kc);
+  return g_panel_rows.exchange(std::max<int64_t>(rows, 0));
+}
+
 // Benchmarks only: set the bytes of weights per work item; returns the old value.
 int64_t set_chunk_bytes(int64_t bytes) { return g_chunk_bytes.exchange(std::max<int64_t>(bytes, 4096)); }
 
@@ -1685,6 +1898,7 @@ TORCH_LIBRARY(internvl_kernels, m) {
   m.def("_set_wide_bf16(int rows, int shape) -> int", &set_wide_bf16);
   m.def("_set_wide_prefetch(int tiles, int level) -> int", &set_wide_prefetch);
   m.def("_set_int8_activations(bool on) -> bool", &set_int8_activations);
+  m.def("_set_avx2_panel(int rows, int kc) -> int", &set_avx2_panel);
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias, int path) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int path) -> Tensor");
