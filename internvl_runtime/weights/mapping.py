@@ -24,6 +24,7 @@ so the 16-bit weight never becomes a copy in the process and its file pages do n
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import warnings
 from pathlib import Path
@@ -119,14 +120,30 @@ def is_mapped_from(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     return any(lo <= start and end <= hi for lo, hi in ranges)
 
 
-def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+#: Bytes from which a CPU weight allocated at load lives in an anonymous mapping advised for huge pages
+#: (``weights.direct.allocate``): one transparent huge page.
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, *,
+                    huge_pages: bool = False) -> torch.Tensor:
     """An uninitialised CPU tensor in a private anonymous mapping of its own, unmapped when the tensor is freed.
 
     For a short-lived large tensor (a fused 16-bit weight assembled only to be quantized): its memory goes back to
     the OS as soon as it is freed, and it never passes through ``malloc``, whose heap would otherwise keep it (glibc
     raises its mmap threshold to the size of each mapped block freed, so every later block up to that size, a
-    prefill's temporaries among them, is carved from the heap and stays resident once freed)."""
+    prefill's temporaries among them, is carved from the heap and stays resident once freed).
+
+    ``huge_pages``: the mapping is advised for transparent huge pages (``MADV_HUGEPAGE``, where Linux has them in
+    ``madvise`` or ``always`` mode), for a long-lived weight that every decode step streams whole: with 2 MiB pages
+    the hardware prefetcher is not stopped at every 4 KiB page boundary and the stream needs 512x fewer TLB walks
+    (InternVL2-1B's fused q/k/v and gate/up weights, ~470 MB: batch-1 bf16 decode ~8% faster, RESULTS.md). Not for
+    memory read sparsely (an embedding table's rows), where each row touched would make 2 MiB resident."""
     count = torch.Size(shape).numel()
     itemsize = torch.empty((), dtype=dtype).element_size()
     buffer = mmap.mmap(-1, max(count * itemsize, 1), flags=mmap.MAP_PRIVATE)   # anonymous, private
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        # a kernel without transparent huge pages refuses: 4 KiB pages, as without the advice
+        with contextlib.suppress(OSError):
+            buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(tuple(shape))
