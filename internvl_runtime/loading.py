@@ -56,7 +56,7 @@ from .placement import (
 from .quantization import LayerPacker, LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
 from .weights.direct import DirectSink, Watch
 from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
-from .weights.mapping import FileMappings
+from .weights.mapping import FileMappings, advise_sparse
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +341,8 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
 
         pending = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if is_vision_name(name))
         model.defer_vision(load_vision, pending)
+    if mmap:
+        advise_sparse_tables(model)
     if quantizer is not None:
         quantizer.report()
         model.quantization = plan.quantization  # type: ignore[assignment]
@@ -349,6 +351,17 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
     if plan.unit_devices is not None:             # everything is in place already: the hooks and the map
         dispatch_model(model, plan.unit_devices)
     return model
+
+
+def advise_sparse_tables(model: torch.nn.Module) -> None:
+    """Embedding tables on the CPU that no linear layer streams (untied, or their tied LM head became a quantized
+    copy): advised against huge pages (``weights.mapping.advise_sparse``), so each row a prompt looks up makes
+    its 4 KiB resident, not the 2 MiB folio around it."""
+    streamed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Embedding) and id(module.weight) not in streamed
+                and module.weight.device.type == "cpu"):
+            advise_sparse(module.weight)
 
 
 def check_pack_bf16(plan: LoadPlan, build: ModelBuilder | None = None) -> None:

@@ -42,6 +42,7 @@ from ..errors import UnsupportedFeature
 from ..hardware import cpu_has_fast_bf16
 from ..kernels import pack_int4
 from ..kernels.triton_int8 import triton_available
+from ..weights.mapping import streamed_empty
 
 _ROW_CHUNK_ELEMS = 1 << 20          # float32 temporaries while quantizing: 4 MB per chunk (the rows are
 #                                    independent: the chunking changes no value, only the peak at load)
@@ -145,7 +146,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat1
     """(N, K) float -> q (N, K) int8, scales (N,) ``scale_dtype``; W ~= q * scales[:, None]. ``release``: told
     of each row chunk of ``weight`` once read (see ``Release``)."""
     n, k = weight.shape
-    q = torch.empty((n, k), dtype=torch.int8, device=weight.device)
+    q = streamed_empty((n, k), torch.int8, weight.device)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
     for start, end in _row_chunks(n, k):
         w = weight[start:end].float()
@@ -340,7 +341,7 @@ class Int4Linear(nn.Module):
             raise UnsupportedFeature(f"int4 group size {group_size} does not divide in_features {k}")
         bias = linear.bias.detach().to(device) if linear.bias is not None else None
         if backend == "cpu" and _native_int4_kernel(torch.device(device), group_size):
-            packed = torch.empty((n, k // 2), dtype=torch.uint8, device=device)
+            packed = streamed_empty((n, k // 2), torch.uint8, device)
             scales_and_zeros = torch.empty((n, k // group_size, 2), dtype=torch.bfloat16, device=device)
             for start, end in _row_chunks(n, k):
                 q, sz = quantize_int4(linear.weight.detach()[start:end], group_size)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .loader import LazyTensor, WeightSink
-from .mapping import HUGE_PAGE_BYTES, FileMappings, anonymous_empty
+from .mapping import FileMappings, anonymous_empty, streamed_empty
 from .staging import StagingBuffer
 
 #: ``finish(module name, module) -> replacement or None``, called once a module's parameters are all in.
@@ -55,17 +55,17 @@ def allocate(module: nn.Module, names: Iterable[str], device: torch.device, *, s
 
     ``torch.empty`` from the meta tensor's shape and dtype, not ``torch.empty_like(meta, device=...)`` or
     ``nn.Module.to_empty``: those run through torch's Python references, whose first call imports sympy
-    (~30 MB resident in every process that loads a model, for an allocation). On the CPU, each parameter of at
-    least ``HUGE_PAGE_BYTES`` gets an anonymous mapping of its own (``weights.mapping.anonymous_empty``) advised
-    for huge pages (a fused q/k/v or gate/up weight, or every weight with ``mmap=False``: weights that decode steps
-    stream whole); ``scratch``: every one does, without the advice, for parameters that live only until their
-    module is quantized."""
+    (~30 MB resident in every process that loads a model, for an allocation). On the CPU, a parameter of at
+    least ``HUGE_PAGE_BYTES`` gets an anonymous mapping of its own advised for huge pages
+    (``weights.mapping.streamed_empty``: a fused q/k/v or gate/up weight, or every weight with ``mmap=False``);
+    ``scratch``: every one gets a mapping of its own, without the advice (``anonymous_empty``), for parameters
+    that live only until their module is quantized."""
     for name in names:
         meta = getattr(module, name)
-        big = meta.numel() * meta.element_size() >= HUGE_PAGE_BYTES
-        tensor = (anonymous_empty(meta.shape, meta.dtype, huge_pages=not scratch)
-                  if device.type == "cpu" and (scratch or big)
-                  else torch.empty(meta.shape, dtype=meta.dtype, device=device))
+        if device.type == "cpu" and scratch:
+            tensor = anonymous_empty(meta.shape, meta.dtype)
+        else:
+            tensor = streamed_empty(meta.shape, meta.dtype, device)
         setattr(module, name, nn.Parameter(tensor, requires_grad=meta.requires_grad))
 
 

@@ -25,6 +25,7 @@ so the 16-bit weight never becomes a copy in the process and its file pages do n
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import warnings
 from pathlib import Path
@@ -123,6 +124,41 @@ def is_mapped_from(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
 #: Bytes from which a CPU weight allocated at load lives in an anonymous mapping advised for huge pages
 #: (``weights.direct.allocate``): one transparent huge page.
 HUGE_PAGE_BYTES = 2 << 20
+
+
+def advise_sparse(tensor: torch.Tensor) -> bool:
+    """Advise the pages under ``tensor`` (CPU memory: a view of a checkpoint's mapping) against huge pages
+    (``MADV_NOHUGEPAGE``, Linux): for a table read a few rows at a time (an embedding whose LM head is a quantized
+    copy, or untied). A file cached in 2 MiB folios (Linux 6.x reads ext4 / xfs files into large folios) is
+    otherwise mapped 2 MiB at a time, and every row looked up makes its 2 MiB resident (InternVL2-1B int8: ~100
+    MiB more after a few hundred tokens, RESULTS.md). Returns whether the advice was taken."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0 or tensor.device.type != "cpu" or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return False
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = -(-(tensor.data_ptr() + nbytes - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), mmap.MADV_NOHUGEPAGE) == 0
+
+
+def streamed_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised tensor for a weight that decode steps read whole (a quantized or packed weight, a fused
+    one): on the CPU from ``HUGE_PAGE_BYTES`` on in an anonymous mapping advised for huge pages
+    (``anonymous_empty(huge_pages=True)``), else ``torch.empty``."""
+    if torch.device(device).type == "cpu" and torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() \
+            >= HUGE_PAGE_BYTES:
+        return anonymous_empty(shape, dtype, huge_pages=True)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def to_streamed(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or on the CPU from ``HUGE_PAGE_BYTES`` on a copy of it in ``streamed_empty`` memory (a
+    weight made by a library call, e.g. ``kernels.pack_bf16``'s blob)."""
+    if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < HUGE_PAGE_BYTES:
+        return tensor
+    return streamed_empty(tensor.shape, tensor.dtype).copy_(tensor)
 
 
 def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, *,

@@ -58,3 +58,35 @@ def test_allocate_advises_big_weights_only() -> None:
     assert "hg" in (_vm_flags(module.big) or [])
     assert "hg" not in (_vm_flags(module.small) or [])
     assert "hg" not in (_vm_flags(module.scratch) or [])
+
+
+def test_streamed_weights_of_quantized_and_packed_layers() -> None:
+    """int8 / int4 weights and packed bf16 blobs, made at load, are streamed memory too (from 2 MiB on)."""
+    from internvl_runtime.weights.mapping import streamed_empty, to_streamed
+
+    big = streamed_empty((HUGE_PAGE_BYTES,), torch.int8)
+    small = streamed_empty((1000,), torch.int8)
+    assert "hg" in (_vm_flags(big) or []) and "hg" not in (_vm_flags(small) or [])
+    blob = torch.arange(HUGE_PAGE_BYTES, dtype=torch.int32).to(torch.uint8)
+    moved = to_streamed(blob)
+    assert moved.data_ptr() != blob.data_ptr() and torch.equal(moved, blob) and "hg" in (_vm_flags(moved) or [])
+    assert to_streamed(blob[:100]) is not None and to_streamed(blob[:100]).data_ptr() == blob.data_ptr()
+
+
+@pytest.mark.parametrize(("fixture", "quantization", "sparse"), [
+    ("tiny-3_5-1B", None, False),       # tied: the embedding is the LM head's weight, streamed whole
+    ("tiny-3_5-1B", "int8", True),      # tied, the head an int8 copy: the table is only looked up
+    ("tiny-1B", None, True),            # untied: looked up only
+])
+def test_embedding_read_sparsely_is_advised_against_huge_pages(fixture: str, quantization: str | None,
+                                                               sparse: bool) -> None:
+    """An embedding table no linear layer streams is looked up a row at a time: its file pages are advised
+    against huge pages ("nh"); one that is its LM head's weight is streamed whole: not."""
+    from internvl_runtime import loading
+    from paths import FIXTURES
+
+    model = loading.load_model(FIXTURES / "ckpt" / fixture, dtype=torch.float32, quantization=quantization)
+    table = model.language_model.get_input_embeddings().weight
+    flags = _vm_flags(table) or []
+    assert "mr" in flags and "wr" not in flags, flags       # a read-only view of the checkpoint's mapping
+    assert ("nh" in flags) == sparse, flags
