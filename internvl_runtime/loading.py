@@ -56,7 +56,7 @@ from .placement import (
 from .quantization import LayerPacker, LayerQuantizer, QuantizationConfig, int4_backend, resolve_quantization
 from .weights.direct import DirectSink, Watch
 from .weights.loader import Progress, Resolver, WeightSink, checkpoint_files, checkpoint_nbytes, load_weights
-from .weights.mapping import FileMappings, advise_sparse
+from .weights.mapping import FileMappings, advise_sparse, checkpoint_mappings, is_mapped_from
 
 logger = logging.getLogger(__name__)
 
@@ -354,14 +354,15 @@ def build_on_devices(plan: LoadPlan, progress: Progress | None = None, *,
 
 
 def advise_sparse_tables(model: torch.nn.Module) -> None:
-    """Embedding tables on the CPU that no linear layer streams (untied, or their tied LM head became a quantized
-    copy): advised against huge pages (``weights.mapping.advise_sparse``), so each row a prompt looks up makes
-    its 4 KiB resident, not the 2 MiB folio around it."""
+    """Parameters viewed from a checkpoint's mapping that no linear layer streams whole (norms, biases, an embedding
+    table whose LM head is a quantized copy or untied) are advised against huge pages
+    (``weights.mapping.advise_sparse``): a checkpoint cached in 2 MiB folios would otherwise make 2 MiB resident for
+    each row looked up, or for each norm read between weights that were quantized and dropped."""
     streamed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    for module in model.modules():
-        if (isinstance(module, torch.nn.Embedding) and id(module.weight) not in streamed
-                and module.weight.device.type == "cpu"):
-            advise_sparse(module.weight)
+    files = checkpoint_mappings()
+    for param in model.parameters():
+        if id(param) not in streamed and param.device.type == "cpu" and is_mapped_from(param, files):
+            advise_sparse(param)
 
 
 def check_pack_bf16(plan: LoadPlan, build: ModelBuilder | None = None) -> None:

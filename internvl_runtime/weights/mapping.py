@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import mmap
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,14 +102,28 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
     """The address ranges [start, end) of this process's mappings of ``path`` (Linux ``/proc/self/maps``;
     empty elsewhere): how a test or a benchmark tells a mapped weight from a copy."""
     target = str(Path(path).resolve())
-    ranges = []
+    return _file_ranges(lambda name: name == target)
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """The address ranges [start, end) of this process's mappings of ``*.safetensors`` files (as ``mapped_ranges``)."""
+    return _file_ranges(lambda name: name.endswith(".safetensors"))
+
+
+def _file_ranges(wanted: Callable[[str], bool]) -> list[tuple[int, int]]:
+    """/proc/self/maps' ranges of the files ``wanted`` picks, adjacent ones merged (advice on part of a mapping,
+    ``advise_sparse``, splits it in several)."""
+    ranges: list[tuple[int, int]] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip() == target:
+                if len(parts) == 6 and wanted(parts[5].strip()):
                     start, end = (int(x, 16) for x in parts[0].split("-"))
-                    ranges.append((start, end))
+                    if ranges and ranges[-1][1] == start:
+                        ranges[-1] = (ranges[-1][0], end)
+                    else:
+                        ranges.append((start, end))
     except OSError:
         return []
     return ranges

@@ -90,3 +90,5 @@ def test_embedding_read_sparsely_is_advised_against_huge_pages(fixture: str, qua
     flags = _vm_flags(table) or []
     assert "mr" in flags and "wr" not in flags, flags       # a read-only view of the checkpoint's mapping
     assert ("nh" in flags) == sparse, flags
+    norm = model.language_model.model.norm.weight           # read a few KiB at a time: never in a huge page
+    assert "nh" in (_vm_flags(norm) or []), _vm_flags(norm)
