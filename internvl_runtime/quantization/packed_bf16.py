@@ -26,7 +26,6 @@ from torch import nn
 
 from .. import kernels
 from ..models.layers.moe import Router
-from ..weights.mapping import to_streamed
 from .linear import Release
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class PackedBf16Linear(nn.Module):
         pages of a weight it hands over as a view of the checkpoint's mapping). The bias is copied: the layer's own
         may be such a view, or live in a scratch mapping freed with the layer."""
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(to_streamed(kernels.pack_bf16(linear.weight.detach(), release=release)), bias)
+        return cls(kernels.pack_bf16(linear.weight.detach(), release=release), bias)
 
     def unpacked_weight(self) -> torch.Tensor:
         """The (N, K) bf16 weight, bit for bit (a new tensor each call)."""

@@ -168,14 +168,6 @@ def streamed_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def to_streamed(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself, or on the CPU from ``HUGE_PAGE_BYTES`` on a copy of it in ``streamed_empty`` memory (a
-    weight made by a library call, e.g. ``kernels.pack_bf16``'s blob)."""
-    if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() < HUGE_PAGE_BYTES:
-        return tensor
-    return streamed_empty(tensor.shape, tensor.dtype).copy_(tensor)
-
-
 def anonymous_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, *,
                     huge_pages: bool = False) -> torch.Tensor:
     """An uninitialised CPU tensor in a private anonymous mapping of its own, unmapped when the tensor is freed.
