@@ -56,7 +56,7 @@ def test_allocate_advises_big_weights_only() -> None:
     allocate(module, ["scratch"], torch.device("cpu"), scratch=True)
     assert module.big.device.type == "cpu" and module.big.shape == (HUGE_PAGE_BYTES // 2, 2)
     assert "hg" in (_vm_flags(module.big) or [])
-    assert "hg" not in (_vm_flags(module.small) or [])
+    assert module.small.untyped_storage().resizable()      # torch's own allocation, where malloc puts it
     assert "hg" not in (_vm_flags(module.scratch) or [])
 
 
@@ -66,7 +66,7 @@ def test_streamed_weights_of_quantized_layers() -> None:
 
     big = streamed_empty((HUGE_PAGE_BYTES,), torch.int8)
     small = streamed_empty((1000,), torch.int8)
-    assert "hg" in (_vm_flags(big) or []) and "hg" not in (_vm_flags(small) or [])
+    assert "hg" in (_vm_flags(big) or []) and small.untyped_storage().resizable()
     from internvl_runtime.quantization.linear import quantize_int8
     q, _ = quantize_int8(torch.randn(2048, 1024).bfloat16())
     assert "hg" in (_vm_flags(q) or [])
