@@ -143,8 +143,8 @@ HUGE_PAGE_BYTES = 2 << 20
 
 def advise_sparse(tensor: torch.Tensor) -> bool:
     """Advise the pages under ``tensor`` (CPU memory: a view of a checkpoint's mapping) against huge pages
-    (``MADV_NOHUGEPAGE``, Linux): for a table read a few rows at a time (an embedding whose LM head is a quantized
-    copy, or untied). A file cached in 2 MiB folios (Linux 6.x reads ext4 / xfs files into large folios) is
+    (``MADV_NOHUGEPAGE``, Linux): for memory read a little at a time (an embedding whose LM head is a quantized
+    copy, or untied; a norm or a bias between weights quantized and dropped). A file cached in 2 MiB folios (Linux 6.x reads ext4 / xfs files into large folios) is
     otherwise mapped 2 MiB at a time, and every row looked up makes its 2 MiB resident (InternVL2-1B int8: ~100
     MiB more after a few hundred tokens, RESULTS.md). Returns whether the advice was taken."""
     nbytes = tensor.numel() * tensor.element_size()
@@ -159,8 +159,8 @@ def advise_sparse(tensor: torch.Tensor) -> bool:
 
 def streamed_empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """An uninitialised tensor for a weight that decode steps read whole (a quantized or packed weight, a fused
-    one): on the CPU from ``HUGE_PAGE_BYTES`` on in an anonymous mapping advised for huge pages
+    """An uninitialised tensor for a weight that decode steps read whole (an int8 / int4 weight, a fused one): on
+    the CPU from ``HUGE_PAGE_BYTES`` on in an anonymous mapping advised for huge pages
     (``anonymous_empty(huge_pages=True)``), else ``torch.empty``."""
     if torch.device(device).type == "cpu" and torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() \
             >= HUGE_PAGE_BYTES:
