@@ -144,9 +144,10 @@ HUGE_PAGE_BYTES = 2 << 20
 def advise_sparse(tensor: torch.Tensor) -> bool:
     """Advise the pages under ``tensor`` (CPU memory: a view of a checkpoint's mapping) against huge pages
     (``MADV_NOHUGEPAGE``, Linux): for memory read a little at a time (an embedding whose LM head is a quantized
-    copy, or untied; a norm or a bias between weights quantized and dropped). A file cached in 2 MiB folios (Linux 6.x reads ext4 / xfs files into large folios) is
-    otherwise mapped 2 MiB at a time, and every row looked up makes its 2 MiB resident (InternVL2-1B int8: ~100
-    MiB more after a few hundred tokens, RESULTS.md). Returns whether the advice was taken."""
+    copy, or untied; a norm or a bias between weights quantized and dropped). A file cached in 2 MiB folios (Linux
+    6.x reads ext4 / xfs files into large folios) is otherwise mapped 2 MiB at a time, and every row or norm read
+    makes its 2 MiB resident (InternVL2-1B int8: ~0.1 GiB more, RESULTS.md). Returns whether the advice was
+    taken."""
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0 or tensor.device.type != "cpu" or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return False
