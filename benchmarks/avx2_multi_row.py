@@ -26,7 +26,6 @@ for _name, _value in {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,9 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from internvl_runtime import kernels  # noqa: E402
 from internvl_runtime.hardware import describe_host  # noqa: E402
-
-SHAPES = {"hot896": (512, 896), "hot4864": (96, 4864), "qkv": (1152, 896), "o": (896, 896),
-          "gate_up": (9728, 896), "down": (896, 4864), "lm_head": (151655, 896)}
+from multi_row_tile import SHAPES, best  # noqa: E402  (benchmarks/: the script's own folder)
 
 # (x, bf16 weight, fp32 weight) -> output
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,15 +55,6 @@ def f32(panel_rows: int) -> Product:
         torch.ops.internvl_kernels._set_avx2_panel(panel_rows, 0)
         return kernels.linear_f32(x.float(), wf, None, path="avx2")
     return product
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    fastest = float("inf")
-    for _ in range(repeat):
-        start = time.thread_time()
-        fn()
-        fastest = min(fastest, time.thread_time() - start)
-    return fastest
 
 
 def main() -> None:

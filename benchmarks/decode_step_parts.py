@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,15 +24,7 @@ sys.path.insert(0, str(ROOT))
 from internvl_runtime import AutoModel, kernels  # noqa: E402
 from internvl_runtime.decode_stack import DecodeStack  # noqa: E402
 from internvl_runtime.hardware import describe_host  # noqa: E402
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    fastest = float("inf")
-    for _ in range(repeat):
-        start = time.thread_time()
-        fn()
-        fastest = min(fastest, time.thread_time() - start)
-    return fastest
+from multi_row_tile import best  # noqa: E402  (benchmarks/: the script's own folder)
 
 
 def measure(stack: DecodeStack, lm_head: torch.Tensor, m: int, context: int, rounds: int) -> str:
